@@ -1,0 +1,91 @@
+"""`ddml-broker` / `python -m broker`: build BrokerConfig from flags and env, run until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import zmq
+
+from broker.broker import Broker
+from broker.cli import Parser, configure_logging
+from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
+
+logger = logging.getLogger("broker")
+
+_LOCAL_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        "ddml-broker",
+        "Route requests from gateways (frontend) to workers (backend) in load-aware micro-batches.",
+    )
+    parser.add_argument("--frontend", default="tcp://127.0.0.1:5555",
+                        help="endpoint gateways and clients connect to (port 0 = random)")
+    parser.add_argument("--backend", default="tcp://127.0.0.1:5556",
+                        help="endpoint workers connect to (port 0 = random)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="hold a partial batch this long for it to fill; 0 sends at once when a worker has room")
+    parser.add_argument("--max-queue", type=int, default=10_000,
+                        help="waiting requests per model before new ones get OVERLOADED (HTTP 503)")
+    parser.add_argument("--max-attempts", type=int, default=2,
+                        help="executions of one input (first try + re-dispatches after worker loss)")
+    parser.add_argument("--max-batch-tokens", type=int, default=0,
+                        help="cap a batch's padded size (longest size hint x inputs); 0 = count cap only")
+    parser.add_argument("--heartbeat-interval-ms", type=float, default=1000.0,
+                        help="heartbeat period, both ways")
+    parser.add_argument("--liveness", type=int, default=3,
+                        help="missed heartbeat intervals before a worker is declared dead")
+    parser.add_argument("--batch-timeout-s", type=float, default=10.0,
+                        help="floor of the per-batch deadline (it also scales with the worker's recent latency)")
+    parser.add_argument("--drain-timeout-s", type=float, default=30.0,
+                        help="on SIGTERM, time allowed to answer requests already accepted")
+    return parser
+
+
+def config_from_args(args) -> BrokerConfig:
+    return BrokerConfig(
+        frontend=args.frontend,
+        backend=args.backend,
+        batching=BatchingConfig(
+            max_wait_s=args.max_wait_ms / 1000,
+            max_queue=args.max_queue,
+            max_attempts=args.max_attempts,
+            max_batch_tokens=args.max_batch_tokens,
+        ),
+        heartbeat=HeartbeatConfig(
+            interval_s=args.heartbeat_interval_ms / 1000,
+            liveness=args.liveness,
+            batch_timeout_floor_s=args.batch_timeout_s,
+        ),
+        drain_timeout_s=args.drain_timeout_s,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    config = config_from_args(args)
+    for endpoint in (config.frontend, config.backend):
+        if not endpoint.startswith(_LOCAL_PREFIXES):
+            logger.warning("binding %s with no transport security: anyone who can reach it can use it", endpoint)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    context = zmq.Context()
+    broker = Broker(config, context)
+    broker.bind()
+    print(f"broker ready frontend={broker.frontend_endpoint} backend={broker.backend_endpoint}", flush=True)
+    try:
+        broker.run(should_stop=stop.is_set)
+        broker.drain()
+    finally:
+        broker.close()
+        context.term()
+    logger.info("broker stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Batch formation: which waiting inputs go to which worker, and when.
+
+Pure: no sockets, no clock. broker.py calls assign() on every pass of its loop.
+
+The unit of scheduling is one input of one request (a WorkItem), so a request with more
+inputs than a worker's max batch size is split across batches and workers; the broker
+reassembles the outputs in input order.
+
+Load-aware micro-batching: whenever a worker serving model M has room and M's queue is not
+empty, a batch goes out at once, up to that worker's max batch size. While every worker is
+busy, inputs accumulate, so batches grow with load. Among workers with room, the one with the
+fewest inputs in flight wins, then the one with the lowest recent batch latency.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from broker.config import BatchingConfig
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    gateway_id: bytes  # routing identity of the socket the reply must go to
+    request_id: str
+    model: str
+    inputs: list[bytes]  # encoded inputs, forwarded to workers untouched
+    sizes: list[int]  # cost hint per input (0 = unknown)
+    priority: int
+    enqueued_at: float
+    deadline_at: float
+    outputs: list[bytes | None] = field(default_factory=list)
+    remaining: int = 0  # inputs without an output yet
+    queued: int = 0  # inputs waiting in the batcher's queue
+    done: bool = False  # replied to; anything still about it is discarded
+
+    def __post_init__(self) -> None:
+        self.outputs = [None] * len(self.inputs)
+        self.remaining = len(self.inputs)
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return (self.gateway_id, self.request_id)
+
+
+@dataclass(eq=False, slots=True)
+class WorkItem:
+    request: PendingRequest
+    index: int  # position of this input within its request
+    enqueued_at: float  # first arrival; a requeued item keeps it, so it is not starved
+    attempts: int = 0  # times it was sent to a worker
+
+    @property
+    def size(self) -> int:
+        sizes = self.request.sizes
+        return sizes[self.index] if sizes else 0
+
+
+@dataclass(eq=False)
+class InFlightBatch:
+    batch_id: int
+    worker_id: bytes
+    model: str
+    items: list[WorkItem]
+    dispatched_at: float
+    deadline_at: float = math.inf  # set by WorkerRegistry.dispatched()
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    worker_id: bytes
+    model: str
+    items: list[WorkItem]
+
+
+class WorkerView(Protocol):
+    """What batching needs to know of a worker (broker.workers.WorkerState has it)."""
+
+    worker_id: bytes
+    models: frozenset[str]
+    max_batch_size: int
+    max_batches: int
+    in_flight: dict
+    latency_ewma_s: float
+
+    @property
+    def in_flight_items(self) -> int: ...
+
+
+class Batcher:
+    def __init__(self, config: BatchingConfig):
+        self._config = config
+        # model -> priority -> FIFO of items. Higher priority is served first.
+        self._queues: dict[str, dict[int, deque[WorkItem]]] = {}
+        self._queued_requests: dict[str, int] = {}  # requests with at least one input waiting
+
+    def queued_requests(self, model: str) -> int:
+        return self._queued_requests.get(model, 0)
+
+    def queued_items(self, model: str) -> int:
+        return sum(len(q) for q in self._queues.get(model, {}).values())
+
+    def models(self) -> list[str]:
+        return list(self._queues)
+
+    def oldest_enqueued_at(self, model: str) -> float | None:
+        heads = [q[0].enqueued_at for q in self._queues.get(model, {}).values() if q]
+        return min(heads) if heads else None
+
+    def is_full(self, model: str) -> bool:
+        return self.queued_requests(model) >= self._config.max_queue
+
+    def add(self, request: PendingRequest, now: float) -> None:
+        queue = self._queue(request.model, request.priority)
+        queue.extend(WorkItem(request, i, now) for i in range(len(request.inputs)))
+        self._count_queued(request, len(request.inputs))
+
+    def requeue(self, items: Iterable[WorkItem]) -> None:
+        """Put items back at the front of their queues, in their original order."""
+        for item in reversed(list(items)):
+            if item.request.done:
+                continue
+            self._queue(item.request.model, item.request.priority).appendleft(item)
+            self._count_queued(item.request, 1)
+
+    def forget(self, request: PendingRequest) -> None:
+        """The request was answered: its waiting items no longer count (they are skipped later)."""
+        if request.queued:
+            self._count_queued(request, -request.queued)
+
+    def assign(self, workers: Iterable[WorkerView], now: float) -> list[Dispatch]:
+        """Form batches for workers with room, least-loaded first. Mutates only the queues."""
+        workers = list(workers)
+        added_batches: dict[bytes, int] = {}
+        added_items: dict[bytes, int] = {}
+        dispatches = []
+        for model, levels in self._queues.items():
+            while any(levels.values()):
+                candidates = [
+                    w
+                    for w in workers
+                    if model in w.models
+                    and len(w.in_flight) + added_batches.get(w.worker_id, 0) < w.max_batches
+                ]
+                if not candidates:
+                    break
+                worker = min(
+                    candidates,
+                    key=lambda w: (w.in_flight_items + added_items.get(w.worker_id, 0), w.latency_ewma_s),
+                )
+                if self._should_wait(levels, worker.max_batch_size, now):
+                    break
+                items = self._take(levels, worker.max_batch_size)
+                if not items:
+                    break
+                added_batches[worker.worker_id] = added_batches.get(worker.worker_id, 0) + 1
+                added_items[worker.worker_id] = added_items.get(worker.worker_id, 0) + len(items)
+                dispatches.append(Dispatch(worker.worker_id, model, items))
+        return dispatches
+
+    def next_deadline(self) -> float:
+        """When a held partial batch must go out even if it has not filled (math.inf if never)."""
+        if self._config.max_wait_s <= 0:
+            return math.inf
+        heads = [q[0].enqueued_at for levels in self._queues.values() for q in levels.values() if q]
+        return min(heads) + self._config.max_wait_s if heads else math.inf
+
+    # ------------------------------------------------------------------ internals
+
+    def _queue(self, model: str, priority: int) -> deque[WorkItem]:
+        levels = self._queues.setdefault(model, {})
+        if priority not in levels:
+            levels[priority] = deque()
+            # Keep levels ordered by priority, highest first, so _take() walks them in order.
+            self._queues[model] = dict(sorted(levels.items(), key=lambda kv: -kv[0]))
+            levels = self._queues[model]
+        return levels[priority]
+
+    def _count_queued(self, request: PendingRequest, delta: int) -> None:
+        before = request.queued
+        request.queued += delta
+        if before == 0 and request.queued > 0:
+            self._queued_requests[request.model] = self._queued_requests.get(request.model, 0) + 1
+        elif before > 0 and request.queued == 0:
+            self._queued_requests[request.model] -= 1
+
+    def _should_wait(self, levels: dict[int, deque[WorkItem]], max_batch_size: int, now: float) -> bool:
+        """With max_wait_s set, hold a partial batch until its oldest input has waited that long."""
+        if self._config.max_wait_s <= 0:
+            return False
+        if sum(len(q) for q in levels.values()) >= max_batch_size:
+            return False
+        oldest = min(q[0].enqueued_at for q in levels.values() if q)
+        return now - oldest < self._config.max_wait_s
+
+    def _take(self, levels: dict[int, deque[WorkItem]], max_batch_size: int) -> list[WorkItem]:
+        """Pop up to max_batch_size live items, highest priority first, within the token budget."""
+        budget = self._config.max_batch_tokens
+        items: list[WorkItem] = []
+        longest = 0
+        for queue in levels.values():
+            while queue and len(items) < max_batch_size:
+                item = queue[0]
+                if item.request.done:
+                    queue.popleft()
+                    continue
+                # Padded cost of the batch if this item joins: every input is padded to the longest.
+                longest_if_added = max(longest, item.size)
+                if budget and items and longest_if_added * (len(items) + 1) > budget:
+                    return items
+                queue.popleft()
+                longest = longest_if_added
+                item.attempts += 1
+                self._count_queued(item.request, -1)
+                items.append(item)
+        return items

@@ -1,0 +1,458 @@
+"""The broker: routes requests from gateways to workers in micro-batches, and replies back.
+
+One thread, one zmq.Poller, two ROUTER sockets: the frontend for gateways and clients, the
+backend for workers. This module only moves frames and keeps per-request bookkeeping;
+WorkerRegistry (workers.py) and Batcher (batching.py) make the decisions.
+
+Every accepted request gets exactly one reply: outputs, or an error (TIMEOUT at its deadline,
+WORKER_LOST after too many attempts, ...). Results that arrive for a request already answered,
+or for a batch the broker took away from a worker, are discarded.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import time
+import uuid
+from collections import Counter, deque
+from typing import Callable
+
+import zmq
+
+from broker import protocol
+from broker.batching import Batcher, InFlightBatch, PendingRequest
+from broker.config import BrokerConfig
+from broker.protocol import ErrorCode
+from broker.workers import WorkerRegistry, WorkerState
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]  # monotonic seconds
+
+_DRAIN_BURST = 1000  # messages read from one socket per pass, so timers are never starved
+_RATE_WINDOW_S = 10.0  # window over which a model's drain rate is measured (for Retry-After)
+
+
+class ModelStats:
+    """Per-model figures for status and for Retry-After."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.items = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self.outcomes: Counter[str] = Counter()  # "ok" or an ErrorCode value
+        self.redispatched = 0
+        self._completions: deque[tuple[float, int]] = deque()  # (at, items) within the window
+
+    def record_batch(self, size: int, now: float) -> None:
+        self.batches += 1
+        self.items += size
+        self.batch_sizes[size] += 1
+        self._completions.append((now, size))
+        while self._completions and self._completions[0][0] < now - _RATE_WINDOW_S:
+            self._completions.popleft()
+
+    def items_per_s(self, now: float) -> float:
+        recent = [n for at, n in self._completions if at >= now - _RATE_WINDOW_S]
+        return sum(recent) / _RATE_WINDOW_S
+
+    def describe(self) -> dict:
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "mean_batch_size": round(self.items / self.batches, 3) if self.batches else 0.0,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "outcomes": dict(self.outcomes),
+            "redispatched": self.redispatched,
+        }
+
+
+class Broker:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        context: zmq.Context,
+        clock: Clock = time.monotonic,
+        instance_id: str | None = None,
+    ):
+        self._config = config
+        self._clock = clock
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self._frontend = _router(context)  # gateways connect here
+        self._backend = _router(context)  # workers connect here
+        self._backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._poller = zmq.Poller()
+        self._poller.register(self._frontend, zmq.POLLIN)
+        self._poller.register(self._backend, zmq.POLLIN)
+        self._workers = WorkerRegistry(config.heartbeat)
+        self._batcher = Batcher(config.batching)
+        self._requests: dict[tuple[bytes, str], PendingRequest] = {}
+        self._deadlines: list[tuple[float, int, tuple[bytes, str]]] = []  # heap
+        self._sequence = itertools.count()
+        self._batch_ids = itertools.count(1)
+        self._model_stats: dict[str, ModelStats] = {}
+        self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
+        self._draining = False
+        self.frontend_endpoint = config.frontend
+        self.backend_endpoint = config.backend
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def bind(self) -> None:
+        """Bind both sockets. A ':0' port binds a random free one; the endpoints say which."""
+        self.frontend_endpoint = _bind(self._frontend, self._config.frontend)
+        self.backend_endpoint = _bind(self._backend, self._config.backend)
+        logger.info(
+            "broker %s bound: frontend %s, backend %s",
+            self.instance_id, self.frontend_endpoint, self.backend_endpoint,
+        )
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        while not should_stop():
+            self.step(self._poll_timeout_ms())
+
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Stop accepting requests, then answer everything held, for at most timeout_s."""
+        self._draining = True
+        give_up_at = self._clock() + (self._config.drain_timeout_s if timeout_s is None else timeout_s)
+        logger.info("draining %d requests", len(self._requests))
+        while self._requests and self._clock() < give_up_at:
+            self.step(min(self._poll_timeout_ms(), 100))
+        now = self._clock()
+        for request in list(self._requests.values()):
+            self._finish(request, now, ErrorCode.UNAVAILABLE, "broker shut down before this request finished")
+        for worker in self._workers:
+            self._send(self._backend, worker.worker_id, protocol.Disconnect("broker shutting down"))
+
+    def close(self) -> None:
+        self._frontend.close(linger=0)
+        self._backend.close(linger=0)
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self, timeout_ms: int) -> None:
+        """One pass: receive whatever is ready, then run timers. Tests call this directly."""
+        ready = dict(self._poller.poll(timeout_ms))
+        now = self._clock()
+        if self._backend in ready:
+            self._drain(self._backend, self._on_worker_frames, now)
+        if self._frontend in ready:
+            self._drain(self._frontend, self._on_gateway_frames, now)
+        self._on_tick(self._clock())
+
+    def _drain(self, socket: zmq.Socket, handler, now: float) -> None:
+        for _ in range(_DRAIN_BURST):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames[0], frames[1:], now)
+
+    def _on_gateway_frames(self, gateway_id: bytes, frames: list[bytes], now: float) -> None:
+        message = self._decode(self._frontend, "gateway", gateway_id, frames)
+        match message:
+            case protocol.Request():
+                self._on_request(gateway_id, message, now)
+            case protocol.Heartbeat():
+                self._send(self._frontend, gateway_id, protocol.Heartbeat(self.instance_id))
+            case protocol.StatusRequest():
+                self._send(self._frontend, gateway_id, self._status(message.request_id, now))
+            case None:
+                pass
+            case _:
+                self._unexpected("gateway", gateway_id, message)
+
+    def _on_worker_frames(self, worker_id: bytes, frames: list[bytes], now: float) -> None:
+        message = self._decode(self._backend, "worker", worker_id, frames)
+        if message is None:
+            return
+        if isinstance(message, protocol.Ready):
+            self._on_ready(worker_id, message, now)
+            return
+        if self._workers.heard_from(worker_id, now) is None:
+            if not isinstance(message, protocol.Disconnect):
+                # A worker we do not know (we expired it, or we restarted): make it register again.
+                self._send(self._backend, worker_id, protocol.Disconnect("unknown worker: send READY"))
+            return
+        match message:
+            case protocol.Heartbeat():
+                self._on_worker_heartbeat(worker_id, message)
+            case protocol.BatchResult():
+                self._on_batch_result(worker_id, message, now)
+            case protocol.Disconnect():
+                self._lose_worker(self._workers.remove(worker_id), f"disconnected: {message.reason}", now)
+            case _:
+                self._unexpected("worker", worker_id, message)
+
+    def _on_tick(self, now: float) -> None:
+        """Timers: time out requests, expire workers, heartbeat workers, dispatch batches."""
+        self._expire_requests(now)
+        for worker in self._workers.expire(now):
+            self._lose_worker(worker, "missed heartbeats or overran a batch deadline", now)
+            self._send(self._backend, worker.worker_id, protocol.Disconnect("expired: send READY"))
+        for worker in self._workers.due_for_heartbeat(now):
+            self._send(self._backend, worker.worker_id, protocol.Heartbeat(self.instance_id))
+        for dispatch in self._batcher.assign(self._workers.with_room(), now):
+            self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
+
+    def _poll_timeout_ms(self) -> int:
+        """Sleep no longer than the next heartbeat, expiry, request deadline or batch deadline."""
+        wake_at = min(
+            self._workers.next_deadline(),
+            self._batcher.next_deadline(),
+            self._deadlines[0][0] if self._deadlines else math.inf,
+        )
+        wait_s = min(wake_at - self._clock(), self._config.heartbeat.interval_s)
+        return max(0, math.ceil(wait_s * 1000))
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_request(self, gateway_id: bytes, request: protocol.Request, now: float) -> None:
+        key = (gateway_id, request.request_id)
+        if key in self._requests:
+            # Replying would confuse it with the original: drop it, the original still gets its reply.
+            self.stats["duplicate_requests"] += 1
+            logger.warning("gateway %s reused request id %r; dropped", gateway_id.hex(), request.request_id)
+            return
+        self.stats["requests"] += 1
+        model = request.model
+        pending = PendingRequest(
+            gateway_id, request.request_id, model, request.inputs, request.sizes, request.priority,
+            enqueued_at=now, deadline_at=now + request.timeout_ms / 1000,
+        )
+        if self._draining:
+            return self._finish(pending, now, ErrorCode.UNAVAILABLE, "broker is shutting down")
+        if not request.inputs:
+            return self._finish(pending, now, ErrorCode.BAD_REQUEST, "a request needs at least one input")
+        if not self._workers.serves(model):
+            return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
+        if request.timeout_ms <= 0:
+            return self._finish(pending, now, ErrorCode.TIMEOUT, "deadline passed before the broker saw the request")
+        if self._batcher.is_full(model):
+            retry_after_ms = self._retry_after_ms(model, now)
+            return self._finish(
+                pending, now, ErrorCode.OVERLOADED,
+                f"model {model!r} has {self._batcher.queued_requests(model)} requests waiting",
+                retry_after_ms=retry_after_ms,
+            )
+        self._requests[key] = pending
+        heapq.heappush(self._deadlines, (pending.deadline_at, next(self._sequence), key))
+        self._batcher.add(pending, now)
+
+    def _on_ready(self, worker_id: bytes, ready: protocol.Ready, now: float) -> None:
+        previous = self._workers.register(worker_id, ready, now)
+        if previous is not None:
+            self._lose_worker(previous, "registered again", now)
+        logger.info(
+            "worker %s joined: models %s, device %s, host %s, pid %d, max batch %d",
+            worker_id.hex(), ",".join(ready.models), ready.device, ready.host, ready.pid, ready.max_batch_size,
+        )
+
+    def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
+        worker = self._workers.get(worker_id)
+        worker.stats = heartbeat.stats
+        if heartbeat.draining:
+            if not worker.draining:
+                logger.info("worker %s is draining; no more batches go to it", worker_id.hex())
+            worker.draining = True
+            # Every batch we sent before this acknowledgement reaches the worker before it (FIFO pipe).
+            self._send(self._backend, worker_id, protocol.Heartbeat(self.instance_id, draining=True))
+
+    def _on_batch_result(self, worker_id: bytes, result: protocol.BatchResult, now: float) -> None:
+        batch = self._workers.completed(worker_id, result.batch_id, result.compute_ms / 1000)
+        if batch is None:
+            self.stats["late_results"] += 1
+            logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex())
+            return
+        self._stats_for(batch.model).record_batch(len(batch.items), now)
+        errors = {error[0]: error for error in result.errors}
+        if len(result.outputs) != len(batch.items):
+            message = f"worker returned {len(result.outputs)} outputs for {len(batch.items)} inputs"
+            errors = {i: [i, ErrorCode.MODEL_ERROR.value, message] for i in range(len(batch.items))}
+        for position, item in enumerate(batch.items):
+            request = item.request
+            if request.done:
+                continue
+            if position in errors:
+                _, code, message = errors[position]
+                code = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.MODEL_ERROR
+                self._finish(request, now, code, f"input {item.index}: {message}")
+                continue
+            if request.outputs[item.index] is None:
+                request.remaining -= 1
+            request.outputs[item.index] = result.outputs[position]
+            if request.remaining == 0:
+                self._finish(request, now)
+
+    # ------------------------------------------------------------------ actions
+
+    def _dispatch(self, worker_id: bytes, model: str, items: list, now: float) -> None:
+        batch = InFlightBatch(next(self._batch_ids), worker_id, model, items, dispatched_at=now)
+        self._workers.dispatched(batch, now)
+        message = protocol.Batch(
+            batch_id=batch.batch_id,
+            model=model,
+            request_ids=[item.request.request_id for item in items],
+            timeout_ms=int((batch.deadline_at - now) * 1000),
+            inputs=[item.request.inputs[item.index] for item in items],
+        )
+        if not self._send(self._backend, worker_id, message):
+            self._lose_worker(self._workers.remove(worker_id), "unreachable", now)
+
+    def _lose_worker(self, worker: WorkerState | None, reason: str, now: float) -> None:
+        """A worker is gone: its inputs go back to the front of the queue, or fail if tried enough."""
+        if worker is None:
+            return
+        lost_items = [item for batch in worker.in_flight.values() for item in batch.items]
+        logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, len(lost_items))
+        self.stats["workers_lost"] += 1
+        retry = []
+        for item in lost_items:
+            if item.request.done:
+                continue
+            if item.attempts >= self._config.batching.max_attempts:
+                self._finish(
+                    item.request, now, ErrorCode.WORKER_LOST,
+                    f"input {item.index} was lost with a worker {item.attempts} times",
+                )
+            else:
+                retry.append(item)
+                self._stats_for(item.request.model).redispatched += 1
+        self._batcher.requeue(retry)
+        worker.in_flight.clear()
+
+    def _expire_requests(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, key = heapq.heappop(self._deadlines)
+            request = self._requests.get(key)
+            if request is not None and request.deadline_at <= now:
+                self._finish(request, now, ErrorCode.TIMEOUT, "deadline passed before the request finished")
+        if len(self._deadlines) > 4 * len(self._requests) + 1024:
+            # Entries of answered requests linger until their deadline; compact them away.
+            self._deadlines = [entry for entry in self._deadlines if entry[2] in self._requests]
+            heapq.heapify(self._deadlines)
+
+    def _finish(
+        self,
+        request: PendingRequest,
+        now: float,
+        code: ErrorCode | None = None,
+        message: str = "",
+        retry_after_ms: int = 0,
+    ) -> None:
+        """Send the request's one reply and forget it."""
+        if request.done:
+            return
+        request.done = True
+        self._requests.pop(request.key, None)
+        self._batcher.forget(request)
+        outcome = "ok" if code is None else code.value
+        self.stats[f"replies_{outcome.lower()}"] += 1
+        if request.model in self._model_stats or self._workers.serves(request.model):
+            self._stats_for(request.model).outcomes[outcome] += 1  # unknown names must not grow state
+        if code is None:
+            reply = protocol.Reply(request.request_id, outputs=request.outputs)
+        else:
+            if code is not ErrorCode.OVERLOADED:
+                logger.info("request %s failed: %s %s", request.request_id, code.value, message)
+            reply = protocol.Reply(
+                request.request_id, error_code=code.value, error_message=message, retry_after_ms=retry_after_ms
+            )
+        self._send(self._frontend, request.gateway_id, reply)
+
+    def _retry_after_ms(self, model: str, now: float) -> int:
+        """How long until the queue has drained enough to take a request, at the recent rate."""
+        rate = self._stats_for(model).items_per_s(now)
+        backlog = self._batcher.queued_items(model)
+        if rate <= 0:
+            return 1000
+        return max(100, min(60_000, math.ceil(backlog / rate * 1000)))
+
+    def _send(self, socket: zmq.Socket, peer_id: bytes, message: protocol.Message) -> bool:
+        """Send without ever blocking. False if the peer is gone or its queue is full."""
+        try:
+            socket.send_multipart([peer_id, *protocol.encode(message)], zmq.DONTWAIT)
+            return True
+        except zmq.Again:
+            self.stats["send_dropped_full"] += 1
+            logger.warning("peer %s is not reading; dropped %s", peer_id.hex(), type(message).__name__)
+        except zmq.ZMQError as error:
+            if error.errno != zmq.EHOSTUNREACH:
+                raise
+            self.stats["send_dropped_unreachable"] += 1
+            logger.warning("peer %s is gone; dropped %s", peer_id.hex(), type(message).__name__)
+        return False
+
+    def _decode(self, socket: zmq.Socket, role: str, peer_id: bytes, frames: list[bytes]):
+        try:
+            return protocol.decode(frames)
+        except protocol.VersionMismatch as error:
+            self.stats["malformed"] += 1
+            _throttled_warning(self.stats["malformed"], "%s %s: %s", role, peer_id.hex(), error)
+            self._send(socket, peer_id, protocol.Error(ErrorCode.BAD_VERSION.value, str(error)))
+        except protocol.DecodeError as error:
+            self.stats["malformed"] += 1
+            _throttled_warning(
+                self.stats["malformed"], "dropped malformed message from %s %s: %s", role, peer_id.hex(), error
+            )
+        return None
+
+    def _unexpected(self, role: str, peer_id: bytes, message: protocol.Message) -> None:
+        self.stats["unexpected"] += 1
+        _throttled_warning(
+            self.stats["unexpected"], "%s %s sent unexpected %s", role, peer_id.hex(), type(message).__name__
+        )
+
+    def _stats_for(self, model: str) -> ModelStats:
+        if model not in self._model_stats:
+            self._model_stats[model] = ModelStats()
+        return self._model_stats[model]
+
+    def _status(self, request_id: str, now: float) -> protocol.Status:
+        models = {}
+        for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
+            oldest = self._batcher.oldest_enqueued_at(name)
+            models[name] = {
+                "workers": sum(1 for w in self._workers if name in w.models),
+                "queued_requests": self._batcher.queued_requests(name),
+                "queued_items": self._batcher.queued_items(name),
+                "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,
+                "items_per_s": round(self._stats_for(name).items_per_s(now), 3),
+                **self._stats_for(name).describe(),
+            }
+        return protocol.Status(
+            request_id=request_id,
+            instance_id=self.instance_id,
+            models=models,
+            workers=[w.describe(now) for w in self._workers],
+            stats={**self.stats, "in_flight_requests": len(self._requests)},
+        )
+
+
+def _router(context: zmq.Context) -> zmq.Socket:
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_ITEM_BYTES + 4096)  # per frame, before allocation
+    socket.setsockopt(zmq.SNDHWM, 100_000)
+    socket.setsockopt(zmq.RCVHWM, 100_000)
+    socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings kill half-open TCP connections
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+    return socket
+
+
+def _bind(socket: zmq.Socket, endpoint: str) -> str:
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        port = socket.bind_to_random_port(endpoint[: -len(":0")])
+        return f"{endpoint[: -len(':0')]}:{port}"
+    socket.bind(endpoint)
+    return socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _throttled_warning(count: int, fmt: str, *args) -> None:
+    """Warn on the first ten occurrences, then on every hundredth, so a flood cannot fill the disk."""
+    if count <= 10 or count % 100 == 0:
+        logger.warning(fmt + " (%d so far)", *args, count)

@@ -1,0 +1,175 @@
+"""The worker registry: who is connected, what each serves, what each holds, when each expires.
+
+Pure: no sockets, no clock. broker.py feeds it events with `now` and carries out what it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from broker.batching import InFlightBatch
+from broker.config import HeartbeatConfig
+from broker.protocol import Ready
+
+_LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest batch in the recent-latency average
+
+
+@dataclass
+class WorkerState:
+    worker_id: bytes  # ZeroMQ routing identity
+    models: frozenset[str]
+    max_batch_size: int
+    max_batches: int  # batches it may hold at once
+    device: str
+    host: str
+    pid: int
+    registered_at: float
+    last_seen_at: float
+    expires_at: float  # last message + interval × liveness
+    heartbeat_due_at: float  # when the broker next heartbeats it
+    in_flight: dict[int, InFlightBatch] = field(default_factory=dict)  # by batch_id
+    latency_ewma_s: float = 0.0  # recent compute time per batch; 0 until the first result
+    batches_done: int = 0
+    items_done: int = 0
+    stats: dict = field(default_factory=dict)  # the worker's own figures, from its heartbeats
+    draining: bool = False  # it asked for no more batches (graceful shutdown)
+
+    @property
+    def in_flight_items(self) -> int:
+        return sum(len(batch.items) for batch in self.in_flight.values())
+
+    @property
+    def has_room(self) -> bool:
+        return not self.draining and len(self.in_flight) < self.max_batches
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        return "busy" if self.in_flight else "idle"
+
+    def describe(self, now: float) -> dict:
+        return {
+            "worker_id": self.worker_id.hex(),
+            "models": sorted(self.models),
+            "host": self.host,
+            "pid": self.pid,
+            "device": self.device,
+            "state": self.state,
+            "max_batch_size": self.max_batch_size,
+            "in_flight_batches": len(self.in_flight),
+            "in_flight_items": self.in_flight_items,
+            "batches": self.batches_done,
+            "items": self.items_done,
+            "latency_ewma_ms": round(self.latency_ewma_s * 1000, 3),
+            "last_heartbeat_age_s": round(now - self.last_seen_at, 3),
+            "uptime_s": round(now - self.registered_at, 3),
+            "stats": self.stats,
+        }
+
+
+class WorkerRegistry:
+    def __init__(self, config: HeartbeatConfig):
+        self._config = config
+        self._workers: dict[bytes, WorkerState] = {}
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __iter__(self):
+        return iter(self._workers.values())
+
+    def get(self, worker_id: bytes) -> WorkerState | None:
+        return self._workers.get(worker_id)
+
+    def register(self, worker_id: bytes, ready: Ready, now: float) -> WorkerState | None:
+        """Add a worker. Returns the state it replaces, if it was already registered."""
+        previous = self._workers.pop(worker_id, None)
+        self._workers[worker_id] = WorkerState(
+            worker_id=worker_id,
+            models=frozenset(ready.models),
+            max_batch_size=ready.max_batch_size,
+            max_batches=ready.max_batches,
+            device=ready.device,
+            host=ready.host,
+            pid=ready.pid,
+            registered_at=now,
+            last_seen_at=now,
+            expires_at=now + self._config.expiry_s,
+            heartbeat_due_at=now,
+        )
+        return previous
+
+    def heard_from(self, worker_id: bytes, now: float) -> WorkerState | None:
+        """Any message is a sign of life. Returns None for a worker that is not registered."""
+        worker = self._workers.get(worker_id)
+        if worker is not None:
+            worker.last_seen_at = now
+            worker.expires_at = now + self._config.expiry_s
+        return worker
+
+    def remove(self, worker_id: bytes) -> WorkerState | None:
+        return self._workers.pop(worker_id, None)
+
+    def with_room(self) -> list[WorkerState]:
+        return [w for w in self._workers.values() if w.has_room]
+
+    def serves(self, model: str) -> bool:
+        return any(model in w.models for w in self._workers.values())
+
+    def dispatched(self, batch: InFlightBatch, now: float) -> None:
+        worker = self._workers[batch.worker_id]
+        assert worker.has_room, "dispatch to a worker with no room: this is a bug"
+        worker.in_flight[batch.batch_id] = batch
+        batch.deadline_at = now + self.batch_timeout_s(worker)
+
+    def batch_timeout_s(self, worker: WorkerState) -> float:
+        """How long a batch may run before the broker takes it away."""
+        return max(
+            self._config.batch_timeout_floor_s,
+            self._config.batch_timeout_factor * worker.latency_ewma_s * worker.max_batches,
+        )
+
+    def completed(self, worker_id: bytes, batch_id: int, compute_s: float) -> InFlightBatch | None:
+        """A result arrived. None if the batch is unknown (late, or from a worker we gave up on)."""
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            return None
+        batch = worker.in_flight.pop(batch_id, None)
+        if batch is None:
+            return None
+        worker.batches_done += 1
+        worker.items_done += len(batch.items)
+        worker.latency_ewma_s = (
+            compute_s
+            if worker.latency_ewma_s == 0
+            else (1 - _LATENCY_EWMA_WEIGHT) * worker.latency_ewma_s + _LATENCY_EWMA_WEIGHT * compute_s
+        )
+        return batch
+
+    def expire(self, now: float) -> list[WorkerState]:
+        """Remove and return workers that went silent, or that sit on a batch past its deadline."""
+        dead = [
+            w
+            for w in self._workers.values()
+            if w.expires_at <= now or any(b.deadline_at <= now for b in w.in_flight.values())
+        ]
+        for worker in dead:
+            del self._workers[worker.worker_id]
+        return dead
+
+    def due_for_heartbeat(self, now: float) -> list[WorkerState]:
+        due = [w for w in self._workers.values() if w.heartbeat_due_at <= now]
+        for worker in due:
+            worker.heartbeat_due_at = now + self._config.interval_s
+        return due
+
+    def next_deadline(self) -> float:
+        """The earliest time at which expire() or due_for_heartbeat() has something to do."""
+        deadline = math.inf
+        for worker in self._workers.values():
+            deadline = min(deadline, worker.expires_at, worker.heartbeat_due_at)
+            for batch in worker.in_flight.values():
+                deadline = min(deadline, batch.deadline_at)
+        return deadline
