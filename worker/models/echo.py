@@ -1,0 +1,33 @@
+"""EchoModel: returns each input unchanged. CPU-only and deterministic, for tests and bench.
+
+A dict input may carry test directives, so that tests can make one input misbehave:
+{"sleep_s": 0.5} sleeps before the batch returns, {"invalid": "why"} fails that input alone
+(InputError), {"raise": "why"} makes the whole batch raise, as a crashing model would, and
+{"exit": 3} ends the worker process at once (a poison input).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from worker.models import InputError, Manager
+
+
+class EchoModel(Manager):
+    max_batch_size = None
+
+    def predict(self, batch: list) -> list:
+        directives = [x for x in batch if isinstance(x, dict)]
+        for directive in directives:
+            if "exit" in directive:
+                os._exit(int(directive["exit"]))
+            if "raise" in directive:
+                raise RuntimeError(f"echo model told to raise: {directive['raise']}")
+        sleep_s = max((float(d.get("sleep_s", 0)) for d in directives), default=0.0)
+        if sleep_s > 0:
+            time.sleep(sleep_s)
+        return [
+            InputError(str(x["invalid"])) if isinstance(x, dict) and "invalid" in x else x
+            for x in batch
+        ]
