@@ -1,0 +1,13 @@
+"""The ddml gateway: HTTP (Falcon under gunicorn) in front of the broker, and the in-process Dispatcher."""
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import gateway` (e.g. by gunicorn) does not pull in the broker and worker.
+    if name == "Dispatcher":
+        from gateway.dispatcher import Dispatcher
+
+        return Dispatcher
+    raise AttributeError(name)
+
+
+__all__ = ["Dispatcher"]

@@ -1,0 +1,54 @@
+"""`ddml-gateway` / `python -m gateway`: run the HTTP gateway under gunicorn.
+
+Flags become DDML_* environment variables, which gateway/gunicorn_conf.py and get_app() read;
+then this process becomes the gunicorn master (SIGTERM = graceful gunicorn shutdown).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from broker.cli import Parser, env_name
+
+_FLAGS_FOR_ENV = (
+    "broker", "bind", "workers", "threads", "max_body_bytes", "max_inputs", "max_input_chars",
+    "request_timeout_ms", "log_level", "certfile", "keyfile", "access_log",
+)
+
+
+def build_parser() -> Parser:
+    parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn, forwarding to a broker.")
+    parser.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend endpoint")
+    parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT to listen on")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
+    parser.add_argument("--threads", type=int, default=64, help="request threads per gunicorn process")
+    parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger bodies get 413")
+    parser.add_argument("--max-inputs", type=int, default=4096, help="inputs per request; more get 400")
+    parser.add_argument("--max-input-chars", type=int, default=1 << 20,
+                        help="characters in one string input; more get 400")
+    parser.add_argument("--request-timeout-ms", type=float, default=30_000.0,
+                        help="default request deadline; a body's timeout_ms may ask for another")
+    parser.add_argument("--certfile", default=None, help="TLS certificate (PEM); with --keyfile serves HTTPS")
+    parser.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
+    parser.add_argument("--access-log", default=None, help="access log file ('-' for stderr); off by default")
+    parser.add_argument("--preload", action="store_true", help="pass --preload to gunicorn (safe: no zmq before fork)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    for flag in _FLAGS_FOR_ENV:
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[env_name(flag)] = str(value)
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:gateway.gunicorn_conf"]
+    if args.preload:
+        command.append("--preload")
+    command.append("gateway.app:get_app()")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The gateway's Falcon app. gunicorn runs it as 'gateway.app:get_app()'.
+
+create_app() wires routes to a BrokerClient; get_app() builds one from DDML_* environment
+variables. Nothing here creates a zmq context: the client does that lazily, in each gunicorn
+worker process after fork, so --preload is safe too.
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from gateway.broker_client import BrokerClient, BrokerError
+from gateway.config import GatewayConfig
+from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
+from gateway.resources import (
+    HealthResource,
+    ModelsResource,
+    PredictResource,
+    ReadyResource,
+    StatusResource,
+)
+
+
+def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> falcon.App:
+    config = config or GatewayConfig()
+    app = falcon.App()
+    app.req_options.auto_parse_form_urlencoded = False
+    app.add_route("/v1/models/{model}/predict", PredictResource(broker, config))
+    app.add_route("/v1/models", ModelsResource(broker))
+    app.add_route("/v1/status", StatusResource(broker))
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(broker))
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(BrokerError, handle_broker_error)
+    app.set_error_serializer(serialize_falcon_error)
+    return app
+
+
+def get_app() -> falcon.App:
+    config = GatewayConfig.from_env()
+    return create_app(BrokerClient(config.broker), config)

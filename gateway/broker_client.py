@@ -1,0 +1,296 @@
+"""BrokerClient: how a gateway process (or the in-process Dispatcher) talks to the broker.
+
+One client per process, safe for many threads and for gunicorn's fork: nothing zmq exists until
+the first call in a process (a pid check restarts it after a fork). One I/O thread owns the
+DEALER socket. Request threads hand it frames over their own inproc PUSH socket and wait on a
+Future keyed by request id, bounded by the request's deadline.
+
+The I/O thread heartbeats the broker. If the broker goes silent, or comes back with a new
+instance id (it restarted and forgot what we sent), every waiting request fails at once with
+UNAVAILABLE instead of hanging until its deadline.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import zmq
+
+from broker import protocol
+from broker.protocol import ErrorCode
+
+logger = logging.getLogger(__name__)
+
+_REPLY_GRACE_S = 1.0  # beyond the deadline, time allowed for the broker's TIMEOUT reply to arrive
+_CONNECT_GRACE_S = 1.0  # how long a request waits for a (re)connection before failing UNAVAILABLE
+
+
+class BrokerError(Exception):
+    """A request that ended in an error. gateway/errors.py turns it into an HTTP response."""
+
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: float = 0.0):
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class BrokerClient:
+    def __init__(self, endpoint: str, heartbeat_interval_s: float = 1.0, liveness: int = 3):
+        self.endpoint = endpoint
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._liveness = liveness
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._context: zmq.Context | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._local = threading.local()
+        self._pending: dict[str, Future] = {}
+        self._ids = itertools.count(1)
+        self._inproc = ""
+        self.broker_instance_id = ""
+        self.broker_seen_at = 0.0  # monotonic; 0 until the broker first answers
+
+    # ------------------------------------------------------------------ request threads
+
+    def submit(self, model: str, inputs: list, timeout_s: float, priority: int = 0) -> Future:
+        """Send one request; the Future resolves to the outputs (decoded), or raises BrokerError."""
+        encoded = [protocol.encode_value(value) for value in inputs]
+        sizes = [len(value) if isinstance(value, (str, bytes)) else 0 for value in inputs]
+        outputs: Future = Future()
+        raw = self._send(
+            lambda request_id: protocol.Request(
+                request_id, model, timeout_ms=max(0, int(timeout_s * 1000)), inputs=encoded,
+                sizes=sizes, priority=priority,
+            ),
+            wait_s=timeout_s + _REPLY_GRACE_S,
+        )
+
+        def resolve(reply_future: Future) -> None:
+            try:
+                reply = reply_future.result()
+                outputs.set_result(_outputs_of(reply))
+            except BrokerError as error:
+                outputs.set_exception(error)
+
+        raw.add_done_callback(resolve)
+        return outputs
+
+    def request(self, model: str, inputs: list, timeout_s: float, priority: int = 0) -> list:
+        """Send one request and wait for its outputs. Raises BrokerError."""
+        future = self.submit(model, inputs, timeout_s, priority)
+        try:
+            return future.result(timeout=timeout_s + _REPLY_GRACE_S)
+        except FutureTimeout:
+            raise BrokerError(ErrorCode.TIMEOUT, f"no reply within {timeout_s:.3f} s") from None
+
+    def status(self, timeout_s: float = 2.0) -> dict:
+        """The broker's view of models, queues and workers. Raises BrokerError if it does not answer."""
+        future = self._send(lambda request_id: protocol.StatusRequest(request_id), wait_s=timeout_s)
+        try:
+            status = future.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise BrokerError(ErrorCode.UNAVAILABLE, f"broker did not answer within {timeout_s} s") from None
+        return {
+            "instance_id": status.instance_id,
+            "models": status.models,
+            "workers": status.workers,
+            "stats": status.stats,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():
+                return
+            self._stopping.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+            self._context.destroy(linger=0)
+            self._context = None
+            self._pid = None
+
+    def _send(self, build, wait_s: float) -> Future:
+        """Hand a message to the I/O thread; the Future gets the broker's answer or a BrokerError."""
+        self._ensure_started()
+        request_id = f"{self._pid}-{next(self._ids)}"
+        future: Future = Future()
+        future.deadline_at = time.monotonic() + wait_s  # type: ignore[attr-defined]
+        with self._lock:
+            self._pending[request_id] = future
+        push = getattr(self._local, "push", None)
+        if push is None or self._local.pid != os.getpid():
+            push = self._context.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(self._inproc)
+            self._local.push, self._local.pid = push, os.getpid()
+        push.send_multipart([request_id.encode(), *protocol.encode(build(request_id))])
+        return future
+
+    def _ensure_started(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            # First use in this process (or first after a fork): everything zmq is created here.
+            self._context = zmq.Context()
+            self._inproc = f"inproc://ddml-client-{id(self)}"
+            self._pending = {}
+            self._stopping = threading.Event()
+            self._local = threading.local()
+            started = threading.Event()
+            self._thread = threading.Thread(target=self._io, args=(started,), name="ddml-broker-io", daemon=True)
+            self._thread.start()
+            started.wait(5)
+            self._pid = os.getpid()
+
+    # ------------------------------------------------------------------ the I/O thread
+
+    def _io(self, started: threading.Event) -> None:
+        pull = self._context.socket(zmq.PULL)
+        pull.bind(self._inproc)
+        dealer = self._connect()
+        started.set()
+        heartbeat_due_at = 0.0
+        self.broker_seen_at = time.monotonic()
+        silent_after_s = self._heartbeat_interval_s * self._liveness
+        # Requests that could not be sent because no connection is up yet: (give_up_at, id, frames).
+        self._backlog: deque[tuple[float, str, list[bytes]]] = deque()
+        try:
+            while not self._stopping.is_set():
+                poller = zmq.Poller()
+                poller.register(dealer, zmq.POLLIN)
+                poller.register(pull, zmq.POLLIN)
+                wait_ms = 5 if self._backlog else min(100, self._heartbeat_interval_s * 1000)
+                ready = dict(poller.poll(wait_ms))
+                now = time.monotonic()
+                if self._backlog:
+                    self._flush_backlog(dealer, now)
+                if pull in ready:
+                    self._forward(pull, dealer, now)
+                if dealer in ready:
+                    self._receive(dealer, now)
+                if now >= heartbeat_due_at:
+                    _send_quietly(dealer, protocol.encode(protocol.Heartbeat()))
+                    heartbeat_due_at = now + self._heartbeat_interval_s
+                    self._expire_waiting(now)
+                if now - self.broker_seen_at > silent_after_s:
+                    self._fail_pending(ErrorCode.UNAVAILABLE, f"broker {self.endpoint} stopped answering")
+                    dealer.close(linger=0)
+                    dealer = self._connect()
+                    self.broker_seen_at = now
+        finally:
+            dealer.close(linger=0)
+            pull.close(linger=0)
+
+    def _connect(self) -> zmq.Socket:
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)  # with no broker connection, fail fast instead of queueing
+        dealer.setsockopt(zmq.SNDHWM, 100_000)
+        dealer.setsockopt(zmq.RCVHWM, 100_000)
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        dealer.connect(self.endpoint)
+        return dealer
+
+    def _forward(self, pull: zmq.Socket, dealer: zmq.Socket, now: float) -> None:
+        for _ in range(1000):
+            try:
+                request_id, *frames = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self._backlog or not _send_quietly(dealer, frames):
+                self._backlog.append((now + _CONNECT_GRACE_S, request_id.decode(), frames))
+
+    def _flush_backlog(self, dealer: zmq.Socket, now: float) -> None:
+        """Send what waited for a connection, in order; fail what waited too long."""
+        while self._backlog:
+            give_up_at, request_id, frames = self._backlog[0]
+            if _send_quietly(dealer, frames):
+                self._backlog.popleft()
+            elif now >= give_up_at:
+                self._backlog.popleft()
+                self._fail(request_id, ErrorCode.UNAVAILABLE, f"broker {self.endpoint} is not reachable")
+            else:
+                return
+
+    def _receive(self, dealer: zmq.Socket, now: float) -> None:
+        for _ in range(1000):
+            try:
+                frames = dealer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.broker_seen_at = now
+            try:
+                message = protocol.decode(frames)
+            except protocol.DecodeError as error:
+                logger.warning("dropped malformed message from broker: %s", error)
+                continue
+            match message:
+                case protocol.Reply() | protocol.Status():
+                    with self._lock:
+                        future = self._pending.pop(message.request_id, None)
+                    if future is not None:
+                        future.set_result(message)
+                case protocol.Heartbeat():
+                    self._on_heartbeat(message.instance_id)
+                case protocol.Error():
+                    logger.error("broker refused a message: %s %s", message.code, message.message)
+                case _:
+                    logger.warning("unexpected %s from broker", type(message).__name__)
+
+    def _on_heartbeat(self, instance_id: str) -> None:
+        if self.broker_instance_id and instance_id != self.broker_instance_id:
+            # The new broker never saw what we sent the old one: fail it now, not at the deadline.
+            logger.warning("broker restarted (%s -> %s)", self.broker_instance_id, instance_id)
+            self._fail_pending(ErrorCode.UNAVAILABLE, "broker restarted while the request was in flight")
+        self.broker_instance_id = instance_id
+
+    def _expire_waiting(self, now: float) -> None:
+        """Drop bookkeeping for requests whose caller stopped waiting (their deadline passed)."""
+        with self._lock:
+            expired = [rid for rid, f in self._pending.items() if getattr(f, "deadline_at", float("inf")) < now]
+        for request_id in expired:
+            self._fail(request_id, ErrorCode.TIMEOUT, "no reply before the deadline")
+
+    def _fail_pending(self, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            request_ids = list(self._pending)
+        for request_id in request_ids:
+            self._fail(request_id, code, message)
+
+    def _fail(self, request_id: str, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            future = self._pending.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(BrokerError(code, message))
+
+
+def _send_quietly(socket: zmq.Socket, frames: list[bytes]) -> bool:
+    try:
+        socket.send_multipart(frames, zmq.DONTWAIT)
+        return True
+    except zmq.Again:
+        return False
+
+
+def _outputs_of(reply: protocol.Reply) -> list[Any]:
+    if not reply.ok:
+        code = ErrorCode(reply.error_code)
+        raise BrokerError(code, reply.error_message, retry_after_s=reply.retry_after_ms / 1000)
+    try:
+        return [protocol.decode_value(output) for output in reply.outputs]
+    except protocol.DecodeError as error:
+        raise BrokerError(ErrorCode.INTERNAL, f"broker reply could not be decoded: {error}") from error

@@ -1,0 +1,37 @@
+"""Gateway configuration, read from DDML_* environment variables (set by ddml-gateway or by hand)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    broker: str = "tcp://127.0.0.1:5555"  # the broker's frontend endpoint
+    max_body_bytes: int = 16 << 20  # larger bodies get 413
+    max_inputs: int = 4096  # inputs per request
+    max_input_chars: int = 1 << 20  # characters in one string input
+    request_timeout_ms: float = 30_000.0  # default deadline; a request may ask for less (timeout_ms)
+    max_request_timeout_ms: float = 300_000.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_inputs", "max_input_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout_ms <= 0:
+            raise ValueError(f"request_timeout_ms must be > 0, got {self.request_timeout_ms}")
+
+    @classmethod
+    def from_env(cls) -> "GatewayConfig":
+        """The only place the gateway reads its environment."""
+        env = os.environ
+        default = cls()
+        return cls(
+            broker=env.get("DDML_BROKER", default.broker),
+            max_body_bytes=int(env.get("DDML_MAX_BODY_BYTES", default.max_body_bytes)),
+            max_inputs=int(env.get("DDML_MAX_INPUTS", default.max_inputs)),
+            max_input_chars=int(env.get("DDML_MAX_INPUT_CHARS", default.max_input_chars)),
+            request_timeout_ms=float(env.get("DDML_REQUEST_TIMEOUT_MS", default.request_timeout_ms)),
+            max_request_timeout_ms=float(env.get("DDML_MAX_REQUEST_TIMEOUT_MS", default.max_request_timeout_ms)),
+        )

@@ -1,0 +1,24 @@
+"""gunicorn settings for the gateway: `gunicorn -c python:gateway.gunicorn_conf 'gateway.app:get_app()'`.
+
+Threaded workers (gthread): each request thread blocks on its reply while one I/O thread per
+process talks to the broker, so a few processes with many threads carry many concurrent
+requests. ddml-gateway sets these through DDML_* variables; each has a default that fits a
+small machine.
+"""
+
+import os
+
+bind = os.environ.get("DDML_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("DDML_WORKERS", "2"))
+threads = int(os.environ.get("DDML_THREADS", "64"))
+worker_class = "gthread"
+backlog = 2048
+keepalive = 5
+# A request waits at most its deadline for a reply; gunicorn's own timeout only catches a stuck process.
+timeout = int(os.environ.get("DDML_WORKER_TIMEOUT_S", "120"))
+graceful_timeout = int(os.environ.get("DDML_GRACEFUL_TIMEOUT_S", "30"))
+preload_app = False  # safe either way: no zmq context exists before a worker's first request
+accesslog = os.environ.get("DDML_ACCESS_LOG") or None
+loglevel = os.environ.get("DDML_LOG_LEVEL", "info").lower()
+certfile = os.environ.get("DDML_CERTFILE") or None
+keyfile = os.environ.get("DDML_KEYFILE") or None

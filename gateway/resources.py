@@ -1,0 +1,149 @@
+"""HTTP resources of the /v1 API. Thin: read and check the body, ask the broker, write the reply.
+
+    POST /v1/models/{model}/predict   {"inputs": [...], "timeout_ms"?: number, "priority"?: int}
+                                      (JSON, or the same as application/msgpack)
+         -> 200 {"model": ..., "outputs": [...]}, outputs in input order, in the media type accepted
+    GET  /v1/models                   models and their live workers, as the broker reports them
+    GET  /v1/status                   the broker's full status (queues, workers, counters)
+    GET  /healthz                     200 while this process is up
+    GET  /readyz                      200 when the broker answers and a worker is registered, else 503
+
+Errors are {"error": {"code": ..., "message": ...}}; gateway/errors.py picks the status.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+import orjson
+
+from broker import protocol
+from broker.protocol import ErrorCode
+from gateway.broker_client import BrokerClient, BrokerError
+from gateway.config import GatewayConfig
+
+_MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def read_body(req: falcon.Request, max_bytes: int) -> bytes:
+    if req.content_length is not None and req.content_length > max_bytes:
+        raise BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body of {req.content_length} bytes exceeds {max_bytes}")
+    data = req.bounded_stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds {max_bytes} bytes")
+    if req.content_length is not None and len(data) < req.content_length:
+        raise BrokerError(ErrorCode.BAD_REQUEST, f"body cut short: {len(data)} of {req.content_length} bytes")
+    return data
+
+
+def parse_document(req: falcon.Request, data: bytes) -> Any:
+    """JSON by default; msgpack when the Content-Type says so. Anything else is refused."""
+    media = (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower()
+    if media in _MSGPACK_TYPES:
+        try:
+            return protocol.unpack_document(data)
+        except protocol.DecodeError as error:
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"malformed msgpack body: {error}") from None
+    if media not in (falcon.MEDIA_JSON, "text/json") and not media.endswith("+json"):
+        raise BrokerError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {media!r} is not supported; send application/json or application/msgpack",
+        )
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        raise BrokerError(ErrorCode.BAD_REQUEST, f"malformed JSON body: {error}") from None
+
+
+def write_document(req: falcon.Request, resp: falcon.Response, document: dict) -> None:
+    if req.accept and req.client_prefers([falcon.MEDIA_JSON, falcon.MEDIA_MSGPACK]) == falcon.MEDIA_MSGPACK:
+        resp.content_type = falcon.MEDIA_MSGPACK
+        resp.data = protocol.pack_document(document)
+    else:
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = orjson.dumps(document, option=_JSON_OPTIONS, default=protocol.to_jsonable)
+
+
+class PredictResource:
+    def __init__(self, broker: BrokerClient, config: GatewayConfig):
+        self._broker = broker
+        self._config = config
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
+        body = parse_document(req, read_body(req, self._config.max_body_bytes))
+        inputs, timeout_s, priority = self._validate(body)
+        outputs = self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority)
+        write_document(req, resp, {"model": model, "outputs": outputs})
+
+    def _validate(self, body: Any) -> tuple[list, float, int]:
+        config = self._config
+        if not isinstance(body, dict):
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"body must be an object with 'inputs', got {type(body).__name__}")
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list):
+            raise BrokerError(ErrorCode.BAD_REQUEST, "'inputs' must be a list")
+        if not inputs:
+            raise BrokerError(ErrorCode.BAD_REQUEST, "'inputs' must not be empty")
+        if len(inputs) > config.max_inputs:
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"{len(inputs)} inputs exceed the limit of {config.max_inputs}")
+        for index, value in enumerate(inputs):
+            if isinstance(value, str) and len(value) > config.max_input_chars:
+                raise BrokerError(
+                    ErrorCode.BAD_REQUEST,
+                    f"inputs[{index}] has {len(value)} characters, over the limit of {config.max_input_chars}",
+                )
+        timeout_ms = body.get("timeout_ms", config.request_timeout_ms)
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0:
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"'timeout_ms' must be a positive number, got {timeout_ms!r:.40}")
+        priority = body.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"'priority' must be an integer, got {priority!r:.40}")
+        return inputs, min(timeout_ms, config.max_request_timeout_ms) / 1000, priority
+
+
+class ModelsResource:
+    def __init__(self, broker: BrokerClient):
+        self._broker = broker
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        status = self._broker.status()
+        models = []
+        for name, info in status["models"].items():
+            workers = [w for w in status["workers"] if name in w["models"]]
+            models.append({
+                "name": name,
+                "ready": bool(workers),
+                "queued_requests": info["queued_requests"],
+                "workers": [
+                    {key: w[key] for key in ("worker_id", "host", "pid", "device", "state", "max_batch_size")}
+                    for w in workers
+                ],
+            })
+        write_document(req, resp, {"models": models})
+
+
+class StatusResource:
+    def __init__(self, broker: BrokerClient):
+        self._broker = broker
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        write_document(req, resp, self._broker.status())
+
+
+class HealthResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        write_document(req, resp, {"status": "ok"})
+
+
+class ReadyResource:
+    def __init__(self, broker: BrokerClient):
+        self._broker = broker
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        status = self._broker.status(timeout_s=1.0)
+        if not status["workers"]:
+            raise BrokerError(ErrorCode.UNAVAILABLE, "the broker answers but no worker is registered")
+        write_document(req, resp, {"ready": True, "workers": len(status["workers"]),
+                                   "models": sorted(status["models"])})
