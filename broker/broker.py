@@ -173,6 +173,8 @@ class Broker:
             self._on_ready(worker_id, message, now)
             return
         if self._workers.heard_from(worker_id, now) is None:
+            if isinstance(message, protocol.BatchResult):
+                self.stats["late_results"] += 1  # we gave up on this worker and re-dispatched its work
             if not isinstance(message, protocol.Disconnect):
                 # A worker we do not know (we expired it, or we restarted): make it register again.
                 self._send(self._backend, worker_id, protocol.Disconnect("unknown worker: send READY"))

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny local transformers models, and real broker / worker / gateway processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.processes import Process, free_port, python_module  # noqa: E402
+
+WORDS = "the a quick brown fox jumps over lazy dog model serving batch request reply worker broker".split()
+
+
+def _build_tiny_bert(directory: Path, task: str) -> Path:
+    """A random-weight BERT small enough to build and run in a second, with its own vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+        id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+    )
+    torch.manual_seed(0)
+    model = BertModel(config) if task == "embedding" else BertForSequenceClassification(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return _build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), "embedding")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_classifier(tmp_path_factory) -> Path:
+    return _build_tiny_bert(tmp_path_factory.mktemp("tiny-bert-cls"), "classification")
+
+
+class Stack:
+    """Real broker and worker processes on random ports; everything is stopped strictly at the end."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.processes: list[Process] = []
+        self.frontend = self.backend = ""
+
+    def start_broker(self, *flags: str, frontend: str = "tcp://127.0.0.1:0",
+                     backend: str = "tcp://127.0.0.1:0") -> Process:
+        broker = self._spawn("broker", "--frontend", frontend, "--backend", backend, *flags)
+        match = broker.wait_for_output(r"broker ready frontend=(\S+) backend=(\S+)", timeout_s=30)
+        self.frontend, self.backend = match.group(1), match.group(2)
+        return broker
+
+    def start_worker(self, *flags: str, wait: bool = True) -> Process:
+        worker = self._spawn("worker", "--broker", self.backend, *flags)
+        if wait:
+            worker.wait_for_output(r"worker ready", timeout_s=120)
+        return worker
+
+    def start_gateway(self, *flags: str) -> tuple[Process, str]:
+        port = free_port()
+        gateway = self._spawn("gateway", "--broker", self.frontend, "--bind", f"127.0.0.1:{port}", *flags)
+        return gateway, f"http://127.0.0.1:{port}"
+
+    def _spawn(self, module: str, *flags: str) -> Process:
+        index = len(self.processes)
+        process = Process(python_module(module, *flags), self.tmp_path / f"{index:02d}-{module}.log")
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        # Gateways and workers first, so the broker's drain has nobody left to wait for.
+        failures = []
+        for process in sorted(self.processes, key=lambda p: p.args[2] == "broker"):
+            try:
+                process.stop()
+            except BaseException as error:  # stop every process even if one fails the test
+                failures.append(error)
+        if failures:
+            raise failures[0]
+
+
+@pytest.fixture
+def stack(tmp_path):
+    stack = Stack(tmp_path)
+    yield stack
+    stack.stop_all()

@@ -1,0 +1,123 @@
+"""gunicorn + broker + worker processes, HTTP through the front door on 127.0.0.1."""
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+import requests
+
+from tests.processes import wait_until
+
+pytestmark = pytest.mark.e2e
+
+JSON = {"Content-Type": "application/json"}
+
+
+def ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def predict(url: str, model: str, inputs: list, **extra) -> requests.Response:
+    return requests.post(f"{url}/v1/models/{model}/predict", json={"inputs": inputs, **extra}, timeout=60)
+
+
+def test_tiny_bert_embeddings_over_http_through_gunicorn(stack, tiny_bert):
+    stack.start_broker()
+    stack.start_worker("--model", "tiny", "--model-path", str(tiny_bert), "--task", "embedding")
+    _, url = stack.start_gateway("--workers", "2", "--threads", "8")
+    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+
+    texts = ["the quick brown fox", "lazy dog", "model serving batch request reply worker broker"]
+    response = predict(url, "tiny", texts)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "tiny" and len(body["outputs"]) == 3
+    vectors = np.array(body["outputs"])
+    assert vectors.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)  # L2-normalised
+
+    # The same text alone gives the same embedding as inside a batch (length-aware chunking is exact).
+    alone = np.array(predict(url, "tiny", [texts[1]]).json()["outputs"][0])
+    np.testing.assert_allclose(alone, vectors[1], atol=1e-5)
+
+    models = requests.get(f"{url}/v1/models", timeout=5).json()["models"]
+    assert [m["name"] for m in models] == ["tiny"] and models[0]["workers"][0]["device"] == "cpu"
+
+
+def test_tiny_bert_classifier_returns_probabilities_with_labels(stack, tiny_bert_classifier):
+    stack.start_broker()
+    stack.start_worker("--model", "cls", "--model-path", str(tiny_bert_classifier), "--task", "classification")
+    _, url = stack.start_gateway("--workers", "1", "--threads", "4")
+    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    [output] = predict(url, "cls", ["the quick brown fox"]).json()["outputs"]
+    assert set(output["probabilities"]) == {"negative", "positive"}
+    assert output["label"] == max(output["probabilities"], key=output["probabilities"].get)
+    assert sum(output["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    bad = predict(url, "cls", [123])
+    assert bad.status_code == 400 and "must be a string" in bad.json()["error"]["message"]
+
+
+def test_http_errors_are_json_with_the_right_status(stack):
+    stack.start_broker()
+    stack.start_worker("--model", "echo")
+    _, url = stack.start_gateway("--workers", "1", "--threads", "4", "--max-body-bytes", "1000")
+    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    cases = [
+        (predict(url, "nope", ["x"]), 404, "NO_SUCH_MODEL"),
+        (predict(url, "echo", []), 400, "BAD_REQUEST"),
+        (predict(url, "echo", [{"raise": "boom"}]), 500, "MODEL_ERROR"),
+        (predict(url, "echo", [{"sleep_s": 2}], timeout_ms=200), 504, "TIMEOUT"),
+        (requests.post(f"{url}/v1/models/echo/predict", data="{", headers=JSON, timeout=10), 400, "BAD_REQUEST"),
+        (requests.post(f"{url}/v1/models/echo/predict", data="x" * 2000, headers=JSON, timeout=10), 413,
+         "PAYLOAD_TOO_LARGE"),
+    ]
+    for response, status, code in cases:
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
+    assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+
+
+def test_many_concurrent_http_clients_each_get_their_own_reply(stack):
+    stack.start_broker()
+    stack.start_worker("--model", "echo")
+    _, url = stack.start_gateway("--workers", "2", "--threads", "16")
+    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+
+    def one(n: int):
+        with requests.Session() as session:
+            return [session.post(f"{url}/v1/models/echo/predict", json={"inputs": [f"r{n}-{k}"]}, timeout=30)
+                    .json()["outputs"] for k in range(10)]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert results == [[[f"r{n}-{k}"] for k in range(10)] for n in range(32)]
+
+
+def test_readyz_is_503_until_a_worker_registers(stack):
+    stack.start_broker()
+    _, url = stack.start_gateway("--workers", "1", "--threads", "4")
+    wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).ok if _listening(url) else False,
+               timeout_s=30, what="gateway up")
+    response = requests.get(f"{url}/readyz", timeout=5)
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    stack.start_worker("--model", "echo")
+    wait_until(lambda: ready(url), timeout_s=30, what="ready after a worker joins")
+
+
+def _listening(url: str) -> bool:
+    try:
+        requests.get(f"{url}/healthz", timeout=1)
+        return True
+    except requests.ConnectionError:
+        return False
+
+
+def test_user_handler_served_by_name(stack):
+    stack.start_broker()
+    stack.start_worker("--model", "rev", "--handler", "tests.handlers:ReverseModel")
+    _, url = stack.start_gateway("--workers", "1", "--threads", "4")
+    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    outputs = predict(url, "rev", ["abc", "xy"]).json()["outputs"]
+    assert [o["reversed"] for o in outputs] == ["cba", "yx"]

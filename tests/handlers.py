@@ -1,0 +1,16 @@
+"""Model handlers that tests load by name (--handler tests.handlers:Name) or pass to the Dispatcher."""
+
+from worker import Manager
+
+
+class ReverseModel(Manager):
+    """Deterministic: reverses each string, and records which device and process it ran in."""
+
+    def init_model(self):
+        import os
+
+        self.pid = os.getpid()
+
+    def predict(self, batch):
+        return [{"reversed": text[::-1], "device": self.device, "pid": self.pid, "batch": len(batch)}
+                for text in batch]

@@ -1,0 +1,93 @@
+"""Real processes for integration and e2e tests: start them, wait until ready, stop them strictly.
+
+stop() sends SIGTERM, waits, and if the process has not exited it is killed and the test fails:
+a process that ignores SIGTERM is a bug worth seeing (Falcon's test_wsgi_servers.py does this).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, interval_s: float = 0.02, what: str = ""):
+    """Poll a condition until it returns something truthy; fail the test after timeout_s."""
+    give_up_at = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > give_up_at:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what or condition}")
+        time.sleep(interval_s)
+
+
+class Process:
+    """A subprocess whose output goes to a log file that tests can search."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, pattern: str, timeout_s: float) -> re.Match:
+        def found():
+            if self.popen.poll() is not None:
+                pytest.fail(f"{self.args[2:4]} exited with {self.popen.returncode}:\n{self.output()[-3000:]}")
+            return re.search(pattern, self.output())
+
+        return wait_until(found, timeout_s, what=f"{pattern!r} from {self.args}")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.popen.pid, signum)
+
+    def stop(self, timeout_s: float = 20.0, expect_clean: bool = True) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+                self._log.close()
+                if expect_clean:
+                    pytest.fail(f"{self.args} ignored SIGTERM for {timeout_s} s:\n{self.output()[-3000:]}")
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(5)
+
+
+def python_module(module: str, *flags: str) -> list[str]:
+    return [sys.executable, "-m", module, *flags]

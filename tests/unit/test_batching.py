@@ -1,0 +1,146 @@
+"""Batch formation as pure logic: no sockets, no clock, no sleeps."""
+
+from dataclasses import dataclass, field
+
+from broker.batching import Batcher, PendingRequest
+from broker.config import BatchingConfig
+
+
+@dataclass
+class Worker:
+    worker_id: bytes
+    max_batch_size: int = 8
+    max_batches: int = 1
+    models: frozenset = frozenset({"m"})
+    in_flight: dict = field(default_factory=dict)
+    latency_ewma_s: float = 0.0
+    busy_items: int = 0
+
+    @property
+    def in_flight_items(self) -> int:
+        return self.busy_items
+
+
+def request(request_id: str, n: int = 1, now: float = 0.0, model: str = "m", priority: int = 0,
+            sizes: list | None = None) -> PendingRequest:
+    return PendingRequest(b"gw", request_id, model, [request_id.encode()] * n, sizes or [], priority,
+                          enqueued_at=now, deadline_at=now + 10)
+
+
+def ids(dispatch):
+    return [(item.request.request_id, item.index) for item in dispatch.items]
+
+
+def test_lone_request_goes_out_at_once_with_no_timer():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("r1"), now=0.0)
+    [dispatch] = batcher.assign([Worker(b"w1")], now=0.0)
+    assert ids(dispatch) == [("r1", 0)]
+    assert batcher.next_deadline() == float("inf")
+
+
+def test_batches_grow_while_workers_are_busy():
+    batcher = Batcher(BatchingConfig())
+    busy = Worker(b"w1", in_flight={1: object()})
+    for i in range(5):
+        batcher.add(request(f"r{i}"), now=0.0)
+    assert batcher.assign([busy], now=0.0) == []
+    [dispatch] = batcher.assign([Worker(b"w1")], now=0.1)
+    assert [rid for rid, _ in ids(dispatch)] == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_size_cap_splits_a_large_request_across_workers_in_order():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("big", n=10), now=0.0)
+    first, second = batcher.assign([Worker(b"w1", max_batch_size=4), Worker(b"w2", max_batch_size=4)], now=0.0)
+    assert ids(first) == [("big", i) for i in range(4)]
+    assert ids(second) == [("big", i) for i in range(4, 8)]
+    assert batcher.queued_items("m") == 2
+
+
+def test_least_loaded_worker_wins_then_lowest_latency():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("r1"), now=0.0)
+    workers = [Worker(b"busy", max_batches=2, busy_items=5), Worker(b"slow", latency_ewma_s=0.2),
+               Worker(b"fast", latency_ewma_s=0.1)]
+    [dispatch] = batcher.assign(workers, now=0.0)
+    assert dispatch.worker_id == b"fast"
+
+
+def test_workers_serving_other_models_are_not_used():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("r1", model="m"), now=0.0)
+    assert batcher.assign([Worker(b"w1", models=frozenset({"other"}))], now=0.0) == []
+
+
+def test_partial_batch_waits_for_max_wait_measured_from_oldest_request():
+    batcher = Batcher(BatchingConfig(max_wait_s=0.010))
+    batcher.add(request("r1"), now=100.000)
+    batcher.add(request("r2"), now=100.008)
+    idle = [Worker(b"w1", max_batch_size=8)]
+    assert batcher.assign(idle, now=100.009) == []
+    assert batcher.next_deadline() == 100.010
+    [dispatch] = batcher.assign(idle, now=100.011)
+    assert [rid for rid, _ in ids(dispatch)] == ["r1", "r2"]
+
+
+def test_full_batch_does_not_wait_for_max_wait():
+    batcher = Batcher(BatchingConfig(max_wait_s=10.0))
+    batcher.add(request("r1", n=8), now=0.0)
+    [dispatch] = batcher.assign([Worker(b"w1", max_batch_size=8)], now=0.0)
+    assert len(dispatch.items) == 8
+
+
+def test_answered_requests_are_skipped_and_stop_counting():
+    batcher = Batcher(BatchingConfig())
+    expired, live = request("expired", n=3), request("live")
+    batcher.add(expired, now=0.0)
+    batcher.add(live, now=0.0)
+    assert batcher.queued_requests("m") == 2
+    expired.done = True
+    batcher.forget(expired)
+    assert batcher.queued_requests("m") == 1
+    [dispatch] = batcher.assign([Worker(b"w1")], now=0.0)
+    assert ids(dispatch) == [("live", 0)]
+
+
+def test_requeued_items_go_to_the_front_in_their_order_and_count_attempts():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("a", n=2), now=0.0)
+    [first] = batcher.assign([Worker(b"w1")], now=0.0)
+    batcher.add(request("b"), now=1.0)
+    batcher.requeue(first.items)
+    [again] = batcher.assign([Worker(b"w2")], now=2.0)
+    assert ids(again) == [("a", 0), ("a", 1), ("b", 0)]
+    assert [item.attempts for item in again.items] == [2, 2, 1]
+
+
+def test_queue_is_full_at_max_queue_requests():
+    batcher = Batcher(BatchingConfig(max_queue=2))
+    batcher.add(request("r1", n=5), now=0.0)
+    assert not batcher.is_full("m")
+    batcher.add(request("r2"), now=0.0)
+    assert batcher.is_full("m")
+
+
+def test_higher_priority_is_served_first():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("low"), now=0.0)
+    batcher.add(request("high", priority=5), now=1.0)
+    [dispatch] = batcher.assign([Worker(b"w1", max_batch_size=1)], now=1.0)
+    assert ids(dispatch) == [("high", 0)]
+
+
+def test_token_budget_caps_padded_batch_size():
+    batcher = Batcher(BatchingConfig(max_batch_tokens=100))
+    batcher.add(request("r", n=4, sizes=[10, 10, 40, 10]), now=0.0)
+    [first, second] = batcher.assign([Worker(b"w1"), Worker(b"w2")], now=0.0)
+    assert ids(first) == [("r", 0), ("r", 1)]  # adding the 40 would pad 3 inputs to 120 tokens
+    assert ids(second) == [("r", 2), ("r", 3)]
+
+
+def test_one_worker_with_room_for_two_batches_gets_two():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("r", n=6), now=0.0)
+    dispatches = batcher.assign([Worker(b"w1", max_batch_size=3, max_batches=2)], now=0.0)
+    assert [len(d.items) for d in dispatches] == [3, 3]

@@ -1,0 +1,64 @@
+"""run_batch(): every failure becomes errors in the result; the worker never raises."""
+
+import numpy as np
+
+from broker import protocol
+from worker.connection import WorkBatch
+from worker.loop import run_batch
+from worker.models import InputError, Manager
+from worker.models.echo import EchoModel
+
+
+class WrongLength(Manager):
+    def predict(self, batch):
+        return batch[:-1]
+
+
+class ArrayModel(Manager):
+    def predict(self, batch):
+        return [np.full(3, x, dtype=np.float32) if x != "obj" else object() for x in batch]
+
+
+def errors(result):
+    return {index: code for index, code, _ in result.errors}
+
+
+def test_echo_batch_returns_each_input():
+    result = run_batch(EchoModel(), WorkBatch(1, ["a", {"b": 1}, 3]))
+    assert [protocol.decode_value(x) for x in result.outputs] == ["a", {"b": 1}, 3]
+    assert result.errors == [] and result.batch_id == 1
+
+
+def test_model_that_raises_fails_every_input_of_the_batch():
+    result = run_batch(EchoModel(), WorkBatch(2, ["a", {"raise": "boom"}]))
+    assert errors(result) == {0: "MODEL_ERROR", 1: "MODEL_ERROR"}
+    assert "boom" in result.errors[0][2]
+
+
+def test_input_error_fails_only_that_input_as_bad_request():
+    result = run_batch(EchoModel(), WorkBatch(3, ["a", {"invalid": "no"}, "c"]))
+    assert errors(result) == {1: "BAD_REQUEST"}
+    assert protocol.decode_value(result.outputs[2]) == "c"
+
+
+def test_inputs_that_failed_to_decode_are_bad_requests_and_skip_the_model():
+    result = run_batch(EchoModel(), WorkBatch(4, [None, "b"], errors={0: "garbage"}))
+    assert errors(result) == {0: "BAD_REQUEST"}
+    assert protocol.decode_value(result.outputs[1]) == "b"
+
+
+def test_wrong_number_of_outputs_is_a_model_error():
+    result = run_batch(WrongLength(), WorkBatch(5, ["a", "b"]))
+    assert errors(result) == {0: "MODEL_ERROR", 1: "MODEL_ERROR"}
+    assert "returned 1 outputs for 2 inputs" in result.errors[0][2]
+
+
+def test_outputs_that_cannot_travel_fail_alone_and_arrays_travel_raw():
+    result = run_batch(ArrayModel(), WorkBatch(6, [1.0, "obj"]))
+    assert errors(result) == {1: "MODEL_ERROR"}
+    np.testing.assert_array_equal(protocol.decode_value(result.outputs[0]), np.ones(3, np.float32))
+
+
+def test_manager_keeps_the_seed_gpu_id():
+    assert Manager(device="cuda:1").gpu_id == 1 and Manager().gpu_id is None
+    assert isinstance(InputError("x"), ValueError)
