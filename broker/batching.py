@@ -52,6 +52,7 @@ class WorkItem:
     index: int  # position of this input within its request
     enqueued_at: float  # first arrival; a requeued item keeps it, so it is not starved
     attempts: int = 0  # times it was sent to a worker
+    isolated: bool = False  # its last batch failed as a whole: run it alone to tell poison from bystander
 
     @property
     def size(self) -> int:
@@ -207,6 +208,8 @@ class Batcher:
                 if item.request.done:
                     queue.popleft()
                     continue
+                if item.isolated and items:
+                    return items  # an isolated item travels alone, in the next batch
                 # Padded cost of the batch if this item joins: every input is padded to the longest.
                 longest_if_added = max(longest, item.size)
                 if budget and items and longest_if_added * (len(items) + 1) > budget:
@@ -216,4 +219,6 @@ class Batcher:
                 item.attempts += 1
                 self._count_queued(item.request, -1)
                 items.append(item)
+                if item.isolated:
+                    return items
         return items

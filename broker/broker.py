@@ -47,10 +47,12 @@ class ModelStats:
         self.redispatched = 0
         self._completions: deque[tuple[float, int]] = deque()  # (at, items) within the window
 
-    def record_batch(self, size: int, now: float) -> None:
+    def record_dispatch(self, size: int) -> None:
         self.batches += 1
         self.items += size
         self.batch_sizes[size] += 1
+
+    def record_completion(self, size: int, now: float) -> None:
         self._completions.append((now, size))
         while self._completions and self._completions[0][0] < now - _RATE_WINDOW_S:
             self._completions.popleft()
@@ -230,6 +232,9 @@ class Broker:
         if not request.inputs:
             return self._finish(pending, now, ErrorCode.BAD_REQUEST, "a request needs at least one input")
         if not self._workers.serves(model):
+            if model in self._model_stats:  # served before: its workers are restarting, most likely
+                return self._finish(pending, now, ErrorCode.UNAVAILABLE,
+                                    f"no live worker serves model {model!r} right now", retry_after_ms=1000)
             return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
         if request.timeout_ms <= 0:
             return self._finish(pending, now, ErrorCode.TIMEOUT, "deadline passed before the broker saw the request")
@@ -246,6 +251,8 @@ class Broker:
 
     def _on_ready(self, worker_id: bytes, ready: protocol.Ready, now: float) -> None:
         previous = self._workers.register(worker_id, ready, now)
+        for model in ready.models:
+            self._stats_for(model)  # remembered, so that while its workers restart it is 503, not 404
         if previous is not None:
             self._lose_worker(previous, "registered again", now)
         logger.info(
@@ -269,11 +276,18 @@ class Broker:
             self.stats["late_results"] += 1
             logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex())
             return
-        self._stats_for(batch.model).record_batch(len(batch.items), now)
+        self._stats_for(batch.model).record_completion(len(batch.items), now)
         errors = {error[0]: error for error in result.errors}
         if len(result.outputs) != len(batch.items):
             message = f"worker returned {len(result.outputs)} outputs for {len(batch.items)} inputs"
             errors = {i: [i, ErrorCode.MODEL_ERROR.value, message] for i in range(len(batch.items))}
+        whole_batch_failed = len(batch.items) > 1 and len(errors) == len(batch.items) and all(
+            error[1] == ErrorCode.MODEL_ERROR.value for error in errors.values()
+        )
+        if whole_batch_failed:
+            # One input may have broken the batch for all: run each alone, so only the culprit fails.
+            self._retry_isolated(batch.items, f"its batch failed: {errors[0][2]}", now)
+            return
         for position, item in enumerate(batch.items):
             request = item.request
             if request.done:
@@ -281,7 +295,8 @@ class Broker:
             if position in errors:
                 _, code, message = errors[position]
                 code = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.MODEL_ERROR
-                self._finish(request, now, code, f"input {item.index}: {message}")
+                alone = " (run alone, after its batch failed)" if item.isolated else ""
+                self._finish(request, now, code, f"input {item.index}{alone}: {message}")
                 continue
             if request.outputs[item.index] is None:
                 request.remaining -= 1
@@ -294,6 +309,7 @@ class Broker:
     def _dispatch(self, worker_id: bytes, model: str, items: list, now: float) -> None:
         batch = InFlightBatch(next(self._batch_ids), worker_id, model, items, dispatched_at=now)
         self._workers.dispatched(batch, now)
+        self._stats_for(model).record_dispatch(len(items))
         message = protocol.Batch(
             batch_id=batch.batch_id,
             model=model,
@@ -305,26 +321,36 @@ class Broker:
             self._lose_worker(self._workers.remove(worker_id), "unreachable", now)
 
     def _lose_worker(self, worker: WorkerState | None, reason: str, now: float) -> None:
-        """A worker is gone: its inputs go back to the front of the queue, or fail if tried enough."""
+        """A worker is gone: its inputs run again (alone, if their batch had company), or fail."""
         if worker is None:
             return
-        lost_items = [item for batch in worker.in_flight.values() for item in batch.items]
-        logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, len(lost_items))
+        lost = sum(len(batch.items) for batch in worker.in_flight.values())
+        logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, lost)
         self.stats["workers_lost"] += 1
+        for batch in worker.in_flight.values():
+            self._retry_isolated(batch.items, f"a worker running it was lost ({reason})", now,
+                                 code=ErrorCode.WORKER_LOST)
+        worker.in_flight.clear()
+
+    def _retry_isolated(self, items: list, why: str, now: float, code: ErrorCode = ErrorCode.MODEL_ERROR) -> None:
+        """Requeue the items of a failed batch to run one per batch, or fail those tried enough.
+
+        Running each alone, rather than bisecting, keeps every input at --max-attempts executions
+        (2 by default) while still telling a poison input from the bystanders in its batch.
+        """
         retry = []
-        for item in lost_items:
+        for item in items:
             if item.request.done:
                 continue
             if item.attempts >= self._config.batching.max_attempts:
-                self._finish(
-                    item.request, now, ErrorCode.WORKER_LOST,
-                    f"input {item.index} was lost with a worker {item.attempts} times",
-                )
+                alone = " when run alone: it looks like a poison input" if item.isolated else ""
+                self._finish(item.request, now, code,
+                             f"input {item.index} failed {item.attempts} times{alone}; last time {why}"[:1000])
             else:
+                item.isolated = True
                 retry.append(item)
                 self._stats_for(item.request.model).redispatched += 1
         self._batcher.requeue(retry)
-        worker.in_flight.clear()
 
     def _expire_requests(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

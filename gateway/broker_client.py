@@ -59,6 +59,9 @@ class BrokerClient:
         self._inproc = ""
         self.broker_instance_id = ""
         self.broker_seen_at = 0.0  # monotonic; 0 until the broker first answers
+        self.replies = 0  # replies that found their waiting request
+        self.unmatched_replies = 0  # replies for nothing waiting: late (we gave up) or duplicated
+        self.expired_locally = 0  # requests the broker never answered before deadline + grace
 
     # ------------------------------------------------------------------ request threads
 
@@ -242,7 +245,10 @@ class BrokerClient:
                 case protocol.Reply() | protocol.Status():
                     with self._lock:
                         future = self._pending.pop(message.request_id, None)
-                    if future is not None:
+                    if future is None:
+                        self.unmatched_replies += 1
+                    else:
+                        self.replies += 1
                         future.set_result(message)
                 case protocol.Heartbeat():
                     self._on_heartbeat(message.instance_id)
@@ -263,6 +269,7 @@ class BrokerClient:
         with self._lock:
             expired = [rid for rid, f in self._pending.items() if getattr(f, "deadline_at", float("inf")) < now]
         for request_id in expired:
+            self.expired_locally += 1
             self._fail(request_id, ErrorCode.TIMEOUT, "no reply before the deadline")
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:

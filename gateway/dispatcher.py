@@ -69,7 +69,7 @@ class Dispatcher:
         devices = [str(d) for d in (cuda_devices or ())]
         spawn = multiprocessing.get_context("spawn")
         self._workers = []
-        from worker.__main__ import child_main
+        from worker.serve import child_main
 
         threads = max(1, (os.cpu_count() or 1) // worker_num)
         for index in range(worker_num):

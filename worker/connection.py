@@ -84,6 +84,7 @@ class BrokerConnection:
         self._batches_received = 0
         self.broker_instance_id = ""
         self.registrations = 0  # READY messages sent; > 1 means we re-registered
+        self._register_when_idle = False
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         """The I/O thread's body. Returns after a graceful drain; puts None in the inbox on exit."""
@@ -125,6 +126,8 @@ class BrokerConnection:
                 self._send(protocol.Disconnect("worker shutting down"))
                 logger.info("drained; disconnected from broker")
                 return
+            if self._register_when_idle and self._state.busy_since is None:
+                self._register()
             if self._broker_silent(now):
                 logger.warning("broker silent for %.1f s; reconnecting", now - self._broker_seen_at)
                 self._connect(now)
@@ -138,6 +141,7 @@ class BrokerConnection:
         """A fresh DEALER with a fresh identity (never reuse one across incarnations), then READY."""
         if self._socket is not None:
             self._socket.close(linger=0)
+            self._forget_batches()
         identity = f"{socketlib.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}".encode()
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity)
@@ -153,8 +157,26 @@ class BrokerConnection:
         self._register()
 
     def _register(self) -> None:
+        """Send READY, unless the model is still busy with a batch the broker took away from us:
+        then wait until it returns (or the watchdog ends us), so no new work queues behind it."""
+        if self._state.busy_since is not None:
+            self._register_when_idle = True
+            return
+        self._register_when_idle = False
         self.registrations += 1
         self._send(self._ready)
+
+    def _forget_batches(self) -> None:
+        """The broker forgot us and re-dispatched what we held: drop the batches not yet started."""
+        while True:
+            try:
+                stale = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if stale is None:  # never ours to drop; put it back
+                self._inbox.put(None)
+                return
+            self._batches_received -= 1
 
     def _broker_silent(self, now: float) -> bool:
         return now - self._broker_seen_at > self._config.heartbeat_interval_s * self._config.liveness
@@ -185,6 +207,7 @@ class BrokerConnection:
                     acknowledged |= message.draining
                 case protocol.Disconnect():
                     logger.info("broker asked us to register again: %s", message.reason)
+                    self._forget_batches()
                     self._register()
                 case protocol.Error():
                     logger.error("broker refused our message: %s %s", message.code, message.message)

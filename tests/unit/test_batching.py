@@ -144,3 +144,15 @@ def test_one_worker_with_room_for_two_batches_gets_two():
     batcher.add(request("r", n=6), now=0.0)
     dispatches = batcher.assign([Worker(b"w1", max_batch_size=3, max_batches=2)], now=0.0)
     assert [len(d.items) for d in dispatches] == [3, 3]
+
+
+def test_isolated_items_travel_alone():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("a", n=2), now=0.0)
+    [first] = batcher.assign([Worker(b"w1")], now=0.0)
+    for item in first.items:
+        item.isolated = True
+    batcher.requeue(first.items)
+    batcher.add(request("b", n=2), now=1.0)
+    dispatches = batcher.assign([Worker(b"w1", max_batches=4)], now=1.0)
+    assert [ids(d) for d in dispatches] == [[("a", 0)], [("a", 1)], [("b", 0), ("b", 1)]]

@@ -245,3 +245,31 @@ def test_status_describes_models_queues_and_workers(harness):
     assert status.instance_id == "inst-1"
     assert status.models["m"]["workers"] == 1
     assert status.workers[0]["worker_id"] == b"w1".hex()
+
+
+def test_batch_that_fails_as_a_whole_is_retried_one_input_at_a_time(harness):
+    worker = harness.worker(b"w1", max_batch_size=8, max_batches=4)
+    gateways = [harness.gateway(name) for name in (b"A", b"B", b"C")]
+    harness.broker._workers.get(b"w1").max_batches = 0  # hold dispatch until all three are queued
+    for gateway, value in zip(gateways, ["ok-1", "poison", "ok-2"]):
+        send_request(gateway, "r", [value])
+    harness.step()
+    harness.broker._workers.get(b"w1").max_batches = 4
+    harness.step()
+    batch = recv(worker)
+    assert len(batch.inputs) == 3
+    worker.send_multipart(protocol.encode(protocol.BatchResult.failed(batch.batch_id, 3, protocol.ErrorCode.MODEL_ERROR, "boom")))
+    harness.step()
+    singles = [recv(worker) for _ in range(3)]
+    assert [len(b.inputs) for b in singles] == [1, 1, 1]
+    for single in singles:
+        value = protocol.decode_value(single.inputs[0])
+        if value == "poison":
+            worker.send_multipart(protocol.encode(protocol.BatchResult.failed(
+                single.batch_id, 1, protocol.ErrorCode.MODEL_ERROR, "poison raised")))
+        else:
+            answer(worker, single)
+    harness.step()
+    replies = [recv(g) for g in gateways]
+    assert [r.error_code for r in replies] == [None, "MODEL_ERROR", None]
+    assert replies[1].error_message == "input 0 (run alone, after its batch failed): poison raised"

@@ -1,0 +1,350 @@
+"""Chaos: break real processes under load and check that every request gets exactly one reply.
+
+Each scenario counts sent, ok, errors by code, lost (must be 0) and duplicated (must be 0),
+plus detection and recovery times where they apply (see tests/chaos.py).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+import zmq
+
+from broker import protocol
+from broker.protocol import ErrorCode
+from gateway.broker_client import BrokerClient, BrokerError
+from tests.chaos import Load, Tally, rss_bytes
+from tests.processes import free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+HB = ("--heartbeat-interval-ms", "200")
+
+
+@pytest.fixture
+def client(stack):
+    clients: list[BrokerClient] = []
+
+    def make() -> BrokerClient:
+        clients.append(BrokerClient(stack.frontend, heartbeat_interval_s=0.2))
+        return clients[-1]
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+def live_pids(client: BrokerClient) -> list[int]:
+    try:
+        return sorted(w["pid"] for w in client.status()["workers"])
+    except BrokerError:  # the broker is down or restarting: nobody is live as far as we can tell
+        return []
+
+
+def assert_nothing_lost(tally: Tally) -> None:
+    assert tally.lost == 0, tally
+    assert tally.duplicated == 0, tally
+    assert tally.wrong == 0, tally
+    assert tally.sent == tally.ok + sum(tally.errors.values()), tally
+
+
+def test_worker_sigkill_under_load_loses_nothing(stack, client):
+    stack.start_broker(*HB)
+    flags = ("--model", "echo", "--max-batch-size", "8", *HB)
+    victim, _ = stack.start_worker(*flags), stack.start_worker(*flags)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 2, 30, what="2 workers")
+    with Load(c, concurrency=16, extra={"sleep_s": 0.05}) as load:
+        load.wait_for_ok(100, 30)
+        killed_at = time.monotonic()
+        victim.kill()
+        wait_until(lambda: c.status()["stats"].get("workers_lost"), 10, what="the broker to notice")
+        detected_s = time.monotonic() - killed_at
+        load.wait_for_ok(200, 30)
+        tally = load.stop()
+    tally.notes = {"detection_s": f"{detected_s:.2f}"}
+    tally.record("worker SIGKILL mid-batch")
+    assert_nothing_lost(tally)
+    assert not tally.errors, "no input was tried twice by dying workers, so none may fail"
+    assert c.status()["models"]["echo"]["redispatched"] >= 1
+
+
+def test_sigstopped_worker_is_replaced_then_rejoins_when_resumed(stack, client):
+    stack.start_broker(*HB)
+    flags = ("--model", "echo", "--max-batch-size", "4", *HB)
+    frozen, _ = stack.start_worker(*flags), stack.start_worker(*flags)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 2, 30, what="2 workers")
+    with Load(c, concurrency=8, extra={"sleep_s": 0.05}) as load:
+        load.wait_for_ok(50, 30)
+        stopped_at = time.monotonic()
+        frozen.signal(signal.SIGSTOP)
+        wait_until(lambda: frozen.pid not in live_pids(c), 10, what="the frozen worker to expire")
+        detected_s = time.monotonic() - stopped_at
+        load.wait_for_ok(50, 30)
+        frozen.signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+        wait_until(lambda: frozen.pid in live_pids(c), 10, what="the resumed worker to register again")
+        rejoined_s = time.monotonic() - resumed_at
+        load.wait_for_ok(50, 30)
+        tally = load.stop()
+    tally.notes = {"detection_s": f"{detected_s:.2f}", "rejoin_s": f"{rejoined_s:.2f}"}
+    tally.record("worker SIGSTOP, then SIGCONT")
+    assert_nothing_lost(tally)
+    assert not tally.errors
+
+
+def test_hung_model_batch_is_taken_away_and_watchdog_restarts_the_worker(stack, client):
+    stack.start_broker(*HB, "--batch-timeout-s", "1")
+    # Three workers: the hung input takes two of them down (one per attempt); the third keeps serving.
+    supervisor = stack.start_worker("--model", "echo", "--supervise", "--num-workers", "3",
+                                    "--watchdog-s", "3", "--max-batch-size", "4", *HB, wait=False)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 3, 60, what="3 supervised workers")
+    first_pids = live_pids(c)
+    with Load(c, concurrency=4, extra={"sleep_s": 0.02}) as load:
+        load.wait_for_ok(20, 30)
+        started_at = time.monotonic()
+        with pytest.raises(BrokerError) as caught:
+            c.request("echo", [{"sleep_s": 3600}], timeout_s=30)  # never returns; heartbeats go on
+        failed_after_s = time.monotonic() - started_at
+        wait_until(lambda: len(set(live_pids(c)) - set(first_pids)) >= 1, 30, what="a restarted worker")
+        restarted_s = time.monotonic() - started_at
+        load.wait_for_ok(20, 30)
+        tally = load.stop()
+    tally.notes = {"hung_request_failed_s": f"{failed_after_s:.2f}", "worker_restarted_s": f"{restarted_s:.2f}"}
+    tally.record("model hangs (heartbeats continue)")
+    assert caught.value.code is ErrorCode.WORKER_LOST and "poison" in caught.value.message
+    assert failed_after_s < 10
+    assert_nothing_lost(tally)
+    assert not tally.errors, tally.errors
+    assert "watchdog" in supervisor.output() and "exited with 75" in supervisor.output()
+
+
+@pytest.mark.parametrize("poison, code", [({"raise": "bad input"}, ErrorCode.MODEL_ERROR),
+                                          ({"exit": 3}, ErrorCode.WORKER_LOST)],
+                         ids=["model-raises", "worker-exits"])
+def test_poison_input_fails_alone_and_its_batch_mates_succeed(stack, client, poison, code):
+    stack.start_broker(*HB)
+    stack.start_worker("--model", "echo", "--supervise", "--num-workers", "2", "--max-batch-size", "16",
+                       "--max-batches", "1", *HB, wait=False)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 2, 60, what="2 supervised workers")
+    # Occupy both workers so that the next requests pile up and leave together in one batch.
+    blockers = []
+    for i in range(2):
+        blockers.append(c.submit("echo", [{"sleep_s": 0.5, "blocker": i}], timeout_s=30))
+        wait_until(lambda: sum(1 for w in c.status()["workers"] if w["in_flight_items"]) == i + 1, 10,
+                   what=f"blocker {i} on its own worker")
+    values = [{"n": n} for n in range(7)] + [poison]
+    random.Random(0).shuffle(values)
+    futures = [c.submit("echo", [value], timeout_s=30) for value in values]
+    tally = Tally(sent=len(values) + 2)
+    for value, future in zip(values, futures):
+        try:
+            assert future.result(timeout=40) == [value]
+            tally.ok += 1
+        except BrokerError as error:
+            tally.errors[error.code.value] += 1
+            assert value == poison, f"a bystander failed: {error}"
+            assert error.code is code and ("alone" in error.message or "poison" in error.message), error.message
+    for blocker in blockers:
+        blocker.result(timeout=30)
+        tally.ok += 1
+    tally.duplicated = c.unmatched_replies
+    tally.lost = c.expired_locally
+    sizes = c.status()["models"]["echo"]["batch_sizes"]
+    tally.notes = {"batch_sizes": dict(sizes)}
+    tally.record(f"poison input ({next(iter(poison))})")
+    assert tally.ok == 9 and tally.errors == {code.value: 1}
+    assert_nothing_lost(tally)
+    assert int(max(sizes, key=int)) >= 2, "the poison should first have run inside a shared batch"
+    assert sizes["1"] >= 2 + 8, "after the shared batch failed, each input ran alone"
+
+
+def test_broker_restart_workers_and_clients_recover_within_5_s(stack, client):
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = stack.start_broker(*HB, frontend=frontend, backend=backend)
+    stack.start_worker("--model", "echo", *HB)
+    stack.start_worker("--model", "echo", *HB)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 2, 30, what="2 workers")
+    first_instance = c.status()["instance_id"]
+    with Load(c, concurrency=8, timeout_s=10, extra={"sleep_s": 0.05}) as load:
+        load.wait_for_ok(50, 30)
+        broker.kill()
+        restarted_at = time.monotonic()
+        stack.start_broker(*HB, frontend=frontend, backend=backend)
+        wait_until(lambda: len(live_pids(c)) == 2, 10, what="workers to register with the new broker")
+        rejoined_s = time.monotonic() - restarted_at
+        load.wait_for_ok(50, 30)
+        tally = load.stop()
+    tally.notes = {"workers_rejoined_s": f"{rejoined_s:.2f}"}
+    tally.record("broker SIGKILL + restart")
+    assert c.status()["instance_id"] != first_instance
+    assert rejoined_s < 5
+    assert_nothing_lost(tally)
+    assert set(tally.errors) <= {"UNAVAILABLE"}, tally.errors
+
+
+def test_rolling_restart_of_every_worker_under_load_fails_nothing(stack, client):
+    stack.start_broker(*HB)
+    flags = ("--model", "echo", "--max-batch-size", "8", *HB)
+    workers = [stack.start_worker(*flags), stack.start_worker(*flags)]
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 2, 30, what="2 workers")
+    with Load(c, concurrency=16, extra={"sleep_s": 0.05}) as load:
+        load.wait_for_ok(50, 30)
+        for old in list(workers):
+            replacement = stack.start_worker(*flags)
+            wait_until(lambda: replacement.pid in live_pids(c), 10, what="the replacement")
+            old.signal(signal.SIGTERM)
+            assert old.popen.wait(20) == 0
+            load.wait_for_ok(30, 30)
+        tally = load.stop()
+    tally.record("rolling restart (SIGTERM each worker)")
+    assert_nothing_lost(tally)
+    assert not tally.errors, tally.errors
+    assert c.status()["models"]["echo"]["redispatched"] == 0, "a drained worker hands back nothing"
+
+
+def test_broker_sigterm_answers_everything_it_holds_then_exits(stack, client):
+    broker = stack.start_broker(*HB)
+    stack.start_worker("--model", "echo", "--max-batch-size", "4", *HB)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 1, 30, what="a worker")
+    held = [c.submit("echo", [{"n": n, "sleep_s": 0.2}], timeout_s=30) for n in range(12)]
+    wait_until(lambda: c.status()["stats"]["in_flight_requests"] == 12, 10, what="requests held")
+    broker.signal(signal.SIGTERM)
+    outputs = [f.result(timeout=30) for f in held]
+    assert outputs == [[{"n": n, "sleep_s": 0.2}] for n in range(12)]
+    assert broker.popen.wait(30) == 0
+    assert "draining 12 requests" in broker.output() or "draining" in broker.output()
+
+
+def test_10000_malformed_messages_on_both_sockets_leave_the_broker_serving(stack, client):
+    broker = stack.start_broker(*HB)
+    stack.start_worker("--model", "echo", *HB)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 1, 30, what="a worker")
+    assert c.request("echo", ["before"], timeout_s=10) == ["before"]
+    rss_before = rss_bytes(broker.pid)
+
+    rng = random.Random(1)
+    header = protocol.encode(protocol.Heartbeat())[2]
+
+    def garbage(n: int) -> list[bytes]:
+        shape = n % 10
+        if shape == 0:
+            return [rng.randbytes(rng.randint(0, 64))]
+        if shape == 1:
+            return [b"DDML1"]
+        if shape == 2:
+            return [b"DDML1", b"\x03", b"\xdd\xff\xff\xff\xff"]  # an array of 4 billion items, in 5 bytes
+        if shape == 3:
+            return [b"DDML1", b"\x03", protocol.encode(protocol.Heartbeat())[2]]  # wrong fields for REQUEST
+        if shape == 4:
+            return [b"DDML7", b"\x03", header]  # another protocol version
+        if shape == 5:
+            return [b"DDML1", b"\x05", protocol.encode(protocol.BatchResult(rng.randint(1, 10**9)))[2], b"x"]
+        if shape == 6:
+            return [b"DDML1", bytes([rng.randint(11, 255)]), header]
+        if shape == 7:
+            return [b"DDML1", b"\x01", b"\x81\xa6models\xc0"]  # READY with models = nil
+        if shape == 8:
+            return [b"DDML1", b"\x02", b"\xc7\x01\x05\x00"]  # a msgpack extension type
+        return [b"DDML1", b"\x03", header] + [b""] * rng.randint(1, 300)
+
+    context = zmq.Context()
+    try:
+        sockets = []
+        for endpoint in (stack.frontend, stack.backend):
+            for _ in range(2):
+                sock = context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 0)
+                sock.connect(endpoint)
+                sockets.append(sock)
+        for n in range(10_000):
+            sockets[n % len(sockets)].send_multipart(garbage(n))
+        wait_until(lambda: c.status()["stats"].get("malformed", 0) + c.status()["stats"].get("late_results", 0)
+                   >= 9000, 60, what="the broker to chew through the garbage")
+        assert c.request("echo", ["after"], timeout_s=10) == ["after"]
+        for sock in sockets:
+            sock.close(linger=0)
+    finally:
+        context.term()
+    stats = c.status()["stats"]
+    growth = rss_bytes(broker.pid) / rss_before - 1
+    tally = Tally(sent=10_000, notes={"malformed": stats.get("malformed"), "late_results": stats.get("late_results"),
+                                      "broker_rss_growth": f"{growth:+.1%}"})
+    tally.record("10,000 malformed messages")
+    assert broker.popen.poll() is None
+    assert growth < 0.10, f"broker RSS grew {growth:.1%}"
+    assert broker.output().count("dropped malformed") < 200, "warnings must be rate-limited"
+
+
+def test_overload_at_twice_capacity_refuses_excess_at_once_and_meets_admitted_deadlines(stack, client):
+    broker = stack.start_broker(*HB, "--max-queue", "16")
+    stack.start_worker("--model", "echo", "--max-batch-size", "4", "--max-batches", "1", *HB)
+    c = client()
+    wait_until(lambda: len(live_pids(c)) == 1, 30, what="a worker")
+    service_s = 0.05  # one batch of up to 4 takes 50 ms: capacity about 80 requests/s
+    capacity_per_s = 4 / service_s
+    # Warm up the drain-rate estimate, then measure memory from there.
+    [c.request("echo", [{"sleep_s": service_s}], timeout_s=10) for _ in range(5)]
+    rss_before = rss_bytes(broker.pid)
+    duration_s = float(os.environ.get("DDML_OVERLOAD_S", "30"))
+    rate = 2 * capacity_per_s
+    deadline_s = 2.0
+    futures = []
+    refusal_ms: list[float] = []
+
+    def on_done(future, sent_at: float) -> None:
+        error = future.exception()
+        if isinstance(error, BrokerError) and error.code is ErrorCode.OVERLOADED:
+            refusal_ms.append((time.monotonic() - sent_at) * 1000)
+
+    started_at = time.monotonic()
+    n = 0
+    while (now := time.monotonic()) < started_at + duration_s:
+        due = started_at + n / rate
+        if now < due:
+            time.sleep(due - now)
+        sent_at = time.monotonic()
+        future = c.submit("echo", [{"n": n, "sleep_s": service_s}], timeout_s=deadline_s)
+        future.add_done_callback(lambda f, t=sent_at: on_done(f, t))
+        futures.append(future)
+        n += 1
+    tally = Tally(sent=len(futures))
+    retry_after_ms = []
+    for future in futures:
+        try:
+            future.result(timeout=deadline_s + 5)
+            tally.ok += 1
+        except BrokerError as error:
+            tally.errors[error.code.value] += 1
+            if error.code is ErrorCode.OVERLOADED:
+                retry_after_ms.append(error.retry_after_s * 1000)
+    tally.lost, tally.duplicated = c.expired_locally, c.unmatched_replies
+    growth = rss_bytes(broker.pid) / rss_before - 1
+    retry_after_ms.sort()
+    refusal_ms.sort()
+    median_refusal_ms = refusal_ms[len(refusal_ms) // 2] if refusal_ms else None
+    tally.notes = {"offered_per_s": round(rate), "served_per_s": round(tally.ok / duration_s, 1),
+                   "median_refusal_ms": f"{median_refusal_ms:.1f}" if refusal_ms else None,
+                   "median_retry_after_ms": retry_after_ms[len(retry_after_ms) // 2] if retry_after_ms else None,
+                   "broker_rss_growth": f"{growth:+.1%}"}
+    tally.record(f"overload 2x capacity for {duration_s:.0f} s")
+    assert_nothing_lost(tally)
+    assert set(tally.errors) == {"OVERLOADED"}, f"admitted requests must meet their deadline: {tally.errors}"
+    assert tally.ok >= 0.8 * capacity_per_s * duration_s
+    assert tally.errors["OVERLOADED"] >= 0.3 * len(futures)
+    assert median_refusal_ms < 50, "excess requests must be refused at once, not queued"
+    # Retry-After from the drain rate: 16 queued at about 80/s is about 200 ms.
+    assert 100 <= retry_after_ms[len(retry_after_ms) // 2] <= 2000
+    assert growth < 0.10, f"broker RSS grew {growth:.1%}"
