@@ -339,7 +339,7 @@ def _unpackb(data: bytes, max_len: int, object_hook=None) -> Any:
             max_bin_len=min(len(data), max_len),
             max_array_len=min(len(data), MAX_CONTAINER_LEN),
             max_map_len=min(len(data) // 2, MAX_CONTAINER_LEN),
-            max_ext_len=0,
+            max_ext_len=min(len(data), MAX_STR_LEN),  # let _refuse_ext name the type, rather than a length
             ext_hook=_refuse_ext,
             object_hook=object_hook,
         )

@@ -60,8 +60,9 @@ class Stack:
         self.frontend, self.backend = match.group(1), match.group(2)
         return broker
 
-    def start_worker(self, *flags: str, wait: bool = True) -> Process:
-        worker = self._spawn("worker", "--broker", self.backend, *flags)
+    def start_worker(self, *flags: str, wait: bool = True, prefix: tuple[str, ...] = (),
+                     broker: str | None = None) -> Process:
+        worker = self._spawn("worker", "--broker", broker or self.backend, *flags, prefix=prefix)
         if wait:
             worker.wait_for_output(r"worker ready", timeout_s=120)
         return worker
@@ -71,9 +72,9 @@ class Stack:
         gateway = self._spawn("gateway", "--broker", self.frontend, "--bind", f"127.0.0.1:{port}", *flags)
         return gateway, f"http://127.0.0.1:{port}"
 
-    def _spawn(self, module: str, *flags: str) -> Process:
+    def _spawn(self, module: str, *flags: str, prefix: tuple[str, ...] = ()) -> Process:
         index = len(self.processes)
-        process = Process(python_module(module, *flags), self.tmp_path / f"{index:02d}-{module}.log")
+        process = Process([*prefix, *python_module(module, *flags)], self.tmp_path / f"{index:02d}-{module}.log")
         self.processes.append(process)
         return process
 
@@ -94,3 +95,59 @@ def stack(tmp_path):
     stack = Stack(tmp_path)
     yield stack
     stack.stop_all()
+
+
+class NetNamespace:
+    """A test host: a Linux network namespace joined to this one by a veth pair.
+
+    This side of the link is host_ip, the namespace's side ns_ip (a private /30 that exists only
+    between the two ends of the pair). Commands run inside with `prefix`.
+    """
+
+    def __init__(self):
+        import random
+        import subprocess
+
+        tag = f"{os.getpid() % 10000}{random.randrange(100):02d}"
+        self.name, self.host_if, self.ns_if = f"ddml{tag}", f"dh{tag}", f"dn{tag}"
+        octet, base = random.randrange(1, 255), random.randrange(0, 64) * 4
+        self.host_ip, self.ns_ip = f"10.237.{octet}.{base + 1}", f"10.237.{octet}.{base + 2}"
+        self._run = lambda *args: subprocess.run(args, check=True, capture_output=True, timeout=10)
+        self._run("ip", "netns", "add", self.name)
+        try:
+            self._run("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
+            self._run("ip", "link", "set", self.ns_if, "netns", self.name)
+            self._run("ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if)
+            self._run("ip", "link", "set", self.host_if, "up")
+            self._run("ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if)
+            self._run("ip", "netns", "exec", self.name, "ip", "link", "set", self.ns_if, "up")
+            self._run("ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
+        self.prefix = ("ip", "netns", "exec", self.name)
+
+    def set_link(self, up: bool) -> None:
+        self._run("ip", "link", "set", self.host_if, "up" if up else "down")
+
+    def delete(self) -> None:
+        import subprocess
+
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def netns():
+    """A network namespace test host; skips, saying why, where namespaces cannot be made."""
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (`ip`)")
+    try:
+        namespace = NetNamespace()
+    except subprocess.CalledProcessError as error:
+        pytest.skip(f"cannot create a network namespace here: {error.stderr.decode(errors='replace').strip()}")
+    yield namespace
+    namespace.delete()
