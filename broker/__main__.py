@@ -40,6 +40,12 @@ def build_parser() -> Parser:
                         help="missed heartbeat intervals before a worker is declared dead")
     parser.add_argument("--batch-timeout-s", type=float, default=10.0,
                         help="floor of the per-batch deadline (it also scales with the worker's recent latency)")
+    parser.add_argument("--curve-secret-key", default=None,
+                        help="the broker's .key_secret (ddml-keys generate); turns on CurveZMQ on both sockets")
+    parser.add_argument("--authorized-workers", default=None,
+                        help="directory of worker public keys (.key) allowed on the backend; re-read on SIGHUP")
+    parser.add_argument("--authorized-clients", default=None,
+                        help="directory of gateway/client public keys allowed on the frontend; re-read on SIGHUP")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM, time allowed to answer requests already accepted")
     return parser
@@ -61,6 +67,9 @@ def config_from_args(args) -> BrokerConfig:
             batch_timeout_floor_s=args.batch_timeout_s,
         ),
         drain_timeout_s=args.drain_timeout_s,
+        curve_secret_key=args.curve_secret_key,
+        authorized_workers=args.authorized_workers,
+        authorized_clients=args.authorized_clients,
     )
 
 
@@ -68,14 +77,20 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
     config = config_from_args(args)
+    if config.curve_secret_key and not (config.authorized_workers and config.authorized_clients):
+        raise SystemExit("ddml-broker: --curve-secret-key needs --authorized-workers and --authorized-clients")
     for endpoint in (config.frontend, config.backend):
-        if not endpoint.startswith(_LOCAL_PREFIXES):
+        if not config.curve_secret_key and not endpoint.startswith(_LOCAL_PREFIXES):
             logger.warning("binding %s with no transport security: anyone who can reach it can use it", endpoint)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     context = zmq.Context()
-    broker = Broker(config, context)
+    try:
+        broker = Broker(config, context)
+    except ValueError as error:
+        raise SystemExit(f"ddml-broker: {error}") from None
+    signal.signal(signal.SIGHUP, lambda *_: broker.request_reload())
     broker.bind()
     print(f"broker ready frontend={broker.frontend_endpoint} backend={broker.backend_endpoint}", flush=True)
     try:

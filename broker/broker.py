@@ -25,6 +25,7 @@ import zmq
 from broker import protocol
 from broker.batching import Batcher, InFlightBatch, PendingRequest
 from broker.config import BrokerConfig
+from broker.curve import GATEWAY_DOMAIN, WORKER_DOMAIN, BrokerSecurity
 from broker.protocol import ErrorCode
 from broker.workers import WorkerRegistry, WorkerState
 
@@ -98,13 +99,24 @@ class Broker:
         self._model_stats: dict[str, ModelStats] = {}
         self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
         self._draining = False
+        self._reload_requested = False
         self.frontend_endpoint = config.frontend
         self.backend_endpoint = config.backend
+        self._security: BrokerSecurity | None = None
+        self._peer_keys: dict[bytes, bytes] = {}  # worker_id -> CURVE public key it authenticated with
+        if config.curve_secret_key:
+            self._security = BrokerSecurity(
+                context, config.curve_secret_key, config.authorized_workers, config.authorized_clients
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
     def bind(self) -> None:
         """Bind both sockets. A ':0' port binds a random free one; the endpoints say which."""
+        if self._security is not None:
+            self._security.start()  # the ZAP handler must run before any CURVE server binds
+            self._security.serve(self._frontend, GATEWAY_DOMAIN)
+            self._security.serve(self._backend, WORKER_DOMAIN)
         self.frontend_endpoint = _bind(self._frontend, self._config.frontend)
         self.backend_endpoint = _bind(self._backend, self._config.backend)
         logger.info(
@@ -132,6 +144,17 @@ class Broker:
     def close(self) -> None:
         self._frontend.close(linger=0)
         self._backend.close(linger=0)
+        if self._security is not None:
+            self._security.stop()
+
+    def request_reload(self) -> None:
+        """Re-read the authorised keys on the next pass (safe from a signal handler)."""
+        self._reload_requested = True
+
+    def stop_authenticator(self) -> None:
+        """Stop the ZAP handler (for tests of failing closed): every new handshake is then refused."""
+        if self._security is not None:
+            self._security.stop()
 
     # ------------------------------------------------------------------ the loop
 
@@ -139,6 +162,8 @@ class Broker:
         """One pass: receive whatever is ready, then run timers. Tests call this directly."""
         ready = dict(self._poller.poll(timeout_ms))
         now = self._clock()
+        if self._reload_requested:
+            self._reload_keys(now)
         if self._backend in ready:
             self._drain(self._backend, self._on_worker_frames, now)
         if self._frontend in ready:
@@ -146,12 +171,51 @@ class Broker:
         self._on_tick(self._clock())
 
     def _drain(self, socket: zmq.Socket, handler, now: float) -> None:
+        if self._security is not None:
+            return self._drain_authenticated(socket, handler, now)
         for _ in range(_DRAIN_BURST):
             try:
                 frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             handler(frames[0], frames[1:], now)
+
+    def _drain_authenticated(self, socket: zmq.Socket, handler, now: float) -> None:
+        """As _drain, but every message must come from a key that is still authorised."""
+        domain = GATEWAY_DOMAIN if socket is self._frontend else WORKER_DOMAIN
+        for _ in range(_DRAIN_BURST):
+            try:
+                first = socket.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            frames = [first.bytes]
+            while socket.getsockopt(zmq.RCVMORE):
+                frames.append(socket.recv())
+            try:
+                user_id = first.get("User-Id").encode()
+            except zmq.ZMQError:  # no ZAP ran for this message: never trust it
+                user_id = None
+            if not self._security.permits(domain, user_id):
+                self.stats["refused_unauthorised"] += 1
+                _throttled_warning(self.stats["refused_unauthorised"], "dropped message from unauthorised %s %s",
+                                   domain, frames[0].hex())
+                if domain == WORKER_DOMAIN:
+                    self._lose_worker(self._workers.remove(frames[0]), "its key is no longer authorised", now)
+                continue
+            if domain == WORKER_DOMAIN:
+                self._peer_keys[frames[0]] = user_id
+            handler(frames[0], frames[1:], now)
+
+    def _reload_keys(self, now: float) -> None:
+        self._reload_requested = False
+        if self._security is None:
+            return
+        revoked = self._security.reload()
+        logger.info("reloaded keys; revoked: %d worker, %d gateway",
+                    len(revoked[WORKER_DOMAIN]), len(revoked[GATEWAY_DOMAIN]))
+        for worker in list(self._workers):
+            if not self._security.permits(WORKER_DOMAIN, self._peer_keys.get(worker.worker_id)):
+                self._lose_worker(self._workers.remove(worker.worker_id), "its key was revoked", now)
 
     def _on_gateway_frames(self, gateway_id: bytes, frames: list[bytes], now: float) -> None:
         message = self._decode(self._frontend, "gateway", gateway_id, frames)

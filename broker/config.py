@@ -48,3 +48,6 @@ class BrokerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     drain_timeout_s: float = 30.0  # on SIGTERM: answer what is held for at most this long
+    curve_secret_key: str | None = None  # the broker's .key_secret; None = no transport security
+    authorized_workers: str | None = None  # directory of worker public keys (backend)
+    authorized_clients: str | None = None  # directory of gateway/client public keys (frontend)

@@ -14,6 +14,7 @@ from broker.cli import Parser, env_name
 _FLAGS_FOR_ENV = (
     "broker", "bind", "workers", "threads", "max_body_bytes", "max_inputs", "max_input_chars",
     "request_timeout_ms", "log_level", "certfile", "keyfile", "access_log",
+    "curve_server_key", "curve_secret_key", "api_key_file",
 )
 
 
@@ -31,6 +32,11 @@ def build_parser() -> Parser:
                         help="default request deadline; a body's timeout_ms may ask for another")
     parser.add_argument("--certfile", default=None, help="TLS certificate (PEM); with --keyfile serves HTTPS")
     parser.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
+    parser.add_argument("--curve-server-key", default=None, help="the broker's public .key: turns on CurveZMQ")
+    parser.add_argument("--curve-secret-key", default=None, help="this gateway's .key_secret (ddml-keys generate)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="require 'Authorization: Bearer TOKEN' with a token from this file (one per line); "
+                             "/healthz stays open")
     parser.add_argument("--access-log", default=None, help="access log file ('-' for stderr); off by default")
     parser.add_argument("--preload", action="store_true", help="pass --preload to gunicorn (safe: no zmq before fork)")
     return parser

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import falcon
 
+from broker.curve import ClientKeys
+from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.config import GatewayConfig
 from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
@@ -23,7 +25,8 @@ from gateway.resources import (
 
 def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> falcon.App:
     config = config or GatewayConfig()
-    app = falcon.App()
+    middleware = [BearerAuth(load_tokens(config.api_key_file))] if config.api_key_file else []
+    app = falcon.App(middleware=middleware)
     app.req_options.auto_parse_form_urlencoded = False
     app.add_route("/v1/models/{model}/predict", PredictResource(broker, config))
     app.add_route("/v1/models", ModelsResource(broker))
@@ -38,4 +41,5 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
 
 def get_app() -> falcon.App:
     config = GatewayConfig.from_env()
-    return create_app(BrokerClient(config.broker), config)
+    curve = ClientKeys.from_files(config.curve_server_key, config.curve_secret_key)
+    return create_app(BrokerClient(config.broker, curve=curve), config)

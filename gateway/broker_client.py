@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from broker import protocol
+from broker.curve import ClientKeys
 from broker.protocol import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ class BrokerError(Exception):
 
 
 class BrokerClient:
-    def __init__(self, endpoint: str, heartbeat_interval_s: float = 1.0, liveness: int = 3):
+    def __init__(self, endpoint: str, heartbeat_interval_s: float = 1.0, liveness: int = 3,
+                 curve: ClientKeys | None = None):
         self.endpoint = endpoint
+        self._curve = curve
         self._heartbeat_interval_s = heartbeat_interval_s
         self._liveness = liveness
         self._lock = threading.Lock()
@@ -205,6 +208,8 @@ class BrokerClient:
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._curve is not None:
+            self._curve.apply(dealer)
         dealer.connect(self.endpoint)
         return dealer
 

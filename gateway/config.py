@@ -14,6 +14,9 @@ class GatewayConfig:
     max_input_chars: int = 1 << 20  # characters in one string input
     request_timeout_ms: float = 30_000.0  # default deadline; a request may ask for less (timeout_ms)
     max_request_timeout_ms: float = 300_000.0
+    curve_server_key: str | None = None  # the broker's public .key: turns on CurveZMQ to the broker
+    curve_secret_key: str | None = None  # this gateway's .key_secret
+    api_key_file: str | None = None  # bearer tokens, one per line; None = no HTTP auth
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_inputs", "max_input_chars"):
@@ -34,4 +37,7 @@ class GatewayConfig:
             max_input_chars=int(env.get("DDML_MAX_INPUT_CHARS", default.max_input_chars)),
             request_timeout_ms=float(env.get("DDML_REQUEST_TIMEOUT_MS", default.request_timeout_ms)),
             max_request_timeout_ms=float(env.get("DDML_MAX_REQUEST_TIMEOUT_MS", default.max_request_timeout_ms)),
+            curve_server_key=env.get("DDML_CURVE_SERVER_KEY") or None,
+            curve_secret_key=env.get("DDML_CURVE_SECRET_KEY") or None,
+            api_key_file=env.get("DDML_API_KEY_FILE") or None,
         )

@@ -48,6 +48,8 @@ def build_parser() -> Parser:
                         help="silent broker intervals before reconnecting")
     parser.add_argument("--watchdog-s", type=float, default=300.0,
                         help="exit (so a supervisor restarts us) if one batch computes longer than this")
+    parser.add_argument("--curve-server-key", default=None, help="the broker's public .key: turns on CurveZMQ")
+    parser.add_argument("--curve-secret-key", default=None, help="this worker's .key_secret (ddml-keys generate)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch intra-op threads per process; 0 = cores / processes on the CPU")
     return parser
@@ -69,6 +71,8 @@ def config_from_args(args) -> WorkerConfig:
         watchdog_s=args.watchdog_s,
         torch_threads=args.torch_threads,
         handler_options=options,
+        curve_server_key=args.curve_server_key,
+        curve_secret_key=args.curve_secret_key,
     )
 
 

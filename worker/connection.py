@@ -24,13 +24,20 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol
+from broker.curve import ClientKeys
 from worker.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
 
 _WATCHDOG_EXIT_CODE = 75  # EX_TEMPFAIL: a supervisor should restart us
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol mismatch (is CURVE on at both ends, with the right server key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication refused (is our public key authorised on the broker?)",
+}
 
 
 @dataclass
@@ -81,6 +88,8 @@ class BrokerConnection:
         self._describe = describe
         self._clock = clock
         self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None  # handshake failures of _socket, for the operator
+        self._keys = ClientKeys.from_files(config.curve_server_key, config.curve_secret_key)
         self._batches_received = 0
         self.broker_instance_id = ""
         self.registrations = 0  # READY messages sent; > 1 means we re-registered
@@ -96,7 +105,7 @@ class BrokerConnection:
             self._inbox.put(None)
             results.close(linger=0)
             if self._socket is not None:
-                self._socket.close(linger=1000)
+                self._close_socket(linger=1000)
 
     def _serve(self, results: zmq.Socket, should_stop: Callable[[], bool]) -> None:
         interval_s = self._config.heartbeat_interval_s
@@ -108,6 +117,7 @@ class BrokerConnection:
             poller = zmq.Poller()
             poller.register(self._socket, zmq.POLLIN)
             poller.register(results, zmq.POLLIN)
+            poller.register(self._monitor, zmq.POLLIN)
             wait_ms = max(0, min(heartbeat_due_at - self._clock(), interval_s) * 1000)
             ready = dict(poller.poll(wait_ms))
             now = self._clock()
@@ -115,6 +125,8 @@ class BrokerConnection:
                 self._forward_results(results)
             if self._socket in ready:
                 drain_acknowledged |= self._receive(now)
+            if self._monitor in ready:
+                self._log_handshake_failures()
             if should_stop() and not drain_requested:
                 drain_requested = True
                 heartbeat_due_at = now  # announce it at once
@@ -140,7 +152,7 @@ class BrokerConnection:
     def _connect(self, now: float) -> None:
         """A fresh DEALER with a fresh identity (never reuse one across incarnations), then READY."""
         if self._socket is not None:
-            self._socket.close(linger=0)
+            self._close_socket(linger=0)
             self._forget_batches()
         identity = f"{socketlib.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}".encode()
         sock = self._context.socket(zmq.DEALER)
@@ -151,10 +163,24 @@ class BrokerConnection:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self._keys is not None:
+            self._keys.apply(sock)
+        self._monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
         sock.connect(self._config.broker)
         self._socket = sock
         self._broker_seen_at = now
         self._register()
+
+    def _close_socket(self, linger: int) -> None:
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
+        self._socket.close(linger=linger)
+
+    def _log_handshake_failures(self) -> None:
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            logger.error("broker %s refused our handshake: %s", self._config.broker,
+                         _HANDSHAKE_FAILURES.get(event, event))
 
     def _register(self) -> None:
         """Send READY, unless the model is still busy with a batch the broker took away from us:

@@ -100,3 +100,20 @@ def test_health_ready_and_models():
     assert client(unreachable).simulate_get("/healthz").status_code == 200
     models = client().simulate_get("/v1/models").json["models"]
     assert models[0]["name"] == "echo" and models[0]["ready"] and models[0]["workers"][0]["device"] == "cpu"
+
+
+def test_bearer_auth_guards_everything_but_healthz(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# operators\nsecret-one\n\nsecret-two\n")
+    app = client(api_key_file=str(tokens))
+    body = '{"inputs": ["a"]}'
+    missing = app.simulate_post("/v1/models/echo/predict", body=body, headers=JSON)
+    wrong = app.simulate_post("/v1/models/echo/predict", body=body,
+                              headers={**JSON, "Authorization": "Bearer secret-three"})
+    right = app.simulate_post("/v1/models/echo/predict", body=body,
+                              headers={**JSON, "Authorization": "Bearer secret-two"})
+    assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert missing.json["error"]["code"] == "UNAUTHORIZED"
+    assert app.simulate_get("/healthz").status_code == 200
+    assert app.simulate_get("/v1/models").status_code == 401

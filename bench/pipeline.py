@@ -1,0 +1,142 @@
+"""Issue-2 figures: what ddml adds at low load, and how batches grow at high load.
+
+    .venv/bin/python -m bench.pipeline [--seconds 20] [--requests 200]
+
+Starts a real broker, one minilm worker and the gateway on random ports, then:
+1. concurrency 1, interleaved request by request with a direct in-process call of the same
+   model (same thread count), so both are measured side by side on the same noisy machine:
+   median latency of each, the difference, and the batch sizes the broker formed;
+2. concurrency 64 over HTTP for --seconds: req/s, p50/p99 and the mean batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from bench.workload import sentences
+from gateway.broker_client import BrokerClient
+from tests.conftest import Stack
+from worker.models import default_model_path
+from worker.models.hf_text import HFTextModel
+
+
+def batch_sizes(status: dict, model: str) -> dict[int, int]:
+    return {int(k): v for k, v in status["models"].get(model, {}).get("batch_sizes", {}).items()}
+
+
+def diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
+    return {k: after[k] - before.get(k, 0) for k in sorted(after) if after[k] - before.get(k, 0)}
+
+
+def mean_size(sizes: dict[int, int]) -> float:
+    batches = sum(sizes.values())
+    return sum(k * v for k, v in sizes.items()) / batches if batches else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--requests", type=int, default=200, help="requests at concurrency 1")
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+    stack = Stack(Path(tempfile.mkdtemp(prefix="ddml-bench-")))
+    try:
+        stack.start_broker()
+        stack.start_worker("--model", "minilm", "--device", "cpu")
+        gateway, url = stack.start_gateway()
+        client = BrokerClient(stack.frontend)
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.2)
+
+        direct = HFTextModel(device="cpu", model_path=default_model_path())
+        direct.init_model()
+        texts = sentences(args.requests + 20, seed=1)
+        session = requests.Session()
+        for text in texts[:20]:  # warm-up, both paths
+            direct.predict([text])
+            session.post(f"{url}/v1/models/minilm/predict", json={"inputs": [text]}, timeout=30).raise_for_status()
+
+        before = batch_sizes(client.status(), "minilm")
+        direct_ms, http_ms, broker_ms = [], [], []
+        for text in texts[20:]:
+            started = time.perf_counter()
+            direct.predict([text])
+            direct_ms.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            session.post(f"{url}/v1/models/minilm/predict", json={"inputs": [text]}, timeout=30).raise_for_status()
+            http_ms.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            client.request("minilm", [text], timeout_s=30)
+            broker_ms.append((time.perf_counter() - started) * 1000)
+        low = diff(batch_sizes(client.status(), "minilm"), before)
+        del direct
+
+        print(f"\n## Concurrency 1 ({args.requests} requests, interleaved with direct calls)\n")
+        print("| path | p50 ms | p99 ms | added to direct p50 |")
+        print("|---|---|---|---|")
+        d50 = statistics.median(direct_ms)
+        for name, values in (("direct model.predict([x])", direct_ms), ("ddml via BrokerClient", broker_ms),
+                             ("ddml via HTTP (gateway)", http_ms)):
+            p50 = statistics.median(values)
+            print(f"| {name} | {p50:.2f} | {percentile(values, 0.99):.2f} | {p50 - d50:+.2f} ms |")
+        print(f"\nbatch sizes at concurrency 1: {low} (mean {mean_size(low):.2f})")
+
+        load_texts = sentences(5000, seed=2)
+        stop_at = time.monotonic() + args.seconds
+        latencies: list[float] = []
+        errors = [0]
+        lock = threading.Lock()
+
+        def load(index: int) -> None:
+            with requests.Session() as s:
+                k = index
+                while time.monotonic() < stop_at:
+                    started = time.perf_counter()
+                    r = s.post(f"{url}/v1/models/minilm/predict",
+                               json={"inputs": [load_texts[k % len(load_texts)]]}, timeout=60)
+                    elapsed = (time.perf_counter() - started) * 1000
+                    with lock:
+                        if r.ok:
+                            latencies.append(elapsed)
+                        else:
+                            errors[0] += 1
+                    k += args.concurrency
+
+        before = batch_sizes(client.status(), "minilm")
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            list(pool.map(load, range(args.concurrency)))
+        elapsed = time.monotonic() - started
+        high = diff(batch_sizes(client.status(), "minilm"), before)
+        print(f"\n## Concurrency {args.concurrency} over HTTP for {args.seconds:.0f} s\n")
+        print(f"req/s {len(latencies) / elapsed:.1f}, p50 {percentile(latencies, 0.5):.0f} ms, "
+              f"p99 {percentile(latencies, 0.99):.0f} ms, errors {errors[0]}")
+        print(f"mean batch size {mean_size(high):.1f} over {sum(high.values())} batches; "
+              f"histogram {high}")
+        client.close()
+    finally:
+        stack.stop_all()
+
+
+if __name__ == "__main__":
+    main()
