@@ -507,8 +507,11 @@ class Broker:
         models = {}
         for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
             oldest = self._batcher.oldest_enqueued_at(name)
+            serving = [w for w in self._workers if name in w.models]
             models[name] = {
-                "workers": sum(1 for w in self._workers if name in w.models),
+                "workers": len(serving),
+                "max_batch_size": max((w.max_batch_size for w in serving), default=0),
+                "metadata": next((w.metadata for w in serving if w.metadata), {}),
                 "queued_requests": self._batcher.queued_requests(name),
                 "queued_items": self._batcher.queued_items(name),
                 "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,

@@ -89,6 +89,7 @@ class Ready:
     device: str = "cpu"  # e.g. "cpu", "cuda:0 (NVIDIA H200)"
     host: str = ""
     pid: int = 0
+    metadata: dict = field(default_factory=dict)  # tensors in and out, for KServe v2: {"inputs": [...], ...}
 
 
 @dataclass(frozen=True, slots=True)

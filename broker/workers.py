@@ -34,6 +34,7 @@ class WorkerState:
     items_done: int = 0
     stats: dict = field(default_factory=dict)  # the worker's own figures, from its heartbeats
     draining: bool = False  # it asked for no more batches (graceful shutdown)
+    metadata: dict = field(default_factory=dict)  # the model's tensors in and out, from READY
 
     @property
     def in_flight_items(self) -> int:
@@ -98,6 +99,7 @@ class WorkerRegistry:
             last_seen_at=now,
             expires_at=now + self._config.expiry_s,
             heartbeat_due_at=now,
+            metadata=ready.metadata,
         )
         return previous
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import falcon
 
 from broker.curve import ClientKeys
+from gateway import openinference
 from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.config import GatewayConfig
@@ -33,6 +34,7 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
     app.add_route("/v1/status", StatusResource(broker))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(broker))
+    openinference.add_routes(app, broker, config)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(BrokerError, handle_broker_error)
     app.set_error_serializer(serialize_falcon_error)

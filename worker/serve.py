@@ -70,6 +70,7 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         device=_describe_device(device),
         host=socket.gethostname(),
         pid=os.getpid(),
+        metadata=handler.metadata(),
     )
     context = zmq.Context()
     inbox: queue.Queue = queue.Queue()

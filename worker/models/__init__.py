@@ -53,6 +53,18 @@ class Manager:
         """Figures for heartbeats (e.g. GPU memory in use). Optional."""
         return {}
 
+    def metadata(self) -> dict:
+        """The model's tensors, as KServe v2 / Triton describe them (the batch dimension is -1).
+
+        "key" names the field of a dict output that holds that tensor; without it the whole
+        output is the tensor. Override it for typed clients (tritonclient) to see real shapes.
+        """
+        return {
+            "platform": "python",
+            "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, 1]}],
+            "outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, 1]}],
+        }
+
 
 def load_handler(spec: str) -> type[Manager]:
     """Import 'package.module:ClassName', as named by the operator on the command line."""

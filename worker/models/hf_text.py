@@ -124,6 +124,18 @@ class HFTextModel(Manager):
             for p in probabilities
         ]
 
+    def metadata(self) -> dict:
+        inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]}]
+        if self.task == "embedding":
+            outputs = [{"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, self.output_dim]}]
+        else:
+            outputs = [
+                {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, self.output_dim], "key": "probabilities",
+                 "labels": self.labels},
+                {"name": "LABEL", "datatype": "BYTES", "shape": [-1, 1], "key": "label"},
+            ]
+        return {"platform": "pytorch", "inputs": inputs, "outputs": outputs}
+
     def describe(self) -> dict:
         torch = getattr(self, "_torch", None)
         if torch is not None and self.device.startswith("cuda"):

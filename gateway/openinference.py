@@ -1,0 +1,427 @@
+"""The Open Inference Protocol (KServe v2, as Triton speaks it) on the gateway, beside /v1.
+
+    GET  /v2/health/live | /v2/health/ready                       200, or 400 when not
+    GET  /v2/models/{m}[/versions/{v}]/ready                      200, or 400 when not
+    GET  /v2                                                      server metadata
+    GET  /v2/models/{m}[/versions/{v}]                            model metadata (-1 = batch dimension)
+    GET  /v2/models/{m}[/versions/{v}]/config                     max_batch_size, input, output, dynamic_batching
+    POST /v2/models/{m}[/versions/{v}]/infer                      JSON tensors or the binary tensor extension
+
+Inference requests may carry their tensors as JSON "data" or as raw bytes after the JSON header
+(Inference-Header-Content-Length, per-input binary_data_size; BYTES elements as a 4-byte
+little-endian length and the bytes). Outputs come back as JSON or binary per output
+(parameters.binary_data, or request-level binary_data_output). gzip and deflate work both
+ways. The request id is echoed; parameters.priority (1 = highest) and parameters.timeout
+(microseconds) map onto the broker's priority and the request's deadline. Each row of the
+first input's batch dimension is one broker input, so the broker batches rows from many
+requests together. Errors are a non-200 status with {"error": "..."}.
+
+Shapes and datatypes come from what the workers declared in READY (Manager.metadata()).
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import time
+import zlib
+from typing import Any
+
+import falcon
+import numpy as np
+import orjson
+
+from broker.protocol import ErrorCode
+from gateway.broker_client import BrokerClient, BrokerError
+from gateway.config import GatewayConfig
+from gateway.errors import HTTP_STATUS_BY_CODE
+from gateway.resources import read_body
+
+SERVER_NAME = "ddml"
+SERVER_VERSION = "0.1.0"
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration"]
+_NUMPY_BY_DATATYPE = {
+    "BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
+    "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+}
+_CONFIG_TYPE = {"BYTES": "TYPE_STRING", **{k: f"TYPE_{k}" for k in _NUMPY_BY_DATATYPE}}
+_STATUS_CACHE_S = 1.0  # metadata changes only when workers come and go
+_PRIORITY_TOP = 10_000  # Triton's priority 1 (highest) becomes broker priority 9,999; 0 stays default
+
+
+class V2Error(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _handle_v2_errors(method):
+    """Errors on /v2 are {"error": "..."} with a non-200 status, as tritonclient expects."""
+
+    def wrapped(self, req: falcon.Request, resp: falcon.Response, **params) -> None:
+        try:
+            method(self, req, resp, **params)
+        except V2Error as error:
+            _write_error(resp, error.status, error.message)
+        except BrokerError as error:
+            _write_error(resp, HTTP_STATUS_BY_CODE.get(error.code, 500), f"{error.code.value}: {error.message}")
+            if error.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE):
+                resp.set_header("Retry-After", str(max(1, round(error.retry_after_s or 1))))
+
+    return wrapped
+
+
+def _write_error(resp: falcon.Response, status: int, message: str) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps({"error": message})
+
+
+class Catalog:
+    """The broker's view of models, cached briefly per process."""
+
+    def __init__(self, broker: BrokerClient):
+        self._broker = broker
+        self._status: dict | None = None
+        self._fetched_at = 0.0
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        if self._status is None or now - self._fetched_at > _STATUS_CACHE_S:
+            self._status = self._broker.status(timeout_s=2.0)
+            self._fetched_at = now
+        return self._status
+
+    def model(self, name: str, version: str | None) -> dict:
+        if version not in (None, "", MODEL_VERSION):
+            raise V2Error(404, f"model '{name}' has no version '{version}' (only '{MODEL_VERSION}')")
+        info = self.status()["models"].get(name)
+        if not info or not info["workers"]:
+            raise V2Error(404, f"no live worker serves model '{name}'")
+        return info
+
+
+def _public(tensors: list[dict]) -> list[dict]:
+    return [{k: t[k] for k in ("name", "datatype", "shape")} for t in tensors]
+
+
+class ServerLive:
+    @_handle_v2_errors
+    def on_get(self, req, resp) -> None:
+        resp.status = 200
+
+
+class ServerReady:
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+
+    def on_get(self, req, resp) -> None:
+        try:
+            resp.status = 200 if self._catalog.status()["workers"] else 400
+        except BrokerError:
+            resp.status = 400
+
+
+class ModelReady:
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+
+    def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+        try:
+            self._catalog.model(model, version)
+            resp.status = 200
+        except (V2Error, BrokerError):
+            resp.status = 400
+
+
+class ServerMetadata:
+    def on_get(self, req, resp) -> None:
+        resp.data = orjson.dumps({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+        resp.content_type = falcon.MEDIA_JSON
+
+
+class ModelMetadata:
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+
+    @_handle_v2_errors
+    def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+        metadata = self._catalog.model(model, version)["metadata"]
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = orjson.dumps({
+            "name": model, "versions": [MODEL_VERSION], "platform": metadata.get("platform", "python"),
+            "inputs": _public(metadata.get("inputs", [])), "outputs": _public(metadata.get("outputs", [])),
+        })
+
+
+class ModelConfig:
+    def __init__(self, catalog: Catalog):
+        self._catalog = catalog
+
+    @_handle_v2_errors
+    def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+        info = self._catalog.model(model, version)
+        metadata = info["metadata"]
+
+        def config_tensors(tensors: list[dict]) -> list[dict]:
+            return [{"name": t["name"], "data_type": _CONFIG_TYPE.get(t["datatype"], "TYPE_STRING"),
+                     "dims": t["shape"][1:] or [1]} for t in tensors]
+
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = orjson.dumps({
+            "name": model, "platform": metadata.get("platform", "python"),
+            "max_batch_size": info["max_batch_size"],
+            "input": config_tensors(metadata.get("inputs", [])),
+            "output": config_tensors(metadata.get("outputs", [])),
+            "dynamic_batching": {"max_queue_delay_microseconds": 0},
+        })
+
+
+class Infer:
+    def __init__(self, broker: BrokerClient, catalog: Catalog, config: GatewayConfig):
+        self._broker = broker
+        self._catalog = catalog
+        self._config = config
+
+    @_handle_v2_errors
+    def on_post(self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None) -> None:
+        metadata = self._catalog.model(model, version)["metadata"]
+        body = _decompress(req, read_body(req, self._config.max_body_bytes), self._config.max_body_bytes)
+        header_length = req.get_header("Inference-Header-Content-Length")
+        try:
+            split = int(header_length) if header_length is not None else len(body)
+            if not 0 <= split <= len(body):
+                raise ValueError
+        except ValueError:
+            raise V2Error(400, f"Inference-Header-Content-Length {header_length!r} does not fit the body") from None
+        try:
+            request = orjson.loads(body[:split])
+        except orjson.JSONDecodeError as error:
+            raise V2Error(400, f"malformed JSON inference header: {error}") from None
+        if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
+            raise V2Error(400, "an inference request needs a non-empty 'inputs' list")
+        rows = _rows(request["inputs"], body[split:], self._config)
+        parameters = request.get("parameters") or {}
+        timeout_s, priority = _schedule(parameters, self._config)
+        outputs = self._broker.request(model, rows, timeout_s=timeout_s, priority=priority)
+        tensors = _output_tensors(metadata.get("outputs", []), outputs)
+        self._write(req, resp, model, request, tensors, bool(parameters.get("binary_data_output", False)))
+
+    def _write(self, req, resp, model: str, request: dict, tensors: dict, binary_default: bool) -> None:
+        requested = request.get("outputs") or [{"name": name} for name in tensors]
+        described, buffers = [], []
+        for wanted in requested:
+            name = wanted.get("name") if isinstance(wanted, dict) else None
+            if name not in tensors:
+                raise V2Error(400, f"model '{model}' has no output '{name}' (it has {', '.join(tensors)})")
+            datatype, array = tensors[name]
+            binary = bool((wanted.get("parameters") or {}).get("binary_data", binary_default))
+            entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+            if binary:
+                raw = _bytes_tensor_to_raw(array) if datatype == "BYTES" else array.tobytes()
+                entry["parameters"] = {"binary_data_size": len(raw)}
+                buffers.append(raw)
+            else:
+                flat = array.reshape(-1)
+                entry["data"] = [_text(x) for x in flat] if datatype == "BYTES" else flat.tolist()
+            described.append(entry)
+        document = {"model_name": model, "model_version": MODEL_VERSION, "outputs": described}
+        if "id" in request:
+            document["id"] = request["id"]
+        header = orjson.dumps(document)
+        if buffers:
+            resp.set_header("Inference-Header-Content-Length", str(len(header)))
+            resp.content_type = "application/octet-stream"
+            payload = header + b"".join(buffers)
+        else:
+            resp.content_type = falcon.MEDIA_JSON
+            payload = header
+        resp.data = _compress(req, resp, payload)
+
+
+def _schedule(parameters: dict, config: GatewayConfig) -> tuple[float, int]:
+    timeout_us = parameters.get("timeout")
+    if timeout_us is None:
+        timeout_s = config.request_timeout_ms / 1000
+    elif isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, float)) or timeout_us <= 0:
+        raise V2Error(400, f"parameters.timeout must be a positive number of microseconds, got {timeout_us!r:.40}")
+    else:
+        timeout_s = min(timeout_us / 1e6, config.max_request_timeout_ms / 1000)
+    priority = parameters.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+        raise V2Error(400, f"parameters.priority must be a non-negative integer, got {priority!r:.40}")
+    broker_priority = 0 if priority == 0 else _PRIORITY_TOP - min(priority, _PRIORITY_TOP - 1)
+    return timeout_s, broker_priority
+
+
+def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
+    """One broker input per row of the batch dimension. With several input tensors, a row is a
+    {name: value} map; with one, it is the value itself."""
+    offset = 0
+    columns: dict[str, list] = {}
+    batch = None
+    for tensor in inputs:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise V2Error(400, "each input needs a 'name'")
+        name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise V2Error(400, f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r:.60}")
+        count = int(np.prod(shape))
+        size = ((tensor.get("parameters") or {}).get("binary_data_size"))
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise V2Error(400, f"input '{name}': binary_data_size {size!r} runs past the body")
+            raw, offset = binary[offset:offset + size], offset + size
+            elements = _raw_to_elements(name, datatype, raw, count)
+        elif "data" in tensor:
+            elements = _json_to_elements(name, datatype, tensor["data"], count)
+        else:
+            raise V2Error(400, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+        rows = shape[0]
+        if batch is not None and rows != batch:
+            raise V2Error(400, f"input '{name}' has batch size {rows}, others have {batch}")
+        batch = rows
+        if rows == 0 or rows > config.max_inputs:
+            raise V2Error(400, f"batch size {rows} must be between 1 and {config.max_inputs}")
+        per_row = count // rows
+        values = [elements[i * per_row:(i + 1) * per_row] for i in range(rows)]
+        if isinstance(elements, np.ndarray):
+            values = [v.reshape(shape[1:]) if len(shape) > 1 else v[0] for v in values]
+        else:
+            values = [v[0] if per_row == 1 else v for v in values]
+        for value in values:
+            if isinstance(value, str) and len(value) > config.max_input_chars:
+                raise V2Error(400, f"input '{name}' has an element over {config.max_input_chars} characters")
+        columns[name] = values
+    if offset != len(binary):
+        raise V2Error(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+    if len(columns) == 1:
+        return next(iter(columns.values()))
+    return [{name: column[i] for name, column in columns.items()} for i in range(batch)]
+
+
+def _json_to_elements(name: str, datatype: Any, data: Any, count: int):
+    flat = list(_flatten(data))
+    if len(flat) != count:
+        raise V2Error(400, f"input '{name}' has {len(flat)} elements for a shape of {count}")
+    if datatype == "BYTES":
+        if not all(isinstance(x, str) for x in flat):
+            raise V2Error(400, f"input '{name}' is BYTES: its JSON data must be strings")
+        return flat
+    if datatype not in _NUMPY_BY_DATATYPE:
+        raise V2Error(400, f"input '{name}' has an unsupported datatype {datatype!r:.20}")
+    try:
+        return np.asarray(flat, dtype=_NUMPY_BY_DATATYPE[datatype])
+    except (TypeError, ValueError, OverflowError) as error:
+        raise V2Error(400, f"input '{name}' data does not fit {datatype}: {error}") from None
+
+
+def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int):
+    if datatype == "BYTES":
+        elements, position = [], 0
+        while position < len(raw):
+            if position + 4 > len(raw):
+                raise V2Error(400, f"input '{name}': truncated BYTES length prefix")
+            (length,) = struct.unpack_from("<I", raw, position)
+            position += 4
+            if position + length > len(raw):
+                raise V2Error(400, f"input '{name}': a BYTES element runs past its buffer")
+            elements.append(_text(raw[position:position + length]))
+            position += length
+        if len(elements) != count:
+            raise V2Error(400, f"input '{name}' has {len(elements)} BYTES elements for a shape of {count}")
+        return elements
+    if datatype not in _NUMPY_BY_DATATYPE:
+        raise V2Error(400, f"input '{name}' has an unsupported datatype {datatype!r:.20}")
+    dtype = np.dtype(_NUMPY_BY_DATATYPE[datatype])
+    if len(raw) != count * dtype.itemsize:
+        raise V2Error(400, f"input '{name}': {len(raw)} bytes for {count} {datatype} elements")
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def _output_tensors(specs: list[dict], outputs: list) -> dict[str, tuple[str, np.ndarray]]:
+    """Stack per-row outputs into the tensors the model declared."""
+    if not specs:
+        specs = [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, 1]}]
+    tensors = {}
+    for spec in specs:
+        key = spec.get("key")
+        column = [row.get(key) if key is not None and isinstance(row, dict) else row for row in outputs]
+        column = [list(v.values()) if isinstance(v, dict) else v for v in column]
+        if spec["datatype"] == "BYTES":
+            array = np.empty((len(column), 1), dtype=object)
+            for i, value in enumerate(column):
+                array[i, 0] = value if isinstance(value, (str, bytes)) else orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+        else:
+            try:
+                array = np.asarray(column, dtype=_NUMPY_BY_DATATYPE.get(spec["datatype"], "<f4"))
+            except (TypeError, ValueError) as error:
+                raise V2Error(500, f"output '{spec['name']}' cannot be made a {spec['datatype']} tensor: {error}")
+        tensors[spec["name"]] = (spec["datatype"], array)
+    return tensors
+
+
+def _bytes_tensor_to_raw(array: np.ndarray) -> bytes:
+    parts = []
+    for value in array.reshape(-1):
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        parts.append(struct.pack("<I", len(data)) + data)
+    return b"".join(parts)
+
+
+def _flatten(data: Any):
+    if isinstance(data, list):
+        for item in data:
+            yield from _flatten(item)
+    else:
+        yield data
+
+
+def _text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("latin-1")
+    return value
+
+
+def _decompress(req: falcon.Request, body: bytes, limit: int) -> bytes:
+    encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise V2Error(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
+    decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise V2Error(400, f"body is not valid {encoding}: {error}") from None
+    if len(data) > limit or decompressor.unconsumed_tail:
+        raise V2Error(413, f"decompressed body exceeds {limit} bytes")
+    return data
+
+
+def _compress(req: falcon.Request, resp: falcon.Response, payload: bytes) -> bytes:
+    accepted = [part.split(";")[0].strip().lower() for part in (req.get_header("Accept-Encoding") or "").split(",")]
+    if "gzip" in accepted:
+        resp.set_header("Content-Encoding", "gzip")
+        return gzip.compress(payload, compresslevel=1)
+    if "deflate" in accepted:
+        resp.set_header("Content-Encoding", "deflate")
+        return zlib.compress(payload, 1)
+    return payload
+
+
+def add_routes(app: falcon.App, broker: BrokerClient, config: GatewayConfig) -> None:
+    catalog = Catalog(broker)
+    app.add_route("/v2", ServerMetadata())
+    app.add_route("/v2/health/live", ServerLive())
+    app.add_route("/v2/health/ready", ServerReady(catalog))
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        app.add_route(prefix, ModelMetadata(catalog))
+        app.add_route(f"{prefix}/ready", ModelReady(catalog))
+        app.add_route(f"{prefix}/config", ModelConfig(catalog))
+        app.add_route(f"{prefix}/infer", Infer(broker, catalog, config))
