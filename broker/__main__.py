@@ -46,6 +46,9 @@ def build_parser() -> Parser:
                         help="directory of worker public keys (.key) allowed on the backend; re-read on SIGHUP")
     parser.add_argument("--authorized-clients", default=None,
                         help="directory of gateway/client public keys allowed on the frontend; re-read on SIGHUP")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics on this port at /metrics (0 = off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM, time allowed to answer requests already accepted")
     return parser
@@ -92,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"ddml-broker: {error}") from None
     signal.signal(signal.SIGHUP, lambda *_: broker.request_reload())
     broker.bind()
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_host, registry=broker.metrics.registry)
+        logger.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
     print(f"broker ready frontend={broker.frontend_endpoint} backend={broker.backend_endpoint}", flush=True)
     try:
         broker.run(should_stop=stop.is_set)

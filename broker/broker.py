@@ -26,6 +26,7 @@ from broker import protocol
 from broker.batching import Batcher, InFlightBatch, PendingRequest
 from broker.config import BrokerConfig
 from broker.curve import GATEWAY_DOMAIN, WORKER_DOMAIN, BrokerSecurity
+from broker.metrics import BrokerMetrics
 from broker.protocol import ErrorCode
 from broker.workers import WorkerRegistry, WorkerState
 
@@ -35,6 +36,7 @@ Clock = Callable[[], float]  # monotonic seconds
 
 _DRAIN_BURST = 1000  # messages read from one socket per pass, so timers are never starved
 _RATE_WINDOW_S = 10.0  # window over which a model's drain rate is measured (for Retry-After)
+_PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for scrapes
 
 
 class ModelStats:
@@ -80,6 +82,7 @@ class Broker:
         context: zmq.Context,
         clock: Clock = time.monotonic,
         instance_id: str | None = None,
+        metrics: BrokerMetrics | None = None,
     ):
         self._config = config
         self._clock = clock
@@ -100,6 +103,8 @@ class Broker:
         self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
         self._draining = False
         self._reload_requested = False
+        self.metrics = metrics or BrokerMetrics()
+        self._published_at = -math.inf
         self.frontend_endpoint = config.frontend
         self.backend_endpoint = config.backend
         self._security: BrokerSecurity | None = None
@@ -265,6 +270,10 @@ class Broker:
             self._send(self._backend, worker.worker_id, protocol.Heartbeat(self.instance_id))
         for dispatch in self._batcher.assign(self._workers.with_room(), now):
             self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
+        if now - self._published_at >= _PUBLISH_EVERY_S:
+            self._published_at = now
+            status = self._status("", now)
+            self.metrics.publish({"models": status.models, "workers": status.workers})
 
     def _poll_timeout_ms(self) -> int:
         """Sleep no longer than the next heartbeat, expiry, request deadline or batch deadline."""
@@ -341,6 +350,7 @@ class Broker:
             logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex())
             return
         self._stats_for(batch.model).record_completion(len(batch.items), now)
+        self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
         errors = {error[0]: error for error in result.errors}
         if len(result.outputs) != len(batch.items):
             message = f"worker returned {len(result.outputs)} outputs for {len(batch.items)} inputs"
@@ -374,6 +384,10 @@ class Broker:
         batch = InFlightBatch(next(self._batch_ids), worker_id, model, items, dispatched_at=now)
         self._workers.dispatched(batch, now)
         self._stats_for(model).record_dispatch(len(items))
+        self.metrics.batch_size.labels(model).observe(len(items))
+        queue_wait = self.metrics.queue_wait.labels(model)
+        for item in items:
+            queue_wait.observe(now - item.enqueued_at)
         message = protocol.Batch(
             batch_id=batch.batch_id,
             model=model,
@@ -414,6 +428,7 @@ class Broker:
                 item.isolated = True
                 retry.append(item)
                 self._stats_for(item.request.model).redispatched += 1
+                self.metrics.redispatched.labels(item.request.model).inc()
         self._batcher.requeue(retry)
 
     def _expire_requests(self, now: float) -> None:
@@ -445,6 +460,7 @@ class Broker:
         self.stats[f"replies_{outcome.lower()}"] += 1
         if request.model in self._model_stats or self._workers.serves(request.model):
             self._stats_for(request.model).outcomes[outcome] += 1  # unknown names must not grow state
+            self.metrics.requests.labels(request.model, outcome).inc()
         if code is None:
             reply = protocol.Reply(request.request_id, outputs=request.outputs)
         else:
@@ -483,10 +499,12 @@ class Broker:
             return protocol.decode(frames)
         except protocol.VersionMismatch as error:
             self.stats["malformed"] += 1
+            self.metrics.malformed.inc()
             _throttled_warning(self.stats["malformed"], "%s %s: %s", role, peer_id.hex(), error)
             self._send(socket, peer_id, protocol.Error(ErrorCode.BAD_VERSION.value, str(error)))
         except protocol.DecodeError as error:
             self.stats["malformed"] += 1
+            self.metrics.malformed.inc()
             _throttled_warning(
                 self.stats["malformed"], "dropped malformed message from %s %s: %s", role, peer_id.hex(), error
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 from broker.cli import Parser, env_name
 
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, flag)
         if value is not None:
             os.environ[env_name(flag)] = str(value)
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # One fresh directory per gateway: every gunicorn process writes its metrics there.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ddml-gateway-metrics-")
     command = [sys.executable, "-m", "gunicorn", "-c", "python:gateway.gunicorn_conf"]
     if args.preload:
         command.append("--preload")

@@ -14,6 +14,7 @@ from gateway import openinference
 from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.config import GatewayConfig
+from gateway.metrics import MetricsMiddleware, MetricsResource
 from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
 from gateway.resources import (
     HealthResource,
@@ -26,7 +27,9 @@ from gateway.resources import (
 
 def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> falcon.App:
     config = config or GatewayConfig()
-    middleware = [BearerAuth(load_tokens(config.api_key_file))] if config.api_key_file else []
+    middleware: list = [MetricsMiddleware()]
+    if config.api_key_file:
+        middleware.append(BearerAuth(load_tokens(config.api_key_file)))
     app = falcon.App(middleware=middleware)
     app.req_options.auto_parse_form_urlencoded = False
     app.add_route("/v1/models/{model}/predict", PredictResource(broker, config))
@@ -34,6 +37,7 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
     app.add_route("/v1/status", StatusResource(broker))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(broker))
+    app.add_route("/metrics", MetricsResource())
     openinference.add_routes(app, broker, config)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(BrokerError, handle_broker_error)

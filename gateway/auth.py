@@ -14,7 +14,7 @@ import falcon
 from broker.protocol import ErrorCode
 from gateway.broker_client import BrokerError
 
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz"})  # Prometheus can send a bearer token (authorization: in scrape config)
 
 
 def load_tokens(path: str) -> list[bytes]:

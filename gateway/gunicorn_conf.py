@@ -22,3 +22,11 @@ accesslog = os.environ.get("DDML_ACCESS_LOG") or None
 loglevel = os.environ.get("DDML_LOG_LEVEL", "info").lower()
 certfile = os.environ.get("DDML_CERTFILE") or None
 keyfile = os.environ.get("DDML_KEYFILE") or None
+
+
+def child_exit(server, worker):
+    """Drop a dead process's live gauges from the multiprocess metrics directory."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,85 @@
+"""Prometheus metrics for the broker, served on --metrics-port.
+
+Counters and histograms are updated inline by the broker thread (prometheus_client is
+thread-safe). Gauges for queues and workers come from a status snapshot that the broker
+thread publishes at most twice a second; the scrape thread only reads the latest one, so it
+never walks live state. Per-worker figures arrive in heartbeats, so one scrape target
+describes a whole cluster, including workers behind NAT on other hosts.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+WORKER_STATES = ("idle", "busy", "draining")
+
+
+class BrokerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter("ddml_requests", "Requests answered, by outcome (ok or an error code)",
+                                ["model", "outcome"], registry=self.registry)
+        self.batch_size = Histogram("ddml_batch_size", "Inputs per dispatched batch", ["model"],
+                                    buckets=_BATCH_SIZE_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("ddml_queue_wait_seconds", "Time an input waited before dispatch",
+                                    ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry)
+        self.batch_latency = Histogram("ddml_batch_latency_seconds", "Dispatch to result, per batch",
+                                       ["model"], buckets=_SECONDS_BUCKETS, registry=self.registry)
+        self.redispatched = Counter("ddml_redispatched_inputs", "Inputs dispatched again after a failure",
+                                    ["model"], registry=self.registry)
+        self.malformed = Counter("ddml_malformed_messages", "Messages dropped as malformed", registry=self.registry)
+        self._snapshot: dict = {"models": {}, "workers": []}
+        self.registry.register(_SnapshotCollector(self))
+
+    def publish(self, status: dict) -> None:
+        """Called by the broker thread with a fresh status; replaces, never mutates."""
+        self._snapshot = status
+
+
+class _SnapshotCollector:
+    def __init__(self, metrics: BrokerMetrics):
+        self._metrics = metrics
+
+    def collect(self):
+        snapshot = self._metrics._snapshot
+        depth = GaugeMetricFamily("ddml_queue_depth", "Requests waiting, per model", labels=["model"])
+        items = GaugeMetricFamily("ddml_queue_inputs", "Inputs waiting, per model", labels=["model"])
+        oldest = GaugeMetricFamily("ddml_queue_oldest_wait_seconds", "Age of the oldest waiting input",
+                                   labels=["model"])
+        workers = GaugeMetricFamily("ddml_workers", "Live workers by state", labels=["model", "state"])
+        for model, info in snapshot["models"].items():
+            depth.add_metric([model], info["queued_requests"])
+            items.add_metric([model], info["queued_items"])
+            oldest.add_metric([model], info["oldest_wait_s"])
+            for state in WORKER_STATES:
+                count = sum(1 for w in snapshot["workers"] if model in w["models"] and w["state"] == state)
+                workers.add_metric([model, state], count)
+        labels = ["worker", "host", "device", "model"]
+        info = GaugeMetricFamily("ddml_worker_info", "One per live worker", labels=labels)
+        batches = CounterMetricFamily("ddml_worker_batches", "Batches the worker computed (its own count)",
+                                      labels=labels)
+        inputs = CounterMetricFamily("ddml_worker_inputs", "Inputs the worker computed (its own count)",
+                                     labels=labels)
+        latency = GaugeMetricFamily("ddml_worker_mean_batch_latency_seconds", "Mean compute time per batch",
+                                    labels=labels)
+        in_flight = GaugeMetricFamily("ddml_worker_in_flight_inputs", "Inputs dispatched, not yet answered",
+                                      labels=labels)
+        memory = GaugeMetricFamily("ddml_worker_cuda_memory_allocated_bytes", "CUDA memory in use",
+                                   labels=labels)
+        heartbeat_age = GaugeMetricFamily("ddml_worker_heartbeat_age_seconds", "Since the worker was last heard",
+                                          labels=labels)
+        for worker in snapshot["workers"]:
+            values = [worker["worker_id"], worker["host"], worker["device"], ",".join(worker["models"])]
+            stats = worker.get("stats") or {}
+            info.add_metric(values, 1)
+            batches.add_metric(values, stats.get("batches", 0))
+            inputs.add_metric(values, stats.get("items", 0))
+            latency.add_metric(values, stats.get("mean_batch_latency_ms", 0.0) / 1000)
+            in_flight.add_metric(values, worker["in_flight_items"])
+            heartbeat_age.add_metric(values, worker["last_heartbeat_age_s"])
+            if "cuda_memory_allocated_bytes" in stats:
+                memory.add_metric(values, stats["cuda_memory_allocated_bytes"])
+        yield from (depth, items, oldest, workers, info, batches, inputs, latency, in_flight, memory, heartbeat_age)

@@ -1,0 +1,46 @@
+"""HTTP metrics for the gateway at /metrics, correct across gunicorn's processes.
+
+With PROMETHEUS_MULTIPROC_DIR set (ddml-gateway sets it to a fresh directory), every gunicorn
+process writes its samples there and any process's /metrics merges them all (prometheus_client's
+multiprocess mode), so a scrape that lands on any process sees the whole gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import falcon
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+HTTP_REQUESTS = Counter("ddml_http_requests", "HTTP requests answered, by route, method and status",
+                        ["route", "method", "status"])
+HTTP_DURATION = Histogram("ddml_http_request_duration_seconds", "Time to answer an HTTP request",
+                          ["route", "method"], buckets=_SECONDS_BUCKETS)
+
+
+class MetricsMiddleware:
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        req.context.started_at = time.perf_counter()
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        started_at = getattr(req.context, "started_at", None)
+        if started_at is None:
+            return
+        route = req.uri_template or "unmatched"  # the template, never the raw path: bounded label values
+        HTTP_REQUESTS.labels(route, req.method, str(resp.status_code)).inc()
+        HTTP_DURATION.labels(route, req.method).observe(time.perf_counter() - started_at)
+
+
+class MetricsResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = REGISTRY
+        resp.content_type = CONTENT_TYPE_LATEST
+        resp.data = generate_latest(registry)

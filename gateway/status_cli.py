@@ -1,0 +1,89 @@
+"""`ddml-status --broker tcp://HOST:PORT [--watch]`: what the broker sees, as two tables.
+
+Workers: host, device, model, state, inputs in flight, batches/s, p50 batch latency (the
+broker's recent average), last heartbeat age. Queues: depth, oldest wait, mean batch size.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from broker.cli import Parser
+from broker.curve import ClientKeys
+from gateway.broker_client import BrokerClient, BrokerError
+
+
+def build_parser() -> Parser:
+    parser = Parser("ddml-status", "Print the broker's workers and queues.")
+    parser.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend endpoint")
+    parser.add_argument("--watch", action="store_true", help="refresh every --interval-s until Ctrl-C")
+    parser.add_argument("--interval-s", type=float, default=2.0, help="refresh period with --watch")
+    parser.add_argument("--curve-server-key", default=None, help="the broker's public .key, if CURVE is on")
+    parser.add_argument("--curve-secret-key", default=None, help="an authorised client's .key_secret")
+    return parser
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
+    before = {w["worker_id"]: w for w in (previous or {}).get("workers", [])}
+    workers = []
+    for w in sorted(status["workers"], key=lambda w: (w["models"], w["host"], w["pid"])):
+        old = before.get(w["worker_id"])
+        rate = (w["batches"] - old["batches"]) / elapsed_s if old and elapsed_s > 0 else 0.0
+        workers.append([w["worker_id"][:16], w["host"], w["pid"], w["device"], ",".join(w["models"]), w["state"],
+                        w["in_flight_items"], f"{rate:.1f}", f"{w['latency_ewma_ms']:.1f}",
+                        f"{w['last_heartbeat_age_s']:.1f}s"])
+    queues = [[name, info["workers"], info["queued_requests"], info["queued_items"], f"{info['oldest_wait_s']:.3f}s",
+               f"{info['mean_batch_size']:.1f}", info["batches"], info["redispatched"],
+               " ".join(f"{k}={v}" for k, v in sorted(info["outcomes"].items()))]
+              for name, info in sorted(status["models"].items())]
+    return "\n".join([
+        f"broker {status['instance_id']}  requests in flight: {status['stats'].get('in_flight_requests', 0)}",
+        "",
+        _table(["WORKER", "HOST", "PID", "DEVICE", "MODEL", "STATE", "IN-FLIGHT", "BATCHES/S", "LATENCY-MS",
+                "HEARTBEAT"], workers),
+        "",
+        _table(["MODEL", "WORKERS", "QUEUED", "INPUTS", "OLDEST-WAIT", "MEAN-BATCH", "BATCHES", "REDISPATCHED",
+                "OUTCOMES"], queues),
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    client = BrokerClient(args.broker, curve=ClientKeys.from_files(args.curve_server_key, args.curve_secret_key))
+    previous, previous_at = None, time.monotonic()
+    try:
+        while True:
+            try:
+                status = client.status(timeout_s=3.0)
+            except BrokerError as error:
+                print(f"ddml-status: {error.message}", file=sys.stderr)
+                if not args.watch:
+                    sys.exit(1)
+                time.sleep(args.interval_s)
+                continue
+            now = time.monotonic()
+            if args.watch:
+                sys.stdout.write("\x1b[2J\x1b[H" if os.isatty(1) else "\n")
+            print(render(status, previous, now - previous_at), flush=True)
+            if not args.watch:
+                return
+            previous, previous_at = status, now
+            time.sleep(args.interval_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    main()

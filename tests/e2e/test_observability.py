@@ -1,0 +1,80 @@
+"""Prometheus metrics from the broker and the gateway (parsed with prometheus_client), and ddml-status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.processes import REPO, free_port, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} for every sample on the page."""
+    text = requests.get(url, timeout=5).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+
+def test_metrics_move_as_requests_flow_and_status_shows_the_cluster(stack):
+    metrics_port = free_port()
+    stack.start_broker("--metrics-port", str(metrics_port), "--heartbeat-interval-ms", "200")
+    worker = stack.start_worker("--model", "echo", "--heartbeat-interval-ms", "200")
+    _, url = stack.start_gateway("--workers", "2", "--threads", "8")
+    broker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def ready():
+        try:
+            return requests.get(f"{url}/readyz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_until(ready, timeout_s=60, what="gateway ready")
+    wait_until(lambda: value(scrape(broker_metrics), "ddml_workers", model="echo", state="idle") == 1, 10,
+               what="the worker in the broker's gauges")
+    before_broker, before_gateway = scrape(broker_metrics), scrape(f"{url}/metrics")
+    for n in range(60):
+        assert requests.post(f"{url}/v1/models/echo/predict", json={"inputs": [n, n + 1]}, timeout=10).ok
+    assert requests.post(f"{url}/v1/models/echo/predict", json={"inputs": [{"raise": "x"}]}, timeout=10).status_code == 500
+
+    def moved():
+        after = scrape(broker_metrics)
+        return (value(after, "ddml_requests_total", model="echo", outcome="ok")
+                - value(before_broker, "ddml_requests_total", model="echo", outcome="ok")) == 60 and \
+            value(after, "ddml_worker_inputs_total") >= 121 and after
+    after = wait_until(moved, 10, what="broker counters to move")
+    assert value(after, "ddml_requests_total", model="echo", outcome="MODEL_ERROR") >= 1
+    assert value(after, "ddml_batch_size_count", model="echo") - value(before_broker, "ddml_batch_size_count",
+                                                                         model="echo") >= 61
+    assert value(after, "ddml_batch_size_sum", model="echo") - value(before_broker, "ddml_batch_size_sum",
+                                                                       model="echo") >= 121
+    assert value(after, "ddml_queue_wait_seconds_count", model="echo") >= 121
+    assert value(after, "ddml_batch_latency_seconds_count", model="echo") >= 61
+    assert value(after, "ddml_worker_info", host=worker_host(after)) == 1
+    assert value(after, "ddml_queue_depth", model="echo") == 0
+
+    gateway_after = scrape(f"{url}/metrics")  # any gunicorn process answers for all of them
+    route = "/v1/models/{model}/predict"
+    ok = value(gateway_after, "ddml_http_requests_total", route=route, method="POST", status="200") - \
+        value(before_gateway, "ddml_http_requests_total", route=route, method="POST", status="200")
+    assert ok == 60
+    assert value(gateway_after, "ddml_http_requests_total", route=route, method="POST", status="500") >= 1
+    assert value(gateway_after, "ddml_http_request_duration_seconds_count", route=route, method="POST") >= 61
+
+    output = subprocess.run([sys.executable, "-m", "gateway.status_cli", "--broker", stack.frontend],
+                            capture_output=True, text=True, timeout=30, cwd=REPO).stdout
+    print(output)
+    assert "WORKER" in output and "MEAN-BATCH" in output and str(worker.pid) in output and "echo" in output
+
+
+def worker_host(samples: dict) -> str:
+    return next(dict(labels)["host"] for (name, labels) in samples if name == "ddml_worker_info")
