@@ -78,7 +78,7 @@ def config_from_args(args) -> BrokerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
     if config.curve_secret_key and not (config.authorized_workers and config.authorized_clients):
         raise SystemExit("ddml-broker: --curve-secret-key needs --authorized-workers and --authorized-clients")

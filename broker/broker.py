@@ -292,7 +292,8 @@ class Broker:
         if key in self._requests:
             # Replying would confuse it with the original: drop it, the original still gets its reply.
             self.stats["duplicate_requests"] += 1
-            logger.warning("gateway %s reused request id %r; dropped", gateway_id.hex(), request.request_id)
+            logger.warning("gateway %s reused request id %r; dropped", gateway_id.hex(), request.request_id,
+                           extra={"request_id": request.request_id})
             return
         self.stats["requests"] += 1
         model = request.model
@@ -331,6 +332,7 @@ class Broker:
         logger.info(
             "worker %s joined: models %s, device %s, host %s, pid %d, max batch %d",
             worker_id.hex(), ",".join(ready.models), ready.device, ready.host, ready.pid, ready.max_batch_size,
+            extra={"worker_id": worker_id.hex()},
         )
 
     def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
@@ -338,7 +340,8 @@ class Broker:
         worker.stats = heartbeat.stats
         if heartbeat.draining:
             if not worker.draining:
-                logger.info("worker %s is draining; no more batches go to it", worker_id.hex())
+                logger.info("worker %s is draining; no more batches go to it", worker_id.hex(),
+                            extra={"worker_id": worker_id.hex()})
             worker.draining = True
             # Every batch we sent before this acknowledgement reaches the worker before it (FIFO pipe).
             self._send(self._backend, worker_id, protocol.Heartbeat(self.instance_id, draining=True))
@@ -347,7 +350,8 @@ class Broker:
         batch = self._workers.completed(worker_id, result.batch_id, result.compute_ms / 1000)
         if batch is None:
             self.stats["late_results"] += 1
-            logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex())
+            logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex(),
+                           extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
             return
         self._stats_for(batch.model).record_completion(len(batch.items), now)
         self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
@@ -395,6 +399,10 @@ class Broker:
             timeout_ms=int((batch.deadline_at - now) * 1000),
             inputs=[item.request.inputs[item.index] for item in items],
         )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("batch %d of %d inputs to worker %s", batch.batch_id, len(items), worker_id.hex(),
+                         extra={"batch_id": batch.batch_id, "worker_id": worker_id.hex(), "model": model,
+                                "request_id": ",".join(message.request_ids)})
         if not self._send(self._backend, worker_id, message):
             self._lose_worker(self._workers.remove(worker_id), "unreachable", now)
 
@@ -403,7 +411,8 @@ class Broker:
         if worker is None:
             return
         lost = sum(len(batch.items) for batch in worker.in_flight.values())
-        logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, lost)
+        logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, lost,
+                       extra={"worker_id": worker.worker_id.hex(), "batch_id": ",".join(map(str, worker.in_flight))})
         self.stats["workers_lost"] += 1
         for batch in worker.in_flight.values():
             self._retry_isolated(batch.items, f"a worker running it was lost ({reason})", now,
@@ -465,7 +474,8 @@ class Broker:
             reply = protocol.Reply(request.request_id, outputs=request.outputs)
         else:
             if code is not ErrorCode.OVERLOADED:
-                logger.info("request %s failed: %s %s", request.request_id, code.value, message)
+                logger.info("request %s failed: %s %s", request.request_id, code.value, message,
+                            extra={"request_id": request.request_id, "model": request.model})
             reply = protocol.Reply(
                 request.request_id, error_code=code.value, error_message=message, retry_after_ms=retry_after_ms
             )

@@ -15,7 +15,7 @@ from broker.cli import Parser, env_name
 _FLAGS_FOR_ENV = (
     "broker", "bind", "workers", "threads", "max_body_bytes", "max_inputs", "max_input_chars",
     "request_timeout_ms", "log_level", "certfile", "keyfile", "access_log",
-    "curve_server_key", "curve_secret_key", "api_key_file",
+    "curve_server_key", "curve_secret_key", "api_key_file", "log_format",
 )
 
 

@@ -30,3 +30,10 @@ def child_exit(server, worker):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def post_fork(server, worker):
+    """The gateway's own log lines (not gunicorn's) in the chosen format, per worker process."""
+    from broker.cli import configure_logging
+
+    configure_logging(os.environ.get("DDML_LOG_LEVEL", "INFO").upper(), os.environ.get("DDML_LOG_FORMAT", "text"))

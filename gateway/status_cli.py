@@ -16,7 +16,7 @@ from gateway.broker_client import BrokerClient, BrokerError
 
 
 def build_parser() -> Parser:
-    parser = Parser("ddml-status", "Print the broker's workers and queues.")
+    parser = Parser("ddml-status", "Print the broker's workers and queues.", section="status")
     parser.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend endpoint")
     parser.add_argument("--watch", action="store_true", help="refresh every --interval-s until Ctrl-C")
     parser.add_argument("--interval-s", type=float, default=2.0, help="refresh period with --watch")

@@ -14,3 +14,10 @@ class ReverseModel(Manager):
     def predict(self, batch):
         return [{"reversed": text[::-1], "device": self.device, "pid": self.pid, "batch": len(batch)}
                 for text in batch]
+
+
+class PlainEcho(Manager):
+    """Returns each input unchanged and never fails: a 500 behind it is a gateway or broker bug."""
+
+    def predict(self, batch):
+        return list(batch)

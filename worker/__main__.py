@@ -78,7 +78,7 @@ def config_from_args(args) -> WorkerConfig:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = config_from_args(args)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     cuda_devices = [d.strip() for d in args.cuda_devices.split(",") if d.strip()]
     if args.supervise or args.num_workers > 1 or cuda_devices:
-        supervise(config, max(args.num_workers, 1), cuda_devices, args.log_level, stop)
+        supervise(config, max(args.num_workers, 1), cuda_devices, f"{args.log_level}:{args.log_format}", stop)
     else:
         serve(config, stop)
     logger.info("worker stopped: %s", json.dumps({"model": config.model}))

@@ -51,7 +51,8 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
             if len(produced) != len(positions):
                 raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(positions)} inputs")
         except Exception as error:
-            logger.exception("batch %d of %d inputs failed", batch.batch_id, len(positions))
+            logger.exception("batch %d of %d inputs failed", batch.batch_id, len(positions),
+                             extra={"batch_id": batch.batch_id})
             message = f"model failed: {type(error).__name__}: {error}"[:1000]
             errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
             produced = []

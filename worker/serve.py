@@ -62,6 +62,12 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     started_at = time.monotonic()
     handler.init_model()
     print(f"worker: model loaded in {time.monotonic() - started_at:.1f} s", flush=True)
+    warmup = getattr(handler, "warmup", None)
+    if warmup is not None:
+        print("worker: warming up ...", flush=True)
+        started_at = time.monotonic()
+        warmup()
+        print(f"worker: warmed up in {time.monotonic() - started_at:.2f} s", flush=True)
     max_batch_size = min(config.max_batch_size, handler.max_batch_size or config.max_batch_size)
     ready = protocol.Ready(
         models=[config.model],
@@ -102,8 +108,9 @@ def _describe_device(device: str) -> str:
 
 
 def child_main(config: WorkerConfig, log_level: str, handler_class: type | None = None) -> None:
-    """Entry point of a spawned worker process."""
-    configure_logging(log_level)
+    """Entry point of a spawned worker process. log_level may be "LEVEL:FORMAT"."""
+    level, _, log_format = log_level.partition(":")
+    configure_logging(level, log_format or "text")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -117,3 +117,42 @@ def test_bearer_auth_guards_everything_but_healthz(tmp_path):
     assert missing.json["error"]["code"] == "UNAUTHORIZED"
     assert app.simulate_get("/healthz").status_code == 200
     assert app.simulate_get("/v1/models").status_code == 401
+
+
+def test_config_file_then_env_then_flags(tmp_path, monkeypatch):
+    from broker.__main__ import build_parser
+
+    config = tmp_path / "ddml.toml"
+    config.write_text('[broker]\nmax-queue = 7\nliveness = 9\nmax_wait_ms = 2.5\n[worker]\nmodel = "x"\n')
+    monkeypatch.setenv("DDML_LIVENESS", "4")
+    args = build_parser().parse_args(["--config", str(config), "--max-wait-ms", "1"])
+    assert (args.max_queue, args.liveness, args.max_wait_ms) == (7, 4, 1.0)  # file < env < flag
+    config.write_text("[broker]\nno-such-flag = 1\n")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--config", str(config)])
+
+
+def test_example_config_is_valid_for_every_command(monkeypatch):
+    from broker.__main__ import build_parser as broker_parser
+    from gateway.__main__ import build_parser as gateway_parser
+    from gateway.status_cli import build_parser as status_parser
+    from tests.processes import REPO
+    from worker.__main__ import build_parser as worker_parser
+
+    example = str(REPO / "ddml.example.toml")
+    assert broker_parser().parse_args(["--config", example]).metrics_port == 9100
+    assert worker_parser().parse_args(["--config", example]).model == "minilm"
+    assert gateway_parser().parse_args(["--config", example]).threads == 64
+    assert status_parser().parse_args(["--config", example]).broker == "tcp://127.0.0.1:5555"
+
+
+def test_json_log_lines_carry_the_ids():
+    import json
+    import logging
+
+    from broker.cli import JsonFormatter
+
+    record = logging.LogRecord("broker.broker", logging.WARNING, __file__, 1, "worker %s lost", ("ab",), None)
+    record.worker_id, record.batch_id = "ab", 7
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "worker ab lost" and line["worker_id"] == "ab" and line["batch_id"] == 7

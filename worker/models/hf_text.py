@@ -124,6 +124,11 @@ class HFTextModel(Manager):
             for p in probabilities
         ]
 
+    def warmup(self) -> None:
+        """A few passes of short and long inputs, so the first real request pays no first-call costs."""
+        for length in (1, 16, 64):
+            self.predict([" ".join(["warm"] * length)] * 4)
+
     def metadata(self) -> dict:
         inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]}]
         if self.task == "embedding":
