@@ -48,6 +48,9 @@ def build_parser() -> Parser:
                         help="silent broker intervals before reconnecting")
     parser.add_argument("--watchdog-s", type=float, default=300.0,
                         help="exit (so a supervisor restarts us) if one batch computes longer than this")
+    parser.add_argument("--health-file", default=None,
+                        help="touch this file every heartbeat while the broker answers and no batch is stuck "
+                             "(for a Kubernetes exec liveness probe)")
     parser.add_argument("--curve-server-key", default=None, help="the broker's public .key: turns on CurveZMQ")
     parser.add_argument("--curve-secret-key", default=None, help="this worker's .key_secret (ddml-keys generate)")
     parser.add_argument("--torch-threads", type=int, default=0,
@@ -71,6 +74,7 @@ def config_from_args(args) -> WorkerConfig:
         watchdog_s=args.watchdog_s,
         torch_threads=args.torch_threads,
         handler_options=options,
+        health_file=args.health_file,
         curve_server_key=args.curve_server_key,
         curve_secret_key=args.curve_secret_key,
     )

@@ -20,6 +20,7 @@ class WorkerConfig:
     watchdog_s: float = 300.0  # a batch computing longer than this ends the process
     torch_threads: int = 0  # 0 = torch's default (divided among --num-workers on the CPU)
     handler_options: dict = field(default_factory=dict)  # passed to the handler's constructor
+    health_file: str | None = None  # touched while healthy, for an exec liveness probe
     curve_server_key: str | None = None  # the broker's public .key; with curve_secret_key turns on CURVE
     curve_secret_key: str | None = None  # this worker's .key_secret
 

@@ -134,6 +134,7 @@ class BrokerConnection:
             if now >= heartbeat_due_at:
                 self._send(protocol.Heartbeat(stats=self._figures(), draining=drain_requested))
                 heartbeat_due_at = now + interval_s
+                self._touch_health_file(now)
             if drain_requested and (drain_acknowledged or self._broker_silent(now)) and self._outstanding == 0:
                 self._send(protocol.Disconnect("worker shutting down"))
                 logger.info("drained; disconnected from broker")
@@ -262,6 +263,15 @@ class BrokerConnection:
         except Exception:  # figures are best effort; a broken describe() must not stop heartbeats
             logger.exception("handler describe() failed")
         return figures
+
+    def _touch_health_file(self, now: float) -> None:
+        """Healthy: the broker answers, and no batch has computed for more than half the watchdog."""
+        path = self._config.health_file
+        busy_since = self._state.busy_since
+        stuck = busy_since is not None and now - busy_since > self._config.watchdog_s / 2
+        if path and not stuck and not self._broker_silent(now):
+            with open(path, "a"):
+                os.utime(path)
 
     def _watchdog(self, now: float) -> None:
         busy_since = self._state.busy_since

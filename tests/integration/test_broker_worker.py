@@ -151,3 +151,14 @@ def test_sigterm_on_worker_finishes_its_batch_then_disconnects(stack, clients):
     wait_until(lambda: not client.status()["workers"], timeout_s=5, what="the worker to leave")
     assert client.status()["stats"].get("workers_lost", 0) == 1  # it said DISCONNECT; nothing re-dispatched
     assert client.status()["models"]["echo"]["redispatched"] == 0
+
+
+def test_health_file_is_touched_while_the_broker_answers(stack, clients, tmp_path):
+    health = tmp_path / "healthy"
+    stack.start_broker(*FAST_HEARTBEATS)
+    stack.start_worker("--model", "echo", "--health-file", str(health), *FAST_HEARTBEATS)
+    wait_until(health.exists, timeout_s=10, what="the health file")
+    first = health.stat().st_mtime
+    wait_until(lambda: health.stat().st_mtime > first, timeout_s=5, what="the health file to be touched again")
+    stack.processes[0].kill()  # the broker goes away: the file must go stale
+    wait_until(lambda: time.time() - health.stat().st_mtime > 1.0, timeout_s=5, what="the file to go stale")
