@@ -89,6 +89,7 @@ class BrokerConnection:
         self._clock = clock
         self._socket: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None  # handshake failures of _socket, for the operator
+        self._broker_heard_at = -float("inf")  # the last message from the broker (reconnects do not count)
         self._keys = ClientKeys.from_files(config.curve_server_key, config.curve_secret_key)
         self._batches_received = 0
         self.broker_instance_id = ""
@@ -216,7 +217,7 @@ class BrokerConnection:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return acknowledged
-            self._broker_seen_at = now
+            self._broker_seen_at = self._broker_heard_at = now
             try:
                 message = protocol.decode(frames)
             except protocol.DecodeError as error:
@@ -269,7 +270,8 @@ class BrokerConnection:
         path = self._config.health_file
         busy_since = self._state.busy_since
         stuck = busy_since is not None and now - busy_since > self._config.watchdog_s / 2
-        if path and not stuck and not self._broker_silent(now):
+        heard_recently = now - self._broker_heard_at <= self._config.heartbeat_interval_s * self._config.liveness
+        if path and not stuck and heard_recently:
             with open(path, "a"):
                 os.utime(path)
 
