@@ -37,6 +37,8 @@ Clock = Callable[[], float]  # monotonic seconds
 _DRAIN_BURST = 1000  # messages read from one socket per pass, so timers are never starved
 _RATE_WINDOW_S = 10.0  # window over which a model's drain rate is measured (for Retry-After)
 _PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for scrapes
+_FRONTEND_HWM = 10_000  # messages queued per gateway, each way
+_BACKEND_HWM = 1_000  # messages queued per worker, each way
 
 
 class ModelStats:
@@ -87,8 +89,11 @@ class Broker:
         self._config = config
         self._clock = clock
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
-        self._frontend = _router(context)  # gateways connect here
-        self._backend = _router(context)  # workers connect here
+        # HWMs count messages per peer: they bound what a peer that stops reading (or a flood of
+        # garbage) can make us buffer. Gateways may have many replies in flight; workers, with
+        # credit for two batches, only a handful of messages.
+        self._frontend = _router(context, hwm=_FRONTEND_HWM)  # gateways connect here
+        self._backend = _router(context, hwm=_BACKEND_HWM)  # workers connect here
         self._backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._poller = zmq.Poller()
         self._poller.register(self._frontend, zmq.POLLIN)
@@ -105,6 +110,7 @@ class Broker:
         self._reload_requested = False
         self.metrics = metrics or BrokerMetrics()
         self._published_at = -math.inf
+        self._started_at = clock()
         self.frontend_endpoint = config.frontend
         self.backend_endpoint = config.backend
         self._security: BrokerSecurity | None = None
@@ -248,7 +254,9 @@ class Broker:
                 self.stats["late_results"] += 1  # we gave up on this worker and re-dispatched its work
             if not isinstance(message, protocol.Disconnect):
                 # A worker we do not know (we expired it, or we restarted): make it register again.
-                self._send(self._backend, worker_id, protocol.Disconnect("unknown worker: send READY"))
+                # Echo its registration, so that it can ignore answers to messages older than its READY.
+                registration = message.registration if isinstance(message, protocol.Heartbeat) else 0
+                self._send(self._backend, worker_id, protocol.Disconnect("unknown worker: send READY", registration))
             return
         match message:
             case protocol.Heartbeat():
@@ -303,10 +311,15 @@ class Broker:
         )
         if self._draining:
             return self._finish(pending, now, ErrorCode.UNAVAILABLE, "broker is shutting down")
+        if request.instance_id and request.instance_id != self.instance_id:
+            # Meant for a broker instance that died: the client has already given up on it.
+            return self._finish(pending, now, ErrorCode.UNAVAILABLE,
+                                f"sent to broker instance {request.instance_id}, which restarted")
         if not request.inputs:
             return self._finish(pending, now, ErrorCode.BAD_REQUEST, "a request needs at least one input")
         if not self._workers.serves(model):
-            if model in self._model_stats:  # served before: its workers are restarting, most likely
+            starting = now - self._started_at < self._config.heartbeat.expiry_s  # workers still rejoining
+            if starting or model in self._model_stats:  # served before: its workers are restarting, most likely
                 return self._finish(pending, now, ErrorCode.UNAVAILABLE,
                                     f"no live worker serves model {model!r} right now", retry_after_ms=1000)
             return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
@@ -555,13 +568,13 @@ class Broker:
         )
 
 
-def _router(context: zmq.Context) -> zmq.Socket:
+def _router(context: zmq.Context, hwm: int) -> zmq.Socket:
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_ITEM_BYTES + 4096)  # per frame, before allocation
-    socket.setsockopt(zmq.SNDHWM, 100_000)
-    socket.setsockopt(zmq.RCVHWM, 100_000)
+    socket.setsockopt(zmq.SNDHWM, hwm)  # past it a send raises Again: dropped and counted, never blocking
+    socket.setsockopt(zmq.RCVHWM, hwm)
     socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings kill half-open TCP connections
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
     return socket

@@ -97,6 +97,7 @@ class Heartbeat:
     instance_id: str = ""  # broker -> peer: changes when the broker restarts
     stats: dict = field(default_factory=dict)  # worker -> broker: batches, items, memory
     draining: bool = False  # worker: send me no more batches; broker: acknowledged
+    registration: int = 0  # worker: how many READYs it has sent; echoed in a DISCONNECT it prompts
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class Request:
     inputs: list[bytes] = field(default_factory=list)  # items: encode_value() of each input
     sizes: list[int] = field(default_factory=list)  # optional cost hint per input (e.g. chars)
     priority: int = 0  # higher is served first
+    instance_id: str = ""  # the broker instance the client last heard; another one refuses it unrun
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,7 @@ class Reply:
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     reason: str = ""
+    registration: int = 0  # to a worker: the registration this answers; a worker ignores older ones
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ UNAVAILABLE instead of hanging until its deadline.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 from collections import deque
 import logging
@@ -76,7 +77,7 @@ class BrokerClient:
         raw = self._send(
             lambda request_id: protocol.Request(
                 request_id, model, timeout_ms=max(0, int(timeout_s * 1000)), inputs=encoded,
-                sizes=sizes, priority=priority,
+                sizes=sizes, priority=priority, instance_id=self.broker_instance_id,
             ),
             wait_s=timeout_s + _REPLY_GRACE_S,
         )
@@ -158,6 +159,7 @@ class BrokerClient:
             self._thread.start()
             started.wait(5)
             self._pid = os.getpid()
+            atexit.register(self.close)  # a context with live sockets would hang interpreter exit
 
     # ------------------------------------------------------------------ the I/O thread
 
@@ -264,9 +266,15 @@ class BrokerClient:
 
     def _on_heartbeat(self, instance_id: str) -> None:
         if self.broker_instance_id and instance_id != self.broker_instance_id:
-            # The new broker never saw what we sent the old one: fail it now, not at the deadline.
+            # What reached the old broker died with it; what reached the new one carries the old
+            # instance id, so the new broker refuses it unrun, at once. Either way one reply: wait a
+            # moment for the refusals, then fail the rest here, long before their deadlines.
             logger.warning("broker restarted (%s -> %s)", self.broker_instance_id, instance_id)
-            self._fail_pending(ErrorCode.UNAVAILABLE, "broker restarted while the request was in flight")
+            give_up_at = time.monotonic() + self._heartbeat_interval_s * self._liveness
+            with self._lock:
+                for future in self._pending.values():
+                    future.deadline_at = min(future.deadline_at, give_up_at)
+                    future.fail_as = (ErrorCode.UNAVAILABLE, "broker restarted while the request was in flight")
         self.broker_instance_id = instance_id
 
     def _expire_waiting(self, now: float) -> None:
@@ -274,10 +282,16 @@ class BrokerClient:
         with self._lock:
             expired = [rid for rid, f in self._pending.items() if getattr(f, "deadline_at", float("inf")) < now]
         for request_id in expired:
+            future = self._pending.get(request_id)
+            fail_as = getattr(future, "fail_as", None)
+            if fail_as is not None:
+                self._fail(request_id, *fail_as)
+                continue
             self.expired_locally += 1
             self._fail(request_id, ErrorCode.TIMEOUT, "no reply before the deadline")
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
+        self._backlog.clear()  # never send a request after telling its caller it failed
         with self._lock:
             request_ids = list(self._pending)
         for request_id in request_ids:

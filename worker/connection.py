@@ -133,7 +133,8 @@ class BrokerConnection:
                 heartbeat_due_at = now  # announce it at once
                 logger.info("draining: finishing %d batches in hand", self._outstanding)
             if now >= heartbeat_due_at:
-                self._send(protocol.Heartbeat(stats=self._figures(), draining=drain_requested))
+                self._send(protocol.Heartbeat(stats=self._figures(), draining=drain_requested,
+                                              registration=self.registrations))
                 heartbeat_due_at = now + interval_s
                 self._touch_health_file(now)
             if drain_requested and (drain_acknowledged or self._broker_silent(now)) and self._outstanding == 0:
@@ -234,6 +235,8 @@ class BrokerConnection:
                         self.broker_instance_id = message.instance_id
                     acknowledged |= message.draining
                 case protocol.Disconnect():
+                    if message.registration and message.registration < self.registrations:
+                        continue  # it answers a message sent before our latest READY: stale
                     logger.info("broker asked us to register again: %s", message.reason)
                     self._forget_batches()
                     self._register()

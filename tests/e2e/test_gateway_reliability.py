@@ -57,6 +57,8 @@ def cut_short(url: str) -> tuple[int, bytes]:
 
 def test_bad_http_input_gets_a_4xx_that_says_what_is_wrong_and_the_gateway_survives(echo_gateway):
     gateway, url = echo_gateway
+    wait_until(lambda: post(url, b'{"inputs": [1]}', model="nope").status_code == 404, timeout_s=10,
+               interval_s=0.2, what="404 once the broker is past its start-up grace")
     cases = [
         ("malformed JSON", post(url, b'{"inputs": [1,'), 400, "malformed JSON"),
         ("malformed msgpack", post(url, b"\xc1\xc1", "application/msgpack"), 400, "malformed msgpack"),

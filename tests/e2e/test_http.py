@@ -65,6 +65,8 @@ def test_http_errors_are_json_with_the_right_status(stack):
     stack.start_worker("--model", "echo")
     _, url = stack.start_gateway("--workers", "1", "--threads", "4", "--max-body-bytes", "1000")
     wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: predict(url, "nope", ["x"]).status_code == 404, timeout_s=10, interval_s=0.2,
+               what="404 once the broker is past its start-up grace")
     cases = [
         (predict(url, "nope", ["x"]), 404, "NO_SUCH_MODEL"),
         (predict(url, "echo", []), 400, "BAD_REQUEST"),

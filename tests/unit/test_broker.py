@@ -179,6 +179,12 @@ def test_request_past_deadline_gets_timeout_and_is_never_dispatched(harness):
 def test_unknown_model_and_empty_request_are_refused_at_once(harness):
     harness.worker(b"w1")
     gateway = harness.gateway(b"A")
+    send_request(gateway, "starting", ["x"], model="nope")
+    harness.step()
+    # A broker that just started may not have heard from the model's workers yet: 503, not 404.
+    assert recv(gateway).error_code == "UNAVAILABLE"
+    harness.clock.advance(3.1)  # past one liveness window (3 × 1 s)
+    harness.worker(b"w2")
     send_request(gateway, "1", ["x"], model="nope")
     send_request(gateway, "2", [])
     harness.step()

@@ -32,7 +32,8 @@ def test_heartbeat_golden_bytes():
     assert frames == [
         b"DDML1",
         b"\x02",
-        b"\x83" + b"\xabinstance_id" + b"\xa0" + b"\xa5stats" + b"\x80" + b"\xa8draining" + b"\xc2",
+        b"\x84" + b"\xabinstance_id" + b"\xa0" + b"\xa5stats" + b"\x80" + b"\xa8draining" + b"\xc2"
+        + b"\xacregistration" + b"\x00",
     ]
 
 
@@ -41,7 +42,8 @@ def test_request_golden_bytes_put_inputs_in_their_own_frames():
     assert frames == [
         b"DDML1",
         b"\x03",
-        b"\x85\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64\xa5sizes\x90\xa8priority\x00",
+        b"\x86\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64\xa5sizes\x90\xa8priority\x00"
+        b"\xabinstance_id\xa0",
         b"\xa1x",
     ]
 
