@@ -97,6 +97,14 @@ def stack(tmp_path):
     stack.stop_all()
 
 
+@pytest.fixture(scope="module")
+def module_stack(tmp_path_factory):
+    """One stack for a module whose tests only read from it (they must not stop its processes)."""
+    stack = Stack(tmp_path_factory.mktemp("stack"))
+    yield stack
+    stack.stop_all()
+
+
 class NetNamespace:
     """A test host: a Linux network namespace joined to this one by a veth pair.
 

@@ -16,8 +16,9 @@ from tests.processes import wait_until
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def kserve(stack, tiny_bert, tiny_bert_classifier):
+@pytest.fixture(scope="module")
+def kserve(module_stack, tiny_bert, tiny_bert_classifier):
+    stack = module_stack
     stack.start_broker()
     stack.start_worker("--model", "tiny", "--model-path", str(tiny_bert), "--task", "embedding")
     stack.start_worker("--model", "cls", "--model-path", str(tiny_bert_classifier), "--task", "classification")
