@@ -6,6 +6,8 @@ Pure: no sockets, no clock. broker.py feeds it events with `now` and carries out
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from broker.batching import InFlightBatch
@@ -13,6 +15,7 @@ from broker.config import HeartbeatConfig
 from broker.protocol import Ready
 
 _LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest batch in the recent-latency average
+_RECENT_BATCHES = 64  # compute times kept per worker, for its p50
 
 
 @dataclass
@@ -35,6 +38,7 @@ class WorkerState:
     stats: dict = field(default_factory=dict)  # the worker's own figures, from its heartbeats
     draining: bool = False  # it asked for no more batches (graceful shutdown)
     metadata: dict = field(default_factory=dict)  # the model's tensors in and out, from READY
+    recent_compute_s: deque = field(default_factory=lambda: deque(maxlen=_RECENT_BATCHES))
 
     @property
     def in_flight_items(self) -> int:
@@ -64,6 +68,8 @@ class WorkerState:
             "batches": self.batches_done,
             "items": self.items_done,
             "latency_ewma_ms": round(self.latency_ewma_s * 1000, 3),
+            "p50_batch_latency_ms": round(statistics.median(self.recent_compute_s) * 1000, 3)
+            if self.recent_compute_s else 0.0,
             "last_heartbeat_age_s": round(now - self.last_seen_at, 3),
             "uptime_s": round(now - self.registered_at, 3),
             "stats": self.stats,
@@ -143,6 +149,7 @@ class WorkerRegistry:
             return None
         worker.batches_done += 1
         worker.items_done += len(batch.items)
+        worker.recent_compute_s.append(compute_s)
         worker.latency_ewma_s = (
             compute_s
             if worker.latency_ewma_s == 0

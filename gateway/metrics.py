@@ -19,7 +19,7 @@ _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 HTTP_REQUESTS = Counter("ddml_http_requests", "HTTP requests answered, by route, method and status",
                         ["route", "method", "status"])
 HTTP_DURATION = Histogram("ddml_http_request_duration_seconds", "Time to answer an HTTP request",
-                          ["route", "method"], buckets=_SECONDS_BUCKETS)
+                          ["route", "method", "status"], buckets=_SECONDS_BUCKETS)
 
 
 class MetricsMiddleware:
@@ -31,8 +31,9 @@ class MetricsMiddleware:
         if started_at is None:
             return
         route = req.uri_template or "unmatched"  # the template, never the raw path: bounded label values
-        HTTP_REQUESTS.labels(route, req.method, str(resp.status_code)).inc()
-        HTTP_DURATION.labels(route, req.method).observe(time.perf_counter() - started_at)
+        status = str(resp.status_code)
+        HTTP_REQUESTS.labels(route, req.method, status).inc()
+        HTTP_DURATION.labels(route, req.method, status).observe(time.perf_counter() - started_at)
 
 
 class MetricsResource:

@@ -1,7 +1,7 @@
 """`ddml-status --broker tcp://HOST:PORT [--watch]`: what the broker sees, as two tables.
 
-Workers: host, device, model, state, inputs in flight, batches/s, p50 batch latency (the
-broker's recent average), last heartbeat age. Queues: depth, oldest wait, mean batch size.
+Workers: host, device, model, state, inputs in flight, batches/s, p50 batch latency (of its
+last 64 batches), last heartbeat age. Queues: depth, oldest wait, mean batch size.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
         old = before.get(w["worker_id"])
         rate = (w["batches"] - old["batches"]) / elapsed_s if old and elapsed_s > 0 else 0.0
         workers.append([w["worker_id"][:16], w["host"], w["pid"], w["device"], ",".join(w["models"]), w["state"],
-                        w["in_flight_items"], f"{rate:.1f}", f"{w['latency_ewma_ms']:.1f}",
+                        w["in_flight_items"], f"{rate:.1f}", f"{w['p50_batch_latency_ms']:.1f}",
                         f"{w['last_heartbeat_age_s']:.1f}s"])
     queues = [[name, info["workers"], info["queued_requests"], info["queued_items"], f"{info['oldest_wait_s']:.3f}s",
                f"{info['mean_batch_size']:.1f}", info["batches"], info["redispatched"],
@@ -49,7 +49,7 @@ def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
     return "\n".join([
         f"broker {status['instance_id']}  requests in flight: {status['stats'].get('in_flight_requests', 0)}",
         "",
-        _table(["WORKER", "HOST", "PID", "DEVICE", "MODEL", "STATE", "IN-FLIGHT", "BATCHES/S", "LATENCY-MS",
+        _table(["WORKER", "HOST", "PID", "DEVICE", "MODEL", "STATE", "IN-FLIGHT", "BATCHES/S", "P50-BATCH-MS",
                 "HEARTBEAT"], workers),
         "",
         _table(["MODEL", "WORKERS", "QUEUED", "INPUTS", "OLDEST-WAIT", "MEAN-BATCH", "BATCHES", "REDISPATCHED",

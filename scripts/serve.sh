@@ -32,7 +32,7 @@ ddml is serving all-MiniLM-L6-v2 on http://127.0.0.1:$PORT. Try:
 Ctrl-C stops the broker, the worker and the gateway.
 MSG
     wait -n "${pids[@]}" || true
-    echo "a process exited; stopping the rest" >&2
+    echo "a process exited (or Ctrl-C); stopping the rest" >&2
     exit 1
   fi
   sleep 0.5

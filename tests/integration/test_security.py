@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from broker import protocol
 from broker.broker import Broker
 from broker.config import BrokerConfig
 from broker.curve import ClientKeys, generate
@@ -181,6 +182,15 @@ def test_nothing_gets_in_when_the_authenticator_is_stopped(keys):
         with pytest.raises(BrokerError) as caught:
             late.status(timeout_s=2)
         assert caught.value.code is ErrorCode.UNAVAILABLE
+        # Nor may an authorised worker key register.
+        worker = context.socket(zmq.DEALER)
+        worker.setsockopt(zmq.LINGER, 0)
+        ClientKeys.load(keys.public("broker"), keys.secret("worker-a")).apply(worker)
+        worker.connect(broker.backend_endpoint)
+        worker.send_multipart(protocol.encode(protocol.Ready(["rev"], 8)))  # queued: no handshake will succeed
+        assert worker.poll(1000) == 0, "a refused worker hears nothing"
+        assert good.status(timeout_s=5)["workers"] == [], "no worker may register"
+        worker.close(linger=0)
     finally:
         good.close()
         if late is not None:

@@ -60,7 +60,7 @@ class HFTextModel(Manager):
                  "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype_name]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         model_class = AutoModel if self.task == "embedding" else AutoModelForSequenceClassification
-        self.model = model_class.from_pretrained(self.model_path, local_files_only=True, torch_dtype=dtype)
+        self.model = model_class.from_pretrained(self.model_path, local_files_only=True, dtype=dtype)
         self.model.to(self.device).eval()
         if self.task == "classification":
             id2label = self.model.config.id2label
