@@ -91,3 +91,13 @@ class Process:
 
 def python_module(module: str, *flags: str) -> list[str]:
     return [sys.executable, "-m", module, *flags]
+
+
+def http_ready(url: str, path: str = "/readyz", **kwargs) -> bool:
+    """True once GET url+path answers 200; any connection trouble or slowness means not yet."""
+    import requests
+
+    try:
+        return requests.get(f"{url}{path}", timeout=5, **kwargs).status_code == 200
+    except requests.RequestException:
+        return False

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.processes import wait_until
+from tests.processes import http_ready, wait_until
 from worker.models import default_model_path
 
 pytestmark = pytest.mark.e2e
@@ -17,13 +17,8 @@ def test_minilm_embedding_over_http_matches_sentence_transformers(stack):
     stack.start_worker("--model", "minilm", "--device", "cpu")
     _, url = stack.start_gateway("--workers", "1", "--threads", "4")
 
-    def ready():
-        try:
-            return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
 
-    wait_until(ready, timeout_s=120, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=120, what="gateway ready")
     response = requests.post(f"{url}/v1/models/minilm/predict", json={"inputs": [SENTENCE, "short"]}, timeout=60)
     assert response.status_code == 200, response.text
     served = np.array(response.json()["outputs"][0], dtype=np.float32)

@@ -15,16 +15,11 @@ import pytest
 import requests
 
 from tests.chaos import Tally
-from tests.processes import wait_until
+from tests.processes import http_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-def ready(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 @pytest.fixture
@@ -32,7 +27,7 @@ def echo_gateway(stack):
     stack.start_broker()
     stack.start_worker("--model", "echo")
     gateway, url = stack.start_gateway("--workers", "2", "--threads", "8")
-    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     return gateway, url
 
 
@@ -104,7 +99,7 @@ def test_20000_requests_through_many_gunicorn_processes_and_threads(stack, prelo
     stack.start_worker("--model", "echo", "--max-batch-size", "64")
     flags = ["--workers", "4", "--threads", "16"] + (["--preload"] if preload else [])
     gateway, url = stack.start_gateway(*flags)
-    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     host, port = url.removeprefix("http://").split(":")
     total, connections = 20_000, 32
 

@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 import requests
 
-from tests.processes import wait_until
+from tests.processes import http_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
 JSON = {"Content-Type": "application/json"}
 
 
-def ready(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
 
 
 def predict(url: str, model: str, inputs: list, **extra) -> requests.Response:
@@ -28,7 +23,7 @@ def test_tiny_bert_embeddings_over_http_through_gunicorn(stack, tiny_bert):
     stack.start_broker()
     stack.start_worker("--model", "tiny", "--model-path", str(tiny_bert), "--task", "embedding")
     _, url = stack.start_gateway("--workers", "2", "--threads", "8")
-    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
 
     texts = ["the quick brown fox", "lazy dog", "model serving batch request reply worker broker"]
     response = predict(url, "tiny", texts)
@@ -51,7 +46,7 @@ def test_tiny_bert_classifier_returns_probabilities_with_labels(stack, tiny_bert
     stack.start_broker()
     stack.start_worker("--model", "cls", "--model-path", str(tiny_bert_classifier), "--task", "classification")
     _, url = stack.start_gateway("--workers", "1", "--threads", "4")
-    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     [output] = predict(url, "cls", ["the quick brown fox"]).json()["outputs"]
     assert set(output["probabilities"]) == {"negative", "positive"}
     assert output["label"] == max(output["probabilities"], key=output["probabilities"].get)
@@ -64,7 +59,7 @@ def test_http_errors_are_json_with_the_right_status(stack):
     stack.start_broker()
     stack.start_worker("--model", "echo")
     _, url = stack.start_gateway("--workers", "1", "--threads", "4", "--max-body-bytes", "1000")
-    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     wait_until(lambda: predict(url, "nope", ["x"]).status_code == 404, timeout_s=10, interval_s=0.2,
                what="404 once the broker is past its start-up grace")
     cases = [
@@ -85,7 +80,7 @@ def test_many_concurrent_http_clients_each_get_their_own_reply(stack):
     stack.start_broker()
     stack.start_worker("--model", "echo")
     _, url = stack.start_gateway("--workers", "2", "--threads", "16")
-    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
 
     def one(n: int):
         with requests.Session() as session:
@@ -100,26 +95,17 @@ def test_many_concurrent_http_clients_each_get_their_own_reply(stack):
 def test_readyz_is_503_until_a_worker_registers(stack):
     stack.start_broker()
     _, url = stack.start_gateway("--workers", "1", "--threads", "4")
-    wait_until(lambda: requests.get(f"{url}/healthz", timeout=2).ok if _listening(url) else False,
-               timeout_s=30, what="gateway up")
+    wait_until(lambda: http_ready(url, "/healthz"), timeout_s=30, what="gateway up")
     response = requests.get(f"{url}/readyz", timeout=5)
     assert response.status_code == 503 and response.headers["Retry-After"]
     stack.start_worker("--model", "echo")
-    wait_until(lambda: ready(url), timeout_s=30, what="ready after a worker joins")
-
-
-def _listening(url: str) -> bool:
-    try:
-        requests.get(f"{url}/healthz", timeout=1)
-        return True
-    except requests.ConnectionError:
-        return False
+    wait_until(lambda: http_ready(url), timeout_s=30, what="ready after a worker joins")
 
 
 def test_user_handler_served_by_name(stack):
     stack.start_broker()
     stack.start_worker("--model", "rev", "--handler", "tests.handlers:ReverseModel")
     _, url = stack.start_gateway("--workers", "1", "--threads", "4")
-    wait_until(lambda: ready(url), timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     outputs = predict(url, "rev", ["abc", "xy"]).json()["outputs"]
     assert [o["reversed"] for o in outputs] == ["cba", "yx"]

@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 import requests
 
-from tests.processes import wait_until
+from tests.processes import http_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -47,19 +47,12 @@ def test_tls_and_bearer_tokens(stack, tmp_path):
                                  "--api-key-file", str(tokens))
     https = url.replace("http://", "https://")
 
-    def up():
-        try:
-            return requests.get(f"{https}/healthz", timeout=2, verify=cert).status_code == 200
-        except requests.exceptions.ConnectionError:
-            return False
-
-    wait_until(up, timeout_s=60, what="the HTTPS gateway")
+    wait_until(lambda: http_ready(https, "/healthz", verify=cert), timeout_s=60, what="the HTTPS gateway")
     body = {"inputs": ["secret"]}
     no_token = requests.post(f"{https}/v1/models/echo/predict", json=body, timeout=10, verify=cert)
     wrong = requests.post(f"{https}/v1/models/echo/predict", json=body, timeout=10, verify=cert,
                           headers={"Authorization": "Bearer nope"})
-    wait_until(lambda: requests.get(f"{https}/readyz", timeout=5, verify=cert,
-                                    headers={"Authorization": "Bearer token-for-ci"}).status_code == 200,
+    wait_until(lambda: http_ready(https, verify=cert, headers={"Authorization": "Bearer token-for-ci"}),
                timeout_s=30, what="ready")
     right = requests.post(f"{https}/v1/models/echo/predict", json=body, timeout=10, verify=cert,
                           headers={"Authorization": "Bearer token-for-ci"})

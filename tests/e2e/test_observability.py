@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import REPO, free_port, wait_until
+from tests.processes import REPO, free_port, http_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -32,13 +32,8 @@ def test_metrics_move_as_requests_flow_and_status_shows_the_cluster(stack):
     _, url = stack.start_gateway("--workers", "2", "--threads", "8")
     broker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
 
-    def ready():
-        try:
-            return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
 
-    wait_until(ready, timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     wait_until(lambda: value(scrape(broker_metrics), "ddml_workers", model="echo", state="idle") == 1, 10,
                what="the worker in the broker's gauges")
     before_broker, before_gateway = scrape(broker_metrics), scrape(f"{url}/metrics")

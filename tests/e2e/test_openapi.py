@@ -9,7 +9,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import REPO, wait_until
+from tests.processes import REPO, http_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -19,13 +19,8 @@ def test_schemathesis_finds_the_gateway_true_to_its_openapi(stack, tmp_path):
     stack.start_worker("--model", "echo", "--handler", "tests.handlers:PlainEcho")
     _, url = stack.start_gateway("--workers", "1", "--threads", "8")
 
-    def ready():
-        try:
-            return requests.get(f"{url}/readyz", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
 
-    wait_until(ready, timeout_s=60, what="gateway ready")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     # not_a_server_error would flag the documented 504 for a deadline of 5e-324 ms; we check
     # for real server errors (500s) ourselves, from the gateway's own metrics, below.
     run = subprocess.run(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.processes import wait_until
+from tests.processes import http_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -24,14 +24,8 @@ def kserve(module_stack, tiny_bert, tiny_bert_classifier):
     stack.start_worker("--model", "cls", "--model-path", str(tiny_bert_classifier), "--task", "classification")
     _, url = stack.start_gateway("--workers", "1", "--threads", "8")
 
-    def ready():
-        try:
-            return requests.get(f"{url}/v2/models/cls/ready", timeout=2).status_code == 200 and \
-                requests.get(f"{url}/v2/models/tiny/ready", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    wait_until(ready, timeout_s=60, what="both models ready")
+    wait_until(lambda: http_ready(url, "/v2/models/cls/ready") and http_ready(url, "/v2/models/tiny/ready"),
+               timeout_s=60, what="both models ready")
     return url
 
 

@@ -30,7 +30,9 @@ def client(stack):
     clients: list[BrokerClient] = []
 
     def make() -> BrokerClient:
-        clients.append(BrokerClient(stack.frontend, heartbeat_interval_s=0.2))
+        # 0.5 s heartbeats: quick to notice a restarted broker, slow enough not to mistake a
+        # starved CPU for a dead one.
+        clients.append(BrokerClient(stack.frontend, heartbeat_interval_s=0.5))
         return clients[-1]
 
     yield make
@@ -43,6 +45,13 @@ def live_pids(client: BrokerClient) -> list[int]:
         return sorted(w["pid"] for w in client.status()["workers"])
     except BrokerError:  # the broker is down or restarting: nobody is live as far as we can tell
         return []
+
+
+def in_flight(client: BrokerClient) -> int | None:
+    try:
+        return client.status()["stats"]["in_flight_requests"]
+    except BrokerError:
+        return None
 
 
 def assert_nothing_lost(tally: Tally) -> None:
@@ -215,15 +224,16 @@ def test_rolling_restart_of_every_worker_under_load_fails_nothing(stack, client)
 def test_broker_sigterm_answers_everything_it_holds_then_exits(stack, client):
     broker = stack.start_broker(*HB)
     stack.start_worker("--model", "echo", "--max-batch-size", "4", *HB)
-    c = client()
+    c = BrokerClient(stack.frontend)  # default heartbeats: this test is about draining, not detection
     wait_until(lambda: len(live_pids(c)) == 1, 30, what="a worker")
     held = [c.submit("echo", [{"n": n, "sleep_s": 1.0}], timeout_s=30) for n in range(12)]
-    wait_until(lambda: c.status()["stats"]["in_flight_requests"] == 12, 10, what="requests held")
+    wait_until(lambda: in_flight(c) == 12, 10, what="requests held")
     broker.signal(signal.SIGTERM)
     outputs = [f.result(timeout=30) for f in held]
     assert outputs == [[{"n": n, "sleep_s": 1.0}] for n in range(12)]
     assert broker.popen.wait(30) == 0
-    assert "draining 12 requests" in broker.output() or "draining" in broker.output()
+    assert "draining 12 requests" in broker.output()
+    c.close()
 
 
 def test_10000_malformed_messages_on_both_sockets_leave_the_broker_serving(stack, client):
@@ -269,12 +279,19 @@ def test_10000_malformed_messages_on_both_sockets_leave_the_broker_serving(stack
                 sock.setsockopt(zmq.SNDHWM, 0)
                 sock.connect(endpoint)
                 sockets.append(sock)
+        def handled() -> int:
+            stats = c.status()["stats"]
+            return stats.get("malformed", 0) + stats.get("late_results", 0) + stats.get("unexpected", 0)
+
         rss_after = []
         for flood in (1, 2):
-            for n in range(10_000):
-                sockets[n % len(sockets)].send_multipart(garbage(n))
-            wait_until(lambda: c.status()["stats"].get("malformed", 0) + c.status()["stats"].get("late_results", 0)
-                       >= 9500 * flood, 60, what=f"the broker to chew through flood {flood}")
+            # In chunks the broker catches up with, so RSS shows what it keeps, not how far
+            # libzmq's buffers reached while it lagged a sender faster than itself.
+            for start in range(0, 10_000, 500):
+                for n in range(start, start + 500):
+                    sockets[n % len(sockets)].send_multipart(garbage(n))
+                sent = (flood - 1) * 10_000 + start + 500
+                wait_until(lambda: handled() >= sent, 60, what=f"the broker to handle {sent} messages")
             assert c.request("echo", [f"after flood {flood}"], timeout_s=10) == [f"after flood {flood}"]
             rss_after.append(rss_bytes(broker.pid))
         for sock in sockets:
