@@ -15,6 +15,7 @@ from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 logger = logging.getLogger("broker")
 
 _LOCAL_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
+_FLUSH_LINGER_MS = 2000  # after a drain, time for the last replies to leave (linger 0 would drop them)
 
 
 def build_parser() -> Parser:
@@ -101,11 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=broker.metrics.registry)
         logger.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
     print(f"broker ready frontend={broker.frontend_endpoint} backend={broker.backend_endpoint}", flush=True)
+    drained = False
     try:
         broker.run(should_stop=stop.is_set)
         broker.drain()
+        drained = True
     finally:
-        broker.close()
+        broker.close(linger_ms=_FLUSH_LINGER_MS if drained else 0)
         context.term()
     logger.info("broker stopped")
 

@@ -152,9 +152,10 @@ class Broker:
         for worker in self._workers:
             self._send(self._backend, worker.worker_id, protocol.Disconnect("broker shutting down"))
 
-    def close(self) -> None:
-        self._frontend.close(linger=0)
-        self._backend.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close both sockets. After drain(), pass a linger so the last replies are flushed, not dropped."""
+        self._frontend.close(linger=linger_ms)
+        self._backend.close(linger=linger_ms)
         if self._security is not None:
             self._security.stop()
 

@@ -99,7 +99,7 @@ class Dispatcher:
             self._broker.run(should_stop=self._stop.is_set)
             self._broker.drain(timeout_s=5.0)
         finally:
-            self._broker.close()
+            self._broker.close(linger_ms=1000)
 
     def _wait_for_workers(self, count: int, timeout_s: float) -> None:
         give_up_at = time.monotonic() + timeout_s
