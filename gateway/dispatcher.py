@@ -16,7 +16,6 @@ composing them locally is its whole job.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ from broker.broker import Broker
 from broker.config import BatchingConfig, BrokerConfig
 from gateway.broker_client import BrokerClient, BrokerError
 from worker.config import WorkerConfig
+from worker.serve import spawn_worker
 
 
 class Dispatcher:
@@ -67,26 +67,12 @@ class Dispatcher:
         config = WorkerConfig(broker=backend, model=model_name, max_batch_size=batch_size,
                               handler_options=handler_options)
         devices = [str(d) for d in (cuda_devices or ())]
-        spawn = multiprocessing.get_context("spawn")
-        self._workers = []
-        from worker.serve import child_main
-
         threads = max(1, (os.cpu_count() or 1) // worker_num)
+        self._workers = []
         for index in range(worker_num):
             gpu = devices[index % len(devices)] if devices else None
             child = dataclasses.replace(config, torch_threads=0 if gpu is not None else threads)
-            saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if gpu is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-            try:
-                process = spawn.Process(target=child_main, args=(child, log_level, model_cls), daemon=True)
-                process.start()
-            finally:
-                if saved is None:
-                    os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-                else:
-                    os.environ["CUDA_VISIBLE_DEVICES"] = saved
-            self._workers.append(process)
+            self._workers.append(spawn_worker(child, log_level, model_cls, gpu, daemon=True))
         self._client = BrokerClient(frontend)
         try:
             self._wait_for_workers(worker_num, start_timeout_s)

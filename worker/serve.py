@@ -118,10 +118,27 @@ def child_main(config: WorkerConfig, log_level: str, handler_class: type | None 
     serve(config, stop, handler_class)
 
 
+def spawn_worker(config: WorkerConfig, log_level: str, handler_class: type | None, gpu: str | None,
+                 daemon: bool) -> multiprocessing.Process:
+    """Start a worker process (spawn, never fork) that sees only `gpu`, or all devices if None."""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # inherited at spawn: the child sees only its GPU
+    try:
+        process = multiprocessing.get_context("spawn").Process(
+            target=child_main, args=(config, log_level, handler_class), daemon=daemon)
+        process.start()
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
+    return process
+
+
 def supervise(config: WorkerConfig, num_workers: int, cuda_devices: list[str], log_level: str,
               stop: threading.Event, handler_class: type | None = None) -> None:
     """Run num_workers processes, round-robin over cuda_devices, restarting any that dies."""
-    spawn = multiprocessing.get_context("spawn")
     cpu_threads = config.torch_threads or (max(1, (os.cpu_count() or 1) // num_workers) if not cuda_devices else 0)
     slots: list[dict] = []
     for index in range(num_workers):
@@ -137,17 +154,7 @@ def supervise(config: WorkerConfig, num_workers: int, cuda_devices: list[str], l
                       "backoff_s": _RESTART_BACKOFF_S[0]})
 
     def start(slot: dict) -> None:
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if slot["gpu"] is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = slot["gpu"]  # the child sees only its GPU
-        try:
-            process = spawn.Process(target=child_main, args=(slot["config"], log_level, handler_class), daemon=False)
-            process.start()
-        finally:
-            if saved is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        process = spawn_worker(slot["config"], log_level, handler_class, slot["gpu"], daemon=False)
         slot["process"], slot["started_at"] = process, time.monotonic()
         logger.info("started worker process %d (gpu %s)", process.pid, slot["gpu"])
 
