@@ -104,9 +104,6 @@ class Batcher:
     def queued_items(self, model: str) -> int:
         return sum(len(q) for q in self._queues.get(model, {}).values())
 
-    def models(self) -> list[str]:
-        return list(self._queues)
-
     def oldest_enqueued_at(self, model: str) -> float | None:
         heads = [q[0].enqueued_at for q in self._queues.get(model, {}).values() if q]
         return min(heads) if heads else None

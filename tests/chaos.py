@@ -109,3 +109,11 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def live_pids(client: BrokerClient, timeout_s: float = 2.0) -> list[int]:
+    """Pids of the workers the broker lists; none while it is down or restarting."""
+    try:
+        return sorted(w["pid"] for w in client.status(timeout_s=timeout_s)["workers"])
+    except BrokerError:
+        return []

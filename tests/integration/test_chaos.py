@@ -17,7 +17,7 @@ import zmq
 from broker import protocol
 from broker.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from tests.chaos import Load, Tally, rss_bytes
+from tests.chaos import Load, Tally, live_pids, rss_bytes
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -39,12 +39,6 @@ def client(stack):
     for c in clients:
         c.close()
 
-
-def live_pids(client: BrokerClient) -> list[int]:
-    try:
-        return sorted(w["pid"] for w in client.status()["workers"])
-    except BrokerError:  # the broker is down or restarting: nobody is live as far as we can tell
-        return []
 
 
 def in_flight(client: BrokerClient) -> int | None:

@@ -6,20 +6,14 @@ import time
 
 import pytest
 
-from gateway.broker_client import BrokerClient, BrokerError
-from tests.chaos import Load
+from gateway.broker_client import BrokerClient
+from tests.chaos import Load, live_pids
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
 HB = ("--heartbeat-interval-ms", "200")
 
-
-def live_pids(client: BrokerClient) -> list[int]:
-    try:
-        return sorted(w["pid"] for w in client.status()["workers"])
-    except BrokerError:
-        return []
 
 
 def test_partitioned_worker_is_replaced_then_rejoins_within_2_s(netns, stack):  # netns outlives the stack

@@ -18,7 +18,7 @@ from broker.config import BrokerConfig
 from broker.curve import ClientKeys, generate
 from broker.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from tests.chaos import Tally
+from tests.chaos import Tally, live_pids
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -71,16 +71,10 @@ def secure(stack, keys):
     stack.start_broker(*HB, *keys.broker_flags())
     worker = stack.start_worker(*REV, *HB, *keys.client_flags("worker-a"))
     client = keys.client(stack.frontend, "gateway-a")
-    wait_until(lambda: _pids(client) == [worker.pid], 30, what="the authorised worker")
+    wait_until(lambda: live_pids(client, timeout_s=1) == [worker.pid], 30, what="the authorised worker")
     yield worker, client
     client.close()
 
-
-def _pids(client: BrokerClient) -> list[int]:
-    try:
-        return sorted(w["pid"] for w in client.status(timeout_s=1)["workers"])
-    except BrokerError:
-        return []
 
 
 def _served_by(client: BrokerClient, count: int = 5) -> set[int]:
@@ -99,7 +93,7 @@ def test_rogue_worker_gets_nothing(stack, keys, secure, attack):
     }[attack]
     rogue = stack.start_worker(*REV, *HB, *flags)
     rogue.wait_for_output(r"refused our handshake", timeout_s=20)
-    assert _pids(client) == [worker.pid], "the rogue must not register"
+    assert live_pids(client, timeout_s=1) == [worker.pid], "the rogue must not register"
     assert _served_by(client) == {worker.pid}, "no request may reach the rogue"
     Tally(sent=1, notes={"attack": f"worker: {attack}", "got": "handshake refused; not registered"}).record(
         f"security: worker, {attack}")
@@ -132,11 +126,11 @@ def test_rogue_client_gets_nothing(stack, keys, secure, attack):
 def test_revoked_worker_key_is_dropped_on_sighup(stack, keys, secure):
     worker_a, client = secure
     worker_b = stack.start_worker(*REV, *HB, *keys.client_flags("worker-b"))
-    wait_until(lambda: _pids(client) == sorted([worker_a.pid, worker_b.pid]), 30, what="both workers")
+    wait_until(lambda: live_pids(client, timeout_s=1) == sorted([worker_a.pid, worker_b.pid]), 30, what="both workers")
     broker = stack.processes[0]
     (keys.workers_dir / "worker-b.key").unlink()
     broker.signal(signal.SIGHUP)
-    wait_until(lambda: _pids(client) == [worker_a.pid], 10, what="the revoked worker to be dropped")
+    wait_until(lambda: live_pids(client, timeout_s=1) == [worker_a.pid], 10, what="the revoked worker to be dropped")
     assert _served_by(client, 20) == {worker_a.pid}
     assert worker_b.popen.poll() is None  # still connected and trying, but it gets nothing
     Tally(sent=1, notes={"attack": "worker key revoked + SIGHUP", "got": "dropped from the registry"}).record(
@@ -209,7 +203,7 @@ def test_authorised_worker_in_another_namespace_serves_over_curve(netns, stack, 
     remote = stack.start_worker(*REV, *HB, *keys.client_flags("worker-a"), prefix=netns.prefix)
     client = keys.client(stack.frontend, "gateway-a")
     try:
-        wait_until(lambda: _pids(client) == [remote.pid], 30, what="the remote worker over CURVE")
+        wait_until(lambda: live_pids(client, timeout_s=1) == [remote.pid], 30, what="the remote worker over CURVE")
         assert client.request("rev", ["over the veth"], timeout_s=10)[0]["reversed"] == "over the veth"[::-1]
     finally:
         client.close()
