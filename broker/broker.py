@@ -37,6 +37,7 @@ Clock = Callable[[], float]  # monotonic seconds
 _DRAIN_BURST = 1000  # messages read from one socket per pass, so timers are never starved
 _RATE_WINDOW_S = 10.0  # window over which a model's drain rate is measured (for Retry-After)
 _PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for scrapes
+_DRAIN_FLUSH_S = 0.5  # after a drain, time spent still serving before close
 _FRONTEND_HWM = 10_000  # messages queued per gateway, each way
 _BACKEND_HWM = 1_000  # messages queued per worker, each way
 
@@ -151,6 +152,11 @@ class Broker:
             self._finish(request, now, ErrorCode.UNAVAILABLE, "broker shut down before this request finished")
         for worker in self._workers:
             self._send(self._backend, worker.worker_id, protocol.Disconnect("broker shutting down"))
+        # Keep serving briefly (heartbeats included) so the last replies leave while the sockets
+        # are still open, rather than relying on linger at close alone.
+        flush_until = self._clock() + _DRAIN_FLUSH_S
+        while self._clock() < flush_until:
+            self.step(50)
 
     def close(self, linger_ms: int = 0) -> None:
         """Close both sockets. After drain(), pass a linger so the last replies are flushed, not dropped."""
