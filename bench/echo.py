@@ -1,15 +1,23 @@
 """Echo mode: the broker and its clients alone, with an echo worker (no model).
 
     .venv/bin/python -m bench.echo [--seconds 10] [--rounds 3] [--window 256] [--curve]
+    .venv/bin/python -m bench.echo --raw-clients 3 [--seconds 10] [--window 256]
 
 Measures single-input requests/s through the broker from a Python BrokerClient, without HTTP,
 keeping --window requests in flight. With --curve it runs a plain-TCP stack and a CurveZMQ
 stack in alternating rounds, in one run, and prints the throughput ratio.
+
+With --raw-clients N it measures the broker itself: N client processes, each a bare DEALER that
+keeps --window requests in flight (no futures, no threads), so that the load generator costs
+as little as Python allows. It reports requests/s and the broker's CPU time per request, read
+from /proc: the figure to compare between versions, since req/s on 2 shared cores also
+depends on how much CPU the clients and the worker leave the broker.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import threading
@@ -48,6 +56,78 @@ def throughput(client: BrokerClient, seconds: float, window: int) -> float:
     return done[0] / (time.monotonic() - started_at)
 
 
+def raw_client(frontend: str, seconds: float, window: int, counts) -> None:
+    """One load process: a bare DEALER keeping `window` single-input requests in flight."""
+    import zmq
+
+    from broker import protocol
+    from broker.sockets import send_frames
+
+    context = zmq.Context()
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(frontend)
+    payload = [protocol.encode_value("x" * 16)]
+    sent = answered = failed = 0
+
+    def send() -> None:
+        nonlocal sent
+        sent += 1
+        send_frames(dealer, protocol.encode(protocol.Request(str(sent), "echo", 30_000, payload)), dontwait=False)
+
+    for _ in range(window):
+        send()
+    stop_at = time.monotonic() + seconds
+    while time.monotonic() < stop_at:
+        if not dealer.poll(1000):
+            continue
+        message = protocol.decode(dealer.recv_multipart())
+        if isinstance(message, protocol.Reply):
+            answered += 1
+            failed += not message.ok
+            send()
+    counts.put((answered, failed))
+    dealer.close(linger=0)
+    context.term()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def raw_throughput(clients: int, seconds: float, window: int) -> None:
+    import multiprocessing
+
+    stack = Stack(Path(tempfile.mkdtemp(prefix="ddml-echo-")))
+    try:
+        broker = stack.start_broker()
+        stack.start_worker("--model", "echo", "--max-batch-size", "256")
+        probe = BrokerClient(stack.frontend)
+        while not probe.status()["workers"]:
+            time.sleep(0.05)
+        context = multiprocessing.get_context("spawn")
+        counts = context.Queue()
+        processes = [context.Process(target=raw_client, args=(stack.frontend, seconds, window, counts))
+                     for _ in range(clients)]
+        for process in processes:
+            process.start()
+        time.sleep(1.0)  # the spawned clients import and connect
+        cpu_before, started_at = cpu_seconds(broker.pid), time.monotonic()
+        results = [counts.get(timeout=seconds + 60) for _ in processes]
+        elapsed, cpu = time.monotonic() - started_at, cpu_seconds(broker.pid) - cpu_before
+        for process in processes:
+            process.join(10)
+        answered = sum(a for a, _ in results)
+        failed = sum(f for _, f in results)
+        status = probe.status()
+        probe.close()
+        print(f"| {clients} raw clients × window {window} | {answered / elapsed:,.0f} req/s | {failed} errors | "
+              f"broker CPU {cpu / max(answered, 1) * 1e6:.1f} µs per request ({cpu / elapsed:.0%} of a core) | "
+              f"mean batch {status['models']['echo']['mean_batch_size']} |")
+    finally:
+        stack.stop_all()
+
+
 def start(curve: bool, workdir: Path) -> tuple[Stack, BrokerClient]:
     stack = Stack(workdir)
     if curve:
@@ -70,7 +150,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--curve", action="store_true", help="compare plain TCP with CurveZMQ, side by side")
+    parser.add_argument("--raw-clients", type=int, default=0, help="measure the broker with N bare DEALER clients")
     args = parser.parse_args()
+    if args.raw_clients:
+        return raw_throughput(args.raw_clients, args.seconds, args.window)
     modes = [False, True] if args.curve else [False]
     results: dict[bool, list[float]] = {mode: [] for mode in modes}
     for round_index in range(args.rounds):

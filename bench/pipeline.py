@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +30,8 @@ from gateway.broker_client import BrokerClient
 from tests.conftest import Stack
 from worker.models import default_model_path
 from worker.models.hf_text import HFTextModel
+
+_SETTLE_S = 0.02
 
 
 def batch_sizes(status: dict, model: str) -> dict[int, int]:
@@ -89,17 +92,23 @@ def main() -> None:
             assert post(connection, text) == 200
 
         before = batch_sizes(client.status(), "minilm")
-        direct_ms, http_ms, broker_ms = [], [], []
-        for text in texts[20:]:
-            started = time.perf_counter()
-            direct.predict([text])
-            direct_ms.append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            assert post(connection, text) == 200
-            http_ms.append((time.perf_counter() - started) * 1000)
-            started = time.perf_counter()
-            client.request("minilm", [text], timeout_s=30)
-            broker_ms.append((time.perf_counter() - started) * 1000)
+        paths = {
+            "direct": lambda text: direct.predict([text]),
+            "http": lambda text: post(connection, text) == 200 or sys.exit("HTTP request failed"),
+            "broker": lambda text: client.request("minilm", [text], timeout_s=30),
+        }
+        timings: dict[str, list[float]] = {name: [] for name in paths}
+        names = list(paths)
+        for index, text in enumerate(texts[20:]):
+            # Rotate the order, and let the machine settle between calls: after a forward pass,
+            # torch's OpenMP threads spin for a few ms, and whatever ran next in this process
+            # would pay for it (the first version of this script charged it all to HTTP).
+            for name in names[index % 3:] + names[:index % 3]:
+                time.sleep(_SETTLE_S)
+                started = time.perf_counter()
+                paths[name](text)
+                timings[name].append((time.perf_counter() - started) * 1000)
+        direct_ms, http_ms, broker_ms = timings["direct"], timings["http"], timings["broker"]
         low = diff(batch_sizes(client.status(), "minilm"), before)
         del direct
 

@@ -28,6 +28,7 @@ from broker.config import BrokerConfig
 from broker.curve import GATEWAY_DOMAIN, WORKER_DOMAIN, BrokerSecurity
 from broker.metrics import BrokerMetrics
 from broker.protocol import ErrorCode
+from broker.sockets import send_frames
 from broker.workers import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ class Broker:
                            extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
             return
         self._stats_for(batch.model).record_completion(len(batch.items), now)
-        self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
+        self.metrics.child(self.metrics.batch_latency, batch.model).observe(now - batch.dispatched_at)
         errors = {error[0]: error for error in result.errors}
         if len(result.outputs) != len(batch.items):
             message = f"worker returned {len(result.outputs)} outputs for {len(batch.items)} inputs"
@@ -408,8 +409,8 @@ class Broker:
         batch = InFlightBatch(next(self._batch_ids), worker_id, model, items, dispatched_at=now)
         self._workers.dispatched(batch, now)
         self._stats_for(model).record_dispatch(len(items))
-        self.metrics.batch_size.labels(model).observe(len(items))
-        queue_wait = self.metrics.queue_wait.labels(model)
+        self.metrics.child(self.metrics.batch_size, model).observe(len(items))
+        queue_wait = self.metrics.child(self.metrics.queue_wait, model)
         for item in items:
             queue_wait.observe(now - item.enqueued_at)
         message = protocol.Batch(
@@ -457,7 +458,7 @@ class Broker:
                 item.isolated = True
                 retry.append(item)
                 self._stats_for(item.request.model).redispatched += 1
-                self.metrics.redispatched.labels(item.request.model).inc()
+                self.metrics.child(self.metrics.redispatched, item.request.model).inc()
         self._batcher.requeue(retry)
 
     def _expire_requests(self, now: float) -> None:
@@ -489,7 +490,7 @@ class Broker:
         self.stats[f"replies_{outcome.lower()}"] += 1
         if request.model in self._model_stats or self._workers.serves(request.model):
             self._stats_for(request.model).outcomes[outcome] += 1  # unknown names must not grow state
-            self.metrics.requests.labels(request.model, outcome).inc()
+            self.metrics.child(self.metrics.requests, request.model, outcome).inc()
         if code is None:
             reply = protocol.Reply(request.request_id, outputs=request.outputs)
         else:
@@ -512,7 +513,7 @@ class Broker:
     def _send(self, socket: zmq.Socket, peer_id: bytes, message: protocol.Message) -> bool:
         """Send without ever blocking. False if the peer is gone or its queue is full."""
         try:
-            socket.send_multipart([peer_id, *protocol.encode(message)], zmq.DONTWAIT)
+            send_frames(socket, [peer_id, *protocol.encode(message)])
             return True
         except zmq.Again:
             self.stats["send_dropped_full"] += 1

@@ -251,7 +251,7 @@ def decode(frames: Sequence[bytes]) -> Message:
     kind_frame = frames[1]
     if len(kind_frame) != 1 or kind_frame[0] not in _TYPE_BY_KIND.keys():
         raise DecodeError(f"unknown message kind {bytes(kind_frame[:8])!r}")
-    message_type = _TYPE_BY_KIND[Kind(kind_frame[0])]
+    message_type = _TYPE_BY_KIND[kind_frame[0]]  # IntEnum keys match plain ints; no Enum() call per message
     items_field = _ITEMS_FIELD.get(message_type)
     items = list(frames[3:])
     if items and items_field is None:

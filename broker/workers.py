@@ -80,6 +80,7 @@ class WorkerRegistry:
     def __init__(self, config: HeartbeatConfig):
         self._config = config
         self._workers: dict[bytes, WorkerState] = {}
+        self._served: frozenset[str] | None = None  # models some worker serves; None: recompute
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -93,6 +94,7 @@ class WorkerRegistry:
     def register(self, worker_id: bytes, ready: Ready, now: float) -> WorkerState | None:
         """Add a worker. Returns the state it replaces, if it was already registered."""
         previous = self._workers.pop(worker_id, None)
+        self._served = None
         self._workers[worker_id] = WorkerState(
             worker_id=worker_id,
             models=frozenset(ready.models),
@@ -118,13 +120,16 @@ class WorkerRegistry:
         return worker
 
     def remove(self, worker_id: bytes) -> WorkerState | None:
+        self._served = None
         return self._workers.pop(worker_id, None)
 
     def with_room(self) -> list[WorkerState]:
         return [w for w in self._workers.values() if w.has_room]
 
     def serves(self, model: str) -> bool:
-        return any(model in w.models for w in self._workers.values())
+        if self._served is None:  # asked once per request; recomputed only when workers come or go
+            self._served = frozenset(m for w in self._workers.values() for m in w.models)
+        return model in self._served
 
     def dispatched(self, batch: InFlightBatch, now: float) -> None:
         worker = self._workers[batch.worker_id]
@@ -166,6 +171,7 @@ class WorkerRegistry:
         ]
         for worker in dead:
             del self._workers[worker.worker_id]
+            self._served = None
         return dead
 
     def due_for_heartbeat(self, now: float) -> list[WorkerState]:

@@ -28,6 +28,7 @@ import zmq
 from broker import protocol
 from broker.curve import ClientKeys
 from broker.protocol import ErrorCode
+from broker.sockets import send_frames
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class BrokerClient:
             push.setsockopt(zmq.LINGER, 0)
             push.connect(self._inproc)
             self._local.push, self._local.pid = push, os.getpid()
-        push.send_multipart([request_id.encode(), *protocol.encode(build(request_id))])
+        send_frames(push, [request_id.encode(), *protocol.encode(build(request_id))], dontwait=False)
         return future
 
     def _ensure_started(self) -> None:
@@ -306,7 +307,7 @@ class BrokerClient:
 
 def _send_quietly(socket: zmq.Socket, frames: list[bytes]) -> bool:
     try:
-        socket.send_multipart(frames, zmq.DONTWAIT)
+        send_frames(socket, frames)
         return True
     except zmq.Again:
         return False

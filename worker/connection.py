@@ -28,6 +28,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol
 from broker.curve import ClientKeys
+from broker.sockets import send_frames
 from worker.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -251,12 +252,12 @@ class BrokerConnection:
                 frames = results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._socket.send_multipart(frames)
+            send_frames(self._socket, frames, dontwait=False)
             self._state.results_sent += 1
 
     def _send(self, message: protocol.Message) -> None:
         try:
-            self._socket.send_multipart(protocol.encode(message), zmq.DONTWAIT)
+            send_frames(self._socket, protocol.encode(message))
         except zmq.Again:
             logger.warning("broker not reading; dropped %s", type(message).__name__)
 

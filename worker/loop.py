@@ -11,6 +11,7 @@ import zmq
 
 from broker import protocol
 from broker.protocol import ErrorCode
+from broker.sockets import send_frames
 from worker.connection import ComputeState, WorkBatch
 from worker.models import InputError, Manager
 
@@ -35,7 +36,7 @@ def run_worker(
         state.batches += 1
         state.items += len(batch.inputs)
         state.compute_s += clock() - started_at
-        results.send_multipart(protocol.encode(result))
+        send_frames(results, protocol.encode(result), dontwait=False)
 
 
 def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:

@@ -28,8 +28,20 @@ def test_silent_worker_expires_after_liveness_intervals():
     workers.register(b"w1", Ready(models=["m"], max_batch_size=4), now=0.0)
     workers.heard_from(b"w1", now=1.0)
     assert workers.expire(now=3.9) == []
+    assert workers.serves("m")
     [expired] = workers.expire(now=4.1)
     assert expired.worker_id == b"w1" and len(workers) == 0
+    assert not workers.serves("m")  # the cached set of served models follows expiry
+
+
+def test_served_models_follow_register_and_remove():
+    workers = registry()
+    workers.register(b"w1", Ready(models=["a"], max_batch_size=4), now=0.0)
+    assert workers.serves("a") and not workers.serves("b")
+    workers.register(b"w2", Ready(models=["b"], max_batch_size=4), now=0.0)
+    assert workers.serves("b")
+    workers.remove(b"w1")
+    assert not workers.serves("a") and workers.serves("b")
 
 
 def test_busy_worker_that_misses_batch_deadline_is_expired_with_its_batch():
