@@ -21,6 +21,10 @@ preload_app = False  # safe either way: no zmq context exists before a worker's 
 accesslog = os.environ.get("DDML_ACCESS_LOG") or None
 loglevel = os.environ.get("DDML_LOG_LEVEL", "info").lower()
 certfile = os.environ.get("DDML_CERTFILE") or None
+# gunicorn >= 25.1 opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl),
+# shared by every instance on the host, and its shutdown waits up to 4 s on it: several gateways
+# (or a gateway next to another gunicorn app) would fight over the path. ddml does not use it.
+control_socket_disable = True
 keyfile = os.environ.get("DDML_KEYFILE") or None
 
 
