@@ -43,6 +43,11 @@ def build_parser() -> Parser:
     parser.add_argument("--max-batches", type=int, default=2,
                         help="batches held at once; 2 receives the next while one computes")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per input for built-in text models")
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="built-in text models sort each batch by length and run it in passes of at most "
+                             "this many inputs; 0 = by device (16 on the CPU, 1024 on CUDA)")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="most padded tokens per pass; 0 = by device (2048 on the CPU, 65536 on CUDA)")
     parser.add_argument("--heartbeat-interval-ms", type=float, default=1000.0, help="heartbeat period")
     parser.add_argument("--liveness", type=int, default=3,
                         help="silent broker intervals before reconnecting")
@@ -59,7 +64,10 @@ def build_parser() -> Parser:
 
 
 def config_from_args(args) -> WorkerConfig:
-    options = {"max_length": args.max_length} if not args.handler and args.model != "echo" else {}
+    options = (
+        {"max_length": args.max_length, "max_chunk": args.chunk_size, "chunk_tokens": args.chunk_tokens}
+        if not args.handler and args.model != "echo" else {}
+    )
     return WorkerConfig(
         broker=args.broker,
         model=args.model,
