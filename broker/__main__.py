@@ -29,6 +29,9 @@ def build_parser() -> Parser:
                         help="endpoint workers connect to (port 0 = random)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="hold a partial batch this long for it to fill; 0 sends at once when a worker has room")
+    parser.add_argument("--refill-wait-max-ms", type=float, default=50.0,
+                        help="a worker that just returned a batch of n waits for n requests to queue, for at most "
+                             "a tenth of that batch's compute time and at most this; 0 = off")
     parser.add_argument("--max-queue", type=int, default=10_000,
                         help="waiting requests per model before new ones get OVERLOADED (HTTP 503)")
     parser.add_argument("--max-attempts", type=int, default=2,
@@ -64,6 +67,7 @@ def config_from_args(args) -> BrokerConfig:
             max_queue=args.max_queue,
             max_attempts=args.max_attempts,
             max_batch_tokens=args.max_batch_tokens,
+            refill_wait_max_s=args.refill_wait_max_ms / 1000,
         ),
         heartbeat=HeartbeatConfig(
             interval_s=args.heartbeat_interval_ms / 1000,

@@ -368,7 +368,7 @@ class Broker:
             self._send(self._backend, worker_id, protocol.Heartbeat(self.instance_id, draining=True))
 
     def _on_batch_result(self, worker_id: bytes, result: protocol.BatchResult, now: float) -> None:
-        batch = self._workers.completed(worker_id, result.batch_id, result.compute_ms / 1000)
+        batch = self._workers.completed(worker_id, result.batch_id, result.compute_ms / 1000, now)
         if batch is None:
             self.stats["late_results"] += 1
             logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex(),

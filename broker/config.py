@@ -11,10 +11,13 @@ class BatchingConfig:
     max_queue: int = 10_000  # waiting requests per model before OVERLOADED
     max_attempts: int = 2  # executions of one input before it fails with WORKER_LOST
     max_batch_tokens: int = 0  # cap on sum of size hints × max in a batch; 0 = count cap only
+    refill_wait_max_s: float = 0.05  # cap on the refill hold (batching.py, _refill_hold_until); 0 = off
 
     def __post_init__(self) -> None:
         if self.max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+        if self.refill_wait_max_s < 0:
+            raise ValueError(f"refill_wait_max_s must be >= 0, got {self.refill_wait_max_s}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_attempts < 1:

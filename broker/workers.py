@@ -39,6 +39,9 @@ class WorkerState:
     draining: bool = False  # it asked for no more batches (graceful shutdown)
     metadata: dict = field(default_factory=dict)  # the model's tensors in and out, from READY
     recent_compute_s: deque = field(default_factory=lambda: deque(maxlen=_RECENT_BATCHES))
+    last_batch_size: int = 0  # of the batch it completed last (batching's refill hold)
+    last_compute_s: float = 0.0
+    last_completed_at: float = -math.inf
 
     @property
     def in_flight_items(self) -> int:
@@ -144,7 +147,8 @@ class WorkerRegistry:
             self._config.batch_timeout_factor * worker.latency_ewma_s * worker.max_batches,
         )
 
-    def completed(self, worker_id: bytes, batch_id: int, compute_s: float) -> InFlightBatch | None:
+    def completed(self, worker_id: bytes, batch_id: int, compute_s: float,
+                  now: float = -math.inf) -> InFlightBatch | None:
         """A result arrived. None if the batch is unknown (late, or from a worker we gave up on)."""
         worker = self._workers.get(worker_id)
         if worker is None:
@@ -155,6 +159,7 @@ class WorkerRegistry:
         worker.batches_done += 1
         worker.items_done += len(batch.items)
         worker.recent_compute_s.append(compute_s)
+        worker.last_batch_size, worker.last_compute_s, worker.last_completed_at = len(batch.items), compute_s, now
         worker.latency_ewma_s = (
             compute_s
             if worker.latency_ewma_s == 0

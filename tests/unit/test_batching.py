@@ -15,6 +15,9 @@ class Worker:
     in_flight: dict = field(default_factory=dict)
     latency_ewma_s: float = 0.0
     busy_items: int = 0
+    last_batch_size: int = 0
+    last_compute_s: float = 0.0
+    last_completed_at: float = float("-inf")
 
     @property
     def in_flight_items(self) -> int:
@@ -146,6 +149,24 @@ def test_one_worker_with_room_for_two_batches_gets_two():
     assert [len(d.items) for d in dispatches] == [3, 3]
 
 
+def test_busy_worker_gets_a_second_batch_only_when_a_full_one_waits():
+    batcher = Batcher(BatchingConfig())
+    computing = Worker(b"w1", max_batch_size=4, max_batches=2, in_flight={1: object()})
+    for i in range(3):
+        batcher.add(request(f"r{i}"), now=0.0)
+    assert batcher.assign([computing], now=0.0) == []  # a part-batch keeps growing instead
+    batcher.add(request("r3"), now=0.1)
+    [dispatch] = batcher.assign([computing], now=0.1)  # full: it pipelines
+    assert [rid for rid, _ in ids(dispatch)] == ["r0", "r1", "r2", "r3"]
+
+
+def test_idle_worker_with_two_credits_takes_a_part_batch_at_once():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(request("r", n=5), now=0.0)
+    dispatches = batcher.assign([Worker(b"w1", max_batch_size=4, max_batches=2)], now=0.0)
+    assert [len(d.items) for d in dispatches] == [4]  # the remaining 1 waits for the next free slot
+
+
 def test_isolated_items_travel_alone():
     batcher = Batcher(BatchingConfig())
     batcher.add(request("a", n=2), now=0.0)
@@ -155,4 +176,36 @@ def test_isolated_items_travel_alone():
     batcher.requeue(first.items)
     batcher.add(request("b", n=2), now=1.0)
     dispatches = batcher.assign([Worker(b"w1", max_batches=4)], now=1.0)
-    assert [ids(d) for d in dispatches] == [[("a", 0)], [("a", 1)], [("b", 0), ("b", 1)]]
+    # Each isolated item goes alone and at once; b's part-batch then waits for the busy worker.
+    assert [ids(d) for d in dispatches] == [[("a", 0)], [("a", 1)]]
+    [rest] = batcher.assign([Worker(b"w1", max_batches=4)], now=1.1)
+    assert ids(rest) == [("b", 0), ("b", 1)]
+
+
+def test_idle_worker_waits_for_its_last_batch_to_refill_then_goes():
+    batcher = Batcher(BatchingConfig(refill_wait_max_s=0.05))
+    # It just returned 4 inputs that took 0.2 s: hold for up to 0.1 × 0.2 = 20 ms for 4 to queue.
+    worker = Worker(b"w1", last_batch_size=4, last_compute_s=0.2, last_completed_at=1.0)
+    batcher.add(request("r0"), now=1.001)
+    assert batcher.assign([worker], now=1.001) == []
+    assert batcher.next_deadline() == 1.0 + 0.1 * 0.2  # the broker wakes up then
+    for i in range(1, 4):
+        batcher.add(request(f"r{i}"), now=1.002)
+    [dispatch] = batcher.assign([worker], now=1.002)  # refilled before the hold ran out
+    assert len(dispatch.items) == 4
+
+
+def test_refill_hold_is_bounded_and_never_applies_at_low_load():
+    config = BatchingConfig(refill_wait_max_s=0.05)
+    batcher = Batcher(config)
+    slow = Worker(b"w1", last_batch_size=8, last_compute_s=10.0, last_completed_at=0.0)
+    batcher.add(request("r0"), now=0.0)
+    assert batcher.assign([slow], now=0.049) == []  # capped at 50 ms, not 0.1 × 10 s
+    [dispatch] = batcher.assign([slow], now=0.051)
+    assert ids(dispatch) == [("r0", 0)]
+    lone = Worker(b"w2", last_batch_size=1, last_compute_s=1.0, last_completed_at=0.0)
+    batcher.add(request("r1"), now=0.0)
+    assert len(batcher.assign([lone], now=0.0)) == 1  # a last batch of 1: no hold, no timer
+    off = Batcher(BatchingConfig(refill_wait_max_s=0))
+    off.add(request("r2"), now=0.0)
+    assert len(off.assign([slow], now=0.0)) == 1
