@@ -372,6 +372,8 @@ def main() -> None:
     parser.add_argument("--systems", default="ddml,naive-1,naive-2,mosec,streamer")
     parser.add_argument("--limit-seconds", type=float, default=5.0, help="per in-process measurement")
     parser.add_argument("--echo", action="store_true", help="only the echo mode: broker and gateway, no model")
+    parser.add_argument("--device", default="cpu", help="for the limit (ddml's worker: BENCH_DDML_WORKER_FLAGS)")
+    parser.add_argument("--batch-sizes", default="1,8,16,32,64", help="padded batch sizes the limit tries")
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     logdir = Path(tempfile.mkdtemp(prefix="ddml-compare-"))
@@ -384,7 +386,7 @@ def main() -> None:
     print("measuring the in-process limit ...", flush=True)
     limit = json.loads(subprocess.run(
         [sys.executable, "-m", "bench.peers.limit", "--model-dir", model_dir, "--seconds", str(args.limit_seconds),
-         "--reference", str(reference_path)],
+         "--reference", str(reference_path), "--device", args.device, "--batch-sizes", args.batch_sizes],
         cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     ).stdout.strip().splitlines()[-1])
     reference = json.loads(reference_path.read_text())

@@ -39,14 +39,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--reference", help="write the check sentences' embeddings here (JSON)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N (float16 on CUDA)")
+    parser.add_argument("--batch-sizes", default="1,8,16,32,64", help="padded batch sizes to try; the largest "
+                                                                      "is also the length-sorted batch")
     args = parser.parse_args()
-    embedder = PlainEmbedder(args.model_dir, args.threads)
-    texts = sentences(2048, seed=7)
-    embedder.embed(texts[:64])  # warm-up
-    padded = {size: items_per_s(embedder, texts, size, args.seconds) for size in (1, 8, 16, 32, 64)}
+    embedder = PlainEmbedder(args.model_dir, args.threads, args.device)
+    texts = sentences(4096, seed=7)
+    sizes = [int(size) for size in args.batch_sizes.split(",")]
+    embedder.embed(texts[:max(sizes)])  # warm-up
+    padded = {size: items_per_s(embedder, texts, size, args.seconds) for size in sizes}
     lengths = [len(ids) for ids in embedder.tokenizer(texts)["input_ids"]]
     by_length = [text for _, text in sorted(zip(lengths, texts))]
-    sorted64 = items_per_s(embedder, by_length, 64, args.seconds * 2)
+    sorted64 = items_per_s(embedder, by_length, max(sizes), args.seconds * 2)
     single = []
     for text in texts[:200]:
         started = time.perf_counter()

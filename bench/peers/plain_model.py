@@ -13,7 +13,7 @@ import os
 
 
 class PlainEmbedder:
-    def __init__(self, model_dir: str | None = None, threads: int | None = None):
+    def __init__(self, model_dir: str | None = None, threads: int | None = None, device: str = "cpu"):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -21,16 +21,19 @@ class PlainEmbedder:
         model_dir = model_dir or os.environ["BENCH_MODEL_DIR"]
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModel.from_pretrained(model_dir).eval()
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        self.model = AutoModel.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.device = device
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         torch = self._torch
         with torch.inference_mode():
             encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+            encoded = {name: tensor.to(self.device) for name, tensor in encoded.items()}
             hidden = self.model(**encoded).last_hidden_state
             mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1).tolist()
+            return torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().tolist()
 
 
 def texts_of(document: dict) -> list[str]:
