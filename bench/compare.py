@@ -161,7 +161,7 @@ def start(name: str, logdir: Path, model_dir: str) -> Running:
         from tests.conftest import Stack
 
         stack = Stack(logdir)
-        stack.start_broker()
+        stack.start_broker(*os.environ.get("BENCH_DDML_BROKER_FLAGS", "").split())
         stack.start_worker("--model", "minilm", "--device", "cpu", "--max-batch-size", "64",
                            *os.environ.get("BENCH_DDML_WORKER_FLAGS", "--torch-threads 2").split())
         _, url = stack.start_gateway()
