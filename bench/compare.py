@@ -160,6 +160,7 @@ def start(name: str, logdir: Path, model_dir: str) -> Running:
     if name == "ddml":
         from tests.conftest import Stack
 
+        logdir.mkdir(parents=True, exist_ok=True)
         stack = Stack(logdir)
         stack.start_broker(*os.environ.get("BENCH_DDML_BROKER_FLAGS", "").split())
         stack.start_worker("--model", "minilm", "--device", "cpu", "--max-batch-size", "64",
