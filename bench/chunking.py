@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
+from bench.peers.limit import items_per_s
 from bench.peers.plain_model import PlainEmbedder
 from bench.workload import sentences
 from worker.models import default_model_path
@@ -26,15 +26,6 @@ CONFIGS = {  # name: (max_chunk, chunk_tokens)
     "passes of at most 1024 tokens": (64, 1024),
     "passes of 16 and at most 2048 tokens (the CPU default)": (16, 2048),
 }
-
-
-def rate(predict, texts: list[str], seconds: float) -> float:
-    done, position, started = 0, 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        predict(texts[position:position + 64])
-        done += 64
-        position = (position + 64) % (len(texts) - 64)
-    return done / (time.perf_counter() - started)
 
 
 def main() -> None:
@@ -54,7 +45,7 @@ def main() -> None:
     results: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(args.rounds):
         for name, predict in candidates.items():
-            results[name].append(rate(predict, texts, args.seconds))
+            results[name].append(items_per_s(predict, texts, 64, args.seconds))
     print("\n| forward passes | inputs/s per round | median |\n|---|---|---|")
     for name, rates in results.items():
         print(f"| {name} | {', '.join(f'{r:.1f}' for r in rates)} | {statistics.median(rates):.1f} |")

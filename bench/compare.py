@@ -346,14 +346,14 @@ def echo_mode(seconds: float, logdir: Path) -> None:
         print("\n## Gateway with an echo worker, against a bare Falcon app under the same gunicorn settings\n")
         print("| system | concurrency | req/s | p50 ms | p99 ms | errors | server CPU (cores) |\n|---|---|---|---|---|---|---|")
         rates: dict[tuple[str, int], float] = {}
+        for running in (hello, gateway):
+            run_wrk(running, 16, 3, bodies)  # warm-up, as for the model systems
         for concurrency in (16, 64):
             for running in (hello, gateway):  # side by side, in turn
-                result, cores = run_wrk(running, concurrency, seconds, bodies)
-                rate = (result["requests"] - result["status_errors"]) / (result["duration_us"] / 1e6)
-                rates[running.name, concurrency] = rate
-                print(f"| {running.name} | {concurrency} | {rate:,.0f} | {result['p50_us'] / 1000:.2f} | "
-                      f"{result['p99_us'] / 1000:.2f} | {result['status_errors'] + result['socket_errors']} | "
-                      f"{cores:.2f} |", flush=True)
+                point = measure(running, concurrency, seconds, bodies)
+                rates[running.name, concurrency] = point.req_per_s
+                print(f"| {running.name} | {concurrency} | {point.req_per_s:,.0f} | {point.p50_ms:.2f} | "
+                      f"{point.p99_ms:.2f} | {point.errors} | {point.cpu_cores:.2f} |", flush=True)
         for concurrency in (16, 64):
             ratio = rates[gateway.name, concurrency] / rates[hello.name, concurrency]
             print(f"\n- c{concurrency}: gateway = {ratio:.2f}× the bare Falcon app; target ≥ 0.5: "

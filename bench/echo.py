@@ -17,13 +17,13 @@ depends on how much CPU the clients and the worker leave the broker.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from bench.compare import cpu_seconds
 from broker.curve import ClientKeys
 from gateway.broker_client import BrokerClient
 from tests.conftest import Stack
@@ -90,11 +90,6 @@ def raw_client(frontend: str, seconds: float, window: int, counts) -> None:
     context.term()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def raw_throughput(clients: int, seconds: float, window: int) -> None:
     import multiprocessing
 
@@ -112,9 +107,10 @@ def raw_throughput(clients: int, seconds: float, window: int) -> None:
         for process in processes:
             process.start()
         time.sleep(1.0)  # the spawned clients import and connect
-        cpu_before, started_at = cpu_seconds(broker.pid), time.monotonic()
+        cpu_before, started_at = cpu_seconds([broker.pid])[broker.pid], time.monotonic()
         results = [counts.get(timeout=seconds + 60) for _ in processes]
-        elapsed, cpu = time.monotonic() - started_at, cpu_seconds(broker.pid) - cpu_before
+        elapsed = time.monotonic() - started_at
+        cpu = cpu_seconds([broker.pid])[broker.pid] - cpu_before
         for process in processes:
             process.join(10)
         answered = sum(a for a, _ in results)

@@ -84,13 +84,9 @@ class BrokerClient:
     def submit(self, model: str, inputs: list, timeout_s: float, priority: int = 0) -> Future:
         """Send one request; the Future resolves to the outputs (decoded), or raises BrokerError."""
         encoded = [protocol.encode_value(value) for value in inputs]
-        sizes = [len(value) if isinstance(value, (str, bytes)) else 0 for value in inputs]
         outputs: Future = Future()
         raw = self._send(
-            lambda request_id: protocol.Request(
-                request_id, model, timeout_ms=max(0, int(timeout_s * 1000)), inputs=encoded,
-                sizes=sizes, priority=priority, instance_id=self.broker_instance_id,
-            ),
+            lambda request_id: self._request_message(request_id, model, inputs, encoded, timeout_s, priority),
             wait_s=timeout_s + _REPLY_GRACE_S,
         )
 
@@ -110,12 +106,8 @@ class BrokerClient:
         dealer = self._thread_dealer()
         request_id = f"{self._pid}-{next(self._ids)}"
         silences, restarts = self._silences, self._restarts  # what the I/O thread has seen so far
-        frames = protocol.encode(protocol.Request(
-            request_id, model, timeout_ms=max(0, int(timeout_s * 1000)),
-            inputs=[protocol.encode_value(value) for value in inputs],
-            sizes=[len(value) if isinstance(value, (str, bytes)) else 0 for value in inputs],
-            priority=priority, instance_id=self.broker_instance_id,
-        ))
+        encoded = [protocol.encode_value(value) for value in inputs]
+        frames = protocol.encode(self._request_message(request_id, model, inputs, encoded, timeout_s, priority))
         now = time.monotonic()
         give_up_at = now + timeout_s + _REPLY_GRACE_S
         if not _send_quietly(dealer, frames):  # no connection yet: wait for one, briefly
@@ -148,12 +140,20 @@ class BrokerClient:
             with self._lock:  # the late reply of an earlier request this thread gave up on
                 self.unmatched_replies += 1
 
+    def _request_message(self, request_id: str, model: str, inputs: list, encoded: list[bytes],
+                         timeout_s: float, priority: int) -> protocol.Request:
+        """The wire request of both paths; `encoded` are the inputs' item frames."""
+        return protocol.Request(
+            request_id, model, timeout_ms=max(0, int(timeout_s * 1000)), inputs=encoded,
+            sizes=[len(value) if isinstance(value, (str, bytes)) else 0 for value in inputs],
+            priority=priority, instance_id=self.broker_instance_id,
+        )
+
     def _thread_dealer(self) -> zmq.Socket:
         """This thread's DEALER to the broker, created on its first request (in this process)."""
         dealer = getattr(self._local, "dealer", None)
         if dealer is None or self._local.dealer_pid != os.getpid():
-            dealer = self._socket(zmq.DEALER)
-            dealer.connect(self.endpoint)
+            dealer = self._connect()
             self._local.dealer, self._local.dealer_pid = dealer, os.getpid()
         return dealer
 
@@ -266,12 +266,8 @@ class BrokerClient:
             pull.close(linger=0)
 
     def _connect(self) -> zmq.Socket:
-        dealer = self._socket(zmq.DEALER)
-        dealer.connect(self.endpoint)
-        return dealer
-
-    def _socket(self, kind: int) -> zmq.Socket:
-        dealer = self._context.socket(kind)
+        """A DEALER to the broker: the I/O thread's, or a request thread's own."""
+        dealer = self._context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # with no broker connection, fail fast instead of queueing
         dealer.setsockopt(zmq.SNDHWM, 100_000)
@@ -282,6 +278,7 @@ class BrokerClient:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._curve is not None:
             self._curve.apply(dealer)
+        dealer.connect(self.endpoint)
         return dealer
 
     def _forward(self, pull: zmq.Socket, dealer: zmq.Socket, now: float) -> None:

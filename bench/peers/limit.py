@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Callable
 
 from bench.peers.plain_model import PlainEmbedder
 from bench.workload import sentences
@@ -22,11 +23,12 @@ from bench.workload import sentences
 CHECK_SENTENCES = sentences(6, seed=99)
 
 
-def items_per_s(embedder: PlainEmbedder, texts: list[str], batch_size: int, seconds: float) -> float:
+def items_per_s(predict: Callable[[list[str]], list], texts: list[str], batch_size: int, seconds: float) -> float:
+    """Inputs/s of predict() over texts in batches of batch_size, in order, for about `seconds`."""
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         for start in range(0, len(texts), batch_size):
-            embedder.embed(texts[start:start + batch_size])
+            predict(texts[start:start + batch_size])
             done += len(texts[start:start + batch_size])
             if time.perf_counter() - started >= seconds:
                 break
@@ -47,7 +49,7 @@ def main() -> None:
     texts = sentences(4096, seed=7)
     sizes = [int(size) for size in args.batch_sizes.split(",")]
     embedder.embed(texts[:max(sizes)])  # warm-up
-    padded = {size: items_per_s(embedder, texts, size, args.seconds) for size in sizes}
+    padded = {size: items_per_s(embedder.embed, texts, size, args.seconds) for size in sizes}
     # Whole passes over a sorted sample: a timed run from the start of a sorted list would only
     # ever see its short sentences (the first version of this script reported 182 items/s so).
     sample = texts[:1024]
