@@ -80,10 +80,9 @@ def raw_client(frontend: str, seconds: float, window: int, counts) -> None:
     while time.monotonic() < stop_at:
         if not dealer.poll(1000):
             continue
-        message = protocol.decode(dealer.recv_multipart())
-        if isinstance(message, protocol.Reply):
+        for reply in protocol.replies_of(protocol.decode(dealer.recv_multipart())):
             answered += 1
-            failed += not message.ok
+            failed += not reply.ok
             send()
     counts.put((answered, failed))
     dealer.close(linger=0)

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 from broker.config import BatchingConfig
+from broker.protocol import MAX_MESSAGE_BYTES
 
+_MAX_BATCH_BYTES = MAX_MESSAGE_BYTES // 2  # encoded inputs per batch: a batch message must fit a frame
 _REFILL_WAIT_FRACTION = 0.1  # of the last batch's compute time (see Batcher._refill_hold_until)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class PendingRequest:
     gateway_id: bytes  # routing identity of the socket the reply must go to
     request_id: str
@@ -65,7 +67,7 @@ class WorkItem:
         return sizes[self.index] if sizes else 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class InFlightBatch:
     batch_id: int
     worker_id: bytes
@@ -250,10 +252,11 @@ class Batcher:
         return now - oldest < self._config.max_wait_s
 
     def _take(self, levels: dict[int, deque[WorkItem]], max_batch_size: int) -> list[WorkItem]:
-        """Pop up to max_batch_size live items, highest priority first, within the token budget."""
+        """Pop up to max_batch_size live items, highest priority first, within the token and byte budgets."""
         budget = self._config.max_batch_tokens
         items: list[WorkItem] = []
         longest = 0
+        encoded_bytes = 0
         for queue in levels.values():
             while queue and len(items) < max_batch_size:
                 item = queue[0]
@@ -266,6 +269,10 @@ class Batcher:
                 longest_if_added = max(longest, item.size)
                 if budget and items and longest_if_added * (len(items) + 1) > budget:
                     return items
+                item_bytes = len(item.request.inputs[item.index])
+                if items and encoded_bytes + item_bytes > _MAX_BATCH_BYTES:
+                    return items
+                encoded_bytes += item_bytes
                 queue.popleft()
                 longest = longest_if_added
                 item.attempts += 1

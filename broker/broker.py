@@ -41,6 +41,8 @@ _PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for sc
 _DRAIN_FLUSH_S = 0.5  # after a drain, time spent still serving before close
 _FRONTEND_HWM = 10_000  # messages queued per gateway, each way
 _BACKEND_HWM = 1_000  # messages queued per worker, each way
+_REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
+_REPLY_STAT = {"ok": "replies_ok", **{code.value: f"replies_{code.value.lower()}" for code in ErrorCode}}
 
 
 class ModelStats:
@@ -103,6 +105,7 @@ class Broker:
         self._workers = WorkerRegistry(config.heartbeat)
         self._batcher = Batcher(config.batching)
         self._requests: dict[tuple[bytes, str], PendingRequest] = {}
+        self._outbox: dict[bytes, list[PendingRequest]] = {}  # successes to reply to, by gateway
         self._deadlines: list[tuple[float, int, tuple[bytes, str]]] = []  # heap
         self._sequence = itertools.count()
         self._batch_ids = itertools.count(1)
@@ -188,6 +191,7 @@ class Broker:
         if self._frontend in ready:
             self._drain(self._frontend, self._on_gateway_frames, now)
         self._on_tick(self._clock())
+        self._flush_replies()  # normally empty: batch results flush their own
 
     def _drain(self, socket: zmq.Socket, handler, now: float) -> None:
         if self._security is not None:
@@ -375,7 +379,7 @@ class Broker:
                            extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
             return
         self._stats_for(batch.model).record_completion(len(batch.items), now)
-        self.metrics.child(self.metrics.batch_latency, batch.model).observe(now - batch.dispatched_at)
+        self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
         errors = {error[0]: error for error in result.errors}
         if len(result.outputs) != len(batch.items):
             message = f"worker returned {len(result.outputs)} outputs for {len(batch.items)} inputs"
@@ -402,6 +406,7 @@ class Broker:
             request.outputs[item.index] = result.outputs[position]
             if request.remaining == 0:
                 self._finish(request, now)
+        self._flush_replies()
 
     # ------------------------------------------------------------------ actions
 
@@ -409,8 +414,8 @@ class Broker:
         batch = InFlightBatch(next(self._batch_ids), worker_id, model, items, dispatched_at=now)
         self._workers.dispatched(batch, now)
         self._stats_for(model).record_dispatch(len(items))
-        self.metrics.child(self.metrics.batch_size, model).observe(len(items))
-        queue_wait = self.metrics.child(self.metrics.queue_wait, model)
+        self.metrics.batch_size.labels(model).observe(len(items))
+        queue_wait = self.metrics.queue_wait.labels(model)
         for item in items:
             queue_wait.observe(now - item.enqueued_at)
         message = protocol.Batch(
@@ -480,27 +485,45 @@ class Broker:
         message: str = "",
         retry_after_ms: int = 0,
     ) -> None:
-        """Send the request's one reply and forget it."""
+        """Send the request's one reply (a success via the outbox) and forget it."""
         if request.done:
             return
         request.done = True
         self._requests.pop(request.key, None)
         self._batcher.forget(request)
         outcome = "ok" if code is None else code.value
-        self.stats[f"replies_{outcome.lower()}"] += 1
+        self.stats[_REPLY_STAT[outcome]] += 1
         if request.model in self._model_stats or self._workers.serves(request.model):
             self._stats_for(request.model).outcomes[outcome] += 1  # unknown names must not grow state
-            self.metrics.child(self.metrics.requests, request.model, outcome).inc()
+            self.metrics.requests.inc(request.model, outcome)
         if code is None:
-            reply = protocol.Reply(request.request_id, outputs=request.outputs)
-        else:
-            if code is not ErrorCode.OVERLOADED:
-                logger.info("request %s failed: %s %s", request.request_id, code.value, message,
-                            extra={"request_id": request.request_id, "model": request.model})
-            reply = protocol.Reply(
-                request.request_id, error_code=code.value, error_message=message, retry_after_ms=retry_after_ms
-            )
+            # Sent by _flush_replies(), together with the other requests of this gateway that the
+            # same batch result finished.
+            self._outbox.setdefault(request.gateway_id, []).append(request)
+            return
+        if code is not ErrorCode.OVERLOADED:
+            logger.info("request %s failed: %s %s", request.request_id, code.value, message,
+                        extra={"request_id": request.request_id, "model": request.model})
+        reply = protocol.Reply(
+            request.request_id, error_code=code.value, error_message=message, retry_after_ms=retry_after_ms
+        )
         self._send(self._frontend, request.gateway_id, reply)
+
+    def _flush_replies(self) -> None:
+        """Send the successful replies that _finish() held: one message per gateway, not per request."""
+        for gateway_id, finished in self._outbox.items():
+            start, size = 0, 0
+            for end, request in enumerate(finished, 1):
+                size += sum(map(len, request.outputs))
+                if size >= _REPLIES_MAX_BYTES or end == len(finished):
+                    chunk = finished[start:end]
+                    if len(chunk) == 1:
+                        message = protocol.Reply(chunk[0].request_id, outputs=chunk[0].outputs)
+                    else:
+                        message = protocol.Replies([r.request_id for r in chunk], [r.outputs for r in chunk])
+                    self._send(self._frontend, gateway_id, message)
+                    start, size = end, 0
+        self._outbox.clear()
 
     def _retry_after_ms(self, model: str, now: float) -> int:
         """How long until the queue has drained enough to take a request, at the recent rate."""
@@ -580,7 +603,7 @@ def _router(context: zmq.Context, hwm: int) -> zmq.Socket:
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_ITEM_BYTES + 4096)  # per frame, before allocation
+    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)  # refused before allocation
     socket.setsockopt(zmq.SNDHWM, hwm)  # past it a send raises Again: dropped and counted, never blocking
     socket.setsockopt(zmq.RCVHWM, hwm)
     socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings kill half-open TCP connections

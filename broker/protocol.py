@@ -1,13 +1,16 @@
 """Wire format shared by gateways, the broker and workers.
 
-The only module that touches msgpack or builds frames. A message is:
+The only module that touches msgpack or builds frames. A message is one frame:
 
-    [PROTOCOL_VERSION, kind (1 byte), header (msgpack map), item, item, ...]
+    PROTOCOL_VERSION (5 bytes) + kind (1 byte) + body (a msgpack map)
 
-The header carries everything the broker routes on. Items are the per-input payloads
-(request inputs, batch inputs, per-input outputs), each one a separately encoded value, so
-that the broker can split, regroup and forward them without decoding them. ROUTER sockets
-prepend the peer's routing identity; only broker/broker.py handles that frame.
+The body carries every field of the message. Items, the per-input payloads (request inputs,
+batch inputs, per-input outputs), sit in it as a list of msgpack bin values, each one a
+separately encoded value, so that the broker can split, regroup and forward them without
+decoding them. One frame rather than one per item: every frame costs a send and a receive
+call, and with five frames a request the broker spent more time in pyzmq than in its own
+code (bench.echo). ROUTER sockets prepend the peer's routing identity; only
+broker/broker.py handles that frame.
 
 Values travel as msgpack, except numpy arrays, which travel as raw little-endian buffers
 with their dtype and shape. Nothing here unpickles, and msgpack extension types are refused.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import threading
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,12 +30,13 @@ from typing import Any, Sequence, Union
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = b"DDML1"
+PROTOCOL_VERSION = b"DDML2"
 _VERSION_PREFIX = b"DDML"
+_BODY_AT = len(PROTOCOL_VERSION) + 1  # the body starts after the version and the kind byte
 
-MAX_HEADER_BYTES = 1 << 20  # the routing header; items are bounded separately
+MAX_MESSAGE_BYTES = 256 << 20  # one whole message (sockets refuse larger frames before allocating)
 MAX_ITEM_BYTES = 64 << 20  # one encoded input or output
-MAX_ITEMS = 1 << 16  # items (frames) in one message
+MAX_ITEMS = 1 << 16  # items in one message
 MAX_STR_LEN = 16 << 20  # one string inside a value
 MAX_CONTAINER_LEN = 1 << 20  # one list or map inside a value
 _NDARRAY_KEY = "__ndarray__"
@@ -59,6 +64,7 @@ class Kind(enum.IntEnum):
     STATUS_REQUEST = 8  # anyone -> broker: describe models, queues and workers
     STATUS = 9  # broker -> asker
     ERROR = 10  # broker -> peer: your message could not be understood
+    REPLIES = 11  # broker -> gateway: several successful replies in one message
 
 
 class ErrorCode(str, enum.Enum):
@@ -81,7 +87,7 @@ class ErrorCode(str, enum.Enum):
 # --------------------------------------------------------------------------- messages
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ready:
     models: list[str]  # model names this worker serves
     max_batch_size: int  # most inputs per batch
@@ -92,7 +98,7 @@ class Ready:
     metadata: dict = field(default_factory=dict)  # tensors in and out, for KServe v2: {"inputs": [...], ...}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Heartbeat:
     instance_id: str = ""  # broker -> peer: changes when the broker restarts
     stats: dict = field(default_factory=dict)  # worker -> broker: batches, items, memory
@@ -100,7 +106,7 @@ class Heartbeat:
     registration: int = 0  # worker: how many READYs it has sent; echoed in a DISCONNECT it prompts
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     request_id: str  # minted by the gateway; unique per gateway socket
     model: str
@@ -111,7 +117,7 @@ class Request:
     instance_id: str = ""  # the broker instance the client last heard; another one refuses it unrun
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Batch:
     batch_id: int
     model: str
@@ -120,7 +126,7 @@ class Batch:
     inputs: list[bytes] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchResult:
     batch_id: int
     outputs: list[bytes] = field(default_factory=list)  # one per input; b"" where it failed
@@ -132,7 +138,7 @@ class BatchResult:
         return BatchResult(batch_id, [b""] * size, [[i, code.value, message] for i in range(size)])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reply:
     request_id: str
     outputs: list[bytes] = field(default_factory=list)  # in input order
@@ -145,18 +151,28 @@ class Reply:
         return self.error_code is None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
+class Replies:
+    """Successful replies to one gateway, together: one batch result often finishes many of its
+    requests, and one message costs the broker and the gateway one send and one receive instead
+    of one per request."""
+
+    request_ids: list[str]
+    outputs: list[list[bytes]]  # per request: its outputs (encoded values) in input order
+
+
+@dataclass(slots=True)
 class Disconnect:
     reason: str = ""
     registration: int = 0  # to a worker: the registration this answers; a worker ignores older ones
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusRequest:
     request_id: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Status:
     request_id: str
     instance_id: str
@@ -165,14 +181,14 @@ class Status:
     stats: dict = field(default_factory=dict)  # broker-wide counters
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Error:
     code: str
     message: str
 
 
 Message = Union[
-    Ready, Heartbeat, Request, Batch, BatchResult, Reply, Disconnect, StatusRequest, Status, Error
+    Ready, Heartbeat, Request, Batch, BatchResult, Reply, Replies, Disconnect, StatusRequest, Status, Error
 ]
 
 _KIND_BY_TYPE: dict[type, Kind] = {
@@ -186,29 +202,31 @@ _KIND_BY_TYPE: dict[type, Kind] = {
     StatusRequest: Kind.STATUS_REQUEST,
     Status: Kind.STATUS,
     Error: Kind.ERROR,
+    Replies: Kind.REPLIES,
 }
-_TYPE_BY_KIND = {kind: t for t, kind in _KIND_BY_TYPE.items()}
-# The field that travels as item frames rather than inside the header.
+_TYPE_BY_KIND = {int(kind): t for t, kind in _KIND_BY_TYPE.items()}
+# The field that holds the items (a list of encoded values) for the kinds that have them.
 _ITEMS_FIELD = {Request: "inputs", Batch: "inputs", BatchResult: "outputs", Reply: "outputs"}
-_KIND_BYTES = {kind: bytes([kind]) for kind in Kind}
+_PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.items()}
+_MISSING = object()
 
 
-def _checker(annotation: Any) -> tuple[type, ...]:
-    """The isinstance() check for a header field, derived from its annotation."""
+def _checker(annotation: Any) -> frozenset[type]:
+    """The exact types a body field may have, derived from its annotation.
+
+    Exact, not isinstance(): msgpack yields only plain types, and this way a bool is never an int.
+    """
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
-        return tuple(t for arg in typing.get_args(annotation) for t in _checker(arg))
+        return frozenset(t for arg in typing.get_args(annotation) for t in _checker(arg))
     base = origin or annotation
-    if base is type(None):
-        return (type(None),)
     if base is float:
-        return (int, float)
-    return (base,)
+        return frozenset((int, float))
+    return frozenset((base,))
 
 
-def _schema(message_type: type) -> list[tuple[str, tuple[type, ...], bool]]:
+def _schema(message_type: type) -> list[tuple[str, frozenset[type], bool]]:
     hints = typing.get_type_hints(message_type)
-    items_field = _ITEMS_FIELD.get(message_type)
     return [
         (
             f.name,
@@ -216,71 +234,64 @@ def _schema(message_type: type) -> list[tuple[str, tuple[type, ...], bool]]:
             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
         )
         for f in dataclasses.fields(message_type)
-        if f.name != items_field
     ]
 
 
 _SCHEMAS = {t: _schema(t) for t in _KIND_BY_TYPE}
+_FIELD_NAMES = {t: tuple(name for name, _, _ in schema) for t, schema in _SCHEMAS.items()}
 
 
 def encode(message: Message) -> list[bytes]:
-    """Frames for one message, without the ROUTER identity frame."""
+    """The frames of one message (one frame), without the ROUTER identity frame."""
     message_type = type(message)
-    items_field = _ITEMS_FIELD.get(message_type)
-    header = {
-        name: getattr(message, name)
-        for name, _, _ in _SCHEMAS[message_type]
-    }
-    frames = [PROTOCOL_VERSION, _KIND_BYTES[_KIND_BY_TYPE[message_type]], _packb(header)]
-    if items_field is not None:
-        frames.extend(getattr(message, items_field))
-    return frames
+    body = {name: getattr(message, name) for name in _FIELD_NAMES[message_type]}
+    return [_PREFIX[message_type] + _packb(body)]
 
 
 def decode(frames: Sequence[bytes]) -> Message:
     """Parse frames from a peer. Raises DecodeError (never anything else) on bad input."""
-    if len(frames) < 3:
-        raise DecodeError(f"expected at least 3 frames, got {len(frames)}")
-    version = bytes(frames[0])
+    frame = frames[0] if frames else b""
+    version = bytes(frame[: len(PROTOCOL_VERSION)])
     if version != PROTOCOL_VERSION:
         if version.startswith(_VERSION_PREFIX):
             raise VersionMismatch(
                 f"peer speaks protocol {version[:16]!r}, this process speaks {PROTOCOL_VERSION!r}"
             )
-        raise DecodeError(f"not a ddml message: first frame {version[:16]!r}")
-    kind_frame = frames[1]
-    if len(kind_frame) != 1 or kind_frame[0] not in _TYPE_BY_KIND.keys():
-        raise DecodeError(f"unknown message kind {bytes(kind_frame[:8])!r}")
-    message_type = _TYPE_BY_KIND[kind_frame[0]]  # IntEnum keys match plain ints; no Enum() call per message
-    items_field = _ITEMS_FIELD.get(message_type)
-    items = list(frames[3:])
-    if items and items_field is None:
-        raise DecodeError(f"{message_type.__name__} takes no item frames, got {len(items)}")
-    if len(items) > MAX_ITEMS:
-        raise DecodeError(f"{len(items)} item frames exceed the limit of {MAX_ITEMS}")
-    if len(frames[2]) > MAX_HEADER_BYTES:
-        raise DecodeError(f"header of {len(frames[2])} bytes exceeds {MAX_HEADER_BYTES}")
-    header = _unpackb(frames[2], max_len=MAX_HEADER_BYTES)
-    if not isinstance(header, dict):
-        raise DecodeError(f"header must be a map, got {type(header).__name__}")
+        raise DecodeError(f"not a ddml message: first frame {bytes(frame[:16])!r}")
+    if len(frames) != 1:
+        raise DecodeError(f"a message is one frame, got {len(frames)}")
+    if len(frame) < _BODY_AT + 1:
+        raise DecodeError("message has no kind or no body")
+    message_type = _TYPE_BY_KIND.get(frame[_BODY_AT - 1])
+    if message_type is None:
+        raise DecodeError(f"unknown message kind {frame[_BODY_AT - 1]}")
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    body = _unpackb(memoryview(frame)[_BODY_AT:], max_len=MAX_ITEM_BYTES)
+    if type(body) is not dict:
+        raise DecodeError(f"body must be a map, got {type(body).__name__}")
     kwargs = {}
-    for name, expected, required in _SCHEMAS[message_type]:
-        if name not in header:
+    for name, allowed, required in _SCHEMAS[message_type]:
+        value = body.get(name, _MISSING)
+        if value is _MISSING:
             if required:
                 raise DecodeError(f"{message_type.__name__} lacks field {name!r}")
             continue
-        value = header[name]
-        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+        if type(value) not in allowed:
             raise DecodeError(
                 f"{message_type.__name__}.{name} must be "
-                f"{'/'.join(t.__name__ for t in expected)}, got {type(value).__name__}"
+                f"{'/'.join(sorted(t.__name__ for t in allowed))}, got {type(value).__name__}"
             )
         kwargs[name] = value
-    if items_field is not None:
-        for item in items:
-            if len(item) > MAX_ITEM_BYTES:
-                raise DecodeError(f"item of {len(item)} bytes exceeds {MAX_ITEM_BYTES}")
-        kwargs[items_field] = [bytes(item) for item in items]
+    items_field = _ITEMS_FIELD.get(message_type)
+    if items_field is not None and items_field in kwargs:
+        items = kwargs[items_field]
+        if len(items) > MAX_ITEMS:
+            raise DecodeError(f"{len(items)} items exceed the limit of {MAX_ITEMS}")
+        for item in items:  # their sizes were bounded while unpacking (max_bin_len)
+            if type(item) is not bytes:
+                raise DecodeError(f"{message_type.__name__}.{items_field} must hold bin values, "
+                                  f"got {type(item).__name__}")
     message = message_type(**kwargs)
     _check_invariants(message)
     return message
@@ -298,6 +309,12 @@ def _check_invariants(message: Message) -> None:
         for error in message.errors:
             if not (isinstance(error, list) and len(error) == 3 and isinstance(error[0], int)):
                 raise DecodeError(f"batch result error must be [index, code, message], got {error!r:.80}")
+    elif isinstance(message, Replies):
+        if len(message.request_ids) != len(message.outputs):
+            raise DecodeError(f"{len(message.request_ids)} request ids for {len(message.outputs)} output lists")
+        for outputs in message.outputs:
+            if type(outputs) is not list or any(type(output) is not bytes for output in outputs):
+                raise DecodeError("REPLIES outputs must be lists of bin values")
     elif isinstance(message, Reply) and message.error_code is not None:
         if message.error_code not in ErrorCode._value2member_map_:
             raise DecodeError(f"unknown error code {message.error_code!r:.40}")
@@ -309,6 +326,15 @@ def _check_invariants(message: Message) -> None:
                 f"READY needs max_batch_size >= 1 and max_batches >= 1, "
                 f"got {message.max_batch_size} and {message.max_batches}"
             )
+
+
+def replies_of(message: Message) -> list[Reply]:
+    """The replies that a REPLY or a REPLIES message carries; none for any other kind."""
+    if isinstance(message, Reply):
+        return [message]
+    if isinstance(message, Replies):
+        return [Reply(request_id, outputs) for request_id, outputs in zip(message.request_ids, message.outputs)]
+    return []
 
 
 # --------------------------------------------------------------------------- values
@@ -326,15 +352,28 @@ def decode_value(data: bytes) -> Any:
     return _unpackb(data, max_len=MAX_ITEM_BYTES, object_hook=_decode_ndarray)
 
 
+_packers = threading.local()
+
+
 def _packb(value: Any) -> bytes:
+    # A Packer per thread: msgpack.packb() builds one per call, which costs as much as the packing.
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True, default=_encode_special)
     try:
-        return msgpack.packb(value, use_bin_type=True, default=_encode_special)
+        return packer.pack(value)
     except (TypeError, ValueError, OverflowError) as error:
         raise TypeError(f"cannot encode {type(value).__name__} for the wire: {error}") from error
 
 
 def _unpackb(data: bytes, max_len: int, object_hook=None) -> Any:
     try:
+        if len(data) <= MAX_CONTAINER_LEN:
+            # msgpack derives its own caps from len(data) (maps: half of it), and up to this size they
+            # are exactly the caps below. Passing them costs more than the unpacking (5 µs vs 2.5).
+            if object_hook is None:
+                return msgpack.unpackb(data, ext_hook=_refuse_ext)
+            return msgpack.unpackb(data, ext_hook=_refuse_ext, object_hook=object_hook)
         return msgpack.unpackb(
             data,
             raw=False,

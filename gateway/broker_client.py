@@ -133,12 +133,13 @@ class BrokerClient:
             except protocol.DecodeError as error:
                 logger.warning("dropped malformed message from broker: %s", error)
                 continue
-            if isinstance(reply, protocol.Reply) and reply.request_id == request_id:
-                with self._lock:
-                    self.replies += 1
-                return _outputs_of(reply)
-            with self._lock:  # the late reply of an earlier request this thread gave up on
-                self.unmatched_replies += 1
+            replies = protocol.replies_of(reply)
+            mine = next((r for r in replies if r.request_id == request_id), None)
+            with self._lock:  # the others: late replies of earlier requests this thread gave up on
+                self.unmatched_replies += len(replies) - (mine is not None)
+                self.replies += mine is not None
+            if mine is not None:
+                return _outputs_of(mine)
 
     def _request_message(self, request_id: str, model: str, inputs: list, encoded: list[bytes],
                          timeout_s: float, priority: int) -> protocol.Request:
@@ -315,20 +316,26 @@ class BrokerClient:
                 logger.warning("dropped malformed message from broker: %s", error)
                 continue
             match message:
-                case protocol.Reply() | protocol.Status():
-                    with self._lock:
-                        future = self._pending.pop(message.request_id, None)
-                    if future is None:
-                        self.unmatched_replies += 1
-                    else:
-                        self.replies += 1
-                        future.set_result(message)
+                case protocol.Reply() | protocol.Replies():
+                    for reply in protocol.replies_of(message):
+                        self._resolve(reply.request_id, reply)
+                case protocol.Status():
+                    self._resolve(message.request_id, message)
                 case protocol.Heartbeat():
                     self._on_heartbeat(message.instance_id)
                 case protocol.Error():
                     logger.error("broker refused a message: %s %s", message.code, message.message)
                 case _:
                     logger.warning("unexpected %s from broker", type(message).__name__)
+
+    def _resolve(self, request_id: str, answer: protocol.Message) -> None:
+        with self._lock:
+            future = self._pending.pop(request_id, None)
+        if future is None:
+            self.unmatched_replies += 1
+        else:
+            self.replies += 1
+            future.set_result(answer)
 
     def _on_heartbeat(self, instance_id: str) -> None:
         if self.broker_instance_id and instance_id != self.broker_instance_id:

@@ -239,29 +239,30 @@ def test_10000_malformed_messages_on_both_sockets_leave_the_broker_serving(stack
     rss_before = rss_bytes(broker.pid)
 
     rng = random.Random(1)
-    header = protocol.encode(protocol.Heartbeat())[2]
+    body = protocol.encode(protocol.Heartbeat())[0][6:]
 
     def garbage(n: int) -> list[bytes]:
         shape = n % 10
         if shape == 0:
             return [rng.randbytes(rng.randint(0, 64))]
         if shape == 1:
-            return [b"DDML1"]
+            return [b"DDML2"]
         if shape == 2:
-            return [b"DDML1", b"\x03", b"\xdd\xff\xff\xff\xff"]  # an array of 4 billion items, in 5 bytes
+            return [b"DDML2\x03\xdd\xff\xff\xff\xff"]  # an array of 4 billion items, in 5 bytes
         if shape == 3:
-            return [b"DDML1", b"\x03", protocol.encode(protocol.Heartbeat())[2]]  # wrong fields for REQUEST
+            return [b"DDML2\x03" + body]  # wrong fields for REQUEST
         if shape == 4:
-            return [b"DDML7", b"\x03", header]  # another protocol version
+            return [b"DDML1", b"\x02", body]  # another protocol version
         if shape == 5:
-            return [b"DDML1", b"\x05", protocol.encode(protocol.BatchResult(rng.randint(1, 10**9)))[2], b"x"]
+            return protocol.encode(protocol.BatchResult(rng.randint(1, 10**9), outputs=[b"x"]))
         if shape == 6:
-            return [b"DDML1", bytes([rng.randint(11, 255)]), header]
+            return [b"DDML2" + bytes([rng.randint(11, 255)]) + body]
         if shape == 7:
-            return [b"DDML1", b"\x01", b"\x81\xa6models\xc0"]  # READY with models = nil
+            return [b"DDML2\x01\x81\xa6models\xc0"]  # READY with models = nil
         if shape == 8:
-            return [b"DDML1", b"\x02", b"\xc7\x01\x05\x00"]  # a msgpack extension type
-        return [b"DDML1", b"\x03", header] + [b""] * rng.randint(1, 300)
+            return [b"DDML2\x02\xc7\x01\x05\x00"]  # a msgpack extension type
+        request = protocol.Request("r", "echo", 1000, inputs=[b"\xa1x"])
+        return protocol.encode(request) + [b""] * rng.randint(1, 300)  # a message is one frame
 
     context = zmq.Context()
     try:

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from broker import batching
 from broker.batching import Batcher, PendingRequest
 from broker.config import BatchingConfig
 
@@ -140,6 +141,20 @@ def test_token_budget_caps_padded_batch_size():
     [first, second] = batcher.assign([Worker(b"w1"), Worker(b"w2")], now=0.0)
     assert ids(first) == [("r", 0), ("r", 1)]  # adding the 40 would pad 3 inputs to 120 tokens
     assert ids(second) == [("r", 2), ("r", 3)]
+
+
+def test_byte_budget_keeps_a_batch_within_one_message(monkeypatch):
+    monkeypatch.setattr(batching, "_MAX_BATCH_BYTES", 10)
+    batcher = Batcher(BatchingConfig())
+    big = PendingRequest(b"gw", "big", "m", [b"x" * 25], [], 0, enqueued_at=0.0, deadline_at=10.0)
+    batcher.add(request("abcd", n=3), now=0.0)  # inputs of 4 bytes each
+    batcher.add(big, now=0.0)
+    dispatches = batcher.assign([Worker(b"w1"), Worker(b"w2"), Worker(b"w3")], now=0.0)
+    assert [ids(d) for d in dispatches] == [
+        [("abcd", 0), ("abcd", 1)],  # a third would make 12 bytes
+        [("abcd", 2)],
+        [("big", 0)],  # alone, an input over the budget still goes: an item has its own limit
+    ]
 
 
 def test_one_worker_with_room_for_two_batches_gets_two():

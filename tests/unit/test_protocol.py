@@ -30,53 +30,60 @@ def test_every_message_round_trips(message):
 def test_heartbeat_golden_bytes():
     frames = protocol.encode(protocol.Heartbeat())
     assert frames == [
-        b"DDML1",
-        b"\x02",
-        b"\x84" + b"\xabinstance_id" + b"\xa0" + b"\xa5stats" + b"\x80" + b"\xa8draining" + b"\xc2"
+        b"DDML2\x02"
+        + b"\x84" + b"\xabinstance_id" + b"\xa0" + b"\xa5stats" + b"\x80" + b"\xa8draining" + b"\xc2"
         + b"\xacregistration" + b"\x00",
     ]
 
 
-def test_request_golden_bytes_put_inputs_in_their_own_frames():
+def test_request_golden_bytes_carry_inputs_as_bin_values_in_one_frame():
     frames = protocol.encode(protocol.Request("r1", "echo", timeout_ms=100, inputs=[b"\xa1x"]))
     assert frames == [
-        b"DDML1",
-        b"\x03",
-        b"\x86\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64\xa5sizes\x90\xa8priority\x00"
-        b"\xabinstance_id\xa0",
-        b"\xa1x",
+        b"DDML2\x03"
+        b"\x87\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64\xa6inputs\x91\xc4\x02\xa1x"
+        b"\xa5sizes\x90\xa8priority\x00\xabinstance_id\xa0",
     ]
 
 
+def _frame(kind: int, body) -> list[bytes]:
+    return [b"DDML2" + bytes([kind]) + (body if isinstance(body, bytes) else msgpack.packb(body))]
+
+
 def test_hand_built_request_decodes():
-    header = msgpack.packb({"request_id": "7", "model": "m", "timeout_ms": 5})
-    message = protocol.decode([b"DDML1", b"\x03", header, b"\xc0"])
+    message = protocol.decode(_frame(3, {"request_id": "7", "model": "m", "timeout_ms": 5, "inputs": [b"\xc0"]}))
     assert message == protocol.Request("7", "m", 5, inputs=[b"\xc0"])
+
+
+def test_unknown_body_fields_are_ignored():
+    message = protocol.decode(_frame(2, {"instance_id": "b", "added_in_a_later_minor": [1, 2]}))
+    assert message == protocol.Heartbeat("b")
 
 
 @pytest.mark.parametrize(
     "frames, complaint",
     [
-        ([], "at least 3 frames"),
-        ([b"DDML1", b"\x02"], "at least 3 frames"),
-        ([b"HTTP/1.1", b"\x02", b"\x80"], "not a ddml message"),
-        ([b"DDML1", b"\x63", b"\x80"], "unknown message kind"),
-        ([b"DDML1", b"\x02\x02", b"\x80"], "unknown message kind"),
-        ([b"DDML1", b"\x02", b"\xc1"], "DecodeError|Unpack|ExtraData|ValueError|FormatError"),
-        ([b"DDML1", b"\x02", b"\x93\x01\x02\x03"], "header must be a map"),
-        ([b"DDML1", b"\x03", msgpack.packb({"model": "m", "timeout_ms": 1})], "lacks field 'request_id'"),
-        ([b"DDML1", b"\x03", msgpack.packb({"request_id": 1, "model": "m", "timeout_ms": 1})], "must be str"),
-        ([b"DDML1", b"\x03", msgpack.packb({"request_id": "1", "model": "m", "timeout_ms": True})], "must be int"),
-        ([b"DDML1", b"\x02", msgpack.packb({}), b"extra"], "takes no item frames"),
-        ([b"DDML1", b"\x02", b"\xdd\x7f\xff\xff\xff"], "exceeds|ValueError"),  # array of 2^31 in 5 bytes
-        ([b"DDML1", b"\x02", b"\xd4\x01\x00"], "extension type|ExtType|ext"),
-        ([b"DDML1", b"\x01", msgpack.packb({"models": [], "max_batch_size": 1})], "at least one model"),
-        ([b"DDML1", b"\x01", msgpack.packb({"models": ["m"], "max_batch_size": 0})], "max_batch_size >= 1"),
-        ([b"DDML1", b"\x04", msgpack.packb({"batch_id": 1, "model": "m", "request_ids": ["a"], "timeout_ms": 1})],
+        ([], "not a ddml message"),
+        ([b"DDML2"], "no kind or no body"),
+        ([b"DDML2\x02"], "no kind or no body"),
+        ([b"HTTP/1.1 200"], "not a ddml message"),
+        (_frame(2, {}) + [b"extra"], "one frame, got 2"),
+        (_frame(0x63, {}), "unknown message kind 99"),
+        (_frame(2, b"\xc1"), "DecodeError|Unpack|ExtraData|ValueError|FormatError"),
+        (_frame(2, b"\x93\x01\x02\x03"), "body must be a map"),
+        (_frame(3, {"model": "m", "timeout_ms": 1}), "lacks field 'request_id'"),
+        (_frame(3, {"request_id": 1, "model": "m", "timeout_ms": 1}), "must be str"),
+        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": True}), "must be int"),
+        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": 1, "inputs": ["text"]}), "must hold bin"),
+        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": 1, "inputs": b"x"}), "inputs must be list"),
+        (_frame(2, b"\xdd\x7f\xff\xff\xff"), "exceeds|ValueError"),  # array of 2^31 in 5 bytes
+        (_frame(2, b"\xd4\x01\x00"), "extension type|ExtType|ext"),
+        (_frame(1, {"models": [], "max_batch_size": 1}), "at least one model"),
+        (_frame(1, {"models": ["m"], "max_batch_size": 0}), "max_batch_size >= 1"),
+        (_frame(4, {"batch_id": 1, "model": "m", "request_ids": ["a"], "timeout_ms": 1}),
          "1 request ids for 0 inputs"),
-        ([b"DDML1", b"\x06", msgpack.packb({"request_id": "1", "error_code": "NOPE"})], "unknown error code"),
-        ([b"DDML1", b"\x05", msgpack.packb({"batch_id": 1, "errors": [[0]]})], "index, code, message"),
-        ([b"DDML1", b"\x02", msgpack.packb({1: 2})], "DecodeError|ValueError|keys"),
+        (_frame(6, {"request_id": "1", "error_code": "NOPE"}), "unknown error code"),
+        (_frame(5, {"batch_id": 1, "errors": [[0]]}), "index, code, message"),
+        (_frame(2, {1: 2}), "DecodeError|ValueError|keys"),
     ],
 )
 def test_malformed_frames_raise_decode_error_and_nothing_else(frames, complaint):
@@ -84,19 +91,27 @@ def test_malformed_frames_raise_decode_error_and_nothing_else(frames, complaint)
         protocol.decode(frames)
 
 
-def test_another_protocol_version_is_named_in_the_error():
-    with pytest.raises(protocol.VersionMismatch, match="DDML2"):
-        protocol.decode([b"DDML2", b"\x02", b"\x80"])
+@pytest.mark.parametrize("frames", [
+    [b"DDML1", b"\x02", b"\x80"],  # how a version-1 peer frames a heartbeat
+    [b"DDML3\x02\x80"],
+])
+def test_another_protocol_version_is_named_in_the_error(frames):
+    version = frames[0][:5].decode()
+    with pytest.raises(protocol.VersionMismatch, match=version):
+        protocol.decode(frames)
 
 
 def test_random_bytes_never_raise_anything_but_decode_error():
     rng = np.random.default_rng(0)
-    for _ in range(2000):
-        frames = [rng.bytes(int(rng.integers(0, 40))) for _ in range(int(rng.integers(0, 6)))]
-        if rng.random() < 0.5 and frames:
-            frames[0] = b"DDML1"
-        if rng.random() < 0.5 and len(frames) > 1:
-            frames[1] = bytes([int(rng.integers(1, 11))])
+    bodies = [protocol.encode(m)[0][6:] for m in MESSAGES]
+    for _ in range(3000):
+        frames = [rng.bytes(int(rng.integers(0, 40))) for _ in range(int(rng.integers(0, 3)))]
+        if rng.random() < 0.7 and frames:
+            body = bodies[int(rng.integers(len(bodies)))] if rng.random() < 0.5 else frames[0]
+            if rng.random() < 0.5 and body:  # corrupt a valid body in one place
+                at = int(rng.integers(len(body)))
+                body = body[:at] + rng.bytes(1) + body[at + 1:]
+            frames[0] = b"DDML2" + bytes([int(rng.integers(1, 11))]) + body
         try:
             protocol.decode(frames)
         except DecodeError:
@@ -132,8 +147,8 @@ def test_unencodable_values_raise_type_error():
 
 def test_error_codes_are_strings_on_the_wire():
     reply = protocol.Reply("r", error_code=ErrorCode.TIMEOUT.value)
-    header = msgpack.unpackb(protocol.encode(reply)[2])
-    assert header["error_code"] == "TIMEOUT"
+    body = msgpack.unpackb(protocol.encode(reply)[0][6:])
+    assert body["error_code"] == "TIMEOUT"
 
 
 def test_http_documents_refuse_extension_types():
