@@ -45,7 +45,8 @@ def build_parser() -> Parser:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per input for built-in text models")
     parser.add_argument("--chunk-size", type=int, default=0,
                         help="built-in text models sort each batch by length and run it in passes of at most "
-                             "this many inputs; 0 = by device (16 on the CPU, 1024 on CUDA)")
+                             "this many inputs; 0 = by device (16 on the CPU, where a smaller batch still runs as "
+                             "two halves of at least 8; 1024 on CUDA)")
     parser.add_argument("--chunk-tokens", type=int, default=0,
                         help="most padded tokens per pass; 0 = by device (2048 on the CPU, 65536 on CUDA)")
     parser.add_argument("--heartbeat-interval-ms", type=float, default=1000.0, help="heartbeat period")

@@ -23,3 +23,17 @@ def test_every_input_lands_in_exactly_one_pass(tmp_path):
     passes = chunks(tmp_path, lengths, max_chunk=16, chunk_tokens=2048)
     assert sorted(k for p in passes for k in p) == list(range(64))
     assert all(len(p) <= 16 and max(lengths[k] for k in p) * len(p) <= 2048 for p in passes)
+
+
+def test_a_small_batch_still_runs_as_two_sorted_halves_down_to_min_chunk(tmp_path):
+    model = HFTextModel(model_path=str(tmp_path), max_chunk=16, chunk_tokens=10**9)
+    model.min_chunk = 8
+
+    def sizes(n: int) -> list[int]:
+        return [len(p) for p in model._chunks(list(range(n)), [1] * n)]
+
+    assert sizes(64) == [16, 16, 16, 16]
+    assert sizes(24) == [12, 12]
+    assert sizes(16) == [8, 8]
+    assert sizes(10) == [8, 2]
+    assert sizes(8) == [8]
