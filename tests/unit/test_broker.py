@@ -97,6 +97,38 @@ def test_replies_go_back_to_the_gateway_that_asked_and_no_other(harness):
     assert nothing_pending(gw_a) and nothing_pending(gw_b)
 
 
+def test_successes_a_batch_finishes_for_one_gateway_go_back_in_one_replies_message(harness):
+    worker = harness.worker(b"w1", max_batch_size=8, max_batches=1)
+    gw_a, gw_b = harness.gateway(b"A"), harness.gateway(b"B")
+    for n in range(3):
+        send_request(gw_a, f"a{n}", [f"a{n}"])
+    send_request(gw_b, "b0", ["b0"])
+    send_request(gw_a, "bad", [12])  # fails: str.upper of an int, reported per input
+    harness.step()
+    batch = recv(worker)
+    assert len(batch.inputs) == 5
+    outputs, errors = [], []
+    for index, item in enumerate(batch.inputs):
+        value = protocol.decode_value(item)
+        if isinstance(value, str):
+            outputs.append(protocol.encode_value(value.upper()))
+        else:
+            outputs.append(b"")
+            errors.append([index, "BAD_REQUEST", "not a string"])
+    worker.send_multipart(protocol.encode(protocol.BatchResult(batch.batch_id, outputs, errors)))
+    harness.step()
+    to_a = [recv(gw_a), recv(gw_a)]
+    replies_message = next(m for m in to_a if isinstance(m, protocol.Replies))
+    error = next(m for m in to_a if isinstance(m, protocol.Reply))
+    assert sorted(replies_message.request_ids) == ["a0", "a1", "a2"]
+    assert {r.request_id: [protocol.decode_value(x) for x in r.outputs]
+            for r in protocol.replies_of(replies_message)} == {"a0": ["A0"], "a1": ["A1"], "a2": ["A2"]}
+    assert (error.request_id, error.error_code) == ("bad", "BAD_REQUEST")
+    lone = recv(gw_b)
+    assert isinstance(lone, protocol.Reply) and [protocol.decode_value(x) for x in lone.outputs] == ["B0"]
+    assert nothing_pending(gw_a) and nothing_pending(gw_b)
+
+
 def test_large_request_is_split_and_reassembled_in_order(harness):
     w1, w2 = harness.worker(b"w1", max_batch_size=3), harness.worker(b"w2", max_batch_size=3)
     gateway = harness.gateway(b"A")

@@ -19,6 +19,7 @@ MESSAGES = [
     protocol.StatusRequest("s1"),
     protocol.Status("s1", "inst", models={"m": {"workers": 1}}, workers=[{"worker_id": "00"}], stats={"x": 1}),
     protocol.Error("BAD_VERSION", "speak DDML1"),
+    protocol.Replies(["r1", "r2"], [[b"\x01"], [b"\x02", b"\x03"]]),
 ]
 
 
@@ -84,6 +85,8 @@ def test_unknown_body_fields_are_ignored():
         (_frame(6, {"request_id": "1", "error_code": "NOPE"}), "unknown error code"),
         (_frame(5, {"batch_id": 1, "errors": [[0]]}), "index, code, message"),
         (_frame(2, {1: 2}), "DecodeError|ValueError|keys"),
+        (_frame(11, {"request_ids": ["a", "b"], "outputs": [[b"x"]]}), "2 request ids for 1 output lists"),
+        (_frame(11, {"request_ids": ["a"], "outputs": [["text"]]}), "lists of bin values"),
     ],
 )
 def test_malformed_frames_raise_decode_error_and_nothing_else(frames, complaint):
