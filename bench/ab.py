@@ -1,6 +1,7 @@
-"""A/B of ddml settings in one run: alternate two broker or worker configurations, same load.
+"""A/B of ddml settings in one run: alternate two broker, worker or gateway configurations, same load.
 
     .venv/bin/python -m bench.ab --a "--refill-wait-max-ms 0" --b "" [--role broker] [--rounds 2]
+    .venv/bin/python -m bench.ab --role gateway --a "--workers 1" --b "--workers 2" --concurrency 1,16,64
 
 Each round starts ddml with A, runs wrk at each concurrency, stops it, then does the same with
 B, so both see the same machine. Prints req/s, p50, p99 and the mean batch per round.
@@ -22,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", required=True, help="flags of configuration A")
     parser.add_argument("--b", required=True, help="flags of configuration B")
-    parser.add_argument("--role", choices=("broker", "worker"), default="broker")
+    parser.add_argument("--role", choices=("broker", "worker", "gateway"), default="broker")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--concurrency", default="16,64")
@@ -30,11 +31,11 @@ def main() -> None:
     logdir = Path(tempfile.mkdtemp(prefix="ddml-ab-"))
     bodies = logdir / "bodies.jsonl"
     compare.write_bodies(bodies)
-    variable = "BENCH_DDML_BROKER_FLAGS" if args.role == "broker" else "BENCH_DDML_WORKER_FLAGS"
+    variable = f"BENCH_DDML_{args.role.upper()}_FLAGS"
     rows: dict[tuple[str, int], list[compare.Point]] = {}
     for round_index in range(args.rounds):
         for label, flags in (("A", args.a), ("B", args.b)):
-            os.environ[variable] = flags if args.role == "broker" else (flags or "--torch-threads 2")
+            os.environ[variable] = flags if args.role != "worker" else (flags or "--torch-threads 2")
             running = compare.start("ddml", logdir / f"{round_index}{label}", str(default_model_path()))
             try:
                 compare.run_wrk(running, 16, 3, bodies)  # warm-up

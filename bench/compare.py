@@ -165,7 +165,7 @@ def start(name: str, logdir: Path, model_dir: str) -> Running:
         stack.start_broker(*os.environ.get("BENCH_DDML_BROKER_FLAGS", "").split())
         stack.start_worker("--model", "minilm", "--device", "cpu", "--max-batch-size", "64",
                            *os.environ.get("BENCH_DDML_WORKER_FLAGS", "--torch-threads 2").split())
-        _, url = stack.start_gateway()
+        _, url = stack.start_gateway(*os.environ.get("BENCH_DDML_GATEWAY_FLAGS", "").split())
         running = Running(name, url, "/v1/models/minilm/predict", stack=stack)
         running.logs = [p.log_path for p in stack.processes]
     elif name.startswith("naive-"):

@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 from broker.cli import Parser, env_name
+from gateway.config import DEFAULT_THREADS, DEFAULT_WORKERS
 
 _FLAGS_FOR_ENV = (
     "broker", "bind", "workers", "threads", "max_body_bytes", "max_inputs", "max_input_chars",
@@ -23,8 +24,9 @@ def build_parser() -> Parser:
     parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn, forwarding to a broker.")
     parser.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend endpoint")
     parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT to listen on")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
-    parser.add_argument("--threads", type=int, default=64, help="request threads per gunicorn process")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="gunicorn worker processes (default: half the cores, at least 1)")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="request threads per gunicorn process")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger bodies get 413")
     parser.add_argument("--max-inputs", type=int, default=4096, help="inputs per request; more get 400")
     parser.add_argument("--max-input-chars", type=int, default=1 << 20,

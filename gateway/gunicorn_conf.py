@@ -1,16 +1,17 @@
 """gunicorn settings for the gateway: `gunicorn -c python:gateway.gunicorn_conf 'gateway.app:get_app()'`.
 
-Threaded workers (gthread): each request thread blocks on its reply while one I/O thread per
-process talks to the broker, so a few processes with many threads carry many concurrent
-requests. ddml-gateway sets these through DDML_* variables; each has a default that fits a
-small machine.
+Threaded workers (gthread): each request thread sends on its own DEALER and blocks on its
+reply, so a few processes with many threads carry many concurrent requests. ddml-gateway sets these through DDML_* variables; the defaults for processes and
+threads, and the measurement behind them, are in gateway/config.py.
 """
 
 import os
 
+from gateway.config import DEFAULT_THREADS, DEFAULT_WORKERS
+
 bind = os.environ.get("DDML_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("DDML_WORKERS", "2"))
-threads = int(os.environ.get("DDML_THREADS", "64"))
+workers = int(os.environ.get("DDML_WORKERS", DEFAULT_WORKERS))
+threads = int(os.environ.get("DDML_THREADS", DEFAULT_THREADS))
 worker_class = "gthread"
 backlog = 2048
 keepalive = 5
