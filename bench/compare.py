@@ -1,7 +1,7 @@
 """ddml side by side with its peers, in one run, on the same model, workload and request shape.
 
     bash bench/peers/setup.sh                       # once: mosec and service-streamer venvs, wrk
-    .venv/bin/python -m bench.compare [--seconds 15] [--concurrency 1,16,64,256] [--systems ...]
+    .venv/bin/python -m bench.compare [--seconds 15] [--rounds 2] [--concurrency 1,16,64,256] [--systems ...]
     .venv/bin/python -m bench.compare --echo        # the broker and the gateway alone
 
 Systems (all on 127.0.0.1, all answering POST {"inputs": ["one sentence"]} with its embedding):
@@ -17,7 +17,12 @@ Before timing, each system's embeddings of six check sentences must match the in
 (cosine >= 0.9999). Load comes from wrk with bench/wrk/post.lua, which sends the seeded workload
 (bench/workload.py: single sentences of 5 to 60 words), a different body each time. Server CPU
 is the CPU time of every process of the system (its whole process tree), over the wall time.
-At the end: one Markdown table, and the issue's targets computed from this run's figures.
+
+All systems run side by side, and --rounds rounds (default 2) each measure every system at
+every concurrency, in an order that rotates, so that a slow spell of this shared machine lands
+on all of them. The idle CPU of each system, while all run, is printed first. At the end: one
+Markdown table of medians over the rounds (with each round's req/s), and the issue's targets
+computed from them.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Point:
     errors: int
     cpu_cores: float  # server CPU seconds per wall second, all its processes
     mean_batch: float | None = None
+    rounds: list[float] = field(default_factory=list)  # req/s of each round, when medians are reported
 
 
 @dataclass
@@ -250,6 +256,28 @@ def measure(running: Running, concurrency: int, seconds: float, bodies: Path) ->
                  result["p99_us"] / 1000, result["status_errors"] + result["socket_errors"], cores, mean_batch)
 
 
+def median_point(points: list[Point]) -> Point:
+    """One figure per column over rounds: medians, except errors, which add up."""
+    def median(values):
+        return statistics.median(values) if values else None
+
+    first = points[0]
+    batches = [p.mean_batch for p in points if p.mean_batch is not None]
+    return Point(first.system, first.concurrency, median([p.req_per_s for p in points]),
+                 median([p.p50_ms for p in points]), median([p.p99_ms for p in points]),
+                 sum(p.errors for p in points), median([p.cpu_cores for p in points]), median(batches),
+                 rounds=[p.req_per_s for p in points])
+
+
+def idle_cores(systems: list[Running], seconds: float) -> dict[str, float]:
+    """CPU each system burns with no load, while the others run too (what it takes from them)."""
+    pids = {running.name: running.pids() for running in systems}
+    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    time.sleep(seconds)
+    return {name: sum(cpu_seconds(p).get(pid, 0.0) - before[name].get(pid, 0.0) for pid in p) / seconds
+            for name, p in pids.items()}
+
+
 def write_bodies(path: Path, count: int = 5000) -> None:
     with open(path, "w") as out:
         for text in sentences(count, seed=2):
@@ -269,14 +297,15 @@ def report(limit: dict, points: list[Point], checks: dict[str, float]) -> None:
         print(f"| {size} | {rate:.1f} |")
     print(f"| 64, length-sorted | {sorted64:.1f} |")
     print(f"\nbatch-1 latency p50: {limit['batch1_p50_ms']:.2f} ms\n")
-    print("## Over HTTP (wrk), one run\n")
-    print("| system | concurrency | req/s | p50 ms | p99 ms | errors | ÷ sorted limit | ÷ padded limit "
-          "| server CPU (cores) | mean batch |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("## Over HTTP (wrk), one run: medians over rounds\n")
+    print("| system | concurrency | req/s | req/s per round | p50 ms | p99 ms | errors | ÷ sorted limit "
+          "| ÷ padded limit | server CPU (cores) | mean batch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in points:
         batch = f"{p.mean_batch:.1f}" if p.mean_batch is not None else ""
-        print(f"| {p.system} | {p.concurrency} | {p.req_per_s:.1f} | {p.p50_ms:.1f} | {p.p99_ms:.1f} | {p.errors} "
-              f"| {p.req_per_s / sorted64:.2f} | {p.req_per_s / padded_best:.2f} | {p.cpu_cores:.2f} | {batch} |")
+        print(f"| {p.system} | {p.concurrency} | {p.req_per_s:.1f} | {', '.join(f'{r:.1f}' for r in p.rounds)} "
+              f"| {p.p50_ms:.1f} | {p.p99_ms:.1f} | {p.errors} | {p.req_per_s / sorted64:.2f} "
+              f"| {p.req_per_s / padded_best:.2f} | {p.cpu_cores:.2f} | {batch} |")
     print(f"\npadded limit: {padded_best:.1f} items/s at batch {best_size}; sorted limit: {sorted64:.1f} items/s")
     print("correctness (lowest cosine to in-process): "
           + ", ".join(f"{name} {value:.6f}" for name, value in checks.items()))
@@ -371,6 +400,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="per wrk run")
     parser.add_argument("--concurrency", default="1,16,64,256")
     parser.add_argument("--systems", default="ddml,naive-1,naive-2,mosec,streamer")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over every system and concurrency; "
+                        "the table gives medians")
     parser.add_argument("--limit-seconds", type=float, default=5.0, help="per in-process measurement")
     parser.add_argument("--echo", action="store_true", help="only the echo mode: broker and gateway, no model")
     parser.add_argument("--device", default="cpu", help="for the limit (ddml's worker: BENCH_DDML_WORKER_FLAGS)")
@@ -395,24 +426,37 @@ def main() -> None:
     bodies = logdir / "bodies.jsonl"
     write_bodies(bodies)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    points: list[Point] = []
+    names = args.systems.split(",")
     checks: dict[str, float] = {}
-    for name in args.systems.split(","):
-        print(f"starting {name} ...", flush=True)
-        running = start(name, logdir, model_dir)
-        try:
+    systems: dict[str, Running] = {}
+    rounds: dict[tuple[str, int], list[Point]] = {}
+    try:
+        # All systems run side by side, and each round measures every one of them at each
+        # concurrency, in an order that rotates: a slow spell of this shared machine then lands
+        # on all of them, not on whichever happened to run during it.
+        for name in names:
+            print(f"starting {name} ...", flush=True)
+            systems[name] = running = start(name, logdir, model_dir)
             checks[name] = check_embeddings(running, reference)
             if checks[name] < 0.9999:
                 sys.exit(f"{name}: embeddings differ from in-process ones (cosine {checks[name]:.6f}); not timing it")
             run_wrk(running, 16, 3, bodies)  # warm-up
-            for concurrency in concurrencies:
-                point = measure(running, concurrency, args.seconds, bodies)
-                points.append(point)
-                print(f"  {name} c{concurrency}: {point.req_per_s:.1f} req/s, p50 {point.p50_ms:.1f} ms, "
-                      f"p99 {point.p99_ms:.1f} ms, errors {point.errors}, CPU {point.cpu_cores:.2f}"
-                      + (f", mean batch {point.mean_batch:.1f}" if point.mean_batch is not None else ""), flush=True)
-        finally:
+        idle = idle_cores(list(systems.values()), 5.0)
+        print("idle CPU (cores) while all run: " + ", ".join(f"{n} {c:.3f}" for n, c in idle.items()), flush=True)
+        for round_index in range(args.rounds):
+            for step, concurrency in enumerate(concurrencies):
+                shift = (round_index + step) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    point = measure(systems[name], concurrency, args.seconds, bodies)
+                    rounds.setdefault((name, concurrency), []).append(point)
+                    print(f"  round {round_index + 1} {name} c{concurrency}: {point.req_per_s:.1f} req/s, "
+                          f"p50 {point.p50_ms:.1f} ms, p99 {point.p99_ms:.1f} ms, errors {point.errors}, "
+                          f"CPU {point.cpu_cores:.2f}"
+                          + (f", mean batch {point.mean_batch:.1f}" if point.mean_batch is not None else ""), flush=True)
+    finally:
+        for running in systems.values():
             running.stop()
+    points = [median_point(rounds[name, c]) for name in names for c in concurrencies if (name, c) in rounds]
     report(limit, points, checks)
 
 
