@@ -269,6 +269,16 @@ def median_point(points: list[Point]) -> Point:
                  rounds=[p.req_per_s for p in points])
 
 
+def settle(running: Running, timeout_s: float = 300.0) -> None:
+    """Wait until the system is idle again: wrk stops with up to `concurrency` requests in flight,
+    and a server keeps computing them (at c256 on a CPU, that is seconds of work)."""
+    give_up_at = time.monotonic() + timeout_s
+    while time.monotonic() < give_up_at:
+        if idle_cores([running], 0.5)[running.name] < 0.1:
+            return
+    print(f"  ({running.name} still busy {timeout_s:.0f} s after its run)", flush=True)
+
+
 def idle_cores(systems: list[Running], seconds: float) -> dict[str, float]:
     """CPU each system burns with no load, while the others run too (what it takes from them)."""
     pids = {running.name: running.pids() for running in systems}
@@ -448,6 +458,7 @@ def main() -> None:
                 shift = (round_index + step) % len(names)
                 for name in names[shift:] + names[:shift]:
                     point = measure(systems[name], concurrency, args.seconds, bodies)
+                    settle(systems[name])  # the requests wrk left behind must not run into the next system's turn
                     rounds.setdefault((name, concurrency), []).append(point)
                     print(f"  round {round_index + 1} {name} c{concurrency}: {point.req_per_s:.1f} req/s, "
                           f"p50 {point.p50_ms:.1f} ms, p99 {point.p99_ms:.1f} ms, errors {point.errors}, "
