@@ -123,9 +123,16 @@ class Batcher:
         return self.queued_requests(model) >= self._config.max_queue
 
     def add(self, request: PendingRequest, now: float) -> None:
-        queue = self._queue(request.model, request.priority)
-        queue.extend(WorkItem(request, i, now) for i in range(len(request.inputs)))
-        self._count_queued(request, len(request.inputs))
+        levels = self._queues.get(request.model)
+        queue = levels.get(request.priority) if levels else None
+        if queue is None:
+            queue = self._queue(request.model, request.priority)
+        count = len(request.inputs)
+        if count == 1:  # most requests: no generator on the hot path
+            queue.append(WorkItem(request, 0, now))
+        else:
+            queue.extend([WorkItem(request, i, now) for i in range(count)])
+        self._count_queued(request, count)
 
     def requeue(self, items: Iterable[WorkItem]) -> None:
         """Put items back at the front of their queues, in their original order."""

@@ -28,7 +28,7 @@ from broker.config import BrokerConfig
 from broker.curve import GATEWAY_DOMAIN, WORKER_DOMAIN, BrokerSecurity
 from broker.metrics import BrokerMetrics
 from broker.protocol import ErrorCode
-from broker.sockets import send_frames
+from broker.sockets import recv_routed, send_frames
 from broker.workers import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -198,10 +198,10 @@ class Broker:
             return self._drain_authenticated(socket, handler, now)
         for _ in range(_DRAIN_BURST):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
+                peer_id, frames = recv_routed(socket)
             except zmq.Again:
                 return
-            handler(frames[0], frames[1:], now)
+            handler(peer_id, frames, now)
 
     def _drain_authenticated(self, socket: zmq.Socket, handler, now: float) -> None:
         """As _drain, but every message must come from a key that is still authorised."""
