@@ -20,7 +20,9 @@ is the CPU time of every process of the system (its whole process tree), over th
 
 All systems run side by side, and --rounds rounds (default 2) each measure every system at
 every concurrency, in an order that rotates, so that a slow spell of this shared machine lands
-on all of them. The idle CPU of each system, while all run, is printed first. At the end: one
+on all of them. The in-process limit is measured before the first round and again after each
+(with the servers idle), and reported as medians. The idle CPU of each system, while all run,
+is printed first. At the end: one
 Markdown table of medians over the rounds (with each round's req/s), and the issue's targets
 computed from them.
 """
@@ -269,6 +271,19 @@ def median_point(points: list[Point]) -> Point:
                  rounds=[p.req_per_s for p in points])
 
 
+def median_limit(limits: list[dict]) -> dict:
+    """The in-process limit as medians over its measurements (before the first round and after each)."""
+    sizes = limits[0]["padded_items_per_s"]
+    return {
+        "padded_items_per_s": {size: statistics.median(m["padded_items_per_s"][size] for m in limits) for size in sizes},
+        "sorted64_items_per_s": statistics.median(m["sorted64_items_per_s"] for m in limits),
+        "batch1_p50_ms": statistics.median(m["batch1_p50_ms"] for m in limits),
+        "runs": len(limits),
+        "sorted64_each": [m["sorted64_items_per_s"] for m in limits],
+        "batch1_each": [m["batch1_p50_ms"] for m in limits],
+    }
+
+
 def settle(running: Running, timeout_s: float = 300.0) -> None:
     """Wait until the system is idle again: wrk stops with up to `concurrency` requests in flight,
     and a server keeps computing them (at c256 on a CPU, that is seconds of work)."""
@@ -301,12 +316,16 @@ def report(limit: dict, points: list[Point], checks: dict[str, float]) -> None:
     padded_best = max(limit["padded_items_per_s"].values())
     best_size = max(limit["padded_items_per_s"], key=limit["padded_items_per_s"].get)
     sorted64 = limit["sorted64_items_per_s"]
-    print("\n## In-process limit (2 torch threads)\n")
+    print(f"\n## In-process limit (2 torch threads), medians of {limit.get('runs', 1)} measurements\n")
     print("| batch | padded items/s |\n|---|---|")
     for size, rate in limit["padded_items_per_s"].items():
         print(f"| {size} | {rate:.1f} |")
     print(f"| 64, length-sorted | {sorted64:.1f} |")
-    print(f"\nbatch-1 latency p50: {limit['batch1_p50_ms']:.2f} ms\n")
+    print(f"\nbatch-1 latency p50: {limit['batch1_p50_ms']:.2f} ms")
+    if "sorted64_each" in limit:
+        print("each measurement, sorted limit: " + ", ".join(f"{v:.1f}" for v in limit["sorted64_each"])
+              + "; batch-1 p50: " + ", ".join(f"{v:.2f}" for v in limit["batch1_each"]) + " ms")
+    print()
     print("## Over HTTP (wrk), one run: medians over rounds\n")
     print("| system | concurrency | req/s | req/s per round | p50 ms | p99 ms | errors | ÷ sorted limit "
           "| ÷ padded limit | server CPU (cores) | mean batch |")
@@ -425,12 +444,17 @@ def main() -> None:
 
     model_dir = str(default_model_path())
     reference_path = logdir / "reference.json"
-    print("measuring the in-process limit ...", flush=True)
-    limit = json.loads(subprocess.run(
-        [sys.executable, "-m", "bench.peers.limit", "--model-dir", model_dir, "--seconds", str(args.limit_seconds),
-         "--reference", str(reference_path), "--device", args.device, "--batch-sizes", args.batch_sizes],
-        cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    ).stdout.strip().splitlines()[-1])
+
+    def measure_limit() -> dict:
+        print("measuring the in-process limit ...", flush=True)
+        return json.loads(subprocess.run(
+            [sys.executable, "-m", "bench.peers.limit", "--model-dir", model_dir, "--seconds",
+             str(args.limit_seconds), "--reference", str(reference_path), "--device", args.device,
+             "--batch-sizes", args.batch_sizes],
+            cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        ).stdout.strip().splitlines()[-1])
+
+    limits = [measure_limit()]  # again after every round: the machine's speed drifts
     reference = json.loads(reference_path.read_text())
     assert reference["sentences"] == CHECK_SENTENCES
     bodies = logdir / "bodies.jsonl"
@@ -464,10 +488,12 @@ def main() -> None:
                           f"p50 {point.p50_ms:.1f} ms, p99 {point.p99_ms:.1f} ms, errors {point.errors}, "
                           f"CPU {point.cpu_cores:.2f}"
                           + (f", mean batch {point.mean_batch:.1f}" if point.mean_batch is not None else ""), flush=True)
+            limits.append(measure_limit())
     finally:
         for running in systems.values():
             running.stop()
     points = [median_point(rounds[name, c]) for name in names for c in concurrencies if (name, c) in rounds]
+    limit = median_limit(limits)
     report(limit, points, checks)
 
 
