@@ -123,10 +123,7 @@ class Batcher:
         return self.queued_requests(model) >= self._config.max_queue
 
     def add(self, request: PendingRequest, now: float) -> None:
-        levels = self._queues.get(request.model)
-        queue = levels.get(request.priority) if levels else None
-        if queue is None:
-            queue = self._queue(request.model, request.priority)
+        queue = self._queue(request.model, request.priority)
         count = len(request.inputs)
         if count == 1:  # most requests: no generator on the hot path
             queue.append(WorkItem(request, 0, now))
@@ -195,6 +192,10 @@ class Batcher:
     # ------------------------------------------------------------------ internals
 
     def _queue(self, model: str, priority: int) -> deque[WorkItem]:
+        levels = self._queues.get(model)
+        queue = levels.get(priority) if levels is not None else None
+        if queue is not None:  # the hot path: called for every request
+            return queue
         levels = self._queues.setdefault(model, {})
         if priority not in levels:
             levels[priority] = deque()

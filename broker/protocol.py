@@ -290,10 +290,7 @@ def decode(frames: Sequence[bytes]) -> Message:
         items = kwargs[items_field]
         if len(items) > MAX_ITEMS:
             raise DecodeError(f"{len(items)} items exceed the limit of {MAX_ITEMS}")
-        for item in items:  # their sizes were bounded while unpacking (max_bin_len)
-            if type(item) is not bytes:
-                raise DecodeError(f"{message_type.__name__}.{items_field} must hold bin values, "
-                                  f"got {type(item).__name__}")
+        _check_bins(items, f"{message_type.__name__}.{items_field} must hold bin values")
     message = message_type(**kwargs)
     _check_invariants(message)
     return message
@@ -315,8 +312,9 @@ def _check_invariants(message: Message) -> None:
         if len(message.request_ids) != len(message.outputs):
             raise DecodeError(f"{len(message.request_ids)} request ids for {len(message.outputs)} output lists")
         for outputs in message.outputs:
-            if type(outputs) is not list or any(type(output) is not bytes for output in outputs):
-                raise DecodeError("REPLIES outputs must be lists of bin values")
+            if type(outputs) is not list:
+                raise DecodeError(f"REPLIES outputs must be lists of bin values, got {type(outputs).__name__}")
+            _check_bins(outputs, "REPLIES outputs must be lists of bin values")
     elif isinstance(message, Reply) and message.error_code is not None:
         if message.error_code not in ErrorCode._value2member_map_:
             raise DecodeError(f"unknown error code {message.error_code!r:.40}")
@@ -328,6 +326,13 @@ def _check_invariants(message: Message) -> None:
                 f"READY needs max_batch_size >= 1 and max_batches >= 1, "
                 f"got {message.max_batch_size} and {message.max_batches}"
             )
+
+
+def _check_bins(items: list, complaint: str) -> None:
+    """Items are bin values; their sizes were bounded while unpacking (max_bin_len)."""
+    for item in items:
+        if type(item) is not bytes:
+            raise DecodeError(f"{complaint}, got {type(item).__name__}")
 
 
 def replies_of(message: Message) -> list[Reply]:
