@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 
 import pytest
@@ -192,6 +193,52 @@ def test_broker_restart_workers_and_clients_recover_within_5_s(stack, client):
     assert rejoined_s < 5
     assert_nothing_lost(tally)
     assert set(tally.errors) <= {"UNAVAILABLE"}, tally.errors
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "restart"])
+def test_waiting_request_wakes_on_the_alarm_when_the_broker_stops_or_restarts(stack, client, monkeypatch, fault):
+    """request() waits on its own DEALER; when the I/O thread sees the broker go silent or come
+    back as a new instance, it rings the alarm, and the waiting thread fails at once. The periodic
+    self-check is pushed out to 60 s here, so only the alarm can wake the request in time."""
+    monkeypatch.setattr("gateway.broker_client._WAKE_CHECK_S", 60.0)
+    frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    broker = stack.start_broker(*HB, frontend=frontend, backend=backend)
+    worker = stack.start_worker("--model", "echo", *HB)
+    c = BrokerClient(stack.frontend, heartbeat_interval_s=0.2)
+    try:
+        wait_until(lambda: len(live_pids(c)) == 1, 30, what="a worker")
+        outcome: list = []
+
+        def wait_on_slow_batch() -> None:
+            started_at = time.monotonic()
+            try:
+                c.request("echo", [{"sleep_s": 60}], timeout_s=90)
+                outcome.append(("ok", time.monotonic() - started_at))
+            except BrokerError as error:
+                outcome.append((error.code, time.monotonic() - started_at))
+
+        waiter = threading.Thread(target=wait_on_slow_batch, daemon=True)
+        waiter.start()
+        wait_until(lambda: in_flight(c) == 1, 10, what="the request in flight")
+        faulted_at = time.monotonic()
+        if fault == "sigstop":
+            broker.signal(signal.SIGSTOP)
+        else:
+            broker.kill()
+            broker = stack.start_broker(*HB, frontend=frontend, backend=backend)
+        waiter.join(timeout=30)
+        if fault == "sigstop":
+            broker.signal(signal.SIGCONT)
+        assert not waiter.is_alive(), "the waiting request was not woken"
+        [(code, _)] = outcome
+        assert code is ErrorCode.UNAVAILABLE
+        assert time.monotonic() - faulted_at < 30
+    finally:
+        c.close()
+        # The worker would finish its minute-long batch before a SIGTERM stopped it, and a broker
+        # drains what it holds: neither is what this test is about.
+        worker.kill()
+        broker.kill()
 
 
 def test_rolling_restart_of_every_worker_under_load_fails_nothing(stack, client):
