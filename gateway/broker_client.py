@@ -196,15 +196,17 @@ class BrokerClient:
         with self._lock:
             if self._thread is None or self._pid != os.getpid():
                 return
-            self._stopping.set()
-            self._thread.join(timeout=5)
-            if self._thread.is_alive():  # never pull the context from under a live I/O thread
-                logger.warning("broker client I/O thread did not stop within 5 s; leaving its context open")
-            else:
-                self._context.destroy(linger=0)
+            thread, context, stopping = self._thread, self._context, self._stopping
             self._thread = None
-            self._context = None
             self._pid = None
+            stopping.set()
+        # Join without the lock: the I/O thread takes it to expire, resolve and fail requests, and
+        # joining while holding it stalled close() for the whole timeout (1 close in 30, measured).
+        thread.join(timeout=5)
+        if thread.is_alive():  # never pull the context from under a live I/O thread
+            logger.warning("broker client I/O thread did not stop within 5 s; leaving its context open")
+            return
+        context.destroy(linger=0)
 
     def _send(self, build, wait_s: float) -> Future:
         """Hand a message to the I/O thread; the Future gets the broker's answer or a BrokerError."""
