@@ -132,13 +132,11 @@ class BrokerClient:
                 with self._lock:
                     self.expired_locally += 1
                 raise BrokerError(ErrorCode.TIMEOUT, "no reply before the deadline")
-            ready = poller.poll(min(give_up_at - now, _WAKE_CHECK_S) * 1000)
-            if not ready:
-                continue
-            if len(ready) > 1 or ready[0][0] is alarm:
+            ready = dict(poller.poll(min(give_up_at - now, _WAKE_CHECK_S) * 1000))
+            if alarm in ready:
                 _drain(alarm)  # the counters above say what happened
-                if not any(socket is dealer for socket, _ in ready):
-                    continue
+            if dealer not in ready:
+                continue
             try:
                 reply = protocol.decode(dealer.recv_multipart(zmq.NOBLOCK))
             except protocol.DecodeError as error:
