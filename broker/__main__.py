@@ -29,9 +29,10 @@ def build_parser() -> Parser:
                         help="endpoint workers connect to (port 0 = random)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0,
                         help="hold a partial batch this long for it to fill; 0 sends at once when a worker has room")
-    parser.add_argument("--refill-wait-max-ms", type=float, default=50.0,
-                        help="a worker that just returned a batch of n waits for n requests to queue, for at most "
-                             "a tenth of that batch's compute time and at most this; 0 = off")
+    parser.add_argument("--refill-wait-max-ms", type=float, default=200.0,
+                        help="a worker that just returned a batch of n waits for n new requests while they keep "
+                             "coming fast (closed-loop clients coming back), for at most a quarter of that "
+                             "batch's compute time and at most this; 0 = off")
     parser.add_argument("--max-queue", type=int, default=10_000,
                         help="waiting requests per model before new ones get OVERLOADED (HTTP 503)")
     parser.add_argument("--max-attempts", type=int, default=2,

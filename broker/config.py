@@ -11,7 +11,7 @@ class BatchingConfig:
     max_queue: int = 10_000  # waiting requests per model before OVERLOADED
     max_attempts: int = 2  # executions of one input before it fails with WORKER_LOST
     max_batch_tokens: int = 0  # cap on sum of size hints × max in a batch; 0 = count cap only
-    refill_wait_max_s: float = 0.05  # cap on the refill hold (batching.py, _refill_hold_until); 0 = off
+    refill_wait_max_s: float = 0.2  # cap on the refill hold (batching.py, _refill_hold_until); 0 = off
 
     def __post_init__(self) -> None:
         if self.max_wait_s < 0:

@@ -199,11 +199,11 @@ def test_isolated_items_travel_alone():
 
 def test_idle_worker_waits_for_its_last_batch_to_refill_then_goes():
     batcher = Batcher(BatchingConfig(refill_wait_max_s=0.05))
-    # It just returned 4 inputs that took 0.2 s: hold for up to 0.1 × 0.2 = 20 ms for 4 to queue.
+    # It just returned 4 inputs that took 0.2 s: hold for up to 0.25 × 0.2 = 50 ms for 4 to queue.
     worker = Worker(b"w1", last_batch_size=4, last_compute_s=0.2, last_completed_at=1.0)
     batcher.add(request("r0"), now=1.001)
     assert batcher.assign([worker], now=1.001) == []
-    assert batcher.next_deadline() == 1.0 + 0.1 * 0.2  # the broker wakes up then
+    assert batcher.next_deadline() == 1.0 + 0.25 * 0.2  # the broker wakes up then
     for i in range(1, 4):
         batcher.add(request(f"r{i}"), now=1.002)
     [dispatch] = batcher.assign([worker], now=1.002)  # refilled before the hold ran out
@@ -215,7 +215,7 @@ def test_refill_hold_is_bounded_and_never_applies_at_low_load():
     batcher = Batcher(config)
     slow = Worker(b"w1", last_batch_size=8, last_compute_s=10.0, last_completed_at=0.0)
     batcher.add(request("r0"), now=0.0)
-    assert batcher.assign([slow], now=0.049) == []  # capped at 50 ms, not 0.1 × 10 s
+    assert batcher.assign([slow], now=0.049) == []  # capped at 50 ms, not 0.25 × 10 s
     [dispatch] = batcher.assign([slow], now=0.051)
     assert ids(dispatch) == [("r0", 0)]
     lone = Worker(b"w2", last_batch_size=1, last_compute_s=1.0, last_completed_at=0.0)
@@ -224,3 +224,44 @@ def test_refill_hold_is_bounded_and_never_applies_at_low_load():
     off = Batcher(BatchingConfig(refill_wait_max_s=0))
     off.add(request("r2"), now=0.0)
     assert len(off.assign([slow], now=0.0)) == 1
+
+
+def test_refill_hold_merges_the_cohort_already_waiting_with_the_one_coming_back():
+    # Closed loop split into two cohorts: B (4 clients) queued early in A's batch; A's 4 come back
+    # right after it finishes. Sending B alone would keep the split forever (batches of 4, not 8).
+    batcher = Batcher(BatchingConfig(refill_wait_max_s=1.0))
+    worker = Worker(b"w1", last_batch_size=4, last_compute_s=1.0, last_completed_at=10.0)
+    for i in range(4):
+        batcher.add(request(f"b{i}"), now=9.1)
+    assert batcher.assign([worker], now=10.0) == []  # 4 are queued, but none of A's 4 is back yet
+    for i in range(4):
+        batcher.add(request(f"a{i}"), now=10.01 + 0.01 * i)
+        if i < 3:
+            assert batcher.assign([worker], now=10.01 + 0.01 * i) == []
+    [dispatch] = batcher.assign([worker], now=10.04)
+    assert ids(dispatch) == [(f"b{i}", 0) for i in range(4)] + [(f"a{i}", 0) for i in range(4)]
+
+
+def test_refill_hold_ends_when_arrivals_come_no_faster_than_during_the_batch():
+    # Independent arrivals: 4 during the last 1 s batch (4/s). The hold lasts only while arrivals
+    # since it finished keep 3 × that pace: 1 / 12 s with none, 2 / 12 s with one.
+    batcher = Batcher(BatchingConfig(refill_wait_max_s=1.0))
+    worker = Worker(b"w1", last_batch_size=4, last_compute_s=1.0, last_completed_at=10.0)
+    for i in range(4):
+        batcher.add(request(f"r{i}"), now=9.2 + 0.2 * i)
+    assert batcher.assign([worker], now=10.0) == []
+    assert batcher.next_deadline() == 10.0 + 1 / 12  # not the cap, 10.0 + 0.25 × 1 s
+    batcher.add(request("r4"), now=10.05)
+    assert batcher.assign([worker], now=10.05) == []
+    assert batcher.next_deadline() == 10.0 + 2 / 12
+    [dispatch] = batcher.assign([worker], now=10.0 + 2 / 12)
+    assert len(dispatch.items) == 5
+
+
+def test_refill_hold_never_delays_a_full_batch():
+    batcher = Batcher(BatchingConfig(refill_wait_max_s=1.0))
+    worker = Worker(b"w1", max_batch_size=4, last_batch_size=4, last_compute_s=1.0, last_completed_at=10.0)
+    for i in range(4):
+        batcher.add(request(f"r{i}"), now=9.5)
+    [dispatch] = batcher.assign([worker], now=10.0)
+    assert len(dispatch.items) == 4
