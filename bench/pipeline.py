@@ -3,9 +3,13 @@
     .venv/bin/python -m bench.pipeline [--seconds 20] [--requests 200]
 
 Starts a real broker, one minilm worker and the gateway on random ports, then:
-1. concurrency 1, interleaved request by request with a direct in-process call of the same
-   model (same thread count), so both are measured side by side on the same noisy machine:
-   median latency of each, the difference, and the batch sizes the broker formed;
+1. concurrency 1 against a direct in-process call of the same model (same thread count),
+   side by side on the same noisy machine, in two ways: request by request with the paths
+   interleaved and 20 ms of quiet before each call (so torch's threads are asleep, as for a
+   lone user); then as one client sending back to back (the next request when the reply
+   arrives, as wrk -c1 or perf_analyzer at concurrency 1 do), in blocks of --block requests
+   per path, the paths taking turns. Median latency of each, the difference, and the batch
+   sizes the broker formed;
 2. concurrency 64 over HTTP for --seconds: req/s, p50/p99 and the mean batch size.
 """
 
@@ -56,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--requests", type=int, default=200, help="requests at concurrency 1")
+    parser.add_argument("--block", type=int, default=10, help="back-to-back requests per path per turn")
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -97,8 +102,8 @@ def main() -> None:
             "http": lambda text: post(connection, text) == 200 or sys.exit("HTTP request failed"),
             "broker": lambda text: client.request("minilm", [text], timeout_s=30),
         }
-        timings: dict[str, list[float]] = {name: [] for name in paths}
         names = list(paths)
+        interleaved: dict[str, list[float]] = {name: [] for name in paths}
         for index, text in enumerate(texts[20:]):
             # Rotate the order, and let the machine settle between calls: after a forward pass,
             # torch's OpenMP threads spin for a few ms, and whatever ran next in this process
@@ -107,20 +112,30 @@ def main() -> None:
                 time.sleep(_SETTLE_S)
                 started = time.perf_counter()
                 paths[name](text)
-                timings[name].append((time.perf_counter() - started) * 1000)
-        direct_ms, http_ms, broker_ms = timings["direct"], timings["http"], timings["broker"]
+                interleaved[name].append((time.perf_counter() - started) * 1000)
+        back_to_back: dict[str, list[float]] = {name: [] for name in paths}
+        blocks = [texts[20:][k:k + args.block] for k in range(0, args.requests, args.block)]
+        for index, block in enumerate(blocks):
+            for name in names[index % 3:] + names[:index % 3]:
+                for text in block:  # one client: the next request as soon as the reply is in
+                    started = time.perf_counter()
+                    paths[name](text)
+                    back_to_back[name].append((time.perf_counter() - started) * 1000)
         low = diff(batch_sizes(client.status(), "minilm"), before)
-        del direct
+        direct = None  # frees the in-process model before the load phase
 
-        print(f"\n## Concurrency 1 ({args.requests} requests, interleaved with direct calls)\n")
-        print("| path | p50 ms | p99 ms | added to direct p50 |")
-        print("|---|---|---|---|")
-        d50 = statistics.median(direct_ms)
-        for name, values in (("direct model.predict([x])", direct_ms), ("ddml via BrokerClient", broker_ms),
-                             ("ddml via HTTP (gateway)", http_ms)):
-            p50 = statistics.median(values)
-            print(f"| {name} | {p50:.2f} | {percentile(values, 0.99):.2f} | {p50 - d50:+.2f} ms |")
-        print(f"\nbatch sizes at concurrency 1: {low} (mean {mean_size(low):.2f})")
+        for title, timings in ((f"interleaved request by request, {_SETTLE_S * 1000:.0f} ms quiet before each",
+                                interleaved),
+                               (f"one client back to back, blocks of {args.block} per path", back_to_back)):
+            print(f"\n## Concurrency 1, {title} ({args.requests} requests a path)\n")
+            print("| path | p50 ms | p99 ms | added to direct p50 |")
+            print("|---|---|---|---|")
+            d50 = statistics.median(timings["direct"])
+            for name, label in (("direct", "direct model.predict([x])"), ("broker", "ddml via BrokerClient"),
+                                ("http", "ddml via HTTP (gateway)")):
+                p50 = statistics.median(timings[name])
+                print(f"| {label} | {p50:.2f} | {percentile(timings[name], 0.99):.2f} | {p50 - d50:+.2f} ms |")
+        print(f"\nbatch sizes at concurrency 1, both ways: {low} (mean {mean_size(low):.2f})")
 
         load_texts = sentences(5000, seed=2)
         stop_at = time.monotonic() + args.seconds
