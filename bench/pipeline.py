@@ -137,6 +137,17 @@ def main() -> None:
                 print(f"| {label} | {p50:.2f} | {percentile(timings[name], 0.99):.2f} | {p50 - d50:+.2f} ms |")
         print(f"\nbatch sizes at concurrency 1, both ways: {low} (mean {mean_size(low):.2f})")
 
+        # The HTTP hop alone, with no broker and no model: gunicorn, Falcon and this client.
+        floor_ms = []
+        for _ in range(args.requests):
+            started = time.perf_counter()
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            response.read()
+            floor_ms.append((time.perf_counter() - started) * 1000)
+        print(f"HTTP floor (GET /healthz, back to back, {args.requests} requests): "
+              f"p50 {statistics.median(floor_ms):.2f} ms, p99 {percentile(floor_ms, 0.99):.2f} ms")
+
         load_texts = sentences(5000, seed=2)
         stop_at = time.monotonic() + args.seconds
         latencies: list[float] = []
