@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.pipeline [--seconds 20] [--requests 200]
 
-Starts a real broker, one minilm worker and the gateway on random ports, then:
+Starts a real broker, one minilm worker, one echo worker and the gateway on random ports, then:
 1. concurrency 1 against a direct in-process call of the same model (same thread count),
    side by side on the same noisy machine, in two ways: request by request with the paths
    interleaved and 20 ms of quiet before each call (so torch's threads are asleep, as for a
@@ -10,7 +10,9 @@ Starts a real broker, one minilm worker and the gateway on random ports, then:
    arrives, as wrk -c1 or perf_analyzer at concurrency 1 do), in blocks of --block requests
    per path, the paths taking turns. Median latency of each, the difference, and the batch
    sizes the broker formed;
-2. concurrency 64 over HTTP for --seconds: req/s, p50/p99 and the mean batch size.
+2. the floors, with no model work at all, back to back: GET /healthz (the HTTP hop alone), and
+   the echo model through the broker client and through HTTP;
+3. concurrency 64 over HTTP for --seconds: req/s, p50/p99 and the mean batch size.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
     try:
         stack.start_broker()
         stack.start_worker("--model", "minilm", "--device", "cpu")
+        stack.start_worker("--model", "echo", "--device", "cpu")  # for the floors: no model work at all
         gateway, url = stack.start_gateway()
         client = BrokerClient(stack.frontend)
         while True:
@@ -83,9 +86,9 @@ def main() -> None:
         texts = sentences(args.requests + 20, seed=1)
         host, port = url.removeprefix("http://").split(":")
 
-        def post(connection: http.client.HTTPConnection, text: str) -> int:
+        def post(connection: http.client.HTTPConnection, text: str, model: str = "minilm") -> int:
             """One keep-alive HTTP request with a light client (requests adds about a millisecond)."""
-            connection.request("POST", "/v1/models/minilm/predict", json.dumps({"inputs": [text]}),
+            connection.request("POST", f"/v1/models/{model}/predict", json.dumps({"inputs": [text]}),
                                {"Content-Type": "application/json"})
             response = connection.getresponse()
             response.read()
@@ -137,16 +140,31 @@ def main() -> None:
                 print(f"| {label} | {p50:.2f} | {percentile(timings[name], 0.99):.2f} | {p50 - d50:+.2f} ms |")
         print(f"\nbatch sizes at concurrency 1, both ways: {low} (mean {mean_size(low):.2f})")
 
-        # The HTTP hop alone, with no broker and no model: gunicorn, Falcon and this client.
-        floor_ms = []
-        for _ in range(args.requests):
-            started = time.perf_counter()
+        # What ddml costs with no model work at all, back to back in rotating blocks: the HTTP hop
+        # alone (no broker), and the echo model through the broker client and through HTTP.
+        def healthz(_: str) -> None:
             connection.request("GET", "/healthz")
             response = connection.getresponse()
             response.read()
-            floor_ms.append((time.perf_counter() - started) * 1000)
-        print(f"HTTP floor (GET /healthz, back to back, {args.requests} requests): "
-              f"p50 {statistics.median(floor_ms):.2f} ms, p99 {percentile(floor_ms, 0.99):.2f} ms")
+
+        floors = {
+            "GET /healthz (gunicorn, Falcon and this client; no broker)": healthz,
+            "echo model via BrokerClient": lambda text: client.request("echo", [text], timeout_s=30),
+            "echo model via HTTP (gateway)":
+                lambda text: post(connection, text, "echo") == 200 or sys.exit("HTTP request failed"),
+        }
+        floor_names = list(floors)
+        floor_ms: dict[str, list[float]] = {name: [] for name in floors}
+        for index, block in enumerate(blocks):
+            for name in floor_names[index % 3:] + floor_names[:index % 3]:
+                for text in block:
+                    started = time.perf_counter()
+                    floors[name](text)
+                    floor_ms[name].append((time.perf_counter() - started) * 1000)
+        print(f"\n## Floors: no model work, one client back to back ({args.requests} requests a path)\n")
+        print("| path | p50 ms | p99 ms |\n|---|---|---|")
+        for name, values in floor_ms.items():
+            print(f"| {name} | {statistics.median(values):.2f} | {percentile(values, 0.99):.2f} |")
 
         load_texts = sentences(5000, seed=2)
         stop_at = time.monotonic() + args.seconds
