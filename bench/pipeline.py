@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -51,6 +52,19 @@ def diff(after: dict[int, int], before: dict[int, int]) -> dict[int, int]:
 def mean_size(sizes: dict[int, int]) -> float:
     batches = sum(sizes.values())
     return sum(k * v for k, v in sizes.items()) / batches if batches else 0.0
+
+
+def run_back_to_back(paths: dict[str, Callable[[str], object]], blocks: list[list[str]]) -> dict[str, list[float]]:
+    """One client sending back to back: each path runs a whole block in turn, the order rotating."""
+    names = list(paths)
+    timings: dict[str, list[float]] = {name: [] for name in names}
+    for index, block in enumerate(blocks):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            for text in block:  # the next request as soon as the reply is in
+                started = time.perf_counter()
+                paths[name](text)
+                timings[name].append((time.perf_counter() - started) * 1000)
+    return timings
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,14 +130,8 @@ def main() -> None:
                 started = time.perf_counter()
                 paths[name](text)
                 interleaved[name].append((time.perf_counter() - started) * 1000)
-        back_to_back: dict[str, list[float]] = {name: [] for name in paths}
         blocks = [texts[20:][k:k + args.block] for k in range(0, args.requests, args.block)]
-        for index, block in enumerate(blocks):
-            for name in names[index % 3:] + names[:index % 3]:
-                for text in block:  # one client: the next request as soon as the reply is in
-                    started = time.perf_counter()
-                    paths[name](text)
-                    back_to_back[name].append((time.perf_counter() - started) * 1000)
+        back_to_back = run_back_to_back(paths, blocks)
         low = diff(batch_sizes(client.status(), "minilm"), before)
         direct = None  # frees the in-process model before the load phase
 
@@ -153,14 +161,7 @@ def main() -> None:
             "echo model via HTTP (gateway)":
                 lambda text: post(connection, text, "echo") == 200 or sys.exit("HTTP request failed"),
         }
-        floor_names = list(floors)
-        floor_ms: dict[str, list[float]] = {name: [] for name in floors}
-        for index, block in enumerate(blocks):
-            for name in floor_names[index % 3:] + floor_names[:index % 3]:
-                for text in block:
-                    started = time.perf_counter()
-                    floors[name](text)
-                    floor_ms[name].append((time.perf_counter() - started) * 1000)
+        floor_ms = run_back_to_back(floors, blocks)
         print(f"\n## Floors: no model work, one client back to back ({args.requests} requests a path)\n")
         print("| path | p50 ms | p99 ms |\n|---|---|---|")
         for name, values in floor_ms.items():
