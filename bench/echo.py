@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench.compare import cpu_seconds
-from broker.curve import ClientKeys
+from ddml_common.keys import ClientKeys
 from gateway.broker_client import BrokerClient
 from tests.conftest import Stack
 from tests.integration.test_security import Keys
@@ -60,8 +60,8 @@ def raw_client(frontend: str, seconds: float, window: int, counts) -> None:
     """One load process: a bare DEALER keeping `window` single-input requests in flight."""
     import zmq
 
-    from broker import protocol
-    from broker.sockets import send_frames
+    from ddml_common import protocol
+    from ddml_common.sockets import send_frames
 
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)

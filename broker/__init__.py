@@ -1,6 +1,5 @@
-"""The ddml broker: per-model queues, load-aware micro-batching, worker liveness."""
+"""The ddml broker: per-model queues, load-aware micro-batching, worker liveness.
 
-from broker.broker import Broker
-from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
-
-__all__ = ["Broker", "BrokerConfig", "BatchingConfig", "HeartbeatConfig"]
+Kept light on purpose: import broker.broker for the Broker (the sockets) and broker.core for
+BrokerCore (the decisions).
+"""

@@ -9,7 +9,7 @@ import threading
 import zmq
 
 from broker.broker import Broker
-from broker.cli import Parser, configure_logging
+from ddml_common.cli import Parser, configure_logging
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 
 logger = logging.getLogger("broker")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Protocol
 
 from broker.config import BatchingConfig
-from broker.protocol import MAX_MESSAGE_BYTES
+from ddml_common.protocol import MAX_MESSAGE_BYTES
 
 _MAX_BATCH_BYTES = MAX_MESSAGE_BYTES // 2  # encoded inputs per batch: a batch message must fit a frame
 _REFILL_WAIT_FRACTION = 0.25  # of the last batch's compute time (see Batcher._refill_hold_until)

@@ -22,13 +22,13 @@ from typing import Callable
 
 import zmq
 
-from broker import protocol
+from ddml_common import protocol
 from broker.batching import Batcher, InFlightBatch, PendingRequest
 from broker.config import BrokerConfig
 from broker.curve import GATEWAY_DOMAIN, WORKER_DOMAIN, BrokerSecurity
 from broker.metrics import BrokerMetrics
-from broker.protocol import ErrorCode
-from broker.sockets import recv_routed, send_frames
+from ddml_common.protocol import ErrorCode
+from ddml_common.sockets import new_socket, recv_routed, send_frames
 from broker.workers import WorkerRegistry, WorkerState
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ class Broker:
         # HWMs count messages per peer: they bound what a peer that stops reading (or a flood of
         # garbage) can make us buffer. Gateways may have many replies in flight; workers, with
         # credit for two batches, only a handful of messages.
-        self._frontend = _router(context, hwm=_FRONTEND_HWM)  # gateways connect here
-        self._backend = _router(context, hwm=_BACKEND_HWM)  # workers connect here
+        self._frontend = new_socket(context, zmq.ROUTER, hwm=_FRONTEND_HWM)  # gateways connect here
+        self._backend = new_socket(context, zmq.ROUTER, hwm=_BACKEND_HWM)  # workers connect here
         self._backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._poller = zmq.Poller()
         self._poller.register(self._frontend, zmq.POLLIN)
@@ -597,18 +597,6 @@ class Broker:
             workers=[w.describe(now) for w in self._workers],
             stats={**self.stats, "in_flight_requests": len(self._requests)},
         )
-
-
-def _router(context: zmq.Context, hwm: int) -> zmq.Socket:
-    socket = context.socket(zmq.ROUTER)
-    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)  # refused before allocation
-    socket.setsockopt(zmq.SNDHWM, hwm)  # past it a send raises Again: dropped and counted, never blocking
-    socket.setsockopt(zmq.RCVHWM, hwm)
-    socket.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # ZMTP pings kill half-open TCP connections
-    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-    return socket
 
 
 def _bind(socket: zmq.Socket, endpoint: str) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from broker.batching import InFlightBatch
 from broker.config import HeartbeatConfig
-from broker.protocol import Ready
+from ddml_common.protocol import Ready
 
 _LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest batch in the recent-latency average
 _RECENT_BATCHES = 64  # compute times kept per worker, for its p50

@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 
-from broker.cli import Parser, env_name
+from ddml_common.cli import Parser, env_name
 from gateway.config import DEFAULT_THREADS, DEFAULT_WORKERS
 
 _FLAGS_FOR_ENV = (

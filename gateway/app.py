@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import falcon
 
-from broker.curve import ClientKeys
+from ddml_common.keys import ClientKeys
 from gateway import openinference
 from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError

@@ -11,7 +11,7 @@ import hmac
 
 import falcon
 
-from broker.protocol import ErrorCode
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerError
 
 OPEN_PATHS = frozenset({"/healthz"})  # Prometheus can send a bearer token (authorization: in scrape config)

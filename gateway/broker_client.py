@@ -31,16 +31,17 @@ from typing import Any
 
 import zmq
 
-from broker import protocol
-from broker.curve import ClientKeys
-from broker.protocol import ErrorCode
-from broker.sockets import send_frames
+from ddml_common import protocol
+from ddml_common.keys import ClientKeys
+from ddml_common.protocol import ErrorCode
+from ddml_common.sockets import new_socket, send_frames
 
 logger = logging.getLogger(__name__)
 
 _REPLY_GRACE_S = 1.0  # beyond the deadline, time allowed for the broker's TIMEOUT reply to arrive
 _CONNECT_GRACE_S = 1.0  # how long a request waits for a (re)connection before failing UNAVAILABLE
 _HEARTBEAT_RETRY_S = 0.02  # while a heartbeat cannot be sent (not connected yet)
+_DEALER_HWM = 100_000  # messages queued each way on a DEALER to the broker: a gateway has many requests in flight
 # A waiting request() wakes on the I/O thread's alarm when the broker goes silent or restarts. It
 # also checks this often by itself, in case it subscribed just as an alarm went out (a SUB misses
 # what was sent before its subscription arrived). Polling every 0.1 s instead cost the gateway
@@ -294,15 +295,8 @@ class BrokerClient:
 
     def _connect(self) -> zmq.Socket:
         """A DEALER to the broker: the I/O thread's, or a request thread's own."""
-        dealer = self._context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
+        dealer = new_socket(self._context, zmq.DEALER, hwm=_DEALER_HWM)
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # with no broker connection, fail fast instead of queueing
-        dealer.setsockopt(zmq.SNDHWM, 100_000)
-        dealer.setsockopt(zmq.RCVHWM, 100_000)
-        dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._curve is not None:
             self._curve.apply(dealer)
         dealer.connect(self.endpoint)

@@ -11,7 +11,7 @@ import math
 import falcon
 import orjson
 
-from broker.protocol import ErrorCode
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerError
 
 HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {

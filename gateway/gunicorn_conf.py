@@ -39,6 +39,6 @@ def child_exit(server, worker):
 
 def post_fork(server, worker):
     """The gateway's own log lines (not gunicorn's) in the chosen format, per worker process."""
-    from broker.cli import configure_logging
+    from ddml_common.cli import configure_logging
 
     configure_logging(os.environ.get("DDML_LOG_LEVEL", "INFO").upper(), os.environ.get("DDML_LOG_FORMAT", "text"))

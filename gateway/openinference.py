@@ -31,7 +31,7 @@ import falcon
 import numpy as np
 import orjson
 
-from broker.protocol import ErrorCode
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.config import GatewayConfig
 from gateway.errors import HTTP_STATUS_BY_CODE

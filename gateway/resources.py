@@ -18,8 +18,8 @@ from typing import Any
 import falcon
 import orjson
 
-from broker import protocol
-from broker.protocol import ErrorCode
+from ddml_common import protocol
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.config import GatewayConfig
 

@@ -10,8 +10,8 @@ import os
 import sys
 import time
 
-from broker.cli import Parser
-from broker.curve import ClientKeys
+from ddml_common.cli import Parser
+from ddml_common.keys import ClientKeys
 from gateway.broker_client import BrokerClient, BrokerError
 
 

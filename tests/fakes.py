@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from broker import protocol
-from broker.protocol import ErrorCode
+from ddml_common import protocol
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerError
 
 

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from broker.cli import Parser, configure_logging
+from ddml_common.cli import Parser, configure_logging
 from worker.config import WorkerConfig
 from worker.serve import serve, supervise
 

@@ -26,9 +26,9 @@ from typing import Callable
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from broker import protocol
-from broker.curve import ClientKeys
-from broker.sockets import send_frames
+from ddml_common import protocol
+from ddml_common.keys import ClientKeys
+from ddml_common.sockets import new_socket, send_frames
 from worker.config import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -159,14 +159,7 @@ class BrokerConnection:
             self._close_socket(linger=0)
             self._forget_batches()
         identity = f"{socketlib.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}".encode()
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock = new_socket(self._context, zmq.DEALER, identity=identity, reconnect_ivl_max_ms=2000)
         if self._keys is not None:
             self._keys.apply(sock)
         self._monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILURES))

@@ -9,9 +9,9 @@ from typing import Callable
 
 import zmq
 
-from broker import protocol
-from broker.protocol import ErrorCode
-from broker.sockets import send_frames
+from ddml_common import protocol
+from ddml_common.protocol import ErrorCode
+from ddml_common.sockets import send_frames
 from worker.connection import ComputeState, WorkBatch
 from worker.models import InputError, Manager
 

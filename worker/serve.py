@@ -17,8 +17,8 @@ import time
 
 import zmq
 
-from broker import protocol
-from broker.cli import configure_logging
+from ddml_common import protocol
+from ddml_common.cli import configure_logging
 from worker.config import WorkerConfig
 from worker.connection import BrokerConnection, ComputeState
 from worker.loop import run_worker

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from broker.protocol import ErrorCode
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from tests.processes import wait_until
 

@@ -15,8 +15,8 @@ import time
 import pytest
 import zmq
 
-from broker import protocol
-from broker.protocol import ErrorCode
+from ddml_common import protocol
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from tests.chaos import Load, Tally, live_pids, rss_bytes
 from tests.processes import free_port, wait_until

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import zmq
 
-from broker import protocol
+from ddml_common import protocol
 from broker.broker import Broker
 from broker.config import BrokerConfig
-from broker.curve import ClientKeys, generate
-from broker.protocol import ErrorCode
+from ddml_common.keys import ClientKeys, generate
+from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from tests.chaos import Tally, live_pids
 from tests.processes import free_port, wait_until

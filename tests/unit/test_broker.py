@@ -5,7 +5,7 @@ import uuid
 import pytest
 import zmq
 
-from broker import protocol
+from ddml_common import protocol
 from broker.broker import Broker
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from tests.fakes import FakeClock

@@ -5,7 +5,7 @@ import msgpack
 import orjson
 import pytest
 
-from broker.protocol import ErrorCode
+from ddml_common.protocol import ErrorCode
 from gateway.app import create_app
 from gateway.broker_client import BrokerError
 from gateway.config import GatewayConfig
@@ -150,7 +150,7 @@ def test_json_log_lines_carry_the_ids():
     import json
     import logging
 
-    from broker.cli import JsonFormatter
+    from ddml_common.cli import JsonFormatter
 
     record = logging.LogRecord("broker.broker", logging.WARNING, __file__, 1, "worker %s lost", ("ab",), None)
     record.worker_id, record.batch_id = "ab", 7

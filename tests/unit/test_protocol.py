@@ -4,8 +4,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from broker import protocol
-from broker.protocol import DecodeError, ErrorCode
+from ddml_common import protocol
+from ddml_common.protocol import DecodeError, ErrorCode
 
 MESSAGES = [
     protocol.Ready(models=["minilm"], max_batch_size=64, max_batches=2, device="cpu", host="h", pid=7),

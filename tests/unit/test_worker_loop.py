@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from broker import protocol
+from ddml_common import protocol
 from worker.connection import WorkBatch
 from worker.loop import run_batch
 from worker.models import InputError, Manager

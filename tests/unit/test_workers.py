@@ -2,7 +2,7 @@
 
 from broker.batching import InFlightBatch, PendingRequest, WorkItem
 from broker.config import HeartbeatConfig
-from broker.protocol import Ready
+from ddml_common.protocol import Ready
 from broker.workers import WorkerRegistry
 
 
