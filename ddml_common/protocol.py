@@ -39,6 +39,10 @@ MAX_ITEM_BYTES = 64 << 20  # one encoded input or output
 MAX_ITEMS = 1 << 16  # items in one message
 MAX_STR_LEN = 16 << 20  # one string inside a value
 MAX_CONTAINER_LEN = 1 << 20  # one list or map inside a value
+# Bounds on what a peer may choose. State in the broker is keyed by these, so they bound it too.
+MAX_MODELS = 64  # model names in one READY
+MAX_NAME_LEN = 256  # a model name, a request id, an error code
+MIN_PRIORITY, MAX_PRIORITY = -10_000, 10_000  # REQUEST.priority; outside is a clear error (HTTP 400)
 _NDARRAY_KEY = "__ndarray__"
 _ALLOWED_DTYPES = frozenset(
     "|b1 |i1 |u1 <i2 <u2 <i4 <u4 <i8 <u8 <f2 <f4 <f8".split()
