@@ -35,6 +35,8 @@ def build_parser() -> Parser:
                              "batch's compute time and at most this; 0 = off")
     parser.add_argument("--max-queue", type=int, default=10_000,
                         help="waiting requests per model before new ones get OVERLOADED (HTTP 503)")
+    parser.add_argument("--max-queue-bytes", type=int, default=1 << 30,
+                        help="encoded inputs waiting per model, in bytes, before new requests get OVERLOADED")
     parser.add_argument("--max-attempts", type=int, default=2,
                         help="executions of one input (first try + re-dispatches after worker loss)")
     parser.add_argument("--max-batch-tokens", type=int, default=0,
@@ -66,6 +68,7 @@ def config_from_args(args) -> BrokerConfig:
         batching=BatchingConfig(
             max_wait_s=args.max_wait_ms / 1000,
             max_queue=args.max_queue,
+            max_queue_bytes=args.max_queue_bytes,
             max_attempts=args.max_attempts,
             max_batch_tokens=args.max_batch_tokens,
             refill_wait_max_s=args.refill_wait_max_ms / 1000,

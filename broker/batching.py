@@ -28,6 +28,7 @@ from ddml_common.protocol import MAX_MESSAGE_BYTES
 _MAX_BATCH_BYTES = MAX_MESSAGE_BYTES // 2  # encoded inputs per batch: a batch message must fit a frame
 _REFILL_WAIT_FRACTION = 0.25  # of the last batch's compute time (see Batcher._refill_hold_until)
 _REFILL_PACE = 3.0  # returns must keep this multiple of the arrival rate seen during the last batch
+_KEPT_EMPTY_LEVELS = 8  # empty priority levels kept per model before they are pruned (priorities are peer-chosen)
 
 
 @dataclass(eq=False, slots=True)
@@ -44,10 +45,12 @@ class PendingRequest:
     remaining: int = 0  # inputs without an output yet
     queued: int = 0  # inputs waiting in the batcher's queue
     done: bool = False  # replied to; anything still about it is discarded
+    nbytes: int = 0  # encoded inputs, in all
 
     def __post_init__(self) -> None:
         self.outputs = [None] * len(self.inputs)
         self.remaining = len(self.inputs)
+        self.nbytes = sum(map(len, self.inputs))
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -66,6 +69,10 @@ class WorkItem:
     def size(self) -> int:
         sizes = self.request.sizes
         return sizes[self.index] if sizes else 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.request.inputs[self.index])
 
 
 @dataclass(eq=False, slots=True)
@@ -108,10 +115,14 @@ class Batcher:
         # model -> priority -> FIFO of items. Higher priority is served first.
         self._queues: dict[str, dict[int, deque[WorkItem]]] = {}
         self._queued_requests: dict[str, int] = {}  # requests with at least one input waiting
+        self._queued_bytes: dict[str, int] = {}  # encoded inputs held in the queues, answered or not
         self._hold_until = math.inf  # the earliest end of a refill hold decided by the last assign()
 
     def queued_requests(self, model: str) -> int:
         return self._queued_requests.get(model, 0)
+
+    def queued_bytes(self, model: str) -> int:
+        return self._queued_bytes.get(model, 0)
 
     def queued_items(self, model: str) -> int:
         return sum(len(q) for q in self._queues.get(model, {}).values())
@@ -120,8 +131,12 @@ class Batcher:
         heads = [q[0].enqueued_at for q in self._queues.get(model, {}).values() if q]
         return min(heads) if heads else None
 
-    def is_full(self, model: str) -> bool:
-        return self.queued_requests(model) >= self._config.max_queue
+    def is_full(self, model: str, request: PendingRequest) -> bool:
+        """Would queueing this request pass the model's bound on waiting requests or bytes?"""
+        if self._queued_requests.get(model, 0) >= self._config.max_queue:
+            return True
+        held = self._queued_bytes.get(model, 0)
+        return held > 0 and held + request.nbytes > self._config.max_queue_bytes
 
     def add(self, request: PendingRequest, now: float) -> None:
         queue = self._queue(request.model, request.priority)
@@ -131,6 +146,7 @@ class Batcher:
         else:
             queue.extend([WorkItem(request, i, now) for i in range(count)])
         self._count_queued(request, count)
+        self._queued_bytes[request.model] = self._queued_bytes.get(request.model, 0) + request.nbytes
 
     def requeue(self, items: Iterable[WorkItem]) -> None:
         """Put items back at the front of their queues, in their original order."""
@@ -139,6 +155,7 @@ class Batcher:
                 continue
             self._queue(item.request.model, item.request.priority).appendleft(item)
             self._count_queued(item.request, 1)
+            self._queued_bytes[item.request.model] = self._queued_bytes.get(item.request.model, 0) + item.nbytes
 
     def forget(self, request: PendingRequest) -> None:
         """The request was answered: its waiting items no longer count (they are skipped later)."""
@@ -199,6 +216,10 @@ class Batcher:
             return queue
         levels = self._queues.setdefault(model, {})
         if priority not in levels:
+            empty = [p for p, q in levels.items() if not q]
+            if len(empty) >= _KEPT_EMPTY_LEVELS:
+                for level in empty:
+                    del levels[level]
             levels[priority] = deque()
             # Keep levels ordered by priority, highest first, so _take() walks them in order.
             self._queues[model] = dict(sorted(levels.items(), key=lambda kv: -kv[0]))
@@ -295,6 +316,7 @@ class Batcher:
                 item = queue[0]
                 if item.request.done:
                     queue.popleft()
+                    self._queued_bytes[item.request.model] -= item.nbytes
                     continue
                 if item.isolated and items:
                     return items  # an isolated item travels alone, in the next batch
@@ -307,6 +329,7 @@ class Batcher:
                     return items
                 encoded_bytes += item_bytes
                 queue.popleft()
+                self._queued_bytes[item.request.model] -= item_bytes
                 longest = longest_if_added
                 item.attempts += 1
                 self._count_queued(item.request, -1)

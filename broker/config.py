@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 class BatchingConfig:
     max_wait_s: float = 0.0  # hold a partial batch this long for it to fill; 0 = dispatch at once
     max_queue: int = 10_000  # waiting requests per model before OVERLOADED
+    max_queue_bytes: int = 1 << 30  # encoded inputs waiting per model before OVERLOADED
     max_attempts: int = 2  # executions of one input before it fails with WORKER_LOST
     max_batch_tokens: int = 0  # cap on sum of size hints × max in a batch; 0 = count cap only
     refill_wait_max_s: float = 0.2  # cap on the refill hold (batching.py, _refill_hold_until); 0 = off
@@ -20,6 +21,8 @@ class BatchingConfig:
             raise ValueError(f"refill_wait_max_s must be >= 0, got {self.refill_wait_max_s}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_queue_bytes < 1:
+            raise ValueError(f"max_queue_bytes must be >= 1, got {self.max_queue_bytes}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
 

@@ -42,6 +42,7 @@ class WorkerState:
     last_batch_size: int = 0  # of the batch it completed last (batching's refill hold)
     last_compute_s: float = 0.0
     last_completed_at: float = -math.inf
+    peer_key: bytes | None = None  # the CURVE public key it registered with; only that key may speak for it
 
     @property
     def in_flight_items(self) -> int:
@@ -94,7 +95,8 @@ class WorkerRegistry:
     def get(self, worker_id: bytes) -> WorkerState | None:
         return self._workers.get(worker_id)
 
-    def register(self, worker_id: bytes, ready: Ready, now: float) -> WorkerState | None:
+    def register(self, worker_id: bytes, ready: Ready, now: float,
+                 peer_key: bytes | None = None) -> WorkerState | None:
         """Add a worker. Returns the state it replaces, if it was already registered."""
         previous = self._workers.pop(worker_id, None)
         self._served = None
@@ -111,6 +113,7 @@ class WorkerRegistry:
             expires_at=now + self._config.expiry_s,
             heartbeat_due_at=now,
             metadata=ready.metadata,
+            peer_key=peer_key,
         )
         return previous
 
@@ -135,8 +138,8 @@ class WorkerRegistry:
         return model in self._served
 
     def dispatched(self, batch: InFlightBatch, now: float) -> None:
-        worker = self._workers[batch.worker_id]
-        assert worker.has_room, "dispatch to a worker with no room: this is a bug"
+        worker = self._workers.get(batch.worker_id)
+        assert worker is not None and worker.has_room, "dispatch to an unknown or full worker: this is a bug"
         worker.in_flight[batch.batch_id] = batch
         batch.deadline_at = now + self.batch_timeout_s(worker)
 

@@ -122,9 +122,30 @@ def test_requeued_items_go_to_the_front_in_their_order_and_count_attempts():
 def test_queue_is_full_at_max_queue_requests():
     batcher = Batcher(BatchingConfig(max_queue=2))
     batcher.add(request("r1", n=5), now=0.0)
-    assert not batcher.is_full("m")
+    assert not batcher.is_full("m", request("next"))
     batcher.add(request("r2"), now=0.0)
-    assert batcher.is_full("m")
+    assert batcher.is_full("m", request("next"))
+
+
+def test_queue_is_full_when_the_next_request_would_pass_max_queue_bytes():
+    batcher = Batcher(BatchingConfig(max_queue_bytes=100))
+    big = PendingRequest(b"gw", "big", "m", [b"x" * 60], [], 0, enqueued_at=0.0, deadline_at=10.0)
+    assert not batcher.is_full("m", big)  # an empty queue always takes one request, however large
+    batcher.add(big, now=0.0)
+    assert batcher.queued_bytes("m") == 60
+    assert not batcher.is_full("m", PendingRequest(b"gw", "s", "m", [b"y" * 40], [], 0, 0.0, 10.0))
+    assert batcher.is_full("m", PendingRequest(b"gw", "l", "m", [b"y" * 41], [], 0, 0.0, 10.0))
+    [dispatch] = batcher.assign([Worker(b"w1")], now=0.0)
+    assert len(dispatch.items) == 1 and batcher.queued_bytes("m") == 0  # taken inputs no longer count
+
+
+def test_empty_priority_levels_are_pruned_so_peer_chosen_priorities_cannot_grow_state():
+    batcher = Batcher(BatchingConfig())
+    worker = Worker(b"w1", max_batch_size=1)
+    for priority in range(1000):
+        batcher.add(request(f"r{priority}", priority=priority), now=0.0)
+        batcher.assign([worker], now=0.0)
+    assert len(batcher._queues["m"]) <= batching._KEPT_EMPTY_LEVELS + 1
 
 
 def test_higher_priority_is_served_first():

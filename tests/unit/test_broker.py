@@ -288,11 +288,11 @@ def test_status_describes_models_queues_and_workers(harness):
 def test_batch_that_fails_as_a_whole_is_retried_one_input_at_a_time(harness):
     worker = harness.worker(b"w1", max_batch_size=8, max_batches=4)
     gateways = [harness.gateway(name) for name in (b"A", b"B", b"C")]
-    harness.broker._workers.get(b"w1").max_batches = 0  # hold dispatch until all three are queued
+    harness.broker.core._workers.get(b"w1").max_batches = 0  # hold dispatch until all three are queued
     for gateway, value in zip(gateways, ["ok-1", "poison", "ok-2"]):
         send_request(gateway, "r", [value])
     harness.step()
-    harness.broker._workers.get(b"w1").max_batches = 4
+    harness.broker.core._workers.get(b"w1").max_batches = 4
     harness.step()
     batch = recv(worker)
     assert len(batch.inputs) == 3

@@ -1,0 +1,565 @@
+"""BrokerCore: everything the broker decides, as a pure state machine. No sockets, no clock.
+
+Events go in: frames from a peer (`on_frames`), a send that failed (reported by `flush`), and
+the passing of time (`on_tick`). What to send comes out, through `flush(send)`. broker/broker.py
+is the shell that owns the sockets; tests/sim/ drives this same class with a simulated network
+and a virtual clock. Every message kind is handled here, in one place:
+
+    from a gateway:  REQUEST -> _on_request     HEARTBEAT -> answered at once   STATUS_REQUEST -> _status
+    from a worker:   READY -> _on_ready         HEARTBEAT -> _on_worker_heartbeat
+                     BATCH_RESULT -> _on_batch_result                DISCONNECT -> _lose_worker
+
+Every accepted request gets exactly one reply: outputs, or an error (TIMEOUT at its deadline,
+WORKER_LOST after too many attempts, ...). Results that arrive for a request already answered,
+or for a batch the broker took away from a worker, are discarded.
+
+No message can stop the loop: one that does not decode is counted as `malformed`; one that
+decodes but cannot be applied is refused and counted; and a handler that raises (a bug) is
+counted as `internal_errors` and logged with the message kind, and the broker goes on.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import logging
+import math
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Callable
+
+from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
+from broker.config import BrokerConfig
+from broker.metrics import BrokerMetrics
+from broker.workers import WorkerRegistry, WorkerState
+from ddml_common import protocol
+from ddml_common.protocol import ErrorCode
+
+logger = logging.getLogger("broker.broker")
+
+_RATE_WINDOW_S = 10.0  # window over which a model's drain rate is measured (for Retry-After)
+_PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for scrapes
+_REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
+_MAX_REMEMBERED_MODELS = 1024  # models once served but served no longer, remembered for 503 rather than 404
+_REPLY_STAT = {"ok": "replies_ok", **{code.value: f"replies_{code.value.lower()}" for code in ErrorCode}}
+
+
+class Peer(enum.IntEnum):
+    GATEWAY = 0  # on the frontend
+    WORKER = 1  # on the backend
+
+
+@dataclass(slots=True)
+class Send:
+    """An instruction for the shell: send `message` to `peer_id` on the socket of `peer`."""
+
+    peer: Peer
+    peer_id: bytes
+    message: protocol.Message
+
+
+SendFn = Callable[[Send], bool]  # performs a send; False if the peer is gone or not reading
+
+
+class ModelStats:
+    """Per-model figures for status and for Retry-After."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.items = 0
+        self.batch_sizes: Counter[int] = Counter()
+        self.outcomes: Counter[str] = Counter()  # "ok" or an ErrorCode value
+        self.redispatched = 0
+        self._completions: deque[tuple[float, int]] = deque()  # (at, items) within the window
+
+    def record_dispatch(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+        self.batch_sizes[size] += 1
+
+    def record_completion(self, size: int, now: float) -> None:
+        self._completions.append((now, size))
+        while self._completions and self._completions[0][0] < now - _RATE_WINDOW_S:
+            self._completions.popleft()
+
+    def items_per_s(self, now: float) -> float:
+        recent = [n for at, n in self._completions if at >= now - _RATE_WINDOW_S]
+        return sum(recent) / _RATE_WINDOW_S
+
+    def describe(self) -> dict:
+        return {
+            "batches": self.batches,
+            "items": self.items,
+            "mean_batch_size": round(self.items / self.batches, 3) if self.batches else 0.0,
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "outcomes": dict(self.outcomes),
+            "redispatched": self.redispatched,
+        }
+
+
+class BrokerCore:
+    def __init__(self, config: BrokerConfig, instance_id: str, now: float, metrics: BrokerMetrics | None = None):
+        self._config = config
+        self.instance_id = instance_id
+        self._workers = WorkerRegistry(config.heartbeat)
+        self._batcher = Batcher(config.batching)
+        self._requests: dict[tuple[bytes, str], PendingRequest] = {}
+        self._outbox: dict[bytes, list[PendingRequest]] = {}  # successes to reply to, by gateway
+        self._sends: list[Send] = []  # what flush() hands to the shell
+        self._deadlines: list[tuple[float, int, tuple[bytes, str]]] = []  # heap
+        self._sequence = itertools.count()
+        self._batch_ids = itertools.count(1)
+        self._model_stats: dict[str, ModelStats] = {}  # models some worker serves or once served
+        self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
+        self.draining = False
+        self.metrics = metrics or BrokerMetrics()
+        self._published_at = -math.inf
+        self._started_at = now
+
+    # ------------------------------------------------------------------ events in
+
+    def on_frames(self, peer: Peer, peer_id: bytes, frames: list[bytes], now: float,
+                  peer_key: bytes | None = None) -> None:
+        """One message from a peer. peer_key: the CURVE public key it authenticated with, if any.
+
+        Never raises: whatever a peer sends, the loop goes on."""
+        try:
+            message = protocol.decode(frames)
+        except protocol.VersionMismatch as error:
+            self._count_malformed(peer, peer_id, error)
+            self._sends.append(Send(peer, peer_id, protocol.Error(ErrorCode.BAD_VERSION.value, str(error))))
+            return
+        except protocol.DecodeError as error:
+            self._count_malformed(peer, peer_id, error)
+            return
+        try:
+            if peer is Peer.WORKER:
+                self._on_worker_message(peer_id, message, now, peer_key)
+            else:
+                self._on_gateway_message(peer_id, message, now)
+        except Exception:  # a bug in a handler must never end the broker
+            self.stats["internal_errors"] += 1
+            if _throttled(self.stats["internal_errors"]):
+                logger.exception("internal error handling %s from %s %s (%d so far)", type(message).__name__,
+                                 peer.name.lower(), peer_id.hex(), self.stats["internal_errors"])
+
+    def on_tick(self, now: float) -> None:
+        """Timers: time out requests, expire workers, heartbeat workers, dispatch batches."""
+        try:
+            self._expire_requests(now)
+            for worker in self._workers.expire(now):
+                self._lose_worker(worker, "missed heartbeats or overran a batch deadline", now)
+                self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Disconnect("expired: send READY")))
+            for worker in self._workers.due_for_heartbeat(now):
+                self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Heartbeat(self.instance_id)))
+            for dispatch in self._batcher.assign(self._workers.with_room(), now):
+                self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
+            if now - self._published_at >= _PUBLISH_EVERY_S:
+                self._published_at = now
+                status = self.status("", now)
+                self.metrics.publish({"models": status.models, "workers": status.workers})
+        except Exception:
+            self.stats["internal_errors"] += 1
+            if _throttled(self.stats["internal_errors"]):
+                logger.exception("internal error in the broker's timers (%d so far)", self.stats["internal_errors"])
+
+    def flush(self, send: SendFn, now: float) -> None:
+        """Hand every pending message to `send`, in order. A batch that cannot be sent is not lost:
+        its worker is dropped and the batch goes back to the queue unrun. Later messages to a worker
+        whose send failed are not tried (they would reach a peer the broker has just forgotten)."""
+        self._flush_replies()
+        failed_workers: set[bytes] = set()
+        while self._sends:
+            sends, self._sends = self._sends, []
+            for instruction in sends:
+                if instruction.peer is Peer.WORKER and instruction.peer_id in failed_workers:
+                    delivered = False
+                else:
+                    delivered = send(instruction)
+                if not delivered:
+                    if instruction.peer is Peer.WORKER:
+                        failed_workers.add(instruction.peer_id)
+                    self._on_send_failed(instruction, now)
+            self._flush_replies()
+
+    def forget_worker(self, worker_id: bytes, reason: str, now: float) -> None:
+        """The shell dropped a worker (its key was revoked, or it is no longer authorised)."""
+        self._lose_worker(self._workers.remove(worker_id), reason, now)
+
+    def workers_with_keys(self) -> list[tuple[bytes, bytes | None]]:
+        """(worker_id, CURVE key) of every registered worker, for the shell's key reloads."""
+        return [(w.worker_id, w.peer_key) for w in self._workers]
+
+    def start_drain(self) -> None:
+        """Stop accepting requests; those held are still answered."""
+        self.draining = True
+
+    def abandon_all(self, now: float) -> None:
+        """The end of a drain: fail what is still held, and tell every worker the broker is going."""
+        for request in list(self._requests.values()):
+            self._finish(request, now, ErrorCode.UNAVAILABLE, "broker shut down before this request finished")
+        for worker in self._workers:
+            self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Disconnect("broker shutting down")))
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def in_flight_requests(self) -> int:
+        return len(self._requests)
+
+    def next_wake_at(self) -> float:
+        """The next heartbeat, expiry, request deadline or batch deadline (math.inf if none)."""
+        return min(
+            self._workers.next_deadline(),
+            self._batcher.next_deadline(),
+            self._deadlines[0][0] if self._deadlines else math.inf,
+        )
+
+    def status(self, request_id: str, now: float) -> protocol.Status:
+        models = {}
+        for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
+            oldest = self._batcher.oldest_enqueued_at(name)
+            serving = [w for w in self._workers if name in w.models]
+            models[name] = {
+                "workers": len(serving),
+                "max_batch_size": max((w.max_batch_size for w in serving), default=0),
+                "metadata": next((w.metadata for w in serving if w.metadata), {}),
+                "queued_requests": self._batcher.queued_requests(name),
+                "queued_items": self._batcher.queued_items(name),
+                "queued_bytes": self._batcher.queued_bytes(name),
+                "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,
+                "items_per_s": round(self._stats_for(name).items_per_s(now), 3),
+                **self._stats_for(name).describe(),
+            }
+        return protocol.Status(
+            request_id=request_id,
+            instance_id=self.instance_id,
+            models=models,
+            workers=[w.describe(now) for w in self._workers],
+            stats={**self.stats, "in_flight_requests": len(self._requests)},
+        )
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_gateway_message(self, gateway_id: bytes, message: protocol.Message, now: float) -> None:
+        match message:
+            case protocol.Request():
+                self._on_request(gateway_id, message, now)
+            case protocol.Heartbeat():
+                self._sends.append(Send(Peer.GATEWAY, gateway_id, protocol.Heartbeat(self.instance_id)))
+            case protocol.StatusRequest():
+                self._sends.append(Send(Peer.GATEWAY, gateway_id, self.status(message.request_id, now)))
+            case _:
+                self._unexpected(Peer.GATEWAY, gateway_id, message)
+
+    def _on_worker_message(self, worker_id: bytes, message: protocol.Message, now: float,
+                           peer_key: bytes | None) -> None:
+        worker = self._workers.get(worker_id)
+        if worker is not None and worker.peer_key != peer_key:
+            # Another key behind a registered worker's identity: never let it act for that worker.
+            self._refuse(Peer.WORKER, worker_id, message, "its key differs from the one it registered with")
+            return
+        if isinstance(message, protocol.Ready):
+            self._on_ready(worker_id, message, now, peer_key)
+            return
+        if self._workers.heard_from(worker_id, now) is None:
+            if isinstance(message, protocol.BatchResult):
+                self.stats["late_results"] += 1  # we gave up on this worker and re-dispatched its work
+            if not isinstance(message, protocol.Disconnect):
+                # A worker we do not know (we expired it, or we restarted): make it register again.
+                # Echo its registration, so that it can ignore answers to messages older than its READY.
+                registration = message.registration if isinstance(message, protocol.Heartbeat) else 0
+                self._sends.append(Send(Peer.WORKER, worker_id,
+                                        protocol.Disconnect("unknown worker: send READY", registration)))
+            return
+        match message:
+            case protocol.Heartbeat():
+                self._on_worker_heartbeat(worker_id, message)
+            case protocol.BatchResult():
+                self._on_batch_result(worker_id, message, now)
+            case protocol.Disconnect():
+                self._lose_worker(self._workers.remove(worker_id), f"disconnected: {message.reason}", now)
+            case _:
+                self._unexpected(Peer.WORKER, worker_id, message)
+
+    def _on_request(self, gateway_id: bytes, request: protocol.Request, now: float) -> None:
+        key = (gateway_id, request.request_id)
+        if key in self._requests:
+            # Replying would confuse it with the original: drop it, the original still gets its reply.
+            self.stats["duplicate_requests"] += 1
+            if _throttled(self.stats["duplicate_requests"]):
+                logger.warning("gateway %s reused request id %r; dropped", gateway_id.hex(), request.request_id,
+                               extra={"request_id": request.request_id})
+            return
+        self.stats["requests"] += 1
+        model = request.model
+        pending = PendingRequest(
+            gateway_id, request.request_id, model, request.inputs, request.sizes, request.priority,
+            enqueued_at=now, deadline_at=now + request.timeout_ms / 1000,
+        )
+        if self.draining:
+            return self._finish(pending, now, ErrorCode.UNAVAILABLE, "broker is shutting down")
+        if request.instance_id and request.instance_id != self.instance_id:
+            # Meant for a broker instance that died: the client has already given up on it.
+            return self._finish(pending, now, ErrorCode.UNAVAILABLE,
+                                f"sent to broker instance {request.instance_id}, which restarted")
+        if not request.inputs:
+            return self._finish(pending, now, ErrorCode.BAD_REQUEST, "a request needs at least one input")
+        if not self._workers.serves(model):
+            starting = now - self._started_at < self._config.heartbeat.expiry_s  # workers still rejoining
+            if starting or model in self._model_stats:  # served before: its workers are restarting, most likely
+                return self._finish(pending, now, ErrorCode.UNAVAILABLE,
+                                    f"no live worker serves model {model!r} right now", retry_after_ms=1000)
+            return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
+        if request.timeout_ms <= 0:
+            return self._finish(pending, now, ErrorCode.TIMEOUT, "deadline passed before the broker saw the request")
+        if self._batcher.is_full(model, pending):
+            return self._finish(
+                pending, now, ErrorCode.OVERLOADED,
+                f"model {model!r} has {self._batcher.queued_requests(model)} requests "
+                f"({self._batcher.queued_bytes(model)} bytes) waiting",
+                retry_after_ms=self._retry_after_ms(model, now),
+            )
+        self._requests[key] = pending
+        heapq.heappush(self._deadlines, (pending.deadline_at, next(self._sequence), key))
+        self._batcher.add(pending, now)
+
+    def _on_ready(self, worker_id: bytes, ready: protocol.Ready, now: float, peer_key: bytes | None) -> None:
+        previous = self._workers.register(worker_id, ready, now, peer_key)
+        for model in ready.models:
+            self._stats_for(model)  # remembered, so that while its workers restart it is 503, not 404
+        self._prune_model_stats()
+        if previous is not None:
+            self._lose_worker(previous, "registered again", now)
+        logger.info(
+            "worker %s joined: models %s, device %s, host %s, pid %d, max batch %d",
+            worker_id.hex(), ",".join(ready.models), ready.device, ready.host, ready.pid, ready.max_batch_size,
+            extra={"worker_id": worker_id.hex()},
+        )
+
+    def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
+        worker = self._workers.get(worker_id)
+        worker.stats = heartbeat.stats
+        if heartbeat.draining:
+            if not worker.draining:
+                logger.info("worker %s is draining; no more batches go to it", worker_id.hex(),
+                            extra={"worker_id": worker_id.hex()})
+            worker.draining = True
+            # Every batch we sent before this acknowledgement reaches the worker before it (FIFO pipe).
+            self._sends.append(Send(Peer.WORKER, worker_id, protocol.Heartbeat(self.instance_id, draining=True)))
+
+    def _on_batch_result(self, worker_id: bytes, result: protocol.BatchResult, now: float) -> None:
+        worker = self._workers.get(worker_id)
+        batch = worker.in_flight.get(result.batch_id)
+        if batch is None:
+            self.stats["late_results"] += 1
+            logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex(),
+                           extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
+            return
+        self._workers.completed(worker_id, result.batch_id, result.compute_ms / 1000, now)
+        self._stats_for(batch.model).record_completion(len(batch.items), now)
+        self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
+        size = len(batch.items)
+        errors = {error[0]: error for error in result.errors}
+        if len(result.outputs) != size or any(not 0 <= index < size for index in errors):
+            self.stats["malformed_results"] += 1
+            message = (f"worker returned {len(result.outputs)} outputs and errors at "
+                       f"{sorted(errors)[:8]} for {size} inputs")
+            errors = {i: [i, ErrorCode.MODEL_ERROR.value, message] for i in range(size)}
+        whole_batch_failed = size > 1 and len(errors) == size and all(
+            error[1] == ErrorCode.MODEL_ERROR.value for error in errors.values()
+        )
+        if whole_batch_failed:
+            # One input may have broken the batch for all: run each alone, so only the culprit fails.
+            self._retry_isolated(batch.items, f"its batch failed: {errors[0][2]}", now)
+            return
+        for position, item in enumerate(batch.items):
+            request = item.request
+            if request.done:
+                continue
+            if position in errors:
+                _, code, message = errors[position]
+                code = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.MODEL_ERROR
+                alone = " (run alone, after its batch failed)" if item.isolated else ""
+                self._finish(request, now, code, f"input {item.index}{alone}: {message}"[:4096])
+                continue
+            if request.outputs[item.index] is None:
+                request.remaining -= 1
+            request.outputs[item.index] = result.outputs[position]
+            if request.remaining == 0:
+                self._finish(request, now)
+
+    # ------------------------------------------------------------------ actions
+
+    def _dispatch(self, worker_id: bytes, model: str, items: list[WorkItem], now: float) -> None:
+        batch = InFlightBatch(next(self._batch_ids), worker_id, model, items, dispatched_at=now)
+        self._workers.dispatched(batch, now)
+        self._stats_for(model).record_dispatch(len(items))
+        self.metrics.batch_size.labels(model).observe(len(items))
+        queue_wait = self.metrics.queue_wait.labels(model)
+        for item in items:
+            queue_wait.observe(now - item.enqueued_at)
+        message = protocol.Batch(
+            batch_id=batch.batch_id,
+            model=model,
+            request_ids=[item.request.request_id for item in items],
+            timeout_ms=int((batch.deadline_at - now) * 1000),
+            inputs=[item.request.inputs[item.index] for item in items],
+        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("batch %d of %d inputs to worker %s", batch.batch_id, len(items), worker_id.hex(),
+                         extra={"batch_id": batch.batch_id, "worker_id": worker_id.hex(), "model": model,
+                                "request_id": ",".join(message.request_ids)})
+        self._sends.append(Send(Peer.WORKER, worker_id, message))
+
+    def _on_send_failed(self, instruction: Send, now: float) -> None:
+        message = instruction.message
+        if instruction.peer is Peer.GATEWAY:
+            return  # the gateway went away or stopped reading; its replies are lost with it (counted by the shell)
+        worker = self._workers.get(instruction.peer_id)
+        if worker is None:
+            return
+        if isinstance(message, protocol.Batch):
+            batch = worker.in_flight.pop(message.batch_id, None)
+            if batch is not None:
+                # Never delivered, so never run: back to the front of the queue as it was.
+                for item in batch.items:
+                    item.attempts -= 1
+                self._batcher.requeue(batch.items)
+        self._lose_worker(self._workers.remove(instruction.peer_id), "unreachable", now)
+
+    def _lose_worker(self, worker: WorkerState | None, reason: str, now: float) -> None:
+        """A worker is gone: its inputs run again (alone, if their batch had company), or fail."""
+        if worker is None:
+            return
+        lost = sum(len(batch.items) for batch in worker.in_flight.values())
+        logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, lost,
+                       extra={"worker_id": worker.worker_id.hex(), "batch_id": ",".join(map(str, worker.in_flight))})
+        self.stats["workers_lost"] += 1
+        for batch in worker.in_flight.values():
+            self._retry_isolated(batch.items, f"a worker running it was lost ({reason})", now,
+                                 code=ErrorCode.WORKER_LOST)
+        worker.in_flight.clear()
+
+    def _retry_isolated(self, items: list[WorkItem], why: str, now: float,
+                        code: ErrorCode = ErrorCode.MODEL_ERROR) -> None:
+        """Requeue the items of a failed batch to run one per batch, or fail those tried enough.
+
+        Running each alone, rather than bisecting, keeps every input at --max-attempts executions
+        (2 by default) while still telling a poison input from the bystanders in its batch.
+        """
+        retry = []
+        for item in items:
+            if item.request.done:
+                continue
+            if item.attempts >= self._config.batching.max_attempts:
+                alone = " when run alone: it looks like a poison input" if item.isolated else ""
+                self._finish(item.request, now, code,
+                             f"input {item.index} failed {item.attempts} times{alone}; last time {why}"[:1000])
+            else:
+                item.isolated = True
+                retry.append(item)
+                self._stats_for(item.request.model).redispatched += 1
+                self.metrics.child(self.metrics.redispatched, item.request.model).inc()
+        self._batcher.requeue(retry)
+
+    def _expire_requests(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, key = heapq.heappop(self._deadlines)
+            request = self._requests.get(key)
+            if request is not None and request.deadline_at <= now:
+                self._finish(request, now, ErrorCode.TIMEOUT, "deadline passed before the request finished")
+        if len(self._deadlines) > 4 * len(self._requests) + 1024:
+            # Entries of answered requests linger until their deadline; compact them away.
+            self._deadlines = [entry for entry in self._deadlines if entry[2] in self._requests]
+            heapq.heapify(self._deadlines)
+
+    def _finish(self, request: PendingRequest, now: float, code: ErrorCode | None = None, message: str = "",
+                retry_after_ms: int = 0) -> None:
+        """Send the request's one reply (a success via the outbox) and forget it."""
+        if request.done:
+            return
+        request.done = True
+        self._requests.pop(request.key, None)
+        self._batcher.forget(request)
+        outcome = "ok" if code is None else code.value
+        self.stats[_REPLY_STAT[outcome]] += 1
+        if request.model in self._model_stats:  # unknown names must not grow state
+            self._model_stats[request.model].outcomes[outcome] += 1
+            self.metrics.requests.inc(request.model, outcome)
+        if code is None:
+            # Sent by _flush_replies(), together with the other requests of this gateway that the
+            # same batch result finished.
+            self._outbox.setdefault(request.gateway_id, []).append(request)
+            return
+        if code is not ErrorCode.OVERLOADED:
+            logger.info("request %s failed: %s %s", request.request_id, code.value, message,
+                        extra={"request_id": request.request_id, "model": request.model})
+        reply = protocol.Reply(
+            request.request_id, error_code=code.value, error_message=message, retry_after_ms=retry_after_ms
+        )
+        self._sends.append(Send(Peer.GATEWAY, request.gateway_id, reply))
+
+    def _flush_replies(self) -> None:
+        """Queue the successful replies that _finish() held: one message per gateway, not per request."""
+        if not self._outbox:
+            return
+        for gateway_id, finished in self._outbox.items():
+            start, size = 0, 0
+            for end, request in enumerate(finished, 1):
+                size += sum(map(len, request.outputs))
+                if size >= _REPLIES_MAX_BYTES or end == len(finished):
+                    chunk = finished[start:end]
+                    if len(chunk) == 1:
+                        message = protocol.Reply(chunk[0].request_id, outputs=chunk[0].outputs)
+                    else:
+                        message = protocol.Replies([r.request_id for r in chunk], [r.outputs for r in chunk])
+                    self._sends.append(Send(Peer.GATEWAY, gateway_id, message))
+                    start, size = end, 0
+        self._outbox.clear()
+
+    def _retry_after_ms(self, model: str, now: float) -> int:
+        """How long until the queue has drained enough to take a request, at the recent rate."""
+        rate = self._stats_for(model).items_per_s(now)
+        backlog = self._batcher.queued_items(model)
+        if rate <= 0:
+            return 1000
+        return max(100, min(60_000, math.ceil(backlog / rate * 1000)))
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _count_malformed(self, peer: Peer, peer_id: bytes, error: protocol.DecodeError) -> None:
+        self.stats["malformed"] += 1
+        self.metrics.malformed.inc()
+        if _throttled(self.stats["malformed"]):
+            logger.warning("dropped malformed message from %s %s: %s (%d so far)", peer.name.lower(),
+                           peer_id.hex(), error, self.stats["malformed"])
+
+    def _refuse(self, peer: Peer, peer_id: bytes, message: protocol.Message, why: str) -> None:
+        self.stats["refused"] += 1
+        if _throttled(self.stats["refused"]):
+            logger.warning("refused %s from %s %s: %s (%d so far)", type(message).__name__, peer.name.lower(),
+                           peer_id.hex(), why, self.stats["refused"])
+
+    def _unexpected(self, peer: Peer, peer_id: bytes, message: protocol.Message) -> None:
+        self._refuse(peer, peer_id, message, "a message of that kind is not expected from it")
+
+    def _stats_for(self, model: str) -> ModelStats:
+        stats = self._model_stats.get(model)
+        if stats is None:
+            stats = self._model_stats[model] = ModelStats()
+        return stats
+
+    def _prune_model_stats(self) -> None:
+        """Forget the oldest models that no worker serves, past a bound: READYs name models freely."""
+        excess = len(self._model_stats) - _MAX_REMEMBERED_MODELS
+        if excess <= 0:
+            return
+        for model in [m for m in self._model_stats if not self._workers.serves(m)][:excess]:
+            del self._model_stats[model]
+
+
+def _throttled(count: int) -> bool:
+    """Log the first ten occurrences, then every hundredth, so a flood cannot fill the disk."""
+    return count <= 10 or count % 100 == 0
