@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import zmq
 
 from broker.broker import Broker
 from ddml_common.cli import Parser, configure_logging
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
+from broker.health import HealthServer
 
 logger = logging.getLogger("broker")
 
@@ -54,7 +56,10 @@ def build_parser() -> Parser:
     parser.add_argument("--authorized-clients", default=None,
                         help="directory of gateway/client public keys allowed on the frontend; re-read on SIGHUP")
     parser.add_argument("--metrics-port", type=int, default=0,
-                        help="serve Prometheus metrics on this port at /metrics (0 = off)")
+                        help="serve Prometheus metrics at /metrics and the loop's liveness at /healthz "
+                             "on this port (0 = off)")
+    parser.add_argument("--stall-timeout-s", type=float, default=10.0,
+                        help="/healthz answers 503 once the broker's loop has not completed a pass for this long")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="on SIGTERM, time allowed to answer requests already accepted")
@@ -89,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     config = config_from_args(args)
+    if args.stall_timeout_s <= config.heartbeat.interval_s:
+        raise SystemExit("ddml-broker: --stall-timeout-s must exceed the heartbeat interval "
+                         f"({config.heartbeat.interval_s} s): an idle loop passes once per interval")
     if config.curve_secret_key and not (config.authorized_workers and config.authorized_clients):
         raise SystemExit("ddml-broker: --curve-secret-key needs --authorized-workers and --authorized-clients")
     for endpoint in (config.frontend, config.backend):
@@ -104,11 +112,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"ddml-broker: {error}") from None
     signal.signal(signal.SIGHUP, lambda *_: broker.request_reload())
     broker.bind()
+    health = None
     if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr=args.metrics_host, registry=broker.metrics.registry)
-        logger.info("metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+        health = HealthServer(args.metrics_host, args.metrics_port, broker.metrics.registry,
+                              loop_age_s=lambda: time.monotonic() - broker.last_step_at,
+                              stall_timeout_s=args.stall_timeout_s)
+        health.start()
+        logger.info("metrics on http://%s:%d/metrics, liveness on /healthz", args.metrics_host, health.port)
     print(f"broker ready frontend={broker.frontend_endpoint} backend={broker.backend_endpoint}", flush=True)
     drained = False
     try:
@@ -118,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         broker.close(linger_ms=_FLUSH_LINGER_MS if drained else 0)
         context.term()
+        if health is not None:
+            health.close()
     logger.info("broker stopped")
 
 

@@ -83,6 +83,7 @@ class InFlightBatch:
     items: list[WorkItem]
     dispatched_at: float
     deadline_at: float = math.inf  # set by WorkerRegistry.dispatched()
+    sent: bool = False  # handed to the socket; until then a lost worker cannot have run it
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class Send:
     peer: Peer
     peer_id: bytes
     message: protocol.Message
+    batch: InFlightBatch | None = None  # with a BATCH message: the batch it carries
 
 
 SendFn = Callable[[Send], bool]  # performs a send; False if the peer is gone or not reading
@@ -177,7 +178,10 @@ class BrokerCore:
                     delivered = False
                 else:
                     delivered = send(instruction)
-                if not delivered:
+                if delivered:
+                    if instruction.batch is not None:
+                        instruction.batch.sent = True
+                else:
                     if instruction.peer is Peer.WORKER:
                         failed_workers.add(instruction.peer_id)
                     self._on_send_failed(instruction, now)
@@ -411,22 +415,11 @@ class BrokerCore:
             logger.debug("batch %d of %d inputs to worker %s", batch.batch_id, len(items), worker_id.hex(),
                          extra={"batch_id": batch.batch_id, "worker_id": worker_id.hex(), "model": model,
                                 "request_id": ",".join(message.request_ids)})
-        self._sends.append(Send(Peer.WORKER, worker_id, message))
+        self._sends.append(Send(Peer.WORKER, worker_id, message, batch))
 
     def _on_send_failed(self, instruction: Send, now: float) -> None:
-        message = instruction.message
         if instruction.peer is Peer.GATEWAY:
             return  # the gateway went away or stopped reading; its replies are lost with it (counted by the shell)
-        worker = self._workers.get(instruction.peer_id)
-        if worker is None:
-            return
-        if isinstance(message, protocol.Batch):
-            batch = worker.in_flight.pop(message.batch_id, None)
-            if batch is not None:
-                # Never delivered, so never run: back to the front of the queue as it was.
-                for item in batch.items:
-                    item.attempts -= 1
-                self._batcher.requeue(batch.items)
         self._lose_worker(self._workers.remove(instruction.peer_id), "unreachable", now)
 
     def _lose_worker(self, worker: WorkerState | None, reason: str, now: float) -> None:
@@ -437,9 +430,16 @@ class BrokerCore:
         logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, lost,
                        extra={"worker_id": worker.worker_id.hex(), "batch_id": ",".join(map(str, worker.in_flight))})
         self.stats["workers_lost"] += 1
+        unsent = []
         for batch in worker.in_flight.values():
-            self._retry_isolated(batch.items, f"a worker running it was lost ({reason})", now,
-                                 code=ErrorCode.WORKER_LOST)
+            if batch.sent:
+                self._retry_isolated(batch.items, f"a worker running it was lost ({reason})", now,
+                                     code=ErrorCode.WORKER_LOST)
+            else:  # never delivered, so never run: back to the front of the queue as it was
+                for item in batch.items:
+                    item.attempts -= 1
+                unsent.extend(batch.items)
+        self._batcher.requeue(unsent)
         worker.in_flight.clear()
 
     def _retry_isolated(self, items: list[WorkItem], why: str, now: float,

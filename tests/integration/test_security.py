@@ -207,3 +207,29 @@ def test_authorised_worker_in_another_namespace_serves_over_curve(netns, stack, 
         assert client.request("rev", ["over the veth"], timeout_s=10)[0]["reversed"] == "over the veth"[::-1]
     finally:
         client.close()
+
+
+def test_an_authorised_key_cannot_take_over_another_workers_identity(stack, keys, secure):
+    """worker-b's key is authorised, but claiming worker-a's routing identity gets it nothing:
+    the backend refuses a second connection under a live identity (no ROUTER_HANDOVER), and the
+    broker binds each worker to the key it registered with."""
+    worker, client = secure
+    [victim] = client.status(timeout_s=5)["workers"]
+    context = zmq.Context()
+    impostor = context.socket(zmq.DEALER)
+    impostor.setsockopt(zmq.LINGER, 0)
+    impostor.setsockopt(zmq.IDENTITY, bytes.fromhex(victim["worker_id"]))
+    ClientKeys.load(keys.public("broker"), keys.secret("worker-b")).apply(impostor)
+    try:
+        impostor.connect(stack.backend)
+        impostor.send_multipart(protocol.encode(protocol.Ready(["rev"], 8)), zmq.NOBLOCK)
+        assert _served_by(client, count=20) == {worker.pid}, "requests must keep going to the real worker"
+        received = []
+        while impostor.poll(300):
+            received.append(type(protocol.decode(impostor.recv_multipart())).__name__)
+        assert "Batch" not in received, f"the impostor must get no batch, got {received}"
+        [still] = client.status(timeout_s=5)["workers"]
+        assert (still["worker_id"], still["pid"]) == (victim["worker_id"], worker.pid)
+    finally:
+        impostor.close(linger=0)
+        context.term()

@@ -1,0 +1,107 @@
+"""BrokerCore as a pure state machine: frames and times in, sends out. No sockets, no clock."""
+
+from __future__ import annotations
+
+from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
+from broker.core import BrokerCore, Peer, Send
+from ddml_common import protocol
+
+CONFIG = BrokerConfig(heartbeat=HeartbeatConfig(interval_s=1.0, liveness=3, batch_timeout_floor_s=5.0),
+                      batching=BatchingConfig(max_attempts=2))
+
+
+class Wire:
+    """Collects what the core sends; sends to peers in `gone` fail, as ROUTER_MANDATORY makes them."""
+
+    def __init__(self):
+        self.sent: list[Send] = []
+        self.gone: set[bytes] = set()
+
+    def __call__(self, instruction: Send) -> bool:
+        if instruction.peer_id in self.gone:
+            return False
+        self.sent.append(instruction)
+        return True
+
+    def take(self, peer_id: bytes, kind: type) -> list:
+        found = [s.message for s in self.sent if s.peer_id == peer_id and isinstance(s.message, kind)]
+        self.sent = [s for s in self.sent if not (s.peer_id == peer_id and isinstance(s.message, kind))]
+        return found
+
+
+def frames(message: protocol.Message) -> list[bytes]:
+    return protocol.encode(message)
+
+
+def request(request_id: str, count: int = 1, timeout_ms: int = 5000) -> list[bytes]:
+    inputs = [protocol.encode_value(f"{request_id}/{i}") for i in range(count)]
+    return frames(protocol.Request(request_id, "m", timeout_ms, inputs=inputs))
+
+
+def step(core: BrokerCore, wire: Wire, now: float) -> None:
+    core.on_tick(now)
+    core.flush(wire, now)
+
+
+def test_batches_whose_sends_fail_go_back_unrun_and_the_next_worker_gets_them():
+    """The crash of the broker-core issue: an idle worker dies unnoticed, an 8-input request needs two of
+    its batches, the first send fails and forgets it; the second must not raise, and nothing is lost."""
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=4, max_batches=2)), 0.0)
+    step(core, wire, 0.0)
+    wire.gone.add(b"w1")  # SIGKILLed while idle
+    core.on_frames(Peer.GATEWAY, b"gw", request("r", count=8), 0.1)
+    step(core, wire, 0.1)
+    assert core.stats["internal_errors"] == 0 and core.stats["workers_lost"] == 1
+    assert core.status("", 0.1).models["m"]["queued_items"] == 8
+    core.on_frames(Peer.WORKER, b"w2", frames(protocol.Ready(["m"], max_batch_size=8, max_batches=1)), 0.2)
+    step(core, wire, 0.2)
+    [batch] = wire.take(b"w2", protocol.Batch)
+    assert [protocol.decode_value(x) for x in batch.inputs] == [f"r/{i}" for i in range(8)]
+    core.on_frames(Peer.WORKER, b"w2", frames(protocol.BatchResult(batch.batch_id, batch.inputs)), 0.3)
+    step(core, wire, 0.3)
+    [reply] = wire.take(b"gw", protocol.Reply)
+    assert reply.ok and [protocol.decode_value(x) for x in reply.outputs] == [f"r/{i}" for i in range(8)]
+
+
+def test_a_worker_speaks_only_with_the_key_it_registered_with():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    ready = frames(protocol.Ready(["m"], max_batch_size=4))
+    core.on_frames(Peer.WORKER, b"w1", ready, 0.0, peer_key=b"key-a")
+    core.on_frames(Peer.WORKER, b"w1", ready, 0.1, peer_key=b"key-b")  # a takeover attempt
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Disconnect("bye")), 0.1, peer_key=b"key-b")
+    assert core.stats["refused"] == 2
+    [worker] = core.status("", 0.1).workers
+    assert worker["worker_id"] == b"w1".hex() and core.workers_with_keys() == [(b"w1", b"key-a")]
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Disconnect("bye")), 0.2, peer_key=b"key-a")
+    assert core.status("", 0.2).workers == []
+
+
+def test_a_handler_that_raises_is_counted_and_the_core_goes_on(monkeypatch):
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(core, "_on_request", broken)
+    core.on_frames(Peer.GATEWAY, b"gw", request("r1"), 0.0)
+    assert core.stats["internal_errors"] == 1
+    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.StatusRequest("s1")), 0.0)
+    step(core, wire, 0.0)
+    [status] = wire.take(b"gw", protocol.Status)
+    assert status.stats["internal_errors"] == 1
+
+
+def test_a_result_whose_errors_name_an_index_outside_the_batch_fails_the_batch_without_raising():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1)), 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("r"), 0.0)
+    step(core, wire, 0.0)
+    [batch] = wire.take(b"w1", protocol.Batch)
+    hostile = protocol.BatchResult(batch.batch_id, [b""], [[0, "MODEL_ERROR", "x"]])
+    hostile.errors = [[7, "MODEL_ERROR", "outside"]]  # what decode() would refuse, handed to the core as if it did not
+    core._on_batch_result(b"w1", hostile, 0.1)
+    step(core, wire, 0.1)
+    assert core.stats["internal_errors"] == 0 and core.stats["malformed_results"] == 1
+    [reply] = wire.take(b"gw", protocol.Reply)
+    assert reply.error_code == "MODEL_ERROR" and "outputs and errors" in reply.error_message
