@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.echo [--seconds 10] [--rounds 3] [--window 256] [--curve]
     .venv/bin/python -m bench.echo --raw-clients 3 [--seconds 10] [--window 256]
+    .venv/bin/python -m bench.echo --raw-clients 3 --compare-with REV [--rounds 3]
 
 Measures single-input requests/s through the broker from a Python BrokerClient, without HTTP,
 keeping --window requests in flight. With --curve it runs a plain-TCP stack and a CurveZMQ
@@ -12,12 +13,19 @@ keeps --window requests in flight (no futures, no threads), so that the load gen
 as little as Python allows. It reports requests/s and the broker's CPU time per request, read
 from /proc: the figure to compare between versions, since req/s on 2 shared cores also
 depends on how much CPU the clients and the worker leave the broker.
+
+With --compare-with REV it runs the broker of git revision REV (checked out in a temporary
+worktree) and this tree's broker in alternating rounds, in one run, with the same worker and
+clients, and prints each one's broker CPU per request and the ratio: before and after a change,
+side by side on the same noisy machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +36,7 @@ from ddml_common.keys import ClientKeys
 from gateway.broker_client import BrokerClient
 from tests.conftest import Stack
 from tests.integration.test_security import Keys
+from tests.processes import REPO, Process
 
 
 def throughput(client: BrokerClient, seconds: float, window: int) -> float:
@@ -89,12 +98,14 @@ def raw_client(frontend: str, seconds: float, window: int, counts) -> None:
     context.term()
 
 
-def raw_throughput(clients: int, seconds: float, window: int) -> None:
+def raw_throughput(clients: int, seconds: float, window: int, source: Path | None = None) -> tuple[float, float]:
+    """One round with N raw clients. Returns (requests/s, broker CPU µs per request).
+    source: run the broker from that checkout instead of this tree."""
     import multiprocessing
 
     stack = Stack(Path(tempfile.mkdtemp(prefix="ddml-echo-")))
     try:
-        broker = stack.start_broker()
+        broker = start_broker(stack, source)
         stack.start_worker("--model", "echo", "--max-batch-size", "256")
         probe = BrokerClient(stack.frontend)
         while not probe.status()["workers"]:
@@ -116,11 +127,49 @@ def raw_throughput(clients: int, seconds: float, window: int) -> None:
         failed = sum(f for _, f in results)
         status = probe.status()
         probe.close()
-        print(f"| {clients} raw clients × window {window} | {answered / elapsed:,.0f} req/s | {failed} errors | "
-              f"broker CPU {cpu / max(answered, 1) * 1e6:.1f} µs per request ({cpu / elapsed:.0%} of a core) | "
-              f"mean batch {status['models']['echo']['mean_batch_size']} |")
+        rate, cpu_us = answered / elapsed, cpu / max(answered, 1) * 1e6
+        print(f"| {source or 'this tree'} | {clients} raw clients × window {window} | {rate:,.0f} req/s | "
+              f"{failed} errors | broker CPU {cpu_us:.1f} µs per request ({cpu / elapsed:.0%} of a core) | "
+              f"mean batch {status['models']['echo']['mean_batch_size']} |", flush=True)
+        return rate, cpu_us
     finally:
         stack.stop_all()
+
+
+def start_broker(stack: Stack, source: Path | None) -> Process:
+    """The broker of this tree, or of another checkout (its own broker package first on sys.path)."""
+    if source is None:
+        return stack.start_broker()
+    code = (f"import sys, runpy; sys.path.insert(0, {str(source)!r}); "
+            "runpy.run_module('broker', run_name='__main__', alter_sys=True)")
+    broker = Process([sys.executable, "-c", code, "--frontend", "tcp://127.0.0.1:0", "--backend",
+                      "tcp://127.0.0.1:0"], stack.tmp_path / "broker-base.log")
+    stack.processes.append(broker)
+    match = broker.wait_for_output(r"broker ready frontend=(\S+) backend=(\S+)", timeout_s=30)
+    stack.frontend, stack.backend = match.group(1), match.group(2)
+    return broker
+
+
+def compare_brokers(revision: str, clients: int, seconds: float, window: int, rounds: int) -> None:
+    worktree = Path(tempfile.mkdtemp(prefix="ddml-base-")) / "tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(worktree), revision],
+                   check=True, capture_output=True)
+    try:
+        base, current = [], []
+        for round_index in range(rounds):
+            # Alternate which goes first, so neither always runs on a warmer or quieter machine.
+            order = [(worktree, base), (None, current)]
+            for source, results in order if round_index % 2 == 0 else order[::-1]:
+                results.append(raw_throughput(clients, seconds, window, source))
+        print(f"\n| broker | req/s per round | CPU µs/request per round | median µs |\n|---|---|---|---|")
+        for name, results in ((revision, base), ("this tree", current)):
+            print(f"| {name} | {', '.join(f'{r:,.0f}' for r, _ in results)} | "
+                  f"{', '.join(f'{c:.1f}' for _, c in results)} | {statistics.median(c for _, c in results):.1f} |")
+        ratios = [c / b for (_, b), (_, c) in zip(base, current)]
+        print(f"\nCPU per request, this tree / {revision}, per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
+              f"median {statistics.median(ratios):.3f}")
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(worktree)], capture_output=True)
 
 
 def start(curve: bool, workdir: Path) -> tuple[Stack, BrokerClient]:
@@ -146,9 +195,14 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--curve", action="store_true", help="compare plain TCP with CurveZMQ, side by side")
     parser.add_argument("--raw-clients", type=int, default=0, help="measure the broker with N bare DEALER clients")
+    parser.add_argument("--compare-with", metavar="REV", default=None,
+                        help="with --raw-clients: also run git revision REV's broker, rounds alternating")
     args = parser.parse_args()
+    if args.raw_clients and args.compare_with:
+        return compare_brokers(args.compare_with, args.raw_clients, args.seconds, args.window, args.rounds)
     if args.raw_clients:
-        return raw_throughput(args.raw_clients, args.seconds, args.window)
+        raw_throughput(args.raw_clients, args.seconds, args.window)
+        return
     modes = [False, True] if args.curve else [False]
     results: dict[bool, list[float]] = {mode: [] for mode in modes}
     for round_index in range(args.rounds):

@@ -48,9 +48,11 @@ class PendingRequest:
     nbytes: int = 0  # encoded inputs, in all
 
     def __post_init__(self) -> None:
-        self.outputs = [None] * len(self.inputs)
-        self.remaining = len(self.inputs)
-        self.nbytes = sum(map(len, self.inputs))
+        inputs = self.inputs
+        count = len(inputs)
+        self.outputs = [None] * count
+        self.remaining = count
+        self.nbytes = len(inputs[0]) if count == 1 else sum(map(len, inputs))
 
     @property
     def key(self) -> tuple[bytes, str]:

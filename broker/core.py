@@ -25,20 +25,20 @@ import heapq
 import itertools
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
 from broker.config import BrokerConfig
 from broker.metrics import BrokerMetrics
+from broker.stats import ModelStats
 from broker.workers import WorkerRegistry, WorkerState
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 
 logger = logging.getLogger("broker.broker")
 
-_RATE_WINDOW_S = 10.0  # window over which a model's drain rate is measured (for Retry-After)
 _PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for scrapes
 _REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
 _MAX_REMEMBERED_MODELS = 1024  # models once served but served no longer, remembered for 503 rather than 404
@@ -61,42 +61,6 @@ class Send:
 
 
 SendFn = Callable[[Send], bool]  # performs a send; False if the peer is gone or not reading
-
-
-class ModelStats:
-    """Per-model figures for status and for Retry-After."""
-
-    def __init__(self) -> None:
-        self.batches = 0
-        self.items = 0
-        self.batch_sizes: Counter[int] = Counter()
-        self.outcomes: Counter[str] = Counter()  # "ok" or an ErrorCode value
-        self.redispatched = 0
-        self._completions: deque[tuple[float, int]] = deque()  # (at, items) within the window
-
-    def record_dispatch(self, size: int) -> None:
-        self.batches += 1
-        self.items += size
-        self.batch_sizes[size] += 1
-
-    def record_completion(self, size: int, now: float) -> None:
-        self._completions.append((now, size))
-        while self._completions and self._completions[0][0] < now - _RATE_WINDOW_S:
-            self._completions.popleft()
-
-    def items_per_s(self, now: float) -> float:
-        recent = [n for at, n in self._completions if at >= now - _RATE_WINDOW_S]
-        return sum(recent) / _RATE_WINDOW_S
-
-    def describe(self) -> dict:
-        return {
-            "batches": self.batches,
-            "items": self.items,
-            "mean_batch_size": round(self.items / self.batches, 3) if self.batches else 0.0,
-            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "outcomes": dict(self.outcomes),
-            "redispatched": self.redispatched,
-        }
 
 
 class BrokerCore:
@@ -558,6 +522,7 @@ class BrokerCore:
             return
         for model in [m for m in self._model_stats if not self._workers.serves(m)][:excess]:
             del self._model_stats[model]
+            self.metrics.forget_model(model)
 
 
 def _throttled(count: int) -> bool:

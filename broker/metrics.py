@@ -51,6 +51,9 @@ class _Histograms:
             child = self._children[model] = Histogram(self.bounds)
         return child
 
+    def forget(self, model: str) -> None:
+        self._children.pop(model, None)
+
     def collect(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["model"])
         for model, child in list(self._children.items()):  # list(): one atomic copy under the GIL
@@ -71,6 +74,10 @@ class _Counts:
 
     def inc(self, *labels: str) -> None:
         self._values[labels] = self._values.get(labels, 0) + 1
+
+    def forget(self, first_label: str) -> None:
+        for labels in [labels for labels in self._values if labels[0] == first_label]:
+            del self._values[labels]
 
     def collect(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
@@ -103,6 +110,17 @@ class BrokerMetrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
+
+    def forget_model(self, model: str) -> None:
+        """Drop every series of a model the broker no longer remembers, so labels stay bounded."""
+        self.requests.forget(model)
+        for family in (self.batch_size, self.queue_wait, self.batch_latency):
+            family.forget(model)
+        try:
+            self.redispatched.remove(model)
+        except KeyError:
+            pass
+        self._children.pop((id(self.redispatched), (model,)), None)
 
     def publish(self, status: dict) -> None:
         """Called by the broker thread with a fresh status; replaces, never mutates."""

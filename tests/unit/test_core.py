@@ -105,3 +105,23 @@ def test_a_result_whose_errors_name_an_index_outside_the_batch_fails_the_batch_w
     assert core.stats["internal_errors"] == 0 and core.stats["malformed_results"] == 1
     [reply] = wire.take(b"gw", protocol.Reply)
     assert reply.error_code == "MODEL_ERROR" and "outputs and errors" in reply.error_message
+
+
+def test_models_named_by_workers_are_forgotten_past_a_bound_with_their_metrics(monkeypatch):
+    import broker.core
+
+    monkeypatch.setattr(broker.core, "_MAX_REMEMBERED_MODELS", 5)
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    for n in range(20):  # each worker names a new model, serves one request, and leaves
+        worker_id, model = f"w{n}".encode(), f"model-{n}"
+        core.on_frames(Peer.WORKER, worker_id, frames(protocol.Ready([model], max_batch_size=1)), n)
+        core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request(f"r{n}", model, 5000,
+                                                                   inputs=[protocol.encode_value(n)])), n)
+        step(core, wire, n)
+        [batch] = wire.take(worker_id, protocol.Batch)
+        core.on_frames(Peer.WORKER, worker_id, frames(protocol.BatchResult(batch.batch_id, batch.inputs)), n)
+        core.on_frames(Peer.WORKER, worker_id, frames(protocol.Disconnect("bye")), n)
+        step(core, wire, n)
+    assert len(core.status("", 20).models) <= 5 + 1
+    exported = {sample.labels.get("model") for family in core.metrics.registry.collect() for sample in family.samples}
+    assert len(exported - {None}) <= 5 + 1
