@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from ddml_common.cli import Parser, env_name
-from gateway.config import DEFAULT_THREADS, DEFAULT_WORKERS
+from gateway.config import DEFAULT_THREADS, DEFAULT_WORKERS, MAX_NESTING_DEPTH
 
 _FLAGS_FOR_ENV = (
     "broker", "bind", "workers", "threads", "max_body_bytes", "max_inputs", "max_input_chars",
@@ -30,7 +30,8 @@ def build_parser() -> Parser:
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger bodies get 413")
     parser.add_argument("--max-inputs", type=int, default=4096, help="inputs per request; more get 400")
     parser.add_argument("--max-input-chars", type=int, default=1 << 20,
-                        help="characters in one string input; more get 400")
+                        help="characters in any one string of a request, however deeply nested (keys too); "
+                             f"more get 400. Bodies nested more than {MAX_NESTING_DEPTH} levels deep get 400 too")
     parser.add_argument("--request-timeout-ms", type=float, default=30_000.0,
                         help="default request deadline; a body's timeout_ms may ask for another")
     parser.add_argument("--certfile", default=None, help="TLS certificate (PEM); with --keyfile serves HTTPS")

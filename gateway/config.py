@@ -14,13 +14,19 @@ from dataclasses import dataclass
 DEFAULT_WORKERS = max(1, (os.cpu_count() or 2) // 2)
 DEFAULT_THREADS = 128
 
+# Arrays and objects nested in one request body (JSON, msgpack, or a v2 inference header); deeper
+# gets 400. Real inputs nest a few levels. orjson writes at most 254 levels, so an unbounded echo of
+# a deep input would fail only on the way out, as a 500. A v2 input tensor may have as many
+# dimensions as this.
+MAX_NESTING_DEPTH = 32
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
     broker: str = "tcp://127.0.0.1:5555"  # the broker's frontend endpoint
     max_body_bytes: int = 16 << 20  # larger bodies get 413
     max_inputs: int = 4096  # inputs per request
-    max_input_chars: int = 1 << 20  # characters in one string input
+    max_input_chars: int = 1 << 20  # characters in one string, anywhere in the inputs (keys too)
     request_timeout_ms: float = 30_000.0  # default deadline; a request may ask for less (timeout_ms)
     max_request_timeout_ms: float = 300_000.0
     curve_server_key: str | None = None  # the broker's public .key: turns on CurveZMQ to the broker

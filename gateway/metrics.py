@@ -3,6 +3,9 @@
 With PROMETHEUS_MULTIPROC_DIR set (ddml-gateway sets it to a fresh directory), every gunicorn
 process writes its samples there and any process's /metrics merges them all (prometheus_client's
 multiprocess mode), so a scrape that lands on any process sees the whole gateway.
+
+Every label value comes from a fixed set, whatever clients send: the route is the matched URI
+template or "unmatched", the method one of METHODS or "other", the status a number Falcon chose.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import multiprocess
 
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 HTTP_REQUESTS = Counter("ddml_http_requests", "HTTP requests answered, by route, method and status",
@@ -30,10 +34,11 @@ class MetricsMiddleware:
         started_at = getattr(req.context, "started_at", None)
         if started_at is None:
             return
-        route = req.uri_template or "unmatched"  # the template, never the raw path: bounded label values
+        route = req.uri_template or "unmatched"  # the template, never the raw path
+        method = req.method if req.method in METHODS else "other"
         status = str(resp.status_code)
-        HTTP_REQUESTS.labels(route, req.method, status).inc()
-        HTTP_DURATION.labels(route, req.method, status).observe(time.perf_counter() - started_at)
+        HTTP_REQUESTS.labels(route, method, status).inc()
+        HTTP_DURATION.labels(route, method, status).observe(time.perf_counter() - started_at)
 
 
 class MetricsResource:

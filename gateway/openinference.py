@@ -12,7 +12,9 @@ Inference requests may carry their tensors as JSON "data" or as raw bytes after 
 little-endian length and the bytes). Outputs come back as JSON or binary per output
 (parameters.binary_data, or request-level binary_data_output). gzip and deflate work both
 ways. The request id is echoed; parameters.priority (1 = highest) and parameters.timeout
-(microseconds) map onto the broker's priority and the request's deadline. Each row of the
+(microseconds) map onto the broker's priority (within the protocol's bounds) and the
+request's deadline. The JSON header may nest MAX_NESTING_DEPTH levels, a tensor may have as many
+dimensions, and no string (JSON or BYTES element) may exceed --max-input-chars. Each row of the
 first input's batch dimension is one broker input, so the broker batches rows from many
 requests together. Errors are a non-200 status with {"error": "..."}.
 
@@ -31,11 +33,12 @@ import falcon
 import numpy as np
 import orjson
 
+from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from gateway.config import GatewayConfig
+from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 from gateway.errors import HTTP_STATUS_BY_CODE
-from gateway.resources import read_body
+from gateway.resources import check_document, read_body
 
 SERVER_NAME = "ddml"
 SERVER_VERSION = "0.1.0"
@@ -47,7 +50,9 @@ _NUMPY_BY_DATATYPE = {
 }
 _CONFIG_TYPE = {"BYTES": "TYPE_STRING", **{k: f"TYPE_{k}" for k in _NUMPY_BY_DATATYPE}}
 _STATUS_CACHE_S = 1.0  # metadata changes only when workers come and go
-_PRIORITY_TOP = 10_000  # Triton's priority 1 (highest) becomes broker priority 9,999; 0 stays default
+# Triton's priority 1 (highest) becomes broker priority MAX_PRIORITY - 1, larger numbers lower ones
+# down to 1; 0 stays the default. Every mapped value is within the protocol's bounds.
+_PRIORITY_TOP = protocol.MAX_PRIORITY
 
 
 class V2Error(Exception):
@@ -202,6 +207,7 @@ class Infer:
             raise V2Error(400, f"malformed JSON inference header: {error}") from None
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
             raise V2Error(400, "an inference request needs a non-empty 'inputs' list")
+        check_document(request, self._config.max_input_chars)
         rows = _rows(request["inputs"], body[split:], self._config)
         parameters = request.get("parameters") or {}
         timeout_s, priority = _schedule(parameters, self._config)
@@ -268,13 +274,15 @@ def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
         name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
         if not (isinstance(shape, list) and shape and all(isinstance(n, int) and n >= 0 for n in shape)):
             raise V2Error(400, f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r:.60}")
+        if len(shape) > MAX_NESTING_DEPTH:
+            raise V2Error(400, f"input '{name}' has {len(shape)} dimensions, over the limit of {MAX_NESTING_DEPTH}")
         count = int(np.prod(shape))
         size = ((tensor.get("parameters") or {}).get("binary_data_size"))
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise V2Error(400, f"input '{name}': binary_data_size {size!r} runs past the body")
             raw, offset = binary[offset:offset + size], offset + size
-            elements = _raw_to_elements(name, datatype, raw, count)
+            elements = _raw_to_elements(name, datatype, raw, count, config.max_input_chars)
         elif "data" in tensor:
             elements = _json_to_elements(name, datatype, tensor["data"], count)
         else:
@@ -291,9 +299,6 @@ def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
             values = [v.reshape(shape[1:]) if len(shape) > 1 else v[0] for v in values]
         else:
             values = [v[0] if per_row == 1 else v for v in values]
-        for value in values:
-            if isinstance(value, str) and len(value) > config.max_input_chars:
-                raise V2Error(400, f"input '{name}' has an element over {config.max_input_chars} characters")
         columns[name] = values
     if offset != len(binary):
         raise V2Error(400, f"{len(binary) - offset} bytes of binary data belong to no input")
@@ -318,7 +323,7 @@ def _json_to_elements(name: str, datatype: Any, data: Any, count: int):
         raise V2Error(400, f"input '{name}' data does not fit {datatype}: {error}") from None
 
 
-def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int):
+def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int, max_chars: int):
     if datatype == "BYTES":
         elements, position = [], 0
         while position < len(raw):
@@ -328,7 +333,11 @@ def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int):
             position += 4
             if position + length > len(raw):
                 raise V2Error(400, f"input '{name}': a BYTES element runs past its buffer")
-            elements.append(_text(raw[position:position + length]))
+            element = _text(raw[position:position + length])
+            if len(element) > max_chars:
+                raise V2Error(400, f"input '{name}' has a BYTES element of {len(element)} characters, "
+                                   f"over the limit of {max_chars} (--max-input-chars)")
+            elements.append(element)
             position += length
         if len(elements) != count:
             raise V2Error(400, f"input '{name}' has {len(elements)} BYTES elements for a shape of {count}")

@@ -1,7 +1,9 @@
 """HTTP resources of the /v1 API. Thin: read and check the body, ask the broker, write the reply.
 
     POST /v1/models/{model}/predict   {"inputs": [...], "timeout_ms"?: number, "priority"?: int}
-                                      (JSON, or the same as application/msgpack)
+                                      (JSON, or the same as application/msgpack; at most
+                                      MAX_NESTING_DEPTH levels deep, every string within
+                                      --max-input-chars, priority within the protocol's bounds)
          -> 200 {"model": ..., "outputs": [...]}, outputs in input order, in the media type accepted
     GET  /v1/models                   models and their live workers, as the broker reports them
     GET  /v1/status                   the broker's full status (queues, workers, counters)
@@ -21,10 +23,11 @@ import orjson
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from gateway.config import GatewayConfig
+from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_SCALAR_TYPES = frozenset({int, float, bool, type(None), bytes})
 
 
 def read_body(req: falcon.Request, max_bytes: int) -> bytes:
@@ -55,6 +58,56 @@ def parse_document(req: falcon.Request, data: bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise BrokerError(ErrorCode.BAD_REQUEST, f"malformed JSON body: {error}") from None
+
+
+def check_document(document: dict | list, max_chars: int) -> None:
+    """Refuse (BAD_REQUEST) a document that nests arrays and objects more than MAX_NESTING_DEPTH
+    levels deep, or holds a string (a value or a key, anywhere) over max_chars characters.
+
+    Iterative, so that no depth exhausts the stack. Other leaves (numbers, bytes, numpy arrays)
+    pass. A long list of scalars (a numeric tensor) is passed over by one set() of its types, in C.
+    """
+    stack = [(document, 1, None, None)]  # (node, depth, parent entry, key in parent): paths only on error
+    while stack:
+        entry = stack.pop()
+        node, depth = entry[0], entry[1]
+        if depth > MAX_NESTING_DEPTH:
+            raise BrokerError(ErrorCode.BAD_REQUEST,
+                              f"{_path(entry)} nests arrays and objects more than {MAX_NESTING_DEPTH} levels deep")
+        if type(node) is dict:
+            for key in node:
+                if type(key) is str and len(key) > max_chars:
+                    raise _too_long(f"a key in {_path(entry)}", len(key), max_chars)
+            children = node.items()
+        elif len(node) > 16 and set(map(type, node)) <= _SCALAR_TYPES:
+            continue
+        else:
+            children = enumerate(node)
+        for key, child in children:
+            kind = type(child)
+            if kind is str:
+                if len(child) > max_chars:
+                    raise _too_long(_path((child, depth, entry, key)), len(child), max_chars)
+            elif kind is list or kind is dict:
+                stack.append((child, depth + 1, entry, key))
+
+
+def _too_long(where: str, length: int, max_chars: int) -> BrokerError:
+    return BrokerError(ErrorCode.BAD_REQUEST,
+                       f"{where} has {length} characters, over the limit of {max_chars} (--max-input-chars)")
+
+
+def _path(entry: tuple) -> str:
+    """Where an entry of check_document's stack is, e.g. inputs[0]['text']; "the body" for the root."""
+    keys = []
+    while entry[2] is not None:
+        keys.append(entry[3])
+        entry = entry[2]
+    if not keys:
+        return "the body"
+    keys.reverse()
+    first = keys[0] if isinstance(keys[0], str) else f"[{keys[0]}]"
+    return (first + "".join(f"[{k}]" if isinstance(k, int) else f"[{k!r}]" for k in keys[1:]))[:200]
 
 
 def write_document(req: falcon.Request, resp: falcon.Response, document: dict) -> None:
@@ -88,18 +141,15 @@ class PredictResource:
             raise BrokerError(ErrorCode.BAD_REQUEST, "'inputs' must not be empty")
         if len(inputs) > config.max_inputs:
             raise BrokerError(ErrorCode.BAD_REQUEST, f"{len(inputs)} inputs exceed the limit of {config.max_inputs}")
-        for index, value in enumerate(inputs):
-            if isinstance(value, str) and len(value) > config.max_input_chars:
-                raise BrokerError(
-                    ErrorCode.BAD_REQUEST,
-                    f"inputs[{index}] has {len(value)} characters, over the limit of {config.max_input_chars}",
-                )
+        check_document(body, config.max_input_chars)
         timeout_ms = body.get("timeout_ms", config.request_timeout_ms)
         if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0:
             raise BrokerError(ErrorCode.BAD_REQUEST, f"'timeout_ms' must be a positive number, got {timeout_ms!r:.40}")
         priority = body.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise BrokerError(ErrorCode.BAD_REQUEST, f"'priority' must be an integer, got {priority!r:.40}")
+        if (isinstance(priority, bool) or not isinstance(priority, int)
+                or not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY):
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"'priority' must be an integer from {protocol.MIN_PRIORITY} "
+                                                     f"to {protocol.MAX_PRIORITY}, got {priority!r:.40}")
         return inputs, min(timeout_ms, config.max_request_timeout_ms) / 1000, priority
 
 

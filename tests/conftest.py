@@ -61,7 +61,10 @@ class Stack:
         return broker
 
     def start_worker(self, *flags: str, wait: bool = True, prefix: tuple[str, ...] = (),
-                     broker: str | None = None) -> Process:
+                     broker: str | None = None, echo_test_directives: bool = True) -> Process:
+        """An echo worker obeys test directives ({"sleep_s": ...}, {"exit": ...}) unless told not to."""
+        if echo_test_directives and _serves_echo(flags):
+            flags = (*flags, "--echo-test-directives")
         worker = self._spawn("worker", "--broker", broker or self.backend, *flags, prefix=prefix)
         if wait:
             worker.wait_for_output(r"worker ready", timeout_s=120)
@@ -88,6 +91,11 @@ class Stack:
                 failures.append(error)
         if failures:
             raise failures[0]
+
+
+def _serves_echo(flags: tuple[str, ...]) -> bool:
+    return any(flag == "--model" and value == "echo" for flag, value in zip(flags, flags[1:])) \
+        or "--model=echo" in flags
 
 
 @pytest.fixture

@@ -59,6 +59,10 @@ def build_parser() -> Parser:
                              "(for a Kubernetes exec liveness probe)")
     parser.add_argument("--curve-server-key", default=None, help="the broker's public .key: turns on CurveZMQ")
     parser.add_argument("--curve-secret-key", default=None, help="this worker's .key_secret (ddml-keys generate)")
+    parser.add_argument("--echo-test-directives", action="store_true",
+                        help="for test suites only: the built-in echo model obeys directives in dict inputs "
+                             "({'sleep_s': s}, {'raise': why}, {'invalid': why}, {'exit': code}); without it, "
+                             "it echoes them")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch intra-op threads per process; 0 = cores / processes on the CPU")
     return parser
@@ -86,6 +90,7 @@ def config_from_args(args) -> WorkerConfig:
         health_file=args.health_file,
         curve_server_key=args.curve_server_key,
         curve_secret_key=args.curve_secret_key,
+        echo_test_directives=args.echo_test_directives,
     )
 
 

@@ -23,6 +23,7 @@ class WorkerConfig:
     health_file: str | None = None  # touched while healthy, for an exec liveness probe
     curve_server_key: str | None = None  # the broker's public .key; with curve_secret_key turns on CURVE
     curve_secret_key: str | None = None  # this worker's .key_secret
+    echo_test_directives: bool = False  # the echo model obeys sleep_s / raise / exit / invalid: tests only
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

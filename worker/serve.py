@@ -57,7 +57,7 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         handler = handler_class(device=device, **config.handler_options)
     else:
         handler = create_handler(config.model, device, config.handler, config.model_path, config.task,
-                                 **config.handler_options)
+                                 echo_test_directives=config.echo_test_directives, **config.handler_options)
     print(f"worker: loading model {config.model!r} on {device} ...", flush=True)
     started_at = time.monotonic()
     handler.init_model()

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 
+import msgpack
 import numpy as np
 import pytest
 import requests
@@ -11,8 +12,7 @@ from tests.processes import http_ready, wait_until
 pytestmark = pytest.mark.e2e
 
 JSON = {"Content-Type": "application/json"}
-
-
+MSGPACK = {"Content-Type": "application/msgpack"}
 
 
 def predict(url: str, model: str, inputs: list, **extra) -> requests.Response:
@@ -58,7 +58,8 @@ def test_tiny_bert_classifier_returns_probabilities_with_labels(stack, tiny_bert
 def test_http_errors_are_json_with_the_right_status(stack):
     stack.start_broker()
     stack.start_worker("--model", "echo")
-    _, url = stack.start_gateway("--workers", "1", "--threads", "4", "--max-body-bytes", "1000")
+    _, url = stack.start_gateway("--workers", "1", "--threads", "4", "--max-body-bytes", "1000",
+                                 "--max-input-chars", "40")
     wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     wait_until(lambda: predict(url, "nope", ["x"]).status_code == 404, timeout_s=10, interval_s=0.2,
                what="404 once the broker is past its start-up grace")
@@ -70,10 +71,44 @@ def test_http_errors_are_json_with_the_right_status(stack):
         (requests.post(f"{url}/v1/models/echo/predict", data="{", headers=JSON, timeout=10), 400, "BAD_REQUEST"),
         (requests.post(f"{url}/v1/models/echo/predict", data="x" * 2000, headers=JSON, timeout=10), 413,
          "PAYLOAD_TOO_LARGE"),
+        (requests.post(f"{url}/v1/models/echo/predict", data='{"inputs": [' + "[" * 300 + "]" * 300 + "]}",
+                       headers=JSON, timeout=10), 400, "BAD_REQUEST"),  # was a 500 from the reply's encoder
+        (requests.post(f"{url}/v1/models/echo/predict", data=b"\x81\xa6inputs\x91" + b"\x91" * 300 + b"\x90",
+                       headers=MSGPACK, timeout=10), 400, "BAD_REQUEST"),
+        (predict(url, "echo", [{"a": ["ok", "x" * 41]}]), 400, "BAD_REQUEST"),
+        (predict(url, "echo", ["a"], priority=10_001), 400, "BAD_REQUEST"),
     ]
     for response, status, code in cases:
         assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
     assert requests.get(f"{url}/healthz", timeout=5).status_code == 200
+    value = "x"
+    for _ in range(31):  # with the body and 'inputs', 33 levels
+        value = [value]
+    deep = requests.post(f"{url}/v1/models/echo/predict", data=msgpack.packb({"inputs": [value]}), headers=MSGPACK,
+                         timeout=10)
+    assert deep.status_code == 400 and "more than 32 levels deep" in deep.json()["error"]["message"]
+    long = predict(url, "echo", [{"a": ["ok", "x" * 41]}])
+    assert long.json()["error"]["message"] == \
+        "inputs[0]['a'][1] has 41 characters, over the limit of 40 (--max-input-chars)"
+
+
+def test_echo_directives_are_inert_without_the_test_flag_and_obeyed_with_it(stack):
+    stack.start_broker()
+    plain = stack.start_worker("--model", "echo", echo_test_directives=False)
+    _, url = stack.start_gateway("--workers", "1", "--threads", "4")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
+    directives = [{"exit": 3}, {"raise": "boom"}, {"invalid": "no"}, {"sleep_s": 3600}]
+    response = predict(url, "echo", directives, timeout_ms=10_000)
+    assert response.status_code == 200 and response.json()["outputs"] == directives
+    assert plain.popen.poll() is None, "a client's {'exit': 3} must not end a worker started without the flag"
+    assert predict(url, "echo", ["still here"]).json()["outputs"] == ["still here"]
+    plain.stop()
+
+    # With the flag, through the supervisor to its child process: the poison input ends the child.
+    supervisor = stack.start_worker("--model", "echo", "--supervise")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="the supervised worker ready")
+    assert predict(url, "echo", [{"exit": 3}], timeout_ms=2000).status_code >= 500
+    supervisor.wait_for_output(r"exited with 3", timeout_s=30)
 
 
 def test_many_concurrent_http_clients_each_get_their_own_reply(stack):

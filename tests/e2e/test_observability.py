@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import random
+import string
 import subprocess
 import sys
 
@@ -31,7 +34,6 @@ def test_metrics_move_as_requests_flow_and_status_shows_the_cluster(stack):
     worker = stack.start_worker("--model", "echo", "--heartbeat-interval-ms", "200")
     _, url = stack.start_gateway("--workers", "2", "--threads", "8")
     broker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-
 
     wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     wait_until(lambda: value(scrape(broker_metrics), "ddml_workers", model="echo", state="idle") == 1, 10,
@@ -64,6 +66,21 @@ def test_metrics_move_as_requests_flow_and_status_shows_the_cluster(stack):
     assert ok == 60
     assert value(gateway_after, "ddml_http_requests_total", route=route, method="POST", status="500") >= 1
     assert value(gateway_after, "ddml_http_request_duration_seconds_count", route=route, method="POST") >= 61
+
+    # Methods and paths clients make up must not become label values (one series each, forever).
+    rng = random.Random(3)
+    for n in range(60):
+        method = "".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 12)))
+        path = rng.choice([f"/nope/{n}", f"/v1/models/m{n}/predict", "/healthz"])
+        connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=10)
+        connection.request(method, path)
+        assert connection.getresponse().status in (400, 404, 405)
+        connection.close()
+    series = [dict(ls) for (n, ls) in scrape(f"{url}/metrics") if n == "ddml_http_requests_total"]
+    methods, routes = {s["method"] for s in series}, {s["route"] for s in series}
+    assert methods <= {"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "other"}, methods
+    assert "other" in methods and "unmatched" in routes
+    assert not [r for r in routes if "/nope/" in r or "/models/m" in r], routes
 
     output = subprocess.run([sys.executable, "-m", "gateway.status_cli", "--broker", stack.frontend],
                             capture_output=True, text=True, timeout=30, cwd=REPO).stdout

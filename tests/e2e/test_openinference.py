@@ -134,6 +134,11 @@ def test_raw_json_request_with_gzip_both_ways_and_clear_errors(kserve):
          b'"parameters": {"binary_data_size": 99}}]}', {"Inference-Header-Content-Length": "85"}, 400, ""),
         (b"{nope", {}, 400, "malformed JSON"),
         (b"x", {"Content-Encoding": "br"}, 415, "not supported"),
+        (b'{"inputs": [{"name": "TEXT", "shape": [1], "datatype": "INT32", "data": ' + b"[" * 300 + b"0"
+         + b"]" * 300 + b"}]}", {}, 400, "more than 32 levels deep"),
+        (json.dumps({"inputs": [{"name": "TEXT", "shape": [1, 2], "datatype": "BYTES",
+                                 "data": ["fox", "x" * ((1 << 20) + 1)]}]}).encode(), {}, 400,
+         "over the limit of 1048576 (--max-input-chars)"),  # a second element per row was not checked
     ]
     for body, headers, status, message in bad:
         got, _, data = _raw_post(kserve, "/v2/models/tiny/infer", body, headers)

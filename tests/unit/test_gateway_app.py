@@ -1,5 +1,7 @@
 """The Falcon app with a FakeBrokerClient: validation, media types, and the ErrorCode -> HTTP table."""
 
+import struct
+
 import falcon.testing
 import msgpack
 import orjson
@@ -156,3 +158,170 @@ def test_json_log_lines_carry_the_ids():
     record.worker_id, record.batch_id = "ab", 7
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "worker ab lost" and line["worker_id"] == "ab" and line["batch_id"] == 7
+
+
+def nested(depth: int, leaf=0):
+    """`leaf` inside `depth` arrays."""
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def predict(app, body: bytes, content_type: str = "application/json"):
+    return app.simulate_post("/v1/models/echo/predict", body=body, headers={"Content-Type": content_type})
+
+
+def test_inputs_may_nest_up_to_the_bound_and_come_back_whole():
+    from gateway.config import MAX_NESTING_DEPTH
+
+    value = nested(MAX_NESTING_DEPTH - 2, "x")  # the body and 'inputs' are two levels
+    for body, content_type in [(orjson.dumps({"inputs": [value]}), "application/json"),
+                               (msgpack.packb({"inputs": [value]}), "application/msgpack")]:
+        response = predict(client(), body, content_type)
+        assert response.status_code == 200, response.text
+        assert response.json["outputs"] == [value]
+
+
+@pytest.mark.parametrize("depth", [31, 300, 1100, 100_000])  # + body + 'inputs' > 32; orjson's 1024; msgpack's stack
+@pytest.mark.parametrize("content_type", ["application/json", "application/msgpack"])
+def test_a_body_nested_deeper_than_the_bound_is_a_400_not_a_500(depth, content_type):
+    if content_type == "application/json":
+        body = b'{"inputs": [' + b"[" * depth + b"]" * depth + b"]}"
+    else:
+        body = b"\x81\xa6inputs\x91" + b"\x91" * (depth - 1) + b"\x90"
+    broker = FakeBrokerClient()
+    response = predict(client(broker), body, content_type)
+    assert response.status_code == 400, response.text
+    assert response.json["error"]["code"] == "BAD_REQUEST"
+    message = response.json["error"]["message"]
+    assert "more than 32 levels deep" in message or "depth limit" in message or "StackError" in message
+    assert broker.calls == []
+
+
+@pytest.mark.parametrize("inputs, where", [
+    ([["ok", "x" * 41]], "inputs[0][1]"),
+    ([{"text": "x" * 41}], "inputs[0]['text']"),
+    ([1, {"a": [{"b": "x" * 41}]}], "inputs[1]['a'][0]['b']"),
+    ([{"x" * 41: 1}], "a key in inputs[0]"),
+    (["ok"] * 20 + ["x" * 41], "inputs[20]"),
+])
+@pytest.mark.parametrize("content_type", ["application/json", "application/msgpack"])
+def test_the_string_limit_holds_for_strings_nested_anywhere_in_the_inputs(inputs, where, content_type):
+    body = orjson.dumps({"inputs": inputs}) if content_type == "application/json" else msgpack.packb({"inputs": inputs})
+    response = predict(client(max_input_chars=40), body, content_type)
+    assert response.status_code == 400
+    message = response.json["error"]["message"]
+    assert message.startswith(where) and "41 characters, over the limit of 40 (--max-input-chars)" in message
+    assert predict(client(max_input_chars=41), body, content_type).status_code == 200
+
+
+def test_priority_must_be_within_the_protocol_bounds():
+    from ddml_common.protocol import MAX_PRIORITY, MIN_PRIORITY
+
+    broker = FakeBrokerClient()
+    for priority in (MIN_PRIORITY, MAX_PRIORITY):
+        assert predict(client(broker), orjson.dumps({"inputs": ["a"], "priority": priority})).status_code == 200
+    assert [call[3] for call in broker.calls] == [MIN_PRIORITY, MAX_PRIORITY]
+    for priority in (MIN_PRIORITY - 1, MAX_PRIORITY + 1, 2**63 - 1, -(2**63)):
+        response = predict(client(broker), orjson.dumps({"inputs": ["a"], "priority": priority}))
+        assert response.status_code == 400
+        assert f"from {MIN_PRIORITY} to {MAX_PRIORITY}" in response.json["error"]["message"]
+    assert len(broker.calls) == 2
+
+
+class V2Broker(FakeBrokerClient):
+    """A broker whose echo model declares one BYTES input, as a worker's READY would."""
+
+    def status(self, timeout_s: float = 2.0) -> dict:
+        status = super().status(timeout_s)
+        status["models"]["echo"].update(max_batch_size=8, metadata={
+            "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, 1]}],
+            "outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, 1]}],
+        })
+        return status
+
+
+def infer(app, header: dict | bytes, binary: bytes = b""):
+    head = header if isinstance(header, bytes) else orjson.dumps(header)
+    extra = {"Inference-Header-Content-Length": str(len(head))} if binary else {}
+    return app.simulate_post("/v2/models/echo/infer", body=head + binary, headers={**JSON, **extra})
+
+
+def test_v2_header_nested_deeper_than_the_bound_is_a_400():
+    app = client(V2Broker())
+    ok = {"inputs": [{"name": "INPUT", "datatype": "INT32", "shape": [1] * 29, "data": nested(29)}]}
+    assert infer(app, ok).status_code == 200  # the header, 'inputs' and the tensor are three levels
+    for depth in (30, 300, 2000):
+        deep = b'{"inputs": [{"name": "INPUT", "datatype": "INT32", "shape": [1], "data": ' + \
+            b"[" * depth + b"0" + b"]" * depth + b"}]}"
+        response = infer(app, deep)
+        assert response.status_code == 400, response.text
+        assert "levels deep" in response.json["error"] or "depth limit" in response.json["error"]
+    many_dims = {"inputs": [{"name": "INPUT", "datatype": "INT32", "shape": [1] * 40, "parameters": {
+        "binary_data_size": 4}}]}
+    response = infer(app, many_dims, b"\0\0\0\0")
+    assert response.status_code == 400 and "40 dimensions, over the limit of 32" in response.json["error"]
+
+
+def test_v2_string_limit_holds_for_every_bytes_element_json_or_binary():
+    app = client(V2Broker(), max_input_chars=40)
+    two_per_row = {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 2], "data": ["ok", "x" * 41]}]}
+    response = infer(app, two_per_row)
+    assert response.status_code == 400 and "over the limit of 40" in response.json["error"]
+    binary = b"".join(struct.pack("<I", len(s)) + s for s in (b"ok", b"x" * 41))
+    header = {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 2],
+                          "parameters": {"binary_data_size": len(binary)}}]}
+    response = infer(app, header, binary)
+    assert response.status_code == 400
+    assert "BYTES element of 41 characters, over the limit of 40" in response.json["error"]
+    assert infer(client(V2Broker(), max_input_chars=41), header, binary).status_code == 200
+
+
+@pytest.mark.parametrize("triton_priority", [0, 1, 2, 9_999, 10_000, 10**6, 2**63 - 1])
+def test_v2_priority_maps_into_the_protocol_bounds(triton_priority):
+    from ddml_common.protocol import MAX_PRIORITY, MIN_PRIORITY
+
+    broker = V2Broker()
+    header = {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}],
+              "parameters": {"priority": triton_priority}}
+    assert infer(client(broker), header).status_code == 200
+    [(_, _, _, priority)] = broker.calls
+    assert MIN_PRIORITY <= priority <= MAX_PRIORITY
+    assert (priority == 0) == (triton_priority == 0)
+
+
+def test_http_metric_labels_stay_few_whatever_methods_and_paths_clients_send():
+    import random
+    import string
+
+    from gateway.metrics import HTTP_REQUESTS, METHODS
+
+    app = create_app(FakeBrokerClient(), GatewayConfig())
+    rng = random.Random(7)
+    for _ in range(200):
+        method = "".join(rng.choices(string.ascii_letters, k=rng.randint(1, 12)))
+        path = rng.choice(["/healthz", "/v1/models/m%d/predict" % rng.randrange(10**6), "/x%d" % rng.randrange(10**6)])
+        # Called as WSGI directly: the test client's validator refuses unknown methods itself.
+        b"".join(app(falcon.testing.create_environ(path, method=method), falcon.testing.StartResponseMock()))
+    labels = {(s.labels["route"], s.labels["method"]) for family in HTTP_REQUESTS.collect() for s in family.samples}
+    assert {method for _, method in labels} <= METHODS | {"other"}
+    assert not [route for route, _ in labels if route.startswith("/x") or "/models/m" in route]  # templates only
+    assert ("unmatched", "other") in labels and ("/v1/models/{model}/predict", "other") in labels
+
+
+def test_echo_test_directives_are_off_unless_the_worker_flag_or_env_turns_them_on(monkeypatch):
+    from worker.__main__ import build_parser as worker_parser
+    from worker.__main__ import config_from_args
+    from worker.models import InputError, create_handler
+
+    def echo_for(argv: list[str]):
+        config = config_from_args(worker_parser().parse_args(["--model", "echo", *argv]))
+        return create_handler(config.model, "cpu", echo_test_directives=config.echo_test_directives)
+
+    poison = [{"exit": 3}, {"raise": "boom"}, {"sleep_s": 3600}]
+    assert echo_for([]).predict(poison) == poison  # echoed: no exit, no raise, no sleep
+    [failed] = echo_for(["--echo-test-directives"]).predict([{"invalid": "why"}])
+    assert isinstance(failed, InputError)
+    monkeypatch.setenv("DDML_ECHO_TEST_DIRECTIVES", "1")
+    with pytest.raises(RuntimeError, match="told to raise"):
+        echo_for([]).predict([{"raise": "boom"}])

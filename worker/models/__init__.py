@@ -90,15 +90,20 @@ def create_handler(
     handler: str | None = None,
     model_path: str | None = None,
     task: str = "embedding",
+    echo_test_directives: bool = False,
     **options: Any,
 ) -> Manager:
-    """The handler for a worker: a user class, a local HF directory, or a built-in model."""
+    """The handler for a worker: a user class, a local HF directory, or a built-in model.
+
+    echo_test_directives turns on the built-in echo model's test directives (worker/models/echo.py);
+    other handlers ignore it.
+    """
     if handler:
         return load_handler(handler)(device=device, **options)
     if model == "echo" and not model_path:
         from worker.models.echo import EchoModel
 
-        return EchoModel(device=device)
+        return EchoModel(device=device, test_directives=echo_test_directives)
     if model_path is None and model == "minilm":
         model_path = default_model_path()
     if model_path is None:
