@@ -24,25 +24,25 @@ def errors(result):
 
 
 def test_echo_batch_returns_each_input():
-    result = run_batch(EchoModel(), WorkBatch(1, ["a", {"b": 1}, 3]))
+    result = run_batch(EchoModel(test_directives=True), WorkBatch(1, ["a", {"b": 1}, 3]))
     assert [protocol.decode_value(x) for x in result.outputs] == ["a", {"b": 1}, 3]
     assert result.errors == [] and result.batch_id == 1
 
 
 def test_model_that_raises_fails_every_input_of_the_batch():
-    result = run_batch(EchoModel(), WorkBatch(2, ["a", {"raise": "boom"}]))
+    result = run_batch(EchoModel(test_directives=True), WorkBatch(2, ["a", {"raise": "boom"}]))
     assert errors(result) == {0: "MODEL_ERROR", 1: "MODEL_ERROR"}
     assert "boom" in result.errors[0][2]
 
 
 def test_input_error_fails_only_that_input_as_bad_request():
-    result = run_batch(EchoModel(), WorkBatch(3, ["a", {"invalid": "no"}, "c"]))
+    result = run_batch(EchoModel(test_directives=True), WorkBatch(3, ["a", {"invalid": "no"}, "c"]))
     assert errors(result) == {1: "BAD_REQUEST"}
     assert protocol.decode_value(result.outputs[2]) == "c"
 
 
 def test_inputs_that_failed_to_decode_are_bad_requests_and_skip_the_model():
-    result = run_batch(EchoModel(), WorkBatch(4, [None, "b"], errors={0: "garbage"}))
+    result = run_batch(EchoModel(test_directives=True), WorkBatch(4, [None, "b"], errors={0: "garbage"}))
     assert errors(result) == {0: "BAD_REQUEST"}
     assert protocol.decode_value(result.outputs[1]) == "b"
 
