@@ -115,7 +115,8 @@ class BrokerCore:
             self._expire_requests(now)
             for worker in self._workers.expire(now):
                 self._lose_worker(worker, "missed heartbeats or overran a batch deadline", now)
-                self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Disconnect("expired: send READY")))
+                self._sends.append(Send(Peer.WORKER, worker.worker_id,
+                                        protocol.Disconnect("expired: send READY", worker.registration)))
             for worker in self._workers.due_for_heartbeat(now):
                 self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Heartbeat(self.instance_id)))
             for dispatch in self._batcher.assign(self._workers.with_room(), now):
@@ -234,12 +235,15 @@ class BrokerCore:
         if self._workers.heard_from(worker_id, now) is None:
             if isinstance(message, protocol.BatchResult):
                 self.stats["late_results"] += 1  # we gave up on this worker and re-dispatched its work
-            if not isinstance(message, protocol.Disconnect):
+            elif isinstance(message, protocol.Heartbeat):
                 # A worker we do not know (we expired it, or we restarted): make it register again.
                 # Echo its registration, so that it can ignore answers to messages older than its READY.
-                registration = message.registration if isinstance(message, protocol.Heartbeat) else 0
+                # Only heartbeats prompt this: they carry the registration, and a worker sends one every
+                # interval. An answer to a late result could not say which registration it answers, and
+                # one that reached a worker after it had registered again would make it register twice,
+                # losing the batch it had just been given.
                 self._sends.append(Send(Peer.WORKER, worker_id,
-                                        protocol.Disconnect("unknown worker: send READY", registration)))
+                                        protocol.Disconnect("unknown worker: send READY", message.registration)))
             return
         match message:
             case protocol.Heartbeat():
@@ -309,6 +313,7 @@ class BrokerCore:
     def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
         worker = self._workers.get(worker_id)
         worker.stats = heartbeat.stats
+        worker.registration = heartbeat.registration
         if heartbeat.draining:
             if not worker.draining:
                 logger.info("worker %s is draining; no more batches go to it", worker_id.hex(),
@@ -324,6 +329,13 @@ class BrokerCore:
             self.stats["late_results"] += 1
             logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex(),
                            extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
+            return
+        if result.errors and len(result.errors) == len(batch.items) and all(
+                error[1] == ErrorCode.BUSY.value for error in result.errors):
+            # Full with another broker's batches: not run, so back to the front of the queue as it was.
+            self._workers.refused(worker_id, result.batch_id)
+            self.stats["batches_refused_busy"] += 1
+            self._requeue_unrun(batch.items)
             return
         self._workers.completed(worker_id, result.batch_id, result.compute_ms / 1000, now)
         self._stats_for(batch.model).record_completion(len(batch.items), now)
@@ -400,11 +412,15 @@ class BrokerCore:
                 self._retry_isolated(batch.items, f"a worker running it was lost ({reason})", now,
                                      code=ErrorCode.WORKER_LOST)
             else:  # never delivered, so never run: back to the front of the queue as it was
-                for item in batch.items:
-                    item.attempts -= 1
                 unsent.extend(batch.items)
-        self._batcher.requeue(unsent)
+        self._requeue_unrun(unsent)
         worker.in_flight.clear()
+
+    def _requeue_unrun(self, items: list[WorkItem]) -> None:
+        """Items that were taken for a batch but never ran: their attempt does not count."""
+        for item in items:
+            item.attempts -= 1
+        self._batcher.requeue(items)
 
     def _retry_isolated(self, items: list[WorkItem], why: str, now: float,
                         code: ErrorCode = ErrorCode.MODEL_ERROR) -> None:

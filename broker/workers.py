@@ -43,6 +43,8 @@ class WorkerState:
     last_compute_s: float = 0.0
     last_completed_at: float = -math.inf
     peer_key: bytes | None = None  # the CURVE public key it registered with; only that key may speak for it
+    registration: int = 0  # the worker's count of its READYs, from its heartbeats; echoed when we drop it
+    saturated: bool = False  # it handed a batch back BUSY (full with another broker's work) and has not spoken since
 
     @property
     def in_flight_items(self) -> int:
@@ -50,7 +52,7 @@ class WorkerState:
 
     @property
     def has_room(self) -> bool:
-        return not self.draining and len(self.in_flight) < self.max_batches
+        return not self.draining and not self.saturated and len(self.in_flight) < self.max_batches
 
     @property
     def state(self) -> str:
@@ -123,6 +125,7 @@ class WorkerRegistry:
         if worker is not None:
             worker.last_seen_at = now
             worker.expires_at = now + self._config.expiry_s
+            worker.saturated = False
         return worker
 
     def remove(self, worker_id: bytes) -> WorkerState | None:
@@ -149,6 +152,14 @@ class WorkerRegistry:
             self._config.batch_timeout_floor_s,
             self._config.batch_timeout_factor * worker.latency_ewma_s * worker.max_batches,
         )
+
+    def refused(self, worker_id: bytes, batch_id: int) -> InFlightBatch | None:
+        """The worker handed a batch back unrun (BUSY): it has no room until it next speaks."""
+        worker = self._workers.get(worker_id)
+        batch = worker.in_flight.pop(batch_id, None) if worker is not None else None
+        if batch is not None:
+            worker.saturated = True
+        return batch
 
     def completed(self, worker_id: bytes, batch_id: int, compute_s: float,
                   now: float = -math.inf) -> InFlightBatch | None:

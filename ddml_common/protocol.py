@@ -86,6 +86,7 @@ class ErrorCode(str, enum.Enum):
     UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"  # gateway only: body neither JSON nor msgpack
     UNAUTHORIZED = "UNAUTHORIZED"  # gateway only: missing or wrong bearer token
     INTERNAL = "INTERNAL"  # a bug; the message says where
+    BUSY = "BUSY"  # worker -> broker only: not run, the worker already holds --max-batches; requeue it unrun
 
 
 # --------------------------------------------------------------------------- messages

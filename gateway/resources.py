@@ -193,7 +193,9 @@ class ReadyResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self._broker.status(timeout_s=1.0)
-        if not status["workers"]:
+        # Ready while some broker that answers has a worker (with several brokers, any one will do).
+        serving = [b for b in status.get("brokers", [status]) if b.get("workers")]
+        if not serving:
             raise BrokerError(ErrorCode.UNAVAILABLE, "the broker answers but no worker is registered")
-        write_document(req, resp, {"ready": True, "workers": len(status["workers"]),
-                                   "models": sorted(status["models"])})
+        write_document(req, resp, {"ready": True, "workers": len(serving[0]["workers"]),
+                                   "models": sorted(serving[0]["models"])})

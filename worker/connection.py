@@ -1,7 +1,8 @@
-"""The worker's link to the broker: the only zmq code in worker/.
+"""The worker's links to its brokers.
 
-BrokerConnection runs on its own I/O thread and owns the DEALER socket, so heartbeats keep
-flowing while the model computes on the main thread. It:
+BrokerConnection runs on its own I/O thread and owns one DEALER per broker (`--broker A,B`
+names several: every broker is equal, and the worker serves them all), so heartbeats keep
+flowing while the model computes on the main thread. For each broker it:
 - sends READY, then a heartbeat every interval (carrying the worker's figures);
 - decodes incoming batches and hands them to the compute thread through `inbox`;
 - forwards results, which the compute thread pushes over an inproc socket;
@@ -11,6 +12,12 @@ flowing while the model computes on the main thread. It:
   so that a supervisor can restart it;
 - on stop, drains: asks the broker for no more batches, finishes what it holds, says
   DISCONNECT and returns.
+
+The worker, not the brokers, owns its capacity. Each broker may send it up to --max-batches
+batches; when a batch arrives while the worker already holds --max-batches (from any broker),
+it hands the batch straight back unrun (every input BUSY), and that broker sends it nothing
+more until the worker next speaks: the worker heartbeats it as soon as a batch finishes. So two
+brokers never make a worker hold more than --max-batches, and neither leaves it idle.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from ddml_common import protocol
+from ddml_common.protocol import ErrorCode
 from ddml_common.keys import ClientKeys
 from ddml_common.sockets import new_socket, send_frames
 from worker.config import WorkerConfig
@@ -48,6 +56,31 @@ class WorkBatch:
     batch_id: int
     inputs: list  # decoded values; None where decoding failed
     errors: dict[int, str] = field(default_factory=dict)  # index -> why it could not be decoded
+    request_ids: list[str] = field(default_factory=list)  # one per input: the request it belongs to, for logs
+    link: int = 0  # which broker sent it (an index into --broker)
+
+    @property
+    def tag(self) -> bytes:
+        """The frame the compute thread puts before its result, so the I/O thread knows where it goes."""
+        return f"{self.link}:{self.batch_id}".encode()
+
+
+@dataclass
+class _Link:
+    """One broker, as this worker sees it."""
+
+    index: int
+    endpoint: str
+    socket: zmq.Socket | None = None
+    monitor: zmq.Socket | None = None  # handshake failures of socket, for the operator
+    seen_at: float = -float("inf")  # the last message from the broker, or the last (re)connect
+    heard_at: float = -float("inf")  # the last message from the broker (reconnects do not count)
+    instance_id: str = ""
+    registrations: int = 0  # READY messages sent; > 1 means we re-registered
+    register_when_idle: bool = False
+    holding: set[int] = field(default_factory=set)  # batch ids received and not yet answered
+    drain_acknowledged: bool = False
+    refused: bool = False  # we handed it a batch back as BUSY: tell it as soon as we have room
 
 
 @dataclass
@@ -88,14 +121,18 @@ class BrokerConnection:
         self._state = state
         self._describe = describe
         self._clock = clock
-        self._socket: zmq.Socket | None = None
-        self._monitor: zmq.Socket | None = None  # handshake failures of _socket, for the operator
-        self._broker_heard_at = -float("inf")  # the last message from the broker (reconnects do not count)
         self._keys = ClientKeys.from_files(config.curve_server_key, config.curve_secret_key)
-        self._batches_received = 0
-        self.broker_instance_id = ""
-        self.registrations = 0  # READY messages sent; > 1 means we re-registered
-        self._register_when_idle = False
+        self._links = [_Link(index, endpoint) for index, endpoint in enumerate(broker_endpoints(config.broker))]
+        self.refused_batches = 0  # batches handed back BUSY because we already held --max-batches
+        self.peak_batches_held = 0  # the most batches held at once, from all brokers together
+
+    @property
+    def broker_instance_id(self) -> str:
+        return self._links[0].instance_id
+
+    @property
+    def registrations(self) -> int:
+        return sum(link.registrations for link in self._links)
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         """The I/O thread's body. Returns after a graceful drain; puts None in the inbox on exit."""
@@ -106,156 +143,190 @@ class BrokerConnection:
         finally:
             self._inbox.put(None)
             results.close(linger=0)
-            if self._socket is not None:
-                self._close_socket(linger=1000)
+            for link in self._links:
+                if link.socket is not None:
+                    self._close_socket(link, linger=1000)
 
     def _serve(self, results: zmq.Socket, should_stop: Callable[[], bool]) -> None:
         interval_s = self._config.heartbeat_interval_s
         now = self._clock()
-        self._connect(now)
+        for link in self._links:
+            self._connect(link, now)
         heartbeat_due_at = now
-        drain_requested = drain_acknowledged = False
+        drain_requested = False
         while True:
             poller = zmq.Poller()
-            poller.register(self._socket, zmq.POLLIN)
             poller.register(results, zmq.POLLIN)
-            poller.register(self._monitor, zmq.POLLIN)
+            for link in self._links:
+                poller.register(link.socket, zmq.POLLIN)
+                poller.register(link.monitor, zmq.POLLIN)
             wait_ms = max(0, min(heartbeat_due_at - self._clock(), interval_s) * 1000)
             ready = dict(poller.poll(wait_ms))
             now = self._clock()
             if results in ready:
                 self._forward_results(results)
-            if self._socket in ready:
-                drain_acknowledged |= self._receive(now)
-            if self._monitor in ready:
-                self._log_handshake_failures()
+            for link in self._links:
+                if link.socket in ready:
+                    self._receive(link, now)
+                if link.monitor in ready:
+                    self._log_handshake_failures(link)
             if should_stop() and not drain_requested:
                 drain_requested = True
                 heartbeat_due_at = now  # announce it at once
                 logger.info("draining: finishing %d batches in hand", self._outstanding)
             if now >= heartbeat_due_at:
-                self._send(protocol.Heartbeat(stats=self._figures(), draining=drain_requested,
-                                              registration=self.registrations))
+                for link in self._links:
+                    self._heartbeat(link, draining=drain_requested)
                 heartbeat_due_at = now + interval_s
                 self._touch_health_file(now)
-            if drain_requested and (drain_acknowledged or self._broker_silent(now)) and self._outstanding == 0:
-                self._send(protocol.Disconnect("worker shutting down"))
-                logger.info("drained; disconnected from broker")
+            if drain_requested and self._outstanding == 0 and all(
+                    link.drain_acknowledged or self._broker_silent(link, now) for link in self._links):
+                for link in self._links:
+                    self._send(link, protocol.Disconnect("worker shutting down"))
+                logger.info("drained; disconnected from %d broker(s)", len(self._links))
                 return
-            if self._register_when_idle and self._state.busy_since is None:
-                self._register()
-            if self._broker_silent(now):
-                logger.warning("broker silent for %.1f s; reconnecting", now - self._broker_seen_at)
-                self._connect(now)
+            for link in self._links:
+                if link.register_when_idle and self._state.busy_since is None:
+                    self._register(link)
+                if self._broker_silent(link, now):
+                    logger.warning("broker %s silent for %.1f s; reconnecting", link.endpoint, now - link.seen_at)
+                    self._connect(link, now)
             self._watchdog(now)
 
     @property
     def _outstanding(self) -> int:
-        return self._batches_received - self._state.results_sent
+        return sum(len(link.holding) for link in self._links)
 
-    def _connect(self, now: float) -> None:
+    def _heartbeat(self, link: _Link, draining: bool = False) -> None:
+        self._send(link, protocol.Heartbeat(stats=self._figures(), draining=draining,
+                                            registration=link.registrations))
+
+    def _connect(self, link: _Link, now: float) -> None:
         """A fresh DEALER with a fresh identity (never reuse one across incarnations), then READY."""
-        if self._socket is not None:
-            self._close_socket(linger=0)
-            self._forget_batches()
+        if link.socket is not None:
+            self._close_socket(link, linger=0)
+            self._forget_batches(link)
         identity = f"{socketlib.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}".encode()
         sock = new_socket(self._context, zmq.DEALER, identity=identity, reconnect_ivl_max_ms=2000)
         if self._keys is not None:
             self._keys.apply(sock)
-        self._monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
-        sock.connect(self._config.broker)
-        self._socket = sock
-        self._broker_seen_at = now
-        self._register()
+        link.monitor = sock.get_monitor_socket(sum(_HANDSHAKE_FAILURES))
+        sock.connect(link.endpoint)
+        link.socket = sock
+        link.seen_at = now
+        self._register(link)
 
-    def _close_socket(self, linger: int) -> None:
-        self._socket.disable_monitor()
-        self._monitor.close(linger=0)
-        self._socket.close(linger=linger)
+    def _close_socket(self, link: _Link, linger: int) -> None:
+        link.socket.disable_monitor()
+        link.monitor.close(linger=0)
+        link.socket.close(linger=linger)
 
-    def _log_handshake_failures(self) -> None:
-        while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
-            logger.error("broker %s refused our handshake: %s", self._config.broker,
-                         _HANDSHAKE_FAILURES.get(event, event))
+    def _log_handshake_failures(self, link: _Link) -> None:
+        while link.monitor.poll(0):
+            event = recv_monitor_message(link.monitor)["event"]
+            logger.error("broker %s refused our handshake: %s", link.endpoint, _HANDSHAKE_FAILURES.get(event, event))
 
-    def _register(self) -> None:
+    def _register(self, link: _Link) -> None:
         """Send READY, unless the model is still busy with a batch the broker took away from us:
         then wait until it returns (or the watchdog ends us), so no new work queues behind it."""
-        if self._state.busy_since is not None:
-            self._register_when_idle = True
+        if self._state.busy_since is not None and link.holding:
+            link.register_when_idle = True
             return
-        self._register_when_idle = False
-        self.registrations += 1
-        self._send(self._ready)
+        link.register_when_idle = False
+        link.registrations += 1
+        self._send(link, self._ready)
 
-    def _forget_batches(self) -> None:
-        """The broker forgot us and re-dispatched what we held: drop the batches not yet started."""
+    def _forget_batches(self, link: _Link) -> None:
+        """The broker forgot us and re-dispatched what we held: drop its batches not yet started."""
+        kept = []
         while True:
             try:
-                stale = self._inbox.get_nowait()
+                batch = self._inbox.get_nowait()
             except queue.Empty:
-                return
-            if stale is None:  # never ours to drop; put it back
-                self._inbox.put(None)
-                return
-            self._batches_received -= 1
+                break
+            if batch is not None and batch.link == link.index:
+                link.holding.discard(batch.batch_id)
+            else:
+                kept.append(batch)  # another broker's, or the end marker: never ours to drop
+        for batch in kept:
+            self._inbox.put(batch)
 
-    def _broker_silent(self, now: float) -> bool:
-        return now - self._broker_seen_at > self._config.heartbeat_interval_s * self._config.liveness
+    def _broker_silent(self, link: _Link, now: float) -> bool:
+        return now - link.seen_at > self._config.heartbeat_interval_s * self._config.liveness
 
-    def _receive(self, now: float) -> bool:
-        """Handle what the broker sent. True if it acknowledged our drain."""
-        acknowledged = False
+    def _receive(self, link: _Link, now: float) -> None:
+        """Handle what one broker sent."""
         while True:
             try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK)
+                frames = link.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return acknowledged
-            self._broker_seen_at = self._broker_heard_at = now
+                return
+            link.seen_at = link.heard_at = now
             try:
                 message = protocol.decode(frames)
             except protocol.DecodeError as error:
-                logger.warning("dropped malformed message from broker: %s", error)
+                logger.warning("dropped malformed message from broker %s: %s", link.endpoint, error)
                 continue
             match message:
                 case protocol.Batch():
-                    self._batches_received += 1
-                    self._inbox.put(_decode_batch(message))
+                    self._on_batch(link, message)
                 case protocol.Heartbeat():
-                    if message.instance_id != self.broker_instance_id:
-                        if self.broker_instance_id:
-                            logger.info("broker restarted (instance %s)", message.instance_id)
-                        self.broker_instance_id = message.instance_id
-                    acknowledged |= message.draining
+                    if message.instance_id != link.instance_id:
+                        if link.instance_id:
+                            logger.info("broker %s restarted (instance %s)", link.endpoint, message.instance_id)
+                        link.instance_id = message.instance_id
+                    link.drain_acknowledged |= message.draining
                 case protocol.Disconnect():
-                    if message.registration and message.registration < self.registrations:
+                    if message.registration and message.registration < link.registrations:
                         continue  # it answers a message sent before our latest READY: stale
-                    logger.info("broker asked us to register again: %s", message.reason)
-                    self._forget_batches()
-                    self._register()
+                    logger.info("broker %s asked us to register again: %s", link.endpoint, message.reason)
+                    self._forget_batches(link)
+                    self._register(link)
                 case protocol.Error():
-                    logger.error("broker refused our message: %s %s", message.code, message.message)
+                    logger.error("broker %s refused our message: %s %s", link.endpoint, message.code, message.message)
                 case _:
-                    logger.warning("unexpected %s from broker", type(message).__name__)
+                    logger.warning("unexpected %s from broker %s", type(message).__name__, link.endpoint)
+
+    def _on_batch(self, link: _Link, batch: protocol.Batch) -> None:
+        if self._outstanding >= self._ready.max_batches:
+            # Another broker filled us first: hand it back unrun, and say when we have room.
+            self.refused_batches += 1
+            link.refused = True
+            self._send(link, protocol.BatchResult.failed(batch.batch_id, len(batch.inputs), ErrorCode.BUSY,
+                                                         f"worker holds {self._outstanding} batches already"))
+            return
+        link.holding.add(batch.batch_id)
+        self.peak_batches_held = max(self.peak_batches_held, self._outstanding)
+        work = _decode_batch(batch)
+        work.link = link.index
+        self._inbox.put(work)
 
     def _forward_results(self, results: zmq.Socket) -> None:
         while True:
             try:
-                frames = results.recv_multipart(zmq.NOBLOCK)
+                tag, *frames = results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            send_frames(self._socket, frames, dontwait=False)
+            index, batch_id = tag.split(b":")
+            link = self._links[int(index)]
+            link.holding.discard(int(batch_id))
+            send_frames(link.socket, frames, dontwait=False)
             self._state.results_sent += 1
+            for other in self._links:
+                if other.refused:  # a slot is free: the broker we turned away may send again
+                    other.refused = False
+                    self._heartbeat(other)
 
-    def _send(self, message: protocol.Message) -> None:
+    def _send(self, link: _Link, message: protocol.Message) -> None:
         try:
-            send_frames(self._socket, protocol.encode(message))
+            send_frames(link.socket, protocol.encode(message))
         except zmq.Again:
-            logger.warning("broker not reading; dropped %s", type(message).__name__)
+            logger.warning("broker %s not reading; dropped %s", link.endpoint, type(message).__name__)
 
     def _figures(self) -> dict:
         figures = self._state.figures()
+        figures["refused_batches"] = self.refused_batches
+        figures["peak_batches_held"] = self.peak_batches_held
         try:
             figures.update(self._describe())
         except Exception:  # figures are best effort; a broken describe() must not stop heartbeats
@@ -263,11 +334,12 @@ class BrokerConnection:
         return figures
 
     def _touch_health_file(self, now: float) -> None:
-        """Healthy: the broker answers, and no batch has computed for more than half the watchdog."""
+        """Healthy: a broker answers, and no batch has computed for more than half the watchdog."""
         path = self._config.health_file
         busy_since = self._state.busy_since
         stuck = busy_since is not None and now - busy_since > self._config.watchdog_s / 2
-        heard_recently = now - self._broker_heard_at <= self._config.heartbeat_interval_s * self._config.liveness
+        silent_after_s = self._config.heartbeat_interval_s * self._config.liveness
+        heard_recently = any(now - link.heard_at <= silent_after_s for link in self._links)
         if path and not stuck and heard_recently:
             with open(path, "a"):
                 os.utime(path)
@@ -283,6 +355,14 @@ class BrokerConnection:
             os._exit(_WATCHDOG_EXIT_CODE)
 
 
+def broker_endpoints(value: str) -> list[str]:
+    """`--broker A,B`: every broker's endpoint, in order. Refuses an empty list."""
+    endpoints = [endpoint.strip() for endpoint in value.split(",") if endpoint.strip()]
+    if not endpoints:
+        raise ValueError(f"--broker needs at least one endpoint, got {value!r}")
+    return endpoints
+
+
 def _decode_batch(batch: protocol.Batch) -> WorkBatch:
     inputs, errors = [], {}
     for index, item in enumerate(batch.inputs):
@@ -291,4 +371,4 @@ def _decode_batch(batch: protocol.Batch) -> WorkBatch:
         except protocol.DecodeError as error:
             inputs.append(None)
             errors[index] = f"input could not be decoded: {error}"
-    return WorkBatch(batch.batch_id, inputs, errors)
+    return WorkBatch(batch.batch_id, inputs, errors, request_ids=list(batch.request_ids))

@@ -36,13 +36,17 @@ def run_worker(
         state.batches += 1
         state.items += len(batch.inputs)
         state.compute_s += clock() - started_at
-        send_frames(results, protocol.encode(result), dontwait=False)
+        send_frames(results, [batch.tag, *protocol.encode(result)], dontwait=False)
 
 
 def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:
     """Run one batch. A failure becomes errors in the result: one per input, or for the whole batch."""
     started_at = clock()
     size = len(batch.inputs)
+    if logger.isEnabledFor(logging.DEBUG):
+        request_ids = _request_ids(batch)
+        logger.debug("batch %d: %d inputs of requests %s", batch.batch_id, size, request_ids,
+                     extra={"batch_id": batch.batch_id, "request_id": request_ids})
     errors = [[i, ErrorCode.BAD_REQUEST.value, message] for i, message in batch.errors.items()]
     positions = [i for i in range(size) if i not in batch.errors]
     outputs = [b""] * size
@@ -52,8 +56,9 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
             if len(produced) != len(positions):
                 raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(positions)} inputs")
         except Exception as error:
-            logger.exception("batch %d of %d inputs failed", batch.batch_id, len(positions),
-                             extra={"batch_id": batch.batch_id})
+            request_ids = _request_ids(batch)
+            logger.exception("batch %d of %d inputs failed (requests %s)", batch.batch_id, len(positions), request_ids,
+                             extra={"batch_id": batch.batch_id, "request_id": request_ids})
             message = f"model failed: {type(error).__name__}: {error}"[:1000]
             errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
             produced = []
@@ -69,3 +74,8 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
     return protocol.BatchResult(
         batch.batch_id, outputs, errors=sorted(errors), compute_ms=(clock() - started_at) * 1000
     )
+
+
+def _request_ids(batch: WorkBatch) -> str:
+    """The requests a batch serves, each once, in batch order: what its log lines carry."""
+    return ",".join(dict.fromkeys(batch.request_ids))

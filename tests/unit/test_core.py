@@ -125,3 +125,23 @@ def test_models_named_by_workers_are_forgotten_past_a_bound_with_their_metrics(m
     assert len(core.status("", 20).models) <= 5 + 1
     exported = {sample.labels.get("model") for family in core.metrics.registry.collect() for sample in family.samples}
     assert len(exported - {None}) <= 5 + 1
+
+
+def test_a_batch_handed_back_busy_is_requeued_unrun_and_the_worker_gets_nothing_until_it_speaks():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=4, max_batches=2)), 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("r", count=2), 0.0)
+    step(core, wire, 0.0)
+    [batch] = wire.take(b"w1", protocol.Batch)
+    busy = protocol.BatchResult.failed(batch.batch_id, 2, protocol.ErrorCode.BUSY, "full with another broker's work")
+    core.on_frames(Peer.WORKER, b"w1", frames(busy), 0.1)
+    step(core, wire, 0.1)
+    assert wire.take(b"w1", protocol.Batch) == [], "a saturated worker gets nothing until it speaks"
+    assert wire.take(b"gw", protocol.Reply) == [] and core.stats["batches_refused_busy"] == 1
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Heartbeat()), 0.2)  # room again
+    step(core, wire, 0.2)
+    [again] = wire.take(b"w1", protocol.Batch)
+    assert len(again.inputs) == 2, "not isolated: the refusal was no failure"
+    items = core._workers.get(b"w1").in_flight[again.batch_id].items
+    assert [(item.attempts, item.isolated) for item in items] == [(1, False), (1, False)], \
+        "the refused run does not count as an attempt"
