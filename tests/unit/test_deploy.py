@@ -1,40 +1,577 @@
-"""The Kubernetes manifests validate against a pinned Kubernetes version, strictly."""
+"""deploy/: every kustomize overlay renders and validates strictly, custom resources included; the
+CURVE keys the pods mount are the ones the documented command makes; and every PromQL query (the
+Grafana dashboard, the KEDA triggers, the alert rules) names only metrics the broker and the gateway
+export.
 
-import subprocess
-import sys
+Neither kustomize nor kubectl is available here, so deploy/render.py renders the overlays: it
+implements the subset of kustomize that deploy/ uses and refuses the rest. kubernetes-validate checks
+the built-in kinds against a pinned Kubernetes version; it knows no CRDs and takes no extra schemas,
+so the custom resources (KEDA's ScaledObject, the Prometheus operator's ServiceMonitor and
+PrometheusRule) are checked with jsonschema against deploy/schemas/, which refer to the same pinned
+Kubernetes definitions for metadata, label selectors and HPA behaviour.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import importlib.resources
+import importlib
+import importlib.util
+import json
+import os
+import re
 from pathlib import Path
 
+import jsonschema
+import kubernetes_validate
+import pytest
 import yaml
+from referencing import Registry, Resource
 
 from tests.processes import REPO
 
 KUBERNETES_VERSION = "1.31.0"
-MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
+DEPLOY = REPO / "deploy"
+KUSTOMIZE = DEPLOY / "kubernetes"
+OVERLAYS = sorted(path.name for path in (KUSTOMIZE / "overlays").iterdir() if path.is_dir())
+CURVE_OVERLAYS = [name for name in OVERLAYS if not name.endswith("-no-curve")]
+README = DEPLOY / "README.md"
+SLIM_IMAGE, WORKER_CPU_IMAGE, WORKER_CUDA_IMAGE = "ddml:0.1.0-slim", "ddml-worker:0.1.0-cpu", "ddml-worker:0.1.0-cuda"
+# Labels Prometheus adds to every series of a target that the Prometheus operator discovers.
+TARGET_LABELS = frozenset({"job", "instance", "namespace", "service", "pod", "container", "endpoint"})
 
 
-def test_manifests_validate_strictly_against_a_pinned_kubernetes():
-    assert MANIFESTS
-    run = subprocess.run(
-        [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", "-k", KUBERNETES_VERSION,
-         *map(str, MANIFESTS)],
-        capture_output=True, text=True, timeout=120,
-    )
-    print(run.stdout)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "INFO" in run.stdout and "ERROR" not in run.stdout
+def _load_renderer():
+    spec = importlib.util.spec_from_file_location("ddml_deploy_render", DEPLOY / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_workers_ask_for_a_gpu_and_every_container_has_probes_and_requests():
-    documents = [d for path in MANIFESTS for d in yaml.safe_load_all(path.read_text()) if d]
-    deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
-    assert set(deployments) == {"ddml-broker", "ddml-gateway", "ddml-worker"}
-    worker = deployments["ddml-worker"]["spec"]["template"]["spec"]["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    for deployment in deployments.values():
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
-        assert container["livenessProbe"] and container["resources"]["requests"]
-        assert container["command"][0] == deployment["metadata"]["name"]  # one image, role by command
-    gateway = deployments["ddml-gateway"]["spec"]["template"]["spec"]["containers"][0]
-    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert any(d["kind"] == "HorizontalPodAutoscaler" for d in documents)
+render = _load_renderer()
+
+
+@functools.cache
+def rendered(overlay: str) -> tuple[dict, ...]:
+    return tuple(render.render(KUSTOMIZE / "overlays" / overlay))
+
+
+def objects_of(overlay: str, kind: str) -> dict[str, dict]:
+    return {obj["metadata"]["name"]: obj for obj in rendered(overlay) if obj["kind"] == kind}
+
+
+def container(deployment: dict) -> dict:
+    [only] = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def flag(deployment: dict, name: str) -> str | None:
+    """The value of the last `name` among the container's args (argparse: the last one wins)."""
+    args = container(deployment)["args"]
+    values = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == name]
+    return values[-1] if values else None
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    schemas = [json.loads(path.read_text()) for path in sorted((DEPLOY / "schemas").glob("*.json"))]
+    return {(s["properties"]["apiVersion"]["const"], s["properties"]["kind"]["const"]): s for s in schemas}
+
+
+@functools.cache
+def schema_registry() -> Registry:
+    folder = (importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema"
+              / f"v{KUBERNETES_VERSION}-local-strict")
+    definitions = json.loads((folder / "_definitions.json").read_text())
+    resources = [(definitions["$id"], Resource.from_contents(definitions))]
+    resources += [(schema["$id"], Resource.from_contents(schema)) for schema in crd_schemas().values()]
+    return Registry().with_resources(resources)
+
+
+def validation_errors(obj: dict) -> list[str]:
+    """Every reason `obj` is invalid: the pinned Kubernetes schemas, strict, or deploy/schemas/ for a CRD."""
+    where = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
+    schema = crd_schemas().get((obj.get("apiVersion"), obj.get("kind")))
+    if schema is not None:
+        validator = jsonschema.Draft202012Validator(schema, registry=schema_registry())
+        return [f"{where}: {'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{where}: {'.'.join(map(str, error.path))}: {error.message}"]
+    except kubernetes_validate.SchemaNotFoundError as error:  # the CLI only warns: here it fails
+        return [f"{where}: no schema: {error.message}; add one to deploy/schemas/"]
+    return []
+
+
+# -- the renderer --------------------------------------------------------------------------------
+
+def test_every_kustomization_uses_only_what_the_renderer_implements():
+    kustomizations = sorted(KUSTOMIZE.rglob("kustomization.yaml"))
+    assert len(kustomizations) >= 1 + len(OVERLAYS)
+    for path in kustomizations:
+        render.check_kustomization(path)  # raises on any field, patch or image key it does not implement
+
+
+def write_tree(root: Path, files: dict[str, object]) -> Path:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump_all(content, sort_keys=False))
+    return root
+
+
+KUSTOMIZATION = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+COMPONENT = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component"}
+DEPLOYMENT = {
+    "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "n", "labels": {"a": "1"}},
+    "spec": {"template": {"spec": {
+        "containers": [
+            {"name": "one", "image": "repo:5000/img:1.0", "args": ["--x", "1"],
+             "env": [{"name": "A", "value": "1"}], "volumeMounts": [{"name": "v", "mountPath": "/v"}]},
+            {"name": "two", "image": "other@sha256:abc"},
+        ],
+        "volumes": [{"name": "v", "emptyDir": {}}],
+        "tolerations": [{"key": "k", "operator": "Exists"}],
+    }}},
+}
+
+
+def test_the_renderer_merges_patches_and_images_as_kustomize_does(tmp_path):
+    write_tree(tmp_path, {
+        "base/kustomization.yaml": [{**KUSTOMIZATION, "resources": ["d.yaml"]}],
+        "base/d.yaml": [DEPLOYMENT],
+        "component/kustomization.yaml": [{**COMPONENT, "images": [{"name": "repo:5000/img", "newTag": "2.0"}],
+                                          "patches": [{"path": "smp.yaml"}]}],
+        "component/smp.yaml": [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+            "name": "d", "namespace": "n", "labels": {"a": None, "b": "2"}}, "spec": {"template": {"spec": {
+                "containers": [{"name": "one", "args": ["--y"], "env": [{"name": "B", "value": "2"}],
+                                "volumeMounts": [{"name": "w", "mountPath": "/w"}]},
+                               {"name": "three", "image": "new"}],
+                "volumes": [{"name": "w", "secret": {"secretName": "s"}}],
+                "tolerations": [{"key": "g", "operator": "Exists"}]}}}}],
+        "overlay/kustomization.yaml": [{
+            **KUSTOMIZATION, "resources": ["../base"], "components": ["../component"],
+            "images": [{"name": "other", "newName": "reg/other", "digest": "sha256:def"}],
+            "patches": [{"target": {"kind": "Deployment", "name": "d"}, "patch": yaml.safe_dump([
+                {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "--z"},
+                {"op": "replace", "path": "/spec/template/spec/containers/1/name", "value": "2"},
+                {"op": "remove", "path": "/spec/template/spec/containers/0/env/0"},
+                {"op": "add", "path": "/metadata/annotations", "value": {"x~/y": "1"}}])}],
+        }],
+    })
+    [deployment] = render.render(tmp_path / "overlay")
+    assert deployment["metadata"] == {"name": "d", "namespace": "n", "labels": {"b": "2"}, "annotations": {"x~/y": "1"}}
+    pod = deployment["spec"]["template"]["spec"]
+    one, two, three = pod["containers"]  # merged by name; a new name is appended
+    assert one == {"name": "one", "image": "repo:5000/img:2.0", "args": ["--y", "--z"],  # args: replaced, then appended
+                   "env": [{"name": "B", "value": "2"}],  # merged by name, then the JSON patch removed A
+                   "volumeMounts": [{"name": "v", "mountPath": "/v"}, {"name": "w", "mountPath": "/w"}]}
+    assert two == {"name": "2", "image": "reg/other@sha256:def"} and three == {"name": "three", "image": "new"}
+    assert [v["name"] for v in pod["volumes"]] == ["v", "w"]
+    assert pod["tolerations"] == [{"key": "g", "operator": "Exists"}]  # no merge key: replaced
+    assert DEPLOYMENT["spec"]["template"]["spec"]["containers"][0]["args"] == ["--x", "1"]  # inputs untouched
+
+
+@pytest.mark.parametrize("kustomization, files, complaint", [
+    ({"namePrefix": "x-", "resources": ["d.yaml"]}, {}, "namePrefix"),
+    ({"resources": ["d.yaml"], "patches": [{"path": "p.yaml", "options": {}}]}, {}, "options"),
+    ({"resources": ["d.yaml"], "images": [{"name": "a", "newname": "b"}]}, {}, "newname"),
+    ({"resources": ["../d.yaml"]}, {}, "outside"),
+    ({"resources": ["d.yaml", "d.yaml"]}, {}, "twice"),
+    ({"resources": ["d.yaml"], "patches": [{"path": "p.yaml"}]},
+     {"p.yaml": [{"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+                  "spec": {"template": {"spec": {"$patch": "replace"}}}}]}, "$patch"),
+    ({"resources": ["d.yaml"], "patches": [{"target": {"kind": "Deployment"}, "patch": "- {op: move, from: /a, path: /b}"}]},
+     {}, "op"),
+    ({"resources": ["d.yaml"], "patches": [{"target": {"kind": "Service"}, "patch": "- {op: remove, path: /spec}"}]},
+     {}, "matches nothing"),
+    ({"resources": ["d.yaml"], "images": [{"name": "nowhere", "newTag": "1"}]}, {}, "matches no container"),
+])
+def test_the_renderer_refuses_what_it_does_not_implement(tmp_path, kustomization, files, complaint):
+    write_tree(tmp_path, {"k/kustomization.yaml": [{**KUSTOMIZATION, **kustomization}], "k/d.yaml": [DEPLOYMENT],
+                          "d.yaml": [DEPLOYMENT], **{f"k/{name}": content for name, content in files.items()}})
+    with pytest.raises(render.KustomizeError, match=re.escape(complaint)):
+        render.render(tmp_path / "k")
+
+
+# -- the overlays --------------------------------------------------------------------------------
+
+def test_the_overlays_are_cpu_and_gpu_each_with_curve_on_and_off():
+    assert OVERLAYS == ["cpu", "cpu-no-curve", "gpu", "gpu-no-curve"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_of_the_overlay_validates_strictly(overlay):
+    objects = rendered(overlay)
+    kinds = {obj["kind"] for obj in objects}
+    assert {"Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
+            "ServiceMonitor", "PrometheusRule", "ScaledObject"} <= kinds
+    errors = [error for obj in objects for error in validation_errors(obj)]
+    assert not errors, "\n".join(errors)
+
+
+def mutated(obj: dict, change) -> dict:
+    changed = json.loads(json.dumps(obj))
+    change(changed)
+    return changed
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("ScaledObject", lambda o: o["spec"]["triggers"][0]["metadata"].update(threshold=5)),  # metadata values: strings
+    ("ScaledObject", lambda o: o["spec"].update(minReplicas=1)),
+    ("ScaledObject", lambda o: o["spec"]["triggers"][0]["metadata"].pop("query")),
+    ("ScaledObject", lambda o: o["spec"]["triggers"][0]["metadata"].update(metricName="x")),  # gone since KEDA 2.12
+    ("ScaledObject", lambda o: o["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+     .update(stabilisationWindowSeconds=1)),  # the pinned Kubernetes HPA schema applies
+    ("ScaledObject", lambda o: o["metadata"].update(label={"a": "b"})),  # the pinned ObjectMeta applies
+    ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(interval="15 seconds")),
+    ("ServiceMonitor", lambda o: o["spec"].pop("selector")),
+    ("ServiceMonitor", lambda o: o["spec"]["endpoints"][0].update(metricsPath="/metrics")),
+    ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].pop("expr")),
+    ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(record="x")),  # alert and record
+    ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(for_="5m")),
+    ("Deployment", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(preStop={})),
+    ("PodDisruptionBudget", lambda o: o["spec"].update(maxUnavailable=[1])),
+])
+def test_validation_refuses_what_the_api_server_or_the_operators_would(kind, change):
+    original = next(iter(objects_of("gpu", kind).values()))
+    assert not validation_errors(original)
+    assert validation_errors(mutated(original, change))
+
+
+def test_the_overlays_differ_only_in_the_device_and_curve():
+    def pods_aside(overlay):
+        return [obj for obj in rendered(overlay) if obj["kind"] != "Deployment"]
+
+    for overlay in OVERLAYS:
+        assert pods_aside(overlay) == pods_aside("cpu"), overlay
+        deployments = objects_of(overlay, "Deployment")
+        assert set(deployments) == {"ddml-broker", "ddml-gateway", "ddml-worker"}
+        assert container(deployments["ddml-broker"])["image"] == container(deployments["ddml-gateway"])["image"] == SLIM_IMAGE
+        worker = deployments["ddml-worker"]
+        gpu = overlay.startswith("gpu")
+        assert container(worker)["image"] == (WORKER_CUDA_IMAGE if gpu else WORKER_CPU_IMAGE)
+        resources = container(worker)["resources"]
+        assert (resources["limits"].get("nvidia.com/gpu"), resources["requests"].get("nvidia.com/gpu")) == \
+            ((1, 1) if gpu else (None, None))
+        assert flag(worker, "--max-batch-size") == ("128" if gpu else "64")
+        assert ("nvidia.com/gpu" in json.dumps(worker["spec"]["template"]["spec"].get("tolerations"))) == gpu
+        curve = overlay in CURVE_OVERLAYS
+        for deployment in deployments.values():
+            args = " ".join(container(deployment)["args"])
+            secrets = [v for v in deployment["spec"]["template"]["spec"].get("volumes", []) if "secret" in v]
+            assert ("--curve-secret-key" in args) == curve and bool(secrets) == curve, (overlay, deployment)
+
+
+def test_no_manifest_carries_key_material_or_a_placeholder():
+    for overlay in OVERLAYS:
+        assert not [obj for obj in rendered(overlay) if obj["kind"] in ("Secret", "ConfigMap")]
+        text = yaml.safe_dump_all(rendered(overlay))
+        for needle in ("public-key =", "secret-key =", "replace with", "CHANGEME"):  # zmq.auth certificates
+            assert needle not in text, (overlay, needle)
+        assert not re.search(r"<[A-Za-z_-]+>", text), overlay  # no <placeholder>
+
+
+def run_documented_secret_command(keys_dir: Path) -> dict:
+    """What the README's command does: three `ddml-keys generate` and `kubectl create secret --from-file=DIR`."""
+    from ddml_common.keys import main as ddml_keys
+
+    [command] = [line.strip() for line in README.read_text().splitlines()
+                 if "kubectl -n ddml create secret generic ddml-curve --from-file=" in line]
+    names = re.search(r"for n in ([\w ]+); do ddml-keys generate \"\$d\" \"?\$n\"?; done", command)
+    assert names and names.group(1).split() == ["broker", "worker", "gateway"], command
+    for name in names.group(1).split():
+        ddml_keys(["generate", str(keys_dir), name])
+    data = {path.name: base64.b64encode(path.read_bytes()).decode()  # --from-file=DIR: each regular file
+            for path in sorted(keys_dir.iterdir()) if path.is_file()}
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "ddml-curve", "namespace": "ddml"}, "data": data}
+
+
+@pytest.mark.parametrize("overlay", CURVE_OVERLAYS)
+def test_the_documented_secret_holds_every_key_the_pods_mount_and_the_keys_fit(overlay, tmp_path):
+    import zmq
+    import zmq.auth
+
+    from broker.curve import BrokerSecurity
+    from ddml_common.keys import ClientKeys
+
+    secret = run_documented_secret_command(tmp_path / "keys")
+    assert not validation_errors(secret)
+    files = {}  # role -> {flag: path on this machine, as the pod would see it}
+    for name, deployment in objects_of(overlay, "Deployment").items():
+        role, pod = name.removeprefix("ddml-"), deployment["spec"]["template"]["spec"]
+        root = tmp_path / role
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for mount in container(deployment).get("volumeMounts", []):
+            source = volumes[mount["name"]]["secret"]
+            assert source["secretName"] == secret["metadata"]["name"]
+            for item in source["items"]:
+                assert item["key"] in secret["data"], (name, item)
+                path = root / mount["mountPath"].lstrip("/") / item["path"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+        files[role] = {f: root / flag(deployment, f).lstrip("/") for f in
+                       ("--curve-secret-key", "--curve-server-key", "--authorized-workers", "--authorized-clients")
+                       if flag(deployment, f)}
+    broker = BrokerSecurity(zmq.Context.instance(), str(files["broker"]["--curve-secret-key"]),
+                            str(files["broker"]["--authorized-workers"]), str(files["broker"]["--authorized-clients"]))
+    broker.reload()
+    worker, gateway = (ClientKeys.load(str(files[r]["--curve-server-key"]), str(files[r]["--curve-secret-key"]))
+                       for r in ("worker", "gateway"))
+    broker_public, broker_secret = zmq.auth.load_certificate(str(files["broker"]["--curve-secret-key"]))
+    assert broker_secret and worker.server_public == gateway.server_public == broker_public
+    # Each key in its own domain only: a worker key cannot send requests, nor a gateway key serve.
+    assert broker.allowed == {"worker": frozenset({worker.public}), "gateway": frozenset({gateway.public})}
+
+
+def test_probes_hooks_budgets_and_references_fit_together():
+    for overlay in OVERLAYS:
+        deployments = objects_of(overlay, "Deployment")
+        pods = {name: d["spec"]["template"] for name, d in deployments.items()}
+        for name, deployment in deployments.items():
+            c = container(deployment)
+            assert c["command"] == [name]  # the role is the command; the image only picks slim or worker
+            assert c["livenessProbe"] and c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+            assert deployment["spec"]["selector"]["matchLabels"].items() <= pods[name]["metadata"]["labels"].items()
+        broker, gateway, worker = (deployments[f"ddml-{role}"] for role in ("broker", "gateway", "worker"))
+        ports = {name: {p["name"]: p["containerPort"] for p in container(d)["ports"]}
+                 for name, d in deployments.items() if "ports" in container(d)}
+        # The broker's liveness is its loop: /healthz on the metrics port.
+        probe = container(broker)["livenessProbe"]["httpGet"]
+        assert probe["path"] == "/healthz" and ports["ddml-broker"][probe["port"]] == int(flag(broker, "--metrics-port"))
+        # The gateway leaves the endpoints before gunicorn stops, and the grace period covers both.
+        g = container(gateway)
+        assert g["readinessProbe"]["httpGet"]["path"] == "/readyz" and g["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        sleep_command = g["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep_command[0] == "sleep" and 5 <= int(sleep_command[1]) <= 15
+        assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= int(sleep_command[1]) + 30 + 5
+        # Workers drain on SIGTERM: time for their two batches in hand.
+        assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+        # Autoscalers own the replica counts.
+        assert "replicas" not in gateway["spec"] and "replicas" not in worker["spec"]
+        [hpa] = objects_of(overlay, "HorizontalPodAutoscaler").values()
+        [scaled] = objects_of(overlay, "ScaledObject").values()
+        assert hpa["spec"]["scaleTargetRef"]["name"] == "ddml-gateway"
+        assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ddml-worker"}
+        assert scaled["spec"]["minReplicaCount"] >= 1  # gateways are unready with no worker: nothing would wake it
+        for trigger in scaled["spec"]["triggers"]:
+            assert f'model="{flag(worker, "--model")}"' in trigger["metadata"]["query"]
+        # Budgets, Services, monitors and the policy select pods and ports that exist.
+        budgets = objects_of(overlay, "PodDisruptionBudget")
+        assert {name for name, pdb in budgets.items()
+                if pdb["spec"]["selector"]["matchLabels"].items() <= pods[name]["metadata"]["labels"].items()} \
+            == {"ddml-gateway", "ddml-worker"}
+        services = objects_of(overlay, "Service")
+        for name, service in services.items():
+            assert service["spec"]["selector"].items() <= pods[name]["metadata"]["labels"].items()
+            assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports[name])
+        for name, monitor in objects_of(overlay, "ServiceMonitor").items():
+            [service] = [s for s in services.values()
+                         if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+            assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+            assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+        [policy] = objects_of(overlay, "NetworkPolicy").values()
+        assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == set(ports["ddml-broker"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_command_line_parses_with_the_real_cli(overlay, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("DDML_")]:
+        monkeypatch.delenv(name)  # the manifest's flags only
+    args = {}
+    for name, deployment in objects_of(overlay, "Deployment").items():
+        role = name.removeprefix("ddml-")
+        parser = importlib.import_module(f"{role}.__main__").build_parser()
+        args[role] = parser.parse_args(container(deployment)["args"])  # an unknown or renamed flag exits here
+    service_ports = {p["port"] for p in objects_of(overlay, "Service")["ddml-broker"]["spec"]["ports"]}
+    for role, socket in (("gateway", "frontend"), ("worker", "backend")):
+        port = getattr(args["broker"], socket).rpartition(":")[2]
+        assert args[role].broker == f"tcp://ddml-broker:{port}" and int(port) in service_ports
+
+
+ALLOWED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "persistentVolumeClaim", "csi",
+                   "ephemeral"}
+
+
+def test_pods_meet_the_restricted_pod_security_standard_the_namespace_enforces():
+    for overlay in OVERLAYS:
+        [namespace] = objects_of(overlay, "Namespace").values()
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+        for name, deployment in objects_of(overlay, "Deployment").items():
+            pod = deployment["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            assert not {"hostNetwork", "hostPID", "hostIPC"} & set(pod)
+            assert all(set(v) - {"name"} <= ALLOWED_VOLUMES for v in pod.get("volumes", []))
+            for c in pod["containers"]:
+                context = c["securityContext"]
+                assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+                assert not context.get("privileged") and "hostPort" not in json.dumps(c.get("ports", []))
+
+
+def test_the_prometheus_rule_holds_exactly_the_alerts_file():
+    [rule] = objects_of("cpu", "PrometheusRule").values()
+    assert rule["spec"] == yaml.safe_load((DEPLOY / "prometheus" / "ddml-alerts.yaml").read_text())
+
+
+# -- PromQL: only metrics that exist ----------------------------------------------------------------
+
+LABEL_LISTS = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+SELECTOR = re.compile(r"(?<![\w:$.])([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
+IDENTIFIER = re.compile(r"(?<![\w:$.])([a-zA-Z_:][\w:]*)(?![\w:]|\s*\()")  # not a function call
+MATCHER_LABEL = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)")
+KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
+                      "offset", "atan2", "inf", "nan", "Inf", "NaN"})
+
+
+def promql_names(expr: str) -> tuple[dict[str, set[str]], set[str]]:
+    """({metric: labels its selectors match on}, labels named in by/without/on/ignoring/group_*)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)  # strings hold no names
+    text = re.sub(r"\[[^\]]*\]", "", text)  # ranges, subqueries, Grafana's [$__rate_interval]
+    grouping = {label.strip() for labels in LABEL_LISTS.findall(text) for label in labels.split(",") if label.strip()}
+    text = LABEL_LISTS.sub(" ", text)
+    metrics: dict[str, set[str]] = {}
+    for name, matchers in SELECTOR.findall(text):
+        metrics.setdefault(name, set()).update(MATCHER_LABEL.findall(matchers))
+    text = re.sub(r"\{[^}]*\}", "", text)
+    for name in IDENTIFIER.findall(text):
+        if name not in KEYWORDS:
+            metrics.setdefault(name, set())
+    return metrics, grouping
+
+
+def test_the_promql_name_check_finds_metrics_and_labels_and_skips_the_rest():
+    metrics, grouping = promql_names(
+        'histogram_quantile(0.99, sum by (model, le) (rate(ddml_batch_latency_seconds_bucket{outcome!~"ok|{x}"}'
+        '[$__rate_interval]))) / on(model) group_left(host) ddml_queue_lenght offset 5m > bool 1e3 '
+        'unless max without (state) (ddml_workers{state="idle"}) and $threshold < vector(0)')
+    assert metrics == {"ddml_batch_latency_seconds_bucket": {"outcome"}, "ddml_queue_lenght": set(),
+                       "ddml_workers": {"state"}}
+    assert grouping == {"model", "le", "host", "state"}
+    assert "ddml_queue_lenght" not in exported_metrics()  # the check below would fail on this query
+
+
+@functools.cache
+def exported_metrics() -> dict[str, frozenset[str]]:
+    """Every series name a real BrokerMetrics and the gateway's metrics expose, with its labels."""
+    from broker.metrics import BrokerMetrics
+    from gateway.metrics import HTTP_DURATION, HTTP_REQUESTS
+
+    broker = BrokerMetrics()
+    broker.requests.inc("m", "ok")
+    for histogram in (broker.batch_size, broker.queue_wait, broker.batch_latency):
+        histogram.labels("m").observe(1.0)
+    broker.redispatched.labels("m").inc()
+    broker.malformed.inc()
+    broker.publish({"models": {"m": {"queued_requests": 1, "queued_items": 2, "oldest_wait_s": 0.5}},
+                    "workers": [{"worker_id": "w", "host": "h", "device": "cuda:0", "models": ["m"], "state": "busy",
+                                 "in_flight_items": 2, "last_heartbeat_age_s": 0.1,
+                                 "stats": {"batches": 1, "items": 2, "mean_batch_latency_ms": 5.0,
+                                           "cuda_memory_allocated_bytes": 1 << 20}}]})
+    families = list(broker.registry.collect())
+    # ddml-gateway always runs in prometheus_client's multiprocess mode, whose /metrics holds only
+    # these two: not the default registry's process_* and python_* collectors.
+    labels = ("test_deploy", "GET", "200")
+    HTTP_REQUESTS.labels(*labels).inc()
+    HTTP_DURATION.labels(*labels).observe(0.01)
+    try:
+        families += [family for metric in (HTTP_REQUESTS, HTTP_DURATION) for family in metric.collect()]
+    finally:
+        HTTP_REQUESTS.remove(*labels)
+        HTTP_DURATION.remove(*labels)
+    assert all(family.samples for family in families), [f.name for f in families if not f.samples]
+    names: dict[str, set[str]] = {}
+    for family in families:
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return {name: frozenset(labels) for name, labels in names.items()}
+
+
+def dashboard() -> dict:
+    return json.loads((DEPLOY / "grafana" / "ddml.json").read_text())
+
+
+def every_query() -> list[tuple[str, str]]:
+    """(where, PromQL) for the dashboard's panels and variables, the KEDA triggers and both alert files."""
+    queries = [(f"dashboard panel {p['title']!r}", t["expr"]) for p in dashboard()["panels"] for t in p.get("targets", [])]
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["query"]["query"])
+            assert match, variable  # label_values(series, label): the series is PromQL, the label one of its labels
+            queries.append((f"dashboard variable {variable['name']}", f"{match.group(1)} and on({match.group(2)}) vector(1)"))
+    for overlay in OVERLAYS:
+        for scaled in objects_of(overlay, "ScaledObject").values():
+            queries += [(f"{overlay} ScaledObject trigger {t['name']}", t["metadata"]["query"])
+                        for t in scaled["spec"]["triggers"]]
+        for rule in objects_of(overlay, "PrometheusRule").values():
+            queries += [(f"{overlay} PrometheusRule {r['alert']}", r["expr"])
+                        for group in rule["spec"]["groups"] for r in group["rules"]]
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "ddml-alerts.yaml").read_text())
+    queries += [(f"ddml-alerts.yaml {r['alert']}", r["expr"]) for group in alerts["groups"] for r in group["rules"]]
+    return queries
+
+
+def test_every_promql_query_names_only_metrics_and_labels_the_broker_and_gateway_export():
+    exported = exported_metrics()
+    assert {"ddml_requests_total", "ddml_batch_size_bucket", "ddml_queue_oldest_wait_seconds", "ddml_workers",
+            "ddml_http_requests_total", "ddml_http_request_duration_seconds_bucket"} <= set(exported)
+    problems, used = [], set()
+    for where, expr in every_query():
+        metrics, grouping = promql_names(expr)
+        if not metrics:
+            problems.append(f"{where}: names no metric: {expr}")
+        for name, labels in metrics.items():
+            used.add(name)
+            if name not in exported:
+                problems.append(f"{where}: {name} is not exported by the broker or the gateway")
+            elif labels - exported[name] - TARGET_LABELS:
+                problems.append(f"{where}: {name} has no label {sorted(labels - exported[name] - TARGET_LABELS)}")
+        known = set().union(*(exported.get(name, ()) for name in metrics)) | TARGET_LABELS
+        if grouping - known:
+            problems.append(f"{where}: groups by labels no metric of it has: {sorted(grouping - known)}")
+    assert not problems, "\n".join(problems)
+    # The dashboard shows what issue #16 asks for.
+    assert {"ddml_http_requests_total", "ddml_requests_total", "ddml_http_request_duration_seconds_bucket",
+            "ddml_queue_depth", "ddml_queue_oldest_wait_seconds", "ddml_batch_size_bucket", "ddml_workers"} <= used
+
+
+def test_the_dashboard_is_well_formed():
+    board = dashboard()
+    panels = board["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    assert {v["name"] for v in board["templating"]["list"]} >= {"datasource", "namespace", "model"}
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not area & cells, panel["title"]  # no two panels overlap
+        cells |= area
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}" and panel["targets"], panel["title"]
+            assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+
+
+# -- the README ----------------------------------------------------------------------------------
+
+def test_the_readme_says_how_to_apply_each_overlay_and_names_the_images_and_queries():
+    text = README.read_text()
+    for overlay in OVERLAYS:
+        assert f"kubectl apply -k deploy/kubernetes/overlays/{overlay}" in text
+    images = {container(d)["image"] for overlay in OVERLAYS for d in objects_of(overlay, "Deployment").values()}
+    assert images == {SLIM_IMAGE, WORKER_CPU_IMAGE, WORKER_CUDA_IMAGE}
+    for build in (f"docker build --target slim -t {SLIM_IMAGE} .",
+                  f"docker build --target worker --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu "
+                  f"-t {WORKER_CPU_IMAGE} .",
+                  f"docker build --target worker -t {WORKER_CUDA_IMAGE} ."):
+        assert build in text
+    for overlay in OVERLAYS:
+        for scaled in objects_of(overlay, "ScaledObject").values():
+            for trigger in scaled["spec"]["triggers"]:
+                assert trigger["metadata"]["query"] in text, trigger["name"]
+    assert "python deploy/render.py deploy/kubernetes/overlays/" in text
