@@ -172,8 +172,11 @@ class BrokerClient:
         give_up_at = attempt.deadline_at + _REPLY_GRACE_S
         changes = self._changes
         if not self._send_somewhere(attempt, message, now, lambda i, frames: _send_quietly(dealers[i], frames)):
-            # No connection yet: wait for one, briefly.
-            if not dealers[0].poll(_CONNECT_GRACE_S * 1000, zmq.POLLOUT) or not self._send_somewhere(
+            # No connection yet (this thread's DEALERs are new, or every broker is down): wait for one, briefly.
+            writable = zmq.Poller()
+            for dealer in dealers.values():
+                writable.register(dealer, zmq.POLLOUT)
+            if not writable.poll(_CONNECT_GRACE_S * 1000) or not self._send_somewhere(
                     attempt, message, time.monotonic(), lambda i, frames: _send_quietly(dealers[i], frames)):
                 raise self._unreachable()
         while True:
@@ -248,7 +251,10 @@ class BrokerClient:
             return False
         untried = [b for b in self._brokers if b.up and b.index not in attempt.tried]
         retried = [b for b in self._brokers if b.up and b.index in attempt.tried and b.index not in attempt.waiting]
-        for broker in untried + retried:
+        # Last, brokers we think down: one may be back before its first heartbeat says so, and a
+        # DEALER with IMMEDIATE refuses at once while its broker is unreachable.
+        down = [b for b in self._brokers if not b.up and b.index not in attempt.waiting]
+        for broker in untried + retried + down:
             message.instance_id = broker.instance_id  # a broker that restarted since refuses it unrun
             message.timeout_ms = max(0, remaining_ms)
             if send(broker.index, protocol.encode(message)):
