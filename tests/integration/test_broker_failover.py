@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
+from collections import Counter
 
 import pytest
 
 from gateway.broker_client import BrokerClient, BrokerError
-from tests.chaos import Load
+from tests.chaos import Load, Tally, settle
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,50 @@ def test_sigkill_of_the_broker_carrying_the_traffic_costs_clients_nothing(stack)
             tally.sent, {}, 0, 0, 0), tally
         assert tally.unaccounted == 0
     finally:
+        client.close()
+
+
+def test_sigkill_of_the_broker_carrying_minilm_traffic_costs_clients_nothing(stack):
+    """The same with the real MiniLM model, once: 16 clients, one worker on two brokers."""
+    pair = Pair(stack)
+    stack.start_worker("--model", "minilm", "--device", "cpu", *HB, broker=pair.backends)
+    client = BrokerClient(pair.frontends, heartbeat_interval_s=0.2)
+    outcomes: list = []
+    stop = threading.Event()
+
+    def run(index: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            started_at = time.monotonic()
+            try:
+                [vector] = client.request("minilm", [f"client {index} sentence {n}"], timeout_s=30)
+                outcomes.append(("ok" if len(vector) == 384 else "wrong", time.monotonic() - started_at))
+            except BrokerError as error:
+                outcomes.append((error.code.value, time.monotonic() - started_at))
+
+    try:
+        wait_until(lambda: workers_per_broker(client) == [1, 1], 60, what="the MiniLM worker on both brokers")
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(outcomes) >= 60, 60, what="60 replies before the kill")
+        pair.processes[0].kill()
+        killed_at_count = len(outcomes)
+        wait_until(lambda: len(outcomes) >= killed_at_count + 60, 60, what="60 replies after the kill")
+        stop.set()
+        for thread in threads:
+            thread.join(40)
+        settle(client)
+        counts = Counter(kind for kind, _ in outcomes)
+        Tally(sent=len(outcomes), ok=counts["ok"], wrong=counts["wrong"], duplicated=client.unmatched_replies,
+              errors=Counter({k: v for k, v in counts.items() if k not in ("ok", "wrong")}),
+              notes={"resent": client.resent, "worst_latency_s": f"{max(t for _, t in outcomes):.2f}"}).record(
+            "failover: SIGKILL the broker carrying MiniLM traffic (16 clients)")
+        assert counts == Counter(ok=len(outcomes)), counts
+        assert client.unmatched_replies == 0
+    finally:
+        stop.set()
         client.close()
 
 
