@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,45 @@ def _build_tiny_bert(directory: Path, task: str) -> Path:
     return directory
 
 
+def _build_sentence_transformer(directory: Path, base: Path, pooling: str | tuple, normalize: bool = True,
+                                max_seq_length: int | None = None, dense: bool = False, prompt: str = "",
+                                include_prompt: bool = True) -> Path:
+    """A sentence-transformers directory over a tiny BERT, saved by sentence-transformers itself."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    transformer = Transformer(str(base), max_seq_length=max_seq_length)
+    pooled = Pooling(transformer.get_embedding_dimension(), pooling_mode=pooling, include_prompt=include_prompt)
+    modules = [transformer, pooled]
+    if dense:
+        torch.manual_seed(1)
+        modules.append(Dense(pooled.get_embedding_dimension(), 16))
+    if normalize:
+        modules.append(Normalize())
+    prompts = {"query": prompt} if prompt else None
+    model = SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name="query" if prompt else None)
+    model.save(str(directory))
+    return directory
+
+
+def _build_cross_encoder(directory: Path) -> Path:
+    """A random-weight BERT cross-encoder: sequence classification with one label, as rerankers are."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True, model_max_length=48)
+    tokenizer.save_pretrained(directory)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    torch.manual_seed(2)
+    BertForSequenceClassification(config).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return _build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), "embedding")
@@ -43,6 +83,23 @@ def tiny_bert(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert_classifier(tmp_path_factory) -> Path:
     return _build_tiny_bert(tmp_path_factory.mktemp("tiny-bert-cls"), "classification")
+
+
+@pytest.fixture(scope="session")
+def tiny_st_cls(tmp_path_factory, tiny_bert) -> Path:
+    """CLS-pooled and normalised, with a short max_seq_length (16) that long inputs pass."""
+    return _build_sentence_transformer(tmp_path_factory.mktemp("tiny-st-cls"), tiny_bert, "cls", max_seq_length=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_st_mean(tmp_path_factory, tiny_bert) -> Path:
+    """Mean-pooled and normalised; its limit is its tokenizer's, within the model's 128 positions."""
+    return _build_sentence_transformer(tmp_path_factory.mktemp("tiny-st-mean"), tiny_bert, "mean")
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory) -> Path:
+    return _build_cross_encoder(tmp_path_factory.mktemp("tiny-cross-encoder"))
 
 
 class Stack:
@@ -82,8 +139,12 @@ class Stack:
         return process
 
     def stop_all(self) -> None:
-        # Gateways and workers first, so the broker's drain has nobody left to wait for.
+        # Gateways and workers first, so the broker's drain has nobody left to wait for. They are all
+        # told at once, so that they drain side by side; then each is waited for (stop() is strict).
         failures = []
+        for process in self.processes:
+            if process.args[2] != "broker" and process.popen.poll() is None:
+                process.popen.send_signal(signal.SIGTERM)
         for process in sorted(self.processes, key=lambda p: p.args[2] == "broker"):
             try:
                 process.stop()

@@ -29,8 +29,24 @@ def build_parser() -> Parser:
     parser.add_argument("--handler", default=None,
                         help="serve your own class: package.module:ClassName, a subclass of worker.Manager")
     parser.add_argument("--model-path", default=None, help="serve a local Hugging Face model directory")
-    parser.add_argument("--task", default="embedding", choices=["embedding", "classification"],
-                        help="what the --model-path model does")
+    parser.add_argument("--task", default="embedding", choices=["embedding", "classification", "rerank"],
+                        help="what the --model-path model does; rerank: a cross-encoder that scores "
+                             "(query, document) pairs")
+    parser.add_argument("--model-version", default=None,
+                        help="the version this worker reports and serves as MODEL@VERSION; default: a short hash "
+                             "of the model's weights and configuration (none for handlers that give none)")
+    parser.add_argument("--revision", default=None,
+                        help="with a Hugging Face model id as --model-path: the branch, tag or commit to load "
+                             "(from the local cache unless HF_HUB_OFFLINE=0)")
+    parser.add_argument("--pooling", default=None,
+                        help="built-in embedding models: cls, mean, max, mean_sqrt_len_tokens, weightedmean or "
+                             "lasttoken (several joined by +), instead of the model's own (its sentence-transformers "
+                             "Pooling config; mean for a plain transformers directory)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="built-in text models' weights; auto = float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--auto-truncate", action="store_true",
+                        help="built-in text models truncate inputs longer than --max-length instead of refusing "
+                             "them with 400 (a request may still ask for either)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, or cuda:N")
     parser.add_argument("--cuda-devices", default="",
                         help="comma-separated GPU indices to spread --num-workers over, e.g. 0,1")
@@ -42,7 +58,10 @@ def build_parser() -> Parser:
     parser.add_argument("--max-batch-size", type=int, default=64, help="most inputs per batch")
     parser.add_argument("--max-batches", type=int, default=2,
                         help="batches held at once; 2 receives the next while one computes")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per input for built-in text models")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per input for built-in text models; default: the model's own (its "
+                             "max_seq_length, else its tokenizer's limit; 256 for a plain transformers embedding "
+                             "or classification directory). Longer inputs get 400 unless truncation is asked for")
     parser.add_argument("--chunk-size", type=int, default=0,
                         help="built-in text models sort each batch by length and run it in passes of at most "
                              "this many inputs; 0 = by device (16 on the CPU, where a smaller batch still runs as "
@@ -70,8 +89,9 @@ def build_parser() -> Parser:
 
 def config_from_args(args) -> WorkerConfig:
     options = (
-        {"max_length": args.max_length, "max_chunk": args.chunk_size, "chunk_tokens": args.chunk_tokens}
-        if not args.handler and args.model != "echo" else {}
+        {"max_length": args.max_length, "max_chunk": args.chunk_size, "chunk_tokens": args.chunk_tokens,
+         "pooling": args.pooling, "dtype": args.dtype, "revision": args.revision, "auto_truncate": args.auto_truncate}
+        if not args.handler and (args.model != "echo" or args.model_path) else {}
     )
     return WorkerConfig(
         broker=args.broker,
@@ -79,6 +99,7 @@ def config_from_args(args) -> WorkerConfig:
         handler=args.handler,
         model_path=args.model_path,
         task=args.task,
+        model_version=args.model_version,
         device=args.device,
         max_batch_size=args.max_batch_size,
         max_batches=args.max_batches,

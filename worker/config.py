@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -11,7 +14,8 @@ class WorkerConfig:
     model: str = "minilm"  # the name requests use
     handler: str | None = None  # package.module:ClassName of a Manager subclass
     model_path: str | None = None  # a local Hugging Face model directory
-    task: str = "embedding"  # for --model-path: embedding or classification
+    task: str = "embedding"  # for --model-path: embedding, classification or rerank
+    model_version: str | None = None  # served as `model@version` too; None: the handler's (a hash of its weights)
     device: str = "auto"  # auto, cpu or cuda:N
     max_batch_size: int = 64  # inputs per batch
     max_batches: int = 2  # batches held at once: 2 lets the next one arrive while one computes
@@ -36,3 +40,8 @@ class WorkerConfig:
             raise ValueError(f"watchdog_s must be > 0, got {self.watchdog_s}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda:N, got {self.device!r}")
+        if "@" in self.model:
+            raise ValueError(f"model must not contain '@', which separates a version, got {self.model!r}")
+        if self.model_version is not None and not _VERSION.fullmatch(self.model_version):
+            raise ValueError("model_version must be 1 to 64 letters, digits, '.', '_', '-' or '+', starting with a "
+                             f"letter or digit, got {self.model_version!r}")

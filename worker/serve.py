@@ -69,14 +69,20 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         warmup()
         print(f"worker: warmed up in {time.monotonic() - started_at:.2f} s", flush=True)
     max_batch_size = min(config.max_batch_size, handler.max_batch_size or config.max_batch_size)
+    # A versioned worker also serves `name@version`, so that a request can pin the version: the
+    # broker routes by name, and only this version's workers register that name.
+    version = config.model_version or handler.version()
+    metadata = handler.metadata()
+    if version:
+        metadata = {**metadata, "version": version}
     ready = protocol.Ready(
-        models=[config.model],
+        models=[config.model, f"{config.model}@{version}"] if version else [config.model],
         max_batch_size=max_batch_size,
         max_batches=config.max_batches,
         device=_describe_device(device),
         host=socket.gethostname(),
         pid=os.getpid(),
-        metadata=handler.metadata(),
+        metadata=metadata,
     )
     context = zmq.Context()
     inbox: queue.Queue = queue.Queue()
@@ -87,7 +93,8 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     io_thread.start()
     results = context.socket(zmq.PUSH)
     results.connect(results_endpoint)
-    print(f"worker ready: serving {config.model!r} to {config.broker} (pid {os.getpid()})", flush=True)
+    served = f"{config.model!r} version {version}" if version else repr(config.model)
+    print(f"worker ready: serving {served} to {config.broker} (pid {os.getpid()})", flush=True)
     try:
         run_worker(handler, inbox, results, state)
     finally:

@@ -53,6 +53,11 @@ class Manager:
         """Figures for heartbeats (e.g. GPU memory in use). Optional."""
         return {}
 
+    def version(self) -> str | None:
+        """What this handler serves, for `name@version` requests: a short hash of its weights, say.
+        None: no version (the worker's --model-version still gives one). Called once, after init_model()."""
+        return None
+
     def metadata(self) -> dict:
         """The model's tensors, as KServe v2 / Triton describe them (the batch dimension is -1).
 

@@ -1,7 +1,22 @@
-"""Built-in handler for a local Hugging Face model directory: text embedding or classification.
+"""Built-in handler for a Hugging Face text model: embedding, classification, or rerank.
 
 The only module that imports torch or transformers. Texts travel as strings and are tokenised
 here, in the worker.
+
+Embeddings follow the directory's own sentence-transformers configuration (st_config.py): its
+pooling, Dense layers, normalisation, length limit, lower-casing and default prompt, so that a
+vector matches what sentence-transformers' encode() gives. --pooling and --max-length override.
+A rerank model is a cross-encoder (sequence classification with one label): it scores a
+(query, document) pair, with the activation sentence-transformers' CrossEncoder applies.
+
+Inputs:
+    embedding, classification   "text", or {"text": ..., "truncate"?: bool, "count_tokens"?: bool}
+    rerank                      {"query": ..., "document": ..., "truncate"?, "count_tokens"?},
+                                or [query, document]
+An input longer than the model's limit fails alone (InputError: HTTP 400); nothing is cut
+silently. "truncate": true, or the worker's --auto-truncate, truncates it instead, as
+sentence-transformers does. "count_tokens": true wraps the output with its token count:
+{"embedding" | "score": ..., "tokens": n} (classification adds "tokens" to its dict).
 
 Length-aware execution: a batch is tokenised once, sorted by token length, and run in chunks
 whose padded size stays within a token budget, so short sentences are not padded to the
@@ -10,17 +25,30 @@ longest one in the batch. Outputs are put back in input order.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from worker.models import InputError, Manager
+from worker.models.st_config import (
+    PLAIN_MAX_LENGTH,
+    EmbeddingConfig,
+    parse_pooling,
+    read_embedding_config,
+    weights_version,
+)
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("embedding", "classification")
+TASKS = ("embedding", "classification", "rerank")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_INPUT_OPTIONS = ("truncate", "count_tokens")
+_NO_TOKENIZER_LIMIT = 1 << 30  # a tokenizer's model_max_length above this means "not set"
 
 # Forward-pass size by device: (most inputs, fewest inputs before a batch is halved, most padded
 # tokens). A batch is sorted by length and cut into passes. On a CPU, passes of 16 cost less per
@@ -31,32 +59,59 @@ TASKS = ("embedding", "classification")
 _CHUNKING = {"cpu": (16, 8, 2048), "cuda": (1024, 1024, 65536)}
 
 
+@dataclass
+class _Input:
+    """One input of a batch, parsed."""
+
+    position: int  # in the batch
+    text: str | tuple[str, str]  # a text, or a (query, document) pair
+    truncate: bool
+    count_tokens: bool
+    features: dict | None = None  # its tokens: input_ids, and token_type_ids where the model has them
+
+
 class HFTextModel(Manager):
     def __init__(
         self,
         device: str = "cpu",
         model_path: str = "",
         task: str = "embedding",
-        max_length: int = 256,
+        max_length: int | None = None,
         chunk_tokens: int = 0,
         max_chunk: int = 0,
         dtype: str = "auto",
+        pooling: str | None = None,
+        revision: str | None = None,
+        auto_truncate: bool = False,
         **options,
     ):
         super().__init__(device=device, **options)
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-        if not model_path or not os.path.isdir(model_path):
-            raise ValueError(f"model_path must be a local model directory, got {model_path!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not model_path:
+            raise ValueError("model_path must be a local model directory or a Hugging Face model id")
+        if revision and os.path.isdir(model_path):
+            raise ValueError(f"--revision picks a version of a Hugging Face model id; {model_path} is a local directory")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if pooling and task != "embedding":
+            raise ValueError(f"--pooling applies to --task embedding, not {task}")
         self.model_path = model_path
+        self.revision = revision
         self.task = task
-        self.max_length = max_length  # tokens per input; longer inputs are truncated
+        self.max_length = max_length  # None: the model's own limit
+        self.pooling_override = parse_pooling(pooling) if pooling else None
+        self.auto_truncate = auto_truncate  # truncate over-long inputs that do not say otherwise
         # Per forward pass: inputs, and padded tokens; 0 = what suits the device (_CHUNKING).
         self.chunk_tokens = chunk_tokens
         self.max_chunk = max_chunk
         self.min_chunk = max_chunk
         self.dtype_name = dtype  # auto = float16 on CUDA, float32 on the CPU
         self.labels: list[str] = []
+        self.max_tokens = 0  # the limit in force, set by init_model()
+        self.model_dir = model_path if os.path.isdir(model_path) else ""  # resolved by init_model()
 
     def init_model(self) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,39 +127,160 @@ class HFTextModel(Manager):
         self.chunk_tokens = self.chunk_tokens or auto_tokens
         dtype = {"auto": torch.float16 if self.device.startswith("cuda") else torch.float32,
                  "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype_name]
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        self.model_dir = _resolve_model_dir(self.model_path, self.revision)
+        if self.task == "embedding":
+            config = read_embedding_config(self.model_dir)
+        else:
+            config = EmbeddingConfig(transformer_path=self.model_dir)
+        if self.pooling_override:
+            config = dataclasses.replace(config, pooling=self.pooling_override,
+                                         notes=[*config.notes, f"pooling {'+'.join(self.pooling_override)} (--pooling)"])
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.transformer_path, local_files_only=True)
+        if config.do_lower_case:
+            _lower_case(self.tokenizer)
         model_class = AutoModel if self.task == "embedding" else AutoModelForSequenceClassification
-        self.model = model_class.from_pretrained(self.model_path, local_files_only=True, dtype=dtype)
+        self.model = model_class.from_pretrained(config.transformer_path, local_files_only=True, dtype=dtype)
         self.model.to(self.device).eval()
+        self.max_tokens, limit_source = self._limit()
+        # Lengths are checked here, input by input: the tokenizer must neither cut nor warn.
+        self.tokenizer.model_max_length = _NO_TOKENIZER_LIMIT
+        self.prompt_length = self._prompt_length()
+        self.dense = [_load_dense(layer, torch, self.device) for layer in config.dense]
         if self.task == "classification":
             id2label = self.model.config.id2label
             self.labels = [str(id2label.get(i, i)) for i in range(self.model.config.num_labels)]
-        self.output_dim = (
-            self.model.config.hidden_size if self.task == "embedding" else self.model.config.num_labels
-        )
-        logger.info(
-            "loaded %s (%s) on %s as %s in %.1f s",
-            self.model_path, self.task, self.device, dtype, time.monotonic() - started_at,
-        )
+            self.output_dim = self.model.config.num_labels
+        elif self.task == "rerank":
+            if self.model.config.num_labels != 1:
+                raise ValueError(f"a rerank model scores a pair with one label; {self.model_path} has "
+                                 f"{self.model.config.num_labels} (serve it with --task classification)")
+            self.activation = _score_activation(self.model.config, torch)
+            self.output_dim = 1
+        else:
+            self.output_dim = (self.dense[-1][0].out_features if self.dense
+                               else self.model.config.hidden_size * len(config.pooling))
+        notes = list(config.notes) if self.task == "embedding" else []
+        notes.append(f"at most {self.max_tokens} tokens ({limit_source}); longer inputs are "
+                     + ("truncated (--auto-truncate)" if self.auto_truncate else "refused unless they ask to be truncated"))
+        logger.info("loaded %s (%s) on %s as %s in %.1f s: %s", self.model_path, self.task, self.device, dtype,
+                    time.monotonic() - started_at, "; ".join(notes))
+
+    def _limit(self) -> tuple[int, str]:
+        """Tokens per input, and where that figure came from."""
+        own_limits = [n for n in (self.tokenizer.model_max_length,
+                                  getattr(self.model.config, "max_position_embeddings", None))
+                      if isinstance(n, int) and 0 < n < _NO_TOKENIZER_LIMIT]
+        own = min(own_limits, default=None)  # sentence-transformers' rule: the tokenizer's, capped by positions
+        if self.max_length is not None:
+            if own is not None and self.max_length > own:
+                logger.warning("--max-length %d exceeds the model's own limit of %d tokens", self.max_length, own)
+            return self.max_length, "--max-length"
+        if self.task == "embedding" and self.config.sentence_transformers and self.config.max_seq_length:
+            return self.config.max_seq_length, "max_seq_length in sentence_bert_config.json"
+        if self.task == "rerank" or (self.task == "embedding" and self.config.sentence_transformers):
+            if own is None:
+                raise ValueError(f"{self.model_path} states no length limit: give --max-length")
+            return own, "the tokenizer's model_max_length, within max_position_embeddings"
+        if own is not None and own < PLAIN_MAX_LENGTH:
+            return own, "the model's max_position_embeddings"
+        return PLAIN_MAX_LENGTH, "ddml's default for a plain transformers model"
+
+    def _prompt_length(self) -> int:
+        """Tokens of the default prompt that pooling leaves out (include_prompt false), as sentence-transformers counts them."""
+        if not self.config.prompt or self.config.include_prompt or self.task != "embedding":
+            return 0
+        ids = self.tokenizer([self.config.prompt])["input_ids"][0]
+        return len(ids) - (1 if ids and ids[-1] in self.tokenizer.all_special_ids else 0)
+
+    def version(self) -> str | None:
+        return weights_version(self.model_dir) if self.model_dir else None
+
+    # ------------------------------------------------------------------ batches
 
     def predict(self, batch: list) -> list:
         outputs: list = [None] * len(batch)
-        texts, positions = [], []
-        for i, text in enumerate(batch):
-            if isinstance(text, str):
-                texts.append(text)
-                positions.append(i)
-            else:
-                outputs[i] = InputError(f"input must be a string, got {type(text).__name__}")
-        if not texts:
-            return outputs
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        ids = encoded["input_ids"]
-        order = sorted(range(len(texts)), key=lambda k: len(ids[k]))
-        for chunk in self._chunks(order, [len(ids[k]) for k in order]):
-            for k, value in zip(chunk, self._forward([ids[k] for k in chunk])):
-                outputs[positions[k]] = value
+        items = []
+        for position, value in enumerate(batch):
+            try:
+                items.append(self._parse(position, value))
+            except InputError as error:
+                outputs[position] = error
+        for item, problem in zip(items, self._tokenize(items)):
+            if problem is not None:
+                outputs[item.position] = problem
+        items = [item for item in items if item.features is not None]
+        order = sorted(range(len(items)), key=lambda k: len(items[k].features["input_ids"]))
+        for chunk in self._chunks(order, [len(items[k].features["input_ids"]) for k in order]):
+            for k, value in zip(chunk, self._forward([items[k].features for k in chunk])):
+                item = items[k]
+                outputs[item.position] = self._with_tokens(value, item) if item.count_tokens else value
         return outputs
+
+    def _parse(self, position: int, value) -> _Input:
+        options = {}
+        if self.task == "rerank":
+            if isinstance(value, (list, tuple)) and len(value) == 2:
+                value = {"query": value[0], "document": value[1]}
+            if not isinstance(value, dict):
+                raise InputError(f"a rerank input is {{'query': str, 'document': str}} or [query, document], "
+                                 f"got {type(value).__name__}")
+            fields = ("query", "document")
+        else:
+            if isinstance(value, str):
+                return _Input(position, value, self.auto_truncate, False)
+            if not isinstance(value, dict):
+                raise InputError(f"input must be a string or {{'text': str}}, got {type(value).__name__}")
+            fields = ("text",)
+        unknown = sorted(set(value) - set(fields) - set(_INPUT_OPTIONS), key=str)
+        if unknown:
+            raise InputError(f"unknown field {unknown[0]!r} in an input (it takes {', '.join(fields + _INPUT_OPTIONS)})")
+        for name in fields:
+            if not isinstance(value.get(name), str):
+                raise InputError(f"input field {name!r} must be a string, got {type(value.get(name)).__name__}")
+        for name in _INPUT_OPTIONS:
+            if name in value and not isinstance(value[name], bool):
+                raise InputError(f"input field {name!r} must be true or false, got {value[name]!r:.40}")
+            options[name] = value.get(name)
+        text = value["text"] if len(fields) == 1 else (value["query"], value["document"])
+        truncate = self.auto_truncate if options["truncate"] is None else options["truncate"]
+        return _Input(position, text, truncate, bool(options["count_tokens"]))
+
+    def _tokenize(self, items: list[_Input]) -> list[InputError | None]:
+        """Set each item's features; an input over the limit that may not be truncated gets an InputError."""
+        if not items:
+            return []
+        encoded = self._encode([item.text for item in items], truncate=False)
+        keys = [key for key in encoded if key != "attention_mask"]
+        problems: list[InputError | None] = []
+        for k, item in enumerate(items):
+            features = {key: encoded[key][k] for key in keys}
+            length = len(features["input_ids"])
+            if length > self.max_tokens:
+                if not item.truncate:
+                    problems.append(InputError(
+                        f"the input has {length} tokens, more than this model's limit of {self.max_tokens}; shorten it, "
+                        "or ask for truncation (\"truncate\": true on the /v1 predict route, or the worker's "
+                        "--auto-truncate)"))
+                    continue
+                again = self._encode([item.text], truncate=True)
+                features = {key: again[key][0] for key in keys}
+            item.features = features
+            problems.append(None)
+        return problems
+
+    def _encode(self, texts: list, truncate: bool):
+        limits = {"truncation": True, "max_length": self.max_tokens} if truncate else {"truncation": False}
+        if self.task == "rerank":
+            return self.tokenizer([q for q, _ in texts], [d for _, d in texts], **limits)
+        prompt = self.config.prompt
+        return self.tokenizer([prompt + text for text in texts] if prompt else texts, **limits)
+
+    def _with_tokens(self, value, item: _Input):
+        tokens = len(item.features["input_ids"])
+        if self.task == "classification":
+            return {**value, "tokens": tokens}
+        return {"score" if self.task == "rerank" else "embedding": value, "tokens": tokens}
 
     def _chunks(self, order: list[int], lengths: list[int]):
         """Split length-sorted inputs into passes: at most max_chunk inputs (fewer for a small batch,
@@ -120,48 +296,166 @@ class HFTextModel(Manager):
         if chunk:
             yield chunk
 
-    def _forward(self, ids: list[list[int]]) -> list:
+    def _forward(self, features: list[dict]) -> list:
         torch = self._torch
-        padded = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+        padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
         non_blocking = self.device.startswith("cuda")
-        input_ids = padded["input_ids"].to(self.device, non_blocking=non_blocking)
-        mask = padded["attention_mask"].to(self.device, non_blocking=non_blocking)
+        inputs = {key: tensor.to(self.device, non_blocking=non_blocking) for key, tensor in padded.items()}
         with torch.inference_mode():
             if self.task == "embedding":
-                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-                weights = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-                result = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().numpy()
-                return list(result.astype(np.float32))
-            logits = self.model(input_ids=input_ids, attention_mask=mask).logits
-            probabilities = torch.softmax(logits.float(), dim=-1).cpu().numpy().astype(np.float32)
+                hidden = self.model(**inputs).last_hidden_state
+                vectors = self._pool(hidden, inputs["attention_mask"])
+                for linear, activation in self.dense:
+                    vectors = activation(linear(vectors))
+                if self.config.normalize:
+                    vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+                return list(vectors.cpu().numpy().astype(np.float32))
+            logits = self.model(**inputs).logits.float()
+            if self.task == "rerank":
+                return self.activation(logits)[:, 0].cpu().tolist()
+            probabilities = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float32)
         return [
             {"label": self.labels[int(p.argmax())], "probabilities": dict(zip(self.labels, p.tolist()))}
             for p in probabilities
         ]
 
+    def _pool(self, hidden, mask):
+        """The pooled vectors (float32), by sentence-transformers' Pooling arithmetic, padding on either side."""
+        torch = self._torch
+        pool_mask = _exclude_prompt(mask, self.prompt_length, torch) if self.prompt_length else mask
+        vectors = []
+        for mode in self.config.pooling:
+            if mode == "cls":  # the first token pooling sees
+                first = pool_mask.to(torch.int).argmax(dim=1)
+                vectors.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), first].float())
+            elif mode == "max":
+                padding = pool_mask.unsqueeze(-1).expand_as(hidden) == 0
+                vectors.append(hidden.masked_fill(padding, float("-inf")).max(dim=1).values.float())
+            elif mode in ("mean", "mean_sqrt_len_tokens"):
+                weights = pool_mask.unsqueeze(-1).to(hidden.dtype)
+                total = (hidden * weights).sum(dim=1, dtype=torch.float32)
+                count = weights.sum(dim=1, dtype=torch.float32).clamp(min=1e-9)
+                vectors.append(total / (count if mode == "mean" else torch.sqrt(count)))
+            elif mode == "weightedmean":  # weights 1, 2, 3, ... from the first real token
+                positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=torch.float32)
+                positions = positions.view(1, -1, 1) - mask.to(torch.int32).argmax(dim=1).view(-1, 1, 1)
+                weights = pool_mask.unsqueeze(-1).to(torch.float32) * positions
+                total = (hidden.float() * weights).sum(dim=1)
+                vectors.append(total / weights.sum(dim=1).clamp(min=1e-9))
+            else:  # lasttoken: the last real token, wherever padding is
+                length = hidden.shape[1]
+                found, from_end = pool_mask.flip(1).max(1)
+                from_end = torch.where(found == 0, length - 1, from_end)
+                last = length - from_end - 1
+                masked = hidden * pool_mask.unsqueeze(-1).to(hidden.dtype)
+                vectors.append(masked[torch.arange(hidden.shape[0], device=hidden.device), last].float())
+        return vectors[0] if len(vectors) == 1 else torch.cat(vectors, dim=-1)
+
     def warmup(self) -> None:
         """A few passes of short and long inputs, so the first real request pays no first-call costs."""
         for length in (1, 16, 64):
-            self.predict([" ".join(["warm"] * length)] * 4)
+            text = " ".join(["warm"] * length)
+            self.predict([[text, text] if self.task == "rerank" else {"text": text, "truncate": True}] * 4)
 
     def metadata(self) -> dict:
-        inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]}]
-        if self.task == "embedding":
+        if self.task == "rerank":
+            inputs = [{"name": "query", "datatype": "BYTES", "shape": [-1]},
+                      {"name": "document", "datatype": "BYTES", "shape": [-1]}]
+            outputs = [{"name": "SCORE", "datatype": "FP32", "shape": [-1]}]
+        elif self.task == "embedding":
+            inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]}]
             outputs = [{"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, self.output_dim]}]
         else:
+            inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]}]
             outputs = [
                 {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, self.output_dim], "key": "probabilities",
                  "labels": self.labels},
                 {"name": "LABEL", "datatype": "BYTES", "shape": [-1, 1], "key": "label"},
             ]
-        return {"platform": "pytorch", "inputs": inputs, "outputs": outputs}
+        return {"platform": "pytorch", "task": self.task, "max_tokens": self.max_tokens,
+                "inputs": inputs, "outputs": outputs}
 
     def describe(self) -> dict:
         torch = getattr(self, "_torch", None)
         if torch is not None and self.device.startswith("cuda"):
             return {"cuda_memory_allocated_bytes": int(torch.cuda.memory_allocated(self.device))}
         return {}
+
+
+def _resolve_model_dir(model_path: str, revision: str | None) -> str:
+    """A local directory as it is; anything else is a Hugging Face model id, found in the local
+    cache (HF_HUB_OFFLINE=1, ddml-worker's default) or downloaded, at --revision if given."""
+    if os.path.isdir(model_path):
+        return model_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_path, revision=revision)
+    except Exception as error:  # the hub client's errors are many; all mean "not available"
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"{model_path!r} is not a local directory, and no Hugging Face model of that id{at} "
+                         f"could be found ({type(error).__name__}: {error})") from None
+
+
+def _lower_case(tokenizer) -> None:
+    """do_lower_case: lower-case before the tokenizer's own normaliser, as sentence-transformers does."""
+    if not tokenizer.is_fast:
+        tokenizer.do_lower_case = True
+        return
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    backend = tokenizer.backend_tokenizer
+    existing = backend.normalizer
+    if existing is None:
+        backend.normalizer = Sequence([Lowercase()])
+    elif isinstance(existing, Sequence):
+        backend.normalizer = Sequence([Lowercase(), *existing])
+    else:
+        backend.normalizer = Sequence([Lowercase(), existing])
+
+
+def _exclude_prompt(mask, prompt_length: int, torch):
+    """The attention mask with the prompt's tokens (and any left padding) zeroed, for pooling."""
+    mask = mask.clone()
+    padding = mask.to(torch.int32).argmax(dim=1)
+    positions = torch.arange(mask.size(1), device=mask.device).unsqueeze(0)
+    mask[positions < (padding + prompt_length).unsqueeze(1)] = 0
+    return mask
+
+
+def _torch_module(name: str, torch, where: str):
+    module = getattr(torch.nn, name, None)
+    if not (isinstance(module, type) and issubclass(module, torch.nn.Module)):
+        raise ValueError(f"{where}: activation {name!r} is not a torch.nn module")
+    return module()
+
+
+def _load_dense(layer, torch, device: str):
+    """A sentence-transformers Dense module: (linear, activation), in float32 on the device."""
+    with open(os.path.join(layer.path, "config.json"), encoding="utf-8") as config_file:
+        config = json.load(config_file)
+    linear = torch.nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
+    weights_file = os.path.join(layer.path, "model.safetensors")
+    if os.path.isfile(weights_file):
+        from safetensors.torch import load_file
+
+        state = load_file(weights_file)
+    else:
+        state = torch.load(os.path.join(layer.path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    linear.load_state_dict({key.removeprefix("linear."): value for key, value in state.items()})
+    return linear.to(device).eval(), _torch_module(layer.activation, torch, layer.path)
+
+
+def _score_activation(config, torch):
+    """The activation CrossEncoder.predict() applies: the one the config names, else Sigmoid."""
+    named = getattr(config, "sentence_transformers", None)
+    path = named.get("activation_fn") if isinstance(named, dict) else None
+    path = path or getattr(config, "sbert_ce_default_activation_function", None)
+    if not path:
+        return torch.nn.Sigmoid()
+    if not str(path).startswith("torch.nn."):
+        raise ValueError(f"the model's activation {path!r} is not a torch.nn module")
+    return _torch_module(str(path).rsplit(".", 1)[-1], torch, "config.json")
 
 
 def cuda_device_count() -> int:

@@ -1,0 +1,113 @@
+"""The built-in text handler against sentence-transformers itself, in this process: every pooling
+mode, Dense layers, normalisation or none, a default prompt left out of pooling, length limits,
+truncation, and rerank scores against CrossEncoder. (tests/e2e/test_embedding_apis.py checks the
+same through HTTP for a few of these models and the real MiniLM.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import WORDS, _build_sentence_transformer
+from worker.models import InputError
+from worker.models.hf_text import HFTextModel
+from worker.models.st_config import weights_version
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["the quick brown fox", "lazy dog", "model serving batch request reply worker broker", "a"]
+LONG = " ".join(WORDS * 6)  # 96 words: over every limit below but the model's 128 positions
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def served(path, **options) -> HFTextModel:
+    model = HFTextModel(device="cpu", model_path=str(path), **options)
+    model.init_model()
+    return model
+
+
+VARIANTS = {  # name: (pooling, options for _build_sentence_transformer)
+    "cls": ("cls", {}),
+    "mean": ("mean", {}),
+    "max": ("max", {}),
+    "mean_sqrt_len_tokens": ("mean_sqrt_len_tokens", {"normalize": False}),
+    "weightedmean": ("weightedmean", {}),
+    "lasttoken": ("lasttoken", {}),
+    "cls+mean": (("cls", "mean"), {}),
+    "mean, Dense, not normalised": ("mean", {"dense": True, "normalize": False}),
+    "mean, prompt left out of pooling": ("mean", {"prompt": "query: ", "include_prompt": False}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_embeddings_match_sentence_transformers_encode(variant, tiny_bert, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    pooling, options = VARIANTS[variant]
+    path = _build_sentence_transformer(tmp_path / "st", tiny_bert, pooling, max_seq_length=24, **options)
+    reference = SentenceTransformer(str(path), device="cpu")
+    model = served(path)
+    assert model.max_tokens == 24
+
+    expected = reference.encode(TEXTS + [LONG])
+    outputs = model.predict(TEXTS + [{"text": LONG, "truncate": True}])
+    cosines = [cosine(got, want) for got, want in zip(outputs, expected)]
+    assert min(cosines) >= 0.9999, (variant, cosines)
+    np.testing.assert_allclose(np.stack(outputs), expected, atol=1e-4)  # the same vectors, norms included
+    assert model.metadata()["outputs"][0]["shape"] == [-1, expected.shape[1]]
+
+
+def test_over_long_input_fails_alone_unless_truncation_is_asked(tiny_st_cls):
+    model = served(tiny_st_cls)
+    assert model.max_tokens == 16
+    short, refused, truncated = model.predict(["lazy dog", LONG, {"text": LONG, "truncate": True, "count_tokens": True}])
+    assert isinstance(short, np.ndarray)
+    assert isinstance(refused, InputError) and "more than this model's limit of 16" in str(refused)
+    assert truncated["tokens"] == 16 and len(truncated["embedding"]) == 32
+    auto = served(tiny_st_cls, auto_truncate=True)
+    [vector, still_refused] = auto.predict([LONG, {"text": LONG, "truncate": False}])
+    np.testing.assert_allclose(vector, truncated["embedding"], atol=1e-6)
+    assert isinstance(still_refused, InputError)
+
+
+def test_inputs_take_text_objects_and_count_tokens_and_refuse_unknown_fields(tiny_st_mean):
+    model = served(tiny_st_mean)
+    plain, counted, wrong, unknown = model.predict(
+        ["lazy dog", {"text": "lazy dog", "count_tokens": True}, {"text": 3}, {"text": "x", "prompt": "y"}])
+    np.testing.assert_allclose(counted["embedding"], plain)
+    assert counted["tokens"] == 4  # [CLS] lazy dog [SEP]
+    assert isinstance(wrong, InputError) and isinstance(unknown, InputError) and "'prompt'" in str(unknown)
+
+
+def test_overrides_and_a_plain_directory_keep_the_old_defaults(tiny_bert, tiny_st_cls):
+    plain = served(tiny_bert)  # no modules.json: mean pooling, normalised, 256 capped by its 128 positions
+    assert plain.config.pooling == ("mean",) and plain.config.normalize and plain.max_tokens == 128
+    forced = served(tiny_st_cls, pooling="mean", max_length=8)
+    assert forced.config.pooling == ("mean",) and forced.max_tokens == 8
+    np.testing.assert_allclose(forced.predict(["lazy dog"])[0], plain.predict(["lazy dog"])[0], atol=1e-5)
+
+
+def test_version_is_a_hash_of_weights_and_configs(tiny_bert, tiny_st_cls, tmp_path):
+    assert weights_version(str(tiny_st_cls)) == weights_version(str(tiny_st_cls))
+    assert weights_version(str(tiny_st_cls)) != weights_version(str(tiny_bert))
+    (tiny_st_cls / "README.md").touch()  # documentation is not part of the version
+    assert len(weights_version(str(tiny_st_cls))) == 12
+
+
+def test_rerank_scores_match_cross_encoder(tiny_cross_encoder):
+    from sentence_transformers import CrossEncoder
+
+    pairs = [("lazy dog", "the quick brown fox jumps over the lazy dog"), ("model serving", "batch request reply"),
+             ("fox", LONG)]
+    expected = CrossEncoder(str(tiny_cross_encoder), device="cpu").predict(pairs)
+    model = served(tiny_cross_encoder, task="rerank")
+    assert model.max_tokens == 48
+    scores = model.predict([[q, d] for q, d in pairs[:2]] + [{"query": "fox", "document": LONG, "truncate": True}])
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    counted, refused = model.predict([{"query": "fox", "document": "dog", "count_tokens": True}, ["fox", LONG]])
+    assert counted["tokens"] == 5 and counted["score"] == pytest.approx(model.predict([["fox", "dog"]])[0])
+    assert isinstance(refused, InputError)
