@@ -110,10 +110,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """The classic line, then the ids it concerns that its message does not name already, as in
+    `[request_id=abc/12-3 batch_id=7]`: text logs can be searched by id, as JSON logs can."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        ids = [f"{name}={value}" for name in CONTEXT_FIELDS
+               if (value := getattr(record, name, None)) is not None and str(value) not in record.message]
+        return f"{line} [{' '.join(ids)}]" if ids else line
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -13,9 +13,12 @@ from ddml_common.keys import ClientKeys
 from gateway import openinference
 from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
+from gateway.catalog import Catalog
 from gateway.config import GatewayConfig
 from gateway.metrics import MetricsMiddleware, MetricsResource
 from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
+from gateway.openai_api import EmbeddingsResource, RerankResource
+from gateway.request_ids import RequestIdMiddleware
 from gateway.resources import (
     HealthResource,
     ModelsResource,
@@ -27,18 +30,21 @@ from gateway.resources import (
 
 def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> falcon.App:
     config = config or GatewayConfig()
-    middleware: list = [MetricsMiddleware()]
+    middleware: list = [MetricsMiddleware(), RequestIdMiddleware()]
     if config.api_key_file:
         middleware.append(BearerAuth(load_tokens(config.api_key_file)))
     app = falcon.App(middleware=middleware)
     app.req_options.auto_parse_form_urlencoded = False
-    app.add_route("/v1/models/{model}/predict", PredictResource(broker, config))
+    catalog = Catalog(broker)  # models, metadata and versions, cached briefly
+    app.add_route("/v1/models/{model}/predict", PredictResource(broker, config, catalog))
+    app.add_route("/v1/embeddings", EmbeddingsResource(broker, config, catalog))
+    app.add_route("/v1/rerank", RerankResource(broker, config, catalog))
     app.add_route("/v1/models", ModelsResource(broker))
     app.add_route("/v1/status", StatusResource(broker))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(broker))
     app.add_route("/metrics", MetricsResource())
-    openinference.add_routes(app, broker, config)
+    openinference.add_routes(app, broker, config, catalog)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(BrokerError, handle_broker_error)
     app.set_error_serializer(serialize_falcon_error)

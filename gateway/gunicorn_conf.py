@@ -20,6 +20,7 @@ timeout = int(os.environ.get("DDML_WORKER_TIMEOUT_S", "120"))
 graceful_timeout = int(os.environ.get("DDML_GRACEFUL_TIMEOUT_S", "30"))
 preload_app = False  # safe either way: no zmq context exists before a worker's first request
 accesslog = os.environ.get("DDML_ACCESS_LOG") or None
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'  # gunicorn's, then the request id
 loglevel = os.environ.get("DDML_LOG_LEVEL", "info").lower()
 certfile = os.environ.get("DDML_CERTFILE") or None
 # gunicorn >= 25.1 opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl),

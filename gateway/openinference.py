@@ -1,7 +1,7 @@
 """The Open Inference Protocol (KServe v2, as Triton speaks it) on the gateway, beside /v1.
 
-    GET  /v2/health/live | /v2/health/ready                       200, or 400 when not
-    GET  /v2/models/{m}[/versions/{v}]/ready                      200, or 400 when not
+    GET  /v2/health/live | /v2/health/ready                       200 {"live" | "ready": true}, or 400 and false
+    GET  /v2/models/{m}[/versions/{v}]/ready                      200 {"name", "ready": true}, or 400 and false
     GET  /v2                                                      server metadata
     GET  /v2/models/{m}[/versions/{v}]                            model metadata (-1 = batch dimension)
     GET  /v2/models/{m}[/versions/{v}]/config                     max_batch_size, input, output, dynamic_batching
@@ -11,21 +11,25 @@ Inference requests may carry their tensors as JSON "data" or as raw bytes after 
 (Inference-Header-Content-Length, per-input binary_data_size; BYTES elements as a 4-byte
 little-endian length and the bytes). Outputs come back as JSON or binary per output
 (parameters.binary_data, or request-level binary_data_output). gzip and deflate work both
-ways. The request id is echoed; parameters.priority (1 = highest) and parameters.timeout
+ways. The request's "id" is its request id (X-Request-ID: the header when given, else the body's
+"id" when it is a valid one, else a new one), and the answer's "id" is that same id;
+parameters.priority (1 = highest) and parameters.timeout
 (microseconds) map onto the broker's priority (within the protocol's bounds) and the
 request's deadline. The JSON header may nest MAX_NESTING_DEPTH levels, a tensor may have as many
 dimensions, and no string (JSON or BYTES element) may exceed --max-input-chars. Each row of the
 first input's batch dimension is one broker input, so the broker batches rows from many
 requests together. Errors are a non-200 status with {"error": "..."}.
 
-Shapes and datatypes come from what the workers declared in READY (Manager.metadata()).
+Shapes and datatypes come from what the workers declared in READY (Manager.metadata()). A model's
+versions are those its live workers serve (gateway/catalog.py); /versions/{v} routes a request
+to the workers of version v only, and the answer's model_version (and X-Model-Version) says
+which version served it, when that is known.
 """
 
 from __future__ import annotations
 
 import gzip
 import struct
-import time
 import zlib
 from typing import Any
 
@@ -36,20 +40,20 @@ import orjson
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
+from gateway.catalog import Catalog
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 from gateway.errors import HTTP_STATUS_BY_CODE
+from gateway.request_ids import valid_request_id
 from gateway.resources import check_document, read_body
 
 SERVER_NAME = "ddml"
 SERVER_VERSION = "0.1.0"
-MODEL_VERSION = "1"
 EXTENSIONS = ["binary_tensor_data", "schedule_policy", "model_configuration"]
 _NUMPY_BY_DATATYPE = {
     "BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "|i1",
     "INT16": "<i2", "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }
 _CONFIG_TYPE = {"BYTES": "TYPE_STRING", **{k: f"TYPE_{k}" for k in _NUMPY_BY_DATATYPE}}
-_STATUS_CACHE_S = 1.0  # metadata changes only when workers come and go
 # Triton's priority 1 (highest) becomes broker priority MAX_PRIORITY - 1, larger numbers lower ones
 # down to 1; 0 stays the default. Every mapped value is within the protocol's bounds.
 _PRIORITY_TOP = protocol.MAX_PRIORITY
@@ -84,28 +88,21 @@ def _write_error(resp: falcon.Response, status: int, message: str) -> None:
     resp.data = orjson.dumps({"error": message})
 
 
-class Catalog:
-    """The broker's view of models, cached briefly per process."""
+def _model(catalog: Catalog, name: str, version: str | None) -> dict:
+    """The broker's entry for a model (at a version, if one is asked for), or 404."""
+    info = catalog.model(f"{name}@{version}" if version else name)
+    if info is None:
+        if version:
+            live = ", ".join(catalog.versions(name)) or "none"
+            raise V2Error(404, f"model '{name}' has no live version '{version}' (live versions: {live})")
+        raise V2Error(404, f"no live worker serves model '{name}'")
+    return info
 
-    def __init__(self, broker: BrokerClient):
-        self._broker = broker
-        self._status: dict | None = None
-        self._fetched_at = 0.0
 
-    def status(self) -> dict:
-        now = time.monotonic()
-        if self._status is None or now - self._fetched_at > _STATUS_CACHE_S:
-            self._status = self._broker.status(timeout_s=2.0)
-            self._fetched_at = now
-        return self._status
-
-    def model(self, name: str, version: str | None) -> dict:
-        if version not in (None, "", MODEL_VERSION):
-            raise V2Error(404, f"model '{name}' has no version '{version}' (only '{MODEL_VERSION}')")
-        info = self.status()["models"].get(name)
-        if not info or not info["workers"]:
-            raise V2Error(404, f"no live worker serves model '{name}'")
-        return info
+def _write_json(resp: falcon.Response, status: int, document: dict) -> None:
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = orjson.dumps(document)
 
 
 def _public(tensors: list[dict]) -> list[dict]:
@@ -115,7 +112,7 @@ def _public(tensors: list[dict]) -> list[dict]:
 class ServerLive:
     @_handle_v2_errors
     def on_get(self, req, resp) -> None:
-        resp.status = 200
+        _write_json(resp, 200, {"live": True})
 
 
 class ServerReady:
@@ -124,9 +121,10 @@ class ServerReady:
 
     def on_get(self, req, resp) -> None:
         try:
-            resp.status = 200 if self._catalog.status()["workers"] else 400
+            ready = bool(self._catalog.status()["workers"])
         except BrokerError:
-            resp.status = 400
+            ready = False
+        _write_json(resp, 200 if ready else 400, {"ready": ready})
 
 
 class ModelReady:
@@ -135,10 +133,11 @@ class ModelReady:
 
     def on_get(self, req, resp, model: str, version: str | None = None) -> None:
         try:
-            self._catalog.model(model, version)
-            resp.status = 200
+            _model(self._catalog, model, version)
+            ready = True
         except (V2Error, BrokerError):
-            resp.status = 400
+            ready = False
+        _write_json(resp, 200 if ready else 400, {"name": model, "ready": ready})
 
 
 class ServerMetadata:
@@ -153,10 +152,11 @@ class ModelMetadata:
 
     @_handle_v2_errors
     def on_get(self, req, resp, model: str, version: str | None = None) -> None:
-        metadata = self._catalog.model(model, version)["metadata"]
+        metadata = _model(self._catalog, model, version)["metadata"]
+        versions = [version] if version else self._catalog.versions(model)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps({
-            "name": model, "versions": [MODEL_VERSION], "platform": metadata.get("platform", "python"),
+            "name": model, "versions": versions, "platform": metadata.get("platform", "python"),
             "inputs": _public(metadata.get("inputs", [])), "outputs": _public(metadata.get("outputs", [])),
         })
 
@@ -167,7 +167,7 @@ class ModelConfig:
 
     @_handle_v2_errors
     def on_get(self, req, resp, model: str, version: str | None = None) -> None:
-        info = self._catalog.model(model, version)
+        info = _model(self._catalog, model, version)
         metadata = info["metadata"]
 
         def config_tensors(tensors: list[dict]) -> list[dict]:
@@ -192,7 +192,7 @@ class Infer:
 
     @_handle_v2_errors
     def on_post(self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None) -> None:
-        metadata = self._catalog.model(model, version)["metadata"]
+        metadata = _model(self._catalog, model, version)["metadata"]
         body = _decompress(req, read_body(req, self._config.max_body_bytes), self._config.max_body_bytes)
         header_length = req.get_header("Inference-Header-Content-Length")
         try:
@@ -208,14 +208,24 @@ class Infer:
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
             raise V2Error(400, "an inference request needs a non-empty 'inputs' list")
         check_document(request, self._config.max_input_chars)
+        answer_id = req.context.request_id  # the v2 id is the request id: X-Request-ID if given, else the body's
+        if not req.context.request_id_given and "id" in request:
+            answer_id = request["id"]
+            if valid_request_id(answer_id):
+                req.context.request_id = answer_id
         rows = _rows(request["inputs"], body[split:], self._config)
         parameters = request.get("parameters") or {}
         timeout_s, priority = _schedule(parameters, self._config)
-        outputs = self._broker.request(model, rows, timeout_s=timeout_s, priority=priority)
+        served = f"{model}@{version}" if version else model
+        outputs = self._broker.request(served, rows, timeout_s=timeout_s, priority=priority,
+                                       request_id_prefix=req.context.request_id)
         tensors = _output_tensors(metadata.get("outputs", []), outputs)
-        self._write(req, resp, model, request, tensors, bool(parameters.get("binary_data_output", False)))
+        self._catalog.mark_version(resp, served)
+        self._write(req, resp, model, request, tensors, bool(parameters.get("binary_data_output", False)),
+                    answer_id, self._catalog.version_served(served))
 
-    def _write(self, req, resp, model: str, request: dict, tensors: dict, binary_default: bool) -> None:
+    def _write(self, req, resp, model: str, request: dict, tensors: dict, binary_default: bool,
+               answer_id: Any, model_version: str | None) -> None:
         requested = request.get("outputs") or [{"name": name} for name in tensors]
         described, buffers = [], []
         for wanted in requested:
@@ -233,9 +243,9 @@ class Infer:
                 flat = array.reshape(-1)
                 entry["data"] = [_text(x) for x in flat] if datatype == "BYTES" else flat.tolist()
             described.append(entry)
-        document = {"model_name": model, "model_version": MODEL_VERSION, "outputs": described}
-        if "id" in request:
-            document["id"] = request["id"]
+        document = {"model_name": model, "id": answer_id, "outputs": described}
+        if model_version is not None:
+            document["model_version"] = model_version
         header = orjson.dumps(document)
         if buffers:
             resp.set_header("Inference-Header-Content-Length", str(len(header)))
@@ -424,8 +434,7 @@ def _compress(req: falcon.Request, resp: falcon.Response, payload: bytes) -> byt
     return payload
 
 
-def add_routes(app: falcon.App, broker: BrokerClient, config: GatewayConfig) -> None:
-    catalog = Catalog(broker)
+def add_routes(app: falcon.App, broker: BrokerClient, config: GatewayConfig, catalog: Catalog) -> None:
     app.add_route("/v2", ServerMetadata())
     app.add_route("/v2/health/live", ServerLive())
     app.add_route("/v2/health/ready", ServerReady(catalog))

@@ -1,20 +1,28 @@
 """HTTP resources of the /v1 API. Thin: read and check the body, ask the broker, write the reply.
 
-    POST /v1/models/{model}/predict   {"inputs": [...], "timeout_ms"?: number, "priority"?: int}
+    POST /v1/models/{model}/predict   {"inputs": [...], "timeout_ms"?: number, "priority"?: int,
+                                       "truncate"?: bool}
                                       (JSON, or the same as application/msgpack; at most
                                       MAX_NESTING_DEPTH levels deep, every string within
                                       --max-input-chars, priority within the protocol's bounds)
          -> 200 {"model": ..., "outputs": [...]}, outputs in input order, in the media type accepted
-    GET  /v1/models                   models and their live workers, as the broker reports them
+    GET  /v1/models                   models, their versions and live workers, as the broker reports
+                                      them; and the same as OpenAI's model list ("data")
     GET  /v1/status                   the broker's full status (queues, workers, counters)
     GET  /healthz                     200 while this process is up
     GET  /readyz                      200 when the broker answers and a worker is registered, else 503
 
-Errors are {"error": {"code": ..., "message": ...}}; gateway/errors.py picks the status.
+A model may be named `name@version` to be served only by workers of that version; answers carry
+the version that served them as X-Model-Version when it is known (gateway/catalog.py). "truncate"
+asks the built-in text models to truncate inputs over their length limit rather than refuse them:
+each string input travels as {"text": ..., "truncate": ...} (an object input gets the key added).
+
+Errors are {"error": {"message", "type", "param", "code"}}; gateway/errors.py picks the status.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import falcon
@@ -23,6 +31,7 @@ import orjson
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
+from gateway.catalog import Catalog, split_version, worker_version
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -120,14 +129,17 @@ def write_document(req: falcon.Request, resp: falcon.Response, document: dict) -
 
 
 class PredictResource:
-    def __init__(self, broker: BrokerClient, config: GatewayConfig):
+    def __init__(self, broker: BrokerClient, config: GatewayConfig, catalog: Catalog):
         self._broker = broker
         self._config = config
+        self._catalog = catalog
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
         body = parse_document(req, read_body(req, self._config.max_body_bytes))
         inputs, timeout_s, priority = self._validate(body)
-        outputs = self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority)
+        outputs = self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority,
+                                       request_id_prefix=req.context.request_id)
+        self._catalog.mark_version(resp, model)
         write_document(req, resp, {"model": model, "outputs": outputs})
 
     def _validate(self, body: Any) -> tuple[list, float, int]:
@@ -150,7 +162,21 @@ class PredictResource:
                 or not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY):
             raise BrokerError(ErrorCode.BAD_REQUEST, f"'priority' must be an integer from {protocol.MIN_PRIORITY} "
                                                      f"to {protocol.MAX_PRIORITY}, got {priority!r:.40}")
+        truncate = body.get("truncate")
+        if truncate is not None:
+            if not isinstance(truncate, bool):
+                raise BrokerError(ErrorCode.BAD_REQUEST, f"'truncate' must be true or false, got {truncate!r:.40}")
+            inputs = [_with_truncate(value, truncate) for value in inputs]
         return inputs, min(timeout_ms, config.max_request_timeout_ms) / 1000, priority
+
+
+def _with_truncate(value: Any, truncate: bool) -> Any:
+    """An input as the built-in text models read a truncation request ({"text": ..., "truncate": ...})."""
+    if isinstance(value, str):
+        return {"text": value, "truncate": truncate}
+    if isinstance(value, dict) and "truncate" not in value:
+        return {**value, "truncate": truncate}
+    return value
 
 
 class ModelsResource:
@@ -159,19 +185,30 @@ class ModelsResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         status = self._broker.status()
-        models = []
+        now_s = time.time()  # OpenAI's "created" is a Unix time
+        models, listed = [], []
         for name, info in status["models"].items():
+            if split_version(name)[1] is not None:
+                continue  # `name@version`: shown as a version of its model
             workers = [w for w in status["workers"] if name in w["models"]]
+            versions = sorted({v for v in (worker_version(w, name) for w in workers) if v is not None})
             models.append({
                 "name": name,
                 "ready": bool(workers),
-                "queued_requests": info["queued_requests"],
+                "versions": versions,
+                "queued_requests": sum(other["queued_requests"] for key, other in status["models"].items()
+                                       if split_version(key)[0] == name),
                 "workers": [
-                    {key: w[key] for key in ("worker_id", "host", "pid", "device", "state", "max_batch_size")}
+                    {**{key: w[key] for key in ("worker_id", "host", "pid", "device", "state", "max_batch_size")},
+                     "version": worker_version(w, name)}
                     for w in workers
                 ],
             })
-        write_document(req, resp, {"models": models})
+            if workers:
+                created = int(now_s - max(w.get("uptime_s", 0.0) for w in workers))
+                listed.extend({"id": model_id, "object": "model", "created": created, "owned_by": "ddml"}
+                              for model_id in [name, *(f"{name}@{v}" for v in versions)])
+        write_document(req, resp, {"models": models, "object": "list", "data": listed})
 
 
 class StatusResource:

@@ -1,7 +1,9 @@
 """`ddml-status --broker tcp://HOST:PORT [--watch]`: what the broker sees, as two tables.
 
-Workers: host, device, model, state, inputs in flight, batches/s, p50 batch latency (of its
-last 64 batches), last heartbeat age. Queues: depth, oldest wait, mean batch size.
+Workers: host, device, model, version, state, inputs in flight, batches/s, p50 batch latency
+(of its last 64 batches), last heartbeat age. Queues: depth, oldest wait, mean batch size; a
+queue named `model@version` holds the requests pinned to that version. A model that live workers
+serve at more than one version (a rollout) gets a line that names them all.
 """
 
 from __future__ import annotations
@@ -39,18 +41,30 @@ def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
     for w in sorted(status["workers"], key=lambda w: (w["models"], w["host"], w["pid"])):
         old = before.get(w["worker_id"])
         rate = (w["batches"] - old["batches"]) / elapsed_s if old and elapsed_s > 0 else 0.0
-        workers.append([w["worker_id"][:16], w["host"], w["pid"], w["device"], ",".join(w["models"]), w["state"],
+        names = [m for m in w["models"] if "@" not in m]
+        versions = [m.partition("@")[2] for m in w["models"] if "@" in m]
+        workers.append([w["worker_id"][:16], w["host"], w["pid"], w["device"], ",".join(names),
+                        ",".join(versions) or "-", w["state"],
                         w["in_flight_items"], f"{rate:.1f}", f"{w['p50_batch_latency_ms']:.1f}",
                         f"{w['last_heartbeat_age_s']:.1f}s"])
     queues = [[name, info["workers"], info["queued_requests"], info["queued_items"], f"{info['oldest_wait_s']:.3f}s",
                f"{info['mean_batch_size']:.1f}", info["batches"], info["redispatched"],
                " ".join(f"{k}={v}" for k, v in sorted(info["outcomes"].items()))]
               for name, info in sorted(status["models"].items())]
+    served: dict[str, set[str]] = {}
+    for w in status["workers"]:
+        for m in w["models"]:
+            if "@" in m:
+                name, _, version = m.partition("@")
+                served.setdefault(name, set()).add(version)
+    rollouts = [f"model {name} is served at {len(versions)} versions: {', '.join(sorted(versions))}"
+                for name, versions in sorted(served.items()) if len(versions) > 1]
     return "\n".join([
         f"broker {status['instance_id']}  requests in flight: {status['stats'].get('in_flight_requests', 0)}",
+        *rollouts,
         "",
-        _table(["WORKER", "HOST", "PID", "DEVICE", "MODEL", "STATE", "IN-FLIGHT", "BATCHES/S", "P50-BATCH-MS",
-                "HEARTBEAT"], workers),
+        _table(["WORKER", "HOST", "PID", "DEVICE", "MODEL", "VERSION", "STATE", "IN-FLIGHT", "BATCHES/S",
+                "P50-BATCH-MS", "HEARTBEAT"], workers),
         "",
         _table(["MODEL", "WORKERS", "QUEUED", "INPUTS", "OLDEST-WAIT", "MEAN-BATCH", "BATCHES", "REDISPATCHED",
                 "OUTCOMES"], queues),

@@ -24,11 +24,14 @@ class FakeBrokerClient:
     def __init__(self, error: BrokerError | None = None, workers: list | None = None):
         self.error = error
         self.calls: list[tuple[str, list, float, int]] = []
+        self.request_ids: list[str] = []  # the request_id_prefix of each call: the HTTP request's id
         self.workers = [{"worker_id": "ab", "models": ["echo"], "host": "h", "pid": 1, "device": "cpu",
                          "state": "idle", "max_batch_size": 8}] if workers is None else workers
 
-    def request(self, model: str, inputs: list, timeout_s: float, priority: int = 0) -> list:
+    def request(self, model: str, inputs: list, timeout_s: float, priority: int = 0,
+                request_id_prefix: str = "") -> list:
         self.calls.append((model, inputs, timeout_s, priority))
+        self.request_ids.append(request_id_prefix)
         if self.error is not None:
             raise self.error
         return [protocol.decode_value(protocol.encode_value(x)) for x in inputs]

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 def kserve(module_stack, tiny_bert, tiny_bert_classifier):
     stack = module_stack
     stack.start_broker()
-    stack.start_worker("--model", "tiny", "--model-path", str(tiny_bert), "--task", "embedding")
+    stack.start_worker("--model", "tiny", "--model-path", str(tiny_bert), "--task", "embedding", "--model-version", "1")
     stack.start_worker("--model", "cls", "--model-path", str(tiny_bert_classifier), "--task", "classification")
     _, url = stack.start_gateway("--workers", "1", "--threads", "8")
 
@@ -40,6 +40,7 @@ def test_tritonclient_health_metadata_and_infer_json_and_binary(kserve):
     server = client.get_server_metadata()
     assert server["name"] == "ddml" and "binary_tensor_data" in server["extensions"]
     metadata = client.get_model_metadata("tiny")
+    assert metadata["versions"] == ["1"]
     assert metadata["inputs"] == [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]}]
     assert metadata["outputs"] == [{"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, 32]}]
     config = client.get_model_config("tiny")
@@ -145,5 +146,5 @@ def test_raw_json_request_with_gzip_both_ways_and_clear_errors(kserve):
         assert got == status, data
         assert message in json.loads(data)["error"]
     got, _, data = _raw_post(kserve, "/v2/models/tiny/versions/7/infer", b"{}", {})
-    assert got == 404 and "no version '7'" in json.loads(data)["error"]
+    assert got == 404 and "no live version '7' (live versions: 1)" in json.loads(data)["error"]
     assert struct.calcsize("<I") == 4

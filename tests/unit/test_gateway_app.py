@@ -73,7 +73,10 @@ def test_every_error_code_maps_to_its_status_with_a_json_body(code):
     broker = FakeBrokerClient(error=BrokerError(code, "why", retry_after_s=2.5))
     response = client(broker).simulate_post("/v1/models/echo/predict", body='{"inputs": ["a"]}', headers=JSON)
     assert response.status_code == HTTP_STATUS_BY_CODE[code]
-    assert response.json == {"error": {"code": code.value, "message": "why"}}
+    status = HTTP_STATUS_BY_CODE[code]
+    kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+    # OpenAI's error shape, which the ddml code and message were always part of.
+    assert response.json == {"error": {"message": "why", "type": kind, "param": None, "code": code.value}}
     if response.status_code == 503:
         assert response.headers["retry-after"] == "3"
 
