@@ -1,7 +1,8 @@
-"""deploy/: every kustomize overlay renders and validates strictly, custom resources included; the
-CURVE keys the pods mount are the ones the documented command makes; and every PromQL query (the
-Grafana dashboard, the KEDA triggers, the alert rules) names only metrics the broker and the gateway
-export.
+"""deploy/: every kustomize overlay renders and validates strictly, custom resources included; the two
+brokers have stable names that every worker and gateway lists, and a budget that keeps one; the CURVE
+keys the pods mount are the ones the documented command makes; and every PromQL query (the Grafana
+dashboard, the KEDA triggers, the alert rules) names only metrics the broker and the gateway export,
+and aggregates over the brokers as it should.
 
 Neither kustomize nor kubectl is available here, so deploy/render.py renders the overlays: it
 implements the subset of kustomize that deploy/ uses and refuses the rest. kubernetes-validate checks
@@ -59,6 +60,11 @@ def rendered(overlay: str) -> tuple[dict, ...]:
 
 def objects_of(overlay: str, kind: str) -> dict[str, dict]:
     return {obj["metadata"]["name"]: obj for obj in rendered(overlay) if obj["kind"] == kind}
+
+
+def workloads(overlay: str) -> dict[str, dict]:
+    """The pod controllers by name: the brokers' StatefulSet and the gateway and worker Deployments."""
+    return {**objects_of(overlay, "StatefulSet"), **objects_of(overlay, "Deployment")}
 
 
 def container(deployment: dict) -> dict:
@@ -208,8 +214,8 @@ def test_the_overlays_are_cpu_and_gpu_each_with_curve_on_and_off():
 def test_every_object_of_the_overlay_validates_strictly(overlay):
     objects = rendered(overlay)
     kinds = {obj["kind"] for obj in objects}
-    assert {"Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
-            "ServiceMonitor", "PrometheusRule", "ScaledObject"} <= kinds
+    assert {"Namespace", "StatefulSet", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "ScaledObject"} <= kinds
     errors = [error for obj in objects for error in validation_errors(obj)]
     assert not errors, "\n".join(errors)
 
@@ -235,6 +241,8 @@ def mutated(obj: dict, change) -> dict:
     ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(record="x")),  # alert and record
     ("PrometheusRule", lambda o: o["spec"]["groups"][0]["rules"][0].update(for_="5m")),
     ("Deployment", lambda o: o["spec"]["template"]["spec"]["containers"][0].update(preStop={})),
+    ("StatefulSet", lambda o: o["spec"].update(strategy={"type": "RollingUpdate"})),  # a Deployment's field
+    ("StatefulSet", lambda o: o["spec"].update(replicas="2")),
     ("PodDisruptionBudget", lambda o: o["spec"].update(maxUnavailable=[1])),
 ])
 def test_validation_refuses_what_the_api_server_or_the_operators_would(kind, change):
@@ -245,12 +253,13 @@ def test_validation_refuses_what_the_api_server_or_the_operators_would(kind, cha
 
 def test_the_overlays_differ_only_in_the_device_and_curve():
     def pods_aside(overlay):
-        return [obj for obj in rendered(overlay) if obj["kind"] != "Deployment"]
+        return [obj for obj in rendered(overlay) if obj["kind"] not in ("Deployment", "StatefulSet")]
 
     for overlay in OVERLAYS:
         assert pods_aside(overlay) == pods_aside("cpu"), overlay
-        deployments = objects_of(overlay, "Deployment")
+        deployments = workloads(overlay)
         assert set(deployments) == {"ddml-broker", "ddml-gateway", "ddml-worker"}
+        assert set(objects_of(overlay, "StatefulSet")) == {"ddml-broker"}
         assert container(deployments["ddml-broker"])["image"] == container(deployments["ddml-gateway"])["image"] == SLIM_IMAGE
         worker = deployments["ddml-worker"]
         gpu = overlay.startswith("gpu")
@@ -303,7 +312,7 @@ def test_the_documented_secret_holds_every_key_the_pods_mount_and_the_keys_fit(o
     secret = run_documented_secret_command(tmp_path / "keys")
     assert not validation_errors(secret)
     files = {}  # role -> {flag: path on this machine, as the pod would see it}
-    for name, deployment in objects_of(overlay, "Deployment").items():
+    for name, deployment in workloads(overlay).items():
         role, pod = name.removeprefix("ddml-"), deployment["spec"]["template"]["spec"]
         root = tmp_path / role
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
@@ -329,9 +338,67 @@ def test_the_documented_secret_holds_every_key_the_pods_mount_and_the_keys_fit(o
     assert broker.allowed == {"worker": frozenset({worker.public}), "gateway": frozenset({gateway.public})}
 
 
+def broker_names(overlay: str) -> list[str]:
+    """The DNS names that the brokers' StatefulSet and its headless Service give the broker pods, by ordinal,
+    as they resolve from the same namespace: `<pod>.<service>` (the pod's hostname and subdomain)."""
+    broker = objects_of(overlay, "StatefulSet")["ddml-broker"]
+    service = objects_of(overlay, "Service")[broker["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None"  # headless: an A record per pod, no virtual IP
+    assert service["metadata"]["namespace"] == broker["metadata"]["namespace"]
+    assert service["spec"]["selector"].items() <= broker["spec"]["template"]["metadata"]["labels"].items()
+    return [f"{broker['metadata']['name']}-{ordinal}.{service['metadata']['name']}"
+            for ordinal in range(broker["spec"]["replicas"])]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return selector["matchLabels"].items() <= labels.items() and not selector.get("matchExpressions")
+
+
+def admitted_ports(policy: dict, labels: dict) -> set:
+    """The ports of the policy's pods that a pod of the policy's namespace with these labels may reach."""
+    ports = set()
+    for rule in policy["spec"]["ingress"]:
+        assert rule["ports"], rule  # every rule names its ports
+        sources = rule.get("from")
+        if not sources or any(set(source) == {"podSelector"} and selects(source["podSelector"], labels)
+                              for source in sources):
+            ports |= {p["port"] for p in rule["ports"]}
+    return ports
+
+
+def test_two_equal_brokers_with_stable_names_and_a_budget_that_keeps_one():
+    for overlay in OVERLAYS:
+        assert "ddml-broker" not in objects_of(overlay, "Deployment")
+        broker = objects_of(overlay, "StatefulSet")["ddml-broker"]
+        spec, pod = broker["spec"], broker["spec"]["template"]
+        labels = pod["metadata"]["labels"]
+        assert spec["replicas"] == 2 and spec["podManagementPolicy"] == "Parallel"
+        assert container(broker)["readinessProbe"]["tcpSocket"] == {"port": "frontend"}
+        assert broker_names(overlay) == ["ddml-broker-0.ddml-broker", "ddml-broker-1.ddml-broker"]
+        # Updates restart one broker at a time, and only once the one before is ready, which a restarted
+        # broker is no sooner than some seconds after its start: time for the workers to register with it
+        # before the other drains. They can, because its name resolves while it is unready too. (With
+        # Parallel, minReadySeconds would not pace the update: the controller waits for Ready only.)
+        assert spec["updateStrategy"] == {"type": "RollingUpdate"}
+        assert container(broker)["readinessProbe"]["initialDelaySeconds"] >= 5
+        assert objects_of(overlay, "Service")["ddml-broker"]["spec"]["publishNotReadyAddresses"] is True
+        # Different nodes where possible (preferred: a one-node cluster still runs both).
+        terms = pod["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["spec"]["affinity"]["podAntiAffinity"]
+        assert any(t["weight"] == 100 and t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+                   and selects(t["podAffinityTerm"]["labelSelector"], labels) for t in terms)
+        # A voluntary disruption (a drain) never takes both: one budget, at most one broker unavailable.
+        [budget] = [pdb for pdb in objects_of(overlay, "PodDisruptionBudget").values()
+                    if selects(pdb["spec"]["selector"], labels)]
+        assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+        assert spec["replicas"] - budget["spec"]["maxUnavailable"] >= 1
+        # SIGTERM drains for --drain-timeout-s; the kubelet waits longer before SIGKILL.
+        assert pod["spec"]["terminationGracePeriodSeconds"] > float(flag(broker, "--drain-timeout-s"))
+
+
 def test_probes_hooks_budgets_and_references_fit_together():
     for overlay in OVERLAYS:
-        deployments = objects_of(overlay, "Deployment")
+        deployments = workloads(overlay)
         pods = {name: d["spec"]["template"] for name, d in deployments.items()}
         for name, deployment in deployments.items():
             c = container(deployment)
@@ -365,33 +432,55 @@ def test_probes_hooks_budgets_and_references_fit_together():
         budgets = objects_of(overlay, "PodDisruptionBudget")
         assert {name for name, pdb in budgets.items()
                 if pdb["spec"]["selector"]["matchLabels"].items() <= pods[name]["metadata"]["labels"].items()} \
-            == {"ddml-gateway", "ddml-worker"}
+            == {"ddml-broker", "ddml-gateway", "ddml-worker"}
         services = objects_of(overlay, "Service")
         for name, service in services.items():
             assert service["spec"]["selector"].items() <= pods[name]["metadata"]["labels"].items()
             assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(ports[name])
+            if service["spec"].get("clusterIP") == "None":  # headless: clients dial the pods' own ports
+                assert all(p["port"] == ports[name][p["targetPort"]] for p in service["spec"]["ports"])
         for name, monitor in objects_of(overlay, "ServiceMonitor").items():
             [service] = [s for s in services.values()
                          if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
             assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
             assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+        # The policy covers every broker pod: gateways reach the frontend, workers the backend, anyone the
+        # metrics, and nothing else is open.
         [policy] = objects_of(overlay, "NetworkPolicy").values()
+        assert selects(policy["spec"]["podSelector"], pods["ddml-broker"]["metadata"]["labels"])
         assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == set(ports["ddml-broker"])
+        assert admitted_ports(policy, pods["ddml-gateway"]["metadata"]["labels"]) == {"frontend", "metrics"}
+        assert admitted_ports(policy, pods["ddml-worker"]["metadata"]["labels"]) == {"backend", "metrics"}
+        assert admitted_ports(policy, {"app.kubernetes.io/name": "something-else"}) == {"metrics"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_command_line_parses_with_the_real_cli(overlay, monkeypatch):
     for name in [name for name in os.environ if name.startswith("DDML_")]:
         monkeypatch.delenv(name)  # the manifest's flags only
+    from gateway.broker_client import BrokerClient
+    from worker.__main__ import config_from_args
+    from worker.connection import broker_endpoints
+
     args = {}
-    for name, deployment in objects_of(overlay, "Deployment").items():
+    for name, deployment in workloads(overlay).items():
         role = name.removeprefix("ddml-")
         parser = importlib.import_module(f"{role}.__main__").build_parser()
         args[role] = parser.parse_args(container(deployment)["args"])  # an unknown or renamed flag exits here
-    service_ports = {p["port"] for p in objects_of(overlay, "Service")["ddml-broker"]["spec"]["ports"]}
+    # Every worker and every gateway dials every broker pod, by the names the StatefulSet and its headless
+    # Service create, in the same order (ordinal), on the port each broker binds; the lists split as the
+    # worker and the gateway's BrokerClient split them.
+    dialled = {"worker": broker_endpoints(config_from_args(args["worker"]).broker),
+               "gateway": BrokerClient(args["gateway"].broker).endpoints}
+    broker = workloads(overlay)["ddml-broker"]
+    container_ports = {p["name"]: p["containerPort"] for p in container(broker)["ports"]}
     for role, socket in (("gateway", "frontend"), ("worker", "backend")):
-        port = getattr(args["broker"], socket).rpartition(":")[2]
-        assert args[role].broker == f"tcp://ddml-broker:{port}" and int(port) in service_ports
+        bound = int(getattr(args["broker"], socket).rpartition(":")[2])
+        assert container_ports[socket] == bound
+        assert dialled[role] == [f"tcp://{name}:{bound}" for name in broker_names(overlay)], role
+        assert len(dialled[role]) == broker["spec"]["replicas"] == 2
+        # Short names resolve in the client's own namespace: the brokers' one.
+        assert workloads(overlay)[f"ddml-{role}"]["metadata"]["namespace"] == broker["metadata"]["namespace"]
 
 
 ALLOWED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "persistentVolumeClaim", "csi",
@@ -402,7 +491,7 @@ def test_pods_meet_the_restricted_pod_security_standard_the_namespace_enforces()
     for overlay in OVERLAYS:
         [namespace] = objects_of(overlay, "Namespace").values()
         assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-        for name, deployment in objects_of(overlay, "Deployment").items():
+        for name, deployment in workloads(overlay).items():
             pod = deployment["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
             assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -540,6 +629,44 @@ def test_every_promql_query_names_only_metrics_and_labels_the_broker_and_gateway
             "ddml_queue_depth", "ddml_queue_oldest_wait_seconds", "ddml_batch_size_bucket", "ddml_workers"} <= used
 
 
+BROKER_LABELS = frozenset({"pod", "instance"})  # what tells one broker's series from the other's
+PER_WORKER = re.compile(r"ddml_workers$|ddml_worker_")  # every broker reports every worker
+
+
+def test_queries_aggregate_over_every_broker_and_split_by_broker_where_brokers_differ():
+    # KEDA: one figure for all brokers, whichever holds the queue (gateways prefer the first live one,
+    # so one usually holds it all and the other reports zeros): the longest wait anywhere, and every
+    # input waiting anywhere, since every worker serves every broker. No selector pins a broker.
+    for overlay in OVERLAYS:
+        [scaled] = objects_of(overlay, "ScaledObject").values()
+        queries = {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"]}
+        assert re.fullmatch(r"max\(ddml_queue_oldest_wait_seconds\{[^}]*\}\)", queries["oldest-wait"])
+        assert re.fullmatch(r"sum\(ddml_queue_inputs\{[^}]*\}\)", queries["queued-inputs"])
+        for query in queries.values():
+            [labels] = promql_names(query)[0].values()
+            assert not labels & (BROKER_LABELS | {"service", "job"}), query
+    # The dashboard: per-worker series appear once per broker (under a different worker id each), so
+    # every query of them keeps the brokers apart; and some panels show each broker's own traffic.
+    per_broker = set()
+    for where, expr in every_query():
+        metrics, grouping = promql_names(expr)
+        if where.startswith("dashboard panel") and grouping & BROKER_LABELS:
+            per_broker |= set(metrics)
+        if where.startswith("dashboard panel") and any(PER_WORKER.match(name) for name in metrics):
+            assert grouping & BROKER_LABELS, f"{where}: counts each worker once per broker: {expr}"
+    assert {"ddml_requests_total", "ddml_queue_inputs", "ddml_queue_oldest_wait_seconds", "ddml_workers"} <= per_broker
+
+
+def test_the_alert_on_a_worker_missing_a_broker_counts_brokers_by_a_series_every_broker_exports():
+    from broker.metrics import BrokerMetrics
+
+    [rule] = [r for g in yaml.safe_load((DEPLOY / "prometheus" / "ddml-alerts.yaml").read_text())["groups"]
+              for r in g["rules"] if r["alert"] == "DdmlWorkerMissesABroker"]
+    assert "count by (namespace) (ddml_malformed_messages_total)" in rule["expr"]
+    idle = {sample.name: sample.labels for family in BrokerMetrics().registry.collect() for sample in family.samples}
+    assert idle["ddml_malformed_messages_total"] == {}  # a fresh broker, no model, no worker: one series
+
+
 def test_the_dashboard_is_well_formed():
     board = dashboard()
     panels = board["panels"]
@@ -563,7 +690,7 @@ def test_the_readme_says_how_to_apply_each_overlay_and_names_the_images_and_quer
     text = README.read_text()
     for overlay in OVERLAYS:
         assert f"kubectl apply -k deploy/kubernetes/overlays/{overlay}" in text
-    images = {container(d)["image"] for overlay in OVERLAYS for d in objects_of(overlay, "Deployment").values()}
+    images = {container(d)["image"] for overlay in OVERLAYS for d in workloads(overlay).values()}
     assert images == {SLIM_IMAGE, WORKER_CPU_IMAGE, WORKER_CUDA_IMAGE}
     for build in (f"docker build --target slim -t {SLIM_IMAGE} .",
                   f"docker build --target worker --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu "
@@ -575,3 +702,25 @@ def test_the_readme_says_how_to_apply_each_overlay_and_names_the_images_and_quer
             for trigger in scaled["spec"]["triggers"]:
                 assert trigger["metadata"]["query"] in text, trigger["name"]
     assert "python deploy/render.py deploy/kubernetes/overlays/" in text
+
+
+def test_the_readme_status_commands_parse_and_ask_each_broker_with_the_gateways_keys(monkeypatch):
+    import shlex
+
+    from gateway.status_cli import build_parser
+
+    for name in [name for name in os.environ if name.startswith("DDML_")]:
+        monkeypatch.delenv(name)
+    commands = [line.strip() for line in README.read_text().splitlines() if " -- ddml-status " in line]
+    gateway = workloads("cpu")["ddml-gateway"]
+    frontend = {p["name"]: p["containerPort"] for p in container(workloads("cpu")["ddml-broker"])["ports"]}["frontend"]
+    asked = []
+    for command in commands:
+        kubectl, _, status = command.partition(" -- ")
+        assert kubectl == "kubectl -n ddml exec deploy/ddml-gateway", command  # the policy admits gateways only
+        args = build_parser().parse_args(shlex.split(status)[1:])
+        asked.append(args.broker)
+        # With CURVE on (the cpu overlay), the key files a gateway pod mounts and uses.
+        assert (args.curve_server_key, args.curve_secret_key) == \
+            (flag(gateway, "--curve-server-key"), flag(gateway, "--curve-secret-key")), command
+    assert asked == [f"tcp://{name}:{frontend}" for name in broker_names("cpu")]
