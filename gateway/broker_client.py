@@ -623,7 +623,8 @@ class BrokerClient:
         if future is None:
             self._count_stray(request_id)
             return False
-        self.replies += 1
+        with self._lock:
+            self.replies += 1
         future.set_result(answer)
         return True
 
@@ -661,7 +662,8 @@ class BrokerClient:
             if fail_as is not None:
                 self._fail(request_id, *fail_as)
                 continue
-            self.expired_locally += 1
+            with self._lock:
+                self.expired_locally += 1
             self._fail(request_id, ErrorCode.TIMEOUT, "no reply before the deadline")
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
