@@ -59,12 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     """`ddml-keys generate DIR NAME`: a CurveZMQ key pair for a broker, worker or gateway."""
     import argparse
 
+    from ddml_common.cli import version
+
     parser = argparse.ArgumentParser(
         prog="ddml-keys",
         description="Make CurveZMQ key pairs. Give the broker its .key_secret, copy each worker's and "
                     "gateway's .key (public) into the broker's --authorized-workers / --authorized-clients "
                     "directory, and give every worker and gateway the broker's .key.",
     )
+    parser.add_argument("--version", action="version", version=f"ddml-keys {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("generate", help="write DIR/NAME.key (public) and DIR/NAME.key_secret (0600)")
     make.add_argument("directory", help="where to write the two files")

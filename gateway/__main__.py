@@ -1,7 +1,9 @@
 """`ddml-gateway` / `python -m gateway`: run the HTTP gateway under gunicorn.
 
-Flags become DDML_* environment variables, which gateway/gunicorn_conf.py and get_app() read;
-then this process becomes the gunicorn master (SIGTERM = graceful gunicorn shutdown).
+The flags are checked here, so that a bad one ends with one line and exit status 2 before
+gunicorn starts. Each becomes a DDML_GATEWAY_<FLAG> variable, which gateway/gunicorn_conf.py
+and get_app() read back with the same parser; then this process becomes the gunicorn master
+(SIGTERM or SIGINT: an idle gateway exits at once, requests in flight finish first).
 """
 
 from __future__ import annotations
@@ -10,57 +12,50 @@ import os
 import sys
 import tempfile
 
-from ddml_common.cli import Parser, env_name
-from gateway.config import DEFAULT_THREADS, DEFAULT_WORKERS, MAX_NESTING_DEPTH
+from ddml_common.cli import env_names
+from ddml_common.keys import ClientKeys
+from gateway.auth import load_tokens
+from gateway.config import GatewayConfig, build_parser
 
-_FLAGS_FOR_ENV = (
-    "broker", "bind", "workers", "threads", "max_body_bytes", "max_inputs", "max_input_chars",
-    "request_timeout_ms", "log_level", "certfile", "keyfile", "access_log",
-    "curve_server_key", "curve_secret_key", "api_key_file", "log_format",
-)
-
-
-def build_parser() -> Parser:
-    parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn, forwarding to a broker.")
-    parser.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend endpoint")
-    parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT to listen on")
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                        help="gunicorn worker processes (default: half the cores, at least 1)")
-    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="request threads per gunicorn process")
-    parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger bodies get 413")
-    parser.add_argument("--max-inputs", type=int, default=4096, help="inputs per request; more get 400")
-    parser.add_argument("--max-input-chars", type=int, default=1 << 20,
-                        help="characters in any one string of a request, however deeply nested (keys too); "
-                             f"more get 400. Bodies nested more than {MAX_NESTING_DEPTH} levels deep get 400 too")
-    parser.add_argument("--request-timeout-ms", type=float, default=30_000.0,
-                        help="default request deadline; a body's timeout_ms may ask for another")
-    parser.add_argument("--certfile", default=None, help="TLS certificate (PEM); with --keyfile serves HTTPS")
-    parser.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
-    parser.add_argument("--curve-server-key", default=None, help="the broker's public .key: turns on CurveZMQ")
-    parser.add_argument("--curve-secret-key", default=None, help="this gateway's .key_secret (ddml-keys generate)")
-    parser.add_argument("--api-key-file", default=None,
-                        help="require 'Authorization: Bearer TOKEN' with a token from this file (one per line); "
-                             "/healthz stays open")
-    parser.add_argument("--access-log", default=None, help="access log file ('-' for stderr); off by default")
-    parser.add_argument("--preload", action="store_true", help="pass --preload to gunicorn (safe: no zmq before fork)")
-    return parser
+__all__ = ["build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    for flag in _FLAGS_FOR_ENV:
-        value = getattr(args, flag)
-        if value is not None:
-            os.environ[env_name(flag)] = str(value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        GatewayConfig.from_args(args)
+    except ValueError as error:
+        parser.fail(f"invalid configuration: {error}")
+    _check_files(parser, args)
+    for dest in parser.settable_actions():
+        value = getattr(args, dest)
+        if value is not None and dest != "config":  # the file's values are all in args already
+            os.environ[env_names(parser.section, dest)[0]] = str(value)
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # One fresh directory per gateway: every gunicorn process writes its metrics there.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ddml-gateway-metrics-")
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:gateway.gunicorn_conf"]
-    if args.preload:
-        command.append("--preload")
-    command.append("gateway.app:get_app()")
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:gateway.gunicorn_conf", "gateway.app:get_app()"]
     sys.stdout.flush()
     os.execv(sys.executable, command)
+
+
+def _check_files(parser, args) -> None:
+    """The files gunicorn's processes will read: readable, and what they should hold."""
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.fail("--certfile and --keyfile go together")
+    for flag, path in (("--certfile", args.certfile), ("--keyfile", args.keyfile)):
+        if path and not os.access(path, os.R_OK):
+            parser.fail(f"{flag} {path}: cannot read it")
+    try:
+        if args.api_key_file:
+            load_tokens(args.api_key_file)
+    except (OSError, ValueError) as error:
+        parser.fail(f"--api-key-file {args.api_key_file}: {getattr(error, 'strerror', None) or error}")
+    try:
+        ClientKeys.from_files(args.curve_server_key, args.curve_secret_key)
+    except (OSError, ValueError) as error:
+        parser.fail(f"--curve-server-key / --curve-secret-key: {getattr(error, 'strerror', None) or error}")
 
 
 if __name__ == "__main__":

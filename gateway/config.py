@@ -1,10 +1,18 @@
-"""Gateway configuration, read from DDML_* environment variables (set by ddml-gateway or by hand)."""
+"""Gateway configuration: its flags (build_parser), and GatewayConfig for the Falcon app.
+
+ddml-gateway parses the flags, then hands every value to gunicorn's processes as a
+DDML_GATEWAY_<FLAG> variable; gateway/gunicorn_conf.py and get_app() parse them again with the
+same parser (from_env), so `gunicorn 'gateway.app:get_app()'` run by hand reads the same
+variables, with the same checks.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
+from ddml_common.cli import Number, Parser, endpoints
 
 # gunicorn processes × threads. A gateway shares its host with the broker and, often, the
 # workers: half the cores, at least one, and threads enough that the broker can hold a second
@@ -20,6 +28,10 @@ DEFAULT_THREADS = 128
 # dimensions as this.
 MAX_NESTING_DEPTH = 32
 
+# On SIGTERM gunicorn waits this long past the longest request deadline for requests in flight:
+# the client's reply grace (BrokerClient's _REPLY_GRACE_S, 1 s) and the time to write the answer.
+SHUTDOWN_MARGIN_S = 5.0
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -28,7 +40,7 @@ class GatewayConfig:
     max_inputs: int = 4096  # inputs per request
     max_input_chars: int = 1 << 20  # characters in one string, anywhere in the inputs (keys too)
     request_timeout_ms: float = 30_000.0  # default deadline; a request may ask for less (timeout_ms)
-    max_request_timeout_ms: float = 300_000.0
+    max_request_timeout_ms: float = 300_000.0  # the longest deadline a request may ask for
     curve_server_key: str | None = None  # the broker's public .key: turns on CurveZMQ to the broker
     curve_secret_key: str | None = None  # this gateway's .key_secret
     api_key_file: str | None = None  # bearer tokens, one per line; None = no HTTP auth
@@ -39,20 +51,72 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_ms <= 0:
             raise ValueError(f"request_timeout_ms must be > 0, got {self.request_timeout_ms}")
+        if self.max_request_timeout_ms <= 0:
+            raise ValueError(f"max_request_timeout_ms must be > 0, got {self.max_request_timeout_ms}")
+
+    @classmethod
+    def from_args(cls, args) -> "GatewayConfig":
+        return cls(
+            broker=args.broker,
+            max_body_bytes=args.max_body_bytes,
+            max_inputs=args.max_inputs,
+            max_input_chars=args.max_input_chars,
+            request_timeout_ms=args.request_timeout_ms,
+            max_request_timeout_ms=args.max_request_timeout_ms,
+            curve_server_key=args.curve_server_key,
+            curve_secret_key=args.curve_secret_key,
+            api_key_file=args.api_key_file,
+        )
 
     @classmethod
     def from_env(cls) -> "GatewayConfig":
-        """The only place the gateway reads its environment."""
-        env = os.environ
-        default = cls()
-        return cls(
-            broker=env.get("DDML_BROKER", default.broker),
-            max_body_bytes=int(env.get("DDML_MAX_BODY_BYTES", default.max_body_bytes)),
-            max_inputs=int(env.get("DDML_MAX_INPUTS", default.max_inputs)),
-            max_input_chars=int(env.get("DDML_MAX_INPUT_CHARS", default.max_input_chars)),
-            request_timeout_ms=float(env.get("DDML_REQUEST_TIMEOUT_MS", default.request_timeout_ms)),
-            max_request_timeout_ms=float(env.get("DDML_MAX_REQUEST_TIMEOUT_MS", default.max_request_timeout_ms)),
-            curve_server_key=env.get("DDML_CURVE_SERVER_KEY") or None,
-            curve_secret_key=env.get("DDML_CURVE_SECRET_KEY") or None,
-            api_key_file=env.get("DDML_API_KEY_FILE") or None,
-        )
+        """From the DDML_* variables (and DDML_CONFIG), as the flags would be; bad values exit 2."""
+        return cls.from_args(build_parser().parse_args([]))
+
+
+def graceful_timeout_s(args) -> int:
+    """How long a stopping gateway waits for requests in flight, in whole seconds as gunicorn takes
+    it: --graceful-timeout-s, or by default the longest deadline a request may have plus SHUTDOWN_MARGIN_S."""
+    return args.graceful_timeout_s or math.ceil(args.max_request_timeout_ms / 1000 + SHUTDOWN_MARGIN_S)
+
+
+def build_parser() -> Parser:
+    parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn, forwarding to a broker.")
+    defaults = GatewayConfig()
+    parser.add_argument("--broker", type=endpoints, default=defaults.broker,
+                        help="the broker's frontend endpoint")
+    parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT to listen on")
+    parser.add_argument("--workers", type=Number(int, minimum=0), default=0,
+                        help="gunicorn worker processes; 0 = half the cores, at least 1")
+    parser.add_argument("--threads", type=Number(int, minimum=1), default=DEFAULT_THREADS,
+                        help="request threads per gunicorn process")
+    parser.add_argument("--max-body-bytes", type=Number(int, minimum=1), default=defaults.max_body_bytes,
+                        help="larger bodies get 413")
+    parser.add_argument("--max-inputs", type=Number(int, minimum=1), default=defaults.max_inputs,
+                        help="inputs per request; more get 400")
+    parser.add_argument("--max-input-chars", type=Number(int, minimum=1), default=defaults.max_input_chars,
+                        help="characters in any one string of a request, however deeply nested (keys too); "
+                             f"more get 400. Bodies nested more than {MAX_NESTING_DEPTH} levels deep get 400 too")
+    parser.add_argument("--request-timeout-ms", type=Number(float, above=0), default=defaults.request_timeout_ms,
+                        help="default request deadline; a body's timeout_ms may ask for another")
+    parser.add_argument("--max-request-timeout-ms", type=Number(float, above=0),
+                        default=defaults.max_request_timeout_ms,
+                        help="the longest deadline a request may have: a longer timeout_ms, or "
+                             "--request-timeout-ms, is cut to this; also how long a stopping gateway waits for "
+                             "requests in flight")
+    parser.add_argument("--graceful-timeout-s", type=Number(int, minimum=0), default=0,
+                        help="on SIGTERM, how long to wait for requests in flight; 0 = --max-request-timeout-ms "
+                             f"plus {SHUTDOWN_MARGIN_S:g} s. An idle gateway exits at once either way")
+    parser.add_argument("--worker-timeout-s", type=Number(int, minimum=1), default=120,
+                        help="gunicorn restarts a worker process that has not checked in for this long "
+                             "(a stuck process; requests wait their deadline, not this)")
+    parser.add_argument("--certfile", default=None, help="TLS certificate (PEM); with --keyfile serves HTTPS")
+    parser.add_argument("--keyfile", default=None, help="TLS private key (PEM)")
+    parser.add_argument("--curve-server-key", default=None, help="the broker's public .key: turns on CurveZMQ")
+    parser.add_argument("--curve-secret-key", default=None, help="this gateway's .key_secret (ddml-keys generate)")
+    parser.add_argument("--api-key-file", default=None,
+                        help="require 'Authorization: Bearer TOKEN' with a token from this file (one per line); "
+                             "/healthz stays open")
+    parser.add_argument("--access-log", default=None, help="access log file ('-' for stderr); off by default")
+    parser.add_argument("--preload", action="store_true", help="pass --preload to gunicorn (safe: no zmq before fork)")
+    return parser

@@ -1,29 +1,39 @@
-"""`ddml-status --broker tcp://HOST:PORT [--watch]`: what the broker sees, as two tables.
+"""`ddml-status --broker tcp://HOST:PORT [--watch] [-o json]`: what the broker sees, as two tables.
 
 Workers: host, device, model, version, state, inputs in flight, batches/s, p50 batch latency
 (of its last 64 batches), last heartbeat age. Queues: depth, oldest wait, mean batch size; a
 queue named `model@version` holds the requests pinned to that version. A model that live workers
 serve at more than one version (a rollout) gets a line that names them all.
+
+With `-o json`: the broker's whole status, the document the tables are drawn from, as one JSON
+object (a line per refresh with --watch): `instance_id`, `models` (per queue: workers, queued
+requests and inputs, oldest wait, mean batch size, batches, redispatched, outcomes), `workers`
+(per worker: id, host, pid, device, models, state, inputs in flight, batches, p50 batch latency,
+heartbeat age) and `stats`. Each worker also gets `batches_per_s` since the refresh before.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
-from ddml_common.cli import Parser
+from ddml_common.cli import Number, Parser, endpoints
 from ddml_common.keys import ClientKeys
 from gateway.broker_client import BrokerClient, BrokerError
 
 
 def build_parser() -> Parser:
     parser = Parser("ddml-status", "Print the broker's workers and queues.", section="status")
-    parser.add_argument("--broker", default="tcp://127.0.0.1:5555", help="the broker's frontend endpoint")
+    parser.add_argument("--broker", type=endpoints, default="tcp://127.0.0.1:5555",
+                        help="the broker's frontend endpoint")
     parser.add_argument("--watch", action="store_true", help="refresh every --interval-s until Ctrl-C")
-    parser.add_argument("--interval-s", type=float, default=2.0, help="refresh period with --watch")
+    parser.add_argument("--interval-s", type=Number(float, above=0), default=2.0, help="refresh period with --watch")
     parser.add_argument("--curve-server-key", default=None, help="the broker's public .key, if CURVE is on")
     parser.add_argument("--curve-secret-key", default=None, help="an authorised client's .key_secret")
+    parser.add_argument("-o", "--output", default="table", choices=["table", "json"],
+                        help="tables for people, or the broker's status as one JSON object (a line per refresh)")
     return parser
 
 
@@ -33,6 +43,13 @@ def _table(headers: list[str], rows: list[list]) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def render_json(status: dict, previous: dict | None, elapsed_s: float) -> str:
+    before = {w["worker_id"]: w["batches"] for w in (previous or {}).get("workers", [])}
+    workers = [{**w, "batches_per_s": round((w["batches"] - before[w["worker_id"]]) / elapsed_s, 3)
+                if w["worker_id"] in before and elapsed_s > 0 else 0.0} for w in status["workers"]]
+    return json.dumps({**status, "workers": workers}, sort_keys=True, default=str)
 
 
 def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
@@ -72,8 +89,13 @@ def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    client = BrokerClient(args.broker, curve=ClientKeys.from_files(args.curve_server_key, args.curve_secret_key))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        client = BrokerClient(args.broker, curve=ClientKeys.from_files(args.curve_server_key, args.curve_secret_key))
+    except (ValueError, OSError) as error:
+        parser.fail(f"invalid configuration: {error}")
+    draw = render_json if args.output == "json" else render
     previous, previous_at = None, time.monotonic()
     try:
         while True:
@@ -86,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(args.interval_s)
                 continue
             now = time.monotonic()
-            if args.watch:
+            if args.watch and args.output == "table":
                 sys.stdout.write("\x1b[2J\x1b[H" if os.isatty(1) else "\n")
-            print(render(status, previous, now - previous_at), flush=True)
+            print(draw(status, previous, now - previous_at), flush=True)
             if not args.watch:
                 return
             previous, previous_at = status, now

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import threading
 
 from ddml_common.cli import Parser, configure_logging
@@ -116,13 +115,14 @@ def config_from_args(args) -> WorkerConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = config_from_args(args)
     except ValueError as error:
-        sys.exit(f"ddml-worker: {error}")
+        parser.fail(f"invalid configuration: {error}")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -137,20 +137,6 @@ def test_config_file_then_env_then_flags(tmp_path, monkeypatch):
         build_parser().parse_args(["--config", str(config)])
 
 
-def test_example_config_is_valid_for_every_command(monkeypatch):
-    from broker.__main__ import build_parser as broker_parser
-    from gateway.__main__ import build_parser as gateway_parser
-    from gateway.status_cli import build_parser as status_parser
-    from tests.processes import REPO
-    from worker.__main__ import build_parser as worker_parser
-
-    example = str(REPO / "ddml.example.toml")
-    assert broker_parser().parse_args(["--config", example]).metrics_port == 9100
-    assert worker_parser().parse_args(["--config", example]).model == "minilm"
-    assert gateway_parser().parse_args(["--config", example]).threads == 64
-    assert status_parser().parse_args(["--config", example]).broker == "tcp://127.0.0.1:5555"
-
-
 def test_json_log_lines_carry_the_ids():
     import json
     import logging
