@@ -32,7 +32,7 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
     config = config or GatewayConfig()
     middleware: list = [MetricsMiddleware(), RequestIdMiddleware()]
     if config.api_key_file:
-        middleware.append(BearerAuth(load_tokens(config.api_key_file)))
+        middleware.append(BearerAuth(load_tokens(config.api_key_file), protect_metrics=config.protect_metrics))
     app = falcon.App(middleware=middleware)
     app.req_options.auto_parse_form_urlencoded = False
     catalog = Catalog(broker)  # models, metadata and versions, cached briefly

@@ -1,8 +1,10 @@
 """Optional bearer-token authentication for the HTTP API (--api-key-file).
 
-Every route except /healthz needs `Authorization: Bearer <token>` with a token from the file
-(one per line; blank lines and # comments ignored). Tokens are compared in constant time, and
-against every token, so timing tells nothing about which one nearly matched.
+Every route needs `Authorization: Bearer <token>` with a token from the file (one per line;
+blank lines and # comments ignored), except the probes, which Kubernetes sends without one, and
+/metrics, unless --protect-metrics (Prometheus can send a token: `authorization:` in its scrape
+config). Tokens are compared in constant time, and against every token, so timing tells nothing
+about which one nearly matched.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import falcon
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerError
 
-OPEN_PATHS = frozenset({"/healthz"})  # Prometheus can send a bearer token (authorization: in scrape config)
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+METRICS_PATH = "/metrics"
 
 
 def load_tokens(path: str) -> list[bytes]:
@@ -27,11 +30,12 @@ def load_tokens(path: str) -> list[bytes]:
 
 
 class BearerAuth:
-    def __init__(self, tokens: list[bytes]):
+    def __init__(self, tokens: list[bytes], protect_metrics: bool = False):
         self._tokens = tokens
+        self._open_paths = PROBE_PATHS if protect_metrics else PROBE_PATHS | {METRICS_PATH}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        if req.path in OPEN_PATHS:
+        if req.path in self._open_paths:
             return
         header = req.get_header("Authorization") or ""
         scheme, _, presented = header.partition(" ")

@@ -44,6 +44,7 @@ class GatewayConfig:
     curve_server_key: str | None = None  # the broker's public .key: turns on CurveZMQ to the broker
     curve_secret_key: str | None = None  # this gateway's .key_secret
     api_key_file: str | None = None  # bearer tokens, one per line; None = no HTTP auth
+    protect_metrics: bool = False  # with api_key_file: /metrics needs a token too (probes never do)
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_inputs", "max_input_chars"):
@@ -66,6 +67,7 @@ class GatewayConfig:
             curve_server_key=args.curve_server_key,
             curve_secret_key=args.curve_secret_key,
             api_key_file=args.api_key_file,
+            protect_metrics=args.protect_metrics,
         )
 
     @classmethod
@@ -116,7 +118,10 @@ def build_parser() -> Parser:
     parser.add_argument("--curve-secret-key", default=None, help="this gateway's .key_secret (ddml-keys generate)")
     parser.add_argument("--api-key-file", default=None,
                         help="require 'Authorization: Bearer TOKEN' with a token from this file (one per line); "
-                             "/healthz stays open")
+                             "/healthz, /readyz and /metrics stay open (see --protect-metrics)")
+    parser.add_argument("--protect-metrics", action="store_true",
+                        help="with --api-key-file, /metrics needs a token too (the probes /healthz and /readyz "
+                             "never do)")
     parser.add_argument("--access-log", default=None, help="access log file ('-' for stderr); off by default")
     parser.add_argument("--preload", action="store_true", help="pass --preload to gunicorn (safe: no zmq before fork)")
     return parser

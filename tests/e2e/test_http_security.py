@@ -63,3 +63,22 @@ def test_tls_and_bearer_tokens(stack, tmp_path):
         requests.get(f"{url}/healthz", timeout=5)  # plain HTTP is not served on the TLS port
     with pytest.raises(requests.exceptions.SSLError):
         requests.get(f"{https}/healthz", timeout=5)  # and the certificate is not trusted by default
+
+
+def test_probes_and_metrics_need_no_token_unless_metrics_are_protected(stack, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("token-for-ci\n")
+    stack.start_broker()
+    stack.start_worker("--model", "echo")
+    flags = ("--workers", "1", "--threads", "4", "--api-key-file", str(tokens))
+    _, url = stack.start_gateway(*flags)
+    _, protected = stack.start_gateway(*flags, "--protect-metrics")
+
+    for gateway in (url, protected):
+        wait_until(lambda: http_ready(gateway), timeout_s=60, what="/readyz without a token")  # Kubernetes sends none
+        assert requests.get(f"{gateway}/healthz", timeout=10).status_code == 200
+        assert requests.get(f"{gateway}/v1/status", timeout=10).status_code == 401
+    assert requests.get(f"{url}/metrics", timeout=10).status_code == 200
+    assert requests.get(f"{protected}/metrics", timeout=10).status_code == 401
+    assert requests.get(f"{protected}/metrics", timeout=10,
+                        headers={"Authorization": "Bearer token-for-ci"}).status_code == 200
