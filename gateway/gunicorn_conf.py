@@ -12,7 +12,18 @@ waits for them up to their deadlines (graceful_timeout, from --max-request-timeo
 
 import os
 
+from gunicorn.workers import gthread
+
 from gateway.config import DEFAULT_WORKERS, build_parser, graceful_timeout_s
+
+# gunicorn 27's gthread worker, once stopping, keeps each kept-alive client connection open for
+# STOP_KEEPALIVE_LINGER (2 s), so that a request already on its way on one is still answered;
+# only then does an idle process exit. That alone would use up the 2 s an idle gateway may take
+# to stop. By the time a gateway gets SIGTERM its load balancer has stopped sending to it, so a
+# shorter moment serves the same purpose. Set before gunicorn forks its processes.
+STOP_KEEPALIVE_LINGER_S = 0.5
+if hasattr(gthread, "STOP_KEEPALIVE_LINGER"):
+    gthread.STOP_KEEPALIVE_LINGER = STOP_KEEPALIVE_LINGER_S
 
 _args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
 
