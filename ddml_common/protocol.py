@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import threading
 import types
 import typing
@@ -41,8 +42,19 @@ MAX_STR_LEN = 16 << 20  # one string inside a value
 MAX_CONTAINER_LEN = 1 << 20  # one list or map inside a value
 # Bounds on what a peer may choose. State in the broker is keyed by these, so they bound it too.
 MAX_MODELS = 64  # model names in one READY
-MAX_NAME_LEN = 256  # a model name, a request id, an error code
+MAX_NAME_LEN = 256  # a model name, a request id, an error code, an instance id
 MIN_PRIORITY, MAX_PRIORITY = -10_000, 10_000  # REQUEST.priority; outside is a clear error (HTTP 400)
+# Bounds on every other element, so that a decoded message is safe to use as it is (docs/protocol.md).
+MAX_TEXT_LEN = 4096  # an error message from a worker, a DISCONNECT reason, a string among stats
+MAX_REPLY_TEXT_LEN = 16 * MAX_TEXT_LEN  # a REPLY's error message: the broker prefixes a worker's
+MAX_BATCHES = 64  # READY.max_batches
+MAX_SIZE = 1 << 31  # REQUEST.sizes: one input's cost hint is below this
+MAX_DURATION_MS = 1 << 40  # |timeout_ms|, compute_ms, retry_after_ms: 35 years, exact as a float
+MAX_STATS = 256  # entries in a HEARTBEAT's stats, those of nested maps included
+MAX_DOCUMENT_DEPTH = 8  # READY.metadata: lists and maps within each other
+MAX_DOCUMENT_SIZE = 1 << 20  # READY.metadata: one per value, plus the length of each string
+# Stats that broker/metrics.py exports as numbers: a string there would break every scrape.
+_NUMERIC_STATS = frozenset(("batches", "items", "mean_batch_latency_ms", "cuda_memory_allocated_bytes"))
 _NDARRAY_KEY = "__ndarray__"
 _ALLOWED_DTYPES = frozenset(
     "|b1 |i1 |u1 <i2 <u2 <i4 <u4 <i8 <u8 <f2 <f4 <f8".split()
@@ -256,7 +268,11 @@ def encode(message: Message) -> list[bytes]:
 
 
 def decode(frames: Sequence[bytes]) -> Message:
-    """Parse frames from a peer. Raises DecodeError (never anything else) on bad input."""
+    """Parse frames from a peer. Raises DecodeError (never anything else) on bad input.
+
+    Every field and every element is checked against the bounds above, so the message that
+    comes back is safe to use as it is.
+    """
     frame = frames[0] if frames else b""
     version = bytes(frame[: len(PROTOCOL_VERSION)])
     if version != PROTOCOL_VERSION:
@@ -297,40 +313,274 @@ def decode(frames: Sequence[bytes]) -> Message:
             raise DecodeError(f"{len(items)} items exceed the limit of {MAX_ITEMS}")
         _check_bins(items, f"{message_type.__name__}.{items_field} must hold bin values")
     message = message_type(**kwargs)
-    _check_invariants(message)
+    _CHECKS[message_type](message)
     return message
 
 
-def _check_invariants(message: Message) -> None:
-    """Cross-field rules that types alone do not express."""
-    if isinstance(message, Request):
-        if message.sizes and len(message.sizes) != len(message.inputs):
-            raise DecodeError(f"{len(message.sizes)} sizes for {len(message.inputs)} inputs")
-    elif isinstance(message, Batch):
-        if len(message.request_ids) != len(message.inputs):
-            raise DecodeError(f"{len(message.request_ids)} request ids for {len(message.inputs)} inputs")
-    elif isinstance(message, BatchResult):
-        for error in message.errors:
-            if not (isinstance(error, list) and len(error) == 3 and isinstance(error[0], int)):
-                raise DecodeError(f"batch result error must be [index, code, message], got {error!r:.80}")
-    elif isinstance(message, Replies):
-        if len(message.request_ids) != len(message.outputs):
-            raise DecodeError(f"{len(message.request_ids)} request ids for {len(message.outputs)} output lists")
-        for outputs in message.outputs:
-            if type(outputs) is not list:
-                raise DecodeError(f"REPLIES outputs must be lists of bin values, got {type(outputs).__name__}")
-            _check_bins(outputs, "REPLIES outputs must be lists of bin values")
-    elif isinstance(message, Reply) and message.error_code is not None:
-        if message.error_code not in ErrorCode._value2member_map_:
-            raise DecodeError(f"unknown error code {message.error_code!r:.40}")
-    elif isinstance(message, Ready):
-        if not message.models or not all(isinstance(m, str) for m in message.models):
-            raise DecodeError("READY must name at least one model")
-        if message.max_batch_size < 1 or message.max_batches < 1:
-            raise DecodeError(
-                f"READY needs max_batch_size >= 1 and max_batches >= 1, "
-                f"got {message.max_batch_size} and {message.max_batches}"
-            )
+# --------------------------------------------------------------------------- element checks
+# decode() has checked each field's own type. These check what the fields hold, one function per
+# message type, so that the broker, workers and gateways can use a decoded message as it is.
+# Each costs a few comparisons per field, and a loop only over fields that have elements.
+
+
+def _check_ready(message: Ready) -> None:
+    models = message.models
+    if not 0 < len(models) <= MAX_MODELS:
+        raise DecodeError(f"READY must name at least one model and at most {MAX_MODELS}, got {len(models)}")
+    _check_names(models, "Ready.models")
+    if not 1 <= message.max_batch_size <= MAX_ITEMS:
+        raise _refuse("Ready.max_batch_size", f"in [1, {MAX_ITEMS}]", message.max_batch_size)
+    if not 1 <= message.max_batches <= MAX_BATCHES:
+        raise _refuse("Ready.max_batches", f"in [1, {MAX_BATCHES}]", message.max_batches)
+    _check_text(message.device, "Ready.device", MAX_NAME_LEN)
+    _check_text(message.host, "Ready.host", MAX_NAME_LEN)
+    if message.pid < 0:
+        raise _refuse("Ready.pid", "a non-negative int", message.pid)
+    _check_document(message.metadata, "Ready.metadata", MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_SIZE)
+
+
+def _check_heartbeat(message: Heartbeat) -> None:
+    _check_text(message.instance_id, "Heartbeat.instance_id", MAX_NAME_LEN)
+    if message.stats:
+        _check_stats(message.stats)
+    if message.registration < 0:
+        raise _refuse("Heartbeat.registration", "a non-negative int", message.registration)
+
+
+def _check_request(message: Request) -> None:
+    # The hot path (one per request): the name checks are written out rather than called.
+    if not 0 < len(message.request_id) <= MAX_NAME_LEN:
+        raise _refuse("Request.request_id", _NAME, message.request_id)
+    if not 0 < len(message.model) <= MAX_NAME_LEN:
+        raise _refuse("Request.model", _NAME, message.model)
+    if len(message.instance_id) > MAX_NAME_LEN:
+        raise _refuse("Request.instance_id", f"a str of at most {MAX_NAME_LEN} characters", message.instance_id)
+    if not -MAX_DURATION_MS <= message.timeout_ms <= MAX_DURATION_MS:
+        raise _refuse("Request.timeout_ms", "an int in [-2**40, 2**40]", message.timeout_ms)
+    if not MIN_PRIORITY <= message.priority <= MAX_PRIORITY:
+        raise _refuse("Request.priority", f"in [{MIN_PRIORITY}, {MAX_PRIORITY}]", message.priority)
+    sizes = message.sizes
+    if sizes:
+        if len(sizes) != len(message.inputs):
+            raise DecodeError(f"{len(sizes)} sizes for {len(message.inputs)} inputs")
+        for index, size in enumerate(sizes):
+            if type(size) is not int or not 0 <= size < MAX_SIZE:
+                raise _refuse(f"Request.sizes[{index}]", "an int in [0, 2**31)", size)
+
+
+def _check_batch(message: Batch) -> None:
+    if message.batch_id < 0:
+        raise _refuse("Batch.batch_id", "a non-negative int", message.batch_id)
+    if not 0 < len(message.model) <= MAX_NAME_LEN:
+        raise _refuse("Batch.model", _NAME, message.model)
+    if len(message.request_ids) != len(message.inputs):
+        raise DecodeError(f"{len(message.request_ids)} request ids for {len(message.inputs)} inputs")
+    _check_names(message.request_ids, "Batch.request_ids")
+    if not -MAX_DURATION_MS <= message.timeout_ms <= MAX_DURATION_MS:
+        raise _refuse("Batch.timeout_ms", "an int in [-2**40, 2**40]", message.timeout_ms)
+
+
+def _check_batch_result(message: BatchResult) -> None:
+    if message.batch_id < 0:
+        raise _refuse("BatchResult.batch_id", "a non-negative int", message.batch_id)
+    # One chained comparison refuses NaN (every comparison with it is false) and infinities.
+    if not 0 <= message.compute_ms <= MAX_DURATION_MS:
+        raise _refuse("BatchResult.compute_ms", "a finite number in [0, 2**40]", message.compute_ms)
+    errors = message.errors
+    if not errors:
+        return
+    size = len(message.outputs)
+    seen = set()
+    for position, error in enumerate(errors):
+        where = f"BatchResult.errors[{position}]"
+        if type(error) is not list or len(error) != 3:
+            raise _refuse(where, "[index, code, message]", error)
+        index, code, text = error
+        if type(index) is not int or not 0 <= index < size:
+            raise _refuse(f"{where} index", f"an int in [0, {size}) (one per output)", index)
+        if index in seen:
+            raise DecodeError(f"BatchResult.errors names output {index} twice")
+        seen.add(index)
+        # Unknown codes are allowed: the broker answers them as MODEL_ERROR.
+        if type(code) is not str or len(code) > MAX_NAME_LEN:
+            raise _refuse(f"{where} code", f"a str of at most {MAX_NAME_LEN} characters", code)
+        if type(text) is not str or len(text) > MAX_TEXT_LEN:
+            raise _refuse(f"{where} message", f"a str of at most {MAX_TEXT_LEN} characters", text)
+
+
+def _check_reply(message: Reply) -> None:
+    if not 0 < len(message.request_id) <= MAX_NAME_LEN:
+        raise _refuse("Reply.request_id", _NAME, message.request_id)
+    if message.error_code is not None and message.error_code not in ErrorCode._value2member_map_:
+        raise DecodeError(f"unknown error code {_describe(message.error_code)}")
+    _check_text(message.error_message, "Reply.error_message", MAX_REPLY_TEXT_LEN)
+    if not 0 <= message.retry_after_ms <= MAX_DURATION_MS:
+        raise _refuse("Reply.retry_after_ms", "an int in [0, 2**40]", message.retry_after_ms)
+
+
+def _check_replies(message: Replies) -> None:
+    if len(message.request_ids) != len(message.outputs):
+        raise DecodeError(f"{len(message.request_ids)} request ids for {len(message.outputs)} output lists")
+    _check_names(message.request_ids, "Replies.request_ids")
+    for position, outputs in enumerate(message.outputs):
+        if type(outputs) is not list or len(outputs) > MAX_ITEMS:
+            raise _refuse(f"Replies.outputs[{position}]", f"lists of bin values, at most {MAX_ITEMS}", outputs)
+        _check_bins(outputs, "REPLIES outputs must be lists of bin values")
+
+
+def _check_disconnect(message: Disconnect) -> None:
+    _check_text(message.reason, "Disconnect.reason", MAX_TEXT_LEN)
+    if message.registration < 0:
+        raise _refuse("Disconnect.registration", "a non-negative int", message.registration)
+
+
+def _check_status_request(message: StatusRequest) -> None:
+    _check_text(message.request_id, "StatusRequest.request_id", MAX_NAME_LEN)
+
+
+def _check_status(message: Status) -> None:
+    """The broker's own report: only its shape is checked, as the gateway and ddml-status read it."""
+    _check_text(message.request_id, "Status.request_id", MAX_NAME_LEN)
+    _check_text(message.instance_id, "Status.instance_id", MAX_NAME_LEN)
+    for name, model in message.models.items():
+        _check_text(name, "Status.models key", MAX_NAME_LEN)
+        if type(model) is not dict:
+            raise _refuse(f"Status.models[{name!r}]", "a map", model)
+    for position, worker in enumerate(message.workers):
+        if type(worker) is not dict:
+            raise _refuse(f"Status.workers[{position}]", "a map", worker)
+    for name in message.stats:
+        _check_text(name, "Status.stats key", MAX_NAME_LEN)
+
+
+def _check_error(message: Error) -> None:
+    _check_text(message.code, "Error.code", MAX_NAME_LEN)
+    _check_text(message.message, "Error.message", MAX_REPLY_TEXT_LEN)
+
+
+_CHECKS = {
+    Ready: _check_ready,
+    Heartbeat: _check_heartbeat,
+    Request: _check_request,
+    Batch: _check_batch,
+    BatchResult: _check_batch_result,
+    Reply: _check_reply,
+    Replies: _check_replies,
+    Disconnect: _check_disconnect,
+    StatusRequest: _check_status_request,
+    Status: _check_status,
+    Error: _check_error,
+}
+_NAME = f"a non-empty str of at most {MAX_NAME_LEN} characters"
+_SCALARS = frozenset((int, float, str, bool, type(None)))
+_SCALAR = f"an int, a finite float, a str of at most {MAX_TEXT_LEN} characters, a bool or nil"
+_isfinite = math.isfinite
+
+
+def _refuse(where: str, expected: str, value: Any) -> DecodeError:
+    return DecodeError(f"{where} must be {expected}, got {_describe(value)}")
+
+
+def _describe(value: Any) -> str:
+    """A short account of a received value: never its whole text, nor a container's contents."""
+    kind = type(value)
+    if kind is str:
+        return f"str {value!r}" if len(value) <= 40 else f"str {value[:40]!r}... ({len(value)} characters)"
+    if kind is list:
+        return f"a list of {len(value)}"
+    if kind is dict:
+        return f"a map of {len(value)}"
+    if kind is bytes:
+        return f"bin of {len(value)} bytes"
+    if value is None:
+        return "nil"
+    return f"{kind.__name__} {value!r:.40}"  # an int (64 bits at most), a float or a bool
+
+
+def _check_text(value: Any, where: str, max_len: int) -> None:
+    if type(value) is not str or len(value) > max_len:
+        raise _refuse(where, f"a str of at most {max_len} characters", value)
+
+
+def _check_names(values: list, where: str) -> None:
+    for value in values:
+        if type(value) is not str or not 0 < len(value) <= MAX_NAME_LEN:
+            raise _refuse(f"{where}[{values.index(value)}]", _NAME, value)
+
+
+def _check_stats(stats: dict) -> None:
+    """A worker's figures: names to scalars, or to one level of maps of scalars."""
+    count = len(stats)
+    if count > MAX_STATS:
+        raise _too_many_stats(count)
+    for name, value in stats.items():
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
+            raise _refuse("Heartbeat.stats key", _NAME, name)
+        if type(value) is dict:
+            count += len(value)
+            if count > MAX_STATS:
+                raise _too_many_stats(count)
+            for inner, inner_value in value.items():
+                if type(inner) is not str or not 0 < len(inner) <= MAX_NAME_LEN:
+                    raise _refuse(f"Heartbeat.stats[{name!r}] key", _NAME, inner)
+                if not _is_scalar(inner_value):
+                    raise _refuse(f"Heartbeat.stats[{name!r}][{inner!r}]", _SCALAR, inner_value)
+        elif not _is_scalar(value):
+            raise _refuse(f"Heartbeat.stats[{name!r}]", _SCALAR, value)
+    for name in _NUMERIC_STATS.intersection(stats):
+        if type(stats[name]) not in (int, float):
+            raise _refuse(f"Heartbeat.stats[{name!r}]", "a number", stats[name])
+
+
+def _too_many_stats(count: int) -> DecodeError:
+    return DecodeError(f"Heartbeat.stats must hold at most {MAX_STATS} entries, nested ones included, "
+                       f"got at least {count}")
+
+
+def _is_scalar(value: Any) -> bool:
+    kind = type(value)
+    if kind is float:
+        return _isfinite(value)
+    if kind is str:
+        return len(value) <= MAX_TEXT_LEN
+    return kind in _SCALARS
+
+
+def _check_document(value: Any, where: str, depth: int, budget: int) -> int:
+    """A JSON-like value (str keys, finite floats, no bin) of bounded depth and size.
+
+    The size is one per value plus the length of each string, about its encoded size; a
+    container is charged for its elements before they are visited. Returns what is left.
+    """
+    kind = type(value)
+    if kind is dict or kind is list:
+        if depth == 0:
+            raise DecodeError(f"{where} nests lists and maps deeper than {MAX_DOCUMENT_DEPTH}")
+        budget -= len(value)
+        if budget < 0:
+            raise _too_large(where)
+        if kind is dict:
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise _refuse(f"{where} key", "a str", key)
+                budget = _check_document(item, where, depth - 1, budget - len(key))
+        else:
+            for item in value:
+                budget = _check_document(item, where, depth - 1, budget)
+    elif kind is str:
+        budget -= len(value)
+    elif kind is float:
+        if not _isfinite(value):
+            raise _refuse(f"{where} number", "finite", value)
+    elif kind not in _SCALARS:
+        raise _refuse(f"{where} value", "JSON-like (no bin)", value)
+    if budget < 0:
+        raise _too_large(where)
+    return budget
+
+
+def _too_large(where: str) -> DecodeError:
+    return DecodeError(f"{where} exceeds {MAX_DOCUMENT_SIZE} (one per value, plus the length of each string)")
 
 
 def _check_bins(items: list, complaint: str) -> None:

@@ -79,7 +79,7 @@ def test_unknown_body_fields_are_ignored():
         (_frame(2, b"\xdd\x7f\xff\xff\xff"), "exceeds|ValueError"),  # array of 2^31 in 5 bytes
         (_frame(2, b"\xd4\x01\x00"), "extension type|ExtType|ext"),
         (_frame(1, {"models": [], "max_batch_size": 1}), "at least one model"),
-        (_frame(1, {"models": ["m"], "max_batch_size": 0}), "max_batch_size >= 1"),
+        (_frame(1, {"models": ["m"], "max_batch_size": 0}), "max_batch_size must be in"),
         (_frame(4, {"batch_id": 1, "model": "m", "request_ids": ["a"], "timeout_ms": 1}),
          "1 request ids for 0 inputs"),
         (_frame(6, {"request_id": "1", "error_code": "NOPE"}), "unknown error code"),
@@ -92,6 +92,167 @@ def test_unknown_body_fields_are_ignored():
 def test_malformed_frames_raise_decode_error_and_nothing_else(frames, complaint):
     with pytest.raises(DecodeError, match=complaint):
         protocol.decode(frames)
+
+
+def _with(message, **changes) -> list[bytes]:
+    """The frames of a valid message, with some body fields replaced by what a hostile peer might send."""
+    frame = protocol.encode(message)[0]
+    body = msgpack.unpackb(frame[6:])
+    body.update(changes)
+    return [frame[:6] + msgpack.packb(body)]
+
+
+READY = protocol.Ready(models=["m"], max_batch_size=8)
+REQUEST = protocol.Request("r1", "m", timeout_ms=100, inputs=[b"\x01"])
+BATCH = protocol.Batch(batch_id=1, model="m", request_ids=["r1"], timeout_ms=100, inputs=[b"\x01"])
+RESULT = protocol.BatchResult(batch_id=1, outputs=[b""])
+LONG_NAME = "m" * (protocol.MAX_NAME_LEN + 1)
+LONG_TEXT = "x" * (protocol.MAX_TEXT_LEN + 1)
+NAN, INF = float("nan"), float("inf")
+
+
+def _nested(depth: int) -> dict:
+    return {"a": _nested(depth - 1)} if depth else {}
+
+
+HEARTBEAT = protocol.Heartbeat()
+STATUS = MESSAGES[9]
+
+# (id, frames, what the DecodeError must say): each names the field and what was received.
+REFUSALS = [
+    ("request-sizes-str", _with(REQUEST, sizes=["a"]),
+     r"Request.sizes\[0\] must be an int in \[0, 2\*\*31\), got str 'a'"),
+    ("request-sizes-bool", _with(REQUEST, sizes=[True]), r"Request.sizes\[0\].*got bool True"),
+    ("request-sizes-negative", _with(REQUEST, sizes=[-1]), r"Request.sizes\[0\]"),
+    ("request-sizes-2**31", _with(REQUEST, sizes=[2**31]), r"Request.sizes\[0\]"),
+    ("request-sizes-nested", _with(REQUEST, sizes=[[1]]), r"Request.sizes\[0\].*got a list of 1"),
+    ("request-priority-too-high", _with(REQUEST, priority=protocol.MAX_PRIORITY + 1),
+     r"Request.priority must be in \[-10000, 10000\], got int 10001"),
+    ("request-priority-too-low", _with(REQUEST, priority=protocol.MIN_PRIORITY - 1), "Request.priority"),
+    ("request-timeout-huge", _with(REQUEST, timeout_ms=2**41), "Request.timeout_ms"),
+    ("request-timeout-hugely-negative", _with(REQUEST, timeout_ms=-2**41), "Request.timeout_ms"),
+    ("request-id-empty", _with(REQUEST, request_id=""), "Request.request_id must be a non-empty str"),
+    ("request-id-too-long", _with(REQUEST, request_id=LONG_NAME), r"Request.request_id.*\(257 characters\)"),
+    ("request-model-empty", _with(REQUEST, model=""), "Request.model must be a non-empty str"),
+    ("request-model-too-long", _with(REQUEST, model=LONG_NAME), "Request.model"),
+    ("request-instance-id-too-long", _with(REQUEST, instance_id=LONG_NAME), "Request.instance_id"),
+    ("ready-too-many-models", _with(READY, models=[f"m{i}" for i in range(protocol.MAX_MODELS + 1)]),
+     "at most 64, got 65"),
+    ("ready-model-name-too-long", _with(READY, models=["m", LONG_NAME]),
+     r"Ready.models\[1\] must be a non-empty str of at most 256"),
+    ("ready-model-name-empty", _with(READY, models=[""]), r"Ready.models\[0\]"),
+    ("ready-model-name-int", _with(READY, models=[7]), r"Ready.models\[0\].*got int 7"),
+    ("ready-max-batch-size-too-large", _with(READY, max_batch_size=protocol.MAX_ITEMS + 1),
+     "Ready.max_batch_size must be in"),
+    ("ready-max-batches-zero", _with(READY, max_batches=0), "Ready.max_batches"),
+    ("ready-max-batches-too-many", _with(READY, max_batches=protocol.MAX_BATCHES + 1),
+     r"Ready.max_batches must be in \[1, 64\]"),
+    ("ready-pid-negative", _with(READY, pid=-1), "Ready.pid"),
+    ("ready-device-too-long", _with(READY, device=LONG_NAME), "Ready.device"),
+    ("ready-host-too-long", _with(READY, host=LONG_NAME), "Ready.host"),
+    ("ready-metadata-too-deep", _with(READY, metadata=_nested(protocol.MAX_DOCUMENT_DEPTH)), "deeper than 8"),
+    ("ready-metadata-too-large", _with(READY, metadata={"labels": ["x" * 1000] * 1100}), "Ready.metadata exceeds"),
+    ("ready-metadata-too-many-values", _with(READY, metadata={"rows": [[0] * 1024] * 1025}),
+     "Ready.metadata exceeds"),
+    ("ready-metadata-nan", _with(READY, metadata={"shape": [NAN]}), "Ready.metadata number must be finite"),
+    ("ready-metadata-bin", _with(READY, metadata={"blob": b"x"}), "Ready.metadata value must be JSON-like"),
+    ("ready-metadata-bin-key", _with(READY, metadata={b"key": 1}), "Ready.metadata key must be a str"),
+    ("heartbeat-too-many-stats", _with(HEARTBEAT, stats={f"k{i}": i for i in range(protocol.MAX_STATS + 1)}),
+     "at most 256 entries"),
+    ("heartbeat-too-many-nested-stats", _with(HEARTBEAT, stats={"gpu": {f"k{i}": i for i in range(256)}}),
+     "at most 256 entries, nested ones included"),
+    ("heartbeat-stats-two-levels", _with(HEARTBEAT, stats={"gpu": {"memory": {"used": 1}}}),
+     r"Heartbeat.stats\['gpu'\]\['memory'\] must be an int, a finite float"),
+    ("heartbeat-stats-nan", _with(HEARTBEAT, stats={"mean": NAN}), r"Heartbeat.stats\['mean'\].*got float nan"),
+    ("heartbeat-stats-inf", _with(HEARTBEAT, stats={"mean": -INF}), r"Heartbeat.stats\['mean'\]"),
+    ("heartbeat-stats-bin", _with(HEARTBEAT, stats={"blob": b"x"}), r"got bin of 1 bytes"),
+    ("heartbeat-stats-list", _with(HEARTBEAT, stats={"list": [1]}), r"Heartbeat.stats\['list'\]"),
+    ("heartbeat-stats-empty-key", _with(HEARTBEAT, stats={"": 1}), "Heartbeat.stats key"),
+    ("heartbeat-stats-text-too-long", _with(HEARTBEAT, stats={"note": LONG_TEXT}), r"Heartbeat.stats\['note'\]"),
+    ("heartbeat-exported-stat-not-a-number", _with(HEARTBEAT, stats={"batches": "many"}),
+     r"Heartbeat.stats\['batches'\] must be a number"),
+    ("heartbeat-registration-negative", _with(HEARTBEAT, registration=-1), "Heartbeat.registration"),
+    ("heartbeat-instance-id-too-long", _with(HEARTBEAT, instance_id=LONG_NAME), "Heartbeat.instance_id"),
+    ("batch-request-id-int", _with(BATCH, request_ids=[1]), r"Batch.request_ids\[0\].*got int 1"),
+    ("batch-request-id-too-long", _with(BATCH, request_ids=[LONG_NAME]), r"Batch.request_ids\[0\]"),
+    ("batch-timeout-huge", _with(BATCH, timeout_ms=2**41), "Batch.timeout_ms"),
+    ("batch-id-negative", _with(BATCH, batch_id=-1), "Batch.batch_id"),
+    ("batch-model-empty", _with(BATCH, model=""), "Batch.model"),
+    ("result-error-index-out-of-range-and-list-code", _with(RESULT, errors=[[99, ["x"], "m"]]),
+     r"BatchResult.errors\[0\] index must be an int in \[0, 1\)"),
+    ("result-error-index-out-of-range", _with(RESULT, errors=[[1, "MODEL_ERROR", "m"]]),
+     r"index must be an int in \[0, 1\).*got int 1"),
+    ("result-error-index-negative", _with(RESULT, errors=[[-1, "MODEL_ERROR", "m"]]), "index must be"),
+    ("result-error-index-bool", _with(RESULT, errors=[[True, "MODEL_ERROR", "m"]]), "index must be.*got bool True"),
+    ("result-error-code-list", _with(RESULT, errors=[[0, ["x"], "m"]]),
+     r"BatchResult.errors\[0\] code must be a str.*got a list of 1"),
+    ("result-error-code-too-long", _with(RESULT, errors=[[0, LONG_NAME, "m"]]), "code must be a str of at most 256"),
+    ("result-error-message-too-long", _with(RESULT, errors=[[0, "MODEL_ERROR", LONG_TEXT]]),
+     "message must be a str of at most 4096"),
+    ("result-error-message-nil", _with(RESULT, errors=[[0, "MODEL_ERROR", None]]), "message must be a str"),
+    ("result-error-index-twice", _with(RESULT, errors=[[0, "MODEL_ERROR", "a"], [0, "MODEL_ERROR", "b"]]),
+     "names output 0 twice"),
+    ("result-error-not-a-list", _with(RESULT, errors=["MODEL_ERROR"]),
+     r"errors\[0\] must be \[index, code, message\]"),
+    ("result-compute-ms-nan", _with(RESULT, compute_ms=NAN),
+     "BatchResult.compute_ms must be a finite number.*got float nan"),
+    ("result-compute-ms-inf", _with(RESULT, compute_ms=INF), "BatchResult.compute_ms"),
+    ("result-compute-ms-negative", _with(RESULT, compute_ms=-1.0), "BatchResult.compute_ms"),
+    ("result-batch-id-negative", _with(RESULT, batch_id=-1), "BatchResult.batch_id"),
+    ("reply-retry-after-negative", _with(protocol.Reply("r1"), retry_after_ms=-1), "Reply.retry_after_ms"),
+    ("reply-request-id-empty", _with(protocol.Reply("r1"), request_id=""), "Reply.request_id"),
+    ("reply-error-message-too-long",
+     _with(protocol.Reply("r1"), error_message="x" * (protocol.MAX_REPLY_TEXT_LEN + 1)), "Reply.error_message"),
+    ("replies-request-id-empty", _with(protocol.Replies(["r1"], [[b"x"]]), request_ids=[""]),
+     r"Replies.request_ids\[0\]"),
+    ("replies-too-many-outputs", _with(protocol.Replies(["r1"], [[b"x"]]), outputs=[[b""] * (protocol.MAX_ITEMS + 1)]),
+     r"Replies.outputs\[0\] must be lists of bin values, at most 65536"),
+    ("disconnect-reason-too-long", _with(protocol.Disconnect(), reason=LONG_TEXT), "Disconnect.reason"),
+    ("disconnect-registration-negative", _with(protocol.Disconnect(), registration=-1), "Disconnect.registration"),
+    ("status-request-id-too-long", _with(protocol.StatusRequest(), request_id=LONG_NAME), "StatusRequest.request_id"),
+    ("status-model-not-a-map", _with(STATUS, models={"m": 1}), r"Status.models\['m'\] must be a map"),
+    ("status-worker-not-a-map", _with(STATUS, workers=["w"]), r"Status.workers\[0\] must be a map, got str 'w'"),
+    ("status-stats-bin-key", _with(STATUS, stats={b"k": 1}), "Status.stats key"),
+    ("error-code-too-long", _with(protocol.Error("X", "m"), code=LONG_NAME), "Error.code"),
+]
+
+
+@pytest.mark.parametrize("frames, complaint", [pytest.param(f, c, id=i) for i, f, c in REFUSALS])
+def test_out_of_bounds_elements_are_refused_naming_the_field_and_the_value(frames, complaint):
+    with pytest.raises(DecodeError, match=complaint):
+        protocol.decode(frames)
+
+
+HF_METADATA = {
+    "platform": "pytorch",
+    "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [-1, 1]}],
+    "outputs": [{"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, 2], "labels": ["neg", "pos"]}],
+}
+STATS = {"batches": 3, "items": 9, "mean_batch_latency_ms": 1.5, "note": "", "ok": True, "none": None,
+         "gpu": {"memory": 1, "name": "H200"}}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(protocol.Request("r" * 256, "m" * 256, timeout_ms=-5, inputs=[b"\x01"], sizes=[2**31 - 1],
+                                      priority=protocol.MIN_PRIORITY, instance_id="i" * 256),
+                     id="request-at-the-bounds"),
+        pytest.param(protocol.Request("r", "m", timeout_ms=2**40, priority=protocol.MAX_PRIORITY),
+                     id="request-at-the-top"),
+        pytest.param(protocol.Ready(models=[f"m{i}" for i in range(64)], max_batch_size=protocol.MAX_ITEMS,
+                                    max_batches=protocol.MAX_BATCHES,
+                                    metadata=_nested(protocol.MAX_DOCUMENT_DEPTH - 1)),
+                     id="ready-at-the-bounds"),
+        pytest.param(protocol.Ready(models=["m"], max_batch_size=1, metadata=HF_METADATA), id="ready-with-hf-metadata"),
+        pytest.param(protocol.Heartbeat(stats=STATS), id="heartbeat-with-one-level-of-nested-stats"),
+        pytest.param(protocol.BatchResult(1, [b"", b"\x01"], errors=[[0, "SOMETHING_NEW", "m" * 4096]], compute_ms=0),
+                     id="result-with-unknown-code-and-longest-message"),
+        pytest.param(protocol.Reply("r", error_code="OVERLOADED", retry_after_ms=2**40), id="reply-at-the-bounds"),
+    ],
+)
+def test_messages_at_the_bounds_are_accepted(message):
+    assert protocol.decode(protocol.encode(message)) == message
 
 
 @pytest.mark.parametrize("frames", [
