@@ -97,6 +97,8 @@ class BrokerCore:
             return
         except protocol.DecodeError as error:
             self._count_malformed(peer, peer_id, error)
+            if peer is Peer.GATEWAY:
+                self._refuse_malformed_request(peer_id, frames, error, now)
             return
         try:
             if peer is Peer.WORKER:
@@ -515,6 +517,18 @@ class BrokerCore:
         if _throttled(self.stats["malformed"]):
             logger.warning("dropped malformed message from %s %s: %s (%d so far)", peer.name.lower(),
                            peer_id.hex(), error, self.stats["malformed"])
+
+    def _refuse_malformed_request(self, gateway_id: bytes, frames: list[bytes], error: protocol.DecodeError,
+                                  now: float) -> None:
+        """A REQUEST that does not decode, but whose request id can be read: answer BAD_REQUEST now,
+        rather than leave its sender waiting for its deadline. Never for an id still in flight: that
+        would be a second reply to another request."""
+        request_id = protocol.request_id_of(frames)
+        if request_id is None or (gateway_id, request_id) in self._requests:
+            return
+        self.stats[_REPLY_STAT[ErrorCode.BAD_REQUEST.value]] += 1
+        self._sends.append(Send(Peer.GATEWAY, gateway_id, protocol.Reply(
+            request_id, error_code=ErrorCode.BAD_REQUEST.value, error_message=f"malformed request: {error}"[:4096])))
 
     def _refuse(self, peer: Peer, peer_id: bytes, message: protocol.Message, why: str) -> None:
         self.stats["refused"] += 1

@@ -590,6 +590,20 @@ def _check_bins(items: list, complaint: str) -> None:
             raise DecodeError(f"{complaint}, got {type(item).__name__}")
 
 
+def request_id_of(frames: Sequence[bytes]) -> str | None:
+    """The request id of a REQUEST that decode() refused, where one can be read safely: so that the
+    broker can answer BAD_REQUEST at once instead of leaving its sender to wait for its deadline."""
+    frame = frames[0] if len(frames) == 1 else b""
+    if bytes(frame[:_BODY_AT]) != _PREFIX[Request] or len(frame) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        body = _unpackb(memoryview(frame)[_BODY_AT:], max_len=MAX_ITEM_BYTES)
+    except DecodeError:
+        return None
+    request_id = body.get("request_id") if type(body) is dict else None
+    return request_id if type(request_id) is str and 0 < len(request_id) <= MAX_NAME_LEN else None
+
+
 def replies_of(message: Message) -> list[Reply]:
     """The replies that a REPLY or a REPLIES message carries; none for any other kind."""
     if isinstance(message, Reply):

@@ -125,6 +125,7 @@ class BrokerConnection:
         self._links = [_Link(index, endpoint) for index, endpoint in enumerate(broker_endpoints(config.broker))]
         self.refused_batches = 0  # batches handed back BUSY because we already held --max-batches
         self.peak_batches_held = 0  # the most batches held at once, from all brokers together
+        self._warned_figures = False
 
     @property
     def broker_instance_id(self) -> str:
@@ -328,9 +329,21 @@ class BrokerConnection:
         figures["refused_batches"] = self.refused_batches
         figures["peak_batches_held"] = self.peak_batches_held
         try:
-            figures.update(self._describe())
+            described = self._describe()
         except Exception:  # figures are best effort; a broken describe() must not stop heartbeats
             logger.exception("handler describe() failed")
+            return figures
+        try:
+            # The broker refuses a heartbeat whose figures are out of the protocol's bounds, and a
+            # worker whose heartbeats are refused expires: check here, once a heartbeat, and leave
+            # the handler's figures out rather than the heartbeat.
+            protocol.decode(protocol.encode(protocol.Heartbeat(stats={**figures, **described})))
+        except (protocol.DecodeError, TypeError) as error:
+            if not self._warned_figures:
+                self._warned_figures = True
+                logger.warning("handler describe() figures left out of heartbeats: %s", error)
+            return figures
+        figures.update(described)
         return figures
 
     def _touch_health_file(self, now: float) -> None:

@@ -145,3 +145,18 @@ def test_a_batch_handed_back_busy_is_requeued_unrun_and_the_worker_gets_nothing_
     items = core._workers.get(b"w1").in_flight[again.batch_id].items
     assert [(item.attempts, item.isolated) for item in items] == [(1, False), (1, False)], \
         "the refused run does not count as an attempt"
+
+
+def test_a_request_that_does_not_decode_is_answered_bad_request_at_once_unless_its_id_is_in_flight():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1)), 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("live"), 0.0)
+    hostile = protocol.Request("bad", "m", 5000, inputs=[protocol.encode_value("x")])
+    hostile.sizes = ["a"]  # decodes as msgpack, refused by decode()
+    core.on_frames(Peer.GATEWAY, b"gw", frames(hostile), 0.0)
+    hostile.request_id = "live"  # the same id as a request in flight: no reply may go to it
+    core.on_frames(Peer.GATEWAY, b"gw", frames(hostile), 0.0)
+    step(core, wire, 0.0)
+    [refusal] = wire.take(b"gw", protocol.Reply)
+    assert (refusal.request_id, refusal.error_code) == ("bad", "BAD_REQUEST") and "sizes" in refusal.error_message
+    assert core.stats["malformed"] == 2 and core.in_flight_requests == 1

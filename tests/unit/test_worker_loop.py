@@ -62,3 +62,22 @@ def test_outputs_that_cannot_travel_fail_alone_and_arrays_travel_raw():
 def test_manager_keeps_the_seed_gpu_id():
     assert Manager(device="cuda:1").gpu_id == 1 and Manager().gpu_id is None
     assert isinstance(InputError("x"), ValueError)
+
+
+def test_handler_figures_the_broker_would_refuse_are_left_out_and_the_heartbeat_still_goes():
+    import queue
+
+    import zmq
+
+    from worker.config import WorkerConfig
+    from worker.connection import BrokerConnection, ComputeState
+
+    def connection(describe):
+        return BrokerConnection(WorkerConfig(), zmq.Context.instance(), protocol.Ready(["m"], 4), queue.Queue(),
+                                "inproc://unused", ComputeState(), describe)
+
+    good = connection(lambda: {"cache_hits": 3})._figures()
+    assert good["cache_hits"] == 3 and good["batches"] == 0
+    bad = connection(lambda: {"batches": "many", "nested": {"too": {"deep": 1}}})._figures()
+    assert bad["batches"] == 0 and "nested" not in bad, "the worker's own figures still go"
+    protocol.decode(protocol.encode(protocol.Heartbeat(stats=bad)))  # and the broker takes them
