@@ -1,0 +1,759 @@
+"""The simulated peers: gateways and workers that behave as the real ones do, and hostile ones.
+
+SimWorker follows worker/connection.py and worker/loop.py (with one broker): READY with a
+registration counter, a heartbeat every interval, one batch computed at a time, a batch past
+--max-batches handed back unrun (all BUSY), DISCONNECT honoured unless it answers a registration
+older than the latest READY, a fresh identity after `liveness` intervals of broker silence,
+per-input errors, a whole-batch MODEL_ERROR when the model raises. SimGateway follows
+gateway/broker_client.py: unique request ids, the broker instance it last heard on each request,
+and a broker restart or silence fails what it waits for. Every input identifies itself
+({"u": serial, "i": index}, plus "p" for poison) so replies can be checked against their own inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from broker.core import Peer
+from ddml_common import protocol
+from ddml_common.protocol import MAX_MODELS, MAX_NAME_LEN, MAX_PRIORITY, MIN_PRIORITY, ErrorCode
+from tests.sim.invariants import Tracked
+from tests.sim.world import Conn, World, WorkerSpec
+
+POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
+_HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
+
+
+def make_inputs(world: World, count: int, poison_p: float = 0.0,
+                poisons: dict[int, str] | None = None) -> tuple[int, list[bytes]]:
+    """Encoded inputs that identify themselves, registered with the world."""
+    serial = world.serial()
+    rng, inputs, known = world.rng, [], world.inputs
+    for index in range(count):
+        value = {"u": serial, "i": index}
+        poison = ""
+        if poisons is not None:
+            poison = poisons.get(index, "")
+        elif poison_p and rng.random() < poison_p:
+            poison = rng.choice(POISONS)
+        if poison:
+            value["p"] = poison
+        encoded = protocol.encode_value(value)
+        known[encoded] = (serial, index, poison)
+        inputs.append(encoded)
+    return serial, inputs
+
+
+@dataclass(eq=False, slots=True)
+class Computing:
+    batch: protocol.Batch
+    started_at: float
+    remaining_s: float  # compute left, while stopped
+    outcome: str  # "ok", "kill" (dies at the end), "hang"
+    token: int = 0  # bumped when its end is rescheduled (SIGSTOP/SIGCONT)
+
+
+class SimWorker:
+    killable = True
+
+    def __init__(self, world: World, index: int, spec: WorkerSpec, faultless: bool = False):
+        self.world = world
+        self.index = index
+        self.spec = spec
+        self.faultless = faultless  # the wind-down's healthy worker: no random slowness or hangs
+        self.name = f"w{index}"
+        self.incarnation = 0
+        self.alive = False
+        self._token = 0  # bumped at death and at each start: older timers are stale
+        self.busy: Computing | None = None
+        self.conn: Conn | None = None
+        # A scripted scenario's hook: turns the next result into the frames actually sent.
+        self.tamper: Callable[[protocol.BatchResult], list[bytes]] | None = None
+
+    # ------------------------------------------------------------------ process lifecycle
+
+    def start(self) -> bool:
+        world = self.world
+        self.incarnation += 1
+        self._token += 1
+        self.alive = True
+        self.stopped = False
+        self.buffered: list[tuple[Conn, list[bytes]]] = []
+        self.registrations = 0
+        self.register_when_idle = False
+        self.draining = self.drain_acknowledged = False
+        self.inbox: deque[protocol.Batch] = deque()
+        self.holding: set[int] = set()  # batch ids received and not yet answered (or forgotten)
+        self.refused = False  # it handed a batch back BUSY: heartbeat as soon as a slot frees
+        self.busy = None
+        self.conn = None
+        self.connections = 0
+        self.heartbeat_due_at = world.now
+        world.trace("%s starts (incarnation %s)", self.name, self.incarnation)
+        self._connect()
+        self._loop_pass()
+        return True
+
+    def die(self, reason: str, notice_s: float = 0.005) -> None:
+        if not self.alive:
+            return
+        world = self.world
+        self.alive = False
+        self._token += 1
+        world.trace("%s dies: %s (busy: %s, inbox %s)", self.name, reason, self.busy is not None, len(self.inbox))
+        world.close_conn(self.conn, notice_s)
+        self.busy = None
+        self.inbox.clear()
+        self.holding.clear()
+        self.buffered.clear()
+        if self.faultless or world.rng.random() < world.scenario.restart_p:
+            world.after(world.rng.uniform(0.05, 0.5), self.start)
+
+    def sigstop(self, duration_s: float) -> None:
+        if not self.alive or self.stopped:
+            return
+        self.stopped = True
+        world = self.world
+        world.trace("%s SIGSTOP for %s s", self.name, duration_s)
+        if self.busy is not None:
+            self.busy.remaining_s = self._end_at - world.now
+            self.busy.token += 1
+        world.after(duration_s, self._sigcont, self._token)
+
+    def _sigcont(self, token: int) -> bool:
+        if token != self._token or not self.stopped:
+            return False
+        world = self.world
+        self.stopped = False
+        world.trace("%s SIGCONT (%s messages waiting)", self.name, len(self.buffered))
+        if self.busy is not None:
+            self._schedule_end(self.busy.remaining_s)
+        buffered, self.buffered = self.buffered, []
+        for conn, frames in buffered:
+            if self.alive:
+                self._handle(conn, frames)
+        if self.alive:
+            self._loop_pass()
+            self._maybe_start()
+        return True
+
+    def heal(self) -> None:
+        if self.alive and self.stopped:
+            self._sigcont(self._token)
+
+    def link_fault(self, same_identity: bool) -> None:
+        """The TCP link breaks. Same identity: ZeroMQ reconnects by itself. Otherwise the worker
+        notices and reconnects on a fresh socket (fresh identity), as after broker silence."""
+        world = self.world
+        world.drop_link(self.conn, same_identity)
+        if not same_identity:
+            world.after(world.rng.uniform(0.0, 0.2), self._reconnect, self._token)
+
+    def _reconnect(self, token: int) -> bool:
+        if token != self._token or self.stopped:
+            return False
+        self._connect()
+        return True
+
+    def reregister(self) -> None:
+        """READY again on the same identity (as after a DISCONNECT)."""
+        if self.alive and not self.stopped:
+            self.world.trace("%s registers again", self.name)
+            self._register()
+
+    def drain(self) -> None:
+        """SIGTERM: ask for no more batches, finish those in hand, DISCONNECT, exit."""
+        if self.alive and not self.stopped and not self.draining:
+            self.draining = True
+            self.heartbeat_due_at = self.world.now
+            self._loop_pass()
+
+    # ------------------------------------------------------------------ the I/O thread
+
+    def _connect(self) -> None:
+        """A fresh DEALER with a fresh identity, then READY (worker/connection.py _connect)."""
+        world = self.world
+        if self.conn is not None:
+            world.close_conn(self.conn, world.rng.uniform(0.0, 0.02))
+            self._forget_batches()
+        self.connections += 1
+        identity = f"{self.name}.{self.incarnation}.{self.connections}".encode()
+        self.conn = world.open_conn(self, identity, Peer.WORKER)
+        self.broker_seen_at = world.now
+        world.trace("%s connects as %r", self.name, identity)
+        self._register()
+
+    def _forget_batches(self) -> None:
+        """The broker forgot us and re-dispatched what we held: drop the batches not yet started."""
+        for batch in self.inbox:
+            self.holding.discard(batch.batch_id)
+        self.inbox.clear()
+
+    def _register(self) -> None:
+        """READY, unless the model still computes a batch the broker took away from us."""
+        if self.busy is not None and self.holding:
+            self.register_when_idle = True
+            return
+        self.register_when_idle = False
+        self.registrations += 1
+        spec = self.spec
+        self._send(protocol.Ready(list(spec.models), spec.max_batch_size, spec.max_batches, device="sim",
+                                  host="sim", pid=1000 + self.index), "READY")
+
+    def _send(self, message: protocol.Message, what: str) -> None:
+        self.world.send_to_broker(self.conn, protocol.encode(message), what,
+                                  faulty=not self.faultless and what != "DISCONNECT")
+
+    def receive(self, conn: Conn, frames: list[bytes]) -> None:
+        if not self.alive:
+            return
+        if self.stopped:
+            self.buffered.append((conn, frames))
+            return
+        self._handle(conn, frames)
+        if self.alive:
+            self._loop_pass()
+
+    def _handle(self, conn: Conn, frames: list[bytes]) -> None:
+        if conn is not self.conn:
+            return  # a socket it closed
+        world = self.world
+        message = decode_from_broker(world, self.name, frames)
+        self.broker_seen_at = world.now
+        kind = type(message)
+        if kind is protocol.Batch:
+            if len(self.holding) >= self.spec.max_batches:
+                # Full (with batches of a registration the broker forgot): back unrun, all BUSY.
+                world.ledger.counts["batches_handed_back_busy"] += 1
+                self.refused = True
+                self._send(protocol.BatchResult.failed(message.batch_id, len(message.inputs), ErrorCode.BUSY,
+                                                       f"worker holds {len(self.holding)} batches already"),
+                           "BATCH_RESULT")
+                return
+            self.holding.add(message.batch_id)
+            self.inbox.append(message)
+            self._maybe_start()
+        elif kind is protocol.Heartbeat:
+            self.drain_acknowledged |= message.draining
+        elif kind is protocol.Disconnect:
+            if message.registration and message.registration < self.registrations:
+                world.trace("%s ignores a stale DISCONNECT (%s < %s)", self.name, message.registration,
+                            self.registrations)
+                return
+            world.trace("%s told to register again: %s", self.name, message.reason)
+            self._forget_batches()
+            self._register()
+
+    def _loop_pass(self) -> None:
+        """What worker/connection.py's loop does after each poll: heartbeat when due, drain,
+        register when idle, reconnect after broker silence, and the watchdog."""
+        world = self.world
+        now = world.now
+        config = world.config.heartbeat
+        if now >= self.heartbeat_due_at:
+            self._heartbeat()
+            self.heartbeat_due_at = now + config.interval_s
+            world.at(self.heartbeat_due_at, self._on_timer, self._token, self.heartbeat_due_at)
+        silent = now - self.broker_seen_at > config.expiry_s
+        if self.draining and (self.drain_acknowledged or silent) and not self.holding:
+            self._send(protocol.Disconnect("worker shutting down"), "DISCONNECT")
+            world.trace("%s drained and exits", self.name)
+            self.die("drained", notice_s=0.01)
+            return
+        if self.register_when_idle and self.busy is None:
+            self._register()
+        if silent:
+            world.trace("%s hears nothing from the broker: reconnects", self.name)
+            self._connect()
+        busy = self.busy
+        if busy is not None and now - busy.started_at > world.scenario.watchdog_s:
+            self.die("watchdog: the model is hung")
+
+    def _heartbeat(self) -> None:
+        self._send(protocol.Heartbeat(stats={"batches": 0}, draining=self.draining, registration=self.registrations),
+                   "HEARTBEAT")
+
+    def _on_timer(self, token: int, due_at: float) -> bool:
+        if token != self._token or due_at != self.heartbeat_due_at:
+            return False
+        if not self.stopped:
+            self._loop_pass()
+        return True
+
+    # ------------------------------------------------------------------ the compute thread
+
+    def _maybe_start(self) -> None:
+        if not self.alive or self.stopped or self.busy is not None or not self.inbox:
+            return
+        world = self.world
+        batch = self.inbox.popleft()
+        world.ledger.on_execute(batch.inputs, self.name)
+        rng, scenario, spec = world.rng, world.scenario, self.spec
+        poisons = {world.inputs.get(item, (0, 0, ""))[2] for item in batch.inputs}
+        duration_s = spec.batch_s + spec.item_s * len(batch.inputs)
+        outcome = "ok"
+        if "kill" in poisons:
+            outcome, duration_s = "kill", duration_s * rng.random()
+        elif "hang" in poisons or (not self.faultless and scenario.hang_p and rng.random() < scenario.hang_p):
+            outcome, duration_s = "hang", _HUNG_S
+            world.faults["hung_batch"] += 1
+        elif "slow" in poisons or (not self.faultless and scenario.slow_p and rng.random() < scenario.slow_p):
+            duration_s *= rng.uniform(10, 40)
+            world.faults["slow_batch"] += 1
+        world.trace("%s computes batch %s (%s inputs, %s)", self.name, batch.batch_id, len(batch.inputs), outcome)
+        self.busy = Computing(batch, world.now, duration_s, outcome)
+        self._schedule_end(duration_s)
+
+    def _schedule_end(self, duration_s: float) -> None:
+        busy = self.busy
+        busy.token += 1
+        self._end_at = self.world.now + duration_s
+        self.world.at(self._end_at, self._on_compute_end, self._token, busy, busy.token)
+
+    def _on_compute_end(self, token: int, busy: Computing, busy_token: int) -> bool:
+        if token != self._token or busy is not self.busy or busy_token != busy.token or self.stopped:
+            return False
+        world = self.world
+        if busy.outcome == "kill":
+            world.faults["poison_kill"] += 1
+            self.die("a poison input killed it", notice_s=world.rng.choice((0.0, 0.002)))
+            return True
+        self.busy = None
+        self.holding.discard(busy.batch.batch_id)
+        result = self._result(busy, world.now)
+        if self.tamper is not None:
+            tamper, self.tamper = self.tamper, None
+            world.send_to_broker(self.conn, tamper(result), "BATCH_RESULT")
+        else:
+            self._send(result, "BATCH_RESULT")
+        if self.refused:  # a slot is free: the broker it turned away may send again
+            self.refused = False
+            self._heartbeat()
+        self._loop_pass()
+        self._maybe_start()
+        return True
+
+    def _result(self, busy: Computing, now: float) -> protocol.BatchResult:
+        """As worker/loop.py run_batch() builds it, for a model that echoes its inputs."""
+        batch, known = busy.batch, self.world.inputs
+        size = len(batch.inputs)
+        outputs = [b""] * size
+        errors, positions = [], []
+        for index, item in enumerate(batch.inputs):
+            info = known.get(item)
+            if info is None or info[2] == "garbage":
+                try:
+                    protocol.decode_value(item)
+                except protocol.DecodeError as error:
+                    errors.append([index, ErrorCode.BAD_REQUEST.value, f"input could not be decoded: {error}"[:200]])
+                    continue
+            positions.append(index)
+        if any(known.get(batch.inputs[i], (0, 0, ""))[2] == "raise" for i in positions):
+            errors.extend([i, ErrorCode.MODEL_ERROR.value, "model failed: RuntimeError: poison"] for i in positions)
+        else:
+            for i in positions:
+                poison = known.get(batch.inputs[i], (0, 0, ""))[2]
+                if poison == "invalid":
+                    errors.append([i, ErrorCode.BAD_REQUEST.value, "InputError: invalid"])
+                elif poison == "error":
+                    errors.append([i, ErrorCode.MODEL_ERROR.value, "ValueError: bad input"])
+                else:
+                    outputs[i] = batch.inputs[i]  # echo: encode_value(decode_value(x)) == x
+        return protocol.BatchResult(batch.batch_id, outputs, errors=sorted(errors),
+                                    compute_ms=(now - busy.started_at) * 1000)
+
+
+class SimGateway:
+    """A gateway's BrokerClient (the submit() path: one DEALER, one I/O thread)."""
+
+    def __init__(self, world: World, index: int):
+        self.world = world
+        self.index = index
+        self.name = f"g{index}"
+        self._identities = 0
+        self._ids = itertools.count(1)
+        self.instance_id = ""  # the broker instance it last heard
+        self.sent: dict[str, Tracked] = {}  # every request it sent, by id
+        self.waiting: dict[str, float] = {}  # request id -> when it gives up locally
+        self.conn: Conn | None = None
+
+    def next_identity(self) -> bytes:
+        self._identities += 1
+        return f"{self.name}.{self._identities}".encode()
+
+    def start(self) -> bool:
+        world = self.world
+        self.conn = world.open_conn(self, self.next_identity(), Peer.GATEWAY)
+        self.broker_seen_at = world.now
+        self._on_heartbeat_timer()
+        if world.scenario.rate_per_s:
+            world.after(world.rng.expovariate(world.scenario.rate_per_s), self._on_submit_timer)
+        return True
+
+    def _on_heartbeat_timer(self) -> bool:
+        world = self.world
+        if not world.submitting:
+            return False
+        now = world.now
+        config = world.config.heartbeat
+        if world.connected(self.conn):
+            world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
+        for request_id in [r for r, give_up_at in self.waiting.items() if give_up_at < now]:
+            del self.waiting[request_id]
+            world.ledger.counts["gateway_expired_locally"] += 1
+        if now - self.broker_seen_at > config.expiry_s:
+            world.trace("%s hears nothing from the broker: fails %s, reconnects", self.name, len(self.waiting))
+            world.ledger.counts["gateway_failed_on_silence"] += len(self.waiting)
+            self.waiting.clear()
+            world.close_conn(self.conn, 0.0)
+            self.conn = world.open_conn(self, self.next_identity(), Peer.GATEWAY)
+            self.broker_seen_at = now
+        world.after(config.interval_s, self._on_heartbeat_timer)
+        return True
+
+    def _on_submit_timer(self) -> bool:
+        world = self.world
+        if not world.submitting:
+            return False
+        self.submit()
+        world.after(world.rng.expovariate(world.scenario.rate_per_s), self._on_submit_timer)
+        return True
+
+    def submit(self, count: int | None = None, timeout_s: float | None = None, model: str | None = None,
+               poisons: dict[int, str] | None = None) -> Tracked:
+        """One request, drawn at random; a scripted scenario may fix its shape."""
+        world = self.world
+        rng, scenario = world.rng, world.scenario
+        if count is None:
+            count = 1 if rng.random() < 0.5 else rng.randint(1, scenario.max_inputs)
+        serial, inputs = make_inputs(world, count, scenario.poison_p, poisons)
+        if timeout_s is None:
+            draw = rng.random()
+            timeout_s = (0.0 if draw < 0.03 else rng.uniform(0.001, 0.1) if draw < 0.2
+                         else rng.uniform(0.1, 1.2) if draw < 0.9 else rng.uniform(1.2, 2.5))
+        draw = rng.random()
+        priority = 0 if draw < 0.6 else rng.randint(-3, 3) if draw < 0.9 else rng.choice((MIN_PRIORITY, MAX_PRIORITY))
+        sizes = [rng.randint(0, 30) for _ in inputs] if rng.random() < 0.3 else []
+        model = model or rng.choice(("m", "m", "m", "m2"))
+        request_id = f"{self.name}-{next(self._ids)}"
+        message = protocol.Request(request_id, model, int(timeout_s * 1000), inputs, sizes, priority,
+                                   instance_id=self.instance_id)
+        tracked = Tracked(self.name, request_id, inputs, serial, message.timeout_ms, self.instance_id)
+        world.ledger.submitted(tracked)
+        self.sent[request_id] = tracked
+        if not world.connected(self.conn):
+            world.ledger.counts["gateway_refused_unconnected"] += 1  # ZMQ_IMMEDIATE: UNAVAILABLE at once
+            return tracked
+        self.waiting[request_id] = world.now + timeout_s + 1.0
+        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST", tracked)
+        return tracked
+
+    def receive(self, conn: Conn, frames: list[bytes]) -> None:
+        if conn is not self.conn:
+            return
+        world = self.world
+        message = decode_from_broker(world, self.name, frames)
+        self.broker_seen_at = world.now
+        kind = type(message)
+        if kind is protocol.Reply or kind is protocol.Replies:
+            for reply in protocol.replies_of(message):
+                world.ledger.on_reply_delivered(self.name, self.sent.get(reply.request_id), reply)
+                self.waiting.pop(reply.request_id, None)
+        elif kind is protocol.Heartbeat:
+            if self.instance_id and message.instance_id != self.instance_id:
+                world.trace("%s sees broker %s: fails %s waiting", self.name, message.instance_id, len(self.waiting))
+                world.ledger.counts["gateway_failed_on_restart"] += len(self.waiting)
+                self.waiting.clear()
+            self.instance_id = message.instance_id
+
+
+class _HostilePeer:
+    """Common to the hostile gateway and the rogue worker: a connection and a few scheduled acts."""
+
+    peer = Peer.GATEWAY
+    prefix = "evil"
+
+    def __init__(self, world: World, index: int):
+        self.world = world
+        self.name = f"{self.prefix}{index}"
+        self._identities = 0
+        self.conn: Conn | None = None
+        self.active = False
+
+    def next_identity(self) -> bytes:
+        self._identities += 1
+        return f"{self.name}.{self._identities}".encode()
+
+    def connect(self) -> None:
+        self.active = True
+        self.conn = self.world.open_conn(self, self.next_identity(), self.peer)
+
+    def start(self) -> None:
+        world = self.world
+        self.connect()
+        for _ in range(world.rng.randint(3, 10)):
+            world.after(world.rng.uniform(0.0, 1.0), self._act)
+
+    def stop(self) -> None:
+        if self.active:
+            self.active = False
+            self.world.close_conn(self.conn, 0.001)
+
+    def _act(self) -> bool:
+        if not self.active or not self.world.injecting:
+            return False
+        self.act()
+        return True
+
+    def send(self, message: protocol.Message, what: str, tracked: Tracked | None = None) -> None:
+        self.world.send_to_broker(self.conn, protocol.encode(message), what, tracked)
+
+    def receive(self, conn: Conn, frames: list[bytes]) -> None:
+        decode_from_broker(self.world, self.name, frames)
+
+
+class HostileGateway(_HostilePeer):
+    """Well-typed messages with hostile values on the frontend, and messages of the wrong kind."""
+
+    def __init__(self, world: World, index: int):
+        super().__init__(world, index)
+        self.request_ids: list[str] = []
+
+    def request(self, count: int = 1, **fields) -> Tracked:
+        world = self.world
+        rng = world.rng
+        serial, inputs = make_inputs(world, count)
+        request_id = fields.pop("request_id", None) or f"{self.name}-{len(self.request_ids) + 1}"
+        self.request_ids.append(request_id)
+        message = protocol.Request(request_id, fields.pop("model", "m"), fields.pop("timeout_ms", rng.randint(1, 1500)),
+                                   inputs, **fields)
+        tracked = Tracked(self.name, request_id, inputs, serial, message.timeout_ms, message.instance_id, hostile=True)
+        world.ledger.submitted(tracked)
+        self.send(message, "REQUEST", tracked)
+        return tracked
+
+    def act(self) -> None:
+        world = self.world
+        rng = world.rng
+        act = rng.choice(("duplicate_id", "huge", "priority", "unknown_model", "empty", "timeout", "long_names",
+                          "stale_instance", "sizes", "wrong_kind", "status", "heartbeat", "undecodable"))
+        world.faults[f"hostile_{act}"] += 1
+        if act == "duplicate_id" and self.request_ids:
+            self.request(rng.randint(1, 3), request_id=rng.choice(self.request_ids))
+        elif act == "huge":
+            self.request(rng.choice((50, 200)), timeout_ms=rng.randint(20, 300))
+        elif act == "priority":
+            self.request(rng.randint(1, 4), priority=rng.choice((MIN_PRIORITY, MAX_PRIORITY)))
+        elif act == "unknown_model":
+            self.request(1, model=rng.choice(("nope", "m3", "x" * MAX_NAME_LEN)))
+        elif act == "empty":
+            self.request(0)
+        elif act == "timeout":
+            self.request(1, timeout_ms=rng.choice((0, -1, -(1 << 40), 1)))
+        elif act == "long_names":
+            self.request(1, request_id="r" * MAX_NAME_LEN)
+        elif act == "stale_instance":
+            self.request(2, instance_id="an-old-broker")
+        elif act == "sizes":
+            count = rng.randint(1, 3)
+            sizes = rng.choice(([1 << 30] * count, [0] * (count + 1), ["a"] * count, [-1] * count))
+            self.request(count, sizes=sizes)
+        elif act == "wrong_kind":
+            self.send(rng.choice(_wrong_kinds(self.peer)), "WRONG_KIND")
+        elif act == "status":
+            self.send(protocol.StatusRequest(f"{self.name}-status"), "STATUS_REQUEST")
+        elif act == "heartbeat":
+            self.send(protocol.Heartbeat(instance_id="whoever", draining=True, registration=7), "HEARTBEAT")
+        else:
+            send_garbage(world, self.conn)
+
+
+class RogueWorker(_HostilePeer):
+    """A registered worker that misbehaves: odd READYs, results for batches it does not hold,
+    results of the wrong shape, odd error codes. It never returns wrong outputs in the right
+    shape: no broker could tell those from a model's."""
+
+    peer = Peer.WORKER
+    prefix = "rogue"
+    killable = False
+    honest = False
+
+    def start(self) -> None:
+        super().start()
+        world = self.world
+        rng = world.rng
+        self.keepalive = rng.random() < 0.7
+        models = ["m"] if rng.random() < 0.6 else [f"r{rng.getrandbits(24):06x}" for _ in range(MAX_MODELS)]
+        self.send(protocol.Ready(models, rng.randint(1, 16), rng.randint(1, 3)), "READY")
+        self.style = rng.choice(("echo", "short", "long_error", "odd_codes", "known_codes", "silent", "late",
+                                 "twice", "wrong_id", "huge_compute", "busy"))
+        if self.keepalive:
+            self._heartbeat()
+
+    def _heartbeat(self) -> bool:
+        if not self.active:
+            return False
+        self.send(protocol.Heartbeat(stats={"batches": 1, "note": "rogue"}), "HEARTBEAT")
+        self.world.after(self.world.config.heartbeat.interval_s, self._heartbeat)
+        return True
+
+    def act(self) -> None:
+        world = self.world
+        rng = world.rng
+        act = rng.choice(("ready_many", "ready_again", "result_for_other", "wrong_kind", "disconnect", "unknown_peer",
+                          "undecodable"))
+        world.faults[f"rogue_{act}"] += 1
+        if act == "ready_many":
+            names = [f"q{rng.getrandbits(24):06x}" for _ in range(MAX_MODELS)]
+            self.send(protocol.Ready(names, 1, 1), "READY")
+        elif act == "ready_again":
+            self.send(protocol.Ready(["m"], rng.randint(1, 8), 2), "READY")
+        elif act == "result_for_other":
+            # Batches of other workers, or none at all; never its own: answering one of its own
+            # batches with another's outputs is what no broker could tell from a model's answer.
+            seen = [b for b, owner in world.batch_owners.items() if owner is not self]
+            batch_id = rng.choice(seen) if seen and rng.random() < 0.8 else rng.randint(1 << 30, 1 << 40)
+            size = rng.randint(0, 3)
+            self.send(protocol.BatchResult(batch_id, [b"\x01"] * size, compute_ms=1.0), "BATCH_RESULT")
+        elif act == "wrong_kind":
+            self.send(rng.choice(_wrong_kinds(self.peer)), "WRONG_KIND")
+        elif act == "disconnect":
+            self.send(protocol.Disconnect("rogue leaves", registration=rng.randint(0, 5)), "DISCONNECT")
+        elif act == "unknown_peer":
+            # A peer the broker never registered: heartbeat, result, disconnect with no READY.
+            junk = Junk(world, Peer.WORKER)
+            message = rng.choice((protocol.Heartbeat(registration=3), protocol.BatchResult(rng.randint(1, 50), []),
+                                  protocol.Disconnect("never said hello")))
+            world.send_to_broker(junk.conn, protocol.encode(message), "UNKNOWN_PEER")
+            junk.close_later()
+        else:
+            send_garbage(world, self.conn)
+
+    def receive(self, conn: Conn, frames: list[bytes]) -> None:
+        world = self.world
+        if not self.active or conn is not self.conn:
+            return
+        if self.style == "huge_compute":
+            try:
+                message = protocol.decode(frames)
+            except protocol.DecodeError:
+                # Its lies about compute_ms make the batch timeout longer than the protocol allows:
+                # its own problem (the batch stays with it until it goes away).
+                world.ledger.counts["rogue_batch_undecodable"] += 1
+                return
+        else:
+            message = decode_from_broker(world, self.name, frames)
+        if type(message) is not protocol.Batch:
+            return
+        rng, style = world.rng, self.style
+        size = len(message.inputs)
+        if style == "busy":
+            busy = protocol.BatchResult.failed(message.batch_id, size, ErrorCode.BUSY, "rogue: busy")
+            self.send(busy, "BATCH_RESULT")
+            return
+        echo = protocol.BatchResult(message.batch_id, list(message.inputs), compute_ms=rng.uniform(1, 20))
+        result, delay_s = echo, rng.uniform(0.001, 0.05)
+        if style in ("echo", "late", "twice", "huge_compute"):
+            world.ledger.on_execute(message.inputs, self.name)
+        if style == "short":
+            result = protocol.BatchResult(message.batch_id, list(message.inputs[:-1]))
+        elif style == "long_error":
+            result = protocol.BatchResult(message.batch_id, [b""] * (size + 1),
+                                          errors=[[size, ErrorCode.MODEL_ERROR.value, "index past the batch"]])
+        elif style in ("odd_codes", "known_codes"):
+            codes = ("WEIRD", "", "ok") if style == "odd_codes" else tuple(c.value for c in ErrorCode)
+            result = protocol.BatchResult(message.batch_id, [b""] * size,
+                                          errors=[[i, rng.choice(codes), "rogue"] for i in range(size)])
+        elif style == "silent":
+            return
+        elif style == "late":
+            delay_s = rng.uniform(0.5, 3.0)
+        elif style == "wrong_id":
+            result = protocol.BatchResult(message.batch_id + (1 << 30), list(message.inputs))  # no batch has it
+        elif style == "huge_compute":
+            result.compute_ms = float(rng.choice((1 << 40, 1e9)))
+        world.after(delay_s, self._reply, result)
+        if style == "twice":
+            world.after(delay_s + 0.01, self._reply, result)
+
+    def _reply(self, result: protocol.BatchResult) -> bool:
+        if not self.active:
+            return False
+        self.send(result, "BATCH_RESULT")
+        return True
+
+
+class Junk:
+    """A short-lived connection that sends one message, then goes away."""
+
+    killable = False
+
+    def __init__(self, world: World, peer: Peer):
+        self.world = world
+        world.faults["junk_peers"] += 1
+        self.name = f"junk{world.faults['junk_peers']}"
+        self._identities = 0
+        self.conn = world.open_conn(self, self.next_identity(), peer)
+
+    def next_identity(self) -> bytes:
+        self._identities += 1
+        return f"{self.name}.{self._identities}".encode()
+
+    def close_later(self) -> None:
+        self.world.after(0.05, self._close)
+
+    def _close(self) -> bool:
+        self.world.close_conn(self.conn, 0.001)
+        return True
+
+    def receive(self, conn: Conn, frames: list[bytes]) -> None:
+        decode_from_broker(self.world, self.name, frames)
+
+
+def decode_from_broker(world: World, name: str, frames: list[bytes]) -> protocol.Message:
+    """Whatever the broker sends, to whoever, must decode: a peer drops what does not."""
+    try:
+        return protocol.decode(frames)
+    except protocol.DecodeError as error:
+        world.fail(f"{name} cannot decode what the broker sent: {error}")
+
+
+def _wrong_kinds(peer: Peer) -> list[protocol.Message]:
+    """Messages that decode but that the broker does not expect from this side."""
+    if peer is Peer.WORKER:
+        return [protocol.Request("from-the-wrong-side", "m", 100, [b"\x01"]), protocol.StatusRequest("s"),
+                *_wrong_kinds(Peer.GATEWAY)[:5]]
+    return [
+        protocol.Reply("r1", [b"\x01"]),
+        protocol.Replies(["r1", "r2"], [[b"\x01"], []]),
+        protocol.Batch(1, "m", ["r1"], 100, [b"\x01"]),
+        protocol.Status("s", "i", {}, []),
+        protocol.Error("BAD", "you"),
+        protocol.Ready(["m"], 2),
+        protocol.BatchResult(1, [b"\x01"]),
+        protocol.Disconnect("bye"),
+    ]
+
+
+def send_garbage(world: World, conn: Conn | None = None) -> None:
+    """Frames that do not decode, on either socket."""
+    rng = world.rng
+    if conn is None:
+        junk = Junk(world, rng.choice((Peer.GATEWAY, Peer.WORKER)))
+        conn = junk.conn
+        junk.close_later()
+    valid = protocol.encode(protocol.Heartbeat())[0]
+    frames = rng.choice((
+        [],
+        [b""],
+        [rng.randbytes(rng.randint(1, 40))],
+        [protocol.PROTOCOL_VERSION + bytes([rng.randint(0, 255)]) + rng.randbytes(rng.randint(0, 30))],
+        [valid, valid],
+        [b"DDML1" + valid[5:]],  # another protocol version: answered with ERROR
+        [protocol.PROTOCOL_VERSION + bytes([protocol.Kind.REQUEST]) + protocol.encode_value(
+            {"request_id": "x", "model": "m", "timeout_ms": 10, "inputs": [1, 2]})],  # items must be bin
+    ))
+    world.send_to_broker(conn, frames, "GARBAGE")

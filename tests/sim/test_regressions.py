@@ -1,0 +1,241 @@
+"""Named regression scenarios, each a short script through the simulated world.
+
+Each one runs the real BrokerCore with every invariant of tests/sim/invariants.py checked after
+every event, as in the random runs, and then asserts what the scenario is about. A bug that the
+random simulation found gets a test here, named after the seed that found it; while the bug is
+open the test is a strict xfail (and world.KNOWN_BUGS lets the random runs count it and go on).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
+from broker.core import Peer
+from ddml_common import protocol
+from ddml_common.protocol import MAX_MODELS, ErrorCode
+from tests.sim.peers import HostileGateway, Junk, SimGateway, SimWorker
+from tests.sim.world import Scenario, World, WorkerSpec, quiet_logs
+
+HEARTBEAT = HeartbeatConfig(interval_s=0.2, liveness=3, batch_timeout_floor_s=1.0)
+
+
+@pytest.fixture
+def make_world(request):
+    """A world with no random peers or faults: the test places every event itself."""
+    with quiet_logs():
+        def make(**batching) -> World:
+            config = BrokerConfig(batching=BatchingConfig(**{"refill_wait_max_s": 0.0, **batching}),
+                                  heartbeat=HEARTBEAT)
+            scenario = Scenario(config=config, gateways=0, workers=[], submit_s=0.0, rate_per_s=0.0, max_inputs=1,
+                                poison_p=0.0, slow_p=0.0, hang_p=0.0, dup_p=0.0, reorder_p=0.0,
+                                kill_after_dispatch_p=0.0, restart_p=0.0, watchdog_s=3.0, faults=[])
+            world = World(seed=0, scenario=scenario)
+            world.replay = f"pytest {request.node.nodeid}"
+            world.start_broker()
+            return world
+        yield make
+
+
+def step(world: World, seconds: float) -> None:
+    world.run_until(world.now + seconds)
+
+
+def worker(world: World, max_batch_size: int = 4, max_batches: int = 2, batch_s: float = 0.01) -> SimWorker:
+    peer = world.add_worker(WorkerSpec(("m",), max_batch_size, max_batches, batch_s, 0.001))
+    peer.start()
+    return peer
+
+
+def gateway(world: World) -> SimGateway:
+    peer = world.add_gateway()
+    peer.start()
+    return peer
+
+
+def hostile_gateway(world: World) -> HostileGateway:
+    peer = HostileGateway(world, 0)
+    peer.connect()
+    return peer
+
+
+# ---------------------------------------------------------------------- (a) hostile sizes
+
+@pytest.mark.parametrize("sizes", [["a"], [-1], [1 << 31], [0, 0], [None]], ids=str)
+def test_request_with_hostile_sizes_is_counted_malformed_and_the_next_one_is_served(make_world, sizes):
+    world = make_world(max_batch_tokens=40)  # sizes feed the token budget: a str there broke it once
+    worker(world)
+    evil = hostile_gateway(world)
+    step(world, 0.1)
+    bad = evil.request(1, sizes=sizes, timeout_ms=1000)
+    step(world, 0.05)
+    assert world.core.stats["malformed"] == 1
+    assert bad.replies_sent == 0  # refused by decode(): nobody to answer
+    good = evil.request(3, sizes=[1 << 30, 0, 5], timeout_ms=1000)  # valid, if huge: each runs alone
+    step(world, 0.5)
+    assert good.outcome == "ok" and good.replies_sent == 1
+    world.wind_down()
+
+
+# ---------------------------------------------------------------------- (b) dispatch to a dead worker
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_idle_worker_killed_then_a_request_needing_two_of_its_batches(make_world, max_attempts):
+    """The worker dies idle; within its liveness window a request of 8 inputs arrives and the core
+    plans two batches of 4 for it. Both sends fail. Nothing may raise, no input may be lost or
+    charged an attempt it never had, and a new worker serves them all."""
+    world = make_world(max_attempts=max_attempts)
+    doomed = worker(world, max_batch_size=4, max_batches=2)
+    client = gateway(world)
+    step(world, 0.1)
+    doomed.die("SIGKILL while idle", notice_s=0.0)  # the ROUTER forgets it at once; the core does not know
+    request = client.submit(count=8, timeout_s=3.0, model="m")
+    step(world, 0.05)
+    assert world.core.stats["workers_lost"] == 1
+    assert request.replies_sent == 0, f"answered {request.outcome} before any worker ran it"
+    queued = [item for levels in world.core._batcher._queues.values() for q in levels.values() for item in q]
+    assert [item.index for item in queued] == list(range(8))  # back in order
+    assert all(item.attempts == 0 and not item.isolated for item in queued)  # as if never taken
+    worker(world)
+    step(world, 1.0)
+    assert request.outcome == "ok" and request.replies_delivered == 1
+    world.wind_down()
+
+
+def test_worker_killed_between_two_dispatches_of_one_flush(make_world):
+    """A live worker takes the first batch; it dies before the second send of the same flush."""
+    world = make_world(max_attempts=2)
+    doomed = worker(world, max_batch_size=4, max_batches=2)
+    client = gateway(world)
+    step(world, 0.1)
+    sends = []
+    original = world._send
+
+    def send(instruction):
+        delivered = original(instruction)
+        if type(instruction.message) is protocol.Batch:
+            sends.append(delivered)
+            if len(sends) == 1:
+                doomed.die("SIGKILL between two dispatches", notice_s=0.0)
+        return delivered
+
+    world._send = send
+    request = client.submit(count=8, timeout_s=3.0, model="m")
+    step(world, 0.05)
+    world._send = original
+    assert sends[:2] == [True, False]
+    worker(world)
+    step(world, 2.0)
+    assert request.outcome == "ok"
+    world.wind_down()
+
+
+# ---------------------------------------------------------------------- (c) odd errors in a result
+
+def serve_with_a_tampered_result(make_world, tamper, timeout_s: float):
+    """One request of 3 inputs; the worker's first result is replaced by tamper(result)."""
+    world = make_world(max_attempts=2)
+    peer = worker(world, max_batch_size=4, max_batches=1)
+    client = gateway(world)
+    step(world, 0.1)
+    peer.tamper = tamper
+    request = client.submit(count=3, timeout_s=timeout_s, model="m")
+    step(world, timeout_s - 0.5)
+    return world, request
+
+
+def test_result_whose_error_names_an_index_past_the_batch(make_world):
+    """Decodable (one output too many, and an error for it): every input of the batch then counts
+    as failed, and each runs again alone, so the request still gets exactly one reply."""
+    def past_the_batch(result: protocol.BatchResult) -> list[bytes]:
+        size = len(result.outputs)
+        return protocol.encode(protocol.BatchResult(result.batch_id, result.outputs + [b""],
+                                                    [[size, ErrorCode.MODEL_ERROR.value, "past the batch"]],
+                                                    result.compute_ms))
+
+    world, request = serve_with_a_tampered_result(make_world, past_the_batch, timeout_s=1.5)
+    assert world.core.stats["malformed_results"] == 1
+    assert request.outcome == "ok" and request.replies_sent == 1
+    world.wind_down()
+
+
+@pytest.mark.parametrize("errors", [
+    [[0, ["MODEL_ERROR"], "a list as the code"]],
+    [[0, None, "no code"]],
+    [[7, ErrorCode.MODEL_ERROR.value, "index past the outputs"]],
+    [[-1, ErrorCode.MODEL_ERROR.value, "negative index"]],
+    [["0", ErrorCode.MODEL_ERROR.value, "index as a string"]],
+    [[0, ErrorCode.MODEL_ERROR.value, "twice"], [0, ErrorCode.MODEL_ERROR.value, "twice"]],
+    [[0, ErrorCode.MODEL_ERROR.value]],
+], ids=lambda errors: errors[0][-1] if len(errors[0]) == 3 else "short")
+def test_result_with_undecodable_errors(make_world, errors):
+    """Refused by decode(): the batch stays in flight until its deadline takes it away, and the
+    request is still answered exactly once, by a retry."""
+    def undecodable(result: protocol.BatchResult) -> list[bytes]:
+        frames = protocol.encode(protocol.BatchResult(result.batch_id, result.outputs, errors, result.compute_ms))
+        with pytest.raises(protocol.DecodeError):
+            protocol.decode(frames)
+        return frames
+
+    world, request = serve_with_a_tampered_result(make_world, undecodable, timeout_s=4.0)
+    assert world.core.stats["malformed"] == 1
+    assert request.outcome == "ok" and request.replies_sent == 1
+    world.wind_down()
+
+
+# ---------------------------------------------------------------------- found by the random simulation
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: with max_wait_s > 0, Batcher.next_deadline() returns the oldest queued input's "
+    "enqueued_at + max_wait_s even when it is past and no worker has room, so after on_tick(now) "
+    "next_wake_at() <= now and Broker._poll_timeout_ms() is 0: the broker loop busy-spins until "
+    "a worker frees up (found by seed 1: python -m tests.sim --seed 1 --verbose --strict)"))
+def test_seed_1_no_busy_loop_while_every_worker_is_busy(make_world):
+    world = make_world(max_wait_s=0.05)
+    worker(world, max_batch_size=8, max_batches=1, batch_s=0.5)
+    client = gateway(world)
+    step(world, 0.1)
+    first = client.submit(count=1, timeout_s=2.0, model="m")
+    step(world, 0.1)  # held max_wait_s, then dispatched: the only worker is busy for 0.5 s
+    second = client.submit(count=1, timeout_s=2.0, model="m")
+    step(world, 1.5)  # its max wait passes while no worker has room: the world fails on the spin
+    assert first.outcome == second.outcome == "ok"
+    world.wind_down()
+
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: Batcher keeps a queue (and _queued_bytes/_queued_requests entries) for every model it ever "
+    "queued, forever: _prune_model_stats() bounds the core's model stats at _MAX_REMEMBERED_MODELS, "
+    "but a worker that registers ever new model names, each sent a request, grows the batcher "
+    "without bound (found while checking the state-bound invariant)"))
+def test_batcher_state_stays_bounded_when_a_worker_cycles_model_names(make_world):
+    world = make_world()
+    rogue = Junk(world, Peer.WORKER)
+    evil = hostile_gateway(world)
+    step(world, 0.1)
+    for round_ in range(30):
+        names = [f"cycled-{round_}-{i}" for i in range(MAX_MODELS)]
+        world.send_to_broker(rogue.conn, protocol.encode(protocol.Ready(names, 1, 1)), "READY")
+        step(world, 0.01)
+        for name in names:
+            evil.request(1, model=name, timeout_ms=20)
+        step(world, 0.05)
+    world.ledger.check_tables()  # fails: "batcher queues grew to ... models"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: the same root cause as test_seed_1_...: while items are queued for a model whose last worker "
+    "is draining or gone, next_wake_at() stays in the past (max_wait_s > 0), and once their requests are "
+    "answered the items stay queued, so the broker loop spins at 100% CPU until a worker for that model "
+    "registers"))
+def test_no_busy_loop_after_the_last_worker_of_a_model_leaves(make_world):
+    world = make_world(max_wait_s=0.05)
+    only = worker(world, max_batch_size=8, max_batches=1)
+    client = gateway(world)
+    step(world, 0.1)
+    request = client.submit(count=1, timeout_s=0.3, model="m")
+    step(world, 0.003)  # read, and held for max_wait_s
+    only.drain()  # gone before the hold ends; no worker serves "m" any more
+    step(world, 1.0)  # the request times out; the world fails on the spin that follows
+    assert request.outcome == "TIMEOUT"
