@@ -1,4 +1,8 @@
-"""`ddml-status --broker tcp://HOST:PORT [--watch] [-o json]`: what the broker sees, as two tables.
+"""`ddml-status --broker tcp://HOST:PORT[,tcp://HOST2:PORT] [--watch] [-o json]`: what the brokers see.
+
+With several brokers, a first table lists each: endpoint, role (`preferred`: the first that
+answers, whose view the other tables show; `standby`; `down`), instance, workers, queued
+requests and requests in flight; `-o json` has them under `brokers`, each with its whole view.
 
 Workers: host, device, model, version, state, inputs in flight, batches/s, p50 batch latency
 (of its last 64 batches), last heartbeat age. Queues: depth, oldest wait, mean batch size; a
@@ -27,7 +31,7 @@ from gateway.broker_client import BrokerClient, BrokerError
 def build_parser() -> Parser:
     parser = Parser("ddml-status", "Print the broker's workers and queues.", section="status")
     parser.add_argument("--broker", type=endpoints, default="tcp://127.0.0.1:5555",
-                        help="the broker's frontend endpoint")
+                        help="the broker's frontend endpoint; several, comma-separated, for every broker's view")
     parser.add_argument("--watch", action="store_true", help="refresh every --interval-s until Ctrl-C")
     parser.add_argument("--interval-s", type=Number(float, above=0), default=2.0, help="refresh period with --watch")
     parser.add_argument("--curve-server-key", default=None, help="the broker's public .key, if CURVE is on")
@@ -76,10 +80,16 @@ def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
                 served.setdefault(name, set()).add(version)
     rollouts = [f"model {name} is served at {len(versions)} versions: {', '.join(sorted(versions))}"
                 for name, versions in sorted(served.items()) if len(versions) > 1]
+    brokers = [[b["endpoint"], b["role"], b.get("instance_id") or "-", len(b.get("workers", [])) if "workers" in b
+                else "-", sum(m["queued_requests"] for m in b["models"].values()) if "models" in b else "-",
+                b["stats"].get("in_flight_requests", 0) if "stats" in b else "-"]
+               for b in status.get("brokers", [])]
     return "\n".join([
         f"broker {status['instance_id']}  requests in flight: {status['stats'].get('in_flight_requests', 0)}",
         *rollouts,
         "",
+        *([_table(["BROKER", "ROLE", "INSTANCE", "WORKERS", "QUEUED", "IN-FLIGHT"], brokers), ""]
+          if len(brokers) > 1 else []),
         _table(["WORKER", "HOST", "PID", "DEVICE", "MODEL", "VERSION", "STATE", "IN-FLIGHT", "BATCHES/S",
                 "P50-BATCH-MS", "HEARTBEAT"], workers),
         "",

@@ -7,8 +7,10 @@ broker held to the other, with the same id; the first reply wins.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -295,3 +297,21 @@ def _extra_veth(netns) -> dict:
         "set": lambda up: run("ip", "link", "set", host_if, "up" if up else "down"),
         "delete": lambda: subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=10),
     }
+
+
+def test_ddml_status_shows_every_broker_with_its_role(stack):
+    pair, client = two_brokers(stack, workers=1)
+    try:
+        pair.processes[0].kill()
+        command = [sys.executable, "-m", "gateway.status_cli", "--broker", pair.frontends]
+        table = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0, table.stderr
+        rows = {line.split()[0]: line.split()[1] for line in table.stdout.splitlines()
+                if line.startswith("tcp://")}
+        assert rows == {pair.addresses[0][0]: "down", pair.addresses[1][0]: "preferred"}, table.stdout
+        document = json.loads(subprocess.run([*command, "-o", "json"], capture_output=True, text=True,
+                                             timeout=60, check=True).stdout)
+        assert [b["role"] for b in document["brokers"]] == ["down", "preferred"]
+        assert len(document["brokers"][1]["workers"]) == 1 and len(document["workers"]) == 1
+    finally:
+        client.close()
