@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from broker.core import _MAX_REMEMBERED_MODELS
+from broker.core import _MAX_REMEMBERED_MODELS, Peer
 from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, ErrorCode
 
@@ -71,10 +71,11 @@ class Ledger:
         self.rogue_touched: set[int] = set()  # serials of requests a rogue worker was sent: it may answer any code
         self.counts: Counter[str] = Counter()
         self.checks = 0
-        self._arriving: Tracked | None = None
-        self._arriving_duplicate = False
-        self._arriving_replied = False
-        self._arriving_malformed = False
+        # The message being read, while on_frames, on_tick and flush run for it.
+        self._arriving: Tracked | None = None  # one of our requests
+        self._arriving_gateway: bytes | None = None  # from a gateway (identity): it may be answered at once
+        self._arriving_duplicate = False  # its request id is held already
+        self._arriving_codes: list[str] = []  # the replies sent for it as it arrived
         self._stats_before: tuple[int, int] = (0, 0)
 
     def fail(self, message: str) -> None:
@@ -86,40 +87,56 @@ class Ledger:
         self.by_serial[tracked.serial] = tracked
         self.counts["requests_sent_hostile" if tracked.hostile else "requests_sent"] += 1
 
-    def before_read(self, identity: bytes, tracked: Tracked | None) -> None:
+    def before_read(self, peer: Peer, identity: bytes, tracked: Tracked | None) -> None:
         """A message is about to reach the core; `tracked` if it is one of our requests."""
         self._arriving = tracked
-        if tracked is None:
+        if peer is not Peer.GATEWAY:
+            self._arriving_gateway = None
             return
         core = self._world.core
-        tracked.key = (identity, tracked.request_id)
-        self._arriving_duplicate = tracked.key in self.outstanding
-        self._arriving_replied = False
-        stale = bool(tracked.instance_id) and tracked.instance_id != core.instance_id
-        tracked.expect_refusal = stale or core.draining
+        self._arriving_gateway = identity
+        self._arriving_codes.clear()
         self._stats_before = (core.stats["malformed"], core.stats["duplicate_requests"])
+        if tracked is not None:
+            tracked.key = (identity, tracked.request_id)
+            self._arriving_duplicate = tracked.key in self.outstanding
+            stale = bool(tracked.instance_id) and tracked.instance_id != core.instance_id
+            tracked.expect_refusal = stale or core.draining
 
     def after_read(self) -> None:
-        """on_frames, on_tick and flush have run for the message that just arrived."""
-        tracked, self._arriving = self._arriving, None
-        if tracked is None:
+        """on_frames, on_tick and flush have run for the message that just arrived: was it refused
+        at once (with the right code), dropped as a duplicate, or accepted?"""
+        if self._arriving_gateway is None:
             return
+        self._arriving_gateway = None
+        tracked, self._arriving = self._arriving, None
         core = self._world.core
-        malformed, duplicates = core.stats["malformed"], core.stats["duplicate_requests"]
+        codes = self._arriving_codes
         self.checks += 1
-        if malformed != self._stats_before[0]:
-            self.counts["requests_malformed"] += 1
-            if self._arriving_replied:
-                self.fail(f"request {tracked.request_id!r} was counted malformed and still answered")
+        if len(codes) > 1:
+            self.fail(f"{len(codes)} replies ({codes}) to one message as it arrived")
+        if core.stats["malformed"] != self._stats_before[0]:
+            # Refused by decode(): answered BAD_REQUEST if its request id could be read, else dropped.
+            if codes and codes[0] != ErrorCode.BAD_REQUEST.value:
+                self.fail(f"a malformed request was answered {codes[0]}, not BAD_REQUEST")
+            if tracked is not None:
+                self.counts["requests_malformed"] += 1
+            return
+        if tracked is None:
+            if codes:
+                self.fail(f"a message that is not a request was answered with a reply ({codes[0]})")
             return
         self.counts["requests_read"] += 1
         if self._arriving_duplicate:
             self.counts["requests_duplicate"] += 1
-            if duplicates != self._stats_before[1] + 1:
+            if core.stats["duplicate_requests"] != self._stats_before[1] + 1:
                 self.fail(f"request {tracked.key} reused a pending id but the core did not count it a duplicate")
             return
-        if self._arriving_replied:
+        if codes:
             self.counts["requests_refused"] += 1
+            if tracked.expect_refusal and codes[0] != ErrorCode.UNAVAILABLE.value:
+                self.fail(f"request {tracked.key} (tagged with instance {tracked.instance_id!r}, broker draining: "
+                          f"{core.draining}) was answered {codes[0]}, not UNAVAILABLE")
             return
         if tracked.expect_refusal:
             self.fail(f"request {tracked.key} tagged with broker instance {tracked.instance_id!r} was accepted "
@@ -144,23 +161,23 @@ class Ledger:
         """The core handed a reply to `send`: invariants 1 and 2, whatever the network does next."""
         self.checks += 1
         key = (gateway_id, reply.request_id)
-        arriving = self._arriving
-        if arriving is not None and arriving.key == key and not self._arriving_duplicate:
-            if self._arriving_replied:
-                self.fail(f"request {key} got two replies as it arrived")
-            self._arriving_replied = True
-            tracked = arriving
-            if tracked.expect_refusal and reply.error_code != ErrorCode.UNAVAILABLE.value:
-                self.fail(f"request {key} (tagged with instance {tracked.instance_id!r}, broker draining: "
-                          f"{self._world.core.draining}) was answered {reply.error_code or 'ok'}, not UNAVAILABLE")
-        else:
-            tracked = self.outstanding.pop(key, None)
-            if tracked is None:
-                self.fail(f"reply {reply.error_code or 'ok'} for request {key}, which the broker does not "
-                          f"hold (never read, already answered, or lost in a crash)")
+        code = reply.error_code or "ok"
+        tracked = self.outstanding.pop(key, None)
+        if tracked is not None:
             if self._world.now > tracked.deadline_at + self.reply_bound_s:
                 self.fail(f"request {key} answered at {self._world.now:.4f}, after its deadline "
                           f"{tracked.deadline_at:.4f} + {self.reply_bound_s} s")
+        elif gateway_id == self._arriving_gateway:  # an answer to the message arriving now
+            self._arriving_codes.append(code)
+            tracked = self._arriving
+            if tracked is None:  # not one of ours: garbage whose request id could be read
+                self.counts[f"reply_{code}"] += 1
+                return
+            if tracked.key != key:
+                self.fail(f"reply {code} for request {key} as request {tracked.key} arrives")
+        else:
+            self.fail(f"reply {code} for request {key}, which the broker does not hold "
+                      f"(never read, already answered, or lost in a crash)")
         tracked.replies_sent += 1
         tracked.outcome = reply.error_code or "ok"
         tracked.answered_in_step = self._world.steps

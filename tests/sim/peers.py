@@ -560,7 +560,9 @@ class HostileGateway(_HostilePeer):
         elif act == "sizes":
             count = rng.randint(1, 3)
             sizes = rng.choice(([1 << 30] * count, [0] * (count + 1), ["a"] * count, [-1] * count))
-            self.request(count, sizes=sizes)
+            # Sometimes under an id still in flight: a malformed request must not answer the other one.
+            reuse = self.request_ids and rng.random() < 0.3
+            self.request(count, sizes=sizes, request_id=rng.choice(self.request_ids) if reuse else None)
         elif act == "wrong_kind":
             self.send(rng.choice(_wrong_kinds(self.peer)), "WRONG_KIND")
         elif act == "status":

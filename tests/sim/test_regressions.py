@@ -63,6 +63,8 @@ def hostile_gateway(world: World) -> HostileGateway:
 
 @pytest.mark.parametrize("sizes", [["a"], [-1], [1 << 31], [0, 0], [None]], ids=str)
 def test_request_with_hostile_sizes_is_counted_malformed_and_the_next_one_is_served(make_world, sizes):
+    """decode() refuses it; the core counts it malformed, answers BAD_REQUEST at once (its id can be
+    read), and serves the next request."""
     world = make_world(max_batch_tokens=40)  # sizes feed the token budget: a str there broke it once
     worker(world)
     evil = hostile_gateway(world)
@@ -70,7 +72,7 @@ def test_request_with_hostile_sizes_is_counted_malformed_and_the_next_one_is_ser
     bad = evil.request(1, sizes=sizes, timeout_ms=1000)
     step(world, 0.05)
     assert world.core.stats["malformed"] == 1
-    assert bad.replies_sent == 0  # refused by decode(): nobody to answer
+    assert bad.outcome == "BAD_REQUEST" and bad.replies_sent == 1  # at once: its request id could be read
     good = evil.request(3, sizes=[1 << 30, 0, 5], timeout_ms=1000)  # valid, if huge: each runs alone
     step(world, 0.5)
     assert good.outcome == "ok" and good.replies_sent == 1

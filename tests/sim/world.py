@@ -612,7 +612,7 @@ class World:
         else:
             self.trace("%s from %r arrives", what, conn.identity)
         ledger = self.ledger
-        ledger.before_read(conn.identity, tracked)
+        ledger.before_read(conn.peer, conn.identity, tracked)
         try:
             core.on_frames(conn.peer, conn.identity, frames, self.now)
         except SimFailure:
