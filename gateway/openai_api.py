@@ -44,6 +44,7 @@ class _ModelResource:
     """What both routes share: the body, the model, the call to the broker."""
 
     task = ""  # what the route needs the model to do, as the built-in handlers declare it
+    inputs_param = ""  # the request field that holds what the model is given
 
     def __init__(self, broker: BrokerClient, config: GatewayConfig, catalog: Catalog):
         self._broker = broker
@@ -70,6 +71,8 @@ class _ModelResource:
         except BrokerError as error:
             if error.code is ErrorCode.NO_SUCH_MODEL:
                 error.param = "model"
+            elif error.code is ErrorCode.BAD_REQUEST:  # the model refused an input (too long, say)
+                error.param = self.inputs_param
             raise
 
     def _check_count(self, count: int, param: str) -> None:
@@ -81,6 +84,7 @@ class _ModelResource:
 
 class EmbeddingsResource(_ModelResource):
     task = "embedding"
+    inputs_param = "input"
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body, model = self._body(req)
@@ -118,6 +122,7 @@ class EmbeddingsResource(_ModelResource):
 
 class RerankResource(_ModelResource):
     task = "rerank"
+    inputs_param = "documents"
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         body, model = self._body(req)

@@ -103,6 +103,9 @@ def test_bad_embedding_requests_get_openai_shaped_400s(app, body, param, message
 
 
 def test_broker_errors_keep_their_statuses_in_openai_shape():
+    refused = falcon.testing.TestClient(create_app(TextBroker(BrokerError(ErrorCode.BAD_REQUEST, "too long"))))
+    response = refused.simulate_post("/v1/embeddings", json={"model": "emb", "input": "a"})
+    assert response.status_code == 400 and response.json["error"]["param"] == "input"
     missing = falcon.testing.TestClient(create_app(TextBroker(BrokerError(ErrorCode.NO_SUCH_MODEL, "none"))))
     response = missing.simulate_post("/v1/embeddings", json={"model": "nope", "input": "a"})
     assert response.status_code == 404 and response.json["error"]["param"] == "model"
@@ -179,3 +182,16 @@ def test_v2_health_routes_answer_with_the_spec_bodies_and_versions(app):
     assert app.simulate_get("/v2/models/ranker").json["versions"] == ["r1", "r2"]
     down = falcon.testing.TestClient(create_app(TextBroker(BrokerError(ErrorCode.UNAVAILABLE, "down"))))
     assert down.simulate_get("/v2/health/ready").json == {"ready": False}
+
+
+def test_text_log_lines_carry_the_ids_their_message_does_not_name():
+    import logging
+
+    from ddml_common.cli import TextFormatter
+
+    formatter = TextFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("broker", logging.DEBUG, __file__, 1, "batch %d to worker %s", (7, "ab"), None)
+    record.request_id, record.batch_id, record.worker_id = "trace-1/12-3", 7, "ab"
+    assert formatter.format(record) == "DEBUG batch 7 to worker ab [request_id=trace-1/12-3]"
+    plain = logging.LogRecord("broker", logging.INFO, __file__, 1, "bound", (), None)
+    assert formatter.format(plain) == "INFO bound"
