@@ -111,3 +111,23 @@ def test_rerank_scores_match_cross_encoder(tiny_cross_encoder):
     counted, refused = model.predict([{"query": "fox", "document": "dog", "count_tokens": True}, ["fox", LONG]])
     assert counted["tokens"] == 5 and counted["score"] == pytest.approx(model.predict([["fox", "dog"]])[0])
     assert isinstance(refused, InputError)
+
+
+def test_a_hugging_face_id_is_found_in_the_local_cache_at_its_revision(tiny_st_mean, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-mean"
+    shutil.copytree(tiny_st_mean, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "v1").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = served("acme/tiny-mean", revision="v1")
+    assert model.model_dir == str(repo / "snapshots" / commit)
+    np.testing.assert_allclose(model.predict(["lazy dog"])[0], served(tiny_st_mean).predict(["lazy dog"])[0])
+    with pytest.raises(ValueError, match="at revision 'v2'"):
+        served("acme/tiny-mean", revision="v2")
+    with pytest.raises(ValueError, match="is a local directory"):
+        HFTextModel(model_path=str(tiny_st_mean), revision="v1")
