@@ -15,6 +15,7 @@ import threading
 
 from ddml_common.cli import Parser, configure_logging
 from worker.config import WorkerConfig
+from worker.models import load_handler
 from worker.serve import serve, supervise
 
 logger = logging.getLogger("worker")
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         config = config_from_args(args)
     except ValueError as error:
         parser.fail(f"invalid configuration: {error}")
+    _check_model_source(parser, config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -132,6 +134,20 @@ def main(argv: list[str] | None = None) -> None:
     else:
         serve(config, stop)
     logger.info("worker stopped: %s", json.dumps({"model": config.model}))
+
+
+def _check_model_source(parser: Parser, config: WorkerConfig) -> None:
+    """A --handler that does not import, or a --model-path directory that is not there, ends here in
+    one line, not in a traceback from each worker process. (A Hugging Face model id is looked up
+    when the model loads.)"""
+    if config.handler:
+        try:
+            load_handler(config.handler)
+        except (ImportError, AttributeError, TypeError, ValueError) as error:
+            parser.fail(f"--handler {config.handler}: {error}")
+    path = config.model_path
+    if path and path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+        parser.fail(f"--model-path {path}: not a directory")
 
 
 if __name__ == "__main__":
