@@ -119,7 +119,7 @@ class Batcher:
         self._queues: dict[str, dict[int, deque[WorkItem]]] = {}
         self._queued_requests: dict[str, int] = {}  # requests with at least one input waiting
         self._queued_bytes: dict[str, int] = {}  # encoded inputs held in the queues, answered or not
-        self._hold_until = math.inf  # the earliest end of a refill hold decided by the last assign()
+        self._hold_until = math.inf  # the earliest end of a hold (refill or max wait) decided by the last assign()
 
     def queued_requests(self, model: str) -> int:
         return self._queued_requests.get(model, 0)
@@ -193,7 +193,9 @@ class Batcher:
                 if hold_until is not None:
                     self._hold_until = min(self._hold_until, hold_until)
                     break
-                if self._should_wait(levels, worker.max_batch_size, now):
+                wait_until = self._wait_until(levels, worker.max_batch_size, now)
+                if wait_until is not None:
+                    self._hold_until = min(self._hold_until, wait_until)
                     break
                 items = self._take(levels, worker.max_batch_size)
                 if not items:
@@ -204,11 +206,24 @@ class Batcher:
         return dispatches
 
     def next_deadline(self) -> float:
-        """When a held partial batch must go out even if it has not filled (math.inf if never)."""
-        if self._config.max_wait_s <= 0:
-            return self._hold_until
-        heads = [q[0].enqueued_at for levels in self._queues.values() for q in levels.values() if q]
-        return min(self._hold_until, min(heads) + self._config.max_wait_s if heads else math.inf)
+        """When a partial batch that the last assign() held for a worker with room must go out even if
+        it has not filled (math.inf if none was held). Inputs that no worker has room for set no
+        deadline: a result, a heartbeat or a new worker is what can change that, and each comes with
+        a pass of the loop. (A deadline taken from the queue itself would be in the past then, and
+        the loop would spin.)"""
+        return self._hold_until
+
+    def forget_model(self, model: str) -> bool:
+        """Drop a model's queues if they hold nothing live (answered requests' inputs are dropped too).
+        False if live inputs remain. The broker calls this for models it stops remembering: model
+        names come from workers, and state keyed by them must stay bounded."""
+        levels = self._queues.get(model, {})
+        if any(not item.request.done for queue in levels.values() for item in queue):
+            return False
+        self._queues.pop(model, None)
+        self._queued_bytes.pop(model, None)
+        self._queued_requests.pop(model, None)
+        return True
 
     # ------------------------------------------------------------------ internals
 
@@ -299,14 +314,15 @@ class Batcher:
                     return item.isolated
         return False
 
-    def _should_wait(self, levels: dict[int, deque[WorkItem]], max_batch_size: int, now: float) -> bool:
-        """With max_wait_s set, hold a partial batch until its oldest input has waited that long."""
+    def _wait_until(self, levels: dict[int, deque[WorkItem]], max_batch_size: int, now: float) -> float | None:
+        """With max_wait_s set, hold a partial batch until its oldest input has waited that long:
+        until when, or None to send it now."""
         if self._config.max_wait_s <= 0:
-            return False
+            return None
         if sum(len(q) for q in levels.values()) >= max_batch_size:
-            return False
-        oldest = min(q[0].enqueued_at for q in levels.values() if q)
-        return now - oldest < self._config.max_wait_s
+            return None
+        until = min(q[0].enqueued_at for q in levels.values() if q) + self._config.max_wait_s
+        return until if now < until else None
 
     def _take(self, levels: dict[int, deque[WorkItem]], max_batch_size: int) -> list[WorkItem]:
         """Pop up to max_batch_size live items, highest priority first, within the token and byte budgets."""

@@ -42,6 +42,7 @@ logger = logging.getLogger("broker.broker")
 _PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for scrapes
 _REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
 _MAX_REMEMBERED_MODELS = 1024  # models once served but served no longer, remembered for 503 rather than 404
+_WORKER_INPUT_CODES = frozenset((ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_ERROR.value))  # a worker's own; others: MODEL_ERROR
 _REPLY_STAT = {"ok": "replies_ok", **{code.value: f"replies_{code.value.lower()}" for code in ErrorCode}}
 
 
@@ -76,6 +77,7 @@ class BrokerCore:
         self._sequence = itertools.count()
         self._batch_ids = itertools.count(1)
         self._model_stats: dict[str, ModelStats] = {}  # models some worker serves or once served
+        self._rollouts: dict[str, frozenset[str]] = {}  # model -> the versions we last warned it is served at
         self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
         self.draining = False
         self.metrics = metrics or BrokerMetrics()
@@ -304,6 +306,7 @@ class BrokerCore:
         for model in ready.models:
             self._stats_for(model)  # remembered, so that while its workers restart it is 503, not 404
         self._prune_model_stats()
+        self._warn_of_rollouts(ready.models)
         if previous is not None:
             self._lose_worker(previous, "registered again", now)
         logger.info(
@@ -311,6 +314,21 @@ class BrokerCore:
             worker_id.hex(), ",".join(ready.models), ready.device, ready.host, ready.pid, ready.max_batch_size,
             extra={"worker_id": worker_id.hex()},
         )
+
+    def _warn_of_rollouts(self, models: list[str]) -> None:
+        """Once per rollout: a model that live workers serve at more than one version (a worker with a
+        version registers `name` and `name@version`)."""
+        for name in {m.partition("@")[0] for m in models if "@" in m}:
+            versions = frozenset(m.partition("@")[2] for w in self._workers for m in w.models
+                                 if m.startswith(name + "@"))
+            if len(versions) > 1 and self._rollouts.get(name) != versions:
+                self._rollouts[name] = versions
+                logger.warning("model %s is served at %d versions: %s (a rollout?); unpinned requests go to any "
+                               "of them", name, len(versions), ", ".join(sorted(versions)), extra={"model": name})
+        for name in [n for n in self._rollouts if n not in {m.partition("@")[0] for w in self._workers
+                                                             for m in w.models if "@" in m}
+                     or len({m for w in self._workers for m in w.models if m.startswith(n + "@")}) <= 1]:
+            del self._rollouts[name]  # one version left: the next rollout warns again
 
     def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
         worker = self._workers.get(worker_id)
@@ -339,7 +357,10 @@ class BrokerCore:
             self.stats["batches_refused_busy"] += 1
             self._requeue_unrun(batch.items)
             return
-        self._workers.completed(worker_id, result.batch_id, result.compute_ms / 1000, now)
+        # A worker cannot have computed longer than the batch was out; a larger claim would inflate
+        # its batch deadline (which scales with its recent latency) without bound.
+        compute_s = min(result.compute_ms / 1000, max(0.0, now - batch.dispatched_at))
+        self._workers.completed(worker_id, result.batch_id, compute_s, now)
         self._stats_for(batch.model).record_completion(len(batch.items), now)
         self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
         size = len(batch.items)
@@ -362,7 +383,7 @@ class BrokerCore:
                 continue
             if position in errors:
                 _, code, message = errors[position]
-                code = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.MODEL_ERROR
+                code = ErrorCode(code) if code in _WORKER_INPUT_CODES else ErrorCode.MODEL_ERROR
                 alone = " (run alone, after its batch failed)" if item.isolated else ""
                 self._finish(request, now, code, f"input {item.index}{alone}: {message}"[:4096])
                 continue
@@ -386,7 +407,7 @@ class BrokerCore:
             batch_id=batch.batch_id,
             model=model,
             request_ids=[item.request.request_id for item in items],
-            timeout_ms=int((batch.deadline_at - now) * 1000),
+            timeout_ms=min(int((batch.deadline_at - now) * 1000), protocol.MAX_DURATION_MS),
             inputs=[item.request.inputs[item.index] for item in items],
         )
         if logger.isEnabledFor(logging.DEBUG):
@@ -551,8 +572,9 @@ class BrokerCore:
         if excess <= 0:
             return
         for model in [m for m in self._model_stats if not self._workers.serves(m)][:excess]:
-            del self._model_stats[model]
-            self.metrics.forget_model(model)
+            if self._batcher.forget_model(model):  # not while inputs of it still wait for their deadline
+                del self._model_stats[model]
+                self.metrics.forget_model(model)
 
 
 def _throttled(count: int) -> bool:

@@ -3,7 +3,8 @@
 Each one runs the real BrokerCore with every invariant of tests/sim/invariants.py checked after
 every event, as in the random runs, and then asserts what the scenario is about. A bug that the
 random simulation found gets a test here, named after the seed that found it; while the bug is
-open the test is a strict xfail (and world.KNOWN_BUGS lets the random runs count it and go on).
+open the test is a strict xfail (and world.KNOWN_BUGS lets the random runs count it and go on);
+once fixed, it is a plain test.
 """
 
 from __future__ import annotations
@@ -187,11 +188,6 @@ def test_result_with_undecodable_errors(make_world, errors):
 
 # ---------------------------------------------------------------------- found by the random simulation
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: with max_wait_s > 0, Batcher.next_deadline() returns the oldest queued input's "
-    "enqueued_at + max_wait_s even when it is past and no worker has room, so after on_tick(now) "
-    "next_wake_at() <= now and Broker._poll_timeout_ms() is 0: the broker loop busy-spins until "
-    "a worker frees up (found by seed 1: python -m tests.sim --seed 1 --verbose --strict)"))
 def test_seed_1_no_busy_loop_while_every_worker_is_busy(make_world):
     world = make_world(max_wait_s=0.05)
     worker(world, max_batch_size=8, max_batches=1, batch_s=0.5)
@@ -206,11 +202,6 @@ def test_seed_1_no_busy_loop_while_every_worker_is_busy(make_world):
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: Batcher keeps a queue (and _queued_bytes/_queued_requests entries) for every model it ever "
-    "queued, forever: _prune_model_stats() bounds the core's model stats at _MAX_REMEMBERED_MODELS, "
-    "but a worker that registers ever new model names, each sent a request, grows the batcher "
-    "without bound (found while checking the state-bound invariant)"))
 def test_batcher_state_stays_bounded_when_a_worker_cycles_model_names(make_world):
     world = make_world()
     rogue = Junk(world, Peer.WORKER)
@@ -226,11 +217,6 @@ def test_batcher_state_stays_bounded_when_a_worker_cycles_model_names(make_world
     world.ledger.check_tables()  # fails: "batcher queues grew to ... models"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the same root cause as test_seed_1_...: while items are queued for a model whose last worker "
-    "is draining or gone, next_wake_at() stays in the past (max_wait_s > 0), and once their requests are "
-    "answered the items stay queued, so the broker loop spins at 100% CPU until a worker for that model "
-    "registers"))
 def test_no_busy_loop_after_the_last_worker_of_a_model_leaves(make_world):
     world = make_world(max_wait_s=0.05)
     only = worker(world, max_batch_size=8, max_batches=1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sim.world import SimFailure, Totals, World, run_parallel, run_seed
+from tests.sim.world import PLANT_VARIABLE, SimFailure, Totals, World, run_parallel, run_seed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,15 +60,16 @@ def test_one_seed_is_one_run_in_any_process():
     assert len(digests) == 1
 
 
-def test_a_failure_names_its_seed_and_replays_from_the_command_line():
-    """Seed 1 meets a known bug (see KNOWN_BUGS); with it not tolerated, the run fails, and the
-    command in the message fails the same way."""
+def test_a_failure_names_its_seed_and_replays_from_the_command_line(monkeypatch):
+    """With a bug planted in the shell (every successful reply sent twice), the run fails, its message
+    names the seed and a command, and that command fails the same way."""
+    monkeypatch.setenv(PLANT_VARIABLE, "double-reply")
     with pytest.raises(SimFailure) as failure:
         World(1).run()
     message = str(failure.value)
     assert message.startswith("seed 1: ")
-    assert "replay: python -m tests.sim --seed 1 --verbose --strict" in message
+    assert f"replay: {PLANT_VARIABLE}=double-reply python -m tests.sim --seed 1 --verbose --strict" in message
     done = subprocess.run([sys.executable, "-m", "tests.sim", "--seed", "1", "--strict"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env={**os.environ})
     assert done.returncode == 1
     assert done.stderr.splitlines()[0] == message.splitlines()[0]

@@ -160,3 +160,16 @@ def test_a_request_that_does_not_decode_is_answered_bad_request_at_once_unless_i
     [refusal] = wire.take(b"gw", protocol.Reply)
     assert (refusal.request_id, refusal.error_code) == ("bad", "BAD_REQUEST") and "sizes" in refusal.error_message
     assert core.stats["malformed"] == 2 and core.in_flight_requests == 1
+
+
+def test_a_rollout_of_two_versions_under_one_name_is_warned_of_once(caplog):
+    core = BrokerCore(CONFIG, "i1", now=0.0)
+    with caplog.at_level("WARNING", logger="broker.broker"):
+        core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m", "m@v1"], 4)), 0.0)
+        core.on_frames(Peer.WORKER, b"w2", frames(protocol.Ready(["m", "m@v2"], 4)), 0.1)
+        core.on_frames(Peer.WORKER, b"w3", frames(protocol.Ready(["m", "m@v2"], 4)), 0.2)  # same pair: no new warning
+    warnings = [r.getMessage() for r in caplog.records if "versions" in r.getMessage()]
+    assert warnings == ["model m is served at 2 versions: v1, v2 (a rollout?); unpinned requests go to any of them"]
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Disconnect("rolled")), 0.3)
+    core.on_frames(Peer.WORKER, b"w4", frames(protocol.Ready(["m", "m@v3"], 4)), 0.4)  # the next rollout warns again
+    assert any("v2, v3" in r.getMessage() for r in caplog.records)
