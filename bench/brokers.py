@@ -41,9 +41,11 @@ def start(brokers: int, logdir: Path) -> compare.Running:
     return running
 
 
-def broker_cpu_s(running: compare.Running) -> float:
+def broker_cpu_s(running: compare.Running) -> list[float]:
+    """CPU seconds of each broker, in --broker order (the first carries the traffic)."""
     pids = [p.pid for p in running.stack.processes if p.args[2] == "broker"]
-    return sum(compare.cpu_seconds(pids).values())
+    seconds = compare.cpu_seconds(pids)
+    return [seconds[pid] for pid in pids]
 
 
 def main() -> None:
@@ -64,11 +66,14 @@ def main() -> None:
                 cpu_before = broker_cpu_s(running)
                 result, _ = compare.run_wrk(running, args.concurrency, args.seconds, bodies)
                 answered = result["requests"] - result["status_errors"]
-                cpu_us = (broker_cpu_s(running) - cpu_before) / max(answered, 1) * 1e6
+                each_us = [(after - before) / max(answered, 1) * 1e6
+                           for before, after in zip(cpu_before, broker_cpu_s(running))]
+                cpu_us = sum(each_us)
                 rate = answered / (result["duration_us"] / 1e6)
                 figures[brokers].append((rate, cpu_us))
                 print(f"round {round_index + 1}, {brokers} broker(s): {rate:.1f} req/s, broker CPU {cpu_us:.0f} µs "
-                      f"per request, {result['status_errors'] + result['socket_errors']} errors", flush=True)
+                      f"per request ({' + '.join(f'{us:.0f}' for us in each_us)}), "
+                      f"{result['status_errors'] + result['socket_errors']} errors", flush=True)
             finally:
                 running.stop()
     print(f"\n| brokers | req/s per round (c{args.concurrency}) | broker CPU µs/request per round |\n|---|---|---|")

@@ -35,8 +35,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 import zmq
@@ -60,6 +59,7 @@ _DEALER_HWM = 100_000  # messages queued each way on a DEALER to the broker: a g
 _WAKE_CHECK_S = 1.0
 _RECENT_RESENT = 4096  # ids of answered requests that were sent to several brokers, kept to spot duplicates
 _ALL_DOWN_RETRY_AFTER_S = 1.0  # Retry-After when no broker is reachable
+_STATUS_STRAGGLER_S = 0.25  # status(): once one broker has answered, how long the others may take
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED
 
 
@@ -339,12 +339,17 @@ class BrokerClient:
         futures = [self._send(lambda request_id: protocol.StatusRequest(request_id), wait_s=timeout_s,
                               broker=broker.index) for broker in self._brokers]
         deadline_at = time.monotonic() + timeout_s
-        answers: list[protocol.Status | None] = []
-        for future in futures:
-            try:
-                answers.append(future.result(timeout=max(0.0, deadline_at - time.monotonic())))
-            except (FutureTimeout, BrokerError):
-                answers.append(None)
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=max(0.0, deadline_at - time.monotonic()),
+                                 return_when=FIRST_COMPLETED)
+            if not done:
+                break
+            if any(not future.exception() for future in done):
+                # One broker has answered: give the others a moment, not the whole timeout (a broker
+                # that died silently would otherwise hold up every status, /readyz included).
+                deadline_at = min(deadline_at, time.monotonic() + _STATUS_STRAGGLER_S)
+        answers = [f.result() if f.done() and not f.exception() else None for f in futures]
         preferred = next((self._brokers[i] for i, a in enumerate(answers) if a is not None), None)
         if preferred is None:
             raise BrokerError(ErrorCode.UNAVAILABLE, f"no broker of {self.endpoint} answered within {timeout_s} s")
