@@ -86,7 +86,8 @@ def build_parser() -> Parser:
     parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn, forwarding to a broker.")
     defaults = GatewayConfig()
     parser.add_argument("--broker", type=endpoints, default=defaults.broker,
-                        help="the broker's frontend endpoint")
+                        help="the broker's frontend endpoint; several, comma-separated, to fail over between "
+                             "them (the first live one takes the requests)")
     parser.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT to listen on")
     parser.add_argument("--workers", type=Number(int, minimum=0), default=0,
                         help="gunicorn worker processes; 0 = half the cores, at least 1")

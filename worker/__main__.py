@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 
-from ddml_common.cli import Parser, configure_logging
+from ddml_common.cli import Parser, configure_logging, endpoints
 from worker.config import WorkerConfig
 from worker.models import load_handler
 from worker.serve import serve, supervise
@@ -23,7 +23,9 @@ logger = logging.getLogger("worker")
 
 def build_parser() -> Parser:
     parser = Parser("ddml-worker", "Serve a model to a ddml broker. Run as many as you like, on any host.")
-    parser.add_argument("--broker", default="tcp://127.0.0.1:5556", help="the broker's backend endpoint")
+    parser.add_argument("--broker", type=endpoints, default="tcp://127.0.0.1:5556",
+                        help="the broker's backend endpoint; several, comma-separated, to serve every one "
+                             "(each gets this worker's registration, heartbeats and capacity)")
     parser.add_argument("--model", default="minilm",
                         help="model name clients ask for; built in: minilm (all-MiniLM-L6-v2), echo")
     parser.add_argument("--handler", default=None,

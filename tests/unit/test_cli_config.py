@@ -116,7 +116,7 @@ def test_file_then_environment_then_flags(monkeypatch, tmp_path):
     ("worker", [], {}, '[worker]\ntask = "translate"\n',
      "ddml-worker: invalid value for --task from {file} [worker] task: 'translate' (expected one of: {tasks})"),
     ("worker", [], {}, "[worker]\nbroker = 5556\n",
-     "ddml-worker: invalid value for --broker from {file} [worker] broker: 5556 (expected a string)"),
+     "ddml-worker: invalid value for --broker from {file} [worker] broker: 5556 (expected ZeroMQ endpoints such as tcp://HOST:PORT, ipc://PATH or inproc://NAME, joined by commas)"),
     ("worker", [], {"DDML_WORKER_SUPERVISE": "maybe"}, None,
      "ddml-worker: invalid value for --supervise from environment DDML_WORKER_SUPERVISE: 'maybe' "
      "(expected true or false: 1/0, true/false, yes/no, on/off)"),
