@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ddml_common import protocol
+
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
@@ -30,10 +32,11 @@ class WorkerConfig:
     echo_test_directives: bool = False  # the echo model obeys sleep_s / raise / exit / invalid: tests only
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1, got {self.max_batches}")
+        # The broker refuses a READY outside the protocol's bounds: say so here, not by never registering.
+        if not 1 <= self.max_batch_size <= protocol.MAX_ITEMS:
+            raise ValueError(f"max_batch_size must be from 1 to {protocol.MAX_ITEMS}, got {self.max_batch_size}")
+        if not 1 <= self.max_batches <= protocol.MAX_BATCHES:
+            raise ValueError(f"max_batches must be from 1 to {protocol.MAX_BATCHES}, got {self.max_batches}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         if self.watchdog_s <= 0:
