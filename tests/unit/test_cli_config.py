@@ -158,7 +158,7 @@ def main_of(module: str):
      "per interval"),
     ("broker", ["--curve-secret-key", "broker.key_secret"],
      "ddml-broker: --curve-secret-key needs --authorized-workers and --authorized-clients"),
-    ("worker", ["--max-batch-size", "0"], "ddml-worker: invalid configuration: max_batch_size must be >= 1, got 0"),
+    ("worker", ["--max-batch-size", "0"], "ddml-worker: invalid configuration: max_batch_size must be from 1 to 65536, got 0"),
     ("worker", ["--model", "x", "--handler", "tests.handlers:Nope"],
      "ddml-worker: --handler tests.handlers:Nope: module 'tests.handlers' has no attribute 'Nope'"),
     ("worker", ["--model", "x", "--model-path", "/no/such/model"],
