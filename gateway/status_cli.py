@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(args.interval_s)
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # the reader went away (`ddml-status -o json | head`): stop, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor fail flushing at exit
+        sys.exit(1)
     finally:
         client.close()
 
