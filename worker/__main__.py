@@ -15,8 +15,8 @@ import threading
 
 from ddml_common.cli import Parser, configure_logging, endpoints
 from worker.config import WorkerConfig
-from worker.models import load_handler
-from worker.serve import serve, supervise
+from worker.models import BUILT_IN_MODELS, load_handler
+from worker.serve import ModelLoadError, serve, supervise
 
 logger = logging.getLogger("worker")
 
@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.supervise or args.num_workers > 1 or cuda_devices:
         supervise(config, max(args.num_workers, 1), cuda_devices, f"{args.log_level}:{args.log_format}", stop)
     else:
-        serve(config, stop)
+        try:
+            serve(config, stop)
+        except ModelLoadError as error:
+            parser.fail(str(error).splitlines()[0][:500])
     logger.info("worker stopped: %s", json.dumps({"model": config.model}))
 
 
@@ -147,6 +150,9 @@ def _check_model_source(parser: Parser, config: WorkerConfig) -> None:
             load_handler(config.handler)
         except (ImportError, AttributeError, TypeError, ValueError) as error:
             parser.fail(f"--handler {config.handler}: {error}")
+    elif not config.model_path and config.model not in BUILT_IN_MODELS:
+        parser.fail(f"--model {config.model}: not built in ({', '.join(BUILT_IN_MODELS)}): "
+                    "give --model-path DIR or --handler module:Class")
     path = config.model_path
     if path and path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
         parser.fail(f"--model-path {path}: not a directory")

