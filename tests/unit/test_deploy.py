@@ -724,3 +724,19 @@ def test_the_readme_status_commands_parse_and_ask_each_broker_with_the_gateways_
         assert (args.curve_server_key, args.curve_secret_key) == \
             (flag(gateway, "--curve-server-key"), flag(gateway, "--curve-secret-key")), command
     assert asked == [f"tcp://{name}:{frontend}" for name in broker_names("cpu")]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_grace_period_covers_its_prestop_and_the_longest_request(overlay, monkeypatch):
+    """gunicorn waits for requests in flight up to the longest deadline plus a margin
+    (gateway.config.graceful_timeout_s): with the preStop sleep before it, the pod's grace period
+    must cover both, or Kubernetes kills requests that the gateway would have answered."""
+    from gateway.config import build_parser, graceful_timeout_s
+
+    for name in [n for n in os.environ if n.startswith("DDML_")]:
+        monkeypatch.delenv(name)
+    gateway = workloads(overlay)["ddml-gateway"]
+    pre_stop = container(gateway)["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    graceful_s = graceful_timeout_s(build_parser().parse_args(container(gateway)["args"]))
+    assert gateway["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + graceful_s
