@@ -36,6 +36,7 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import zmq
@@ -59,6 +60,7 @@ _DEALER_HWM = 100_000  # messages queued each way on a DEALER to the broker: a g
 _WAKE_CHECK_S = 1.0
 _RECENT_RESENT = 4096  # ids of answered requests that were sent to several brokers, kept to spot duplicates
 _ALL_DOWN_RETRY_AFTER_S = 1.0  # Retry-After when no broker is reachable
+_THREAD_ZMTP_HEARTBEAT_IVL_MS = 10_000  # ZMTP pings on a request thread's DEALERs (the I/O thread's: 1 s)
 _STATUS_STRAGGLER_S = 0.25  # status(): once one broker has answered, how long the others may take
 _MONITOR_EVENTS = zmq.EVENT_DISCONNECTED
 
@@ -320,7 +322,7 @@ class BrokerClient:
         them; created on its first request (in this process)."""
         sockets = getattr(self._local, "sockets", None)
         if sockets is None or self._local.sockets_pid != os.getpid():
-            dealers = {broker.index: self._connect(broker.endpoint) for broker in self._brokers}
+            dealers = {broker.index: self._connect(broker.endpoint, request_thread=True) for broker in self._brokers}
             alarm = self._context.socket(zmq.SUB)
             alarm.setsockopt(zmq.LINGER, 0)
             alarm.setsockopt(zmq.SUBSCRIBE, b"")
@@ -333,9 +335,24 @@ class BrokerClient:
             self._local.sockets_pid = os.getpid()
         return sockets
 
-    def status(self, timeout_s: float = 2.0) -> dict:
+    def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
         """Models, queues and workers, from the first broker that answers, and every broker's view
-        under "brokers". Raises BrokerError if none answers."""
+        under "brokers". Raises BrokerError if none answers. every_broker=False asks only the brokers
+        a request would go to, in that order, until one answers (for a frequent caller that needs
+        one view, such as the gateway's model catalog: a standby broker then hears nothing of it)."""
+        if not every_broker:
+            deadline_at = time.monotonic() + timeout_s
+            for broker in sorted(self._brokers, key=lambda b: not b.up):
+                future = self._send(lambda request_id: protocol.StatusRequest(request_id), wait_s=timeout_s,
+                                    broker=broker.index)
+                try:
+                    answer = future.result(timeout=max(0.0, deadline_at - time.monotonic()))
+                except (FutureTimeout, BrokerError):
+                    continue
+                return {"instance_id": answer.instance_id, "models": answer.models, "workers": answer.workers,
+                        "stats": answer.stats, "brokers": [{"endpoint": broker.endpoint, "role": "preferred",
+                                                            "instance_id": answer.instance_id}]}
+            raise BrokerError(ErrorCode.UNAVAILABLE, f"no broker of {self.endpoint} answered within {timeout_s} s")
         futures = [self._send(lambda request_id: protocol.StatusRequest(request_id), wait_s=timeout_s,
                               broker=broker.index) for broker in self._brokers]
         deadline_at = time.monotonic() + timeout_s
@@ -488,10 +505,16 @@ class BrokerClient:
             pull.close(linger=0)
             self._alarm.close(linger=0)
 
-    def _connect(self, endpoint: str) -> zmq.Socket:
+    def _connect(self, endpoint: str, request_thread: bool = False) -> zmq.Socket:
         """A DEALER to one broker: the I/O thread's, or a request thread's own."""
         dealer = new_socket(self._context, zmq.DEALER, hwm=_DEALER_HWM)
         dealer.setsockopt(zmq.IMMEDIATE, 1)  # with no broker connection, fail fast instead of queueing
+        if request_thread:
+            # The I/O thread's DEALER and its heartbeats tell when a broker dies; a request thread's
+            # only needs to notice a half-open connection eventually. A gateway has a DEALER per
+            # thread and broker, and at ZMTP's 1 s pings the idle ones cost every broker CPU.
+            dealer.setsockopt(zmq.HEARTBEAT_IVL, _THREAD_ZMTP_HEARTBEAT_IVL_MS)
+            dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * _THREAD_ZMTP_HEARTBEAT_IVL_MS)
         if self._curve is not None:
             self._curve.apply(dealer)
         dealer.connect(endpoint)

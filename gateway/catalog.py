@@ -45,7 +45,7 @@ class Catalog:
             return cached  # another thread is refreshing it
         try:
             if self._status is None or self._clock() - self._fetched_at > CACHE_S:
-                self._status = self._broker.status(timeout_s=_STATUS_TIMEOUT_S)
+                self._status = self._broker.status(timeout_s=_STATUS_TIMEOUT_S, every_broker=False)
                 self._fetched_at = self._clock()
             return self._status
         finally:

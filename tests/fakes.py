@@ -36,7 +36,7 @@ class FakeBrokerClient:
             raise self.error
         return [protocol.decode_value(protocol.encode_value(x)) for x in inputs]
 
-    def status(self, timeout_s: float = 2.0) -> dict:
+    def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
         if self.error is not None and self.error.code is ErrorCode.UNAVAILABLE:
             raise self.error
         models = {m: {"workers": 1, "queued_requests": 0} for w in self.workers for m in w["models"]}

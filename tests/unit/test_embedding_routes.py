@@ -37,7 +37,7 @@ class TextBroker(FakeBrokerClient):
         return [{"embedding": np.array([3, 4, 0, 12], dtype=np.float32) * (i + 1), "tokens": 2 + len(x["text"])}
                 for i, x in enumerate(inputs)]
 
-    def status(self, timeout_s: float = 2.0) -> dict:
+    def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
         status = super().status(timeout_s)
         embedding = {"task": "embedding", "outputs": [{"name": "EMBEDDING", "datatype": "FP32", "shape": [-1, 4]}]}
         for name, info in status["models"].items():

@@ -221,7 +221,7 @@ def test_priority_must_be_within_the_protocol_bounds():
 class V2Broker(FakeBrokerClient):
     """A broker whose echo model declares one BYTES input, as a worker's READY would."""
 
-    def status(self, timeout_s: float = 2.0) -> dict:
+    def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
         status = super().status(timeout_s)
         status["models"]["echo"].update(max_batch_size=8, metadata={
             "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, 1]}],
