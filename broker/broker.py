@@ -16,7 +16,7 @@ from typing import Callable
 
 import zmq
 
-from broker.core import BrokerCore, Peer, Send
+from broker.core import BrokerCore, Peer, Send, throttled
 from broker.config import BrokerConfig
 from broker.curve import GATEWAY_DOMAIN, WORKER_DOMAIN, BrokerSecurity
 from broker.metrics import BrokerMetrics
@@ -216,6 +216,5 @@ def _bind(socket: zmq.Socket, endpoint: str) -> str:
 
 
 def _throttled_warning(count: int, fmt: str, *args) -> None:
-    """Warn on the first ten occurrences, then on every hundredth, so a flood cannot fill the disk."""
-    if count <= 10 or count % 100 == 0:
+    if throttled(count):
         logger.warning(fmt + " (%d so far)", *args, count)

@@ -109,7 +109,7 @@ class BrokerCore:
                 self._on_gateway_message(peer_id, message, now)
         except Exception:  # a bug in a handler must never end the broker
             self.stats["internal_errors"] += 1
-            if _throttled(self.stats["internal_errors"]):
+            if throttled(self.stats["internal_errors"]):
                 logger.exception("internal error handling %s from %s %s (%d so far)", type(message).__name__,
                                  peer.name.lower(), peer_id.hex(), self.stats["internal_errors"])
 
@@ -131,7 +131,7 @@ class BrokerCore:
                 self.metrics.publish({"models": status.models, "workers": status.workers})
         except Exception:
             self.stats["internal_errors"] += 1
-            if _throttled(self.stats["internal_errors"]):
+            if throttled(self.stats["internal_errors"]):
                 logger.exception("internal error in the broker's timers (%d so far)", self.stats["internal_errors"])
 
     def flush(self, send: SendFn, now: float) -> None:
@@ -264,7 +264,7 @@ class BrokerCore:
         if key in self._requests:
             # Replying would confuse it with the original: drop it, the original still gets its reply.
             self.stats["duplicate_requests"] += 1
-            if _throttled(self.stats["duplicate_requests"]):
+            if throttled(self.stats["duplicate_requests"]):
                 logger.warning("gateway %s reused request id %r; dropped", gateway_id.hex(), request.request_id,
                                extra={"request_id": request.request_id})
             return
@@ -318,16 +318,19 @@ class BrokerCore:
     def _warn_of_rollouts(self, models: list[str]) -> None:
         """Once per rollout: a model that live workers serve at more than one version (a worker with a
         version registers `name` and `name@version`)."""
+        served: dict[str, set[str]] = {}  # name -> the versions live workers serve it at
+        for worker in self._workers:
+            for model in worker.models:
+                name, _, version = model.partition("@")
+                if version:
+                    served.setdefault(name, set()).add(version)
         for name in {m.partition("@")[0] for m in models if "@" in m}:
-            versions = frozenset(m.partition("@")[2] for w in self._workers for m in w.models
-                                 if m.startswith(name + "@"))
+            versions = frozenset(served.get(name, ()))
             if len(versions) > 1 and self._rollouts.get(name) != versions:
                 self._rollouts[name] = versions
                 logger.warning("model %s is served at %d versions: %s (a rollout?); unpinned requests go to any "
                                "of them", name, len(versions), ", ".join(sorted(versions)), extra={"model": name})
-        for name in [n for n in self._rollouts if n not in {m.partition("@")[0] for w in self._workers
-                                                             for m in w.models if "@" in m}
-                     or len({m for w in self._workers for m in w.models if m.startswith(n + "@")}) <= 1]:
+        for name in [n for n in self._rollouts if len(served.get(n, ())) <= 1]:
             del self._rollouts[name]  # one version left: the next rollout warns again
 
     def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
@@ -535,7 +538,7 @@ class BrokerCore:
     def _count_malformed(self, peer: Peer, peer_id: bytes, error: protocol.DecodeError) -> None:
         self.stats["malformed"] += 1
         self.metrics.malformed.inc()
-        if _throttled(self.stats["malformed"]):
+        if throttled(self.stats["malformed"]):
             logger.warning("dropped malformed message from %s %s: %s (%d so far)", peer.name.lower(),
                            peer_id.hex(), error, self.stats["malformed"])
 
@@ -553,7 +556,7 @@ class BrokerCore:
 
     def _refuse(self, peer: Peer, peer_id: bytes, message: protocol.Message, why: str) -> None:
         self.stats["refused"] += 1
-        if _throttled(self.stats["refused"]):
+        if throttled(self.stats["refused"]):
             logger.warning("refused %s from %s %s: %s (%d so far)", type(message).__name__, peer.name.lower(),
                            peer_id.hex(), why, self.stats["refused"])
 
@@ -577,6 +580,6 @@ class BrokerCore:
                 self.metrics.forget_model(model)
 
 
-def _throttled(count: int) -> bool:
+def throttled(count: int) -> bool:
     """Log the first ten occurrences, then every hundredth, so a flood cannot fill the disk."""
     return count <= 10 or count % 100 == 0

@@ -173,19 +173,22 @@ class BrokerClient:
         attempt = _Attempt(deadline_at=now + timeout_s)
         give_up_at = attempt.deadline_at + _REPLY_GRACE_S
         changes = self._changes
-        if not self._send_somewhere(attempt, message, now, lambda i, frames: _send_quietly(dealers[i], frames)):
+
+        def send(index: int, frames: list[bytes]) -> bool:  # on this thread's DEALER to that broker
+            return _send_quietly(dealers[index], frames)
+
+        if not self._send_somewhere(attempt, message, now, send):
             # No connection yet (this thread's DEALERs are new, or every broker is down): wait for one, briefly.
             writable = zmq.Poller()
             for dealer in dealers.values():
                 writable.register(dealer, zmq.POLLOUT)
             if not writable.poll(_CONNECT_GRACE_S * 1000) or not self._send_somewhere(
-                    attempt, message, time.monotonic(), lambda i, frames: _send_quietly(dealers[i], frames)):
+                    attempt, message, time.monotonic(), send):
                 raise self._unreachable()
         while True:
             if self._changes != changes:
                 changes = self._changes
-                error = self._after_broker_change(attempt, message, time.monotonic(),
-                                                  lambda i, frames: _send_quietly(dealers[i], frames))
+                error = self._after_broker_change(attempt, message, time.monotonic(), send)
                 if error is not None:
                     raise error
                 if not self._multi:
@@ -207,8 +210,7 @@ class BrokerClient:
             for index, dealer in dealers.items():
                 if dealer not in ready:
                     continue
-                outcome = self._read_thread_dealer(dealer, index, request_id, attempt, message,
-                                                   lambda i, frames: _send_quietly(dealers[i], frames))
+                outcome = self._read_thread_dealer(dealer, index, request_id, attempt, message, send)
                 if outcome is not None:
                     return outcome
 
