@@ -103,7 +103,11 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     finally:
         io_thread.join(timeout=5)
         results.close(linger=0)
-        context.term()
+        if io_thread.is_alive():
+            logger.warning("broker I/O thread did not stop within 5 s; closing its sockets")
+        # destroy(), not term(): term() waits forever for any socket still open, and a worker that
+        # has drained must exit. Sockets already closed keep their linger (the last DISCONNECTs).
+        context.destroy(linger=0)
 
 
 def _describe_device(device: str) -> str:
