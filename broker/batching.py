@@ -86,6 +86,22 @@ class InFlightBatch:
     dispatched_at: float
     deadline_at: float = math.inf  # set by WorkerRegistry.dispatched()
     sent: bool = False  # handed to the socket; until then a lost worker cannot have run it
+    pending: int = 0  # inputs not answered yet (a continuous worker answers them a few at a time)
+    answered: bytearray | None = None  # per input, 1 once answered; None until a partial result comes
+
+    def __post_init__(self) -> None:
+        self.pending = len(self.items)
+
+    @property
+    def isolated(self) -> bool:
+        """It carries an input that must run alone (a bystander of a failed pass, or a suspect)."""
+        return len(self.items) == 1 and self.items[0].isolated
+
+    def unanswered(self) -> list[WorkItem]:
+        answered = self.answered
+        if answered is None:
+            return self.items
+        return [item for item, done in zip(self.items, answered) if not done]
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,7 @@ class WorkerView(Protocol):
     last_batch_size: int  # of the batch it completed last
     last_compute_s: float
     last_completed_at: float
+    max_inputs: int  # > 0: continuous batching, credit counted in inputs (see _continuous_room)
 
     @property
     def in_flight_items(self) -> int: ...
@@ -175,12 +192,16 @@ class Batcher:
         for model, levels in self._queues.items():
             while any(levels.values()):
                 # Holding a part-batch pays only if it can grow: not when the next item travels alone.
-                queued = math.inf if self._head_isolated(levels) else sum(len(q) for q in levels.values())
+                isolated = self._head_isolated(levels)
+                queued = math.inf if isolated else sum(len(q) for q in levels.values())
                 candidates = [
                     w
                     for w in workers
                     if model in w.models
-                    and self._has_credit(w, len(w.in_flight) + added_batches.get(w.worker_id, 0), queued)
+                    and (self._continuous_room(w, added_batches.get(w.worker_id, 0),
+                                               added_items.get(w.worker_id, 0), isolated) > 0
+                         if w.max_inputs else
+                         self._has_credit(w, len(w.in_flight) + added_batches.get(w.worker_id, 0), queued))
                 ]
                 if not candidates:
                     break
@@ -188,6 +209,21 @@ class Batcher:
                     candidates,
                     key=lambda w: (w.in_flight_items + added_items.get(w.worker_id, 0), w.latency_ewma_s),
                 )
+                if worker.max_inputs:
+                    # Continuous batching: no hold. The worker forms its own passes from what it
+                    # holds, so inputs go to it as soon as it has room, a slice at a time (the
+                    # next slice may suit another worker better).
+                    room = self._continuous_room(worker, added_batches.get(worker.worker_id, 0),
+                                                 added_items.get(worker.worker_id, 0), isolated)
+                    items = self._take(levels, min(room, worker.max_batch_size))
+                    if not items:
+                        break
+                    if isolated:  # nothing may join it: count the worker full for this round
+                        added_items[worker.worker_id] = added_items.get(worker.worker_id, 0) + worker.max_inputs
+                    added_batches[worker.worker_id] = added_batches.get(worker.worker_id, 0) + 1
+                    added_items[worker.worker_id] = added_items.get(worker.worker_id, 0) + len(items)
+                    dispatches.append(Dispatch(worker.worker_id, model, items))
+                    continue
                 held = len(worker.in_flight) + added_batches.get(worker.worker_id, 0)
                 hold_until = self._refill_hold_until(worker, held, queued, levels, now)
                 if hold_until is not None:
@@ -262,6 +298,21 @@ class Batcher:
         if held_batches >= worker.max_batches:
             return False
         return held_batches == 0 or queued_items >= worker.max_batch_size
+
+    @staticmethod
+    def _continuous_room(worker: WorkerView, added_batches: int, added_items: int, isolated: bool) -> int:
+        """How many more inputs a continuous worker may take now.
+
+        It holds up to max_inputs (about two passes' worth) from any number of batches. An isolated
+        input (one whose pass failed, or whose worker died under it) must run alone to tell a poison
+        input from its bystanders: it goes only to a worker that holds nothing, and that worker then
+        takes nothing more until it is answered."""
+        held_items = worker.in_flight_items + added_items
+        if any(batch.isolated for batch in worker.in_flight.values()):
+            return 0
+        if isolated:
+            return 1 if held_items == 0 and added_batches == 0 else 0
+        return worker.max_inputs - held_items
 
     def _refill_hold_until(self, worker: WorkerView, held_batches: int, queued_items: float,
                            levels: dict[int, deque[WorkItem]], now: float) -> float | None:

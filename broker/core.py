@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
+import zlib
 import logging
 import math
 from collections import Counter
@@ -75,7 +76,9 @@ class BrokerCore:
         self._sends: list[Send] = []  # what flush() hands to the shell
         self._deadlines: list[tuple[float, int, tuple[bytes, str]]] = []  # heap
         self._sequence = itertools.count()
-        self._batch_ids = itertools.count(1)
+        # Batch ids start where the last instance's are unlikely to be: a worker may still answer a
+        # batch of the instance before a restart, and must never answer this one's by mistake.
+        self._batch_ids = itertools.count((zlib.crc32(instance_id.encode()) << 20) + 1)
         self._model_stats: dict[str, ModelStats] = {}  # models some worker serves or once served
         self._rollouts: dict[str, frozenset[str]] = {}  # model -> the versions we last warned it is served at
         self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
@@ -353,6 +356,13 @@ class BrokerCore:
             logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex(),
                            extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
             return
+        if result.indices:
+            self._on_partial_result(worker, batch, result, now)
+            return
+        if batch.answered is not None:  # it answered part of this batch already: the rest must come in parts too
+            self.stats["malformed_results"] += 1
+            self._fail_unanswered(batch, "worker sent a whole result for a batch it had answered in part", now)
+            return
         if result.errors and len(result.errors) == len(batch.items) and all(
                 error[1] == ErrorCode.BUSY.value for error in result.errors):
             # Full with another broker's batches: not run, so back to the front of the queue as it was.
@@ -381,20 +391,73 @@ class BrokerCore:
             self._retry_isolated(batch.items, f"its batch failed: {errors[0][2]}", now)
             return
         for position, item in enumerate(batch.items):
-            request = item.request
-            if request.done:
+            if item.request.done:
                 continue
-            if position in errors:
-                _, code, message = errors[position]
-                code = ErrorCode(code) if code in _WORKER_INPUT_CODES else ErrorCode.MODEL_ERROR
-                alone = " (run alone, after its batch failed)" if item.isolated else ""
-                self._finish(request, now, code, f"input {item.index}{alone}: {message}"[:4096])
+            error = errors.get(position)  # (a malformed result has errors for all, and maybe no outputs)
+            self._answer(item, b"" if error else result.outputs[position], error, now, "batch")
+
+    def _on_partial_result(self, worker: WorkerState, batch: InFlightBatch, result: protocol.BatchResult,
+                           now: float) -> None:
+        """A continuous worker answered some inputs of a batch (those of one forward pass).
+
+        Each answered input's request is finished as soon as it has all its outputs, so a request
+        never waits for the rest of the batch it travelled in. An input whose pass failed as a whole
+        (PASS_FAILED) runs again alone, within --max-attempts; other errors are its own."""
+        size = len(batch.items)
+        if any(index >= size for index in result.indices):
+            self.stats["malformed_results"] += 1
+            self._fail_unanswered(batch, f"worker answered inputs {max(result.indices)} of a batch of {size}", now)
+            return
+        if batch.answered is None:
+            batch.answered = bytearray(size)
+        answered = batch.answered
+        errors = {error[0]: error for error in result.errors}
+        rerun = []
+        fresh = 0
+        for k, position in enumerate(result.indices):
+            if answered[position]:
+                self.stats["duplicate_outputs"] += 1
                 continue
-            if request.outputs[item.index] is None:
-                request.remaining -= 1
-            request.outputs[item.index] = result.outputs[position]
-            if request.remaining == 0:
-                self._finish(request, now)
+            answered[position] = 1
+            fresh += 1
+            item = batch.items[position]
+            if item.request.done:
+                continue
+            error = errors.get(k)
+            if error is not None and error[1] == ErrorCode.PASS_FAILED.value:
+                rerun.append((item, error[2]))
+                continue
+            self._answer(item, result.outputs[k], error, now, "pass")
+        batch.pending -= fresh
+        self._stats_for(batch.model).record_completion(fresh, now)
+        for item, why in rerun:
+            self._retry_isolated([item], f"its forward pass failed: {why}", now)
+        if batch.pending > 0:
+            self._workers.answered(batch, now)
+            return
+        compute_s = max(0.0, now - batch.dispatched_at)  # dispatch to last answer: what its deadline must cover
+        self._workers.completed(worker.worker_id, batch.batch_id, compute_s, now)
+        self.metrics.batch_latency.labels(batch.model).observe(compute_s)
+
+    def _answer(self, item: WorkItem, output: bytes, error: list | None, now: float, shared: str) -> None:
+        """One input's answer from a worker: its output, or its own error, which fails its request."""
+        request = item.request
+        if error is not None:
+            code = ErrorCode(error[1]) if error[1] in _WORKER_INPUT_CODES else ErrorCode.MODEL_ERROR
+            alone = f" (run alone, after its {shared} failed)" if item.isolated else ""
+            self._finish(request, now, code, f"input {item.index}{alone}: {error[2]}"[:4096])
+            return
+        if request.outputs[item.index] is None:
+            request.remaining -= 1
+        request.outputs[item.index] = output
+        if request.remaining == 0:
+            self._finish(request, now)
+
+    def _fail_unanswered(self, batch: InFlightBatch, message: str, now: float) -> None:
+        """A worker's result for this batch makes no sense: its unanswered inputs fail, and the batch is done."""
+        for item in batch.unanswered():
+            self._finish(item.request, now, ErrorCode.MODEL_ERROR, f"input {item.index}: {message}"[:4096])
+        self._workers.completed(batch.worker_id, batch.batch_id, max(0.0, now - batch.dispatched_at), now)
 
     # ------------------------------------------------------------------ actions
 
@@ -428,14 +491,14 @@ class BrokerCore:
         """A worker is gone: its inputs run again (alone, if their batch had company), or fail."""
         if worker is None:
             return
-        lost = sum(len(batch.items) for batch in worker.in_flight.values())
+        lost = worker.in_flight_items
         logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, lost,
                        extra={"worker_id": worker.worker_id.hex(), "batch_id": ",".join(map(str, worker.in_flight))})
         self.stats["workers_lost"] += 1
         unsent = []
         for batch in worker.in_flight.values():
-            if batch.sent:
-                self._retry_isolated(batch.items, f"a worker running it was lost ({reason})", now,
+            if batch.sent:  # of a continuous worker's batch, only the inputs it had not answered
+                self._retry_isolated(batch.unanswered(), f"a worker running it was lost ({reason})", now,
                                      code=ErrorCode.WORKER_LOST)
             else:  # never delivered, so never run: back to the front of the queue as it was
                 unsent.extend(batch.items)

@@ -46,13 +46,19 @@ class WorkerState:
     registration: int = 0  # the worker's count of its READYs, from its heartbeats; echoed when we drop it
     saturated: bool = False  # it handed a batch back BUSY (full with another broker's work) and has not spoken since
 
+    max_inputs: int = 0  # > 0: continuous batching (it holds up to this many inputs, from any number of batches)
+
     @property
     def in_flight_items(self) -> int:
-        return sum(len(batch.items) for batch in self.in_flight.values())
+        return sum(batch.pending for batch in self.in_flight.values())
 
     @property
     def has_room(self) -> bool:
-        return not self.draining and not self.saturated and len(self.in_flight) < self.max_batches
+        if self.draining or self.saturated:
+            return False
+        if self.max_inputs:
+            return self.in_flight_items < self.max_inputs
+        return len(self.in_flight) < self.max_batches
 
     @property
     def state(self) -> str:
@@ -71,6 +77,7 @@ class WorkerState:
             "max_batch_size": self.max_batch_size,
             "in_flight_batches": len(self.in_flight),
             "in_flight_items": self.in_flight_items,
+            "max_inputs": self.max_inputs,
             "batches": self.batches_done,
             "items": self.items_done,
             "latency_ewma_ms": round(self.latency_ewma_s * 1000, 3),
@@ -116,6 +123,7 @@ class WorkerRegistry:
             heartbeat_due_at=now,
             metadata=ready.metadata,
             peer_key=peer_key,
+            max_inputs=ready.max_inputs,
         )
         return previous
 
@@ -160,6 +168,13 @@ class WorkerRegistry:
         if batch is not None:
             worker.saturated = True
         return batch
+
+    def answered(self, batch: InFlightBatch, now: float) -> None:
+        """A continuous worker answered some of a batch's inputs: it is making progress, so the
+        batch's deadline starts again (it may have waited behind the inputs the worker held)."""
+        worker = self._workers.get(batch.worker_id)
+        if worker is not None:
+            batch.deadline_at = now + self.batch_timeout_s(worker)
 
     def completed(self, worker_id: bytes, batch_id: int, compute_s: float,
                   now: float = -math.inf) -> InFlightBatch | None:

@@ -99,6 +99,7 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "UNAUTHORIZED"  # gateway only: missing or wrong bearer token
     INTERNAL = "INTERNAL"  # a bug; the message says where
     BUSY = "BUSY"  # worker -> broker only: not run, the worker already holds --max-batches; requeue it unrun
+    PASS_FAILED = "PASS_FAILED"  # worker -> broker only: the forward pass it shared failed as a whole; run it alone
 
 
 # --------------------------------------------------------------------------- messages
@@ -115,6 +116,10 @@ class Ready:
     host: str = ""
     pid: int = 0
     metadata: dict = field(default_factory=dict)  # tensors in and out, for KServe v2: {"inputs": [...], ...}
+    # Continuous batching: the most inputs it may hold at once, from any number of batches, forming
+    # its own forward passes from them and answering each input as it is done (partial BATCH_RESULTs).
+    # 0: batch credit only (max_batches whole batches, each answered at once).
+    max_inputs: int = 0
 
 
 @dataclass(slots=True)
@@ -151,6 +156,9 @@ class BatchResult:
     outputs: list[bytes] = field(default_factory=list)  # one per input; b"" where it failed
     errors: list[list] = field(default_factory=list)  # [[index, ErrorCode value, message], ...]
     compute_ms: float = 0.0
+    # A partial result (continuous batching): outputs[k] answers input indices[k] of the batch, and
+    # an error's index is k. Empty: outputs answer every input of the batch, in order.
+    indices: list[int] = field(default_factory=list)
 
     @staticmethod
     def failed(batch_id: int, size: int, code: ErrorCode, message: str) -> "BatchResult":
@@ -336,6 +344,8 @@ def _check_ready(message: Ready) -> None:
     _check_text(message.host, "Ready.host", MAX_NAME_LEN)
     if message.pid < 0:
         raise _refuse("Ready.pid", "a non-negative int", message.pid)
+    if not 0 <= message.max_inputs <= MAX_ITEMS:
+        raise _refuse("Ready.max_inputs", f"in [0, {MAX_ITEMS}]", message.max_inputs)
     _check_document(message.metadata, "Ready.metadata", MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_SIZE)
 
 
@@ -386,6 +396,15 @@ def _check_batch_result(message: BatchResult) -> None:
     # One chained comparison refuses NaN (every comparison with it is false) and infinities.
     if not 0 <= message.compute_ms <= MAX_DURATION_MS:
         raise _refuse("BatchResult.compute_ms", "a finite number in [0, 2**40]", message.compute_ms)
+    indices = message.indices
+    if indices:
+        if len(indices) != len(message.outputs):
+            raise DecodeError(f"{len(indices)} indices for {len(message.outputs)} outputs")
+        for position, index in enumerate(indices):
+            if type(index) is not int or not 0 <= index < MAX_ITEMS:
+                raise _refuse(f"BatchResult.indices[{position}]", f"an int in [0, {MAX_ITEMS})", index)
+        if len(set(indices)) != len(indices):
+            raise DecodeError("BatchResult.indices names an input twice")
     errors = message.errors
     if not errors:
         return

@@ -60,6 +60,15 @@ def build_parser() -> Parser:
     parser.add_argument("--max-batch-size", type=int, default=64, help="most inputs per batch")
     parser.add_argument("--max-batches", type=int, default=2,
                         help="batches held at once; 2 receives the next while one computes")
+    parser.add_argument("--continuous", choices=("auto", "on", "off"), default="auto",
+                        help="continuous batching: hold up to --max-inputs-held inputs from any number of batches, "
+                             "form each forward pass from them (the longest-waiting input first, then those "
+                             "nearest its length) and answer each input as soon as its pass is done. auto = if "
+                             "the handler declares it (the built-in text models do; echo and your own Manager "
+                             "keep whole batches unless they set continuous = True)")
+    parser.add_argument("--max-inputs-held", type=int, default=0,
+                        help="with continuous batching, the most inputs held at once (the broker keeps the "
+                             "worker supplied up to this); 0 = --max-batch-size × --max-batches")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per input for built-in text models; default: the model's own (its "
                              "max_seq_length, else its tokenizer's limit; 256 for a plain transformers embedding "
@@ -105,6 +114,8 @@ def config_from_args(args) -> WorkerConfig:
         device=args.device,
         max_batch_size=args.max_batch_size,
         max_batches=args.max_batches,
+        continuous=args.continuous,
+        max_inputs_held=args.max_inputs_held,
         heartbeat_interval_s=args.heartbeat_interval_ms / 1000,
         liveness=args.liveness,
         watchdog_s=args.watchdog_s,

@@ -21,6 +21,8 @@ class WorkerConfig:
     device: str = "auto"  # auto, cpu or cuda:N
     max_batch_size: int = 64  # inputs per batch
     max_batches: int = 2  # batches held at once: 2 lets the next one arrive while one computes
+    continuous: str = "auto"  # continuous batching: auto (if the handler declares it), on or off
+    max_inputs_held: int = 0  # continuous: inputs held at once; 0 = max_batch_size × max_batches
     heartbeat_interval_s: float = 1.0
     liveness: int = 3  # silent broker intervals before reconnecting
     watchdog_s: float = 300.0  # a batch computing longer than this ends the process
@@ -37,6 +39,10 @@ class WorkerConfig:
             raise ValueError(f"max_batch_size must be from 1 to {protocol.MAX_ITEMS}, got {self.max_batch_size}")
         if not 1 <= self.max_batches <= protocol.MAX_BATCHES:
             raise ValueError(f"max_batches must be from 1 to {protocol.MAX_BATCHES}, got {self.max_batches}")
+        if self.continuous not in ("auto", "on", "off"):
+            raise ValueError(f"continuous must be auto, on or off, got {self.continuous!r}")
+        if not 0 <= self.max_inputs_held <= protocol.MAX_ITEMS:
+            raise ValueError(f"max_inputs_held must be from 0 to {protocol.MAX_ITEMS}, got {self.max_inputs_held}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         if self.watchdog_s <= 0:

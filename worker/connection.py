@@ -58,11 +58,13 @@ class WorkBatch:
     errors: dict[int, str] = field(default_factory=dict)  # index -> why it could not be decoded
     request_ids: list[str] = field(default_factory=list)  # one per input: the request it belongs to, for logs
     link: int = 0  # which broker sent it (an index into --broker)
+    epoch: int = 0  # the link's epoch when it came: a batch of an older epoch was forgotten (see ComputeState)
 
-    @property
-    def tag(self) -> bytes:
-        """The frame the compute thread puts before its result, so the I/O thread knows where it goes."""
-        return f"{self.link}:{self.batch_id}".encode()
+    def tag(self, answered: int) -> bytes:
+        """The frame the compute thread puts before a result that answers `answered` of its inputs,
+        so the I/O thread knows where it goes, how much the worker still holds, and whether the
+        broker still wants it (the epoch)."""
+        return f"{self.link}:{self.batch_id}:{answered}:{self.epoch}".encode()
 
 
 @dataclass
@@ -78,7 +80,8 @@ class _Link:
     instance_id: str = ""
     registrations: int = 0  # READY messages sent; > 1 means we re-registered
     register_when_idle: bool = False
-    holding: set[int] = field(default_factory=set)  # batch ids received and not yet answered
+    holding: dict[tuple[int, int], int] = field(default_factory=dict)  # (epoch, batch id) -> inputs not yet answered
+    epoch: int = 0  # bumped when the broker forgets us: what we held from it before is dropped, or its results
     drain_acknowledged: bool = False
     refused: bool = False  # we handed it a batch back as BUSY: tell it as soon as we have room
 
@@ -92,6 +95,9 @@ class ComputeState:
     items: int = 0
     compute_s: float = 0.0
     results_sent: int = 0
+    # link index -> its epoch. The I/O thread bumps it when a broker forgot us (it re-dispatched
+    # what we held); a continuous compute thread then drops that link's inputs it has not started.
+    link_epochs: dict[int, int] = field(default_factory=dict)
 
     def figures(self) -> dict:
         return {
@@ -125,6 +131,8 @@ class BrokerConnection:
         self._links = [_Link(index, endpoint) for index, endpoint in enumerate(broker_endpoints(config.broker))]
         self.refused_batches = 0  # batches handed back BUSY because we already held --max-batches
         self.peak_batches_held = 0  # the most batches held at once, from all brokers together
+        self.peak_inputs_held = 0  # the most inputs held at once (continuous batching)
+        self.stale_results = 0  # results dropped: their broker had forgotten us since their batch came
         self._warned_figures = False
 
     @property
@@ -196,7 +204,12 @@ class BrokerConnection:
 
     @property
     def _outstanding(self) -> int:
+        """Batches held, not all of whose inputs are answered."""
         return sum(len(link.holding) for link in self._links)
+
+    @property
+    def _held_inputs(self) -> int:
+        return sum(sum(link.holding.values()) for link in self._links)
 
     def _heartbeat(self, link: _Link, draining: bool = False) -> None:
         self._send(link, protocol.Heartbeat(stats=self._figures(), draining=draining,
@@ -246,11 +259,21 @@ class BrokerConnection:
             except queue.Empty:
                 break
             if batch is not None and batch.link == link.index:
-                link.holding.discard(batch.batch_id)
+                link.holding.pop((batch.epoch, batch.batch_id), None)
             else:
                 kept.append(batch)  # another broker's, or the end marker: never ours to drop
         for batch in kept:
             self._inbox.put(batch)
+        # Results of batches from before are dropped, not sent (_forward_results): the broker has
+        # re-dispatched them, and one that restarted numbers its batches afresh, so such a result
+        # could be taken for the answer to a new batch.
+        link.epoch += 1
+        self._state.link_epochs[link.index] = link.epoch
+        if self._ready.max_inputs:
+            # A continuous compute thread holds inputs beyond the inbox: it drops this link's that
+            # it has not started when it sees the new epoch. Nothing it holds needs to be waited
+            # for. (A batch worker waits for the batch it is computing before it registers again.)
+            link.holding.clear()
 
     def _broker_silent(self, link: _Link, now: float) -> bool:
         return now - link.seen_at > self._config.heartbeat_interval_s * self._config.liveness
@@ -289,17 +312,22 @@ class BrokerConnection:
                     logger.warning("unexpected %s from broker %s", type(message).__name__, link.endpoint)
 
     def _on_batch(self, link: _Link, batch: protocol.Batch) -> None:
-        if self._outstanding >= self._ready.max_batches:
+        max_inputs = self._ready.max_inputs
+        if (self._held_inputs + len(batch.inputs) > max_inputs if max_inputs
+                else self._outstanding >= self._ready.max_batches):
             # Another broker filled us first: hand it back unrun, and say when we have room.
             self.refused_batches += 1
             link.refused = True
+            held = f"{self._held_inputs} inputs" if max_inputs else f"{self._outstanding} batches"
             self._send(link, protocol.BatchResult.failed(batch.batch_id, len(batch.inputs), ErrorCode.BUSY,
-                                                         f"worker holds {self._outstanding} batches already"))
+                                                         f"worker holds {held} already"))
             return
-        link.holding.add(batch.batch_id)
+        link.holding[(link.epoch, batch.batch_id)] = len(batch.inputs)
         self.peak_batches_held = max(self.peak_batches_held, self._outstanding)
+        self.peak_inputs_held = max(self.peak_inputs_held, self._held_inputs)
         work = _decode_batch(batch)
         work.link = link.index
+        work.epoch = link.epoch
         self._inbox.put(work)
 
     def _forward_results(self, results: zmq.Socket) -> None:
@@ -308,9 +336,18 @@ class BrokerConnection:
                 tag, *frames = results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            index, batch_id = tag.split(b":")
-            link = self._links[int(index)]
-            link.holding.discard(int(batch_id))
+            index, batch_id, answered, epoch = map(int, tag.split(b":"))
+            link = self._links[index]
+            key = (epoch, batch_id)
+            left = link.holding.get(key)
+            if left is not None:
+                if left > answered:
+                    link.holding[key] = left - answered
+                else:
+                    del link.holding[key]
+            if epoch != link.epoch:
+                self.stale_results += 1  # the broker forgot us since: see _forget_batches
+                continue
             send_frames(link.socket, frames, dontwait=False)
             self._state.results_sent += 1
             for other in self._links:
@@ -328,6 +365,9 @@ class BrokerConnection:
         figures = self._state.figures()
         figures["refused_batches"] = self.refused_batches
         figures["peak_batches_held"] = self.peak_batches_held
+        figures["stale_results"] = self.stale_results
+        if self._ready.max_inputs:
+            figures["peak_inputs_held"] = self.peak_inputs_held
         try:
             described = self._describe()
         except Exception:  # figures are best effort; a broken describe() must not stop heartbeats

@@ -1,11 +1,16 @@
-"""The compute side of a worker: take a batch, run the model, push the result. Never raises."""
+"""The compute side of a worker: take a batch, run the model, push the result. Never raises.
+
+run_worker keeps batch semantics (one predict() per batch the broker sends); run_continuous
+does continuous batching, for handlers that declare it (Manager.continuous).
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import zmq
 
@@ -14,6 +19,7 @@ from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
 from worker.connection import ComputeState, WorkBatch
 from worker.models import InputError, Manager
+from worker.passes import select_pass
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +42,157 @@ def run_worker(
         state.batches += 1
         state.items += len(batch.inputs)
         state.compute_s += clock() - started_at
-        send_frames(results, [batch.tag, *protocol.encode(result)], dontwait=False)
+        send_frames(results, [batch.tag(len(batch.inputs)), *protocol.encode(result)], dontwait=False)
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """One input a continuous worker holds: where it came from, and what prepare() made of it."""
+
+    batch: WorkBatch
+    position: int  # in its batch
+    prepared: Any
+    cost: int
+
+
+def run_continuous(
+    model: Manager,
+    inbox: queue.Queue,
+    results: zmq.Socket,
+    state: ComputeState,
+    most_inputs: int,
+    cost_budget: int = 0,
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Continuous batching: hold every input that arrives, and run pass after pass, each formed by
+    select_pass() from all that is held; answer each input as soon as its pass is done (one partial
+    BATCH_RESULT per batch the pass touched). The model never waits while anything is held.
+
+    A pass of several inputs that fails as a whole answers each PASS_FAILED: the broker runs them
+    again one at a time, so only a poison input fails, and no input runs more than --max-attempts.
+    """
+    held: list[_Held] = []  # oldest first
+    while True:
+        try:
+            arrived = inbox.get() if not held else inbox.get_nowait()
+        except queue.Empty:
+            arrived = _NOTHING
+        while arrived is not _NOTHING:
+            if arrived is None:
+                return
+            held.extend(_prepare(model, arrived, results, clock))
+            try:
+                arrived = inbox.get_nowait()
+            except queue.Empty:
+                arrived = _NOTHING
+        epochs = state.link_epochs
+        if epochs:  # a broker forgot us and re-dispatched what we held from it
+            held = [h for h in held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
+        if not held:
+            continue
+        chosen = select_pass([h.cost for h in held], most_inputs, cost_budget)
+        running = [held[k] for k in chosen]
+        for k in sorted(chosen, reverse=True):
+            del held[k]
+        if logger.isEnabledFor(logging.DEBUG):
+            request_ids = ",".join(dict.fromkeys(h.batch.request_ids[h.position] for h in running))
+            logger.debug("pass of %d inputs (%d still held) of requests %s", len(running), len(held), request_ids,
+                         extra={"request_id": request_ids})
+        state.busy_since = started_at = clock()
+        outcome = _run_pass(model, running)
+        compute_s = clock() - started_at
+        state.busy_since = None
+        state.batches += 1
+        state.items += len(running)
+        state.compute_s += compute_s
+        _answer(running, outcome, compute_s, results)
+
+
+_NOTHING = object()
+
+
+def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Callable[[], float]) -> list[_Held]:
+    """prepare() a batch as it arrives; inputs that fail now are answered now."""
+    started_at = clock()
+    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
+    failed: list[tuple[int, list]] = [(i, [ErrorCode.BAD_REQUEST.value, message]) for i, message in batch.errors.items()]
+    kept: list[_Held] = []
+    if positions:
+        try:
+            prepared = model.prepare([batch.inputs[i] for i in positions])
+            if len(prepared) != len(positions):
+                raise RuntimeError(f"prepare() returned {len(prepared)} values for {len(positions)} inputs")
+            for i, value in zip(positions, prepared):
+                if isinstance(value, Exception):
+                    failed.append((i, _error_of(value)))
+                else:
+                    kept.append(_Held(batch, i, value, max(0, int(model.cost(value)))))
+        except Exception as error:
+            logger.exception("prepare() failed for batch %d (requests %s)", batch.batch_id, _request_ids(batch))
+            message = f"model failed to prepare the input: {type(error).__name__}: {error}"[:1000]
+            failed.extend((i, [ErrorCode.MODEL_ERROR.value, message]) for i in positions)
+            kept = []
+    if failed:
+        failed.sort()
+        result = protocol.BatchResult(
+            batch.batch_id, [b""] * len(failed), errors=[[k, *error] for k, (_, error) in enumerate(failed)],
+            compute_ms=(clock() - started_at) * 1000, indices=[i for i, _ in failed])
+        send_frames(results, [batch.tag(len(failed)), *protocol.encode(result)], dontwait=False)
+    return kept
+
+
+def _run_pass(model: Manager, running: list[_Held]) -> list:
+    """One output (or Exception) per input of the pass; a pass that raises fails each input, as
+    PASS_FAILED when it had company (any of them may be the culprit)."""
+    try:
+        produced = model.predict([h.prepared for h in running])
+        if len(produced) != len(running):
+            raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(running)} inputs")
+        return list(produced)
+    except Exception as error:
+        requests = ",".join(dict.fromkeys(h.batch.request_ids[h.position] for h in running))
+        logger.exception("pass of %d inputs failed (requests %s)", len(running), requests,
+                         extra={"request_id": requests})
+        return [_PassFailed(f"{type(error).__name__}: {error}"[:1000], len(running) > 1)] * len(running)
+
+
+class _PassFailed(Exception):
+    def __init__(self, message: str, shared: bool):
+        super().__init__(message)
+        self.shared = shared  # the pass had other inputs: this one may be a bystander
+
+
+def _error_of(output: Exception) -> list:
+    """[code, message] for an Exception in an output slot."""
+    if isinstance(output, _PassFailed):
+        code = ErrorCode.PASS_FAILED if output.shared else ErrorCode.MODEL_ERROR
+        return [code.value, f"model failed: {output}"[:1000]]
+    code = ErrorCode.BAD_REQUEST if isinstance(output, InputError) else ErrorCode.MODEL_ERROR
+    return [code.value, f"{type(output).__name__}: {output}"[:1000]]
+
+
+def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.Socket) -> None:
+    """One partial BATCH_RESULT per batch that the pass touched, in the order they were held."""
+    by_batch: dict[int, list[tuple[_Held, Any]]] = {}
+    for held, output in zip(running, outcome):
+        by_batch.setdefault(id(held.batch), []).append((held, output))
+    for answered in by_batch.values():
+        batch = answered[0][0].batch
+        indices, outputs, errors = [], [], []
+        for k, (held, output) in enumerate(answered):
+            indices.append(held.position)
+            encoded = b""
+            if isinstance(output, Exception):
+                errors.append([k, *_error_of(output)])
+            else:
+                try:
+                    encoded = protocol.encode_value(output)
+                except TypeError as error:
+                    errors.append([k, ErrorCode.MODEL_ERROR.value, f"output cannot travel: {error}"[:1000]])
+            outputs.append(encoded)
+        result = protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_s * 1000,
+                                      indices=indices)
+        send_frames(results, [batch.tag(len(indices)), *protocol.encode(result)], dontwait=False)
 
 
 def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:

@@ -21,7 +21,7 @@ from ddml_common import protocol
 from ddml_common.cli import configure_logging
 from worker.config import WorkerConfig
 from worker.connection import BrokerConnection, ComputeState
-from worker.loop import run_worker
+from worker.loop import run_continuous, run_worker
 from worker.models import create_handler
 
 logger = logging.getLogger("worker")
@@ -78,6 +78,12 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     metadata = handler.metadata()
     if version:
         metadata = {**metadata, "version": version}
+    continuous = config.continuous == "on" or (config.continuous == "auto" and handler.continuous)
+    max_inputs = 0
+    if continuous:
+        max_inputs = min(config.max_inputs_held or max_batch_size * config.max_batches, protocol.MAX_ITEMS)
+        most_inputs, cost_budget = handler.pass_limits()
+        most_inputs = min(most_inputs or max_batch_size, max_inputs)
     ready = protocol.Ready(
         models=[config.model, f"{config.model}@{version}"] if version else [config.model],
         max_batch_size=max_batch_size,
@@ -86,6 +92,7 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         host=socket.gethostname(),
         pid=os.getpid(),
         metadata=metadata,
+        max_inputs=max_inputs,
     )
     context = zmq.Context()
     inbox: queue.Queue = queue.Queue()
@@ -97,9 +104,15 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     results = context.socket(zmq.PUSH)
     results.connect(results_endpoint)
     served = f"{config.model!r} version {version}" if version else repr(config.model)
-    print(f"worker ready: serving {served} to {config.broker} (pid {os.getpid()})", flush=True)
+    batching = (f"continuous batching: up to {max_inputs} inputs held, passes of at most {most_inputs}"
+                + (f" inputs and {cost_budget} padded tokens" if cost_budget else " inputs")
+                if continuous else f"batches of at most {max_batch_size}, {config.max_batches} held")
+    print(f"worker ready: serving {served} to {config.broker} (pid {os.getpid()}; {batching})", flush=True)
     try:
-        run_worker(handler, inbox, results, state)
+        if continuous:
+            run_continuous(handler, inbox, results, state, most_inputs, cost_budget)
+        else:
+            run_worker(handler, inbox, results, state)
     finally:
         io_thread.join(timeout=5)
         results.close(linger=0)

@@ -12,7 +12,17 @@ the reply the core hands to `send`, and every input from its first dispatch to e
 4. nothing escapes the core and its internal_errors counter stays 0;
 5. the core's state stays bounded and consistent: the requests it holds are those accepted and
    unanswered, each missing output is queued or in flight exactly once, the batcher's counters
-   match its queues, registered workers are reachable or about to be dropped.
+   match its queues, registered workers are reachable or about to be dropped;
+6. continuous batching: the core never has more unanswered inputs at a worker than its max_inputs,
+   nor an isolated input at a worker together with any other batch; each batch's pending count is
+   its unanswered inputs; a continuous worker (which serves one broker here) is never sent more
+   than it may hold (it would refuse BUSY); an isolated input never shares a forward pass with
+   another input from the same broker; a pass execution counts for every input in it (held
+   inputs dropped or lost unstarted do not), within max_attempts (invariant 3);
+7. a request whose inputs are clean (no "raise", "error" or "invalid" poison) and that no rogue
+   worker or tampered result touched is never answered MODEL_ERROR or BAD_REQUEST: a bystander of
+   a raising pass or batch runs again alone and succeeds. With max_attempts 1 there is no second
+   run, so a bystander of a raising pass may fail MODEL_ERROR (and only then).
 """
 
 from __future__ import annotations
@@ -69,6 +79,9 @@ class Ledger:
         self.executed: Counter[tuple[int, int]] = Counter()  # (serial, index) -> times a worker started it
         self.by_serial: dict[int, Tracked] = {}  # every request submitted, by the serial of its inputs
         self.rogue_touched: set[int] = set()  # serials of requests a rogue worker was sent: it may answer any code
+        self.raised_with: set[int] = set()  # serials of requests with an input in a raising pass (or batch) of several
+        self.isolated_batches: set[tuple[int, int]] = set()  # (broker incarnation, batch id) of isolated inputs
+        self.clean_poisons = frozenset(("", "slow", "kill", "hang"))  # none of these fails an input by itself
         self.counts: Counter[str] = Counter()
         self.checks = 0
         # The message being read, while on_frames, on_tick and flush run for it.
@@ -163,6 +176,7 @@ class Ledger:
         key = (gateway_id, reply.request_id)
         code = reply.error_code or "ok"
         tracked = self.outstanding.pop(key, None)
+        accepted = tracked is not None  # not refused as it arrived
         if tracked is not None:
             if self._world.now > tracked.deadline_at + self.reply_bound_s:
                 self.fail(f"request {key} answered at {self._world.now:.4f}, after its deadline "
@@ -184,23 +198,42 @@ class Ledger:
         self.counts[f"reply_{reply.error_code or 'ok'}"] += 1
         if reply.error_code is None:
             self._check_outputs(tracked, reply.outputs, "sent")
+        elif (reply.error_code in (ErrorCode.MODEL_ERROR.value, ErrorCode.BAD_REQUEST.value) and accepted
+              and tracked.serial not in self.rogue_touched):
+            self._check_clean_failure(tracked, reply)
         elif reply.error_code == ErrorCode.WORKER_LOST.value and tracked.serial not in self.rogue_touched:
             reached = max(self.dispatched[(tracked.serial, i)] for i in range(len(tracked.inputs)))
             if reached < self.max_attempts:
                 self.fail(f"request {key} failed WORKER_LOST ({reply.error_message!r}) although none of its "
                           f"inputs reached a worker {self.max_attempts} times (at most {reached})")
 
-    def on_batch_sent(self, batch: protocol.Batch, rogue: bool) -> None:
+    def _check_clean_failure(self, tracked: Tracked, reply: protocol.Reply) -> None:
+        """Invariant 7."""
+        inputs = self._world.inputs
+        if any(inputs.get(item, (0, 0, "?"))[2] not in self.clean_poisons for item in tracked.inputs):
+            return
+        if self.max_attempts == 1 and tracked.serial in self.raised_with:
+            self.counts["bystanders_failed_without_a_second_attempt"] += 1
+            return
+        self.fail(f"request {tracked.key}, whose inputs are all clean, was answered {reply.error_code}: "
+                  f"{reply.error_message!r} (raised with a poison: {tracked.serial in self.raised_with}, "
+                  f"max_attempts {self.max_attempts})")
+
+    def on_batch_sent(self, batch: protocol.Batch, rogue: bool, isolated: bool = False) -> None:
         """A batch left the broker: count each input's dispatch; none may belong to a request
         answered before this step (TIMEOUT included: a request past its deadline is never dispatched)."""
         self.checks += 1
         world = self._world
         inputs, by_serial = world.inputs, self.by_serial
+        if isolated:
+            self.isolated_batches.add((world.epoch, batch.batch_id))
         for item in batch.inputs:
             info = inputs.get(item)
             if info is None:
                 continue
             self.dispatched[info[0], info[1]] += 1
+            if isolated:
+                self.counts["isolated_dispatches"] += 1
             if rogue:
                 self.rogue_touched.add(info[0])
             tracked = by_serial[info[0]]
@@ -222,6 +255,44 @@ class Ledger:
                 self.fail(f"input {key} executed {executed[key]} times (by {worker} last); "
                           f"max_attempts is {self.max_attempts}")
         self.counts["inputs_executed"] += len(items)
+
+    def on_pass(self, members: list, worker: str) -> None:
+        """A continuous worker starts a forward pass (members: peers.Held): invariants 3 and 6."""
+        self.on_execute([h.item for h in members], worker)
+        self.counts["passes"] += 1
+        self.counts["pass_inputs"] += len(members)
+        if len(members) == 1:
+            return
+        self.counts["shared_passes"] += 1
+        isolated = self.isolated_batches
+        for held in members:
+            if (held.broker, held.batch_id) in isolated:
+                others = [(h.batch_id, h.position) for h in members if h is not held and h.broker == held.broker]
+                if others:
+                    self.fail(f"{worker} runs isolated input {held.position} of batch {held.batch_id} in a pass "
+                              f"with {len(others)} other inputs of the same broker (batch, position): {others[:6]}")
+
+    def raised_together(self, items: list[bytes]) -> None:
+        """These inputs shared a pass (or batch) that raised: its bystanders may fail when max_attempts is 1."""
+        inputs = self._world.inputs
+        self.counts["raising_shared_passes"] += 1
+        for item in items:
+            info = inputs.get(item)
+            if info is not None:
+                self.raised_with.add(info[0])
+
+    def mark_rogue(self, items: list[bytes]) -> None:
+        """A tampered result answers these: whatever comes of them, no model said it."""
+        inputs = self._world.inputs
+        for item in items:
+            info = inputs.get(item)
+            if info is not None:
+                self.rogue_touched.add(info[0])
+
+    def on_busy_refusal(self, worker: str, batch_id: int, held: int, size: int, max_inputs: int) -> None:
+        """Invariant 6: a continuous worker that serves one broker never has to refuse a batch."""
+        self.fail(f"{worker} must refuse batch {batch_id} BUSY: it holds {held} inputs and {size} more would "
+                  f"pass its max_inputs {max_inputs}; with one broker, the broker's credit should prevent that")
 
     # ------------------------------------------------------------------ at the gateway
 
@@ -276,6 +347,9 @@ class Ledger:
                           f"was gone at {conn.gone_at if conn else 'never open'}")
         if len(core._deadlines) > 4 * len(core._requests) + 1024 + 1:
             self.fail(f"deadline heap holds {len(core._deadlines)} entries for {len(core._requests)} requests")
+        for worker in core._workers:
+            if worker.max_inputs and worker.in_flight:
+                self._check_continuous(worker)
         batcher = core._batcher
         for table in (batcher._queued_bytes, batcher._queued_requests):
             for model, value in table.items():
@@ -283,6 +357,18 @@ class Ledger:
                     self.fail(f"batcher counter for model {model!r} went negative: {value}")
         if step % _DEEP_EVERY == 0:
             self.check_tables()
+
+    def _check_continuous(self, worker) -> None:
+        """Invariant 6, at the broker: its credit for a continuous worker, counted in inputs."""
+        in_flight = worker.in_flight
+        pending = worker.in_flight_items
+        if pending > worker.max_inputs:
+            self.fail(f"the broker has {pending} unanswered inputs at worker {worker.worker_id!r}, "
+                      f"past its max_inputs {worker.max_inputs} (batches {sorted(in_flight)})")
+        if len(in_flight) > 1 and any(batch.isolated for batch in in_flight.values()):
+            self.fail(f"worker {worker.worker_id!r} has an isolated input in flight together with other batches: "
+                      + ", ".join(f"{b.batch_id} ({len(b.items)} inputs{', isolated' if b.isolated else ''})"
+                                  for b in in_flight.values()))
 
     def _diff_requests(self, core) -> None:
         held, expected = set(core._requests), set(self.outstanding)
@@ -317,7 +403,11 @@ class Ledger:
                 if batch.worker_id != worker.worker_id or batch.batch_id != batch_id:
                     self.fail(f"batch {batch_id} filed under worker {worker.worker_id!r} "
                               f"belongs to {batch.worker_id!r}")
-                for item in batch.items:
+                unanswered = batch.unanswered()
+                if batch.pending != len(unanswered):
+                    self.fail(f"batch {batch_id} counts {batch.pending} inputs pending, {len(unanswered)} "
+                              f"of its {len(batch.items)} are unanswered")
+                for item in unanswered:
                     if not item.request.done:
                         placed[id(item.request), item.index] += 1
         with_queued: Counter[str] = Counter()

@@ -22,6 +22,7 @@ from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, MAX_NAME_LEN, MAX_PRIORITY, MIN_PRIORITY, ErrorCode
 from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
+from worker.passes import select_pass
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
@@ -86,7 +87,7 @@ class SimWorker:
         self.register_when_idle = False
         self.draining = self.drain_acknowledged = False
         self.inbox: deque[protocol.Batch] = deque()
-        self.holding: set[int] = set()  # batch ids received and not yet answered (or forgotten)
+        self.holding = self._empty_holding()  # batch ids received and not yet answered (or forgotten)
         self.refused = False  # it handed a batch back BUSY: heartbeat as soon as a slot frees
         self.busy = None
         self.conn = None
@@ -201,7 +202,11 @@ class SimWorker:
         self.registrations += 1
         spec = self.spec
         self._send(protocol.Ready(list(spec.models), spec.max_batch_size, spec.max_batches, device="sim",
-                                  host="sim", pid=1000 + self.index), "READY")
+                                  host="sim", pid=1000 + self.index, max_inputs=spec.max_inputs), "READY")
+
+    @staticmethod
+    def _empty_holding():
+        return set()
 
     def _send(self, message: protocol.Message, what: str) -> None:
         self.world.send_to_broker(self.conn, protocol.encode(message), what,
@@ -225,17 +230,7 @@ class SimWorker:
         self.broker_seen_at = world.now
         kind = type(message)
         if kind is protocol.Batch:
-            if len(self.holding) >= self.spec.max_batches:
-                # Full (with batches of a registration the broker forgot): back unrun, all BUSY.
-                world.ledger.counts["batches_handed_back_busy"] += 1
-                self.refused = True
-                self._send(protocol.BatchResult.failed(message.batch_id, len(message.inputs), ErrorCode.BUSY,
-                                                       f"worker holds {len(self.holding)} batches already"),
-                           "BATCH_RESULT")
-                return
-            self.holding.add(message.batch_id)
-            self.inbox.append(message)
-            self._maybe_start()
+            self._on_batch(message)
         elif kind is protocol.Heartbeat:
             self.drain_acknowledged |= message.draining
         elif kind is protocol.Disconnect:
@@ -246,6 +241,19 @@ class SimWorker:
             world.trace("%s told to register again: %s", self.name, message.reason)
             self._forget_batches()
             self._register()
+
+    def _on_batch(self, message: protocol.Batch) -> None:
+        if len(self.holding) >= self.spec.max_batches:
+            # Full (with batches of a registration the broker forgot): back unrun, all BUSY.
+            self.world.ledger.counts["batches_handed_back_busy"] += 1
+            self.refused = True
+            self._send(protocol.BatchResult.failed(message.batch_id, len(message.inputs), ErrorCode.BUSY,
+                                                   f"worker holds {len(self.holding)} batches already"),
+                       "BATCH_RESULT")
+            return
+        self.holding.add(message.batch_id)
+        self.inbox.append(message)
+        self._maybe_start()
 
     def _loop_pass(self) -> None:
         """What worker/connection.py's loop does after each poll: heartbeat when due, drain,
@@ -291,21 +299,31 @@ class SimWorker:
         world = self.world
         batch = self.inbox.popleft()
         world.ledger.on_execute(batch.inputs, self.name)
-        rng, scenario, spec = world.rng, world.scenario, self.spec
+        spec = self.spec
         poisons = {world.inputs.get(item, (0, 0, ""))[2] for item in batch.inputs}
-        duration_s = spec.batch_s + spec.item_s * len(batch.inputs)
-        outcome = "ok"
-        if "kill" in poisons:
-            outcome, duration_s = "kill", duration_s * rng.random()
-        elif "hang" in poisons or (not self.faultless and scenario.hang_p and rng.random() < scenario.hang_p):
-            outcome, duration_s = "hang", _HUNG_S
-            world.faults["hung_batch"] += 1
-        elif "slow" in poisons or (not self.faultless and scenario.slow_p and rng.random() < scenario.slow_p):
-            duration_s *= rng.uniform(10, 40)
-            world.faults["slow_batch"] += 1
+        if "raise" in poisons and len(batch.inputs) > 1:
+            world.ledger.raised_together(batch.inputs)
+        outcome, duration_s = self._draw_outcome(poisons, spec.batch_s + spec.item_s * len(batch.inputs), "batch")
         world.trace("%s computes batch %s (%s inputs, %s)", self.name, batch.batch_id, len(batch.inputs), outcome)
         self.busy = Computing(batch, world.now, duration_s, outcome)
         self._schedule_end(duration_s)
+
+    def _draw_outcome(self, poisons: set[str], duration_s: float, unit: str) -> tuple[str, float]:
+        """How a batch (or pass) with these poisons ends, and when: "ok", "kill", "hang" or "raise"
+        (a pass only: a batch's raise is in its result)."""
+        world = self.world
+        rng, scenario = world.rng, world.scenario
+        if "kill" in poisons:
+            return "kill", duration_s * rng.random()
+        if "hang" in poisons or (not self.faultless and scenario.hang_p and rng.random() < scenario.hang_p):
+            world.faults[f"hung_{unit}"] += 1
+            return "hang", _HUNG_S
+        if unit == "pass" and "raise" in poisons:
+            return "raise", duration_s * rng.random()
+        if "slow" in poisons or (not self.faultless and scenario.slow_p and rng.random() < scenario.slow_p):
+            world.faults[f"slow_{unit}"] += 1
+            return "ok", duration_s * rng.uniform(10, 40)
+        return "ok", duration_s
 
     def _schedule_end(self, duration_s: float) -> None:
         busy = self.busy
@@ -322,19 +340,25 @@ class SimWorker:
             self.die("a poison input killed it", notice_s=world.rng.choice((0.0, 0.002)))
             return True
         self.busy = None
-        self.holding.discard(busy.batch.batch_id)
-        result = self._result(busy, world.now)
-        if self.tamper is not None:
-            tamper, self.tamper = self.tamper, None
-            world.send_to_broker(self.conn, tamper(result), "BATCH_RESULT")
-        else:
-            self._send(result, "BATCH_RESULT")
+        self._computed(busy)
         if self.refused:  # a slot is free: the broker it turned away may send again
             self.refused = False
             self._heartbeat()
         self._loop_pass()
         self._maybe_start()
         return True
+
+    def _computed(self, busy: Computing) -> None:
+        """Answer the batch just computed."""
+        world = self.world
+        self.holding.discard(busy.batch.batch_id)
+        result = self._result(busy, world.now)
+        if self.tamper is not None:
+            tamper, self.tamper = self.tamper, None
+            world.ledger.mark_rogue(busy.batch.inputs)  # whatever it sends, no model said it
+            world.send_to_broker(self.conn, tamper(result), "BATCH_RESULT")
+        else:
+            self._send(result, "BATCH_RESULT")
 
     def _result(self, busy: Computing, now: float) -> protocol.BatchResult:
         """As worker/loop.py run_batch() builds it, for a model that echoes its inputs."""
@@ -343,13 +367,10 @@ class SimWorker:
         outputs = [b""] * size
         errors, positions = [], []
         for index, item in enumerate(batch.inputs):
-            info = known.get(item)
-            if info is None or info[2] == "garbage":
-                try:
-                    protocol.decode_value(item)
-                except protocol.DecodeError as error:
-                    errors.append([index, ErrorCode.BAD_REQUEST.value, f"input could not be decoded: {error}"[:200]])
-                    continue
+            undecodable = _undecodable(item, known)
+            if undecodable:
+                errors.append([index, ErrorCode.BAD_REQUEST.value, undecodable])
+                continue
             positions.append(index)
         if any(known.get(batch.inputs[i], (0, 0, ""))[2] == "raise" for i in positions):
             errors.extend([i, ErrorCode.MODEL_ERROR.value, "model failed: RuntimeError: poison"] for i in positions)
@@ -364,6 +385,232 @@ class SimWorker:
                     outputs[i] = batch.inputs[i]  # echo: encode_value(decode_value(x)) == x
         return protocol.BatchResult(batch.batch_id, outputs, errors=sorted(errors),
                                     compute_ms=(now - busy.started_at) * 1000)
+
+
+@dataclass(eq=False, slots=True)
+class Held:
+    """One input a continuous worker holds (worker/loop.py _Held)."""
+
+    batch_id: int
+    position: int  # in its batch
+    item: bytes
+    cost: int  # what the model's cost() would say (tokens): drawn from the input's identity
+    poison: str
+    broker: int  # the broker incarnation (world.epoch) that sent it: batch ids start again with each
+    epoch: int  # the worker's epoch when it came (worker/connection.py link.epoch): bumped when the broker forgets it
+
+
+@dataclass(eq=False, slots=True)
+class Pass:
+    """A continuous worker's forward pass, as SimWorker's Computing is a batch's."""
+
+    members: list[Held]
+    started_at: float
+    remaining_s: float  # compute left, while stopped
+    outcome: str  # "ok", "raise" (predict() raises at the end), "kill", "hang"
+    token: int = 0
+
+
+def _undecodable(item: bytes, known: dict) -> str:
+    """Why a worker cannot decode this input, or "" (every input the sim made decodes)."""
+    info = known.get(item)
+    if info is not None and info[2] != "garbage":
+        return ""
+    try:
+        protocol.decode_value(item)
+    except protocol.DecodeError as error:
+        return f"input could not be decoded: {error}"[:200]
+    return ""
+
+
+def input_cost(item: bytes, known: dict) -> int:
+    info = known.get(item)
+    return 1 if info is None else 1 + (info[0] * 31 + info[1] * 17) % 24
+
+
+class ContinuousWorker(SimWorker):
+    """worker/connection.py and worker/loop.py run_continuous, with one broker.
+
+    READY announces max_inputs. Every input that arrives is held; one that fails prepare() (here
+    an undecodable or "invalid" input) is answered at once. Pass after pass is formed by the real
+    worker.passes.select_pass() from all that is held, oldest first, and after each pass comes one
+    partial BATCH_RESULT per batch the pass touched. A raising pass of several inputs answers each
+    PASS_FAILED; a raising pass of one, MODEL_ERROR. A batch that would take it past max_inputs is
+    handed back BUSY, which with one broker must never happen (the ledger fails on it). When the
+    broker forgets it (DISCONNECT, reconnect) it drops the inputs it holds and has not started;
+    the pass it is running still answers, as the real one's does.
+
+    READY is never duplicated or reordered here, nor overtaken by what follows it: ZeroMQ does none
+    of these, and a broker cannot tell a duplicate READY from a registration anew (it would
+    re-dispatch what this worker still holds), nor a HEARTBEAT that overtook the READY from one of
+    a worker it forgot (it would answer DISCONNECT, and the batch it sends after the READY would
+    reach the worker after it dropped what it held).
+    """
+
+    # Known bug "stale_pass_result" (tests/sim/test_regressions.py, seed 1689): the real worker sends
+    # the answers of a pass that began before the broker forgot it. After a broker restart the new
+    # broker numbers its batches from 1 again and takes such an answer for one of its own batches:
+    # a client gets another request's output. True models the proposed fix (the I/O thread drops
+    # results of an older epoch); while the bug is open, the world sets it when it tolerates the bug.
+    drops_stale_results = True
+
+    @staticmethod
+    def _empty_holding():
+        return {}  # batch id -> its inputs received and not yet answered (worker/connection.py link.holding)
+
+    def start(self) -> bool:
+        self.held: list[Held] = []  # oldest first
+        self.epoch = 0
+        self.world.ledger.counts["continuous_worker_starts"] += 1
+        return super().start()
+
+    def die(self, reason: str, notice_s: float = 0.005) -> None:
+        if self.alive and self.held:
+            counts = self.world.ledger.counts
+            counts["held_inputs_lost_with_killed_workers"] += len(self.held)  # never started: no execution
+            counts["killed_workers_holding"] += 1
+        self.held = []
+        super().die(reason, notice_s)
+
+    def reregister(self) -> None:
+        """Not for a continuous worker: the real one sends READY anew only when the broker forgot
+        it (a DISCONNECT, after which nothing sent before it can arrive) or on a fresh socket. An
+        unprompted READY would let a batch already on the wire arrive after it dropped what it
+        held, and the broker, which forgot that batch, would then fill the worker past max_inputs."""
+        self.world.ledger.counts["reregister_skipped_continuous"] += 1
+
+    def _send(self, message: protocol.Message, what: str) -> None:
+        self.world.send_to_broker(self.conn, protocol.encode(message), what,
+                                  faulty=not self.faultless and what not in ("DISCONNECT", "READY"))
+        if what == "READY":  # nothing sent after it may overtake it (see the class docstring)
+            self.conn.barrier_at = self.conn.to_broker_at
+
+    def _forget_batches(self) -> None:
+        """The broker forgot us and re-dispatched what we held: drop what no pass has started."""
+        if self.held:
+            self.world.ledger.counts["held_inputs_dropped_on_forget"] += len(self.held)
+            self.world.trace("%s drops %s held inputs it had not started", self.name, len(self.held))
+        self.held = []
+        self.holding.clear()
+        self.inbox.clear()
+        self.epoch += 1
+
+    def _on_batch(self, message: protocol.Batch) -> None:
+        world, spec = self.world, self.spec
+        size = len(message.inputs)
+        held = sum(self.holding.values())
+        if held + size > spec.max_inputs:
+            world.ledger.on_busy_refusal(self.name, message.batch_id, held, size, spec.max_inputs)
+            self.refused = True
+            self._send(protocol.BatchResult.failed(message.batch_id, size, ErrorCode.BUSY,
+                                                   f"worker holds {held} inputs already"), "BATCH_RESULT")
+            return
+        self.holding[message.batch_id] = size
+        known = world.inputs
+        failed = []
+        for position, item in enumerate(message.inputs):
+            undecodable = _undecodable(item, known)
+            if undecodable:
+                failed.append((position, b"", [ErrorCode.BAD_REQUEST.value, undecodable]))
+                continue
+            info = known.get(item)
+            poison = info[2] if info is not None else ""
+            if poison == "invalid":  # prepare() refuses it: answered now, never in a pass
+                failed.append((position, b"", [ErrorCode.BAD_REQUEST.value, "InputError: invalid"]))
+                continue
+            self.held.append(Held(message.batch_id, position, item, input_cost(item, known), poison, world.epoch,
+                                  self.epoch))
+        world.trace("%s holds batch %s (%s inputs, %s refused at once); holds %s", self.name, message.batch_id,
+                    size, len(failed), sum(self.holding.values()))
+        if failed:
+            self._answer(message.batch_id, failed, 0.0)
+        self._maybe_start()
+
+    def _answer(self, batch_id: int, entries: list[tuple[int, bytes, list | None]], compute_s: float) -> None:
+        """One partial BATCH_RESULT: entries are (position in the batch, output, [code, message] or None)."""
+        world = self.world
+        errors = [[k, *error] for k, (_, _, error) in enumerate(entries) if error is not None]
+        result = protocol.BatchResult(batch_id, [output for _, output, _ in entries], errors=errors,
+                                      compute_ms=compute_s * 1000, indices=[p for p, _, _ in entries])
+        left = self.holding.get(batch_id)  # the I/O thread's count, as _forward_results keeps it
+        if left is not None:
+            if left > len(entries):
+                self.holding[batch_id] = left - len(entries)
+            else:
+                del self.holding[batch_id]
+        world.ledger.counts["partial_results"] += 1
+        scenario = world.scenario
+        if (scenario.result_delay_p and not self.faultless and world.injecting
+                and world.rng.random() < scenario.result_delay_p):
+            # The I/O thread stalls: this result, and all that follows it on the link, comes late.
+            world.faults["result_delayed"] += 1
+            self.conn.to_broker_at = max(self.conn.to_broker_at, world.now + world.rng.uniform(0.01, 0.3))
+        if self.tamper is not None:
+            tamper, self.tamper = self.tamper, None
+            world.send_to_broker(self.conn, tamper(result), "BATCH_RESULT")
+        else:
+            self._send(result, "BATCH_RESULT")
+
+    def _maybe_start(self) -> None:
+        if not self.alive or self.stopped or self.busy is not None or not self.held:
+            return
+        world, spec, held = self.world, self.spec, self.held
+        chosen = select_pass([h.cost for h in held], spec.most_inputs, spec.cost_budget)
+        members = [held[k] for k in chosen]
+        for k in sorted(chosen, reverse=True):
+            del held[k]
+        world.ledger.on_pass(members, self.name)
+        duration_s = spec.batch_s + spec.item_s * len(members) * max(h.cost for h in members) / 12
+        outcome, duration_s = self._draw_outcome({h.poison for h in members}, duration_s, "pass")
+        if outcome == "raise" and len(members) > 1:
+            world.ledger.raised_together([h.item for h in members])
+        world.trace("%s runs a pass of %s inputs (batches %s; %s still held; %s)", self.name, len(members),
+                    sorted({h.batch_id for h in members}), len(held), outcome)
+        self.busy = Pass(members, world.now, duration_s, outcome)
+        self._schedule_end(duration_s)
+
+    def hang_now(self) -> bool:
+        """The model hangs in the pass it runs: the watchdog ends the process."""
+        if not self.alive or self.stopped or self.busy is None:
+            return False
+        self.busy.outcome = "hang"
+        self._schedule_end(_HUNG_S)
+        return True
+
+    def _computed(self, busy: Pass) -> None:
+        """Answer the pass just run: one partial result per batch it touched."""
+        world = self.world
+        members = busy.members
+        shared = len(members) > 1
+        if busy.outcome == "raise":
+            code = ErrorCode.PASS_FAILED if shared else ErrorCode.MODEL_ERROR
+            failed = [code.value, "model failed: RuntimeError: poison"]
+            world.ledger.counts["pass_failed_inputs" if shared else "passes_of_one_raised"] += len(members)
+        by_batch: dict[tuple[int, int], list[tuple[int, bytes, list | None]]] = {}
+        stale = [h for h in members if h.epoch != self.epoch]
+        if stale:
+            # The pass began before the broker forgot us (it re-dispatched these inputs).
+            counts = world.ledger.counts
+            counts["stale_pass_answers"] += len(stale)
+            restarted = any(h.broker != world.epoch for h in stale)  # batch ids started again since
+            if restarted:
+                counts["stale_pass_answers_to_a_new_broker"] += len(stale)
+            if self.drops_stale_results or "stale_pass_result" in world.tolerate:
+                if restarted and not self.drops_stale_results:
+                    world.known_bugs["known_bug_stale_pass_result"] += 1
+                    world.known_bugs["known_bug_stale_pass_result_seeds"] = 1
+                members = [h for h in members if h.epoch == self.epoch]
+        for h in members:
+            if busy.outcome == "raise":
+                entry = (h.position, b"", failed)
+            elif h.poison == "error":
+                entry = (h.position, b"", [ErrorCode.MODEL_ERROR.value, "ValueError: bad input"])
+            else:
+                entry = (h.position, h.item, None)  # echo: encode_value(decode_value(x)) == x
+            by_batch.setdefault((h.broker, h.batch_id), []).append(entry)
+        compute_s = world.now - busy.started_at
+        for (_, batch_id), entries in by_batch.items():
+            self._answer(batch_id, entries, compute_s)
 
 
 class SimGateway:
@@ -589,9 +836,15 @@ class RogueWorker(_HostilePeer):
         rng = world.rng
         self.keepalive = rng.random() < 0.7
         models = ["m"] if rng.random() < 0.6 else [f"r{rng.getrandbits(24):06x}" for _ in range(MAX_MODELS)]
-        self.send(protocol.Ready(models, rng.randint(1, 16), rng.randint(1, 3)), "READY")
-        self.style = rng.choice(("echo", "short", "long_error", "odd_codes", "known_codes", "silent", "late",
-                                 "twice", "wrong_id", "huge_compute", "busy"))
+        self.continuous = rng.random() < 0.5
+        self.send(protocol.Ready(models, rng.randint(1, 16), rng.randint(1, 3),
+                                 max_inputs=rng.randint(1, 24) if self.continuous else 0), "READY")
+        if self.continuous:  # well-typed partial results (decode() accepts them all), hostile in meaning
+            self.style = rng.choice(PARTIAL_STYLES)
+            world.faults[f"rogue_partial_{self.style}"] += 1
+        else:
+            self.style = rng.choice(("echo", "short", "long_error", "odd_codes", "known_codes", "silent", "late",
+                                     "twice", "wrong_id", "huge_compute", "busy"))
         if self.keepalive:
             self._heartbeat()
 
@@ -652,6 +905,9 @@ class RogueWorker(_HostilePeer):
             return
         rng, style = world.rng, self.style
         size = len(message.inputs)
+        if self.continuous:
+            self._partial(message)
+            return
         if style == "busy":
             busy = protocol.BatchResult.failed(message.batch_id, size, ErrorCode.BUSY, "rogue: busy")
             self.send(busy, "BATCH_RESULT")
@@ -681,11 +937,70 @@ class RogueWorker(_HostilePeer):
         if style == "twice":
             world.after(delay_s + 0.01, self._reply, result)
 
+    def _partial(self, batch: protocol.Batch) -> None:
+        """A continuous rogue: partial results that decode but make no sense, or honest ones
+        split oddly. Each message leaves after the one before it (FIFO)."""
+        world, style = self.world, self.style
+        rng = world.rng
+        size = len(batch.inputs)
+        order = list(range(size))
+        rng.shuffle(order)
+        cut = rng.randint(0, size)
+        first, rest = sorted(order[:cut]), sorted(order[cut:])
+
+        def part(indices: list[int], batch_id: int = batch.batch_id, code: str = "") -> protocol.BatchResult:
+            if code:
+                return protocol.BatchResult(batch_id, [b""] * len(indices), compute_ms=1.0, indices=indices,
+                                            errors=[[k, code, "rogue"] for k in range(len(indices))])
+            return protocol.BatchResult(batch_id, [batch.inputs[i] if i < size else b"\x01" for i in indices],
+                                        compute_ms=1.0,
+                                        indices=indices)
+
+        echoed = {"p_echo": order, "p_twice": order, "p_oob": first, "p_whole_after": first, "p_half": first,
+                  "p_busy_after": first, "p_pass_failed": order}.get(style, [])
+        if echoed:
+            world.ledger.on_execute([batch.inputs[i] for i in echoed], self.name)
+        messages: list[protocol.BatchResult] = []
+        if style == "p_echo":  # honest, in pieces of random sizes and order
+            remaining = list(order)
+            while remaining:
+                take = rng.randint(1, len(remaining))
+                messages.append(part(sorted(remaining[:take])))
+                remaining = remaining[take:]
+        elif style == "p_twice":  # every index answered, some of them twice, in two messages
+            messages = [part(sorted(order)), part(first or sorted(order))]
+        elif style == "p_oob":  # an index past the batch (decodable: < MAX_ITEMS)
+            messages = [part(first), part(sorted({*rest, size + rng.randint(0, 3)}))]
+        elif style == "p_whole_after":  # partial, then a whole result for the batch
+            messages = [part(first), protocol.BatchResult(batch.batch_id, list(batch.inputs), compute_ms=1.0)]
+        elif style == "p_unknown":  # partial results for a batch nobody sent
+            messages = [part([0], batch.batch_id + (1 << 30)), part(sorted(order), rng.randint(1 << 31, 1 << 40))]
+        elif style == "p_pass_failed":  # every pass failed: every input PASS_FAILED, a few at a time
+            messages = [part(first, code=ErrorCode.PASS_FAILED.value), part(rest, code=ErrorCode.PASS_FAILED.value)]
+        elif style == "p_half":  # some, then silence: the batch deadline takes the rest away
+            messages = [part(first)]
+        elif style == "p_busy_after":  # some, then BUSY for the whole batch
+            messages = [part(first), protocol.BatchResult.failed(batch.batch_id, size, ErrorCode.BUSY, "rogue")]
+        elif style == "p_codes":  # any code the protocol knows, per input
+            codes = [c.value for c in ErrorCode]
+            messages = [protocol.BatchResult(batch.batch_id, [b""] * size, compute_ms=1.0, indices=sorted(order),
+                                             errors=[[k, rng.choice(codes), "rogue"] for k in range(size)])]
+        delay_s = rng.uniform(0.001, 0.05)
+        whole = style in ("p_whole_after", "p_busy_after")
+        for k, message in enumerate(messages):
+            if message.indices or (whole and k == len(messages) - 1):  # no indices: a whole result
+                world.after(delay_s, self._reply, message)
+                delay_s += rng.uniform(0.0, 0.05)
+
     def _reply(self, result: protocol.BatchResult) -> bool:
         if not self.active:
             return False
         self.send(result, "BATCH_RESULT")
         return True
+
+
+PARTIAL_STYLES = ("p_echo", "p_twice", "p_oob", "p_whole_after", "p_unknown", "p_pass_failed", "p_half",
+                  "p_busy_after", "p_codes")
 
 
 class Junk:

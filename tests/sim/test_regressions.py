@@ -15,8 +15,8 @@ from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from broker.core import Peer
 from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, ErrorCode
-from tests.sim.peers import HostileGateway, Junk, SimGateway, SimWorker
-from tests.sim.world import Scenario, World, WorkerSpec, quiet_logs
+from tests.sim.peers import ContinuousWorker, HostileGateway, Junk, SimGateway, SimWorker
+from tests.sim.world import Scenario, SimFailure, World, WorkerSpec, quiet_logs
 
 HEARTBEAT = HeartbeatConfig(interval_s=0.2, liveness=3, batch_timeout_floor_s=1.0)
 
@@ -227,3 +227,98 @@ def test_no_busy_loop_after_the_last_worker_of_a_model_leaves(make_world):
     only.drain()  # gone before the hold ends; no worker serves "m" any more
     step(world, 1.0)  # the request times out; the world fails on the spin that follows
     assert request.outcome == "TIMEOUT"
+
+
+# ---------------------------------------------------------------------- continuous batching
+
+def continuous_worker(world: World, max_batch_size: int = 4, max_inputs: int = 8, batch_s: float = 0.01) -> SimWorker:
+    peer = world.add_worker(WorkerSpec(("m",), max_batch_size, 2, batch_s, 0.001, max_inputs=max_inputs,
+                                       most_inputs=max_batch_size))
+    peer.start()
+    return peer
+
+
+def a_pass_outlives_a_broker_restart(world: World) -> tuple:
+    """Request A's input is in a long pass when the broker crashes. The worker hears the new broker
+    (DISCONNECT: unknown worker), forgets what it held, registers again, and is sent request B's
+    input as the new broker's batch 1, the same id as A's batch at the old broker. Then A's pass ends."""
+    peer = continuous_worker(world, batch_s=1.5)
+    client = gateway(world)
+    step(world, 0.1)
+    first = client.submit(count=1, timeout_s=3.0, model="m")
+    world.run_until(world.now + 0.5, lambda: peer.busy is not None)
+    assert peer.busy is not None
+    world.restart_broker()
+    world.run_until(world.now + 2.0, lambda: world.core is not None and peer.conn.identity in world.core._workers._workers
+                    and client.instance_id == world.core.instance_id)
+    assert peer.busy is not None, "the pass should outlive the restart"
+    peer.spec.batch_s = 0.01  # the passes after this one are quick
+    second = client.submit(count=1, timeout_s=3.0, model="m")
+    step(world, 2.0)
+    return first, second
+
+
+def test_seed_1689_a_pass_answer_from_before_a_broker_restart_never_reaches_the_new_broker(make_world, monkeypatch):
+    """Found by seed 1689: the new broker, numbering its batches from 1 again, took the old pass's
+    answer for 'batch 1 input 0' as the answer to its own batch 1, and request B was answered with
+    request A's output. Two fixes, each enough alone: the worker drops results of an epoch older
+    than its link's (the broker forgot it since), and a broker instance starts its batch ids at an
+    offset drawn from its instance id. Here both instances start at 1, so the worker's fix is tested."""
+    import types
+
+    import broker.core
+
+    monkeypatch.setattr(broker.core, "zlib", types.SimpleNamespace(crc32=lambda data: 0))
+    world = make_world(max_attempts=2)
+    _, second = a_pass_outlives_a_broker_restart(world)
+    assert world.ledger.counts["stale_pass_answers_to_a_new_broker"] == 1
+    assert second.outcome == "ok" and second.replies_delivered == 1
+    world.wind_down()
+
+
+def test_a_broker_instance_numbers_its_batches_apart_from_the_last_one(make_world):
+    world = make_world(max_attempts=2)
+    first_ids = world.core._batch_ids
+    start = next(first_ids)
+    world.restart_broker()
+    world.run_until(world.now + 2.0, lambda: world.core is not None)
+    assert abs(next(world.core._batch_ids) - start) > 1 << 20
+
+
+def test_worker_killed_holding_inputs_it_had_not_started(make_world):
+    """A continuous worker dies with one pass running and inputs held behind it: only the unanswered
+    inputs run again, alone, charged the attempt they never had; the held ones never count as executed."""
+    world = make_world(max_attempts=2)
+    doomed = continuous_worker(world, max_batch_size=2, max_inputs=6, batch_s=0.2)
+    client = gateway(world)
+    step(world, 0.1)
+    request = client.submit(count=6, timeout_s=3.0, model="m")
+    world.run_until(world.now + 1.0, lambda: doomed.busy is not None and len(doomed.held) == 4)
+    assert doomed.busy is not None and len(doomed.held) == 4
+    doomed.die("SIGKILL while holding", notice_s=0.0)
+    assert world.ledger.counts["held_inputs_lost_with_killed_workers"] == 4
+    assert world.ledger.counts["pass_inputs"] == 2
+    continuous_worker(world, max_batch_size=2, max_inputs=6)
+    step(world, 2.0)
+    assert request.outcome == "ok" and request.replies_delivered == 1
+    assert world.ledger.counts["isolated_dispatches"] == 6  # each runs alone: 2 from the pass, 4 held
+    world.wind_down()
+
+
+def test_raising_pass_reruns_its_bystanders_alone(make_world):
+    """A poison input raises in a pass it shares with inputs of another request: every input of the
+    pass is answered PASS_FAILED, each runs again alone, and only the poison's request fails."""
+    world = make_world(max_attempts=2)
+    continuous_worker(world, max_batch_size=4, max_inputs=8, batch_s=0.05)
+    client = gateway(world)
+    step(world, 0.1)
+    client.submit(count=1, timeout_s=3.0, model="m")
+    step(world, 0.01)  # its pass runs: the next two requests are held together behind it
+    bystander = client.submit(count=3, timeout_s=3.0, model="m")
+    poisoned = client.submit(count=1, timeout_s=3.0, model="m", poisons={0: "raise"})
+    step(world, 2.0)
+    counts = world.ledger.counts
+    assert counts["pass_failed_inputs"] >= 2 and counts["raising_shared_passes"] >= 1
+    assert bystander.outcome == "ok"
+    assert poisoned.outcome == ErrorCode.MODEL_ERROR.value
+    world.wind_down()

@@ -39,14 +39,14 @@ _MAX_SPINS = 2  # that many in a row is a busy loop, not a rounding at a timer's
 MODELS = ("m", "m2")  # what the simulated workers serve and the gateways ask for
 FAULT_KINDS = (
     "worker_kill", "worker_stop", "link_drop", "link_reset", "reregister", "broker_restart", "broker_drain",
-    "burst", "hostile_gateway", "rogue_worker", "garbage", "worker_drain", "queue_full",
+    "burst", "hostile_gateway", "rogue_worker", "garbage", "worker_drain", "queue_full", "holding",
 )
 
 
 # Bugs the random simulation finds that are not fixed yet. A seed counts each occurrence rather
 # than failing on it, so that the search goes on finding new ones; tests/sim/test_regressions.py
 # holds a strict xfail test for each. Remove the name once its test passes.
-KNOWN_BUGS: frozenset[str] = frozenset()  # kinds of failure counted rather than failed; none known now
+KNOWN_BUGS: frozenset[str] = frozenset()  # none open; "stale_pass_result" (seed 1689) was fixed
 
 
 _PACK = struct.Struct("<dI").pack
@@ -74,8 +74,25 @@ class WorkerSpec:
     models: tuple[str, ...]
     max_batch_size: int
     max_batches: int
-    batch_s: float  # compute time per batch ...
+    batch_s: float  # compute time per batch (or pass) ...
     item_s: float  # ... plus per input
+    # Continuous batching (peers.ContinuousWorker) when max_inputs > 0: it holds up to max_inputs
+    # inputs and runs passes of at most most_inputs inputs and cost_budget padded cost (0: none).
+    max_inputs: int = 0
+    most_inputs: int = 0
+    cost_budget: int = 0
+
+    @classmethod
+    def draw_continuous(cls, rng: random.Random, models: tuple[str, ...], faultless: bool = False) -> WorkerSpec:
+        """A continuous worker, as worker/serve.py configures one."""
+        max_batch_size = rng.randint(1, 8)
+        max_batches = rng.randint(1, 2)
+        default = max_batch_size * max_batches
+        max_inputs = default if faultless or rng.random() < 0.6 else rng.randint(1, 2 * default + 2)
+        most_inputs = min(rng.choice((max_batch_size, max_batch_size, rng.randint(1, 8))), max_inputs)
+        cost_budget = 0 if faultless else rng.choice((0, 0, 40, 100))
+        return cls(models, max_batch_size, max_batches, rng.uniform(0.002, 0.03), rng.uniform(0.0005, 0.005),
+                   max_inputs, most_inputs, cost_budget)
 
 
 @dataclass
@@ -97,6 +114,7 @@ class Scenario:
     restart_p: float  # a dead worker is restarted (fresh identity) by its supervisor
     watchdog_s: float
     faults: list[tuple[float, str]]  # (at, kind), at relative to the start
+    result_delay_p: float = 0.0  # per partial result of a continuous worker: its link stalls a while
 
     @classmethod
     def draw(cls, rng: random.Random) -> Scenario:
@@ -109,16 +127,14 @@ class Scenario:
             max_batch_tokens=rng.choice((0, 0, 0, 40)),
             refill_wait_max_s=rng.choice((0.0, 0.05, 0.2)),
         )
-        workers = [
-            WorkerSpec(
-                models=rng.choice((("m",), ("m",), ("m", "m2"), ("m2",))),
-                max_batch_size=rng.randint(1, 8),
-                max_batches=rng.randint(1, 2),
-                batch_s=rng.uniform(0.002, 0.03),
-                item_s=rng.uniform(0.0005, 0.005),
-            )
-            for _ in range(rng.randint(1, 3))
-        ]
+        workers = []
+        for _ in range(rng.randint(1, 3)):
+            models = rng.choice((("m",), ("m",), ("m", "m2"), ("m2",)))
+            if rng.random() < 0.5:
+                workers.append(WorkerSpec.draw_continuous(rng, models))
+                continue
+            workers.append(WorkerSpec(models=models, max_batch_size=rng.randint(1, 8), max_batches=rng.randint(1, 2),
+                                      batch_s=rng.uniform(0.002, 0.03), item_s=rng.uniform(0.0005, 0.005)))
         submit_s = rng.uniform(1.0, 2.0)
         enabled = [kind for kind in FAULT_KINDS if rng.random() < 0.4]  # each seed its own mix
         faults = []
@@ -144,6 +160,7 @@ class Scenario:
             restart_p=rng.choice((0.5, 0.9, 1.0)),
             watchdog_s=rng.uniform(1.5, 3.0),
             faults=faults,
+            result_delay_p=maybe(0.3, rng.uniform(0.02, 0.1)),
         )
 
 
@@ -163,6 +180,7 @@ class Conn:
     closed: bool = False  # its owner closed it or died
     full_until: float = -math.inf  # its send queue is at the high-water mark: the broker's sends fail
     to_broker_at: float = -math.inf  # FIFO: the latest delivery scheduled each way
+    barrier_at: float = -math.inf  # a reordered message still arrives after this (a continuous worker's READY)
     from_broker_at: float = -math.inf
 
 
@@ -206,7 +224,7 @@ class Totals:
     def summary(self) -> str:
         counts = self.counts
         shown = ("requests_sent", "requests_sent_hostile", "requests_read", "requests_accepted", "lost_by_crash",
-                 "inputs_executed")
+                 "inputs_executed", *_CONTINUOUS_SHOWN)
         replies = sum(v for k, v in counts.items() if k.startswith("reply_"))
         return (
             f"sim: {self.seeds} seeds, {self.steps} events, {self.checks} invariant checks, "
@@ -214,9 +232,25 @@ class Totals:
             f"requests sent {counts['requests_sent']} (+{counts['requests_sent_hostile']} hostile), "
             f"read {counts['requests_read']}, accepted {counts['requests_accepted']}, replies {replies}, "
             f"lost by broker crash {counts['lost_by_crash']}, inputs executed {counts['inputs_executed']}; "
+            f"continuous batching: worker starts {counts['continuous_worker_starts']}, "
+            f"passes {counts['passes']} ({counts['shared_passes']} shared, {counts['pass_inputs']} inputs), "
+            f"partial results {counts['partial_results']}, "
+            f"held-not-started inputs lost with killed workers {counts['held_inputs_lost_with_killed_workers']} "
+            f"(at {counts['killed_workers_holding']} kills), dropped when the broker forgot the worker "
+            f"{counts['held_inputs_dropped_on_forget']}, PASS_FAILED inputs re-run alone "
+            f"{counts['pass_failed_inputs']} (of {counts['raising_shared_passes']} raising shared passes/batches), "
+            f"isolated dispatches {counts['isolated_dispatches']}, broker duplicate outputs "
+            f"{counts['broker_duplicate_outputs']}, malformed results {counts['broker_malformed_results']}; "
             f"faults: {_listing(self.faults)}; other counts: "
             + _listing(Counter({k: v for k, v in counts.items() if k not in shown}))
         )
+
+
+_CONTINUOUS_SHOWN = ("continuous_worker_starts", "passes", "shared_passes", "pass_inputs", "partial_results",
+                     "held_inputs_lost_with_killed_workers", "killed_workers_holding",
+                     "held_inputs_dropped_on_forget", "pass_failed_inputs", "raising_shared_passes",
+                     "isolated_dispatches", "broker_duplicate_outputs", "broker_malformed_results")
+_HARVESTED_STATS = ("duplicate_outputs", "malformed_results", "late_results", "batches_refused_busy")
 
 
 def _listing(counter: Counter) -> str:
@@ -258,6 +292,7 @@ class World:
         self.tolerate: set[str] = set()  # names of known bugs to count rather than fail on
         self.replay = ""  # how to replay a scripted run (a random one replays from its seed)
         self.known_bugs: Counter[str] = Counter()
+        self.core_stats: Counter[str] = Counter()  # of broker instances gone (see _harvest_stats)
         self.batch_owners: dict[int, Any] = {}  # batch id -> the peer it was sent to (for hostile results)
         self.workers: list[peers.SimWorker] = []
         self.gateways: list[peers.SimGateway] = []
@@ -329,11 +364,20 @@ class World:
         return self.result()
 
     def result(self) -> RunResult:
+        self._harvest_stats()
         return RunResult(self.seed, self.steps, self.ledger.checks, f"{self._digest:08x}", self.faults,
-                         self.ledger.counts + self.known_bugs, self.now - START_AT)
+                         self.ledger.counts + self.known_bugs + self.core_stats, self.now - START_AT)
+
+    def _harvest_stats(self) -> None:
+        """A few of the core's own counters, kept across broker instances, for the summary."""
+        if self.core is not None:
+            for name in _HARVESTED_STATS:
+                self.core_stats[f"broker_{name}"] += self.core.stats[name]
+                self.core.stats[name] = 0
 
     def add_worker(self, spec: WorkerSpec, faultless: bool = False):
-        worker = self._peers.SimWorker(self, len(self.workers), spec, faultless=faultless)
+        kind = self._peers.ContinuousWorker if spec.max_inputs else self._peers.SimWorker
+        worker = kind(self, len(self.workers), spec, faultless=faultless)
         self.workers.append(worker)
         return worker
 
@@ -353,7 +397,9 @@ class World:
             worker.heal()
         if self.core is None:  # a broker restart is under way: let it come up
             self.run_until(self.now + 1.0, lambda: self.core is not None)
-        self.add_worker(WorkerSpec(MODELS, 4, 2, 0.005, 0.001), faultless=True).start()
+        spec = (WorkerSpec(MODELS, 4, 2, 0.005, 0.001, max_inputs=8, most_inputs=4)
+                if self.rng.random() < 0.5 else WorkerSpec(MODELS, 4, 2, 0.005, 0.001))
+        self.add_worker(spec, faultless=True).start()
         heartbeat = self.config.heartbeat
         last_deadline = max((t.deadline_at for t in self.ledger.outstanding.values()), default=self.now)
         settle_at = max(self.now + heartbeat.expiry_s, last_deadline + self.ledger.reply_bound_s)
@@ -415,6 +461,7 @@ class World:
             self.fail(f"the drained broker exits with {len(self.ledger.outstanding)} requests unanswered: "
                       f"{sorted(self.ledger.outstanding)[:5]}")
         self.ledger.broker_crashed()
+        self._harvest_stats()
         self.core = None
         self.epoch += 1  # what the old instance had in flight, either way, is lost with it
         up_at = self.broker_up_at = self.now + self.rng.uniform(0.01, 0.6)
@@ -506,7 +553,8 @@ class World:
         if kind is protocol.Batch:
             self.trace("send Batch %s of %s to %r", message.batch_id, len(message.inputs), instruction.peer_id)
             # As far as the broker can know, it reached the worker.
-            self.ledger.on_batch_sent(message, rogue=not getattr(conn.owner, "honest", True))
+            self.ledger.on_batch_sent(message, rogue=not getattr(conn.owner, "honest", True),
+                                      isolated=instruction.batch is not None and instruction.batch.isolated)
             self.batch_owners[message.batch_id] = conn.owner
         elif kind is protocol.Reply:
             self.trace("send Reply %s %s to %r", message.request_id[:24], message.error_code or "ok",
@@ -599,6 +647,7 @@ class World:
         scenario = self.scenario
         if faulty and scenario.reorder_p and self.injecting and rng.random() < scenario.reorder_p:
             self.faults["reorder"] += 1  # may overtake what the link already carries
+            when = max(when, conn.barrier_at)
         else:
             when = max(when, conn.to_broker_at)
             conn.to_broker_at = when
@@ -657,6 +706,8 @@ class World:
         elif kind == "worker_drain" and alive:
             self.faults[kind] += 1
             rng.choice(alive).drain()
+        elif kind == "holding":
+            self._fault_holding(kind, 20)
         elif kind == "broker_restart" and self.core is not None:
             self.restart_broker()
         elif kind == "broker_drain" and self.core is not None and not self.core.draining:
@@ -681,6 +732,32 @@ class World:
             peers.send_garbage(self)
         else:
             return False
+        return True
+
+
+    def _fault_holding(self, kind: str, tries: int) -> bool:
+        """Kill, SIGSTOP or hang a continuous worker while it holds inputs it has not started; if
+        none holds any now, look again a moment later."""
+        if not self.injecting:
+            return False
+        holding = [w for w in self.workers if w.alive and not w.stopped and getattr(w, "held", None)]
+        if not holding:
+            if tries > 0:
+                self.after(0.02, self._fault_holding, kind, tries - 1)
+            else:
+                self.faults["holding_none_found"] += 1
+            return True
+        rng = self.rng
+        worker = rng.choice(holding)
+        act = rng.choice(("kill", "kill", "stop", "hang") if worker.busy is not None else ("kill", "stop"))
+        self.faults[f"holding_{act}"] += 1
+        self.trace("%s holds %s inputs it has not started: %s", worker.name, len(worker.held), act)
+        if act == "kill":
+            worker.die("SIGKILL while holding inputs", notice_s=rng.choice((0.0, 0.001, 0.02)))
+        elif act == "stop":
+            worker.sigstop(rng.choice((0.1, 0.5, 1.0, 2.5)))
+        else:
+            worker.hang_now()
         return True
 
 

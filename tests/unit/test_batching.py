@@ -19,6 +19,7 @@ class Worker:
     last_batch_size: int = 0
     last_compute_s: float = 0.0
     last_completed_at: float = float("-inf")
+    max_inputs: int = 0
 
     @property
     def in_flight_items(self) -> int:

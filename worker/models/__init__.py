@@ -32,6 +32,12 @@ class InputError(ValueError):
 class Manager:
     #: Largest batch this handler accepts; None leaves it to --max-batch-size.
     max_batch_size: int | None = None
+    #: Continuous batching. False, the default, keeps batch semantics: predict() gets each batch
+    #: the broker sends, whole. True: the worker holds up to --max-inputs-held inputs from many batches
+    #: and forms each predict() call (a pass) itself, from the input that has waited longest and
+    #: those nearest it in cost() (worker/passes.py), and returns every input as soon as its pass is
+    #: done. predict() keeps its contract either way: a list in, one output per input out.
+    continuous: bool = False
 
     def __init__(self, device: str = "cpu", **options: Any):
         self.device = device  # "cpu" or "cuda:N"; the handler puts its model there
@@ -48,6 +54,21 @@ class Manager:
     def predict(self, batch: list) -> list:
         """Return one output per input, in order."""
         raise NotImplementedError
+
+    def prepare(self, batch: list) -> list:
+        """Continuous handlers: turn inputs, as they arrive, into what predict() takes (a text model
+        tokenizes here, once). One per input, in order; an Exception instance in a slot fails that
+        input alone, as in predict()."""
+        return list(batch)
+
+    def cost(self, prepared: Any) -> int:
+        """Continuous handlers: the padded cost of one prepared input (a text model: its tokens)."""
+        return 1
+
+    def pass_limits(self) -> tuple[int, int]:
+        """Continuous handlers: the most inputs, and the most padded cost (inputs × the largest
+        cost(); 0 for no budget), of one pass. 0 inputs: the worker's --max-batch-size."""
+        return 0, 0
 
     def describe(self) -> dict:
         """Figures for heartbeats (e.g. GPU memory in use). Optional."""

@@ -71,6 +71,8 @@ class _Input:
 
 
 class HFTextModel(Manager):
+    continuous = True  # the worker forms passes from what it holds, by token length (prepare, cost)
+
     def __init__(
         self,
         device: str = "cpu",
@@ -199,22 +201,47 @@ class HFTextModel(Manager):
     # ------------------------------------------------------------------ batches
 
     def predict(self, batch: list) -> list:
-        outputs: list = [None] * len(batch)
+        """Inputs as they come (a batch), or prepare()d ones (a continuous worker's pass)."""
+        if batch and all(isinstance(value, _Input) for value in batch):
+            return self._run(list(batch), halve=False)
+        prepared = self.prepare(batch)
+        outputs: list = list(prepared)
+        items = []
+        for position, value in enumerate(prepared):
+            if isinstance(value, _Input):
+                value.position = position
+                items.append(value)
+        for item, output in zip(items, self._run(items, halve=True)):
+            outputs[item.position] = output
+        return outputs
+
+    def prepare(self, batch: list) -> list:
+        """Parse and tokenize each input: an _Input with its tokens, or an InputError for it."""
+        prepared: list = [None] * len(batch)
         items = []
         for position, value in enumerate(batch):
             try:
                 items.append(self._parse(position, value))
             except InputError as error:
-                outputs[position] = error
+                prepared[position] = error
         for item, problem in zip(items, self._tokenize(items)):
-            if problem is not None:
-                outputs[item.position] = problem
-        items = [item for item in items if item.features is not None]
+            prepared[item.position] = item if problem is None else problem
+        return prepared
+
+    def cost(self, prepared: _Input) -> int:
+        return len(prepared.features["input_ids"])
+
+    def pass_limits(self) -> tuple[int, int]:
+        return self.max_chunk, self.chunk_tokens
+
+    def _run(self, items: list[_Input], halve: bool) -> list:
+        """The outputs of tokenized inputs, in their order: sorted by length, in passes (_chunks)."""
+        outputs: list = [None] * len(items)
         order = sorted(range(len(items)), key=lambda k: len(items[k].features["input_ids"]))
-        for chunk in self._chunks(order, [len(items[k].features["input_ids"]) for k in order]):
+        for chunk in self._chunks(order, [len(items[k].features["input_ids"]) for k in order], halve):
             for k, value in zip(chunk, self._forward([items[k].features for k in chunk])):
                 item = items[k]
-                outputs[item.position] = self._with_tokens(value, item) if item.count_tokens else value
+                outputs[k] = self._with_tokens(value, item) if item.count_tokens else value
         return outputs
 
     def _parse(self, position: int, value) -> _Input:
@@ -282,10 +309,11 @@ class HFTextModel(Manager):
             return {**value, "tokens": tokens}
         return {"score" if self.task == "rerank" else "embedding": value, "tokens": tokens}
 
-    def _chunks(self, order: list[int], lengths: list[int]):
+    def _chunks(self, order: list[int], lengths: list[int], halve: bool = True):
         """Split length-sorted inputs into passes: at most max_chunk inputs (fewer for a small batch,
-        so that it still runs as two halves, down to min_chunk) and chunk_tokens padded tokens."""
-        most = min(self.max_chunk, max(self.min_chunk, -(-len(order) // 2)))
+        with halve, so that it still runs as two halves, down to min_chunk) and chunk_tokens padded
+        tokens. A continuous worker's pass comes already formed and in bounds: one forward pass."""
+        most = min(self.max_chunk, max(self.min_chunk, -(-len(order) // 2))) if halve else self.max_chunk
         chunk: list[int] = []
         for position, k in enumerate(order):
             longest = lengths[position]  # sorted ascending: the newest is the longest

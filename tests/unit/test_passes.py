@@ -1,0 +1,67 @@
+"""select_pass(): which held inputs form a continuous worker's next forward pass. Pure; Hypothesis."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.passes import select_pass
+
+
+def padded(costs, chosen):
+    return len(chosen) * max(costs[i] for i in chosen)
+
+
+def waste(costs, chosen):
+    return padded(costs, chosen) - sum(costs[i] for i in chosen)
+
+
+@settings(max_examples=400, deadline=None)
+@given(costs=st.lists(st.integers(0, 512), min_size=1, max_size=200), most=st.integers(1, 64),
+       budget=st.sampled_from([0, 64, 512, 2048]))
+def test_a_pass_holds_the_oldest_and_keeps_every_bound(costs, most, budget):
+    chosen = select_pass(costs, most, budget)
+    assert 0 in chosen, "the longest-waiting input always goes"
+    assert len(set(chosen)) == len(chosen) and all(0 <= i < len(costs) for i in chosen)
+    assert 1 <= len(chosen) <= most
+    if budget and len(chosen) > 1:
+        assert padded(costs, chosen) <= budget
+    assert [costs[i] for i in chosen] == sorted(costs[i] for i in chosen), "in length order, for the model"
+    # It is a run of the length order: no held input lies strictly between two chosen ones and is left out.
+    low, high = min(costs[i] for i in chosen), max(costs[i] for i in chosen)
+    between = [i for i, c in enumerate(costs) if low < c < high]
+    assert set(between) <= set(chosen)
+
+
+@settings(max_examples=200, deadline=None)
+@given(costs=st.lists(st.integers(1, 512), min_size=1, max_size=200), most=st.integers(1, 64))
+def test_without_a_budget_a_pass_is_as_full_as_it_can_be(costs, most):
+    assert len(select_pass(costs, most)) == min(most, len(costs))
+
+
+@settings(max_examples=200, deadline=None)
+@given(costs=st.lists(st.integers(1, 128), min_size=2, max_size=64))
+def test_every_input_runs_within_as_many_passes_as_were_ahead_of_it(costs):
+    """Serving the oldest first bounds every input's wait: the held inputs drain in order of age."""
+    held = list(range(len(costs)))
+    passes_until = {}
+    rounds = 0
+    while held:
+        chosen = select_pass([costs[i] for i in held], 4, 0)
+        rounds += 1
+        for k in chosen:
+            passes_until[held[k]] = rounds
+        held = [h for k, h in enumerate(held) if k not in set(chosen)]
+    for position in range(len(costs)):
+        assert passes_until[position] <= position + 1
+
+
+def test_a_pass_grows_towards_the_nearest_lengths_and_pads_less_than_arrival_order():
+    costs = [30, 5, 31, 6, 29, 7, 32, 8]  # arrivals alternate long and short
+    chosen = select_pass(costs, 4)
+    assert sorted(costs[i] for i in chosen) == [29, 30, 31, 32]
+    assert waste(costs, chosen) == 6 < waste(costs, [0, 1, 2, 3]) == 52
+
+
+def test_an_oldest_input_over_the_budget_goes_alone():
+    assert select_pass([5000, 10, 10], 16, 2048) == [0]
