@@ -28,6 +28,10 @@ from typing import Callable, Iterator
 
 from gateway.broker_client import BrokerClient, BrokerError
 
+# How the chaos scenarios' echo workers batch: whole batches (the echo model's default), or
+# continuous batching (each pass formed by the worker from up to --max-inputs-held inputs it holds,
+# each input answered as its pass is done; tests/integration/test_continuous.py has the details).
+WORKER_MODES = {"batch": (), "continuous": ("--continuous", "on")}
 REPORT = os.environ.get("DDML_CHAOS_REPORT")  # append a Markdown row per scenario when set
 PATHS = ("request", "submit")  # BrokerClient's two paths: its own DEALER per thread, or the I/O thread's
 _LOCAL_TIMEOUT = "no reply before the deadline"  # BrokerClient's message when it gave up by itself

@@ -78,7 +78,7 @@ def build_parser() -> Parser:
                              "this many inputs; 0 = by device (16 on the CPU, where a smaller batch still runs as "
                              "two halves of at least 8; 1024 on CUDA)")
     parser.add_argument("--chunk-tokens", type=int, default=0,
-                        help="most padded tokens per pass; 0 = by device (2048 on the CPU, 65536 on CUDA)")
+                        help="most padded tokens per pass; 0 = by device (1024 on the CPU, 65536 on CUDA)")
     parser.add_argument("--heartbeat-interval-ms", type=float, default=1000.0, help="heartbeat period")
     parser.add_argument("--liveness", type=int, default=3,
                         help="silent broker intervals before reconnecting")

@@ -19,7 +19,7 @@ from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
 from worker.connection import ComputeState, WorkBatch
 from worker.models import InputError, Manager
-from worker.passes import select_pass
+from worker.passes import plan_pass
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class _Held:
     position: int  # in its batch
     prepared: Any
     cost: int
+    waited: int = 0  # passes run while it was held
 
 
 def run_continuous(
@@ -62,10 +63,11 @@ def run_continuous(
     state: ComputeState,
     most_inputs: int,
     cost_budget: int = 0,
+    least_inputs: int = 0,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Continuous batching: hold every input that arrives, and run pass after pass, each formed by
-    select_pass() from all that is held; answer each input as soon as its pass is done (one partial
+    plan_pass() from all that is held; answer each input as soon as its pass is done (one partial
     BATCH_RESULT per batch the pass touched). The model never waits while anything is held.
 
     A pass of several inputs that fails as a whole answers each PASS_FAILED: the broker runs them
@@ -90,10 +92,12 @@ def run_continuous(
             held = [h for h in held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
         if not held:
             continue
-        chosen = select_pass([h.cost for h in held], most_inputs, cost_budget)
+        chosen = plan_pass([h.cost for h in held], [h.waited for h in held], most_inputs, cost_budget, least_inputs)
         running = [held[k] for k in chosen]
         for k in sorted(chosen, reverse=True):
             del held[k]
+        for waiting in held:
+            waiting.waited += 1
         if logger.isEnabledFor(logging.DEBUG):
             request_ids = ",".join(dict.fromkeys(h.batch.request_ids[h.position] for h in running))
             logger.debug("pass of %d inputs (%d still held) of requests %s", len(running), len(held), request_ids,

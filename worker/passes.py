@@ -1,13 +1,17 @@
 """Continuous batching: which of the inputs a worker holds go into its next forward pass.
 
-Pure: no threads, no clock, no model. worker/loop.py calls select_pass() before every pass.
+Pure: no threads, no clock, no model. worker/loop.py calls plan_pass() before every pass.
 
-A pass always takes the input that has waited longest (so none waits for more than the passes
-ahead of it), then grows around it in length order: every input of a pass is padded to the
-longest, so the inputs that join are those whose cost is nearest its own, up to a number of
-inputs and a budget of padded cost (inputs × the longest). The worker holds about two passes'
-worth from the broker, so a pass is picked from a window that is as wide as a length-sorted
-batch, and the model never waits for a cohort of clients to come back.
+Every input of a pass is padded to the longest, so a pass should hold inputs of about one
+length. The worker holds about two passes' worth (the broker keeps it supplied), and picks
+from all of them: the run of inputs, consecutive in length order, that pads least for its own
+tokens (densest_pass), up to a number of inputs and a budget of padded tokens. So that no input
+waits for ever behind denser runs, an input that has waited MAX_PASSES_WAITED passes anchors
+the next one: it goes, with the inputs nearest its length (select_pass).
+
+Measured in process (bench.continuous, MiniLM on 2 CPU cores, 64 inputs held, passes of 16):
+always anchoring on the oldest input reached 0.89-0.91x the length-sorted limit; the densest
+run with the oldest after 6 passes, 0.97x.
 """
 
 from __future__ import annotations
@@ -15,8 +19,54 @@ from __future__ import annotations
 from typing import Sequence
 
 
-def select_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0) -> list[int]:
-    """Positions (into costs, which is in arrival order) of the next pass, the first always in it.
+MAX_PASSES_WAITED = 6  # passes an input may be passed over before it anchors one
+
+
+def plan_pass(costs: Sequence[int], waited: Sequence[int], most_inputs: int, cost_budget: int = 0,
+              least_inputs: int = 0, max_waited: int = MAX_PASSES_WAITED) -> list[int]:
+    """The next pass: the densest run, unless an input has waited max_waited passes (then the one
+    that has waited longest, the oldest among equals, anchors it). costs and waited are per held
+    input, oldest first.
+
+    least_inputs > 0: a pass takes at most half of what is held, but at least least_inputs (as a
+    CPU text model runs a small batch: two sorted halves pad less than one pass)."""
+    if not costs:
+        return []
+    if least_inputs:
+        most_inputs = min(most_inputs, max(least_inputs, -(-len(costs) // 2)))
+    longest_wait = max(waited)
+    if longest_wait >= max_waited:
+        return select_pass(costs, most_inputs, cost_budget, anchor=waited.index(longest_wait))
+    return densest_pass(costs, most_inputs, cost_budget)
+
+
+def densest_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0) -> list[int]:
+    """Positions of the run of inputs, consecutive in length order, that pads least for its own
+    tokens, among the runs of most_inputs (fewer only where the budget or the inputs held force
+    it). Ties go to the run with the oldest input. In length order, as select_pass."""
+    if not costs:
+        return []
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], i))
+    lengths = [costs[i] for i in order]
+    prefix = [0]
+    for length in lengths:
+        prefix.append(prefix[-1] + length)
+    size = min(most_inputs, len(order))
+    best, best_key = (0, 1), None
+    for start in range(len(order) - size + 1):
+        end = start + size
+        while cost_budget and end - start > 1 and (end - start) * lengths[end - 1] > cost_budget:
+            end -= 1
+        useful = prefix[end] - prefix[start]
+        waste = (end - start) * lengths[end - 1] - useful
+        key = (waste / max(useful, 1), -(end - start), min(order[start:end]))
+        if best_key is None or key < best_key:
+            best, best_key = (start, end), key
+    return order[best[0]:best[1]]
+
+
+def select_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0, anchor: int = 0) -> list[int]:
+    """Positions (into costs, which is in arrival order) of the next pass, `anchor` always in it.
 
     costs: the padded-length cost of each held input (tokens, for a text model), oldest first.
     most_inputs: at most this many inputs in one pass (>= 1).
@@ -27,8 +77,8 @@ def select_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0) ->
     if not costs:
         return []
     order = sorted(range(len(costs)), key=lambda i: (costs[i], i))
-    low = high = order.index(0)  # the window [low, high] of `order`, around the oldest input
-    longest = costs[0]
+    low = high = order.index(anchor)  # the window [low, high] of `order`, around the anchor
+    longest = costs[anchor]
     count = 1
     while count < most_inputs:
         shorter = order[low - 1] if low > 0 else None

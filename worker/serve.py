@@ -82,7 +82,7 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     max_inputs = 0
     if continuous:
         max_inputs = min(config.max_inputs_held or max_batch_size * config.max_batches, protocol.MAX_ITEMS)
-        most_inputs, cost_budget = handler.pass_limits()
+        most_inputs, cost_budget, least_inputs = handler.pass_limits()
         most_inputs = min(most_inputs or max_batch_size, max_inputs)
     ready = protocol.Ready(
         models=[config.model, f"{config.model}@{version}"] if version else [config.model],
@@ -110,7 +110,7 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     print(f"worker ready: serving {served} to {config.broker} (pid {os.getpid()}; {batching})", flush=True)
     try:
         if continuous:
-            run_continuous(handler, inbox, results, state, most_inputs, cost_budget)
+            run_continuous(handler, inbox, results, state, most_inputs, cost_budget, least_inputs)
         else:
             run_worker(handler, inbox, results, state)
     finally:

@@ -2,8 +2,10 @@
 
     BENCH_MODEL_DIR=... python bench/peers/mosec_server.py --port 8003
 
-POST /inference with {"inputs": ["one sentence"]} (mosec's default JSON ingress) answers
-{"outputs": [[...]]}. Each request carries one sentence, so a batch is a list of requests.
+POST /inference with {"inputs": ["a sentence", ...]} (mosec's default JSON ingress) answers
+{"outputs": [[...], ...]}. mosec batches requests, not sentences: a batch is up to 64 requests of
+any number of sentences each, so forward() embeds their sentences together in passes of at most
+64 (PlainEmbedder.embed_batches), as a mosec user with multi-sentence requests would.
 """
 
 import sys
@@ -24,7 +26,7 @@ class Embed(Worker):
     def forward(self, data: list) -> list:
         texts = [texts_of(document) for document in data]
         flat = [text for group in texts for text in group]
-        vectors = iter(self.embedder.embed(flat))
+        vectors = iter(self.embedder.embed_batches(flat))
         return [{"outputs": [next(vectors) for _ in group]} for group in texts]
 
 

@@ -1,4 +1,5 @@
-"""Naive: Falcon under gunicorn (sync workers), the model called once per request, no batching.
+"""Naive: Falcon under gunicorn (sync workers), the model called for each request, no batching across
+requests (a request of many sentences runs in passes of at most 64).
 
     BENCH_MODEL_DIR=... gunicorn -w 1 -b 127.0.0.1:8001 'bench.peers.naive_app:app'
 """
@@ -20,7 +21,7 @@ class Embed:
             texts = texts_of(orjson.loads(req.bounded_stream.read()))
         except (ValueError, KeyError, TypeError) as error:
             raise falcon.HTTPBadRequest(description=str(error))
-        resp.data = orjson.dumps({"outputs": _embedder.embed(texts)})
+        resp.data = orjson.dumps({"outputs": _embedder.embed_batches(texts)})
         resp.content_type = falcon.MEDIA_JSON
 
 

@@ -35,9 +35,14 @@ class PlainEmbedder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().tolist()
 
+    def embed_batches(self, texts: list[str], size: int = 64) -> list[list[float]]:
+        """A request (naive) or a batch of requests (mosec) of many sentences: passes of at most
+        `size`, in arrival order, so that no peer's model pass is larger than ddml's batch of 64."""
+        return [vector for start in range(0, len(texts), size) for vector in self.embed(texts[start:start + size])]
+
 
 def texts_of(document: dict) -> list[str]:
-    """The request shape every system in the comparison takes: {"inputs": ["one sentence"]}."""
+    """The request shape of ddml and these peers: {"inputs": ["a sentence", ...]}, one or more."""
     inputs = document["inputs"]
     if not (isinstance(inputs, list) and all(isinstance(x, str) for x in inputs)):
         raise ValueError("'inputs' must be a list of strings")

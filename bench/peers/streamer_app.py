@@ -3,7 +3,9 @@
     BENCH_MODEL_DIR=... gunicorn -k gthread --threads 64 -w 1 -b 127.0.0.1:8002 'bench.peers.streamer_app:app'
 
 One gunicorn process (Streamer spawns its own model process; more gunicorn processes would
-each spawn another). Batch 64, 10 ms wait, like mosec's settings in bench.compare.
+each spawn another). Batch 64, 10 ms wait, like mosec's settings in bench.compare. Streamer.predict
+takes a list and queues each item on its own, so a request of many sentences is batched by
+sentence, with other requests' sentences, in batches of at most 64: nothing to add for bulk.
 """
 
 import falcon

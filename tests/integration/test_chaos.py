@@ -20,7 +20,7 @@ import zmq
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from tests.chaos import Load, Tally, broker_clients, live_pids, rss_bytes, unmatched_after_settling
+from tests.chaos import WORKER_MODES, Load, Tally, broker_clients, live_pids, rss_bytes, unmatched_after_settling
 from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -33,6 +33,14 @@ def client(stack):
     with broker_clients(stack) as make:
         yield make
 
+
+
+def holds_inputs(client: BrokerClient, pid: int) -> bool:
+    """The broker has inputs at the worker `pid` (so that killing it now leaves some to run again)."""
+    try:
+        return any(w["pid"] == pid and w["in_flight_items"] for w in client.status()["workers"])
+    except BrokerError:
+        return False
 
 
 def in_flight(client: BrokerClient) -> int | None:
@@ -55,17 +63,19 @@ def assert_nothing_lost(tally: Tally) -> None:
 NO_WORKER_YET = "UNAVAILABLE: no live worker serves model 'echo' right now"
 
 
+@pytest.mark.parametrize("mode", list(WORKER_MODES))
 @pytest.mark.parametrize("workers", [2, 1], ids=["2-workers", "1-worker"])
-def test_worker_sigkill_under_load_loses_nothing(stack, client, workers):
+def test_worker_sigkill_under_load_loses_nothing(stack, client, workers, mode):
     """One worker is SIGKILLed mid-batch.
 
     With 2, the other worker runs the victim's inputs, and nothing fails. With 1 (under its
     supervisor, as a worker runs in production), nothing serves until the supervisor restarts it:
     the victim's inputs wait in the queue and then run on the new process, and a request that
-    arrives in the gap is refused with NO_WORKER_YET, the only error allowed.
+    arrives in the gap is refused with NO_WORKER_YET, the only error allowed. A continuous worker
+    dies holding inputs of several batches, some not started: the same holds for them.
     """
     stack.start_broker(*HB)
-    flags = ("--model", "echo", "--max-batch-size", "8", *HB)
+    flags = ("--model", "echo", "--max-batch-size", "8", *WORKER_MODES[mode], *HB)
     c = client()
     if workers == 1:
         stack.start_worker(*flags, "--supervise", wait=False)
@@ -77,6 +87,7 @@ def test_worker_sigkill_under_load_loses_nothing(stack, client, workers):
     victim = live_pids(c)[0]
     with Load(client(), concurrency=16, extra={"sleep_s": 0.05}) as load:
         load.wait_for_ok(100, 30)
+        wait_until(lambda: holds_inputs(c, victim), 10, interval_s=0.005, what="the victim to hold inputs")
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: c.status()["stats"].get("workers_lost"), 10, what="the broker to notice")
@@ -87,7 +98,7 @@ def test_worker_sigkill_under_load_loses_nothing(stack, client, workers):
         load.wait_for_ok(200, 30)
         tally = load.stop()
     tally.notes = notes
-    tally.record(f"worker SIGKILL mid-batch, {workers} worker(s)")
+    tally.record(f"worker SIGKILL mid-batch, {workers} worker(s), {mode}")
     assert_nothing_lost(tally)
     if workers > 1:
         assert not tally.errors, "no input was tried twice by dying workers, so none may fail"
@@ -96,8 +107,9 @@ def test_worker_sigkill_under_load_loses_nothing(stack, client, workers):
     assert c.status()["models"]["echo"]["redispatched"] >= 1
 
 
+@pytest.mark.parametrize("mode", list(WORKER_MODES))
 @pytest.mark.parametrize("workers", [2, 1], ids=["2-workers", "1-worker"])
-def test_sigstopped_worker_is_replaced_then_rejoins_when_resumed(stack, client, workers):
+def test_sigstopped_worker_is_replaced_then_rejoins_when_resumed(stack, client, workers, mode):
     """One worker is SIGSTOPped until the broker expires it, then resumed.
 
     With 2, the other serves meanwhile and nothing fails. With 1, its held inputs wait in the
@@ -105,7 +117,7 @@ def test_sigstopped_worker_is_replaced_then_rejoins_when_resumed(stack, client, 
     at once with NO_WORKER_YET (a probe checks that one is), the only error allowed.
     """
     stack.start_broker(*HB)
-    flags = ("--model", "echo", "--max-batch-size", "4", *HB)
+    flags = ("--model", "echo", "--max-batch-size", "4", *WORKER_MODES[mode], *HB)
     frozen = stack.start_worker(*flags)
     for _ in range(workers - 1):
         stack.start_worker(*flags)
@@ -131,7 +143,7 @@ def test_sigstopped_worker_is_replaced_then_rejoins_when_resumed(stack, client, 
         load.wait_for_ok(50, 30)
         tally = load.stop()
     tally.notes = {"detection_s": f"{detected_s:.2f}", "rejoin_s": f"{rejoined_s:.2f}"}
-    tally.record(f"worker SIGSTOP, then SIGCONT, {workers} worker(s)")
+    tally.record(f"worker SIGSTOP, then SIGCONT, {workers} worker(s), {mode}")
     assert_nothing_lost(tally)
     if workers > 1:
         assert not tally.errors

@@ -22,7 +22,7 @@ from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, MAX_NAME_LEN, MAX_PRIORITY, MIN_PRIORITY, ErrorCode
 from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
-from worker.passes import select_pass
+from worker.passes import plan_pass
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
@@ -398,6 +398,7 @@ class Held:
     poison: str
     broker: int  # the broker incarnation (world.epoch) that sent it: batch ids start again with each
     epoch: int  # the worker's epoch when it came (worker/connection.py link.epoch): bumped when the broker forgets it
+    waited: int = 0  # passes run while it was held (plan_pass anchors on one that waited long)
 
 
 @dataclass(eq=False, slots=True)
@@ -433,7 +434,7 @@ class ContinuousWorker(SimWorker):
 
     READY announces max_inputs. Every input that arrives is held; one that fails prepare() (here
     an undecodable or "invalid" input) is answered at once. Pass after pass is formed by the real
-    worker.passes.select_pass() from all that is held, oldest first, and after each pass comes one
+    worker.passes.plan_pass() from all that is held, and after each pass comes one
     partial BATCH_RESULT per batch the pass touched. A raising pass of several inputs answers each
     PASS_FAILED; a raising pass of one, MODEL_ERROR. A batch that would take it past max_inputs is
     handed back BUSY, which with one broker must never happen (the ledger fails on it). When the
@@ -555,10 +556,12 @@ class ContinuousWorker(SimWorker):
         if not self.alive or self.stopped or self.busy is not None or not self.held:
             return
         world, spec, held = self.world, self.spec, self.held
-        chosen = select_pass([h.cost for h in held], spec.most_inputs, spec.cost_budget)
+        chosen = plan_pass([h.cost for h in held], [h.waited for h in held], spec.most_inputs, spec.cost_budget)
         members = [held[k] for k in chosen]
         for k in sorted(chosen, reverse=True):
             del held[k]
+        for waiting in held:
+            waiting.waited += 1
         world.ledger.on_pass(members, self.name)
         duration_s = spec.batch_s + spec.item_s * len(members) * max(h.cost for h in members) / 12
         outcome, duration_s = self._draw_outcome({h.poison for h in members}, duration_s, "pass")

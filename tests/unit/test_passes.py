@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.passes import select_pass
+from worker.passes import MAX_PASSES_WAITED, densest_pass, plan_pass, select_pass
 
 
 def padded(costs, chosen):
@@ -65,3 +65,42 @@ def test_a_pass_grows_towards_the_nearest_lengths_and_pads_less_than_arrival_ord
 
 def test_an_oldest_input_over_the_budget_goes_alone():
     assert select_pass([5000, 10, 10], 16, 2048) == [0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(costs=st.lists(st.integers(1, 512), min_size=1, max_size=200), most=st.integers(1, 64),
+       budget=st.sampled_from([0, 256, 1024, 2048]))
+def test_the_densest_run_keeps_every_bound_and_is_a_run_of_the_length_order(costs, most, budget):
+    chosen = densest_pass(costs, most, budget)
+    assert 1 <= len(chosen) <= most and len(set(chosen)) == len(chosen)
+    if budget and len(chosen) > 1:
+        assert padded(costs, chosen) <= budget
+    low, high = min(costs[i] for i in chosen), max(costs[i] for i in chosen)
+    assert {i for i, c in enumerate(costs) if low < c < high} <= set(chosen)
+    if not budget:
+        assert len(chosen) == min(most, len(costs))
+
+
+def test_the_densest_run_pads_least_and_prefers_the_older_among_equals():
+    costs = [40, 10, 11, 12, 13, 50, 90, 91, 92, 93]
+    assert sorted(densest_pass(costs, 4)) == [6, 7, 8, 9]  # 6 padded tokens for 366 of its own: less, relatively
+    assert sorted(densest_pass(costs[:6], 4)) == [1, 2, 3, 4]
+    assert sorted(densest_pass([7, 7, 7, 7], 2)) == [0, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(costs=st.lists(st.integers(1, 128), min_size=2, max_size=64), arrivals=st.lists(st.integers(1, 128), max_size=300))
+def test_no_input_waits_more_than_the_bound_plus_the_passes_ahead_of_it(costs, arrivals):
+    """With new inputs arriving after every pass, an input is passed over at most MAX_PASSES_WAITED
+    times, then at most once for each other input held (each pass takes one that waited at least as long)."""
+    held = [[c, 0] for c in costs]
+    stream = iter(arrivals)
+    worst = 0
+    for _ in range(len(costs) + len(arrivals) + 64):
+        if not held:
+            break
+        chosen = set(plan_pass([c for c, _ in held], [w for _, w in held], 4))
+        worst = max([worst] + [held[k][1] for k in chosen])
+        held = [[c, w + 1] for k, (c, w) in enumerate(held) if k not in chosen]
+        held.extend([c, 0] for c in (next(stream, None) for _ in chosen) if c is not None)
+    assert worst <= MAX_PASSES_WAITED + len(costs)

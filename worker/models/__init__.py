@@ -65,10 +65,11 @@ class Manager:
         """Continuous handlers: the padded cost of one prepared input (a text model: its tokens)."""
         return 1
 
-    def pass_limits(self) -> tuple[int, int]:
+    def pass_limits(self) -> tuple[int, int, int]:
         """Continuous handlers: the most inputs, and the most padded cost (inputs × the largest
-        cost(); 0 for no budget), of one pass. 0 inputs: the worker's --max-batch-size."""
-        return 0, 0
+        cost(); 0 for no budget), of one pass (0 inputs: the worker's --max-batch-size); and the
+        least inputs of a pass that takes at most half of what is held (0: a pass takes all it can)."""
+        return 0, 0, 0
 
     def describe(self) -> dict:
         """Figures for heartbeats (e.g. GPU memory in use). Optional."""

@@ -55,8 +55,11 @@ _NO_TOKENIZER_LIMIT = 1 << 30  # a tokenizer's model_max_length above this means
 # input than one pass of 64 even after sorting (bench/README.md: about 95 against 57 inputs/s for
 # MiniLM, 2 threads): less padding, and activations that stay in cache. A smaller batch still
 # runs as two sorted halves, down to passes of 8: for random batches of 16, two passes of 8 gave
-# 102 inputs/s against 83 for one pass (bench.chunking). A GPU wants the whole batch in one pass.
-_CHUNKING = {"cpu": (16, 8, 2048), "cuda": (1024, 1024, 65536)}
+# 102 inputs/s against 83 for one pass (bench.chunking). A continuous worker forms its passes by
+# the same bounds from all it holds (worker/passes.py); a budget of 1024 padded tokens rather than
+# 2048 took its in-process rate from 0.89 to 0.93x the length-sorted limit (bench.continuous, 64
+# held). A GPU wants the whole batch in one pass.
+_CHUNKING = {"cpu": (16, 8, 1024), "cuda": (1024, 1024, 65536)}
 
 
 @dataclass
@@ -231,8 +234,8 @@ class HFTextModel(Manager):
     def cost(self, prepared: _Input) -> int:
         return len(prepared.features["input_ids"])
 
-    def pass_limits(self) -> tuple[int, int]:
-        return self.max_chunk, self.chunk_tokens
+    def pass_limits(self) -> tuple[int, int, int]:
+        return self.max_chunk, self.chunk_tokens, self.min_chunk
 
     def _run(self, items: list[_Input], halve: bool) -> list:
         """The outputs of tokenized inputs, in their order: sorted by length, in passes (_chunks)."""
