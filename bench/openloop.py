@@ -133,8 +133,15 @@ class Pool:
             finally:
                 if waiter in self.waiting:
                     self.waiting.remove(waiter)
-        if self.idle:
-            return self.idle.pop()
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection[0].at_eof() and not connection[1].is_closing():
+                return connection
+            self.release(connection)  # the server closed it while idle (its keep-alive timeout)
+        return await self.connect()
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection, counted against the limit."""
         self.open += 1
         try:
             connection = await asyncio.open_connection(self.host, self.port)
@@ -200,8 +207,19 @@ async def _one(pool: Pool, payload: bytes, since: float, timeout_s: float, resul
     connection, keep = None, False
     try:
         async with asyncio.timeout_at(since + timeout_s):
+            request = pool.head + b"%d\r\n\r\n" % len(payload) + payload
+            opened = pool.opened
             connection = await pool.acquire()
-            status, keep = await _exchange(*connection, pool.head + b"%d\r\n\r\n" % len(payload) + payload)
+            try:
+                status, keep = await _exchange(*connection, request)
+            except ConnectionError:
+                if pool.opened != opened:  # a new connection: nothing to retry
+                    raise
+                # A kept-alive connection the server closed as we reused it: it never read the
+                # request, so send it again on a new connection, as HTTP clients do.
+                pool.release(connection)
+                connection = await pool.connect()
+                status, keep = await _exchange(*connection, request)
     except TimeoutError:
         result.errors["timeout"] += 1
         result.latencies_ms.append(timeout_s * 1000)
