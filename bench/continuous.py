@@ -8,7 +8,7 @@ In one process, in interleaved rounds, inputs/s of:
 - the same through HFTextModel (the worker's model code), to separate the model code from
   the batching;
 - a simulated continuous worker: it holds --held inputs (a closed loop of that many clients
-  that come back at once), forms each pass with worker.passes.select_pass at the given pass
+  that come back at once), forms each pass with worker.passes.plan_pass at the given pass
   size and token budget, runs it through HFTextModel.predict on prepare()d inputs, and
   replaces what it answered with new inputs of the seeded workload.
 
@@ -22,7 +22,7 @@ import argparse
 import statistics
 import time
 
-from bench.peers.limit import items_per_s
+from bench.peers.limit import items_per_s, sorted_items_per_s
 from bench.peers.plain_model import PlainEmbedder
 from bench.workload import sentences
 from worker.models import default_model_path
@@ -58,19 +58,6 @@ def continuous_items_per_s(model: HFTextModel, texts: list[str], held_count: int
     return done / (time.perf_counter() - started), done / passes, longest_wait
 
 
-def sorted_items_per_s(predict, texts: list[str], tokenizer, seconds: float, batch: int = 64) -> float:
-    """bench.peers.limit's length-sorted figure: whole passes over a sorted sample of 1024."""
-    sample = texts[:1024]
-    lengths = [len(ids) for ids in tokenizer(sample)["input_ids"]]
-    by_length = [text for _, text in sorted(zip(lengths, sample))]
-    done, started = 0, time.perf_counter()
-    while done == 0 or time.perf_counter() - started < seconds:
-        for start in range(0, len(by_length), batch):
-            predict(by_length[start:start + batch])
-        done += len(by_length)
-    return done / (time.perf_counter() - started)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -94,9 +81,9 @@ def main() -> None:
     sizes: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         results.setdefault("limit: sorted 64, PlainEmbedder", []).append(
-            sorted_items_per_s(plain.embed, texts, plain.tokenizer, args.seconds))
+            sorted_items_per_s(plain.embed, texts, plain.tokenizer, args.seconds, 64))
         results.setdefault("sorted 64, HFTextModel (passes of 16)", []).append(
-            sorted_items_per_s(model.predict, texts, model.tokenizer, args.seconds))
+            sorted_items_per_s(model.predict, texts, model.tokenizer, args.seconds, 64))
         results.setdefault("padded 64, arrival order, PlainEmbedder", []).append(
             items_per_s(plain.embed, texts, 64, args.seconds))
         for held in held_counts:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-import zlib
 import logging
 import math
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable

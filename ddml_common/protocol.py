@@ -373,9 +373,7 @@ def _check_request(message: Request) -> None:
     if sizes:
         if len(sizes) != len(message.inputs):
             raise DecodeError(f"{len(sizes)} sizes for {len(message.inputs)} inputs")
-        for index, size in enumerate(sizes):
-            if type(size) is not int or not 0 <= size < MAX_SIZE:
-                raise _refuse(f"Request.sizes[{index}]", "an int in [0, 2**31)", size)
+        _check_counts(sizes, "Request.sizes", MAX_SIZE, "2**31")
 
 
 def _check_batch(message: Batch) -> None:
@@ -400,9 +398,7 @@ def _check_batch_result(message: BatchResult) -> None:
     if indices:
         if len(indices) != len(message.outputs):
             raise DecodeError(f"{len(indices)} indices for {len(message.outputs)} outputs")
-        for position, index in enumerate(indices):
-            if type(index) is not int or not 0 <= index < MAX_ITEMS:
-                raise _refuse(f"BatchResult.indices[{position}]", f"an int in [0, {MAX_ITEMS})", index)
+        _check_counts(indices, "BatchResult.indices", MAX_ITEMS, str(MAX_ITEMS))
         if len(set(indices)) != len(indices):
             raise DecodeError("BatchResult.indices names an input twice")
     errors = message.errors
@@ -525,6 +521,13 @@ def _check_names(values: list, where: str) -> None:
     for value in values:
         if type(value) is not str or not 0 < len(value) <= MAX_NAME_LEN:
             raise _refuse(f"{where}[{values.index(value)}]", _NAME, value)
+
+
+def _check_counts(values: list, where: str, bound: int, bound_text: str) -> None:
+    """Every element an int in [0, bound)."""
+    for index, value in enumerate(values):
+        if type(value) is not int or not 0 <= value < bound:
+            raise _refuse(f"{where}[{index}]", f"an int in [0, {bound_text})", value)
 
 
 def _check_stats(stats: dict) -> None:

@@ -99,7 +99,7 @@ def run_continuous(
         for waiting in held:
             waiting.waited += 1
         if logger.isEnabledFor(logging.DEBUG):
-            request_ids = ",".join(dict.fromkeys(h.batch.request_ids[h.position] for h in running))
+            request_ids = _pass_request_ids(running)
             logger.debug("pass of %d inputs (%d still held) of requests %s", len(running), len(held), request_ids,
                          extra={"request_id": request_ids})
         state.busy_since = started_at = clock()
@@ -149,12 +149,9 @@ def _run_pass(model: Manager, running: list[_Held]) -> list:
     """One output (or Exception) per input of the pass; a pass that raises fails each input, as
     PASS_FAILED when it had company (any of them may be the culprit)."""
     try:
-        produced = model.predict([h.prepared for h in running])
-        if len(produced) != len(running):
-            raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(running)} inputs")
-        return list(produced)
+        return list(_predict(model, [h.prepared for h in running]))
     except Exception as error:
-        requests = ",".join(dict.fromkeys(h.batch.request_ids[h.position] for h in running))
+        requests = _pass_request_ids(running)
         logger.exception("pass of %d inputs failed (requests %s)", len(running), requests,
                          extra={"request_id": requests})
         return [_PassFailed(f"{type(error).__name__}: {error}"[:1000], len(running) > 1)] * len(running)
@@ -175,6 +172,25 @@ def _error_of(output: Exception) -> list:
     return [code.value, f"{type(output).__name__}: {output}"[:1000]]
 
 
+def _encode_output(output: Any) -> tuple[bytes, list | None]:
+    """An output as it travels, or b"" and [code, message] when it cannot: an Exception in its
+    slot, or a value the protocol cannot encode."""
+    if isinstance(output, Exception):
+        return b"", _error_of(output)
+    try:
+        return protocol.encode_value(output), None
+    except TypeError as error:
+        return b"", [ErrorCode.MODEL_ERROR.value, f"output cannot travel: {error}"[:1000]]
+
+
+def _predict(model: Manager, inputs: list) -> list:
+    """model.predict(), held to its contract of one output per input."""
+    produced = model.predict(inputs)
+    if len(produced) != len(inputs):
+        raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(inputs)} inputs")
+    return produced
+
+
 def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.Socket) -> None:
     """One partial BATCH_RESULT per batch that the pass touched, in the order they were held."""
     by_batch: dict[int, list[tuple[_Held, Any]]] = {}
@@ -184,16 +200,11 @@ def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.
         batch = answered[0][0].batch
         indices, outputs, errors = [], [], []
         for k, (held, output) in enumerate(answered):
+            encoded, error = _encode_output(output)
             indices.append(held.position)
-            encoded = b""
-            if isinstance(output, Exception):
-                errors.append([k, *_error_of(output)])
-            else:
-                try:
-                    encoded = protocol.encode_value(output)
-                except TypeError as error:
-                    errors.append([k, ErrorCode.MODEL_ERROR.value, f"output cannot travel: {error}"[:1000]])
             outputs.append(encoded)
+            if error is not None:
+                errors.append([k, *error])
         result = protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_s * 1000,
                                       indices=indices)
         send_frames(results, [batch.tag(len(indices)), *protocol.encode(result)], dontwait=False)
@@ -212,9 +223,7 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
     outputs = [b""] * size
     if positions:
         try:
-            produced = model.predict([batch.inputs[i] for i in positions])
-            if len(produced) != len(positions):
-                raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(positions)} inputs")
+            produced = _predict(model, [batch.inputs[i] for i in positions])
         except Exception as error:
             request_ids = _request_ids(batch)
             logger.exception("batch %d of %d inputs failed (requests %s)", batch.batch_id, len(positions), request_ids,
@@ -223,14 +232,9 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
             errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
             produced = []
         for i, output in zip(positions, produced):
-            if isinstance(output, Exception):
-                code = ErrorCode.BAD_REQUEST if isinstance(output, InputError) else ErrorCode.MODEL_ERROR
-                errors.append([i, code.value, f"{type(output).__name__}: {output}"[:1000]])
-                continue
-            try:
-                outputs[i] = protocol.encode_value(output)
-            except TypeError as error:
-                errors.append([i, ErrorCode.MODEL_ERROR.value, f"output cannot travel: {error}"[:1000]])
+            outputs[i], error = _encode_output(output)
+            if error is not None:
+                errors.append([i, *error])
     return protocol.BatchResult(
         batch.batch_id, outputs, errors=sorted(errors), compute_ms=(clock() - started_at) * 1000
     )
@@ -239,3 +243,8 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
 def _request_ids(batch: WorkBatch) -> str:
     """The requests a batch serves, each once, in batch order: what its log lines carry."""
     return ",".join(dict.fromkeys(batch.request_ids))
+
+
+def _pass_request_ids(running: list[_Held]) -> str:
+    """The requests a pass serves, each once, in pass order: what its log lines carry."""
+    return ",".join(dict.fromkeys(h.batch.request_ids[h.position] for h in running))

@@ -14,6 +14,18 @@ def continuous(worker_id: bytes, core: BrokerCore, now: float = 0.0, max_inputs:
         ["m"], max_batch_size=max_batch_size, max_batches=2, max_inputs=max_inputs)), now)
 
 
+def one_batch(**counts: int) -> tuple[BrokerCore, Wire, protocol.Batch]:
+    """A core with one continuous worker, w1 (8 inputs held, batches of 8), and the one batch it
+    was sent for these requests (name=inputs), in that order."""
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    continuous(b"w1", core, max_inputs=8, max_batch_size=8)
+    for name, count in counts.items():
+        core.on_frames(Peer.GATEWAY, b"gw", request(name, count=count), 0.0)
+    step(core, wire, 0.0)
+    [batch] = wire.take(b"w1", protocol.Batch)
+    return core, wire, batch
+
+
 def values(batch: protocol.Batch) -> list:
     return [protocol.decode_value(x) for x in batch.inputs]
 
@@ -52,12 +64,7 @@ def test_credit_is_counted_in_inputs_and_slices_go_out_at_once_without_a_hold():
 
 
 def test_a_request_is_answered_when_its_own_inputs_are_done_not_when_its_batch_is():
-    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
-    continuous(b"w1", core, max_inputs=8, max_batch_size=8)
-    core.on_frames(Peer.GATEWAY, b"gw", request("a", count=2), 0.0)
-    core.on_frames(Peer.GATEWAY, b"gw", request("b", count=1), 0.0)
-    step(core, wire, 0.0)
-    [batch] = wire.take(b"w1", protocol.Batch)
+    core, wire, batch = one_batch(a=2, b=1)
     assert values(batch) == ["a/0", "a/1", "b/0"]
     core.on_frames(Peer.WORKER, b"w1", partial(batch, [2, 0]), 0.1)  # b's input and half of a's
     step(core, wire, 0.1)
@@ -71,11 +78,7 @@ def test_a_request_is_answered_when_its_own_inputs_are_done_not_when_its_batch_i
 
 
 def test_an_input_answered_twice_counts_once_and_a_late_part_after_the_batch_is_done_is_late():
-    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
-    continuous(b"w1", core, max_inputs=8, max_batch_size=8)
-    core.on_frames(Peer.GATEWAY, b"gw", request("a", count=2), 0.0)
-    step(core, wire, 0.0)
-    [batch] = wire.take(b"w1", protocol.Batch)
+    core, wire, batch = one_batch(a=2)
     core.on_frames(Peer.WORKER, b"w1", partial(batch, [0]), 0.1)
     core.on_frames(Peer.WORKER, b"w1", partial(batch, [0]), 0.1)  # duplicated on the wire
     step(core, wire, 0.1)
@@ -89,12 +92,7 @@ def test_an_input_answered_twice_counts_once_and_a_late_part_after_the_batch_is_
 
 
 def test_a_pass_that_failed_as_a_whole_reruns_each_input_alone_and_only_the_poison_fails():
-    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
-    continuous(b"w1", core, max_inputs=8, max_batch_size=8)
-    for name in ("p", "x", "y"):
-        core.on_frames(Peer.GATEWAY, b"gw", request(name), 0.0)
-    step(core, wire, 0.0)
-    [batch] = wire.take(b"w1", protocol.Batch)
+    core, wire, batch = one_batch(p=1, x=1, y=1)
     failed = [[k, "PASS_FAILED", "boom"] for k in range(3)]
     core.on_frames(Peer.WORKER, b"w1", partial(batch, [0, 1, 2], failed), 0.1)
     now = 0.1
@@ -119,12 +117,7 @@ def test_a_pass_that_failed_as_a_whole_reruns_each_input_alone_and_only_the_pois
 
 
 def test_an_isolated_input_waits_for_an_empty_worker_and_nothing_joins_it():
-    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
-    continuous(b"w1", core, max_inputs=8, max_batch_size=8)
-    core.on_frames(Peer.GATEWAY, b"gw", request("p"), 0.0)
-    core.on_frames(Peer.GATEWAY, b"gw", request("x"), 0.0)
-    step(core, wire, 0.0)
-    [batch] = wire.take(b"w1", protocol.Batch)
+    core, wire, batch = one_batch(p=1, x=1)
     core.on_frames(Peer.WORKER, b"w1", partial(batch, [0], [[0, "PASS_FAILED", "boom"]]), 0.1)  # x still held
     core.on_frames(Peer.GATEWAY, b"gw", request("z"), 0.1)
     step(core, wire, 0.1)
@@ -141,11 +134,7 @@ def test_an_isolated_input_waits_for_an_empty_worker_and_nothing_joins_it():
 
 
 def test_a_lost_worker_reruns_only_what_it_had_not_answered_held_inputs_included():
-    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
-    continuous(b"w1", core, max_inputs=8, max_batch_size=8)
-    core.on_frames(Peer.GATEWAY, b"gw", request("a", count=3), 0.0)
-    step(core, wire, 0.0)
-    [batch] = wire.take(b"w1", protocol.Batch)
+    core, wire, batch = one_batch(a=3)
     core.on_frames(Peer.WORKER, b"w1", partial(batch, [1]), 0.1)  # a/1 done; a/0 and a/2 held, not started
     core.on_frames(Peer.WORKER, b"w1", frames(protocol.Disconnect("killed")), 0.2)
     continuous(b"w2", core, 0.2, max_inputs=8, max_batch_size=8)
@@ -164,12 +153,7 @@ def test_a_lost_worker_reruns_only_what_it_had_not_answered_held_inputs_included
 
 
 def test_hostile_partial_results_fail_the_batch_clearly_and_never_raise():
-    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
-    continuous(b"w1", core, max_inputs=8, max_batch_size=8)
-    core.on_frames(Peer.GATEWAY, b"gw", request("a", count=2), 0.0)
-    core.on_frames(Peer.GATEWAY, b"gw", request("b", count=2), 0.0)
-    step(core, wire, 0.0)
-    [batch] = wire.take(b"w1", protocol.Batch)
+    core, wire, batch = one_batch(a=2, b=2)
     core.on_frames(Peer.WORKER, b"w1", partial(batch, [0, 1]), 0.1)
     # Well-typed, but index 9 is outside a batch of 4: the unanswered inputs fail, the answered request stands.
     core.on_frames(Peer.WORKER, b"w1", frames(protocol.BatchResult(batch.batch_id, [b"x"], indices=[9])), 0.2)
