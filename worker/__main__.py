@@ -69,6 +69,12 @@ def build_parser() -> Parser:
     parser.add_argument("--max-inputs-held", type=int, default=0,
                         help="with continuous batching, the most inputs held at once (the broker keeps the "
                              "worker supplied up to this); 0 = --max-batch-size × --max-batches")
+    parser.add_argument("--compute-lanes", type=int, default=0,
+                        help="with continuous batching, passes run at once, each in its own thread: a lane that "
+                             "starts while the others are idle gets all --torch-threads, one beside a busy lane "
+                             "its share. 2 lets an input that arrives during a pass start at once; 0 = the "
+                             "handler's choice (the built-in text models: 2 on a CPU with 2 or more threads, "
+                             "else 1; your own Manager: its compute_lanes, 1 unless set)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per input for built-in text models; default: the model's own (its "
                              "max_seq_length, else its tokenizer's limit; 256 for a plain transformers embedding "
@@ -116,6 +122,7 @@ def config_from_args(args) -> WorkerConfig:
         max_batches=args.max_batches,
         continuous=args.continuous,
         max_inputs_held=args.max_inputs_held,
+        compute_lanes=args.compute_lanes,
         heartbeat_interval_s=args.heartbeat_interval_ms / 1000,
         liveness=args.liveness,
         watchdog_s=args.watchdog_s,

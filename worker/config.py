@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ddml_common import protocol
 
+_MAX_LANES = 64
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
@@ -23,6 +24,7 @@ class WorkerConfig:
     max_batches: int = 2  # batches held at once: 2 lets the next one arrive while one computes
     continuous: str = "auto"  # continuous batching: auto (if the handler declares it), on or off
     max_inputs_held: int = 0  # continuous: inputs held at once; 0 = max_batch_size × max_batches
+    compute_lanes: int = 0  # continuous: passes run at once; 0 = the handler's choice
     heartbeat_interval_s: float = 1.0
     liveness: int = 3  # silent broker intervals before reconnecting
     watchdog_s: float = 300.0  # a batch computing longer than this ends the process
@@ -43,6 +45,8 @@ class WorkerConfig:
             raise ValueError(f"continuous must be auto, on or off, got {self.continuous!r}")
         if not 0 <= self.max_inputs_held <= protocol.MAX_ITEMS:
             raise ValueError(f"max_inputs_held must be from 0 to {protocol.MAX_ITEMS}, got {self.max_inputs_held}")
+        if not 0 <= self.compute_lanes <= _MAX_LANES:
+            raise ValueError(f"compute_lanes must be from 0 to {_MAX_LANES}, got {self.compute_lanes}")
         if self.heartbeat_interval_s <= 0:
             raise ValueError(f"heartbeat_interval_s must be > 0, got {self.heartbeat_interval_s}")
         if self.watchdog_s <= 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -64,55 +65,143 @@ def run_continuous(
     most_inputs: int,
     cost_budget: int = 0,
     least_inputs: int = 0,
+    oldest_below: int = 0,
+    lanes: int = 1,
+    threads: int = 0,
+    set_threads: Callable[[int], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Continuous batching: hold every input that arrives, and run pass after pass, each formed by
     plan_pass() from all that is held; answer each input as soon as its pass is done (one partial
     BATCH_RESULT per batch the pass touched). The model never waits while anything is held.
 
+    Passes run in `lanes` compute lanes, each starting its next pass as soon as it is free and
+    anything is held; a helper thread takes batches from the inbox and prepare()s them meanwhile.
+    Lane 0 is this thread; the others run only while lane 0 is busy, so that an input that arrives
+    during a pass starts at once instead of waiting for the pass to end. Lane 0 runs a pass with
+    all `threads` when it takes all that is held and the others are idle (a lone request is as fast
+    as with one lane), else with threads // lanes, as the other lanes always do (set_threads sets
+    the calling thread's count).
+    Lane 0 is this thread because OpenMP serves only one thread well with a team of several.
+
+    plan_pass() forms each pass from what is held (most_inputs, cost_budget, least_inputs and
+    oldest_below are its bounds).
+
     A pass of several inputs that fails as a whole answers each PASS_FAILED: the broker runs them
     again one at a time, so only a poison input fails, and no input runs more than --max-attempts.
     """
-    held: list[_Held] = []  # oldest first
-    while True:
+    pool = _Pool(model, state, (most_inputs, cost_budget, least_inputs, oldest_below), results, clock)
+    shared = max(1, threads // lanes) if threads else 0
+    helpers = [threading.Thread(target=pool.take, args=(inbox,), name="compute-intake", daemon=True)]
+    helpers += [threading.Thread(target=pool.run_lane, args=(lane, None, shared, shared, set_threads),
+                                 name=f"compute-lane-{lane}", daemon=True) for lane in range(1, lanes)]
+    for helper in helpers:
+        helper.start()
+    try:
+        pool.run_lane(0, results, threads, shared, set_threads)
+    finally:
+        pool.stop()
+        for helper in helpers:
+            helper.join(timeout=60)
+
+
+class _Pool:
+    """What a continuous worker holds, and the lanes that run passes from it."""
+
+    def __init__(self, model: Manager, state: ComputeState, limits: tuple[int, int, int, int], results: zmq.Socket,
+                 clock: Callable[[], float]):
+        self._model, self._state, self._limits, self._clock = model, state, limits, clock
+        # Each thread pushes results on its own socket (a ZeroMQ socket is not thread-safe), to where this one does.
+        self._results_endpoint = results.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._context = results.context
+        self._held: list[_Held] = []  # oldest first
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._started: dict[int, float] = {}  # lane -> when its pass began
+
+    def take(self, inbox: queue.Queue) -> None:
+        """The intake thread: prepare() each batch as it arrives, and hold what it made of it."""
+        results = self._connect()
         try:
-            arrived = inbox.get() if not held else inbox.get_nowait()
-        except queue.Empty:
-            arrived = _NOTHING
-        while arrived is not _NOTHING:
-            if arrived is None:
-                return
-            held.extend(_prepare(model, arrived, results, clock))
-            try:
-                arrived = inbox.get_nowait()
-            except queue.Empty:
-                arrived = _NOTHING
-        epochs = state.link_epochs
-        if epochs:  # a broker forgot us and re-dispatched what we held from it
-            held = [h for h in held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
-        if not held:
-            continue
-        chosen = plan_pass([h.cost for h in held], [h.waited for h in held], most_inputs, cost_budget, least_inputs)
-        running = [held[k] for k in chosen]
-        for k in sorted(chosen, reverse=True):
-            del held[k]
-        for waiting in held:
-            waiting.waited += 1
+            while (arrived := inbox.get()) is not None:
+                held = _prepare(self._model, arrived, results, self._clock)
+                if held:
+                    with self._changed:
+                        self._held.extend(held)
+                        self._changed.notify_all()
+        finally:
+            self.stop()
+            results.close(linger=1000)
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+
+    def _connect(self) -> zmq.Socket:
+        socket = self._context.socket(zmq.PUSH)
+        socket.connect(self._results_endpoint)
+        return socket
+
+    def run_lane(self, lane: int, results: zmq.Socket | None, alone_threads: int, shared_threads: int,
+                 set_threads: Callable[[int], None] | None) -> None:
+        """One compute lane: pass after pass until stopped; results None: on a socket of its own."""
+        own = results is None
+        if own:
+            results = self._connect()
+        current = 0
+        try:
+            while True:
+                running, alone = self._next_pass(lane)
+                if running is None:
+                    return
+                wanted = alone_threads if alone else shared_threads
+                if set_threads is not None and wanted and wanted != current:
+                    set_threads(current := wanted)
+                started_at = self._started[lane]
+                outcome = _run_pass(self._model, running)
+                compute_s = self._clock() - started_at
+                with self._changed:
+                    del self._started[lane]
+                    self._state.busy_since = min(self._started.values(), default=None)
+                    self._state.batches += 1
+                    self._state.items += len(running)
+                    self._state.compute_s += compute_s
+                _answer(running, outcome, compute_s, results)
+        finally:
+            if own:
+                results.close(linger=1000)
+
+    def _next_pass(self, lane: int) -> tuple[list[_Held] | None, bool]:
+        """Wait for inputs and take the next pass (None when stopping); alone: no other lane is busy.
+        A lane other than 0 takes one only while lane 0 is busy."""
+        with self._changed:
+            while True:
+                if self._stopping:
+                    return None, False
+                epochs = self._state.link_epochs
+                if epochs:  # a broker forgot us and re-dispatched what we held from it
+                    self._held = [h for h in self._held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
+                if self._held and (lane == 0 or 0 in self._started):
+                    break
+                self._changed.wait()
+            held = self._held
+            chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *self._limits)
+            running = [held[k] for k in chosen]
+            for k in sorted(chosen, reverse=True):
+                del held[k]
+            for waiting in held:
+                waiting.waited += 1
+            alone = not self._started and not held  # and none for another lane to start beside it
+            self._started[lane] = self._clock()
+            self._state.busy_since = min(self._started.values())
+            if lane == 0 and held:
+                self._changed.notify_all()  # the other lanes may take the rest
         if logger.isEnabledFor(logging.DEBUG):
             request_ids = _pass_request_ids(running)
             logger.debug("pass of %d inputs (%d still held) of requests %s", len(running), len(held), request_ids,
                          extra={"request_id": request_ids})
-        state.busy_since = started_at = clock()
-        outcome = _run_pass(model, running)
-        compute_s = clock() - started_at
-        state.busy_since = None
-        state.batches += 1
-        state.items += len(running)
-        state.compute_s += compute_s
-        _answer(running, outcome, compute_s, results)
-
-
-_NOTHING = object()
+        return running, alone
 
 
 def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Callable[[], float]) -> list[_Held]:

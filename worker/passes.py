@@ -23,19 +23,20 @@ MAX_PASSES_WAITED = 6  # passes an input may be passed over before it anchors on
 
 
 def plan_pass(costs: Sequence[int], waited: Sequence[int], most_inputs: int, cost_budget: int = 0,
-              least_inputs: int = 0, max_waited: int = MAX_PASSES_WAITED) -> list[int]:
-    """The next pass: the densest run, unless an input has waited max_waited passes (then the one
-    that has waited longest, the oldest among equals, anchors it). costs and waited are per held
-    input, oldest first.
+              least_inputs: int = 0, oldest_below: int = 0, max_waited: int = MAX_PASSES_WAITED) -> list[int]:
+    """The next pass: the densest run, unless an input has waited max_waited passes, or fewer than
+    oldest_below inputs are held (a light load: latency first); then the one that has waited
+    longest, the oldest among equals, anchors it. costs and waited are per held input, oldest first.
 
     least_inputs > 0: a pass takes at most half of what is held, but at least least_inputs (as a
     CPU text model runs a small batch: two sorted halves pad less than one pass)."""
     if not costs:
         return []
+    light = len(costs) < oldest_below
     if least_inputs:
         most_inputs = min(most_inputs, max(least_inputs, -(-len(costs) // 2)))
     longest_wait = max(waited)
-    if longest_wait >= max_waited:
+    if light or longest_wait >= max_waited:
         return select_pass(costs, most_inputs, cost_budget, anchor=waited.index(longest_wait))
     return densest_pass(costs, most_inputs, cost_budget)
 

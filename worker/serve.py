@@ -12,8 +12,10 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
+from typing import Callable
 
 import zmq
 
@@ -79,11 +81,17 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     if version:
         metadata = {**metadata, "version": version}
     continuous = config.continuous == "on" or (config.continuous == "auto" and handler.continuous)
-    max_inputs = 0
+    max_inputs = lanes = 0
     if continuous:
+        lanes = config.compute_lanes or max(1, handler.compute_lanes)
         max_inputs = min(config.max_inputs_held or max_batch_size * config.max_batches, protocol.MAX_ITEMS)
         most_inputs, cost_budget, least_inputs = handler.pass_limits()
         most_inputs = min(most_inputs or max_batch_size, max_inputs)
+        oldest_below = 0
+        if lanes > 1:
+            # A pass takes at most half of what is held, down to one input: the rest starts beside
+            # it. While no more than a pass per lane is held, the oldest input anchors every pass.
+            least_inputs, oldest_below = 1, most_inputs * lanes + 1
     ready = protocol.Ready(
         models=[config.model, f"{config.model}@{version}"] if version else [config.model],
         max_batch_size=max_batch_size,
@@ -106,11 +114,13 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     served = f"{config.model!r} version {version}" if version else repr(config.model)
     batching = (f"continuous batching: up to {max_inputs} inputs held, passes of at most {most_inputs}"
                 + (f" inputs and {cost_budget} padded tokens" if cost_budget else " inputs")
+                + (f", {lanes} compute lanes" if lanes > 1 else "")
                 if continuous else f"batches of at most {max_batch_size}, {config.max_batches} held")
     print(f"worker ready: serving {served} to {config.broker} (pid {os.getpid()}; {batching})", flush=True)
     try:
         if continuous:
-            run_continuous(handler, inbox, results, state, most_inputs, cost_budget, least_inputs)
+            run_continuous(handler, inbox, results, state, most_inputs, cost_budget, least_inputs, oldest_below,
+                           lanes, *_torch_threads())
         else:
             run_worker(handler, inbox, results, state)
     finally:
@@ -143,6 +153,12 @@ def child_main(config: WorkerConfig, log_level: str, handler_class: type | None 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     serve(config, stop, handler_class)
+
+
+def _torch_threads() -> tuple[int, Callable[[int], None] | None]:
+    """This process's torch threads and how a compute lane sets its own; (0, None) without torch."""
+    torch = sys.modules.get("torch")
+    return (torch.get_num_threads(), torch.set_num_threads) if torch is not None else (0, None)
 
 
 class ModelLoadError(Exception):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import WORDS, _build_sentence_transformer
+from tests.unit.test_worker_continuous import loop, outcome  # noqa: F401 (loop is a fixture)
+from worker.connection import WorkBatch
 from worker.models import InputError
 from worker.models.hf_text import HFTextModel
 from worker.models.st_config import weights_version
@@ -131,3 +133,28 @@ def test_a_hugging_face_id_is_found_in_the_local_cache_at_its_revision(tiny_st_m
         served("acme/tiny-mean", revision="v2")
     with pytest.raises(ValueError, match="is a local directory"):
         HFTextModel(model_path=str(tiny_st_mean), revision="v1")
+
+
+def test_two_compute_lanes_and_the_intake_thread_give_the_vectors_of_one_thread(tiny_st_mean, loop):
+    """Continuous batching with 2 lanes: passes run in two threads at once while a third tokenizes
+    what arrives; every input still gets exactly the vector predict() gives it alone."""
+    import torch
+
+    start, inbox, state, results = loop
+    model = served(tiny_st_mean)
+    texts = [" ".join(WORDS[k % len(WORDS):][: 1 + k % 11]) for k in range(120)]
+    expected = model.predict(texts)
+    most, budget, _ = model.pass_limits()
+    threads_before = torch.get_num_threads()
+    try:
+        start(model, most, budget, least_inputs=1, oldest_below=2 * most + 1, lanes=2, threads=2,
+              set_threads=torch.set_num_threads)
+        for first in range(0, len(texts), 6):
+            inbox.put(WorkBatch(first, texts[first:first + 6], request_ids=[str(first)] * 6))
+        got = outcome(results(len(texts), timeout_s=30))
+    finally:
+        torch.set_num_threads(threads_before)
+    assert sorted(got) == [(first, k) for first in range(0, len(texts), 6) for k in range(6)]
+    for (first, k), vector in got.items():
+        np.testing.assert_allclose(np.asarray(vector, dtype=np.float32), expected[first + k], atol=1e-5)
+    assert state.items == len(texts) and state.batches < len(texts)

@@ -104,3 +104,20 @@ def test_no_input_waits_more_than_the_bound_plus_the_passes_ahead_of_it(costs, a
         held = [[c, w + 1] for k, (c, w) in enumerate(held) if k not in chosen]
         held.extend([c, 0] for c in (next(stream, None) for _ in chosen) if c is not None)
     assert worst <= MAX_PASSES_WAITED + len(costs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(held=st.lists(st.tuples(st.integers(1, 512), st.integers(0, MAX_PASSES_WAITED - 1)), min_size=1, max_size=40),
+       most=st.integers(1, 16), oldest_below=st.integers(0, 48), least=st.sampled_from([0, 1, 8]))
+def test_under_a_light_load_the_oldest_input_anchors_every_pass(held, most, oldest_below, least):
+    """Fewer than oldest_below held: the input that waited longest (the oldest among equals) goes
+    now, whatever pads least; at or above it, the densest run (no input has waited the bound)."""
+    costs, waited = [c for c, _ in held], [w for _, w in held]
+    chosen = plan_pass(costs, waited, most, 0, least, oldest_below)
+    oldest = waited.index(max(waited))
+    if len(held) < oldest_below:
+        assert oldest in chosen
+        assert chosen == select_pass(costs, min(most, max(least, -(-len(held) // 2))) if least else most,
+                                     anchor=oldest)
+    else:
+        assert chosen == densest_pass(costs, min(most, max(least, -(-len(held) // 2))) if least else most)

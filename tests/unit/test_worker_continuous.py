@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import uuid
 
 import pytest
 import zmq
@@ -36,6 +37,34 @@ class Recording(EchoModel):
         return super().predict(batch)
 
 
+class Gated(EchoModel):
+    """Echo whose first pass waits until released; records which thread ran each pass, and how
+    many passes ran at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.first = threading.Event()
+        self.passes: list[tuple[str, list]] = []
+        self.running = self.most_running = 0
+        self._lock = threading.Lock()
+
+    def predict(self, batch):
+        with self._lock:
+            first = not self.passes
+            self.passes.append((threading.current_thread().name, list(batch)))
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        if first:
+            self.first.set()
+            self.release.wait(10)
+        try:
+            return super().predict(batch)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
 class Lengths(Recording):
     def cost(self, prepared):
         return len(prepared)
@@ -44,7 +73,7 @@ class Lengths(Recording):
 @pytest.fixture
 def loop():
     context = zmq.Context.instance()
-    endpoint = f"inproc://continuous-{id(object())}"
+    endpoint = f"inproc://continuous-{uuid.uuid4().hex}"  # a closed one is freed late
     pull = context.socket(zmq.PULL)
     pull.bind(endpoint)
     push = context.socket(zmq.PUSH)
@@ -53,9 +82,9 @@ def loop():
     state = ComputeState()
     threads = []
 
-    def start(model: Manager, most_inputs: int, budget: int = 0):
+    def start(model: Manager, most_inputs: int, budget: int = 0, **lanes):
         thread = threading.Thread(target=run_continuous, args=(model, inbox, push, state, most_inputs, budget),
-                                  daemon=True)
+                                  kwargs=lanes, name="lane-0", daemon=True)
         thread.start()
         threads.append(thread)
 
@@ -153,3 +182,46 @@ def test_passes_group_inputs_of_similar_cost_from_all_that_is_held(loop):
     results(5)
     lengths = [sorted(len(text) for text in p) for p in model.passes]
     assert lengths[0] == [50] and sorted(lengths[1:]) == [[2, 3], [30, 31]]
+
+
+def test_an_input_that_arrives_during_a_pass_starts_at_once_in_another_lane(loop):
+    start, inbox, state, results = loop
+    model = Gated()
+    set_to: list[tuple[str, int]] = []
+    start(model, most_inputs=4, lanes=2, threads=4,
+          set_threads=lambda n: set_to.append((threading.current_thread().name, n)))
+    inbox.put(WorkBatch(1, ["slow"], request_ids=["a"]))
+    assert model.first.wait(10)
+    inbox.put(WorkBatch(2, ["quick"], request_ids=["b"]))
+    assert outcome(results(1, timeout_s=10)) == {(2, 0): "quick"}  # while the first pass still runs
+    model.release.set()
+    assert outcome(results(1)) == {(1, 0): "slow"}
+    assert [name for name, _ in model.passes] == ["lane-0", "compute-lane-1"] and model.most_running == 2
+    # Lane 0 began alone, with every thread; lane 1 runs beside it, with its share.
+    assert set_to == [("lane-0", 4), ("compute-lane-1", 2)]
+
+
+def test_lane_0_runs_every_pass_while_it_keeps_up(loop):
+    start, inbox, state, results = loop
+    model = Gated()
+    model.release.set()
+    start(model, most_inputs=4, lanes=2)
+    for k in range(5):  # one at a time: each arrives when lane 0 is idle
+        inbox.put(WorkBatch(k, [f"x{k}"], request_ids=[f"r{k}"]))
+        assert outcome(results(1)) == {(k, 0): f"x{k}"}
+    assert {name for name, _ in model.passes} == {"lane-0"} and model.most_running == 1
+
+
+@pytest.mark.parametrize("lanes", [2, 3])
+def test_with_several_lanes_every_input_is_answered_once(loop, lanes):
+    start, inbox, state, results = loop
+    model = Gated()
+    model.release.set()
+    start(model, most_inputs=3, lanes=lanes)
+    expected = {}
+    for k in range(40):
+        inputs = [f"{k}-{i}" for i in range(k % 5 + 1)]
+        inbox.put(WorkBatch(k, inputs, request_ids=[str(k)] * len(inputs)))
+        expected.update({(k, i): value for i, value in enumerate(inputs)})
+    assert outcome(results(len(expected))) == expected
+    assert state.items == len(expected) and state.busy_since is None

@@ -38,6 +38,9 @@ class Manager:
     #: those nearest it in cost() (worker/passes.py), and returns every input as soon as its pass is
     #: done. predict() keeps its contract either way: a list in, one output per input out.
     continuous: bool = False
+    #: Continuous handlers: passes run at once in one process (each its own thread; prepare() runs
+    #: in yet another). More than 1 only if predict() is thread-safe. --compute-lanes overrides it.
+    compute_lanes: int = 1
 
     def __init__(self, device: str = "cpu", **options: Any):
         self.device = device  # "cpu" or "cuda:N"; the handler puts its model there
