@@ -24,6 +24,10 @@ from worker.passes import plan_pass
 
 logger = logging.getLogger(__name__)
 
+# A result the I/O thread has not taken within this long never will be: it has ended (the worker
+# is stopping). A compute thread then raises zmq.Again instead of waiting for ever.
+RESULT_SEND_TIMEOUT_MS = 10_000
+
 
 def run_worker(
     model: Manager,
@@ -43,7 +47,10 @@ def run_worker(
         state.batches += 1
         state.items += len(batch.inputs)
         state.compute_s += clock() - started_at
-        send_frames(results, [batch.tag(len(batch.inputs)), *protocol.encode(result)], dontwait=False)
+        try:
+            send_frames(results, [batch.tag(len(batch.inputs)), *protocol.encode(result)], dontwait=False)
+        except zmq.Again:
+            _dropped(len(batch.inputs))
 
 
 @dataclass(eq=False, slots=True)
@@ -101,8 +108,11 @@ def run_continuous(
         pool.run_lane(0, results, threads, shared, set_threads)
     finally:
         pool.stop()
+        inbox.put(None)  # the intake thread may wait there, if lane 0 ended first
         for helper in helpers:
             helper.join(timeout=60)
+    if pool.failure is not None:  # a thread died: end the process, so that a supervisor restarts it
+        raise RuntimeError("a compute thread failed") from pool.failure
 
 
 class _Pool:
@@ -118,20 +128,27 @@ class _Pool:
         self._changed = threading.Condition()
         self._stopping = False
         self._started: dict[int, float] = {}  # lane -> when its pass began
+        self.failure: BaseException | None = None  # what ended a thread that should not have ended
 
     def take(self, inbox: queue.Queue) -> None:
         """The intake thread: prepare() each batch as it arrives, and hold what it made of it."""
         results = self._connect()
         try:
             while (arrived := inbox.get()) is not None:
-                held = _prepare(self._model, arrived, results, self._clock)
+                try:
+                    held = _prepare(self._model, arrived, results, self._clock)
+                except zmq.Again:
+                    _dropped(len(arrived.inputs))
+                    continue
                 if held:
                     with self._changed:
                         self._held.extend(held)
                         self._changed.notify_all()
+        except BaseException as error:  # run_continuous raises it
+            self.failure = self.failure or error
         finally:
             self.stop()
-            results.close(linger=1000)
+            results.close(linger=0)
 
     def stop(self) -> None:
         with self._changed:
@@ -140,6 +157,7 @@ class _Pool:
 
     def _connect(self) -> zmq.Socket:
         socket = self._context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.SNDTIMEO, RESULT_SEND_TIMEOUT_MS)
         socket.connect(self._results_endpoint)
         return socket
 
@@ -162,15 +180,27 @@ class _Pool:
                 outcome = _run_pass(self._model, running)
                 compute_s = self._clock() - started_at
                 with self._changed:
-                    del self._started[lane]
-                    self._state.busy_since = min(self._started.values(), default=None)
+                    self._done(lane)
                     self._state.batches += 1
                     self._state.items += len(running)
                     self._state.compute_s += compute_s
-                _answer(running, outcome, compute_s, results)
+                try:
+                    _answer(running, outcome, compute_s, results)
+                except zmq.Again:
+                    _dropped(len(running))
+        except BaseException as error:  # nothing the model does gets here (_run_pass): a bug, or no memory
+            with self._changed:
+                self.failure = self.failure or error  # run_continuous raises it
+                self._done(lane)
+            self.stop()
         finally:
             if own:
-                results.close(linger=1000)
+                results.close(linger=0)
+
+    def _done(self, lane: int) -> None:
+        """Under the lock: the lane's pass has ended."""
+        self._started.pop(lane, None)
+        self._state.busy_since = min(self._started.values(), default=None)
 
     def _next_pass(self, lane: int) -> tuple[list[_Held] | None, bool]:
         """Wait for inputs and take the next pass (None when stopping); alone: no other lane is busy.
@@ -204,6 +234,11 @@ class _Pool:
         return running, alone
 
 
+def _dropped(inputs: int) -> None:
+    logger.warning("the answers of %d inputs were dropped: the I/O thread took none for %d s (it has stopped)",
+                   inputs, RESULT_SEND_TIMEOUT_MS // 1000)
+
+
 def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Callable[[], float]) -> list[_Held]:
     """prepare() a batch as it arrives; inputs that fail now are answered now."""
     started_at = clock()
@@ -223,6 +258,7 @@ def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Calla
         except Exception as error:
             logger.exception("prepare() failed for batch %d (requests %s)", batch.batch_id, _request_ids(batch))
             message = f"model failed to prepare the input: {type(error).__name__}: {error}"[:1000]
+            failed = [entry for entry in failed if entry[0] not in positions]  # each input answered once
             failed.extend((i, [ErrorCode.MODEL_ERROR.value, message]) for i in positions)
             kept = []
     if failed:

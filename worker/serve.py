@@ -23,7 +23,7 @@ from ddml_common import protocol
 from ddml_common.cli import configure_logging
 from worker.config import WorkerConfig
 from worker.connection import BrokerConnection, ComputeState
-from worker.loop import run_continuous, run_worker
+from worker.loop import RESULT_SEND_TIMEOUT_MS, run_continuous, run_worker
 from worker.models import create_handler
 
 logger = logging.getLogger("worker")
@@ -110,6 +110,7 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     io_thread = threading.Thread(target=connection.run, args=(stop.is_set,), name="broker-io", daemon=True)
     io_thread.start()
     results = context.socket(zmq.PUSH)
+    results.setsockopt(zmq.SNDTIMEO, RESULT_SEND_TIMEOUT_MS)  # used by a continuous worker's lane 0
     results.connect(results_endpoint)
     served = f"{config.model!r} version {version}" if version else repr(config.model)
     batching = (f"continuous batching: up to {max_inputs} inputs held, passes of at most {most_inputs}"

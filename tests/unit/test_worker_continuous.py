@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import uuid
 
 import pytest
@@ -16,7 +17,7 @@ import zmq
 from ddml_common import protocol
 from worker.connection import ComputeState, WorkBatch
 from worker.loop import run_continuous
-from worker.models import Manager
+from worker.models import InputError, Manager
 from worker.models.echo import EchoModel
 
 
@@ -82,8 +83,16 @@ def loop():
     state = ComputeState()
     threads = []
 
+    raised: list[BaseException] = []
+
+    def run(*args, **kwargs):
+        try:
+            run_continuous(*args, **kwargs)
+        except BaseException as error:
+            raised.append(error)
+
     def start(model: Manager, most_inputs: int, budget: int = 0, **lanes):
-        thread = threading.Thread(target=run_continuous, args=(model, inbox, push, state, most_inputs, budget),
+        thread = threading.Thread(target=run, args=(model, inbox, push, state, most_inputs, budget),
                                   kwargs=lanes, name="lane-0", daemon=True)
         thread.start()
         threads.append(thread)
@@ -98,11 +107,13 @@ def loop():
             answered += len(result.indices)
         return got
 
+    start.raised = raised
     yield start, inbox, state, results
     inbox.put(None)
     for thread in threads:
         thread.join(10)
         assert not thread.is_alive()
+    assert not raised or getattr(start, "expect_raise", False), raised
     push.close(0)
     pull.close(0)
 
@@ -225,3 +236,44 @@ def test_with_several_lanes_every_input_is_answered_once(loop, lanes):
         expected.update({(k, i): value for i, value in enumerate(inputs)})
     assert outcome(results(len(expected))) == expected
     assert state.items == len(expected) and state.busy_since is None
+
+
+class CostFails(Recording):
+    def prepare(self, batch):
+        return [InputError("refused") if value == "bad" else value for value in batch]
+
+    def cost(self, prepared):
+        raise RuntimeError("no cost")
+
+
+def test_a_prepare_that_fails_after_refusing_an_input_answers_each_input_once(loop):
+    start, inbox, state, results = loop
+    start(CostFails(), most_inputs=4)
+    inbox.put(WorkBatch(1, ["bad", "ok", "garbage"], errors={2: "undecodable"}, request_ids=["r"] * 3))
+    assert outcome(results(3)) == {(1, 0): "MODEL_ERROR", (1, 1): "MODEL_ERROR", (1, 2): "BAD_REQUEST"}
+
+
+def test_a_compute_lane_that_dies_ends_the_loop_with_its_error_and_clears_the_watchdog(loop):
+    start, inbox, state, results = loop
+    model = Gated()
+
+    died = threading.Event()
+
+    def set_threads(count):
+        if threading.current_thread().name == "compute-lane-1":
+            died.set()
+            raise MemoryError("lane 1 cannot start")
+
+    start.expect_raise = True
+    start(model, most_inputs=4, lanes=2, threads=2, set_threads=set_threads)
+    inbox.put(WorkBatch(1, ["slow"], request_ids=["a"]))
+    assert model.first.wait(10)
+    inbox.put(WorkBatch(2, ["lost"], request_ids=["b"]))  # lane 1 takes it, and dies
+    assert died.wait(10)
+    model.release.set()
+    assert outcome(results(1)) == {(1, 0): "slow"}  # lane 0 ends its pass, then the loop
+    deadline = time.monotonic() + 10
+    while not start.raised and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert start.raised and isinstance(start.raised[0].__cause__, MemoryError)
+    assert state.busy_since is None
