@@ -55,6 +55,7 @@ class Computing:
     remaining_s: float  # compute left, while stopped
     outcome: str  # "ok", "kill" (dies at the end), "hang"
     token: int = 0  # bumped when its end is rescheduled (SIGSTOP/SIGCONT)
+    end_at: float = 0.0  # when it ends, unless stopped
 
 
 class SimWorker:
@@ -69,7 +70,7 @@ class SimWorker:
         self.incarnation = 0
         self.alive = False
         self._token = 0  # bumped at death and at each start: older timers are stale
-        self.busy: Computing | None = None
+        self.running: list[Computing] = []  # computing now, oldest first (a batch worker: at most one)
         self.conn: Conn | None = None
         # A scripted scenario's hook: turns the next result into the frames actually sent.
         self.tamper: Callable[[protocol.BatchResult], list[bytes]] | None = None
@@ -89,7 +90,7 @@ class SimWorker:
         self.inbox: deque[protocol.Batch] = deque()
         self.holding = self._empty_holding()  # batch ids received and not yet answered (or forgotten)
         self.refused = False  # it handed a batch back BUSY: heartbeat as soon as a slot frees
-        self.busy = None
+        self.running = []
         self.conn = None
         self.connections = 0
         self.heartbeat_due_at = world.now
@@ -104,9 +105,11 @@ class SimWorker:
         world = self.world
         self.alive = False
         self._token += 1
-        world.trace("%s dies: %s (busy: %s, inbox %s)", self.name, reason, self.busy is not None, len(self.inbox))
+        world.trace("%s dies: %s (busy: %s, inbox %s)", self.name, reason, len(self.running), len(self.inbox))
+        if len(self.running) > 1:
+            world.ledger.counts["deaths_with_passes_in_several_lanes"] += 1
         world.close_conn(self.conn, notice_s)
-        self.busy = None
+        self.running = []  # every pass in flight dies with it (the token bump makes their ends stale)
         self.inbox.clear()
         self.holding.clear()
         self.buffered.clear()
@@ -119,9 +122,11 @@ class SimWorker:
         self.stopped = True
         world = self.world
         world.trace("%s SIGSTOP for %s s", self.name, duration_s)
-        if self.busy is not None:
-            self.busy.remaining_s = self._end_at - world.now
-            self.busy.token += 1
+        if len(self.running) > 1:
+            world.ledger.counts["stops_with_passes_in_several_lanes"] += 1
+        for busy in self.running:
+            busy.remaining_s = busy.end_at - world.now
+            busy.token += 1
         world.after(duration_s, self._sigcont, self._token)
 
     def _sigcont(self, token: int) -> bool:
@@ -130,8 +135,8 @@ class SimWorker:
         world = self.world
         self.stopped = False
         world.trace("%s SIGCONT (%s messages waiting)", self.name, len(self.buffered))
-        if self.busy is not None:
-            self._schedule_end(self.busy.remaining_s)
+        for busy in self.running:
+            self._schedule_end(busy, busy.remaining_s)
         buffered, self.buffered = self.buffered, []
         for conn, frames in buffered:
             if self.alive:
@@ -195,7 +200,7 @@ class SimWorker:
 
     def _register(self) -> None:
         """READY, unless the model still computes a batch the broker took away from us."""
-        if self.busy is not None and self.holding:
+        if self.running and self.holding:
             self.register_when_idle = True
             return
         self.register_when_idle = False
@@ -271,12 +276,12 @@ class SimWorker:
             world.trace("%s drained and exits", self.name)
             self.die("drained", notice_s=0.01)
             return
-        if self.register_when_idle and self.busy is None:
+        if self.register_when_idle and not self.running:
             self._register()
         if silent:
             world.trace("%s hears nothing from the broker: reconnects", self.name)
             self._connect()
-        busy = self.busy
+        busy = self.busy  # the oldest in flight, as state.busy_since is the earliest start of any lane
         if busy is not None and now - busy.started_at > world.scenario.watchdog_s:
             self.die("watchdog: the model is hung")
 
@@ -294,7 +299,7 @@ class SimWorker:
     # ------------------------------------------------------------------ the compute thread
 
     def _maybe_start(self) -> None:
-        if not self.alive or self.stopped or self.busy is not None or not self.inbox:
+        if not self.alive or self.stopped or self.running or not self.inbox:
             return
         world = self.world
         batch = self.inbox.popleft()
@@ -305,8 +310,9 @@ class SimWorker:
             world.ledger.raised_together(batch.inputs)
         outcome, duration_s = self._draw_outcome(poisons, spec.batch_s + spec.item_s * len(batch.inputs), "batch")
         world.trace("%s computes batch %s (%s inputs, %s)", self.name, batch.batch_id, len(batch.inputs), outcome)
-        self.busy = Computing(batch, world.now, duration_s, outcome)
-        self._schedule_end(duration_s)
+        busy = Computing(batch, world.now, duration_s, outcome)
+        self.running.append(busy)
+        self._schedule_end(busy, duration_s)
 
     def _draw_outcome(self, poisons: set[str], duration_s: float, unit: str) -> tuple[str, float]:
         """How a batch (or pass) with these poisons ends, and when: "ok", "kill", "hang" or "raise"
@@ -325,21 +331,25 @@ class SimWorker:
             return "ok", duration_s * rng.uniform(10, 40)
         return "ok", duration_s
 
-    def _schedule_end(self, duration_s: float) -> None:
-        busy = self.busy
+    @property
+    def busy(self) -> Computing | None:
+        """The oldest batch or pass in flight, or None."""
+        return self.running[0] if self.running else None
+
+    def _schedule_end(self, busy: Computing, duration_s: float) -> None:
         busy.token += 1
-        self._end_at = self.world.now + duration_s
-        self.world.at(self._end_at, self._on_compute_end, self._token, busy, busy.token)
+        busy.end_at = self.world.now + duration_s
+        self.world.at(busy.end_at, self._on_compute_end, self._token, busy, busy.token)
 
     def _on_compute_end(self, token: int, busy: Computing, busy_token: int) -> bool:
-        if token != self._token or busy is not self.busy or busy_token != busy.token or self.stopped:
+        if token != self._token or busy not in self.running or busy_token != busy.token or self.stopped:
             return False
         world = self.world
         if busy.outcome == "kill":
             world.faults["poison_kill"] += 1
             self.die("a poison input killed it", notice_s=world.rng.choice((0.0, 0.002)))
             return True
-        self.busy = None
+        self.running.remove(busy)
         self._computed(busy)
         if self.refused:  # a slot is free: the broker it turned away may send again
             self.refused = False
@@ -410,6 +420,8 @@ class Pass:
     remaining_s: float  # compute left, while stopped
     outcome: str  # "ok", "raise" (predict() raises at the end), "kill", "hang"
     token: int = 0
+    end_at: float = 0.0
+    lane: int = 0  # the compute lane that runs it (worker/loop.py _Pool.run_lane)
 
 
 def _undecodable(item: bytes, known: dict) -> str:
@@ -435,7 +447,9 @@ class ContinuousWorker(SimWorker):
     READY announces max_inputs. Every input that arrives is held; one that fails prepare() (here
     an undecodable or "invalid" input) is answered at once. Pass after pass is formed by the real
     worker.passes.plan_pass() from all that is held, and after each pass comes one
-    partial BATCH_RESULT per batch the pass touched. A raising pass of several inputs answers each
+    partial BATCH_RESULT per batch the pass touched. With spec.lanes > 1, up to that many passes run
+    at once (self.running): lane 0 whenever it is free, another lane only while lane 0 is busy; they
+    end in any order, and a kill, SIGSTOP or forget applies to every pass in flight. A raising pass of several inputs answers each
     PASS_FAILED; a raising pass of one, MODEL_ERROR. A batch that would take it past max_inputs is
     handed back BUSY, which with one broker must never happen (the ledger fails on it). When the
     broker forgets it (DISCONNECT, reconnect) it drops the inputs it holds and has not started;
@@ -553,10 +567,26 @@ class ContinuousWorker(SimWorker):
             self._send(result, "BATCH_RESULT")
 
     def _maybe_start(self) -> None:
-        if not self.alive or self.stopped or self.busy is not None or not self.held:
-            return
+        """Start a pass in each free lane that may take one (worker/loop.py _Pool._next_pass): lane 0
+        whenever it is free, another lane only while lane 0 is busy."""
+        while self.alive and not self.stopped and self.held:
+            busy_lanes = {p.lane for p in self.running}
+            if 0 not in busy_lanes:
+                lane = 0
+            else:
+                lane = next((k for k in range(1, self.spec.lanes) if k not in busy_lanes), None)
+                if lane is None:
+                    return
+            self._start_pass(lane)
+
+    def _start_pass(self, lane: int) -> None:
         world, spec, held = self.world, self.spec, self.held
-        chosen = plan_pass([h.cost for h in held], [h.waited for h in held], spec.most_inputs, spec.cost_budget)
+        costs, waited = [h.cost for h in held], [h.waited for h in held]
+        if spec.lanes > 1:  # as worker/serve.py sets them for lanes
+            chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget, least_inputs=1,
+                               oldest_below=spec.most_inputs * spec.lanes + 1)
+        else:
+            chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget)
         members = [held[k] for k in chosen]
         for k in sorted(chosen, reverse=True):
             del held[k]
@@ -567,17 +597,25 @@ class ContinuousWorker(SimWorker):
         outcome, duration_s = self._draw_outcome({h.poison for h in members}, duration_s, "pass")
         if outcome == "raise" and len(members) > 1:
             world.ledger.raised_together([h.item for h in members])
-        world.trace("%s runs a pass of %s inputs (batches %s; %s still held; %s)", self.name, len(members),
-                    sorted({h.batch_id for h in members}), len(held), outcome)
-        self.busy = Pass(members, world.now, duration_s, outcome)
-        self._schedule_end(duration_s)
+        if lane:
+            world.ledger.counts["passes_beside_lane_0"] += 1
+            world.trace("%s runs a pass of %s inputs in lane %s (batches %s; %s still held; %s)", self.name,
+                        len(members), lane, sorted({h.batch_id for h in members}), len(held), outcome)
+        else:
+            world.trace("%s runs a pass of %s inputs (batches %s; %s still held; %s)", self.name, len(members),
+                        sorted({h.batch_id for h in members}), len(held), outcome)
+        running = Pass(members, world.now, duration_s, outcome, lane=lane)
+        self.running.append(running)
+        self._schedule_end(running, duration_s)
 
     def hang_now(self) -> bool:
-        """The model hangs in the pass it runs: the watchdog ends the process."""
-        if not self.alive or self.stopped or self.busy is None:
+        """The model hangs in a pass it runs (any lane): the watchdog ends the process."""
+        if not self.alive or self.stopped or not self.running:
             return False
-        self.busy.outcome = "hang"
-        self._schedule_end(_HUNG_S)
+        running = self.running
+        hung = running[0] if len(running) == 1 else self.world.rng.choice(running)
+        hung.outcome = "hang"
+        self._schedule_end(hung, _HUNG_S)
         return True
 
     def _computed(self, busy: Pass) -> None:

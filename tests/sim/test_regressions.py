@@ -231,9 +231,10 @@ def test_no_busy_loop_after_the_last_worker_of_a_model_leaves(make_world):
 
 # ---------------------------------------------------------------------- continuous batching
 
-def continuous_worker(world: World, max_batch_size: int = 4, max_inputs: int = 8, batch_s: float = 0.01) -> SimWorker:
+def continuous_worker(world: World, max_batch_size: int = 4, max_inputs: int = 8, batch_s: float = 0.01,
+                      lanes: int = 1) -> SimWorker:
     peer = world.add_worker(WorkerSpec(("m",), max_batch_size, 2, batch_s, 0.001, max_inputs=max_inputs,
-                                       most_inputs=max_batch_size))
+                                       most_inputs=max_batch_size, lanes=lanes))
     peer.start()
     return peer
 
@@ -321,4 +322,33 @@ def test_raising_pass_reruns_its_bystanders_alone(make_world):
     assert counts["pass_failed_inputs"] >= 2 and counts["raising_shared_passes"] >= 1
     assert bystander.outcome == "ok"
     assert poisoned.outcome == ErrorCode.MODEL_ERROR.value
+    world.wind_down()
+
+
+@pytest.mark.parametrize("fault", ["none", "stop", "kill"])
+def test_two_lanes_run_passes_at_once_and_a_fault_takes_them_all(make_world, fault):
+    """With two compute lanes, an input that arrives while lane 0 runs a pass starts at once in lane 1;
+    the passes end apart, each answering its own inputs. SIGSTOP holds both and SIGCONT resumes both;
+    SIGKILL loses both, and their inputs run again elsewhere (within max_attempts)."""
+    world = make_world(max_attempts=2)
+    peer = continuous_worker(world, max_batch_size=4, max_inputs=8, batch_s=0.4, lanes=2)
+    client = gateway(world)
+    step(world, 0.1)
+    first = client.submit(count=1, timeout_s=3.0, model="m")
+    world.run_until(world.now + 0.5, lambda: peer.busy is not None)
+    second = client.submit(count=1, timeout_s=3.0, model="m")
+    world.run_until(world.now + 0.2, lambda: len(peer.running) == 2)
+    assert sorted(p.lane for p in peer.running) == [0, 1]
+    assert world.ledger.counts["passes_beside_lane_0"] == 1
+    if fault == "stop":
+        peer.sigstop(0.5)
+        step(world, 0.45)
+        assert len(peer.running) == 2 and first.replies_delivered == second.replies_delivered == 0
+    elif fault == "kill":
+        peer.die("SIGKILL with two passes in flight", notice_s=0.0)
+        assert world.ledger.counts["deaths_with_passes_in_several_lanes"] == 1
+        continuous_worker(world)
+    step(world, 2.0)
+    assert first.outcome == second.outcome == "ok"
+    assert first.replies_delivered == second.replies_delivered == 1
     world.wind_down()

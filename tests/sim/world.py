@@ -81,6 +81,7 @@ class WorkerSpec:
     max_inputs: int = 0
     most_inputs: int = 0
     cost_budget: int = 0
+    lanes: int = 1  # compute lanes: passes at once (worker --compute-lanes); lane k > 0 only while lane 0 is busy
 
     @classmethod
     def draw_continuous(cls, rng: random.Random, models: tuple[str, ...], faultless: bool = False) -> WorkerSpec:
@@ -93,6 +94,11 @@ class WorkerSpec:
         cost_budget = 0 if faultless else rng.choice((0, 0, 40, 100))
         return cls(models, max_batch_size, max_batches, rng.uniform(0.002, 0.03), rng.uniform(0.0005, 0.005),
                    max_inputs, most_inputs, cost_budget)
+
+
+def draw_lanes(rng: random.Random) -> int:
+    """A continuous worker's compute lanes: 1 or 2 mostly (2 is the default for a CPU text model), 3 at times."""
+    return rng.choice((1, 1, 2, 2, 2, 3))
 
 
 @dataclass
@@ -265,7 +271,15 @@ class World:
         self.seed = seed
         self.plant = os.environ.get(PLANT_VARIABLE, "")  # a bug planted on purpose, to test that the checks see it
         self.rng = random.Random(seed)
-        self.scenario = scenario or Scenario.draw(self.rng)
+        # Compute lanes come from a stream of their own, so that a seed whose continuous workers all
+        # draw one lane runs exactly as it did before lanes existed.
+        self.lanes_rng = random.Random(f"lanes {seed}")
+        if scenario is None:
+            scenario = Scenario.draw(self.rng)
+            for spec in scenario.workers:
+                if spec.max_inputs:
+                    spec.lanes = draw_lanes(self.lanes_rng)
+        self.scenario = scenario
         self.config = self.scenario.config
         self.now = START_AT
         self._heap: list[tuple[float, int, Callable, tuple]] = []
@@ -397,7 +411,7 @@ class World:
             worker.heal()
         if self.core is None:  # a broker restart is under way: let it come up
             self.run_until(self.now + 1.0, lambda: self.core is not None)
-        spec = (WorkerSpec(MODELS, 4, 2, 0.005, 0.001, max_inputs=8, most_inputs=4)
+        spec = (WorkerSpec(MODELS, 4, 2, 0.005, 0.001, max_inputs=8, most_inputs=4, lanes=draw_lanes(self.lanes_rng))
                 if self.rng.random() < 0.5 else WorkerSpec(MODELS, 4, 2, 0.005, 0.001))
         self.add_worker(spec, faultless=True).start()
         heartbeat = self.config.heartbeat
