@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 # A result the I/O thread has not taken within this long never will be: it has ended (the worker
 # is stopping). A compute thread then raises zmq.Again instead of waiting for ever.
 RESULT_SEND_TIMEOUT_MS = 10_000
+# Lane 0 runs with every thread only if no other lane has started a pass for this long.
+SHARED_MEMORY_S = 1.0
 
 
 def run_worker(
@@ -86,9 +88,9 @@ def run_continuous(
     anything is held; a helper thread takes batches from the inbox and prepare()s them meanwhile.
     Lane 0 is this thread; the others run only while lane 0 is busy, so that an input that arrives
     during a pass starts at once instead of waiting for the pass to end. Lane 0 runs a pass with
-    all `threads` when it takes all that is held and the others are idle (a lone request is as fast
-    as with one lane), else with threads // lanes, as the other lanes always do (set_threads sets
-    the calling thread's count).
+    all `threads` when it takes all that is held and no other lane has run for SHARED_MEMORY_S (a
+    lone request is as fast as with one lane), else with threads // lanes, as the other lanes
+    always do (set_threads sets the calling thread's count).
     Lane 0 is this thread because OpenMP serves only one thread well with a team of several.
 
     plan_pass() forms each pass from what is held (most_inputs, cost_budget, least_inputs and
@@ -129,6 +131,7 @@ class _Pool:
         self._stopping = False
         self._started: dict[int, float] = {}  # lane -> when its pass began
         self.failure: BaseException | None = None  # what ended a thread that should not have ended
+        self._shared_at = float("-inf")  # when a lane other than 0 last started a pass
 
     def take(self, inbox: queue.Queue) -> None:
         """The intake thread: prepare() each batch as it arrives, and hold what it made of it."""
@@ -222,8 +225,14 @@ class _Pool:
                 del held[k]
             for waiting in held:
                 waiting.waited += 1
-            alone = not self._started and not held  # and none for another lane to start beside it
-            self._started[lane] = self._clock()
+            now = self._clock()
+            if lane:
+                self._shared_at = now
+            # Alone: no other lane busy, none left for one to start beside it, and none started of
+            # late. A 2-thread pass keeps both cores busy (OpenMP spins between its regions), so
+            # under a steady load a lone pass in lane 0 would slow the lane that starts beside it.
+            alone = not self._started and not held and now - self._shared_at > SHARED_MEMORY_S
+            self._started[lane] = now
             self._state.busy_since = min(self._started.values())
             if lane == 0 and held:
                 self._changed.notify_all()  # the other lanes may take the rest

@@ -16,7 +16,7 @@ import zmq
 
 from ddml_common import protocol
 from worker.connection import ComputeState, WorkBatch
-from worker.loop import run_continuous
+from worker.loop import SHARED_MEMORY_S, run_continuous
 from worker.models import InputError, Manager
 from worker.models.echo import EchoModel
 
@@ -277,3 +277,25 @@ def test_a_compute_lane_that_dies_ends_the_loop_with_its_error_and_clears_the_wa
         time.sleep(0.01)
     assert start.raised and isinstance(start.raised[0].__cause__, MemoryError)
     assert state.busy_since is None
+
+
+def test_after_another_lane_ran_lane_0_keeps_its_share_of_threads_for_a_while(loop):
+    start, inbox, state, results = loop
+    model = Gated()
+    now = [100.0]
+    set_to: list[tuple[str, int]] = []
+    start(model, most_inputs=4, lanes=2, threads=4, clock=lambda: now[0],
+          set_threads=lambda n: set_to.append((threading.current_thread().name, n)))
+    inbox.put(WorkBatch(1, ["slow"], request_ids=["a"]))
+    assert model.first.wait(10)
+    inbox.put(WorkBatch(2, ["beside"], request_ids=["b"]))
+    results(1)
+    model.release.set()
+    results(1)
+    now[0] += SHARED_MEMORY_S / 2  # a lone pass soon after: lane 0 leaves the other lane's share idle
+    inbox.put(WorkBatch(3, ["soon"], request_ids=["c"]))
+    results(1)
+    now[0] += SHARED_MEMORY_S * 2  # long after: every thread again
+    inbox.put(WorkBatch(4, ["later"], request_ids=["d"]))
+    results(1)
+    assert set_to == [("lane-0", 4), ("compute-lane-1", 2), ("lane-0", 2), ("lane-0", 4)]
