@@ -20,7 +20,7 @@ from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
 from worker.connection import ComputeState, WorkBatch
 from worker.models import InputError, Manager
-from worker.passes import plan_pass
+from worker.passes import lane_bounds, plan_pass
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_worker(
         state.items += len(batch.inputs)
         state.compute_s += clock() - started_at
         try:
-            send_frames(results, [batch.tag(len(batch.inputs)), *protocol.encode(result)], dontwait=False)
+            _push(results, batch, result)
         except zmq.Again:
             _dropped(len(batch.inputs))
 
@@ -74,7 +74,6 @@ def run_continuous(
     most_inputs: int,
     cost_budget: int = 0,
     least_inputs: int = 0,
-    oldest_below: int = 0,
     lanes: int = 1,
     threads: int = 0,
     set_threads: Callable[[int], None] | None = None,
@@ -93,21 +92,22 @@ def run_continuous(
     always do (set_threads sets the calling thread's count).
     Lane 0 is this thread because OpenMP serves only one thread well with a team of several.
 
-    plan_pass() forms each pass from what is held (most_inputs, cost_budget, least_inputs and
-    oldest_below are its bounds).
+    plan_pass() forms each pass from what is held, within most_inputs, cost_budget and
+    least_inputs; with several lanes, within lane_bounds().
 
     A pass of several inputs that fails as a whole answers each PASS_FAILED: the broker runs them
     again one at a time, so only a poison input fails, and no input runs more than --max-attempts.
     """
-    pool = _Pool(model, state, (most_inputs, cost_budget, least_inputs, oldest_below), results, clock)
-    shared = max(1, threads // lanes) if threads else 0
+    limits = (most_inputs, cost_budget, *lane_bounds(most_inputs, least_inputs, lanes))
+    pool = _Pool(model, state, limits, results, (threads, max(1, threads // lanes) if threads else 0, set_threads),
+                 clock)
     helpers = [threading.Thread(target=pool.take, args=(inbox,), name="compute-intake", daemon=True)]
-    helpers += [threading.Thread(target=pool.run_lane, args=(lane, None, shared, shared, set_threads),
-                                 name=f"compute-lane-{lane}", daemon=True) for lane in range(1, lanes)]
+    helpers += [threading.Thread(target=pool.run_lane, args=(lane,), name=f"compute-lane-{lane}", daemon=True)
+                for lane in range(1, lanes)]
     for helper in helpers:
         helper.start()
     try:
-        pool.run_lane(0, results, threads, shared, set_threads)
+        pool.run_lane(0, results)
     finally:
         pool.stop()
         inbox.put(None)  # the intake thread may wait there, if lane 0 ended first
@@ -121,8 +121,10 @@ class _Pool:
     """What a continuous worker holds, and the lanes that run passes from it."""
 
     def __init__(self, model: Manager, state: ComputeState, limits: tuple[int, int, int, int], results: zmq.Socket,
-                 clock: Callable[[], float]):
+                 threads: tuple[int, int, Callable[[int], None] | None], clock: Callable[[], float]):
         self._model, self._state, self._limits, self._clock = model, state, limits, clock
+        # Torch threads for a pass alone and for one beside another lane (0: leave them), and how to set them.
+        self._alone_threads, self._shared_threads, self._set_threads = threads
         # Each thread pushes results on its own socket (a ZeroMQ socket is not thread-safe), to where this one does.
         self._results_endpoint = results.getsockopt_string(zmq.LAST_ENDPOINT)
         self._context = results.context
@@ -164,8 +166,7 @@ class _Pool:
         socket.connect(self._results_endpoint)
         return socket
 
-    def run_lane(self, lane: int, results: zmq.Socket | None, alone_threads: int, shared_threads: int,
-                 set_threads: Callable[[int], None] | None) -> None:
+    def run_lane(self, lane: int, results: zmq.Socket | None = None) -> None:
         """One compute lane: pass after pass until stopped; results None: on a socket of its own."""
         own = results is None
         if own:
@@ -176,9 +177,9 @@ class _Pool:
                 running, alone = self._next_pass(lane)
                 if running is None:
                     return
-                wanted = alone_threads if alone else shared_threads
-                if set_threads is not None and wanted and wanted != current:
-                    set_threads(current := wanted)
+                wanted = self._alone_threads if alone else self._shared_threads
+                if self._set_threads is not None and wanted and wanted != current:
+                    self._set_threads(current := wanted)
                 started_at = self._started[lane]
                 outcome = _run_pass(self._model, running)
                 compute_s = self._clock() - started_at
@@ -243,6 +244,11 @@ class _Pool:
         return running, alone
 
 
+def _push(results: zmq.Socket, batch: WorkBatch, result: protocol.BatchResult) -> None:
+    """A batch's result, whole or partial, to the I/O thread, tagged with how many inputs it answers."""
+    send_frames(results, [batch.tag(len(result.outputs)), *protocol.encode(result)], dontwait=False)
+
+
 def _dropped(inputs: int) -> None:
     logger.warning("the answers of %d inputs were dropped: the I/O thread took none for %d s (it has stopped)",
                    inputs, RESULT_SEND_TIMEOUT_MS // 1000)
@@ -275,7 +281,7 @@ def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Calla
         result = protocol.BatchResult(
             batch.batch_id, [b""] * len(failed), errors=[[k, *error] for k, (_, error) in enumerate(failed)],
             compute_ms=(clock() - started_at) * 1000, indices=[i for i, _ in failed])
-        send_frames(results, [batch.tag(len(failed)), *protocol.encode(result)], dontwait=False)
+        _push(results, batch, result)
     return kept
 
 
@@ -341,7 +347,7 @@ def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.
                 errors.append([k, *error])
         result = protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_s * 1000,
                                       indices=indices)
-        send_frames(results, [batch.tag(len(indices)), *protocol.encode(result)], dontwait=False)
+        _push(results, batch, result)
 
 
 def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:

@@ -41,6 +41,14 @@ def plan_pass(costs: Sequence[int], waited: Sequence[int], most_inputs: int, cos
     return densest_pass(costs, most_inputs, cost_budget)
 
 
+def lane_bounds(most_inputs: int, least_inputs: int, lanes: int) -> tuple[int, int]:
+    """plan_pass()'s (least_inputs, oldest_below) for a worker with `lanes` compute lanes. With
+    several, a pass takes at most half of what is held, down to one input, so that the rest
+    starts beside it; and while no more than a pass per lane is held, the oldest input anchors
+    every pass. With one, the handler's least_inputs, and the densest run always."""
+    return (1, most_inputs * lanes + 1) if lanes > 1 else (least_inputs, 0)
+
+
 def densest_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0) -> list[int]:
     """Positions of the run of inputs, consecutive in length order, that pads least for its own
     tokens, among the runs of most_inputs (fewer only where the budget or the inputs held force

@@ -87,11 +87,6 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         max_inputs = min(config.max_inputs_held or max_batch_size * config.max_batches, protocol.MAX_ITEMS)
         most_inputs, cost_budget, least_inputs = handler.pass_limits()
         most_inputs = min(most_inputs or max_batch_size, max_inputs)
-        oldest_below = 0
-        if lanes > 1:
-            # A pass takes at most half of what is held, down to one input: the rest starts beside
-            # it. While no more than a pass per lane is held, the oldest input anchors every pass.
-            least_inputs, oldest_below = 1, most_inputs * lanes + 1
     ready = protocol.Ready(
         models=[config.model, f"{config.model}@{version}"] if version else [config.model],
         max_batch_size=max_batch_size,
@@ -120,8 +115,8 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     print(f"worker ready: serving {served} to {config.broker} (pid {os.getpid()}; {batching})", flush=True)
     try:
         if continuous:
-            run_continuous(handler, inbox, results, state, most_inputs, cost_budget, least_inputs, oldest_below,
-                           lanes, *_torch_threads())
+            run_continuous(handler, inbox, results, state, most_inputs, cost_budget, least_inputs, lanes,
+                           *_torch_threads())
         else:
             run_worker(handler, inbox, results, state)
     finally:

@@ -147,7 +147,7 @@ def test_two_compute_lanes_and_the_intake_thread_give_the_vectors_of_one_thread(
     most, budget, _ = model.pass_limits()
     threads_before = torch.get_num_threads()
     try:
-        start(model, most, budget, least_inputs=1, oldest_below=2 * most + 1, lanes=2, threads=2,
+        start(model, most, budget, lanes=2, threads=2,
               set_threads=torch.set_num_threads)
         for first in range(0, len(texts), 6):
             inbox.put(WorkBatch(first, texts[first:first + 6], request_ids=[str(first)] * 6))

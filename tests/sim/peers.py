@@ -22,7 +22,7 @@ from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, MAX_NAME_LEN, MAX_PRIORITY, MIN_PRIORITY, ErrorCode
 from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
-from worker.passes import plan_pass
+from worker.passes import lane_bounds, plan_pass
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
@@ -582,11 +582,8 @@ class ContinuousWorker(SimWorker):
     def _start_pass(self, lane: int) -> None:
         world, spec, held = self.world, self.spec, self.held
         costs, waited = [h.cost for h in held], [h.waited for h in held]
-        if spec.lanes > 1:  # as worker/serve.py sets them for lanes
-            chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget, least_inputs=1,
-                               oldest_below=spec.most_inputs * spec.lanes + 1)
-        else:
-            chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget)
+        chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget,
+                           *lane_bounds(spec.most_inputs, 0, spec.lanes))
         members = [held[k] for k in chosen]
         for k in sorted(chosen, reverse=True):
             del held[k]
