@@ -70,9 +70,11 @@ def build_parser() -> Parser:
                         help="with continuous batching, the most inputs held at once (the broker keeps the "
                              "worker supplied up to this); 0 = --max-batch-size × --max-batches")
     parser.add_argument("--compute-lanes", type=int, default=0,
-                        help="with continuous batching, passes run at once, each in its own thread: a lane that "
-                             "starts while the others are idle gets all --torch-threads, one beside a busy lane "
-                             "its share. 2 lets an input that arrives during a pass start at once; 0 = the "
+                        help="with continuous batching, passes run at once, each in its own thread: lane 0 runs "
+                             "every pass while it keeps up, with all --torch-threads when it takes all that is "
+                             "held and no other lane has run for 1 s, else with its share, as the other lanes "
+                             "(which run only while lane 0 is busy). 2 lets an input that arrives during a pass "
+                             "start at once; 0 = the "
                              "handler's choice (the built-in text models: 2 on a CPU with 2 or more threads, "
                              "else 1; your own Manager: its compute_lanes, 1 unless set)")
     parser.add_argument("--max-length", type=int, default=None,
