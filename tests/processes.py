@@ -46,7 +46,10 @@ class Process:
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        # PYTHONFAULTHANDLER: SIGABRT writes every thread's stack to the log, which stop() uses
+        # to show where a process that ignored SIGTERM was stuck.
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+                    **(env or {})}
         self.popen = subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO, start_new_session=True
         )
@@ -75,11 +78,19 @@ class Process:
             try:
                 self.popen.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.send_signal(signal.SIGABRT)  # the stacks, into the log (PYTHONFAULTHANDLER)
+                try:
+                    self.popen.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+                try:
+                    os.killpg(self.popen.pid, signal.SIGKILL)  # its children too
+                except ProcessLookupError:
+                    pass  # the whole group has gone
                 self.popen.wait(5)
                 self._log.close()
                 if expect_clean:
-                    pytest.fail(f"{self.args} ignored SIGTERM for {timeout_s} s:\n{self.output()[-3000:]}")
+                    pytest.fail(f"{self.args} ignored SIGTERM for {timeout_s} s:\n{self.output()[-12000:]}")
         self._log.close()
         return self.popen.returncode
 

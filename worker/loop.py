@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 RESULT_SEND_TIMEOUT_MS = 10_000
 # Lane 0 runs with every thread only if no other lane has started a pass for this long.
 SHARED_MEMORY_S = 1.0
+# The main thread never waits longer than this at a time. Python runs a signal handler only in
+# the main thread, and the kernel may deliver SIGTERM to any thread that does not block it (the
+# broker I/O thread, a lane, an OpenMP thread): the main thread, asleep on a lock, would then not
+# run the handler until it woke, and a worker with nothing to do would ignore SIGTERM for ever.
+SIGNAL_CHECK_S = 0.25
 
 
 def run_worker(
@@ -40,7 +45,10 @@ def run_worker(
 ) -> None:
     """Serve batches from the I/O thread until it puts None in the inbox. The model runs here."""
     while True:
-        batch = inbox.get()
+        try:
+            batch = inbox.get(timeout=SIGNAL_CHECK_S)  # see SIGNAL_CHECK_S
+        except queue.Empty:
+            continue
         if batch is None:
             return
         state.busy_since = started_at = clock()
@@ -218,7 +226,7 @@ class _Pool:
                     self._held = [h for h in self._held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
                 if self._held and (lane == 0 or 0 in self._started):
                     break
-                self._changed.wait()
+                self._changed.wait(SIGNAL_CHECK_S)  # lane 0 is the main thread: see SIGNAL_CHECK_S
             held = self._held
             chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *self._limits)
             running = [held[k] for k in chosen]

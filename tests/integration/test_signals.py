@@ -1,0 +1,75 @@
+"""SIGTERM stops each role cleanly even when the kernel hands it to a thread other than the main one.
+
+Python runs signal handlers only in the main thread. The kernel delivers a process-directed signal
+to any thread that does not block it. CI once saw an idle echo worker ignore SIGTERM for 20 s: the
+signal had gone to its broker I/O thread, and the main thread slept on a queue with no timeout, so
+the handler never ran. tgkill() sends the signal to a thread we choose. A failure that showed up
+once in hundreds of CI runs then shows up every time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+import pytest
+
+from tests.processes import Process
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill and /proc are Linux's"),
+]
+
+
+def _tgkill(pid: int, tid: int, signum: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "tgkill"):
+        pytest.skip("this C library has no tgkill()")
+    if libc.tgkill(pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}, {signum})")
+
+
+def other_threads_taking(pid: int, signum: int) -> list[int]:
+    """The process's threads, other than the main one, that do not block signum (oldest first).
+    libzmq's own threads block every signal, so these are threads Python or a library started."""
+    taking = []
+    for tid in sorted(int(name) for name in os.listdir(f"/proc/{pid}/task")):
+        if tid == pid:
+            continue
+        try:
+            status = open(f"/proc/{pid}/task/{tid}/status").read()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        if not blocked & (1 << (signum - 1)):
+            taking.append(tid)
+    return taking
+
+
+def sigterm_to_another_thread(process: Process) -> int:
+    """Send SIGTERM to a thread other than the main one; return that thread's id."""
+    threads = other_threads_taking(process.pid, signal.SIGTERM)
+    assert threads, "no thread but the main one could take the signal: this test would prove nothing"
+    _tgkill(process.pid, threads[0], signal.SIGTERM)
+    return threads[0]
+
+
+@pytest.mark.parametrize("flags", [(), ("--continuous", "on"), ("--continuous", "on", "--compute-lanes", "2")],
+                         ids=["batch", "continuous", "continuous-2-lanes"])
+def test_idle_worker_stops_on_sigterm_delivered_to_another_thread(stack, flags):
+    stack.start_broker()
+    worker = stack.start_worker("--model", "echo", *flags)
+    sigterm_to_another_thread(worker)
+    assert worker.popen.wait(10) == 0
+    assert "drained; disconnected" in worker.output()
+
+
+def test_broker_stops_on_sigterm_delivered_to_another_thread(stack):
+    broker = stack.start_broker()
+    stack.start_worker("--model", "echo")
+    stack.processes[1].stop()  # the worker first: the broker then has nobody to wait for
+    sigterm_to_another_thread(broker)
+    assert broker.popen.wait(10) == 0
