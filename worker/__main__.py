@@ -87,6 +87,11 @@ def build_parser() -> Parser:
                              "two halves of at least 8; 1024 on CUDA)")
     parser.add_argument("--chunk-tokens", type=int, default=0,
                         help="most padded tokens per pass; 0 = by device (1024 on the CPU, 65536 on CUDA)")
+    parser.add_argument("--unpadded", choices=("auto", "on", "off"), default="auto",
+                        help="built-in text models: run each pass on its inputs' tokens laid end to end, without "
+                             "padding (attention alone is padded), so that a pass of random lengths costs what its "
+                             "tokens cost. BERT encoders only (MiniLM, BGE, E5, BERT cross-encoders), checked "
+                             "against the model's own forward pass at load. auto = on a CPU")
     parser.add_argument("--heartbeat-interval-ms", type=float, default=1000.0, help="heartbeat period")
     parser.add_argument("--liveness", type=int, default=3,
                         help="silent broker intervals before reconnecting")
@@ -109,7 +114,8 @@ def build_parser() -> Parser:
 def config_from_args(args) -> WorkerConfig:
     options = (
         {"max_length": args.max_length, "max_chunk": args.chunk_size, "chunk_tokens": args.chunk_tokens,
-         "pooling": args.pooling, "dtype": args.dtype, "revision": args.revision, "auto_truncate": args.auto_truncate}
+         "pooling": args.pooling, "dtype": args.dtype, "revision": args.revision, "auto_truncate": args.auto_truncate,
+         "unpadded": args.unpadded}
         if not args.handler and (args.model != "echo" or args.model_path) else {}
     )
     return WorkerConfig(

@@ -158,3 +158,58 @@ def test_two_compute_lanes_and_the_intake_thread_give_the_vectors_of_one_thread(
     for (first, k), vector in got.items():
         np.testing.assert_allclose(np.asarray(vector, dtype=np.float32), expected[first + k], atol=1e-5)
     assert state.items == len(texts) and state.batches < len(texts)
+
+
+# ------------------------------------------------------------------ passes without padding
+
+
+@pytest.mark.parametrize("task", ["embedding", "classification", "rerank"])
+def test_unpadded_passes_give_the_outputs_of_padded_ones(task, tiny_st_mean, tiny_bert_classifier, tiny_cross_encoder):
+    from hypothesis import given, settings, strategies as st
+
+    path = {"embedding": tiny_st_mean, "classification": tiny_bert_classifier, "rerank": tiny_cross_encoder}[task]
+    unpadded, padded = served(path, task=task), served(path, task=task, unpadded="off")
+    assert unpadded._unpadded is not None and padded._unpadded is None  # auto: on, on a CPU
+    text = st.lists(st.sampled_from(WORDS), min_size=0, max_size=30).map(" ".join)
+    one = st.tuples(text, text).map(list) if task == "rerank" else text
+
+    @settings(max_examples=40, deadline=None, database=None)
+    @given(st.lists(one, min_size=1, max_size=9))
+    def same_outputs(inputs):
+        got, want = unpadded.predict(inputs), padded.predict(inputs)
+        if task == "classification":
+            got = [list(o["probabilities"].values()) for o in got]
+            want = [list(o["probabilities"].values()) for o in want]
+        np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64),
+                                   atol=1e-5, rtol=1e-5)
+
+    same_outputs()
+
+
+def test_models_unpadded_passes_do_not_know_run_padded(tiny_bert, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from worker.models.unpadded import unpadded_encoder
+
+    relative = BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=64, position_embedding_type="relative_key")
+    assert unpadded_encoder(BertModel(relative)) is None
+    assert unpadded_encoder(BertModel(BertConfig(**{**relative.to_dict(), "position_embedding_type": "absolute"})))
+    (tmp_path / "relative").mkdir()
+    BertModel(relative).save_pretrained(tmp_path / "relative")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_bert / name).exists():
+            (tmp_path / "relative" / name).write_bytes((tiny_bert / name).read_bytes())
+    model = served(tmp_path / "relative", unpadded="on")
+    assert model._unpadded is None and len(model.predict(TEXTS)) == len(TEXTS)
+
+
+def test_unpadded_passes_that_disagree_with_the_model_at_load_are_not_used(tiny_st_mean, monkeypatch, caplog):
+    from worker.models.unpadded import UnpaddedBert
+
+    hidden = UnpaddedBert.hidden
+    monkeypatch.setattr(UnpaddedBert, "hidden", lambda self, *a: (lambda h, m: (h * 1.01, m))(*hidden(self, *a)))
+    model = served(tiny_st_mean)
+    assert model._unpadded is None
+    assert "disagree" in caplog.text
+    assert len(model.predict(TEXTS)) == len(TEXTS)

@@ -20,7 +20,9 @@ sentence-transformers does. "count_tokens": true wraps the output with its token
 
 Length-aware execution: a batch is tokenised once, sorted by token length, and run in chunks
 whose padded size stays within a token budget, so short sentences are not padded to the
-longest one in the batch. Outputs are put back in input order.
+longest one in the batch. Outputs are put back in input order. On a CPU, a BERT encoder runs
+each pass without padding at all (unpadded.py; --unpadded), so that a pass of mixed lengths, as a
+continuous worker forms under light load, costs what its tokens cost.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("embedding", "classification", "rerank")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+UNPADDED = ("auto", "on", "off")
 _INPUT_OPTIONS = ("truncate", "count_tokens")
 _NO_TOKENIZER_LIMIT = 1 << 30  # a tokenizer's model_max_length above this means "not set"
 
@@ -88,6 +91,7 @@ class HFTextModel(Manager):
         pooling: str | None = None,
         revision: str | None = None,
         auto_truncate: bool = False,
+        unpadded: str = "auto",
         **options,
     ):
         super().__init__(device=device, **options)
@@ -101,6 +105,8 @@ class HFTextModel(Manager):
             raise ValueError(f"--revision picks a version of a Hugging Face model id; {model_path} is a local directory")
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if unpadded not in UNPADDED:
+            raise ValueError(f"unpadded must be one of {', '.join(UNPADDED)}, got {unpadded!r}")
         if pooling and task != "embedding":
             raise ValueError(f"--pooling applies to --task embedding, not {task}")
         self.model_path = model_path
@@ -109,6 +115,8 @@ class HFTextModel(Manager):
         self.max_length = max_length  # None: the model's own limit
         self.pooling_override = parse_pooling(pooling) if pooling else None
         self.auto_truncate = auto_truncate  # truncate over-long inputs that do not say otherwise
+        self.unpadded = unpadded  # auto: passes without padding on a CPU, for the models unpadded.py knows
+        self._unpadded = None  # the UnpaddedBert in use, set by init_model()
         # Per forward pass: inputs, and padded tokens; 0 = what suits the device (_CHUNKING).
         self.chunk_tokens = chunk_tokens
         self.max_chunk = max_chunk
@@ -166,6 +174,8 @@ class HFTextModel(Manager):
             self.output_dim = (self.dense[-1][0].out_features if self.dense
                                else self.model.config.hidden_size * len(config.pooling))
         notes = list(config.notes) if self.task == "embedding" else []
+        self._unpadded, note = self._load_unpadded(dtype)
+        notes.append(note)
         notes.append(f"at most {self.max_tokens} tokens ({limit_source}); longer inputs are "
                      + ("truncated (--auto-truncate)" if self.auto_truncate else "refused unless they ask to be truncated"))
         logger.info("loaded %s (%s) on %s as %s in %.1f s: %s", self.model_path, self.task, self.device, dtype,
@@ -190,6 +200,48 @@ class HFTextModel(Manager):
         if own is not None and own < PLAIN_MAX_LENGTH:
             return own, "the model's max_position_embeddings"
         return PLAIN_MAX_LENGTH, "ddml's default for a plain transformers model"
+
+    def _load_unpadded(self, dtype) -> tuple:
+        """The UnpaddedBert to run passes with (or None), and a note saying why."""
+        if self.unpadded == "off":
+            return None, "padded passes (--unpadded off)"
+        if self.unpadded == "auto" and self.device.startswith("cuda"):
+            return None, "padded passes (a GPU; --unpadded on to change)"
+        from worker.models.unpadded import unpadded_encoder
+
+        encoder = unpadded_encoder(self.model)
+        if encoder is None:
+            note = f"padded passes ({type(self.model).__name__}: unpadded ones run BERT encoders only)"
+            if self.unpadded == "on":
+                logger.warning("--unpadded on: %s", note)
+            return None, note
+        # Checked against the model's own forward pass, on inputs of different lengths.
+        texts = ["a", "a somewhat longer text, of several words and a comma", "two words"]
+        encoded = self._encode([(text, text) for text in texts] if self.task == "rerank" else texts, truncate=True)
+        features = [{key: encoded[key][k] for key in encoded if key != "attention_mask"} for k in range(len(texts))]
+        gap = self._unpadded_gap(encoder, features)
+        tolerance = 1e-4 if dtype == self._torch.float32 else 5e-2
+        if not gap <= tolerance:
+            logger.warning("passes without padding disagree with %s by %.2g (more than %g): running padded passes",
+                           self.model_path, gap, tolerance)
+            return None, "padded passes (unpadded ones disagreed with the model)"
+        return encoder, "passes without padding"
+
+    def _unpadded_gap(self, encoder, features: list[dict]) -> float:
+        """The largest difference from the model's own outputs, relative to their largest value."""
+        torch = self._torch
+        padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+        inputs = {key: tensor.to(self.device) for key, tensor in padded.items()}
+        with torch.inference_mode():
+            if self.task == "embedding":
+                reference = self.model(**inputs).last_hidden_state.float()
+                mine = encoder.hidden(features, self.device)[0].float()
+                real = inputs["attention_mask"].bool()
+                reference, mine = reference[real], mine[real]
+            else:
+                reference = self.model(**inputs).logits.float()
+                mine = encoder.logits(features, self.device).float()
+        return float((reference - mine).abs().max() / reference.abs().max().clamp(min=1e-6))
 
     def _prompt_length(self) -> int:
         """Tokens of the default prompt that pooling leaves out (include_prompt false), as sentence-transformers counts them."""
@@ -337,19 +389,24 @@ class HFTextModel(Manager):
 
     def _forward(self, features: list[dict]) -> list:
         torch = self._torch
-        padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
-        non_blocking = self.device.startswith("cuda")
-        inputs = {key: tensor.to(self.device, non_blocking=non_blocking) for key, tensor in padded.items()}
+        unpadded = self._unpadded
+        if unpadded is None:
+            padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+            non_blocking = self.device.startswith("cuda")
+            inputs = {key: tensor.to(self.device, non_blocking=non_blocking) for key, tensor in padded.items()}
         with torch.inference_mode():
             if self.task == "embedding":
-                hidden = self.model(**inputs).last_hidden_state
-                vectors = self._pool(hidden, inputs["attention_mask"])
+                if unpadded is None:
+                    hidden, mask = self.model(**inputs).last_hidden_state, inputs["attention_mask"]
+                else:
+                    hidden, mask = unpadded.hidden(features, self.device)
+                vectors = self._pool(hidden, mask)
                 for linear, activation in self.dense:
                     vectors = activation(linear(vectors))
                 if self.config.normalize:
                     vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
                 return list(vectors.cpu().numpy().astype(np.float32))
-            logits = self.model(**inputs).logits.float()
+            logits = (self.model(**inputs).logits if unpadded is None else unpadded.logits(features, self.device)).float()
             if self.task == "rerank":
                 return self.activation(logits)[:, 0].cpu().tolist()
             probabilities = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float32)
