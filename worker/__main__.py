@@ -86,7 +86,8 @@ def build_parser() -> Parser:
                              "this many inputs; 0 = by device (16 on the CPU, where a smaller batch still runs as "
                              "two halves of at least 8; 1024 on CUDA)")
     parser.add_argument("--chunk-tokens", type=int, default=0,
-                        help="most padded tokens per pass; 0 = by device (1024 on the CPU, 65536 on CUDA)")
+                        help="most tokens per pass, padded (inputs × the longest) or, with --unpadded, their "
+                             "sum; 0 = by device (1024 on the CPU, 65536 on CUDA)")
     parser.add_argument("--unpadded", choices=("auto", "on", "off"), default="auto",
                         help="built-in text models: run each pass on its inputs' tokens laid end to end, without "
                              "padding (attention alone is padded), so that a pass of random lengths costs what its "

@@ -131,6 +131,7 @@ class _Pool:
     def __init__(self, model: Manager, state: ComputeState, limits: tuple[int, int, int, int], results: zmq.Socket,
                  threads: tuple[int, int, Callable[[int], None] | None], clock: Callable[[], float]):
         self._model, self._state, self._limits, self._clock = model, state, limits, clock
+        self._padded = model.padded  # how plan_pass() forms passes
         # Torch threads for a pass alone and for one beside another lane (0: leave them), and how to set them.
         self._alone_threads, self._shared_threads, self._set_threads = threads
         # Each thread pushes results on its own socket (a ZeroMQ socket is not thread-safe), to where this one does.
@@ -228,7 +229,8 @@ class _Pool:
                     break
                 self._changed.wait(SIGNAL_CHECK_S)  # lane 0 is the main thread: see SIGNAL_CHECK_S
             held = self._held
-            chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *self._limits)
+            chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *self._limits,
+                               padded=self._padded)
             running = [held[k] for k in chosen]
             for k in sorted(chosen, reverse=True):
                 del held[k]

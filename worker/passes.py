@@ -12,6 +12,10 @@ the next one: it goes, with the inputs nearest its length (select_pass).
 Measured in process (bench.continuous, MiniLM on 2 CPU cores, 64 inputs held, passes of 16):
 always anchoring on the oldest input reached 0.89-0.91x the length-sorted limit; the densest
 run with the oldest after 6 passes, 0.97x.
+
+A model that pads nothing (a built-in BERT encoder on a CPU: worker/models/unpadded.py) pays
+for tokens, not for the longest input: its passes go oldest first (oldest_pass), within a
+budget of tokens, and no input is ever passed over.
 """
 
 from __future__ import annotations
@@ -23,18 +27,22 @@ MAX_PASSES_WAITED = 6  # passes an input may be passed over before it anchors on
 
 
 def plan_pass(costs: Sequence[int], waited: Sequence[int], most_inputs: int, cost_budget: int = 0,
-              least_inputs: int = 0, oldest_below: int = 0, max_waited: int = MAX_PASSES_WAITED) -> list[int]:
+              least_inputs: int = 0, oldest_below: int = 0, max_waited: int = MAX_PASSES_WAITED,
+              padded: bool = True) -> list[int]:
     """The next pass: the densest run, unless an input has waited max_waited passes, or fewer than
     oldest_below inputs are held (a light load: latency first); then the one that has waited
     longest, the oldest among equals, anchors it. costs and waited are per held input, oldest first.
 
     least_inputs > 0: a pass takes at most half of what is held, but at least least_inputs (as a
-    CPU text model runs a small batch: two sorted halves pad less than one pass)."""
+    CPU text model runs a small batch: two sorted halves pad less than one pass).
+    padded False: the model pays for the sum of costs, not for the largest: oldest_pass()."""
     if not costs:
         return []
     light = len(costs) < oldest_below
     if least_inputs:
         most_inputs = min(most_inputs, max(least_inputs, -(-len(costs) // 2)))
+    if not padded:
+        return oldest_pass(costs, most_inputs, cost_budget)
     longest_wait = max(waited)
     if light or longest_wait >= max_waited:
         return select_pass(costs, most_inputs, cost_budget, anchor=waited.index(longest_wait))
@@ -47,6 +55,19 @@ def lane_bounds(most_inputs: int, least_inputs: int, lanes: int) -> tuple[int, i
     starts beside it; and while no more than a pass per lane is held, the oldest input anchors
     every pass. With one, the handler's least_inputs, and the densest run always."""
     return (1, most_inputs * lanes + 1) if lanes > 1 else (least_inputs, 0)
+
+
+def oldest_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0) -> list[int]:
+    """The oldest inputs, in arrival order, up to most_inputs and a budget on the sum of their
+    costs (0: none). The oldest goes even alone over the budget: it must run some time. For a
+    model that pads nothing, where the order of a pass's inputs costs nothing."""
+    chosen, total = [], 0
+    for position, cost in enumerate(costs[:most_inputs]):
+        if chosen and cost_budget and total + cost > cost_budget:
+            break
+        chosen.append(position)
+        total += cost
+    return chosen
 
 
 def densest_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0) -> list[int]:

@@ -177,6 +177,10 @@ def test_unpadded_passes_give_the_outputs_of_padded_ones(task, tiny_st_mean, tin
     @given(st.lists(one, min_size=1, max_size=9))
     def same_outputs(inputs):
         got, want = unpadded.predict(inputs), padded.predict(inputs)
+        refused = [isinstance(o, InputError) for o in want]  # over the limit (the cross-encoder's is 48)
+        assert [isinstance(o, InputError) for o in got] == refused
+        got = [o for o, r in zip(got, refused) if not r]
+        want = [o for o, r in zip(want, refused) if not r]
         if task == "classification":
             got = [list(o["probabilities"].values()) for o in got]
             want = [list(o["probabilities"].values()) for o in want]
@@ -187,21 +191,40 @@ def test_unpadded_passes_give_the_outputs_of_padded_ones(task, tiny_st_mean, tin
 
 
 def test_models_unpadded_passes_do_not_know_run_padded(tiny_bert, tmp_path):
+    import json
+    import shutil
+
     from transformers import BertConfig, BertModel
 
     from worker.models.unpadded import unpadded_encoder
 
-    relative = BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=64, position_embedding_type="relative_key")
-    assert unpadded_encoder(BertModel(relative)) is None
-    assert unpadded_encoder(BertModel(BertConfig(**{**relative.to_dict(), "position_embedding_type": "absolute"})))
-    (tmp_path / "relative").mkdir()
-    BertModel(relative).save_pretrained(tmp_path / "relative")
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tiny_bert / name).exists():
-            (tmp_path / "relative" / name).write_bytes((tiny_bert / name).read_bytes())
-    model = served(tmp_path / "relative", unpadded="on")
+    decoder = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, is_decoder=True)
+    assert unpadded_encoder(BertModel(decoder)) is None  # causal attention
+    assert unpadded_encoder(BertModel(BertConfig(**{**decoder.to_dict(), "is_decoder": False})))
+    shutil.copytree(tiny_bert, tmp_path / "decoder")
+    BertModel(decoder).save_pretrained(tmp_path / "decoder")
+    model = served(tmp_path / "decoder", unpadded="on")
+    assert model._unpadded is None and model.padded and len(model.predict(TEXTS)) == len(TEXTS)
+
+    # A tokenizer that pads on the left: BERT's positions count from the padded row's start.
+    shutil.copytree(tiny_bert, tmp_path / "left")
+    settings = json.loads((tmp_path / "left" / "tokenizer_config.json").read_text())
+    (tmp_path / "left" / "tokenizer_config.json").write_text(json.dumps({**settings, "padding_side": "left"}))
+    model = served(tmp_path / "left")
     assert model._unpadded is None and len(model.predict(TEXTS)) == len(TEXTS)
+
+
+def test_unpadded_passes_that_fail_at_load_are_not_used(tiny_st_mean, monkeypatch, caplog):
+    from worker.models.unpadded import UnpaddedBert
+
+    def missing(self, *args):
+        raise AttributeError("'BertSelfAttention' object has no attribute 'scaling'")
+
+    monkeypatch.setattr(UnpaddedBert, "__init__", missing)
+    model = served(tiny_st_mean)
+    assert model._unpadded is None and "failed" in caplog.text
+    assert len(model.predict(TEXTS)) == len(TEXTS)
 
 
 def test_unpadded_passes_that_disagree_with_the_model_at_load_are_not_used(tiny_st_mean, monkeypatch, caplog):

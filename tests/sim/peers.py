@@ -583,17 +583,20 @@ class ContinuousWorker(SimWorker):
         world, spec, held = self.world, self.spec, self.held
         costs, waited = [h.cost for h in held], [h.waited for h in held]
         chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget,
-                           *lane_bounds(spec.most_inputs, 0, spec.lanes))
+                           *lane_bounds(spec.most_inputs, 0, spec.lanes), padded=spec.padded)
         members = [held[k] for k in chosen]
         for k in sorted(chosen, reverse=True):
             del held[k]
         for waiting in held:
             waiting.waited += 1
         world.ledger.on_pass(members, self.name)
-        duration_s = spec.batch_s + spec.item_s * len(members) * max(h.cost for h in members) / 12
+        paid = len(members) * max(h.cost for h in members) if spec.padded else sum(h.cost for h in members)
+        duration_s = spec.batch_s + spec.item_s * paid / 12
         outcome, duration_s = self._draw_outcome({h.poison for h in members}, duration_s, "pass")
         if outcome == "raise" and len(members) > 1:
             world.ledger.raised_together([h.item for h in members])
+        if not spec.padded:
+            world.ledger.counts["passes_unpadded"] += 1
         if lane:
             world.ledger.counts["passes_beside_lane_0"] += 1
             world.trace("%s runs a pass of %s inputs in lane %s (batches %s; %s still held; %s)", self.name,

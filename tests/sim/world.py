@@ -82,6 +82,7 @@ class WorkerSpec:
     most_inputs: int = 0
     cost_budget: int = 0
     lanes: int = 1  # compute lanes: passes at once (worker --compute-lanes); lane k > 0 only while lane 0 is busy
+    padded: bool = True  # a pass costs inputs × the largest cost; False: the sum, and passes go oldest first
 
     @classmethod
     def draw_continuous(cls, rng: random.Random, models: tuple[str, ...], faultless: bool = False) -> WorkerSpec:
@@ -274,11 +275,13 @@ class World:
         # Compute lanes come from a stream of their own, so that a seed whose continuous workers all
         # draw one lane runs exactly as it did before lanes existed.
         self.lanes_rng = random.Random(f"lanes {seed}")
+        padding_rng = random.Random(f"padding {seed}")  # the same for whether passes pad (unpadded models)
         if scenario is None:
             scenario = Scenario.draw(self.rng)
             for spec in scenario.workers:
                 if spec.max_inputs:
                     spec.lanes = draw_lanes(self.lanes_rng)
+                    spec.padded = padding_rng.random() < 0.5
         self.scenario = scenario
         self.config = self.scenario.config
         self.now = START_AT

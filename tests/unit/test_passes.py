@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.passes import MAX_PASSES_WAITED, densest_pass, plan_pass, select_pass
+from worker.passes import MAX_PASSES_WAITED, densest_pass, oldest_pass, plan_pass, select_pass
 
 
 def padded(costs, chosen):
@@ -121,3 +121,27 @@ def test_under_a_light_load_the_oldest_input_anchors_every_pass(held, most, olde
                                      anchor=oldest)
     else:
         assert chosen == densest_pass(costs, min(most, max(least, -(-len(held) // 2))) if least else most)
+
+
+@settings(max_examples=400, deadline=None)
+@given(costs=st.lists(st.integers(0, 512), min_size=1, max_size=200), most=st.integers(1, 64),
+       budget=st.sampled_from([0, 64, 512, 2048]))
+def test_a_pass_without_padding_takes_the_oldest_inputs_as_far_as_the_bounds_allow(costs, most, budget):
+    chosen = oldest_pass(costs, most, budget)
+    count = len(chosen)
+    assert chosen == list(range(count)), "the oldest, in arrival order"
+    assert 1 <= count <= min(most, len(costs))
+    if budget and count > 1:
+        assert sum(costs[:count]) <= budget, "the budget is on the sum: nothing is padded"
+    if count < min(most, len(costs)):  # stopped early: only the budget can have stopped it
+        assert budget and sum(costs[:count + 1]) > budget
+
+
+@settings(max_examples=200, deadline=None)
+@given(held=st.lists(st.tuples(st.integers(1, 512), st.integers(0, 3 * MAX_PASSES_WAITED)), min_size=1, max_size=60),
+       most=st.integers(1, 32), least=st.integers(0, 8), oldest_below=st.integers(0, 80))
+def test_a_model_that_pads_nothing_gets_its_oldest_inputs_whatever_they_waited(held, most, least, oldest_below):
+    costs, waited = [c for c, _ in held], [w for _, w in held]
+    chosen = plan_pass(costs, waited, most, 0, least, oldest_below, padded=False)
+    expected = min(most, max(least, -(-len(costs) // 2))) if least else most
+    assert chosen == list(range(min(expected, len(costs))))

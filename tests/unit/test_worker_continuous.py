@@ -195,6 +195,21 @@ def test_passes_group_inputs_of_similar_cost_from_all_that_is_held(loop):
     assert lengths[0] == [50] and sorted(lengths[1:]) == [[2, 3], [30, 31]]
 
 
+def test_a_model_that_pads_nothing_gets_its_inputs_oldest_first_within_a_sum_of_costs(loop):
+    start, inbox, state, results = loop
+    model = Lengths()
+    model.padded = False
+    model.release.clear()
+    start(model, most_inputs=3, budget=40)
+    inbox.put(WorkBatch(1, ["x" * 50], request_ids=["warm"]))
+    assert model.started.wait(10)
+    inbox.put(WorkBatch(2, ["a" * 30, "b" * 2, "c" * 31, "d" * 3, "e" * 4], request_ids=list("abcde")))
+    model.release.set()
+    results(6)
+    # Padded, these would go [2, 3, 4] and [30, 31]; with no padding, arrival order, within 40 in all.
+    assert [[len(text) for text in p] for p in model.passes] == [[50], [30, 2], [31, 3, 4]]
+
+
 def test_an_input_that_arrives_during_a_pass_starts_at_once_in_another_lane(loop):
     start, inbox, state, results = loop
     model = Gated()

@@ -41,6 +41,10 @@ class Manager:
     #: Continuous handlers: passes run at once in one process (each its own thread; prepare() runs
     #: in yet another). More than 1 only if predict() is thread-safe. --compute-lanes overrides it.
     compute_lanes: int = 1
+    #: Continuous handlers: True if a pass pads each input to the largest cost() (the worker then
+    #: forms passes of inputs of about one cost); False if it pays for the sum (passes go oldest
+    #: first, within pass_limits' budget taken as a sum).
+    padded: bool = True
 
     def __init__(self, device: str = "cpu", **options: Any):
         self.device = device  # "cpu" or "cuda:N"; the handler puts its model there
@@ -65,12 +69,13 @@ class Manager:
         return list(batch)
 
     def cost(self, prepared: Any) -> int:
-        """Continuous handlers: the padded cost of one prepared input (a text model: its tokens)."""
+        """Continuous handlers: the cost of one prepared input (a text model: its tokens). A pass
+        costs its inputs × the largest cost (padded), or the sum of costs (padded False)."""
         return 1
 
     def pass_limits(self) -> tuple[int, int, int]:
-        """Continuous handlers: the most inputs, and the most padded cost (inputs × the largest
-        cost(); 0 for no budget), of one pass (0 inputs: the worker's --max-batch-size); and the
+        """Continuous handlers: the most inputs, and the most cost (inputs × the largest cost(), or
+        the sum if not padded; 0 for no budget), of one pass (0 inputs: the worker's --max-batch-size); and the
         least inputs of a pass that takes at most half of what is held (0: a pass takes all it can)."""
         return 0, 0, 0
 

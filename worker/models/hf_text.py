@@ -207,19 +207,27 @@ class HFTextModel(Manager):
             return None, "padded passes (--unpadded off)"
         if self.unpadded == "auto" and self.device.startswith("cuda"):
             return None, "padded passes (a GPU; --unpadded on to change)"
-        from worker.models.unpadded import unpadded_encoder
+        encoder, gap = None, 0.0
+        if self.tokenizer.padding_side != "right":
+            # BERT numbers positions from the start of the padded row: padded on the left, its own
+            # passes give an input other vectors than it gets alone, and unpadded ones would differ.
+            note = "padded passes (the tokenizer pads on the left)"
+        else:
+            from worker.models.unpadded import unpadded_encoder
 
-        encoder = unpadded_encoder(self.model)
-        if encoder is None:
-            note = f"padded passes ({type(self.model).__name__}: unpadded ones run BERT encoders only)"
+            try:
+                encoder = unpadded_encoder(self.model)
+                gap = self._unpadded_gap(encoder) if encoder is not None else 0.0
+            except Exception:  # a transformers version whose BERT differs from what unpadded.py reads
+                logger.warning("passes without padding failed on %s: running padded passes", self.model_path,
+                               exc_info=True)
+                return None, "padded passes (unpadded ones failed)"
+            note = (f"padded passes ({type(self.model).__name__}: unpadded ones run BERT encoders only)"
+                    if encoder is None else "")
+        if note:
             if self.unpadded == "on":
                 logger.warning("--unpadded on: %s", note)
             return None, note
-        # Checked against the model's own forward pass, on inputs of different lengths.
-        texts = ["a", "a somewhat longer text, of several words and a comma", "two words"]
-        encoded = self._encode([(text, text) for text in texts] if self.task == "rerank" else texts, truncate=True)
-        features = [{key: encoded[key][k] for key in encoded if key != "attention_mask"} for k in range(len(texts))]
-        gap = self._unpadded_gap(encoder, features)
         tolerance = 1e-4 if dtype == self._torch.float32 else 5e-2
         if not gap <= tolerance:
             logger.warning("passes without padding disagree with %s by %.2g (more than %g): running padded passes",
@@ -227,8 +235,15 @@ class HFTextModel(Manager):
             return None, "padded passes (unpadded ones disagreed with the model)"
         return encoder, "passes without padding"
 
-    def _unpadded_gap(self, encoder, features: list[dict]) -> float:
-        """The largest difference from the model's own outputs, relative to their largest value."""
+    def _unpadded_gap(self, encoder) -> float:
+        """The largest difference of unpadded outputs from the model's own, relative to their largest
+        value, for three inputs of different lengths together and for one alone."""
+        texts = ["a", "a somewhat longer text, of several words and a comma", "two words"]
+        encoded = self._encode([(text, text) for text in texts] if self.task == "rerank" else texts, truncate=True)
+        features = [{key: encoded[key][k] for key in encoded if key != "attention_mask"} for k in range(len(texts))]
+        return max(self._gap(encoder, features), self._gap(encoder, features[1:2]))
+
+    def _gap(self, encoder, features: list[dict]) -> float:
         torch = self._torch
         padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
         inputs = {key: tensor.to(self.device) for key, tensor in padded.items()}
@@ -236,7 +251,7 @@ class HFTextModel(Manager):
             if self.task == "embedding":
                 reference = self.model(**inputs).last_hidden_state.float()
                 mine = encoder.hidden(features, self.device)[0].float()
-                real = inputs["attention_mask"].bool()
+                real = inputs["attention_mask"].bool()  # padded on the right, as unpadded outputs are
                 reference, mine = reference[real], mine[real]
             else:
                 reference = self.model(**inputs).logits.float()
@@ -288,6 +303,12 @@ class HFTextModel(Manager):
 
     def pass_limits(self) -> tuple[int, int, int]:
         return self.max_chunk, self.chunk_tokens, self.min_chunk
+
+    @property
+    def padded(self) -> bool:
+        """A pass pads its inputs to the longest, unless it runs unpadded (unpadded.py): then it pays
+        for its tokens, and the worker forms passes oldest first."""
+        return self._unpadded is None
 
     @property
     def compute_lanes(self) -> int:
