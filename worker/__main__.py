@@ -64,8 +64,9 @@ def build_parser() -> Parser:
                         help="continuous batching: hold up to --max-inputs-held inputs from any number of batches, "
                              "form each forward pass from them (the longest-waiting input first, then those "
                              "nearest its length, or simply the oldest with --unpadded) and answer each input as "
-                             "soon as its pass is done. auto = if the handler declares it (the built-in text models do; echo and your own Manager "
-                             "keep whole batches unless they set continuous = True)")
+                             "soon as its pass is done. auto = if the handler declares it (the built-in text "
+                             "models do; echo and your own Manager keep whole batches unless they set "
+                             "continuous = True)")
     parser.add_argument("--max-inputs-held", type=int, default=0,
                         help="with continuous batching, the most inputs held at once (the broker keeps the "
                              "worker supplied up to this); 0 = --max-batch-size × --max-batches")
