@@ -11,8 +11,8 @@ attention, which must see each input's own tokens, runs padded: a copy in and ou
 a small share of the work at these lengths. text-embeddings-inference does the same on a GPU
 with variable-length flash attention.
 
-MiniLM-L6 at 1 thread, random lengths of 5 to 60 words (bench.workload): a pass of 4 costs
-about 1.45× less, a pass of 8 or 16 about 1.6× less (bench/README.md has the figures).
+MiniLM-L6 at 1 thread, random lengths of 5 to 60 words (bench.workload; `python -m bench.unpadded`):
+a pass of 4 costs about 1.45× less, a pass of 8 or 16 about 1.5× less, a lone input 1.1× less.
 
 unpadded_encoder() answers None for any model it does not know how to run exactly. A model it
 accepts is checked at load against the model's own forward pass (HFTextModel.init_model), and is
