@@ -163,10 +163,16 @@ def test_two_compute_lanes_and_the_intake_thread_give_the_vectors_of_one_thread(
 # ------------------------------------------------------------------ passes without padding
 
 
+@pytest.mark.parametrize("attention", ["one input at a time", "padded"])
 @pytest.mark.parametrize("task", ["embedding", "classification", "rerank"])
-def test_unpadded_passes_give_the_outputs_of_padded_ones(task, tiny_st_mean, tiny_bert_classifier, tiny_cross_encoder):
+def test_unpadded_passes_give_the_outputs_of_padded_ones(task, attention, tiny_st_mean, tiny_bert_classifier,
+                                                         tiny_cross_encoder, monkeypatch):
     from hypothesis import given, settings, strategies as st
 
+    from worker.models import unpadded as unpadded_module
+
+    if attention == "padded":  # as in a pass of more than ATTENTION_LOOP_MOST inputs
+        monkeypatch.setattr(unpadded_module, "ATTENTION_LOOP_MOST", 0)
     path = {"embedding": tiny_st_mean, "classification": tiny_bert_classifier, "rerank": tiny_cross_encoder}[task]
     unpadded, padded = served(path, task=task), served(path, task=task, unpadded="off")
     assert unpadded._unpadded is not None and padded._unpadded is None  # auto: on, on a CPU
