@@ -1,11 +1,13 @@
 """What a forward pass costs per input, padded against unpadded, in one process.
 
-    .venv/bin/python -m bench.unpadded [--threads 1] [--sizes 1,2,4,8,16] [--passes 20]
+    .venv/bin/python -m bench.unpadded [--threads 1] [--sizes 1,2,4,8,16] [--passes 20] [--device cuda:0]
 
 The worker's built-in text model (HFTextModel) twice, once with --unpadded off and once with
 auto, on the seeded workload (bench.workload), on prepare()d inputs as a continuous worker runs
 them: passes of N inputs drawn at random, so of mixed lengths, the two models taking turns on
 the same draw. Prints the median pass time and time per input of each, and their ratio.
+On a GPU (--device cuda:0, as bench/gpu_check.sh runs it) the second model runs with
+--unpadded on, since auto means padded passes there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,4,8,16", help="inputs per pass")
     parser.add_argument("--passes", type=int, default=20, help="passes per size and model")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     import torch
@@ -33,14 +36,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = {}
     for setting in ("off", "auto"):
-        model = HFTextModel(device="cpu", model_path=str(default_model_path()), unpadded=setting)
+        unpadded = "on" if setting == "auto" and args.device.startswith("cuda") else setting
+        model = HFTextModel(device=args.device, model_path=str(default_model_path()), unpadded=unpadded)
         model.init_model()
         models[setting] = model
     assert models["auto"].padded is False, "unpadded passes are not in use: see the worker's log note"
     prepared = models["off"].prepare(sentences(2000, seed=1))
     rng = random.Random(args.seed)
     print(f"| inputs a pass | padded ms (per input) | unpadded ms (per input) | padded ÷ unpadded |  "
-          f"({args.threads} torch thread(s))\n|---|---|---|---|")
+          f"({args.device}, {args.threads} torch thread(s))\n|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
         times: dict[str, list[float]] = {"off": [], "auto": []}
         for index in range(args.passes):
