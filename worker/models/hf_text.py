@@ -239,14 +239,14 @@ class HFTextModel(Manager):
         """The largest difference of unpadded outputs from the model's own, relative to their largest
         value, for three inputs of different lengths together and for one alone."""
         texts = ["a", "a somewhat longer text, of several words and a comma", "two words"]
-        encoded = self._encode([(text, text) for text in texts] if self.task == "rerank" else texts, truncate=True)
-        features = [{key: encoded[key][k] for key in encoded if key != "attention_mask"} for k in range(len(texts))]
+        inputs = [{"query": text, "document": text, "truncate": True} if self.task == "rerank"
+                  else {"text": text, "truncate": True} for text in texts]
+        features = [prepared.features for prepared in self.prepare(inputs)]
         return max(self._gap(encoder, features), self._gap(encoder, features[1:2]))
 
     def _gap(self, encoder, features: list[dict]) -> float:
         torch = self._torch
-        padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
-        inputs = {key: tensor.to(self.device) for key, tensor in padded.items()}
+        inputs = self._padded(features)
         with torch.inference_mode():
             if self.task == "embedding":
                 reference = self.model(**inputs).last_hidden_state.float()
@@ -412,9 +412,7 @@ class HFTextModel(Manager):
         torch = self._torch
         unpadded = self._unpadded
         if unpadded is None:
-            padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
-            non_blocking = self.device.startswith("cuda")
-            inputs = {key: tensor.to(self.device, non_blocking=non_blocking) for key, tensor in padded.items()}
+            inputs = self._padded(features)
         with torch.inference_mode():
             if self.task == "embedding":
                 if unpadded is None:
@@ -435,6 +433,12 @@ class HFTextModel(Manager):
             {"label": self.labels[int(p.argmax())], "probabilities": dict(zip(self.labels, p.tolist()))}
             for p in probabilities
         ]
+
+    def _padded(self, features: list[dict]) -> dict:
+        """The model's own inputs: features padded to the longest, on the device."""
+        padded = self.tokenizer.pad(features, padding=True, return_tensors="pt")
+        non_blocking = self.device.startswith("cuda")
+        return {key: tensor.to(self.device, non_blocking=non_blocking) for key, tensor in padded.items()}
 
     def _pool(self, hidden, mask):
         """The pooled vectors (float32), by sentence-transformers' Pooling arithmetic, padding on either side."""

@@ -85,8 +85,8 @@ class UnpaddedBert:
         width = hidden.shape[1]
         mask = torch.arange(longest, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
         tokens = mask.reshape(-1).nonzero().squeeze(1)  # where each token sits in [inputs × longest]
-        attend = mask[:, None, None, :]  # a query may attend to its own input's tokens
         one_at_a_time = count <= ATTENTION_LOOP_MOST
+        attend = None if one_at_a_time else mask[:, None, None, :]  # a query attends to its own input's tokens
         for weight, bias, heads, head_size, scaling, layer in self._layers:
             qkv = functional.linear(hidden, weight, bias)
             if one_at_a_time:
