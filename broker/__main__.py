@@ -10,7 +10,7 @@ import time
 import zmq
 
 from broker.broker import Broker
-from ddml_common.cli import Number, Parser, configure_logging, endpoint
+from ddml_common.cli import Number, Parser, configure_logging, endpoint, stop_on_signals
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from broker.health import HealthServer
 
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         if not config.curve_secret_key and not endpoint.startswith(_LOCAL_PREFIXES):
             logger.warning("binding %s with no transport security: anyone who can reach it can use it", endpoint)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_on_signals(stop)
     context = zmq.Context()
     try:
         broker = Broker(config, context)

@@ -23,8 +23,10 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import textwrap
+import threading
 from importlib import metadata
 
 try:
@@ -302,3 +304,24 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def stop_on_signals(stop: threading.Event, signums=(signal.SIGTERM, signal.SIGINT)) -> None:
+    """Set `stop` on SIGTERM or SIGINT, safely when a second signal comes during the first.
+
+    Python runs a handler in the main thread between bytecodes, and can run the next one inside
+    it. Event.set() takes a lock, so a second SIGTERM that lands while the first handler holds
+    that lock runs a handler that waits for it for ever: the process then ignores every later
+    SIGTERM too. (Seen in CI: a test sent SIGTERM twice, a moment apart.) Only the first signal
+    calls set(); a handler nested in it, or any later one, returns at once.
+    """
+    seen: list[int] = []
+
+    def handle(signum, frame) -> None:
+        if seen:
+            return
+        seen.append(signum)
+        stop.set()
+
+    for signum in signums:
+        signal.signal(signum, handle)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import threading
 
-from ddml_common.cli import Parser, configure_logging, endpoints
+from ddml_common.cli import Parser, configure_logging, endpoints, stop_on_signals
 from worker.config import WorkerConfig
 from worker.models import BUILT_IN_MODELS, load_handler
 from worker.serve import ModelLoadError, serve, supervise
@@ -156,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.fail(f"invalid configuration: {error}")
     _check_model_source(parser, config)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_on_signals(stop)
     cuda_devices = [d.strip() for d in args.cuda_devices.split(",") if d.strip()]
     if args.supervise or args.num_workers > 1 or cuda_devices:
         supervise(config, max(args.num_workers, 1), cuda_devices, f"{args.log_level}:{args.log_format}", stop)

@@ -20,7 +20,7 @@ from typing import Callable
 import zmq
 
 from ddml_common import protocol
-from ddml_common.cli import configure_logging
+from ddml_common.cli import configure_logging, stop_on_signals
 from worker.config import WorkerConfig
 from worker.connection import BrokerConnection, ComputeState
 from worker.loop import RESULT_SEND_TIMEOUT_MS, run_continuous, run_worker
@@ -146,8 +146,7 @@ def child_main(config: WorkerConfig, log_level: str, handler_class: type | None 
     configure_logging(level, log_format or "text")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop_on_signals(stop)
     serve(config, stop, handler_class)
 
 

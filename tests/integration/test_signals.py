@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import sys
+import time
 
 import pytest
 
@@ -72,4 +74,36 @@ def test_broker_stops_on_sigterm_delivered_to_another_thread(stack):
     stack.start_worker("--model", "echo")
     stack.processes[1].stop()  # the worker first: the broker then has nobody to wait for
     sigterm_to_another_thread(broker)
+    assert broker.popen.wait(10) == 0
+
+
+SIGTERM_STREAM_S = 3.0
+
+
+def sigterm_stream(process: Process, stopping: str) -> None:
+    """SIGTERM again and again, as an impatient operator or two supervisors might, until the
+    process logs `stopping` (its handler ran to the end) or SIGTERM_STREAM_S has passed. Each
+    signal that lands while a handler runs is a chance to run a handler inside it. (It stops
+    there because Python puts back the default action as the interpreter exits, and a SIGTERM
+    then ends the process with -15, which proves nothing.)"""
+    give_up_at = time.monotonic() + SIGTERM_STREAM_S
+    while not re.search(stopping, process.output()) and time.monotonic() < give_up_at:
+        process.signal(signal.SIGTERM)
+        time.sleep(0.0002)
+
+
+@pytest.mark.parametrize("flags", [(), ("--continuous", "on", "--compute-lanes", "2")], ids=["batch", "continuous"])
+def test_worker_stops_on_a_stream_of_sigterms(stack, flags):
+    """CI saw a worker hang after two SIGTERMs a moment apart: the second handler ran inside the
+    first, while it held the lock of the stop Event, and waited for that lock for ever."""
+    stack.start_broker()
+    worker = stack.start_worker("--model", "echo", *flags)
+    sigterm_stream(worker, stopping=r"draining: ")
+    assert worker.popen.wait(10) == 0
+    assert "drained; disconnected" in worker.output()
+
+
+def test_broker_stops_on_a_stream_of_sigterms(stack):
+    broker = stack.start_broker()
+    sigterm_stream(broker, stopping=r"draining \d+ requests")
     assert broker.popen.wait(10) == 0

@@ -312,3 +312,32 @@ def test_status_json_is_the_brokers_status_with_a_rate_per_worker():
     assert document["workers"][0]["batches_per_s"] == 10.0
     assert {k: v for k, v in document.items() if k != "workers"} == {k: v for k, v in status.items() if k != "workers"}
     assert json.loads(render_json(status, None, 0.0))["workers"][0]["batches_per_s"] == 0.0
+
+
+# A second SIGTERM while the first handler holds the stop Event's lock: CI once saw a worker hang
+# for ever there. The script forces that moment: its Event raises SIGTERM inside set(), under the
+# lock, and raise_signal() runs the handler at once, nested in the first.
+_NESTED_SIGNAL_SCRIPT = """
+import signal, threading
+from ddml_common.cli import stop_on_signals
+
+class SecondSignalUnderTheLock(threading.Event):
+    def set(self):
+        with self._cond:
+            if not getattr(self, "raised", False):
+                self.raised = True
+                signal.raise_signal(signal.SIGTERM)
+            self._flag = True
+            self._cond.notify_all()
+
+stop = SecondSignalUnderTheLock()
+stop_on_signals(stop)
+signal.raise_signal(signal.SIGTERM)
+print("stopped" if stop.wait(5) else "not stopped")
+"""
+
+
+def test_a_signal_inside_the_stop_handler_neither_deadlocks_nor_is_lost():
+    done = subprocess.run([sys.executable, "-c", _NESTED_SIGNAL_SCRIPT], cwd=REPO, capture_output=True,
+                          text=True, timeout=20)
+    assert (done.returncode, done.stdout.strip()) == (0, "stopped"), done.stderr
