@@ -201,7 +201,8 @@ class Batcher:
                     and (self._continuous_room(w, added_batches.get(w.worker_id, 0),
                                                added_items.get(w.worker_id, 0), isolated) > 0
                          if w.max_inputs else
-                         self._has_credit(w, len(w.in_flight) + added_batches.get(w.worker_id, 0), queued))
+                         self._has_credit(w, len(w.in_flight) + added_batches.get(w.worker_id, 0), queued,
+                                          isolated))
                 ]
                 if not candidates:
                     break
@@ -236,6 +237,8 @@ class Batcher:
                 items = self._take(levels, worker.max_batch_size)
                 if not items:
                     break
+                if isolated:  # nothing may join it: count the worker full for this round
+                    added_batches[worker.worker_id] = worker.max_batches
                 added_batches[worker.worker_id] = added_batches.get(worker.worker_id, 0) + 1
                 added_items[worker.worker_id] = added_items.get(worker.worker_id, 0) + len(items)
                 dispatches.append(Dispatch(worker.worker_id, model, items))
@@ -289,13 +292,22 @@ class Batcher:
             self._queued_requests[request.model] -= 1
 
     @staticmethod
-    def _has_credit(worker: WorkerView, held_batches: int, queued_items: float) -> bool:
+    def _has_credit(worker: WorkerView, held_batches: int, queued_items: float, isolated: bool = False) -> bool:
         """An idle worker takes any batch at once. A worker already computing one takes a second
         (to pipeline) only when a full batch is waiting: handing it a part-batch early would cut
         what arrives next into small batches (at concurrency 64 on a CPU: sizes 1, 4, 59, 1, 4,
         59, ...), while holding it lets it grow until the worker frees up. That bounds the extra
-        wait by one batch's compute time."""
+        wait by one batch's compute time.
+
+        An isolated input (its batch failed, or its worker died under it) is quarantined, as on a
+        continuous worker: it goes only to an idle worker, which takes nothing more until it is
+        answered. A bystander queued behind a poison input that hangs would otherwise be lost with
+        that worker a second time, and fail as poison itself (seen in the chaos test)."""
         if held_batches >= worker.max_batches:
+            return False
+        if isolated:
+            return held_batches == 0
+        if any(batch.isolated for batch in worker.in_flight.values()):
             return False
         return held_batches == 0 or queued_items >= worker.max_batch_size
 

@@ -13,9 +13,9 @@ the reply the core hands to `send`, and every input from its first dispatch to e
 5. the core's state stays bounded and consistent: the requests it holds are those accepted and
    unanswered, each missing output is queued or in flight exactly once, the batcher's counters
    match its queues, registered workers are reachable or about to be dropped;
-6. continuous batching: the core never has more unanswered inputs at a worker than its max_inputs,
-   nor an isolated input at a worker together with any other batch; each batch's pending count is
-   its unanswered inputs; a continuous worker (which serves one broker here) is never sent more
+6. an isolated input is never at a worker together with any other batch (whatever the worker's
+   kind); continuous batching: the core never has more unanswered inputs at a worker than its
+   max_inputs; each batch's pending count is its unanswered inputs; a continuous worker (which serves one broker here) is never sent more
    than it may hold (it would refuse BUSY); an isolated input never shares a forward pass with
    another input from the same broker; a pass execution counts for every input in it (held
    inputs dropped or lost unstarted do not), within max_attempts (invariant 3);
@@ -348,6 +348,8 @@ class Ledger:
         if len(core._deadlines) > 4 * len(core._requests) + 1024 + 1:
             self.fail(f"deadline heap holds {len(core._deadlines)} entries for {len(core._requests)} requests")
         for worker in core._workers:
+            if worker.in_flight:
+                self._check_quarantine(worker)
             if worker.max_inputs and worker.in_flight:
                 self._check_continuous(worker)
         batcher = core._batcher
@@ -365,6 +367,11 @@ class Ledger:
         if pending > worker.max_inputs:
             self.fail(f"the broker has {pending} unanswered inputs at worker {worker.worker_id!r}, "
                       f"past its max_inputs {worker.max_inputs} (batches {sorted(in_flight)})")
+
+    def _check_quarantine(self, worker) -> None:
+        """Invariant 6, for every kind of worker: an isolated input is alone at its worker. (Queued
+        behind a poison input that hangs, a bystander is lost with it a second time, and fails.)"""
+        in_flight = worker.in_flight
         if len(in_flight) > 1 and any(batch.isolated for batch in in_flight.values()):
             self.fail(f"worker {worker.worker_id!r} has an isolated input in flight together with other batches: "
                       + ", ".join(f"{b.batch_id} ({len(b.items)} inputs{', isolated' if b.isolated else ''})"

@@ -26,6 +26,12 @@ class Worker:
         return self.busy_items
 
 
+@dataclass
+class HeldBatch:
+    """A batch a worker holds, as far as batching looks at it."""
+    isolated: bool = False
+
+
 def request(request_id: str, n: int = 1, now: float = 0.0, model: str = "m", priority: int = 0,
             sizes: list | None = None) -> PendingRequest:
     return PendingRequest(b"gw", request_id, model, [request_id.encode()] * n, sizes or [], priority,
@@ -46,7 +52,7 @@ def test_lone_request_goes_out_at_once_with_no_timer():
 
 def test_batches_grow_while_workers_are_busy():
     batcher = Batcher(BatchingConfig())
-    busy = Worker(b"w1", in_flight={1: object()})
+    busy = Worker(b"w1", in_flight={1: HeldBatch()})
     for i in range(5):
         batcher.add(request(f"r{i}"), now=0.0)
     assert batcher.assign([busy], now=0.0) == []
@@ -188,7 +194,7 @@ def test_one_worker_with_room_for_two_batches_gets_two():
 
 def test_busy_worker_gets_a_second_batch_only_when_a_full_one_waits():
     batcher = Batcher(BatchingConfig())
-    computing = Worker(b"w1", max_batch_size=4, max_batches=2, in_flight={1: object()})
+    computing = Worker(b"w1", max_batch_size=4, max_batches=2, in_flight={1: HeldBatch()})
     for i in range(3):
         batcher.add(request(f"r{i}"), now=0.0)
     assert batcher.assign([computing], now=0.0) == []  # a part-batch keeps growing instead
@@ -212,11 +218,41 @@ def test_isolated_items_travel_alone():
         item.isolated = True
     batcher.requeue(first.items)
     batcher.add(request("b", n=2), now=1.0)
+    # Each isolated item goes alone, to an idle worker, and nothing joins it there.
     dispatches = batcher.assign([Worker(b"w1", max_batches=4)], now=1.0)
-    # Each isolated item goes alone and at once; b's part-batch then waits for the busy worker.
-    assert [ids(d) for d in dispatches] == [[("a", 0)], [("a", 1)]]
-    [rest] = batcher.assign([Worker(b"w1", max_batches=4)], now=1.1)
+    assert [ids(d) for d in dispatches] == [[("a", 0)]]
+    [second] = batcher.assign([Worker(b"w1", max_batches=4)], now=1.1)
+    assert ids(second) == [("a", 1)]
+    [rest] = batcher.assign([Worker(b"w1", max_batches=4)], now=1.2)
     assert ids(rest) == [("b", 0), ("b", 1)]
+
+
+def isolate_head(batcher: Batcher, n: int) -> None:
+    """Queue a request of n inputs and mark them isolated, as after their batch failed."""
+    batcher.add(request("a", n=n), now=0.0)
+    [first] = batcher.assign([Worker(b"w0", max_batch_size=n)], now=0.0)
+    for item in first.items:
+        item.isolated = True
+    batcher.requeue(first.items)
+
+
+def test_an_isolated_item_waits_for_an_idle_batch_worker_not_a_busy_one_with_credit():
+    batcher = Batcher(BatchingConfig())
+    isolate_head(batcher, 1)
+    busy = Worker(b"busy", max_batches=2, in_flight={1: HeldBatch()}, busy_items=8)
+    assert batcher.assign([busy], now=1.0) == [], "a hung batch ahead of it would take it down too"
+    [alone] = batcher.assign([busy, Worker(b"idle", max_batches=2)], now=1.0)
+    assert (alone.worker_id, ids(alone)) == (b"idle", [("a", 0)])
+
+
+def test_a_batch_worker_holding_an_isolated_input_takes_nothing_more_even_a_full_batch():
+    batcher = Batcher(BatchingConfig())
+    for i in range(8):
+        batcher.add(request(f"r{i}"), now=0.0)
+    quarantined = Worker(b"w1", max_batches=4, in_flight={1: HeldBatch(isolated=True)}, busy_items=1)
+    assert batcher.assign([quarantined], now=1.0) == []
+    [dispatch] = batcher.assign([quarantined, Worker(b"w2")], now=1.0)
+    assert dispatch.worker_id == b"w2" and len(dispatch.items) == 8
 
 
 def test_idle_worker_waits_for_its_last_batch_to_refill_then_goes():
