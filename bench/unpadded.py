@@ -29,6 +29,9 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=20, help="passes per size and model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--linear", action="store_true",
+                        help="compare unpadded passes with torch's products (MKL on a CPU) against oneDNN's, "
+                             "instead of padded against unpadded")
     args = parser.parse_args()
 
     import torch
@@ -36,14 +39,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = {}
     for setting in ("off", "auto"):
-        unpadded = "on" if setting == "auto" and args.device.startswith("cuda") else setting
+        unpadded = "on" if (setting == "auto" and args.device.startswith("cuda")) or args.linear else setting
         model = HFTextModel(device=args.device, model_path=str(default_model_path()), unpadded=unpadded)
         model.init_model()
         models[setting] = model
     assert models["auto"].padded is False, "unpadded passes are not in use: see the worker's log note"
+    names = ("padded", "unpadded")
+    if args.linear:
+        from worker.models.unpadded import unpadded_encoder
+
+        models["off"]._unpadded = unpadded_encoder(models["off"].model, onednn=False)
+        assert models["auto"]._unpadded.linear_kind == "oneDNN", "oneDNN's products are not in use here"
+        names = ("torch linear", "oneDNN linear")
     prepared = models["off"].prepare(sentences(2000, seed=1))
     rng = random.Random(args.seed)
-    print(f"| inputs a pass | padded ms (per input) | unpadded ms (per input) | padded ÷ unpadded |  "
+    print(f"| inputs a pass | {names[0]} ms (per input) | {names[1]} ms (per input) | ÷ |  "
           f"({args.device}, {args.threads} torch thread(s))\n|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
         times: dict[str, list[float]] = {"off": [], "auto": []}

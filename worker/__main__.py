@@ -93,6 +93,11 @@ def build_parser() -> Parser:
                              "padding (attention alone is padded), so that a pass of random lengths costs what its "
                              "tokens cost. BERT encoders only (MiniLM, BGE, E5, BERT cross-encoders), checked "
                              "against the model's own forward pass at load. auto = on a CPU")
+    parser.add_argument("--onednn", choices=("auto", "off"), default="auto",
+                        help="unpadded passes on a CPU: run their matrix products (and the feed-forward's GELU, "
+                             "fused) through oneDNN, 5-10% faster than torch's MKL products on the AVX-512 CPUs "
+                             "we measured, for passes of 64 tokens or more; checked against the model at load, "
+                             "and off where this torch lacks them. off = torch's own products")
     parser.add_argument("--heartbeat-interval-ms", type=float, default=1000.0, help="heartbeat period")
     parser.add_argument("--liveness", type=int, default=3,
                         help="silent broker intervals before reconnecting")
@@ -116,7 +121,7 @@ def config_from_args(args) -> WorkerConfig:
     options = (
         {"max_length": args.max_length, "max_chunk": args.chunk_size, "chunk_tokens": args.chunk_tokens,
          "pooling": args.pooling, "dtype": args.dtype, "revision": args.revision, "auto_truncate": args.auto_truncate,
-         "unpadded": args.unpadded}
+         "unpadded": args.unpadded, "onednn": args.onednn}
         if not args.handler and (args.model != "echo" or args.model_path) else {}
     )
     return WorkerConfig(

@@ -163,19 +163,24 @@ def test_two_compute_lanes_and_the_intake_thread_give_the_vectors_of_one_thread(
 # ------------------------------------------------------------------ passes without padding
 
 
+@pytest.mark.parametrize("products", ["oneDNN", "torch"])
 @pytest.mark.parametrize("attention", ["one input at a time", "padded"])
 @pytest.mark.parametrize("task", ["embedding", "classification", "rerank"])
-def test_unpadded_passes_give_the_outputs_of_padded_ones(task, attention, tiny_st_mean, tiny_bert_classifier,
-                                                         tiny_cross_encoder, monkeypatch):
+def test_unpadded_passes_give_the_outputs_of_padded_ones(task, attention, products, tiny_st_mean,
+                                                         tiny_bert_classifier, tiny_cross_encoder, monkeypatch):
     from hypothesis import given, settings, strategies as st
 
     from worker.models import unpadded as unpadded_module
 
     if attention == "padded":  # as in a pass of more than ATTENTION_LOOP_MOST inputs
         monkeypatch.setattr(unpadded_module, "ATTENTION_LOOP_MOST", 0)
+    if products == "oneDNN":  # every pass, however few its tokens, with its rows rounded up
+        monkeypatch.setattr(unpadded_module, "ONEDNN_LEAST_ROWS", 1)
     path = {"embedding": tiny_st_mean, "classification": tiny_bert_classifier, "rerank": tiny_cross_encoder}[task]
-    unpadded, padded = served(path, task=task), served(path, task=task, unpadded="off")
+    unpadded = served(path, task=task, onednn="auto" if products == "oneDNN" else "off")
+    padded = served(path, task=task, unpadded="off")
     assert unpadded._unpadded is not None and padded._unpadded is None  # auto: on, on a CPU
+    assert unpadded._unpadded.linear_kind == products
     text = st.lists(st.sampled_from(WORDS), min_size=0, max_size=30).map(" ".join)
     one = st.tuples(text, text).map(list) if task == "rerank" else text
 
@@ -194,6 +199,24 @@ def test_unpadded_passes_give_the_outputs_of_padded_ones(task, attention, tiny_s
                                    atol=1e-5, rtol=1e-5)
 
     same_outputs()
+
+
+def test_onednn_products_that_disagree_with_the_model_give_way_to_torchs(tiny_st_mean, monkeypatch, caplog):
+    import torch
+
+    from worker.models import unpadded as unpadded_module
+
+    def off_by_a_little(torch_module):
+        def linear(x, weight, bias, activation="none"):
+            out = torch.nn.functional.linear(x, weight, bias) * 1.01
+            return torch.nn.functional.gelu(out) if activation == "gelu" else out
+        return linear
+
+    monkeypatch.setattr(unpadded_module, "onednn_linear", off_by_a_little)
+    with caplog.at_level("WARNING"):
+        model = served(tiny_st_mean)
+    assert model._unpadded is not None and model._unpadded.linear_kind == "torch"
+    assert "oneDNN's products disagree" in caplog.text
 
 
 def test_models_unpadded_passes_do_not_know_run_padded(tiny_bert, tmp_path):

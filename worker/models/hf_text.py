@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("embedding", "classification", "rerank")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 UNPADDED = ("auto", "on", "off")
+ONEDNN = ("auto", "off")
 _INPUT_OPTIONS = ("truncate", "count_tokens")
 _NO_TOKENIZER_LIMIT = 1 << 30  # a tokenizer's model_max_length above this means "not set"
 
@@ -92,6 +93,7 @@ class HFTextModel(Manager):
         revision: str | None = None,
         auto_truncate: bool = False,
         unpadded: str = "auto",
+        onednn: str = "auto",
         **options,
     ):
         super().__init__(device=device, **options)
@@ -107,6 +109,8 @@ class HFTextModel(Manager):
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if unpadded not in UNPADDED:
             raise ValueError(f"unpadded must be one of {', '.join(UNPADDED)}, got {unpadded!r}")
+        if onednn not in ONEDNN:
+            raise ValueError(f"onednn must be one of {', '.join(ONEDNN)}, got {onednn!r}")
         if pooling and task != "embedding":
             raise ValueError(f"--pooling applies to --task embedding, not {task}")
         self.model_path = model_path
@@ -116,6 +120,7 @@ class HFTextModel(Manager):
         self.pooling_override = parse_pooling(pooling) if pooling else None
         self.auto_truncate = auto_truncate  # truncate over-long inputs that do not say otherwise
         self.unpadded = unpadded  # auto: passes without padding on a CPU, for the models unpadded.py knows
+        self.onednn = onednn  # auto: unpadded passes use oneDNN's products on a CPU, where torch has them
         self._unpadded = None  # the UnpaddedBert in use, set by init_model()
         # Per forward pass: inputs, and padded tokens; 0 = what suits the device (_CHUNKING).
         self.chunk_tokens = chunk_tokens
@@ -216,8 +221,12 @@ class HFTextModel(Manager):
             from worker.models.unpadded import unpadded_encoder
 
             try:
-                encoder = unpadded_encoder(self.model)
+                encoder = unpadded_encoder(self.model, onednn=self.onednn == "auto")
                 gap = self._unpadded_gap(encoder) if encoder is not None else 0.0
+                if encoder is not None and encoder.linear_kind == "oneDNN" and not gap <= self._tolerance(dtype):
+                    logger.warning("oneDNN's products disagree with %s by %.2g: using torch's", self.model_path, gap)
+                    encoder = unpadded_encoder(self.model, onednn=False)
+                    gap = self._unpadded_gap(encoder)
             except Exception:  # a transformers version whose BERT differs from what unpadded.py reads
                 logger.warning("passes without padding failed on %s: running padded passes", self.model_path,
                                exc_info=True)
@@ -228,12 +237,16 @@ class HFTextModel(Manager):
             if self.unpadded == "on":
                 logger.warning("--unpadded on: %s", note)
             return None, note
-        tolerance = 1e-4 if dtype == self._torch.float32 else 5e-2
+        tolerance = self._tolerance(dtype)
         if not gap <= tolerance:
             logger.warning("passes without padding disagree with %s by %.2g (more than %g): running padded passes",
                            self.model_path, gap, tolerance)
             return None, "padded passes (unpadded ones disagreed with the model)"
-        return encoder, "passes without padding"
+        return encoder, "passes without padding" + (", products by oneDNN" if encoder.linear_kind == "oneDNN" else "")
+
+    def _tolerance(self, dtype) -> float:
+        """How far unpadded outputs may be from the model's own (relative to their largest value)."""
+        return 1e-4 if dtype == self._torch.float32 else 5e-2
 
     def _unpadded_gap(self, encoder) -> float:
         """The largest difference of unpadded outputs from the model's own, relative to their largest
@@ -242,7 +255,11 @@ class HFTextModel(Manager):
         inputs = [{"query": text, "document": text, "truncate": True} if self.task == "rerank"
                   else {"text": text, "truncate": True} for text in texts]
         features = [prepared.features for prepared in self.prepare(inputs)]
-        return max(self._gap(encoder, features), self._gap(encoder, features[1:2]))
+        from worker.models.unpadded import ONEDNN_LEAST_ROWS
+
+        # And a pass of enough tokens to run on oneDNN's products, if the encoder uses them.
+        many = features * (ONEDNN_LEAST_ROWS // sum(len(f["input_ids"]) for f in features) + 1)
+        return max(self._gap(encoder, features), self._gap(encoder, features[1:2]), self._gap(encoder, many))
 
     def _gap(self, encoder, features: list[dict]) -> float:
         torch = self._torch
