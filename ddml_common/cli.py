@@ -314,6 +314,10 @@ def stop_on_signals(stop: threading.Event, signums=(signal.SIGTERM, signal.SIGIN
     that lock runs a handler that waits for it for ever: the process then ignores every later
     SIGTERM too. (Seen in CI: a test sent SIGTERM twice, a moment apart.) Only the first signal
     calls set(); a handler nested in it, or any later one, returns at once.
+
+    The first handler may still run while the main thread holds that lock itself, and wait for
+    it for ever: so the main thread must only read stop.is_set() (which takes no lock), never
+    call stop.wait(). Other threads may wait on it.
     """
     seen: list[int] = []
 

@@ -29,6 +29,7 @@ from worker.models import create_handler
 logger = logging.getLogger("worker")
 
 _RESTART_BACKOFF_S = (1.0, 30.0)  # first and largest delay before restarting a dead worker process
+_SUPERVISE_TICK_S = 0.2  # how often the supervisor looks at its processes and at the stop flag
 
 
 def resolve_device(config: WorkerConfig) -> str:
@@ -202,7 +203,12 @@ def supervise(config: WorkerConfig, num_workers: int, cuda_devices: list[str], l
 
     for slot in slots:
         start(slot)
-    while not stop.wait(0.5):
+    # stop.is_set() and a sleep, never stop.wait(): Event.wait() holds the Event's lock across
+    # Python calls, and a SIGTERM handled there would wait for that lock for ever (stop_on_signals).
+    while True:
+        time.sleep(_SUPERVISE_TICK_S)
+        if stop.is_set():
+            break
         now = time.monotonic()
         for slot in slots:
             process = slot["process"]
@@ -218,6 +224,7 @@ def supervise(config: WorkerConfig, num_workers: int, cuda_devices: list[str], l
                 slot["restart_at"] = 0.0
                 slot["backoff_s"] = min(slot["backoff_s"] * 2, _RESTART_BACKOFF_S[1])
                 start(slot)
+    logger.info("stopping %d worker process(es)", sum(slot["process"].is_alive() for slot in slots))
     for slot in slots:
         if slot["process"].is_alive():
             os.kill(slot["process"].pid, signal.SIGTERM)
