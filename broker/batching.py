@@ -189,15 +189,22 @@ class Batcher:
         added_batches: dict[bytes, int] = {}
         added_items: dict[bytes, int] = {}
         dispatches = []
+        # An isolated input waits for a worker that holds nothing. While one waits, the workers that
+        # serve its model take no other model's inputs, idle or not, so that one drains for it (a
+        # worker may serve several models, a pinned version among them).
+        waiting = {model for model, levels in self._queues.items() if self._head_isolated(levels)}
         for model, levels in self._queues.items():
             while any(levels.values()):
                 # Holding a part-batch pays only if it can grow: not when the next item travels alone.
                 isolated = self._head_isolated(levels)
+                if not isolated:
+                    waiting.discard(model)  # its isolated inputs have found workers
                 queued = math.inf if isolated else sum(len(q) for q in levels.values())
                 candidates = [
                     w
                     for w in workers
                     if model in w.models
+                    and (isolated or not waiting or w.models.isdisjoint(waiting))
                     and (self._continuous_room(w, added_batches.get(w.worker_id, 0),
                                                added_items.get(w.worker_id, 0), isolated) > 0
                          if w.max_inputs else
@@ -219,10 +226,10 @@ class Batcher:
                     items = self._take(levels, min(room, worker.max_batch_size))
                     if not items:
                         break
-                    if isolated:  # nothing may join it: count the worker full for this round
-                        added_items[worker.worker_id] = added_items.get(worker.worker_id, 0) + worker.max_inputs
                     added_batches[worker.worker_id] = added_batches.get(worker.worker_id, 0) + 1
                     added_items[worker.worker_id] = added_items.get(worker.worker_id, 0) + len(items)
+                    if isolated:  # nothing may join it: count the worker full for this round
+                        added_items[worker.worker_id] = worker.max_inputs
                     dispatches.append(Dispatch(worker.worker_id, model, items))
                     continue
                 held = len(worker.in_flight) + added_batches.get(worker.worker_id, 0)
@@ -237,10 +244,10 @@ class Batcher:
                 items = self._take(levels, worker.max_batch_size)
                 if not items:
                     break
-                if isolated:  # nothing may join it: count the worker full for this round
-                    added_batches[worker.worker_id] = worker.max_batches
                 added_batches[worker.worker_id] = added_batches.get(worker.worker_id, 0) + 1
                 added_items[worker.worker_id] = added_items.get(worker.worker_id, 0) + len(items)
+                if isolated:  # nothing may join it: count the worker full for this round
+                    added_batches[worker.worker_id] = worker.max_batches
                 dispatches.append(Dispatch(worker.worker_id, model, items))
         return dispatches
 

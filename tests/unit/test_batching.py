@@ -245,6 +245,38 @@ def test_an_isolated_item_waits_for_an_idle_batch_worker_not_a_busy_one_with_cre
     assert (alone.worker_id, ids(alone)) == (b"idle", [("a", 0)])
 
 
+def test_workers_of_a_model_with_an_isolated_input_waiting_drain_for_it_rather_than_take_other_models():
+    """A worker serving two models: while model m's isolated input waits for an idle worker, the
+    worker takes no second batch of y, full though it is; once idle, m's input goes to it, even
+    though y comes first in the batcher's order."""
+    batcher = Batcher(BatchingConfig())
+    for i in range(8):  # y's queue comes first in the batcher's order
+        batcher.add(request(f"y{i}", model="y"), now=0.0)
+    isolate_head(batcher, 1)  # model "m"
+    both = frozenset({"m", "y"})
+    busy = Worker(b"w1", models=both, max_batches=2, in_flight={1: HeldBatch()}, busy_items=8)
+    assert batcher.assign([busy], now=1.0) == [], "a second y batch would keep it busy for ever"
+    other = Worker(b"w2", models=frozenset({"y"}), max_batches=2, in_flight={1: HeldBatch()}, busy_items=8)
+    [y_batch] = batcher.assign([busy, other], now=1.0)
+    assert y_batch.worker_id == b"w2", "a worker that does not serve m goes on as before"
+    for i in range(8):
+        batcher.add(request(f"z{i}", model="y"), now=1.0)
+    first, *rest = batcher.assign([Worker(b"w1", models=both, max_batches=2)], now=1.1)
+    assert (first.worker_id, ids(first)) == (b"w1", [("a", 0)])
+    assert rest == [], "nothing joins the isolated input"
+
+
+def test_a_continuous_worker_drains_for_another_models_isolated_input_too():
+    batcher = Batcher(BatchingConfig())
+    isolate_head(batcher, 1)
+    batcher.add(request("y0", model="y"), now=0.5)
+    both = frozenset({"m", "y"})
+    holding = Worker(b"w1", models=both, max_inputs=64, max_batch_size=16, in_flight={1: HeldBatch()}, busy_items=4)
+    assert batcher.assign([holding], now=1.0) == []
+    first, *rest = batcher.assign([Worker(b"w1", models=both, max_inputs=64, max_batch_size=16)], now=1.1)
+    assert ids(first) == [("a", 0)] and rest == []
+
+
 def test_a_batch_worker_holding_an_isolated_input_takes_nothing_more_even_a_full_batch():
     batcher = Batcher(BatchingConfig())
     for i in range(8):
