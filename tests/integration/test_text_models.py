@@ -175,6 +175,10 @@ def test_unpadded_passes_give_the_outputs_of_padded_ones(task, attention, produc
     if attention == "padded":  # as in a pass of more than ATTENTION_LOOP_MOST inputs
         monkeypatch.setattr(unpadded_module, "ATTENTION_LOOP_MOST", 0)
     if products == "oneDNN":  # every pass, however few its tokens, with its rows rounded up
+        import torch
+
+        if unpadded_module.onednn_linear(torch) is None:
+            pytest.skip("this torch has no oneDNN linear")
         monkeypatch.setattr(unpadded_module, "ONEDNN_LEAST_ROWS", 1)
     path = {"embedding": tiny_st_mean, "classification": tiny_bert_classifier, "rerank": tiny_cross_encoder}[task]
     unpadded = served(path, task=task, onednn="auto" if products == "oneDNN" else "off")
@@ -217,6 +221,21 @@ def test_onednn_products_that_disagree_with_the_model_give_way_to_torchs(tiny_st
         model = served(tiny_st_mean)
     assert model._unpadded is not None and model._unpadded.linear_kind == "torch"
     assert "oneDNN's products disagree" in caplog.text
+
+
+def test_onednn_products_that_fail_at_load_give_way_to_torchs(tiny_st_mean, monkeypatch, caplog):
+    from worker.models import unpadded as unpadded_module
+
+    def raises_on_real_shapes(torch_module):
+        def linear(x, weight, bias, activation="none"):
+            raise RuntimeError("no primitive for this shape")
+        return linear
+
+    monkeypatch.setattr(unpadded_module, "onednn_linear", raises_on_real_shapes)
+    with caplog.at_level("WARNING"):
+        model = served(tiny_st_mean)
+    assert model._unpadded is not None and model._unpadded.linear_kind == "torch"
+    assert "oneDNN's products failed" in caplog.text
 
 
 def test_models_unpadded_passes_do_not_know_run_padded(tiny_bert, tmp_path):

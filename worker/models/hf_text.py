@@ -221,12 +221,10 @@ class HFTextModel(Manager):
             from worker.models.unpadded import unpadded_encoder
 
             try:
-                encoder = unpadded_encoder(self.model, onednn=self.onednn == "auto")
-                gap = self._unpadded_gap(encoder) if encoder is not None else 0.0
-                if encoder is not None and encoder.linear_kind == "oneDNN" and not gap <= self._tolerance(dtype):
-                    logger.warning("oneDNN's products disagree with %s by %.2g: using torch's", self.model_path, gap)
+                encoder, gap = self._onednn_encoder(dtype) if self.onednn == "auto" else (None, 0.0)
+                if encoder is None:
                     encoder = unpadded_encoder(self.model, onednn=False)
-                    gap = self._unpadded_gap(encoder)
+                    gap = self._unpadded_gap(encoder) if encoder is not None else 0.0
             except Exception:  # a transformers version whose BERT differs from what unpadded.py reads
                 logger.warning("passes without padding failed on %s: running padded passes", self.model_path,
                                exc_info=True)
@@ -244,21 +242,43 @@ class HFTextModel(Manager):
             return None, "padded passes (unpadded ones disagreed with the model)"
         return encoder, "passes without padding" + (", products by oneDNN" if encoder.linear_kind == "oneDNN" else "")
 
+    def _onednn_encoder(self, dtype) -> tuple:
+        """An UnpaddedBert on oneDNN's products and its gap from the model, if it is one and agrees
+        with the model; else (None, 0.0), and torch's products are tried."""
+        from worker.models.unpadded import unpadded_encoder
+
+        try:
+            encoder = unpadded_encoder(self.model, onednn=True)
+            if encoder is None or encoder.linear_kind != "oneDNN":
+                return None, 0.0
+            gap = self._unpadded_gap(encoder)
+        except Exception:  # a shape or a build of torch the probe did not meet
+            logger.warning("oneDNN's products failed on %s: using torch's", self.model_path, exc_info=True)
+            return None, 0.0
+        if not gap <= self._tolerance(dtype):
+            logger.warning("oneDNN's products disagree with %s by %.2g: using torch's", self.model_path, gap)
+            return None, 0.0
+        return encoder, gap
+
     def _tolerance(self, dtype) -> float:
         """How far unpadded outputs may be from the model's own (relative to their largest value)."""
         return 1e-4 if dtype == self._torch.float32 else 5e-2
 
     def _unpadded_gap(self, encoder) -> float:
         """The largest difference of unpadded outputs from the model's own, relative to their largest
-        value, for three inputs of different lengths together and for one alone."""
+        value, for three inputs of different lengths together, for one alone, and for a pass of
+        over ONEDNN_LEAST_ROWS tokens."""
         texts = ["a", "a somewhat longer text, of several words and a comma", "two words"]
         inputs = [{"query": text, "document": text, "truncate": True} if self.task == "rerank"
                   else {"text": text, "truncate": True} for text in texts]
         features = [prepared.features for prepared in self.prepare(inputs)]
-        from worker.models.unpadded import ONEDNN_LEAST_ROWS
+        from worker.models.unpadded import ONEDNN_LEAST_ROWS, ROWS_MULTIPLE
 
-        # And a pass of enough tokens to run on oneDNN's products, if the encoder uses them.
+        # And a pass of enough tokens to run on oneDNN's products, if the encoder uses them, with a
+        # token count that is not a multiple of ROWS_MULTIPLE, so that its rounding runs too.
         many = features * (ONEDNN_LEAST_ROWS // sum(len(f["input_ids"]) for f in features) + 1)
+        if sum(len(f["input_ids"]) for f in many) % ROWS_MULTIPLE == 0:
+            many.append(features[0])
         return max(self._gap(encoder, features), self._gap(encoder, features[1:2]), self._gap(encoder, many))
 
     def _gap(self, encoder, features: list[dict]) -> float:

@@ -156,7 +156,8 @@ class UnpaddedBert:
         fuse_gelu = onednn and self._fuse_gelu
         # oneDNN builds a product for each shape it meets (about 1 ms each) and keeps the last 1024:
         # token counts rounded up to a multiple of ROWS_MULTIPLE keep a worker's shapes few, so it
-        # builds them once. The extra rows are zeros, never read back.
+        # builds them once. The extra rows (token 0 at position 0) are never read back: attention
+        # and the result take the first `total` rows.
         extra = -total % ROWS_MULTIPLE if onednn else 0
         if extra:
             ids, types, positions = (torch.cat([t, t.new_zeros(extra)]) for t in (ids, types, positions))
