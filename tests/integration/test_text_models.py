@@ -205,37 +205,27 @@ def test_unpadded_passes_give_the_outputs_of_padded_ones(task, attention, produc
     same_outputs()
 
 
-def test_onednn_products_that_disagree_with_the_model_give_way_to_torchs(tiny_st_mean, monkeypatch, caplog):
+@pytest.mark.parametrize("fault, logged", [("disagrees", "oneDNN's products disagree"),
+                                           ("raises", "oneDNN's products failed")])
+def test_onednn_products_that_disagree_or_fail_at_load_give_way_to_torchs(tiny_st_mean, monkeypatch, caplog,
+                                                                          fault, logged):
     import torch
 
     from worker.models import unpadded as unpadded_module
 
-    def off_by_a_little(torch_module):
+    def faulty(torch_module):
         def linear(x, weight, bias, activation="none"):
+            if fault == "raises":
+                raise RuntimeError("no primitive for this shape")
             out = torch.nn.functional.linear(x, weight, bias) * 1.01
             return torch.nn.functional.gelu(out) if activation == "gelu" else out
         return linear
 
-    monkeypatch.setattr(unpadded_module, "onednn_linear", off_by_a_little)
+    monkeypatch.setattr(unpadded_module, "onednn_linear", faulty)
     with caplog.at_level("WARNING"):
         model = served(tiny_st_mean)
-    assert model._unpadded is not None and model._unpadded.linear_kind == "torch"
-    assert "oneDNN's products disagree" in caplog.text
-
-
-def test_onednn_products_that_fail_at_load_give_way_to_torchs(tiny_st_mean, monkeypatch, caplog):
-    from worker.models import unpadded as unpadded_module
-
-    def raises_on_real_shapes(torch_module):
-        def linear(x, weight, bias, activation="none"):
-            raise RuntimeError("no primitive for this shape")
-        return linear
-
-    monkeypatch.setattr(unpadded_module, "onednn_linear", raises_on_real_shapes)
-    with caplog.at_level("WARNING"):
-        model = served(tiny_st_mean)
-    assert model._unpadded is not None and model._unpadded.linear_kind == "torch"
-    assert "oneDNN's products failed" in caplog.text
+    assert model._unpadded is not None and model._unpadded.linear_kind == "torch"  # unpadded still
+    assert logged in caplog.text
 
 
 def test_models_unpadded_passes_do_not_know_run_padded(tiny_bert, tmp_path):
