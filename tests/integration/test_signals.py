@@ -97,8 +97,8 @@ def sigterm_stream(process: Process, stopping: str) -> None:
 def test_worker_stops_on_a_stream_of_sigterms(stack, flags):
     """CI saw a worker hang after two SIGTERMs a moment apart: the second handler ran inside the
     first, while it held the lock of the stop Event, and waited for that lock for ever. Without
-    the fix the stream hangs the batch and continuous workers about one run in three (the unit
-    test in test_cli_config.py forces it every time). The supervisor's main thread used to sit in
+    the fix the stream hung a worker or the broker in 1 of 9 runs (the unit test in
+    test_cli_config.py forces it every time). The supervisor's main thread used to sit in
     stop.wait(), which holds that lock for a moment in every 0.5 s: too narrow a window for a
     stream to hit, so its case guards the path rather than proving the fix."""
     stack.start_broker()
