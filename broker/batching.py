@@ -314,9 +314,14 @@ class Batcher:
             return False
         if isolated:
             return held_batches == 0
-        if any(batch.isolated for batch in worker.in_flight.values()):
+        if Batcher._holds_isolated(worker):
             return False
         return held_batches == 0 or queued_items >= worker.max_batch_size
+
+    @staticmethod
+    def _holds_isolated(worker: WorkerView) -> bool:
+        """The worker runs a quarantined (isolated) input: it takes nothing more until it answers."""
+        return any(batch.isolated for batch in worker.in_flight.values())
 
     @staticmethod
     def _continuous_room(worker: WorkerView, added_batches: int, added_items: int, isolated: bool) -> int:
@@ -327,7 +332,7 @@ class Batcher:
         input from its bystanders: it goes only to a worker that holds nothing, and that worker then
         takes nothing more until it is answered."""
         held_items = worker.in_flight_items + added_items
-        if any(batch.isolated for batch in worker.in_flight.values()):
+        if Batcher._holds_isolated(worker):
             return 0
         if isolated:
             return 1 if held_items == 0 and added_batches == 0 else 0

@@ -15,8 +15,8 @@ the reply the core hands to `send`, and every input from its first dispatch to e
    match its queues, registered workers are reachable or about to be dropped;
 6. an isolated input is never at a worker together with any other batch (whatever the worker's
    kind); continuous batching: the core never has more unanswered inputs at a worker than its
-   max_inputs; each batch's pending count is its unanswered inputs; a continuous worker (which serves one broker here) is never sent more
-   than it may hold (it would refuse BUSY); an isolated input never shares a forward pass with
+   max_inputs; each batch's pending count is its unanswered inputs; a continuous worker (which
+   serves one broker here) is never sent more than it may hold (it would refuse BUSY); an isolated input never shares a forward pass with
    another input from the same broker; a pass execution counts for every input in it (held
    inputs dropped or lost unstarted do not), within max_attempts (invariant 3);
 7. a request whose inputs are clean (no "raise", "error" or "invalid" poison) and that no rogue
