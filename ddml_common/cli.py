@@ -130,7 +130,9 @@ def _is_switch(action: argparse.Action) -> bool:
 
 class Parser(argparse.ArgumentParser):
     def __init__(self, prog: str, description: str, section: str | None = None):
-        super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        # allow_abbrev=False: a flag means only itself (argparse would read --pool as --pooling).
+        super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                         allow_abbrev=False)
         self.section = section or prog.removeprefix("ddml-")  # the TOML table, and the role in variable names
         self.add_argument("--version", action="version", version=f"{prog} {version()}")
         self.add_argument("--config", default=None,

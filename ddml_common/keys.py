@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(
         prog="ddml-keys",
+        allow_abbrev=False,  # a flag means only itself
         description="Make CurveZMQ key pairs. Give the broker its .key_secret, copy each worker's and "
                     "gateway's .key (public) into the broker's --authorized-workers / --authorized-clients "
                     "directory, and give every worker and gateway the broker's .key.",

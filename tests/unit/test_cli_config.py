@@ -199,6 +199,21 @@ def test_a_real_process_prints_the_line_alone_with_no_traceback():
                              "(expected an integer >= 1)\n")
 
 
+@pytest.mark.parametrize("module, flag, meant", [
+    ("broker", "--max-q", "--max-queue"), ("worker", "--pool", "--pooling"),
+    ("gateway", "--api-key", "--api-key-file"), ("gateway.status_cli", "--interval", "--interval-s"),
+    ("ddml_common.keys", "--vers", "--version"),
+])
+def test_a_flag_means_only_itself_never_a_longer_one_it_begins(capsys, module, flag, meant):
+    """argparse's prefix matching read `ddml-worker --pool` as `--pooling`: it is off on every command."""
+    main = main_of(module) if module != "ddml_common.keys" else __import__(module, fromlist=["main"]).main
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag, "1"] if module != "ddml_common.keys" else [flag, "generate", "/nonexistent", "name"])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.splitlines()[-1]  # ddml-keys prints argparse's usage line first
+    assert f"unrecognized arguments: {flag}" in line and meant not in line, line
+
+
 @pytest.mark.parametrize("command, module", [
     ("ddml-broker", "broker"), ("ddml-worker", "worker"), ("ddml-gateway", "gateway"),
     ("ddml-status", "gateway.status_cli"), ("ddml-keys", "ddml_common.keys"),
