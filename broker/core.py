@@ -364,7 +364,7 @@ class BrokerCore:
             self._fail_unanswered(batch, "worker sent a whole result for a batch it had answered in part", now)
             return
         if result.errors and len(result.errors) == len(batch.items) and all(
-                error[1] == ErrorCode.BUSY.value for error in result.errors):
+                error.code == ErrorCode.BUSY.value for error in result.errors):
             # Full with another broker's batches: not run, so back to the front of the queue as it was.
             self._workers.refused(worker_id, result.batch_id)
             self.stats["batches_refused_busy"] += 1
@@ -377,18 +377,18 @@ class BrokerCore:
         self._stats_for(batch.model).record_completion(len(batch.items), now)
         self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
         size = len(batch.items)
-        errors = {error[0]: error for error in result.errors}
+        errors = {error.index: error for error in result.errors}
         if len(result.outputs) != size or any(not 0 <= index < size for index in errors):
             self.stats["malformed_results"] += 1
             message = (f"worker returned {len(result.outputs)} outputs and errors at "
                        f"{sorted(errors)[:8]} for {size} inputs")
-            errors = {i: [i, ErrorCode.MODEL_ERROR.value, message] for i in range(size)}
+            errors = {i: protocol.InputFailure(i, ErrorCode.MODEL_ERROR.value, message) for i in range(size)}
         whole_batch_failed = size > 1 and len(errors) == size and all(
-            error[1] == ErrorCode.MODEL_ERROR.value for error in errors.values()
+            error.code == ErrorCode.MODEL_ERROR.value for error in errors.values()
         )
         if whole_batch_failed:
             # One input may have broken the batch for all: run each alone, so only the culprit fails.
-            self._retry_isolated(batch.items, f"its batch failed: {errors[0][2]}", now)
+            self._retry_isolated(batch.items, f"its batch failed: {errors[0].message}", now)
             return
         for position, item in enumerate(batch.items):
             if item.request.done:
@@ -411,7 +411,7 @@ class BrokerCore:
         if batch.answered is None:
             batch.answered = bytearray(size)
         answered = batch.answered
-        errors = {error[0]: error for error in result.errors}
+        errors = {error.index: error for error in result.errors}
         rerun = []
         fresh = 0
         for k, position in enumerate(result.indices):
@@ -424,8 +424,8 @@ class BrokerCore:
             if item.request.done:
                 continue
             error = errors.get(k)
-            if error is not None and error[1] == ErrorCode.PASS_FAILED.value:
-                rerun.append((item, error[2]))
+            if error is not None and error.code == ErrorCode.PASS_FAILED.value:
+                rerun.append((item, error.message))
                 continue
             self._answer(item, result.outputs[k], error, now, "pass")
         batch.pending -= fresh
@@ -439,13 +439,14 @@ class BrokerCore:
         self._workers.completed(worker.worker_id, batch.batch_id, compute_s, now)
         self.metrics.batch_latency.labels(batch.model).observe(compute_s)
 
-    def _answer(self, item: WorkItem, output: bytes, error: list | None, now: float, shared: str) -> None:
+    def _answer(self, item: WorkItem, output: bytes, error: protocol.InputFailure | None, now: float,
+                shared: str) -> None:
         """One input's answer from a worker: its output, or its own error, which fails its request."""
         request = item.request
         if error is not None:
-            code = ErrorCode(error[1]) if error[1] in _WORKER_INPUT_CODES else ErrorCode.MODEL_ERROR
+            code = ErrorCode(error.code) if error.code in _WORKER_INPUT_CODES else ErrorCode.MODEL_ERROR
             alone = f" (run alone, after its {shared} failed)" if item.isolated else ""
-            self._finish(request, now, code, f"input {item.index}{alone}: {error[2]}"[:4096])
+            self._finish(request, now, code, f"input {item.index}{alone}: {error.message}"[:4096])
             return
         if request.outputs[item.index] is None:
             request.remaining -= 1

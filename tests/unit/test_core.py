@@ -98,8 +98,8 @@ def test_a_result_whose_errors_name_an_index_outside_the_batch_fails_the_batch_w
     core.on_frames(Peer.GATEWAY, b"gw", request("r"), 0.0)
     step(core, wire, 0.0)
     [batch] = wire.take(b"w1", protocol.Batch)
-    hostile = protocol.BatchResult(batch.batch_id, [b""], [[0, "MODEL_ERROR", "x"]])
-    hostile.errors = [[7, "MODEL_ERROR", "outside"]]  # what decode() would refuse, handed to the core as if it did not
+    hostile = protocol.BatchResult(batch.batch_id, [b""], [protocol.InputFailure(0, "MODEL_ERROR", "x")])
+    hostile.errors = [protocol.InputFailure(7, "MODEL_ERROR", "outside")]  # what decode() would refuse, handed to the core as if it did not
     core._on_batch_result(b"w1", hostile, 0.1)
     step(core, wire, 0.1)
     assert core.stats["internal_errors"] == 0 and core.stats["malformed_results"] == 1
