@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from broker.core import BrokerCore, Peer, Send
+from broker.metrics import BrokerMetrics
 from ddml_common import protocol
 
 CONFIG = BrokerConfig(heartbeat=HeartbeatConfig(interval_s=1.0, liveness=3, batch_timeout_floor_s=5.0),
@@ -122,8 +123,11 @@ def test_models_named_by_workers_are_forgotten_past_a_bound_with_their_metrics(m
         core.on_frames(Peer.WORKER, worker_id, frames(protocol.BatchResult(batch.batch_id, batch.inputs)), n)
         core.on_frames(Peer.WORKER, worker_id, frames(protocol.Disconnect("bye")), n)
         step(core, wire, n)
-    assert len(core.status("", 20).models) <= 5 + 1
-    exported = {sample.labels.get("model") for family in core.metrics.registry.collect() for sample in family.samples}
+    snapshot = core.describe(20)
+    assert len(snapshot.models) <= 5 + 1 and set(snapshot.histograms) == set(snapshot.models)
+    metrics = BrokerMetrics()
+    metrics.publish(snapshot)
+    exported = {sample.labels.get("model") for family in metrics.registry.collect() for sample in family.samples}
     assert len(exported - {None}) <= 5 + 1
 
 
