@@ -31,6 +31,7 @@ _DRAIN_BURST = 1000  # messages read from one socket per pass, so timers are nev
 _DRAIN_FLUSH_S = 0.5  # after a drain, time spent still serving before close
 _FRONTEND_HWM = 10_000  # messages queued per gateway, each way
 _BACKEND_HWM = 1_000  # messages queued per worker, each way
+_PUBLISH_EVERY_S = 0.5  # how often /metrics gets a fresh snapshot of the core's figures
 
 
 class Broker:
@@ -45,8 +46,9 @@ class Broker:
         self._config = config
         self._clock = clock
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
-        self.core = BrokerCore(config, self.instance_id, clock(), metrics)
-        self.metrics = self.core.metrics
+        self.core = BrokerCore(config, self.instance_id, clock())
+        self.metrics = metrics or BrokerMetrics()  # /metrics renders what publish() last handed it
+        self._published_at = -math.inf
         self.stats = self.core.stats
         # HWMs count messages per peer: they bound what a peer that stops reading (or a flood of
         # garbage) can make us buffer. Gateways may have many replies in flight; workers, with
@@ -136,7 +138,19 @@ class Broker:
         now = self._clock()
         self.core.on_tick(now)
         self.core.flush(self._send, now)
+        if now - self._published_at >= _PUBLISH_EVERY_S:
+            self._publish(now)
         self.last_step_at = now
+
+    def _publish(self, now: float) -> None:
+        """Hand /metrics a fresh snapshot: built on this thread, only read on the scrape thread."""
+        self._published_at = now
+        try:
+            self.metrics.publish(self.core.describe(now))
+        except Exception:  # a bug in describe() must cost the metrics, not the broker
+            self.stats["internal_errors"] += 1
+            if throttled(self.stats["internal_errors"]):
+                logger.exception("describing the broker for /metrics failed (%d so far)", self.stats["internal_errors"])
 
     def _drain(self, peer: Peer, now: float) -> None:
         socket = self._sockets[peer]

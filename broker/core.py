@@ -32,15 +32,13 @@ from typing import Callable
 
 from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
 from broker.config import BrokerConfig
-from broker.metrics import BrokerMetrics
-from broker.stats import ModelStats
+from broker.stats import BrokerSnapshot, ModelStats
 from broker.workers import WorkerRegistry, WorkerState
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 
 logger = logging.getLogger("broker.broker")
 
-_PUBLISH_EVERY_S = 0.5  # how often queue and worker gauges are refreshed for scrapes
 _REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
 _MAX_REMEMBERED_MODELS = 1024  # models once served but served no longer, remembered for 503 rather than 404
 _WORKER_INPUT_CODES = frozenset((ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_ERROR.value))  # a worker's own; others: MODEL_ERROR
@@ -66,7 +64,7 @@ SendFn = Callable[[Send], bool]  # performs a send; False if the peer is gone or
 
 
 class BrokerCore:
-    def __init__(self, config: BrokerConfig, instance_id: str, now: float, metrics: BrokerMetrics | None = None):
+    def __init__(self, config: BrokerConfig, instance_id: str, now: float):
         self._config = config
         self.instance_id = instance_id
         self._workers = WorkerRegistry(config.heartbeat)
@@ -83,8 +81,6 @@ class BrokerCore:
         self._rollouts: dict[str, frozenset[str]] = {}  # model -> the versions we last warned it is served at
         self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
         self.draining = False
-        self.metrics = metrics or BrokerMetrics()
-        self._published_at = -math.inf
         self._started_at = now
 
     # ------------------------------------------------------------------ events in
@@ -128,10 +124,6 @@ class BrokerCore:
                 self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Heartbeat(self.instance_id)))
             for dispatch in self._batcher.assign(self._workers.with_room(), now):
                 self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
-            if now - self._published_at >= _PUBLISH_EVERY_S:
-                self._published_at = now
-                status = self.status("", now)
-                self.metrics.publish({"models": status.models, "workers": status.workers})
         except Exception:
             self.stats["internal_errors"] += 1
             if throttled(self.stats["internal_errors"]):
@@ -193,10 +185,15 @@ class BrokerCore:
         )
 
     def status(self, request_id: str, now: float) -> protocol.Status:
-        models = {}
+        return self.describe(now).status(request_id)
+
+    def describe(self, now: float) -> BrokerSnapshot:
+        """Every figure the broker reports, copied: for STATUS, and for the shell's /metrics."""
+        models, histograms = {}, {}
         for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
             oldest = self._batcher.oldest_enqueued_at(name)
             serving = [w for w in self._workers if name in w.models]
+            stats = self._stats_for(name)
             models[name] = {
                 "workers": len(serving),
                 "max_batch_size": max((w.max_batch_size for w in serving), default=0),
@@ -205,15 +202,16 @@ class BrokerCore:
                 "queued_items": self._batcher.queued_items(name),
                 "queued_bytes": self._batcher.queued_bytes(name),
                 "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,
-                "items_per_s": round(self._stats_for(name).items_per_s(now), 3),
-                **self._stats_for(name).describe(),
+                "items_per_s": round(stats.items_per_s(now), 3),
+                **stats.describe(),
             }
-        return protocol.Status(
-            request_id=request_id,
+            histograms[name] = stats.histograms()
+        return BrokerSnapshot(
             instance_id=self.instance_id,
             models=models,
             workers=[w.describe(now) for w in self._workers],
             stats={**self.stats, "in_flight_requests": len(self._requests)},
+            histograms=histograms,
         )
 
     # ------------------------------------------------------------------ handlers
@@ -364,7 +362,7 @@ class BrokerCore:
             self._fail_unanswered(batch, "worker sent a whole result for a batch it had answered in part", now)
             return
         if result.errors and len(result.errors) == len(batch.items) and all(
-                error[1] == ErrorCode.BUSY.value for error in result.errors):
+                error.code == ErrorCode.BUSY.value for error in result.errors):
             # Full with another broker's batches: not run, so back to the front of the queue as it was.
             self._workers.refused(worker_id, result.batch_id)
             self.stats["batches_refused_busy"] += 1
@@ -374,21 +372,22 @@ class BrokerCore:
         # its batch deadline (which scales with its recent latency) without bound.
         compute_s = min(result.compute_ms / 1000, max(0.0, now - batch.dispatched_at))
         self._workers.completed(worker_id, result.batch_id, compute_s, now)
-        self._stats_for(batch.model).record_completion(len(batch.items), now)
-        self.metrics.batch_latency.labels(batch.model).observe(now - batch.dispatched_at)
+        stats = self._stats_for(batch.model)
+        stats.record_completion(len(batch.items), now)
+        stats.batch_latency.observe(now - batch.dispatched_at)
         size = len(batch.items)
-        errors = {error[0]: error for error in result.errors}
+        errors = {error.index: error for error in result.errors}
         if len(result.outputs) != size or any(not 0 <= index < size for index in errors):
             self.stats["malformed_results"] += 1
             message = (f"worker returned {len(result.outputs)} outputs and errors at "
                        f"{sorted(errors)[:8]} for {size} inputs")
-            errors = {i: [i, ErrorCode.MODEL_ERROR.value, message] for i in range(size)}
+            errors = {i: protocol.InputFailure(i, ErrorCode.MODEL_ERROR.value, message) for i in range(size)}
         whole_batch_failed = size > 1 and len(errors) == size and all(
-            error[1] == ErrorCode.MODEL_ERROR.value for error in errors.values()
+            error.code == ErrorCode.MODEL_ERROR.value for error in errors.values()
         )
         if whole_batch_failed:
             # One input may have broken the batch for all: run each alone, so only the culprit fails.
-            self._retry_isolated(batch.items, f"its batch failed: {errors[0][2]}", now)
+            self._retry_isolated(batch.items, f"its batch failed: {errors[0].message}", now)
             return
         for position, item in enumerate(batch.items):
             if item.request.done:
@@ -411,7 +410,7 @@ class BrokerCore:
         if batch.answered is None:
             batch.answered = bytearray(size)
         answered = batch.answered
-        errors = {error[0]: error for error in result.errors}
+        errors = {error.index: error for error in result.errors}
         rerun = []
         fresh = 0
         for k, position in enumerate(result.indices):
@@ -424,8 +423,8 @@ class BrokerCore:
             if item.request.done:
                 continue
             error = errors.get(k)
-            if error is not None and error[1] == ErrorCode.PASS_FAILED.value:
-                rerun.append((item, error[2]))
+            if error is not None and error.code == ErrorCode.PASS_FAILED.value:
+                rerun.append((item, error.message))
                 continue
             self._answer(item, result.outputs[k], error, now, "pass")
         batch.pending -= fresh
@@ -437,15 +436,16 @@ class BrokerCore:
             return
         compute_s = max(0.0, now - batch.dispatched_at)  # dispatch to last answer: what its deadline must cover
         self._workers.completed(worker.worker_id, batch.batch_id, compute_s, now)
-        self.metrics.batch_latency.labels(batch.model).observe(compute_s)
+        self._stats_for(batch.model).batch_latency.observe(compute_s)
 
-    def _answer(self, item: WorkItem, output: bytes, error: list | None, now: float, shared: str) -> None:
+    def _answer(self, item: WorkItem, output: bytes, error: protocol.InputFailure | None, now: float,
+                shared: str) -> None:
         """One input's answer from a worker: its output, or its own error, which fails its request."""
         request = item.request
         if error is not None:
-            code = ErrorCode(error[1]) if error[1] in _WORKER_INPUT_CODES else ErrorCode.MODEL_ERROR
+            code = ErrorCode(error.code) if error.code in _WORKER_INPUT_CODES else ErrorCode.MODEL_ERROR
             alone = f" (run alone, after its {shared} failed)" if item.isolated else ""
-            self._finish(request, now, code, f"input {item.index}{alone}: {error[2]}"[:4096])
+            self._finish(request, now, code, f"input {item.index}{alone}: {error.message}"[:4096])
             return
         if request.outputs[item.index] is None:
             request.remaining -= 1
@@ -464,9 +464,9 @@ class BrokerCore:
     def _dispatch(self, worker_id: bytes, model: str, items: list[WorkItem], now: float) -> None:
         batch = InFlightBatch(next(self._batch_ids), worker_id, model, items, dispatched_at=now)
         self._workers.dispatched(batch, now)
-        self._stats_for(model).record_dispatch(len(items))
-        self.metrics.batch_size.labels(model).observe(len(items))
-        queue_wait = self.metrics.queue_wait.labels(model)
+        stats = self._stats_for(model)
+        stats.record_dispatch(len(items))
+        queue_wait = stats.queue_wait
         for item in items:
             queue_wait.observe(now - item.enqueued_at)
         message = protocol.Batch(
@@ -530,7 +530,6 @@ class BrokerCore:
                 item.isolated = True
                 retry.append(item)
                 self._stats_for(item.request.model).redispatched += 1
-                self.metrics.child(self.metrics.redispatched, item.request.model).inc()
         self._batcher.requeue(retry)
 
     def _expire_requests(self, now: float) -> None:
@@ -556,7 +555,6 @@ class BrokerCore:
         self.stats[_REPLY_STAT[outcome]] += 1
         if request.model in self._model_stats:  # unknown names must not grow state
             self._model_stats[request.model].outcomes[outcome] += 1
-            self.metrics.requests.inc(request.model, outcome)
         if code is None:
             # Sent by _flush_replies(), together with the other requests of this gateway that the
             # same batch result finished.
@@ -600,7 +598,6 @@ class BrokerCore:
 
     def _count_malformed(self, peer: Peer, peer_id: bytes, error: protocol.DecodeError) -> None:
         self.stats["malformed"] += 1
-        self.metrics.malformed.inc()
         if throttled(self.stats["malformed"]):
             logger.warning("dropped malformed message from %s %s: %s (%d so far)", peer.name.lower(),
                            peer_id.hex(), error, self.stats["malformed"])
@@ -639,8 +636,7 @@ class BrokerCore:
             return
         for model in [m for m in self._model_stats if not self._workers.serves(m)][:excess]:
             if self._batcher.forget_model(model):  # not while inputs of it still wait for their deadline
-                del self._model_stats[model]
-                self.metrics.forget_model(model)
+                del self._model_stats[model]  # and with it, its series in /metrics
 
 
 def throttled(count: int) -> bool:

@@ -150,11 +150,23 @@ class Batch:
     inputs: list[bytes] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class InputFailure:
+    """One input's failure, in a BatchResult. On the wire, the list [index, code, message]."""
+
+    index: int  # of the output it replaces (in a partial result: its position in `indices`)
+    code: str  # an ErrorCode value; one this version does not know is kept, and answered as MODEL_ERROR
+    message: str
+
+    def to_wire(self) -> list:
+        return [self.index, self.code, self.message]
+
+
 @dataclass(slots=True)
 class BatchResult:
     batch_id: int
     outputs: list[bytes] = field(default_factory=list)  # one per input; b"" where it failed
-    errors: list[list] = field(default_factory=list)  # [[index, ErrorCode value, message], ...]
+    errors: list[InputFailure] = field(default_factory=list)  # decode() makes them InputFailures; see encode()
     compute_ms: float = 0.0
     # A partial result (continuous batching): outputs[k] answers input indices[k] of the batch, and
     # an error's index is k. Empty: outputs answer every input of the batch, in order.
@@ -162,7 +174,7 @@ class BatchResult:
 
     @staticmethod
     def failed(batch_id: int, size: int, code: ErrorCode, message: str) -> "BatchResult":
-        return BatchResult(batch_id, [b""] * size, [[i, code.value, message] for i in range(size)])
+        return BatchResult(batch_id, [b""] * size, [InputFailure(i, code.value, message) for i in range(size)])
 
 
 @dataclass(slots=True)
@@ -272,6 +284,9 @@ def encode(message: Message) -> list[bytes]:
     """The frames of one message (one frame), without the ROUTER identity frame."""
     message_type = type(message)
     body = {name: getattr(message, name) for name in _FIELD_NAMES[message_type]}
+    if message_type is BatchResult and message.errors:
+        # Also takes errors still written as wire lists: the same bytes either way.
+        body["errors"] = [e.to_wire() if type(e) is InputFailure else e for e in message.errors]
     return [_PREFIX[message_type] + _packb(body)]
 
 
@@ -406,6 +421,7 @@ def _check_batch_result(message: BatchResult) -> None:
         return
     size = len(message.outputs)
     seen = set()
+    typed = []
     for position, error in enumerate(errors):
         where = f"BatchResult.errors[{position}]"
         if type(error) is not list or len(error) != 3:
@@ -421,6 +437,8 @@ def _check_batch_result(message: BatchResult) -> None:
             raise _refuse(f"{where} code", f"a str of at most {MAX_NAME_LEN} characters", code)
         if type(text) is not str or len(text) > MAX_TEXT_LEN:
             raise _refuse(f"{where} message", f"a str of at most {MAX_TEXT_LEN} characters", text)
+        typed.append(InputFailure(index, code, text))
+    message.errors = typed  # every reader uses fields, never positions
 
 
 def _check_reply(message: Reply) -> None:

@@ -1,14 +1,24 @@
-"""The one table that maps an ErrorCode to an HTTP status, and the JSON error body.
+"""The one error path of every HTTP surface: ErrorCode -> status, Retry-After and message, once.
 
-Every error leaves the gateway as {"error": {"message": ..., "type": ..., "param": ..., "code": ...}},
-with Retry-After on the 503s, whether it came from the broker, from input validation, or from
-Falcon itself. That is OpenAI's error shape, so its clients read ours; `code` is ddml's (the
-table below), `type` OpenAI's class of error, and `param` the request field at fault, or null.
+An error is a BrokerError (from the broker) or a GatewayError (raised by the gateway itself,
+naming the request field at fault when there is one). `http_error()` turns either into an
+HttpError: the status from the table below, the one Retry-After rule, the code and the message.
+Each surface then only chooses the shape of its body, as a function of the HttpError:
+
+    openai_body   v1 and OpenAI  {"error": {"message", "type", "param", "code"}}  (also Falcon's own errors)
+    v2_body       KServe v2      {"error": "..."}
+
+The app-wide handler writes openai_body; a surface with another shape wraps its responders in
+`errors_as(its_body)`. Retry-After (on every 503) is the broker's estimate rounded up to whole
+seconds, at least 1: a client told to wait less than the estimate would only be refused again.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import falcon
 import orjson
@@ -38,46 +48,102 @@ _DEFAULT_RETRY_AFTER_S = 1
 _CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST"}
 
 
-def error_body(code: str, message: str, status: int = 500, param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": _error_type(status), "param": param, "code": code}})
+class GatewayError(BrokerError):
+    """An error the gateway finds itself. Its message stands alone; `param` is the request field at fault."""
+
+    def __init__(self, code: ErrorCode, message: str, param: str | None = None, retry_after_s: float = 0.0):
+        super().__init__(code, message, retry_after_s)
+        self.param = param
 
 
-def _error_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    return "invalid_request_error" if status < 500 else "server_error"
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    """One error as HTTP will carry it, before a surface shapes its body."""
+
+    status: int
+    code: str  # an ErrorCode value, or one of Falcon's (NOT_FOUND, ...)
+    message: str
+    param: str | None = None  # the request field at fault
+    retry_after_s: int | None = None  # the Retry-After header, on a 503
+    from_gateway: bool = False  # raised by the gateway itself: the message needs no code to be read
+
+    @property
+    def type(self) -> str:
+        """OpenAI's class of error."""
+        if self.status == 401:
+            return "authentication_error"
+        return "invalid_request_error" if self.status < 500 else "server_error"
 
 
-def invalid(message: str, param: str | None = None) -> BrokerError:
-    """A BAD_REQUEST (400) that names the request field at fault."""
-    error = BrokerError(ErrorCode.BAD_REQUEST, message)
-    error.param = param
-    return error
+BodyShape = Callable[[HttpError], dict]
 
 
-def handle_broker_error(req: falcon.Request, resp: falcon.Response, error: BrokerError, params) -> None:
+def http_error(error: BrokerError) -> HttpError:
+    """The table and the Retry-After rule, applied: the one place HTTP statuses are chosen."""
     status = HTTP_STATUS_BY_CODE.get(error.code, 500)
-    resp.status = status
+    from_gateway = isinstance(error, GatewayError)
+    return HttpError(status, error.code.value, error.message, error.param if from_gateway else None,
+                     retry_after(error.retry_after_s) if status == 503 else None, from_gateway)
+
+
+def retry_after(seconds: float) -> int:
+    """Whole seconds for Retry-After: the estimate rounded up, at least 1 (1 when there is none)."""
+    return max(1, math.ceil(seconds)) if seconds > 0 else _DEFAULT_RETRY_AFTER_S
+
+
+def openai_body(error: HttpError) -> dict:
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def v2_body(error: HttpError) -> dict:
+    """KServe v2 has no code field: the broker's code goes before its message."""
+    return {"error": error.message if error.from_gateway else f"{error.code}: {error.message}"}
+
+
+def write_error(resp: falcon.Response, error: HttpError, shape: BodyShape = openai_body) -> None:
+    resp.status = error.status
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = error_body(error.code.value, error.message, status, getattr(error, "param", None))
-    if status == 503:
-        resp.set_header("Retry-After", str(max(1, math.ceil(error.retry_after_s)) if error.retry_after_s
-                                           else _DEFAULT_RETRY_AFTER_S))
-    if status == 401:
+    resp.data = orjson.dumps(shape(error))
+    if error.retry_after_s is not None:
+        resp.set_header("Retry-After", str(error.retry_after_s))
+    if error.status == 401:
         resp.set_header("WWW-Authenticate", 'Bearer realm="ddml"')
 
 
+def errors_as(shape: BodyShape):
+    """Wrap a responder so that its errors leave in `shape` rather than the app-wide openai_body."""
+
+    def wrap(responder):
+        @functools.wraps(responder)
+        def wrapped(self, req: falcon.Request, resp: falcon.Response, **params) -> None:
+            try:
+                responder(self, req, resp, **params)
+            except BrokerError as error:
+                write_error(resp, http_error(error), shape)
+
+        return wrapped
+
+    return wrap
+
+
+def invalid(message: str, param: str | None = None) -> GatewayError:
+    """A BAD_REQUEST (400) that names the request field at fault."""
+    return GatewayError(ErrorCode.BAD_REQUEST, message, param)
+
+
+def handle_broker_error(req: falcon.Request, resp: falcon.Response, error: BrokerError, params) -> None:
+    write_error(resp, http_error(error))
+
+
 def serialize_falcon_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
+    """Falcon's own errors (it sets the status and headers): the same body, with a code of ours."""
     status = error.status_code
     code = _CODE_BY_FALCON_STATUS.get(status, "HTTP_%d" % status)
-    message = error.description or error.title or "error"
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = error_body(code, message, status)
+    resp.data = orjson.dumps(openai_body(HttpError(status, code, error.description or error.title or "error")))
 
 
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
     if isinstance(error, falcon.HTTPError):
         raise error
-    resp.status = 500
-    resp.content_type = falcon.MEDIA_JSON
-    resp.data = error_body(ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}"[:500], 500)
+    write_error(resp, HttpError(500, ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}"[:500]))

@@ -34,7 +34,7 @@ from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog
 from gateway.config import GatewayConfig
-from gateway.errors import invalid
+from gateway.errors import GatewayError, invalid
 from gateway.resources import check_document, parse_document, read_body, write_document
 
 ENCODING_FORMATS = ("float", "base64")
@@ -70,10 +70,12 @@ class _ModelResource:
                                         request_id_prefix=req.context.request_id)
         except BrokerError as error:
             if error.code is ErrorCode.NO_SUCH_MODEL:
-                error.param = "model"
+                param = "model"
             elif error.code is ErrorCode.BAD_REQUEST:  # the model refused an input (too long, say)
-                error.param = self.inputs_param
-            raise
+                param = self.inputs_param
+            else:
+                raise
+            raise GatewayError(error.code, error.message, param, error.retry_after_s) from error
 
     def _check_count(self, count: int, param: str) -> None:
         if count == 0:

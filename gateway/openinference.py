@@ -42,7 +42,7 @@ from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
-from gateway.errors import HTTP_STATUS_BY_CODE
+from gateway.errors import GatewayError, errors_as, v2_body
 from gateway.request_ids import valid_request_id
 from gateway.resources import check_document, read_body
 
@@ -59,33 +59,13 @@ _CONFIG_TYPE = {"BYTES": "TYPE_STRING", **{k: f"TYPE_{k}" for k in _NUMPY_BY_DAT
 _PRIORITY_TOP = protocol.MAX_PRIORITY
 
 
-class V2Error(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+# Errors on /v2 are {"error": "..."} with a non-200 status, as tritonclient expects: gateway/errors.py
+# chooses the status and Retry-After as for every surface, and v2_body only shapes the body.
+_v2_errors = errors_as(v2_body)
 
 
-def _handle_v2_errors(method):
-    """Errors on /v2 are {"error": "..."} with a non-200 status, as tritonclient expects."""
-
-    def wrapped(self, req: falcon.Request, resp: falcon.Response, **params) -> None:
-        try:
-            method(self, req, resp, **params)
-        except V2Error as error:
-            _write_error(resp, error.status, error.message)
-        except BrokerError as error:
-            _write_error(resp, HTTP_STATUS_BY_CODE.get(error.code, 500), f"{error.code.value}: {error.message}")
-            if error.code in (ErrorCode.OVERLOADED, ErrorCode.UNAVAILABLE):
-                resp.set_header("Retry-After", str(max(1, round(error.retry_after_s or 1))))
-
-    return wrapped
-
-
-def _write_error(resp: falcon.Response, status: int, message: str) -> None:
-    resp.status = status
-    resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps({"error": message})
+def _bad(message: str) -> GatewayError:
+    return GatewayError(ErrorCode.BAD_REQUEST, message)
 
 
 def _model(catalog: Catalog, name: str, version: str | None) -> dict:
@@ -94,8 +74,9 @@ def _model(catalog: Catalog, name: str, version: str | None) -> dict:
     if info is None:
         if version:
             live = ", ".join(catalog.versions(name)) or "none"
-            raise V2Error(404, f"model '{name}' has no live version '{version}' (live versions: {live})")
-        raise V2Error(404, f"no live worker serves model '{name}'")
+            raise GatewayError(ErrorCode.NO_SUCH_MODEL,
+                               f"model '{name}' has no live version '{version}' (live versions: {live})")
+        raise GatewayError(ErrorCode.NO_SUCH_MODEL, f"no live worker serves model '{name}'")
     return info
 
 
@@ -110,7 +91,7 @@ def _public(tensors: list[dict]) -> list[dict]:
 
 
 class ServerLive:
-    @_handle_v2_errors
+    @_v2_errors
     def on_get(self, req, resp) -> None:
         _write_json(resp, 200, {"live": True})
 
@@ -135,7 +116,7 @@ class ModelReady:
         try:
             _model(self._catalog, model, version)
             ready = True
-        except (V2Error, BrokerError):
+        except BrokerError:
             ready = False
         _write_json(resp, 200 if ready else 400, {"name": model, "ready": ready})
 
@@ -150,7 +131,7 @@ class ModelMetadata:
     def __init__(self, catalog: Catalog):
         self._catalog = catalog
 
-    @_handle_v2_errors
+    @_v2_errors
     def on_get(self, req, resp, model: str, version: str | None = None) -> None:
         metadata = _model(self._catalog, model, version)["metadata"]
         versions = [version] if version else self._catalog.versions(model)
@@ -165,7 +146,7 @@ class ModelConfig:
     def __init__(self, catalog: Catalog):
         self._catalog = catalog
 
-    @_handle_v2_errors
+    @_v2_errors
     def on_get(self, req, resp, model: str, version: str | None = None) -> None:
         info = _model(self._catalog, model, version)
         metadata = info["metadata"]
@@ -190,7 +171,7 @@ class Infer:
         self._catalog = catalog
         self._config = config
 
-    @_handle_v2_errors
+    @_v2_errors
     def on_post(self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None) -> None:
         metadata = _model(self._catalog, model, version)["metadata"]
         body = _decompress(req, read_body(req, self._config.max_body_bytes), self._config.max_body_bytes)
@@ -200,13 +181,13 @@ class Infer:
             if not 0 <= split <= len(body):
                 raise ValueError
         except ValueError:
-            raise V2Error(400, f"Inference-Header-Content-Length {header_length!r} does not fit the body") from None
+            raise _bad(f"Inference-Header-Content-Length {header_length!r} does not fit the body") from None
         try:
             request = orjson.loads(body[:split])
         except orjson.JSONDecodeError as error:
-            raise V2Error(400, f"malformed JSON inference header: {error}") from None
+            raise _bad(f"malformed JSON inference header: {error}") from None
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
-            raise V2Error(400, "an inference request needs a non-empty 'inputs' list")
+            raise _bad("an inference request needs a non-empty 'inputs' list")
         check_document(request, self._config.max_input_chars)
         answer_id = req.context.request_id  # the v2 id is the request id: X-Request-ID if given, else the body's
         if not req.context.request_id_given and "id" in request:
@@ -231,7 +212,7 @@ class Infer:
         for wanted in requested:
             name = wanted.get("name") if isinstance(wanted, dict) else None
             if name not in tensors:
-                raise V2Error(400, f"model '{model}' has no output '{name}' (it has {', '.join(tensors)})")
+                raise _bad(f"model '{model}' has no output '{name}' (it has {', '.join(tensors)})")
             datatype, array = tensors[name]
             binary = bool((wanted.get("parameters") or {}).get("binary_data", binary_default))
             entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
@@ -262,12 +243,12 @@ def _schedule(parameters: dict, config: GatewayConfig) -> tuple[float, int]:
     if timeout_us is None:
         timeout_s = config.request_timeout_ms / 1000
     elif isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, float)) or timeout_us <= 0:
-        raise V2Error(400, f"parameters.timeout must be a positive number of microseconds, got {timeout_us!r:.40}")
+        raise _bad(f"parameters.timeout must be a positive number of microseconds, got {timeout_us!r:.40}")
     else:
         timeout_s = min(timeout_us / 1e6, config.max_request_timeout_ms / 1000)
     priority = parameters.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
-        raise V2Error(400, f"parameters.priority must be a non-negative integer, got {priority!r:.40}")
+        raise _bad(f"parameters.priority must be a non-negative integer, got {priority!r:.40}")
     broker_priority = 0 if priority == 0 else _PRIORITY_TOP - min(priority, _PRIORITY_TOP - 1)
     return timeout_s, broker_priority
 
@@ -280,29 +261,29 @@ def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
     batch = None
     for tensor in inputs:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-            raise V2Error(400, "each input needs a 'name'")
+            raise _bad("each input needs a 'name'")
         name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
         if not (isinstance(shape, list) and shape and all(isinstance(n, int) and n >= 0 for n in shape)):
-            raise V2Error(400, f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r:.60}")
+            raise _bad(f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r:.60}")
         if len(shape) > MAX_NESTING_DEPTH:
-            raise V2Error(400, f"input '{name}' has {len(shape)} dimensions, over the limit of {MAX_NESTING_DEPTH}")
+            raise _bad(f"input '{name}' has {len(shape)} dimensions, over the limit of {MAX_NESTING_DEPTH}")
         count = int(np.prod(shape))
         size = ((tensor.get("parameters") or {}).get("binary_data_size"))
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise V2Error(400, f"input '{name}': binary_data_size {size!r} runs past the body")
+                raise _bad(f"input '{name}': binary_data_size {size!r} runs past the body")
             raw, offset = binary[offset:offset + size], offset + size
             elements = _raw_to_elements(name, datatype, raw, count, config.max_input_chars)
         elif "data" in tensor:
             elements = _json_to_elements(name, datatype, tensor["data"], count)
         else:
-            raise V2Error(400, f"input '{name}' has neither 'data' nor parameters.binary_data_size")
+            raise _bad(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
         rows = shape[0]
         if batch is not None and rows != batch:
-            raise V2Error(400, f"input '{name}' has batch size {rows}, others have {batch}")
+            raise _bad(f"input '{name}' has batch size {rows}, others have {batch}")
         batch = rows
         if rows == 0 or rows > config.max_inputs:
-            raise V2Error(400, f"batch size {rows} must be between 1 and {config.max_inputs}")
+            raise _bad(f"batch size {rows} must be between 1 and {config.max_inputs}")
         per_row = count // rows
         values = [elements[i * per_row:(i + 1) * per_row] for i in range(rows)]
         if isinstance(elements, np.ndarray):
@@ -311,7 +292,7 @@ def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
             values = [v[0] if per_row == 1 else v for v in values]
         columns[name] = values
     if offset != len(binary):
-        raise V2Error(400, f"{len(binary) - offset} bytes of binary data belong to no input")
+        raise _bad(f"{len(binary) - offset} bytes of binary data belong to no input")
     if len(columns) == 1:
         return next(iter(columns.values()))
     return [{name: column[i] for name, column in columns.items()} for i in range(batch)]
@@ -320,17 +301,17 @@ def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
 def _json_to_elements(name: str, datatype: Any, data: Any, count: int):
     flat = list(_flatten(data))
     if len(flat) != count:
-        raise V2Error(400, f"input '{name}' has {len(flat)} elements for a shape of {count}")
+        raise _bad(f"input '{name}' has {len(flat)} elements for a shape of {count}")
     if datatype == "BYTES":
         if not all(isinstance(x, str) for x in flat):
-            raise V2Error(400, f"input '{name}' is BYTES: its JSON data must be strings")
+            raise _bad(f"input '{name}' is BYTES: its JSON data must be strings")
         return flat
     if datatype not in _NUMPY_BY_DATATYPE:
-        raise V2Error(400, f"input '{name}' has an unsupported datatype {datatype!r:.20}")
+        raise _bad(f"input '{name}' has an unsupported datatype {datatype!r:.20}")
     try:
         return np.asarray(flat, dtype=_NUMPY_BY_DATATYPE[datatype])
     except (TypeError, ValueError, OverflowError) as error:
-        raise V2Error(400, f"input '{name}' data does not fit {datatype}: {error}") from None
+        raise _bad(f"input '{name}' data does not fit {datatype}: {error}") from None
 
 
 def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int, max_chars: int):
@@ -338,25 +319,25 @@ def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int, max_chars
         elements, position = [], 0
         while position < len(raw):
             if position + 4 > len(raw):
-                raise V2Error(400, f"input '{name}': truncated BYTES length prefix")
+                raise _bad(f"input '{name}': truncated BYTES length prefix")
             (length,) = struct.unpack_from("<I", raw, position)
             position += 4
             if position + length > len(raw):
-                raise V2Error(400, f"input '{name}': a BYTES element runs past its buffer")
+                raise _bad(f"input '{name}': a BYTES element runs past its buffer")
             element = _text(raw[position:position + length])
             if len(element) > max_chars:
-                raise V2Error(400, f"input '{name}' has a BYTES element of {len(element)} characters, "
+                raise _bad(f"input '{name}' has a BYTES element of {len(element)} characters, "
                                    f"over the limit of {max_chars} (--max-input-chars)")
             elements.append(element)
             position += length
         if len(elements) != count:
-            raise V2Error(400, f"input '{name}' has {len(elements)} BYTES elements for a shape of {count}")
+            raise _bad(f"input '{name}' has {len(elements)} BYTES elements for a shape of {count}")
         return elements
     if datatype not in _NUMPY_BY_DATATYPE:
-        raise V2Error(400, f"input '{name}' has an unsupported datatype {datatype!r:.20}")
+        raise _bad(f"input '{name}' has an unsupported datatype {datatype!r:.20}")
     dtype = np.dtype(_NUMPY_BY_DATATYPE[datatype])
     if len(raw) != count * dtype.itemsize:
-        raise V2Error(400, f"input '{name}': {len(raw)} bytes for {count} {datatype} elements")
+        raise _bad(f"input '{name}': {len(raw)} bytes for {count} {datatype} elements")
     return np.frombuffer(raw, dtype=dtype)
 
 
@@ -377,7 +358,8 @@ def _output_tensors(specs: list[dict], outputs: list) -> dict[str, tuple[str, np
             try:
                 array = np.asarray(column, dtype=_NUMPY_BY_DATATYPE.get(spec["datatype"], "<f4"))
             except (TypeError, ValueError) as error:
-                raise V2Error(500, f"output '{spec['name']}' cannot be made a {spec['datatype']} tensor: {error}")
+                raise GatewayError(ErrorCode.MODEL_ERROR,
+                                   f"output '{spec['name']}' cannot be made a {spec['datatype']} tensor: {error}")
         tensors[spec["name"]] = (spec["datatype"], array)
     return tensors
 
@@ -412,14 +394,15 @@ def _decompress(req: falcon.Request, body: bytes, limit: int) -> bytes:
     if encoding == "identity":
         return body
     if encoding not in ("gzip", "deflate"):
-        raise V2Error(415, f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
+        raise GatewayError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                           f"Content-Encoding {encoding!r} is not supported (gzip, deflate)")
     decompressor = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         data = decompressor.decompress(body, limit + 1)
     except zlib.error as error:
-        raise V2Error(400, f"body is not valid {encoding}: {error}") from None
+        raise _bad(f"body is not valid {encoding}: {error}") from None
     if len(data) > limit or decompressor.unconsumed_tail:
-        raise V2Error(413, f"decompressed body exceeds {limit} bytes")
+        raise GatewayError(ErrorCode.PAYLOAD_TOO_LARGE, f"decompressed body exceeds {limit} bytes")
     return data
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from broker.core import BrokerCore, Peer, Send
+from broker.metrics import BrokerMetrics
 from ddml_common import protocol
 
 CONFIG = BrokerConfig(heartbeat=HeartbeatConfig(interval_s=1.0, liveness=3, batch_timeout_floor_s=5.0),
@@ -98,8 +99,8 @@ def test_a_result_whose_errors_name_an_index_outside_the_batch_fails_the_batch_w
     core.on_frames(Peer.GATEWAY, b"gw", request("r"), 0.0)
     step(core, wire, 0.0)
     [batch] = wire.take(b"w1", protocol.Batch)
-    hostile = protocol.BatchResult(batch.batch_id, [b""], [[0, "MODEL_ERROR", "x"]])
-    hostile.errors = [[7, "MODEL_ERROR", "outside"]]  # what decode() would refuse, handed to the core as if it did not
+    hostile = protocol.BatchResult(batch.batch_id, [b""], [protocol.InputFailure(0, "MODEL_ERROR", "x")])
+    hostile.errors = [protocol.InputFailure(7, "MODEL_ERROR", "outside")]  # what decode() would refuse, handed to the core as if it did not
     core._on_batch_result(b"w1", hostile, 0.1)
     step(core, wire, 0.1)
     assert core.stats["internal_errors"] == 0 and core.stats["malformed_results"] == 1
@@ -122,8 +123,11 @@ def test_models_named_by_workers_are_forgotten_past_a_bound_with_their_metrics(m
         core.on_frames(Peer.WORKER, worker_id, frames(protocol.BatchResult(batch.batch_id, batch.inputs)), n)
         core.on_frames(Peer.WORKER, worker_id, frames(protocol.Disconnect("bye")), n)
         step(core, wire, n)
-    assert len(core.status("", 20).models) <= 5 + 1
-    exported = {sample.labels.get("model") for family in core.metrics.registry.collect() for sample in family.samples}
+    snapshot = core.describe(20)
+    assert len(snapshot.models) <= 5 + 1 and set(snapshot.histograms) == set(snapshot.models)
+    metrics = BrokerMetrics()
+    metrics.publish(snapshot)
+    exported = {sample.labels.get("model") for family in metrics.registry.collect() for sample in family.samples}
     assert len(exported - {None}) <= 5 + 1
 
 

@@ -549,19 +549,23 @@ def test_the_promql_name_check_finds_metrics_and_labels_and_skips_the_rest():
 def exported_metrics() -> dict[str, frozenset[str]]:
     """Every series name a real BrokerMetrics and the gateway's metrics expose, with its labels."""
     from broker.metrics import BrokerMetrics
+    from broker.stats import BrokerSnapshot, ModelStats
     from gateway.metrics import HTTP_DURATION, HTTP_REQUESTS
 
+    stats = ModelStats()
+    stats.outcomes["ok"] += 1
+    stats.record_dispatch(1)
+    stats.queue_wait.observe(1.0)
+    stats.batch_latency.observe(1.0)
+    stats.redispatched += 1
     broker = BrokerMetrics()
-    broker.requests.inc("m", "ok")
-    for histogram in (broker.batch_size, broker.queue_wait, broker.batch_latency):
-        histogram.labels("m").observe(1.0)
-    broker.redispatched.labels("m").inc()
-    broker.malformed.inc()
-    broker.publish({"models": {"m": {"queued_requests": 1, "queued_items": 2, "oldest_wait_s": 0.5}},
-                    "workers": [{"worker_id": "w", "host": "h", "device": "cuda:0", "models": ["m"], "state": "busy",
-                                 "in_flight_items": 2, "last_heartbeat_age_s": 0.1,
-                                 "stats": {"batches": 1, "items": 2, "mean_batch_latency_ms": 5.0,
-                                           "cuda_memory_allocated_bytes": 1 << 20}}]})
+    broker.publish(BrokerSnapshot(
+        instance_id="i", stats={"malformed": 1}, histograms={"m": stats.histograms()},
+        models={"m": {"queued_requests": 1, "queued_items": 2, "oldest_wait_s": 0.5, **stats.describe()}},
+        workers=[{"worker_id": "w", "host": "h", "device": "cuda:0", "models": ["m"], "state": "busy",
+                  "in_flight_items": 2, "last_heartbeat_age_s": 0.1,
+                  "stats": {"batches": 1, "items": 2, "mean_batch_latency_ms": 5.0,
+                            "cuda_memory_allocated_bytes": 1 << 20}}]))
     families = list(broker.registry.collect())
     # ddml-gateway always runs in prometheus_client's multiprocess mode, whose /metrics holds only
     # these two: not the default registry's process_* and python_* collectors.

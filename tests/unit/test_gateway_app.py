@@ -11,7 +11,7 @@ from ddml_common.protocol import ErrorCode
 from gateway.app import create_app
 from gateway.broker_client import BrokerError
 from gateway.config import GatewayConfig
-from gateway.errors import HTTP_STATUS_BY_CODE
+from gateway.errors import HTTP_STATUS_BY_CODE, HttpError, errors_as, retry_after
 from tests.fakes import FakeBrokerClient
 
 JSON = {"Content-Type": "application/json"}
@@ -314,3 +314,52 @@ def test_echo_test_directives_are_off_unless_the_worker_flag_or_env_turns_them_o
     monkeypatch.setenv("DDML_ECHO_TEST_DIRECTIVES", "1")
     with pytest.raises(RuntimeError, match="told to raise"):
         echo_for([]).predict([{"raise": "boom"}])
+
+
+# -- one error path for every surface ------------------------------------------------------------
+
+V2_INFER = {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]}
+
+
+@pytest.mark.parametrize("code", list(HTTP_STATUS_BY_CODE))
+def test_v2_answers_every_error_code_with_the_same_status_and_retry_after_as_v1(code):
+    error = BrokerError(code, "why", retry_after_s=2.5)
+    v1 = client(FakeBrokerClient(error=error)).simulate_post("/v1/models/echo/predict", body='{"inputs": ["a"]}',
+                                                             headers=JSON)
+    v2 = infer(client(V2Broker(error=error)), V2_INFER)
+    assert v2.status_code == v1.status_code == HTTP_STATUS_BY_CODE[code]
+    assert v2.json == {"error": f"{code.value}: why"}  # v2's shape: the broker's code before its message
+    assert v2.headers.get("retry-after") == v1.headers.get("retry-after")
+    assert v2.headers.get("retry-after") == ("3" if v2.status_code == 503 else None)  # 2.5 s, rounded up
+
+
+def test_errors_the_gateway_finds_itself_keep_their_status_and_a_message_that_stands_alone_on_v2():
+    app = client(V2Broker())
+    unknown = app.simulate_post("/v2/models/nope/infer", body=orjson.dumps(V2_INFER), headers=JSON)
+    assert unknown.status_code == 404 and unknown.json == {"error": "no live worker serves model 'nope'"}
+    encoded = app.simulate_post("/v2/models/echo/infer", body=b"x", headers={**JSON, "Content-Encoding": "br"})
+    assert encoded.status_code == 415
+    assert encoded.json == {"error": "Content-Encoding 'br' is not supported (gzip, deflate)"}
+    empty = infer(app, {"inputs": []})
+    assert empty.status_code == 400 and empty.json == {"error": "an inference request needs a non-empty 'inputs' list"}
+
+
+@pytest.mark.parametrize("estimate_s, header", [(0.0, 1), (0.2, 1), (1.0, 1), (1.01, 2), (2.5, 3), (59.9, 60)])
+def test_retry_after_is_the_estimate_rounded_up_to_whole_seconds_and_at_least_one(estimate_s, header):
+    assert retry_after(estimate_s) == header
+
+
+def test_a_new_surface_plugs_its_body_shape_into_the_one_table():
+    def tei_body(error: HttpError) -> dict:
+        return {"error": error.message, "error_type": error.code.lower()}
+
+    class Resource:
+        @errors_as(tei_body)
+        def on_post(self, req, resp):
+            raise BrokerError(ErrorCode.OVERLOADED, "queue full", retry_after_s=0.3)
+
+    app = falcon.App()
+    app.add_route("/embed", Resource())
+    response = falcon.testing.TestClient(app).simulate_post("/embed")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json == {"error": "queue full", "error_type": "overloaded"}

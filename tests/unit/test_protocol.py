@@ -12,7 +12,8 @@ MESSAGES = [
     protocol.Heartbeat(instance_id="abc", stats={"batches": 3}, draining=True),
     protocol.Request("r1", "minilm", timeout_ms=1500, inputs=[b"\xa1a", b"\xa1b"], sizes=[1, 1], priority=2),
     protocol.Batch(batch_id=9, model="minilm", request_ids=["r1", "r2"], timeout_ms=10, inputs=[b"\x01", b"\x02"]),
-    protocol.BatchResult(batch_id=9, outputs=[b"\x01", b""], errors=[[1, "MODEL_ERROR", "boom"]], compute_ms=1.5),
+    protocol.BatchResult(batch_id=9, outputs=[b"\x01", b""], errors=[protocol.InputFailure(1, "MODEL_ERROR", "boom")],
+                         compute_ms=1.5),
     protocol.Reply("r1", outputs=[b"\x01"]),
     protocol.Reply("r2", error_code="OVERLOADED", error_message="full", retry_after_ms=300),
     protocol.Disconnect("bye"),
@@ -35,6 +36,22 @@ def test_heartbeat_golden_bytes():
         + b"\x84" + b"\xabinstance_id" + b"\xa0" + b"\xa5stats" + b"\x80" + b"\xa8draining" + b"\xc2"
         + b"\xacregistration" + b"\x00",
     ]
+
+
+def test_batch_result_golden_bytes_carry_each_input_failure_as_the_list_index_code_message():
+    typed = protocol.BatchResult(7, outputs=[b"", b"\x01"], errors=[protocol.InputFailure(0, "BAD_REQUEST", "no")])
+    frames = protocol.encode(typed)
+    assert frames == [
+        b"DDML2\x05"
+        + b"\x85" + b"\xa8batch_id" + b"\x07" + b"\xa7outputs" + b"\x92" + b"\xc4\x00" + b"\xc4\x01\x01"
+        + b"\xa6errors" + b"\x91" + b"\x93" + b"\x00" + b"\xabBAD_REQUEST" + b"\xa2no"
+        + b"\xaacompute_ms" + b"\xcb" + bytes(8) + b"\xa7indices" + b"\x90",
+    ]
+    # A sender that still writes the wire list sends the same bytes, and a reader gets fields either way.
+    as_list = protocol.BatchResult(7, outputs=[b"", b"\x01"], errors=[[0, "BAD_REQUEST", "no"]])
+    assert protocol.encode(as_list) == frames
+    [failure] = protocol.decode(frames).errors
+    assert (failure.index, failure.code, failure.message) == (0, "BAD_REQUEST", "no")
 
 
 def test_request_golden_bytes_carry_inputs_as_bin_values_in_one_frame():
@@ -246,7 +263,8 @@ STATS = {"batches": 3, "items": 9, "mean_batch_latency_ms": 1.5, "note": "", "ok
                      id="ready-at-the-bounds"),
         pytest.param(protocol.Ready(models=["m"], max_batch_size=1, metadata=HF_METADATA), id="ready-with-hf-metadata"),
         pytest.param(protocol.Heartbeat(stats=STATS), id="heartbeat-with-one-level-of-nested-stats"),
-        pytest.param(protocol.BatchResult(1, [b"", b"\x01"], errors=[[0, "SOMETHING_NEW", "m" * 4096]], compute_ms=0),
+        pytest.param(protocol.BatchResult(1, [b"", b"\x01"], errors=[protocol.InputFailure(0, "SOMETHING_NEW", "m" * 4096)],
+                                          compute_ms=0),
                      id="result-with-unknown-code-and-longest-message"),
         pytest.param(protocol.Reply("r", error_code="OVERLOADED", retry_after_ms=2**40), id="reply-at-the-bounds"),
     ],

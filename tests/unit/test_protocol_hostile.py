@@ -130,8 +130,8 @@ def assert_safe(message) -> None:
             assert type(message.errors) is list
             indexes = set()
             for error in message.errors:
-                assert type(error) is list and len(error) == 3
-                index, code, text = error
+                assert type(error) is P.InputFailure
+                index, code, text = error.index, error.code, error.message
                 assert _is_int(index) and 0 <= index < len(message.outputs) and index not in indexes
                 indexes.add(index)
                 assert _is_name(code, empty_ok=True) and _is_text(text, P.MAX_TEXT_LEN)

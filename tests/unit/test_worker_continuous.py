@@ -122,7 +122,7 @@ def outcome(results) -> dict[tuple[int, int], object]:
     """(batch id, position) -> the output value, or the error code."""
     found = {}
     for _, result in results:
-        errors = {k: code for k, code, _ in result.errors}
+        errors = {error.index: error.code for error in result.errors}
         for k, position in enumerate(result.indices):
             key = (result.batch_id, position)
             assert key not in found, f"{key} answered twice"
