@@ -122,7 +122,7 @@ class BrokerCore:
                                         protocol.Disconnect("expired: send READY", worker.registration)))
             for worker in self._workers.due_for_heartbeat(now):
                 self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Heartbeat(self.instance_id)))
-            for dispatch in self._batcher.assign(self._workers.with_room(), now):
+            for dispatch in self._batcher.assign(self._workers.with_room(now), now, self._workers.serves_elsewhere):
                 self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
         except Exception:
             self.stats["internal_errors"] += 1
@@ -499,7 +499,7 @@ class BrokerCore:
         for batch in worker.in_flight.values():
             if batch.sent:  # of a continuous worker's batch, only the inputs it had not answered
                 self._retry_isolated(batch.unanswered(), f"a worker running it was lost ({reason})", now,
-                                     code=ErrorCode.WORKER_LOST)
+                                     code=ErrorCode.WORKER_LOST, lost_on=worker.worker_id)
             else:  # never delivered, so never run: back to the front of the queue as it was
                 unsent.extend(batch.items)
         self._requeue_unrun(unsent)
@@ -512,25 +512,51 @@ class BrokerCore:
         self._batcher.requeue(items)
 
     def _retry_isolated(self, items: list[WorkItem], why: str, now: float,
-                        code: ErrorCode = ErrorCode.MODEL_ERROR) -> None:
+                        code: ErrorCode = ErrorCode.MODEL_ERROR, lost_on: bytes | None = None) -> None:
         """Requeue the items of a failed batch to run one per batch, or fail those tried enough.
 
         Running each alone, rather than bisecting, keeps every input at --max-attempts executions
         (2 by default) while still telling a poison input from the bystanders in its batch.
+
+        lost_on: the worker the items were lost with. They run again elsewhere while another worker
+        serves their model (Batcher.assign), and an input is called poison only when it was lost on
+        distinct workers, or on the only worker there is: a worker that loses every batch (a black
+        hole, a wedged model) must not make innocent inputs fail. An input lost once, then failed
+        with its batch on another worker, may therefore run once more than --max-attempts.
         """
         retry = []
+        max_attempts = self._config.batching.max_attempts
         for item in items:
             if item.request.done:
                 continue
-            if item.attempts >= self._config.batching.max_attempts:
-                alone = " when run alone: it looks like a poison input" if item.isolated else ""
-                self._finish(item.request, now, code,
-                             f"input {item.index} failed {item.attempts} times{alone}; last time {why}"[:1000])
+            if lost_on is not None and lost_on not in item.lost_on:
+                item.lost_on += (lost_on,)
+            if item.attempts >= max_attempts and not self._may_run_elsewhere(item, lost_on):
+                self._finish(item.request, now, code, self._exhausted_message(item, why, lost_on)[:1000])
             else:
                 item.isolated = True
                 retry.append(item)
                 self._stats_for(item.request.model).redispatched += 1
         self._batcher.requeue(retry)
+
+    def _may_run_elsewhere(self, item: WorkItem, lost_on: bytes | None) -> bool:
+        """One more attempt for an input lost on one worker only, while another serves its model."""
+        return (lost_on is not None and len(item.lost_on) == 1
+                and item.attempts <= self._config.batching.max_attempts and self._config.batching.max_attempts > 1
+                and self._workers.serves_elsewhere(item.request.model, item.lost_on))
+
+    def _exhausted_message(self, item: WorkItem, why: str, lost_on: bytes | None) -> str:
+        """Why an input that ran --max-attempts times fails, naming the workers it was lost with."""
+        alone = " when run alone: it looks like a poison input" if item.isolated else ""
+        message = f"input {item.index} failed {item.attempts} times{alone}; last time {why}"
+        workers = [worker_id.hex() for worker_id in item.lost_on]
+        if len(workers) > 1:
+            message += f"; lost with {len(workers)} distinct workers: {', '.join(workers)}"
+        elif workers and lost_on is not None:
+            message += f"; lost with worker {workers[0]}, the only worker serving model {item.request.model!r}"
+        elif workers:
+            message += f"; lost before with worker {workers[0]}"
+        return message
 
     def _expire_requests(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

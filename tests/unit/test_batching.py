@@ -20,6 +20,7 @@ class Worker:
     last_compute_s: float = 0.0
     last_completed_at: float = float("-inf")
     max_inputs: int = 0
+    on_probation: bool = False
 
     @property
     def in_flight_items(self) -> int:
