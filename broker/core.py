@@ -519,44 +519,41 @@ class BrokerCore:
         (2 by default) while still telling a poison input from the bystanders in its batch.
 
         lost_on: the worker the items were lost with. They run again elsewhere while another worker
-        serves their model (Batcher.assign), and an input is called poison only when it was lost on
-        distinct workers, or on the only worker there is: a worker that loses every batch (a black
-        hole, a wedged model) must not make innocent inputs fail. An input lost once, then failed
-        with its batch on another worker, may therefore run once more than --max-attempts.
+        serves their model (Batcher.assign), so a worker that loses every batch (a black hole, a
+        wedged model) cannot make innocent inputs fail; and an input is called poison only when it
+        was lost with distinct workers, or with the only worker that could take it.
         """
         retry = []
         max_attempts = self._config.batching.max_attempts
         for item in items:
             if item.request.done:
                 continue
-            if lost_on is not None and lost_on not in item.lost_on:
+            again = lost_on in item.lost_on  # lost with it before, so no other worker could take it
+            if lost_on is not None and not again:
                 item.lost_on += (lost_on,)
-            if item.attempts >= max_attempts and not self._may_run_elsewhere(item, lost_on):
-                self._finish(item.request, now, code, self._exhausted_message(item, why, lost_on)[:1000])
+            if item.attempts >= max_attempts:
+                self._finish(item.request, now, code, self._exhausted_message(item, why, again)[:1000])
             else:
                 item.isolated = True
                 retry.append(item)
                 self._stats_for(item.request.model).redispatched += 1
         self._batcher.requeue(retry)
 
-    def _may_run_elsewhere(self, item: WorkItem, lost_on: bytes | None) -> bool:
-        """One more attempt for an input lost on one worker only, while another serves its model."""
-        return (lost_on is not None and len(item.lost_on) == 1
-                and item.attempts <= self._config.batching.max_attempts and self._config.batching.max_attempts > 1
-                and self._workers.serves_elsewhere(item.request.model, item.lost_on))
-
-    def _exhausted_message(self, item: WorkItem, why: str, lost_on: bytes | None) -> str:
-        """Why an input that ran --max-attempts times fails, naming the workers it was lost with."""
-        alone = " when run alone: it looks like a poison input" if item.isolated else ""
-        message = f"input {item.index} failed {item.attempts} times{alone}; last time {why}"
+    def _exhausted_message(self, item: WorkItem, why: str, again: bool) -> str:
+        """Why an input that ran --max-attempts times fails, naming the workers it was lost with.
+        Poison only if it was lost with two distinct workers, or with the only one that could take it."""
         workers = [worker_id.hex() for worker_id in item.lost_on]
         if len(workers) > 1:
-            message += f"; lost with {len(workers)} distinct workers: {', '.join(workers)}"
-        elif workers and lost_on is not None:
-            message += f"; lost with worker {workers[0]}, the only worker serving model {item.request.model!r}"
-        elif workers:
-            message += f"; lost before with worker {workers[0]}"
-        return message
+            where = f"lost with {len(workers)} distinct workers: {', '.join(workers)}"
+        elif again:
+            where = (f"lost with worker {workers[0]}, the only worker that could take it "
+                     f"(serving model {item.request.model!r})")
+        else:
+            where = f"lost with worker {workers[0]}" if workers else ""
+        poison = item.isolated and (len(workers) != 1 or again)
+        alone = " when run alone: it looks like a poison input" if poison else (" when run alone" if item.isolated else "")
+        return "; ".join(filter(None, (f"input {item.index} failed {item.attempts} times{alone}",
+                                       f"last time {why}", where)))
 
     def _expire_requests(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:

@@ -244,7 +244,7 @@ def test_poison_on_the_only_worker_says_so():
         core.on_frames(Peer.WORKER, b"only", ready, now)
     step(core, wire, 0.2)
     [reply] = wire.take(b"gw", protocol.Reply)
-    assert reply.error_code == "WORKER_LOST" and "the only worker serving model 'm'" in reply.error_message
+    assert reply.error_code == "WORKER_LOST" and "the only worker that could take it (serving model 'm')" in reply.error_message
 
 
 def test_an_input_lost_with_the_only_worker_runs_on_a_newcomer_rather_than_on_that_identity_back():
@@ -264,3 +264,26 @@ def test_an_input_lost_with_the_only_worker_runs_on_a_newcomer_rather_than_on_th
     step(core, wire, 0.2)
     [reply] = wire.take(b"gw", protocol.Reply)
     assert reply.ok
+
+
+def test_an_input_that_failed_with_its_batch_then_was_lost_once_is_not_called_poison():
+    """Its first run failed with a whole batch (so it ran alone next), and the second was lost with a
+    worker: lost with one worker only, among several, so nothing says it is a poison input."""
+    core, wire = BrokerCore(CORE_CONFIG, "i1", now=0.0), Wire()
+    ready = frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1))
+    core.on_frames(Peer.WORKER, b"w1", ready, 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request(
+        "r", "m", 30_000, inputs=[protocol.encode_value("a"), protocol.encode_value("b")])), 0.0)
+    step(core, wire, 0.0)
+    [batch] = wire.take(b"w1", protocol.Batch)
+    failed = [protocol.InputFailure(i, "MODEL_ERROR", "the batch raised") for i in range(2)]
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.BatchResult(batch.batch_id, [b"", b""], errors=failed)), 0.1)
+    core.on_frames(Peer.WORKER, b"w2", ready, 0.1)
+    step(core, wire, 0.1)
+    sent = [s.peer_id for s in wire.sent if isinstance(s.message, protocol.Batch)]
+    lost_with = sent[0]
+    core.on_frames(Peer.WORKER, lost_with, frames(protocol.Disconnect("crashed")), 0.2)
+    step(core, wire, 0.2)
+    [reply] = wire.take(b"gw", protocol.Reply)
+    assert reply.error_code == "WORKER_LOST" and "poison" not in reply.error_message, reply.error_message
+    assert f"lost with worker {lost_with.hex()}" in reply.error_message
