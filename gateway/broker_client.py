@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 import logging
@@ -143,6 +144,7 @@ class BrokerClient:
 
     def submit(self, model: str, inputs: list, timeout_s: float, priority: int = 0) -> Future:
         """Send one request; the Future resolves to the outputs (decoded), or raises BrokerError."""
+        _check_timeout(timeout_s)
         encoded = [protocol.encode_value(value) for value in inputs]
         outputs: Future = Future()
         raw = self._send(
@@ -163,6 +165,7 @@ class BrokerClient:
     def request(self, model: str, inputs: list, timeout_s: float, priority: int = 0,
                 request_id_prefix: str = "") -> list:
         """Send one request on this thread's own DEALERs and wait there for its outputs. Raises BrokerError."""
+        _check_timeout(timeout_s)
         self._ensure_started()
         dealers, alarm, poller = self._thread_sockets()
         request_id = f"{self._pid}-{next(self._ids)}"
@@ -743,3 +746,10 @@ def _outputs_of(reply: protocol.Reply) -> list[Any]:
         return [protocol.decode_value(output) for output in reply.outputs]
     except protocol.DecodeError as error:
         raise BrokerError(ErrorCode.INTERNAL, f"broker reply could not be decoded: {error}") from error
+
+
+def _check_timeout(timeout_s: float) -> None:
+    """NaN or an infinity would end in int() deep in a send (a 500): refuse it as the caller's error."""
+    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not math.isfinite(timeout_s):
+        raise BrokerError(ErrorCode.BAD_REQUEST, f"a request's timeout must be a finite number of seconds, "
+                                                 f"got {timeout_s!r:.40}")

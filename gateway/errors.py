@@ -8,14 +8,16 @@ Each surface then only chooses the shape of its body, as a function of the HttpE
     openai_body   v1 and OpenAI  {"error": {"message", "type", "param", "code"}}  (also Falcon's own errors)
     v2_body       KServe v2      {"error": "..."}
 
-The app-wide handler writes openai_body; a surface with another shape wraps its responders in
-`errors_as(its_body)`. Retry-After (on every 503) is the broker's estimate rounded up to whole
+The app-wide handlers write the shape of the path's surface (`shape_for`: v2_body under /v2, else
+openai_body), for errors raised outside a responder too (middleware, falcon's own, a bug's 500); a
+surface with another shape also wraps its responders in `errors_as(its_body)`. Retry-After (on every 503) is the broker's estimate rounded up to whole
 seconds, at least 1: a client told to wait less than the estimate would only be refused again.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -43,6 +45,7 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.TIMEOUT: 504,
 }
 _DEFAULT_RETRY_AFTER_S = 1
+logger = logging.getLogger(__name__)
 
 # Falcon's own errors (unknown route, wrong method, ...) get codes in the same vocabulary.
 _CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST"}
@@ -120,6 +123,13 @@ def errors_as(shape: BodyShape):
                 responder(self, req, resp, **params)
             except BrokerError as error:
                 write_error(resp, http_error(error), shape)
+            except falcon.HTTPError as error:  # falcon's own (a header it could not parse, ...): our shape too
+                write_error(resp, _falcon_http_error(error), shape)
+                for name, value in (error.headers or {}).items():
+                    resp.set_header(name, value)
+            except Exception as error:  # a bug: a 500, in this surface's shape, and logged
+                logger.exception("unexpected error on %s %s", req.method, req.path)
+                write_error(resp, _unexpected(error), shape)
 
         return wrapped
 
@@ -132,18 +142,33 @@ def invalid(message: str, param: str | None = None) -> GatewayError:
 
 
 def handle_broker_error(req: falcon.Request, resp: falcon.Response, error: BrokerError, params) -> None:
-    write_error(resp, http_error(error))
+    write_error(resp, http_error(error), shape_for(req))
+
+
+def shape_for(req: falcon.Request) -> BodyShape:
+    """The body shape of the surface a path belongs to: v2's under /v2, else OpenAI's."""
+    path = req.path
+    return v2_body if path == "/v2" or path.startswith("/v2/") else openai_body
+
+
+def _falcon_http_error(error: falcon.HTTPError) -> HttpError:
+    status = error.status_code
+    code = _CODE_BY_FALCON_STATUS.get(status, "HTTP_%d" % status)
+    return HttpError(status, code, error.description or error.title or "error", from_gateway=True)
+
+
+def _unexpected(error: Exception) -> HttpError:
+    return HttpError(500, ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}"[:500])
 
 
 def serialize_falcon_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
     """Falcon's own errors (it sets the status and headers): the same body, with a code of ours."""
-    status = error.status_code
-    code = _CODE_BY_FALCON_STATUS.get(status, "HTTP_%d" % status)
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps(openai_body(HttpError(status, code, error.description or error.title or "error")))
+    resp.data = orjson.dumps(shape_for(req)(_falcon_http_error(error)))
 
 
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
     if isinstance(error, falcon.HTTPError):
         raise error
-    write_error(resp, HttpError(500, ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}"[:500]))
+    logger.exception("unexpected error on %s %s", req.method, req.path)
+    write_error(resp, _unexpected(error), shape_for(req))

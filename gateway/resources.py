@@ -22,6 +22,7 @@ Errors are {"error": {"message", "type", "param", "code"}}; gateway/errors.py pi
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -67,6 +68,12 @@ def parse_document(req: falcon.Request, data: bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise BrokerError(ErrorCode.BAD_REQUEST, f"malformed JSON body: {error}") from None
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int, or a float that is neither NaN nor an infinity (bool is not a number here)."""
+    kind = type(value)
+    return kind is int or (kind is float and math.isfinite(value))
 
 
 def check_document(document: dict | list, max_chars: int) -> None:
@@ -155,8 +162,9 @@ class PredictResource:
             raise BrokerError(ErrorCode.BAD_REQUEST, f"{len(inputs)} inputs exceed the limit of {config.max_inputs}")
         check_document(body, config.max_input_chars)
         timeout_ms = body.get("timeout_ms", config.request_timeout_ms)
-        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0:
-            raise BrokerError(ErrorCode.BAD_REQUEST, f"'timeout_ms' must be a positive number, got {timeout_ms!r:.40}")
+        if not is_finite_number(timeout_ms) or timeout_ms <= 0:
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"'timeout_ms' must be a positive finite number, "
+                                                     f"got {timeout_ms!r:.40}")
         priority = body.get("priority", 0)
         if (isinstance(priority, bool) or not isinstance(priority, int)
                 or not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY):

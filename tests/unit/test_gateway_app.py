@@ -1,5 +1,6 @@
 """The Falcon app with a FakeBrokerClient: validation, media types, and the ErrorCode -> HTTP table."""
 
+import json
 import struct
 
 import falcon.testing
@@ -52,7 +53,7 @@ def test_timeout_and_priority_reach_the_broker():
         (b'["a"]', JSON, 400, "body must be an object"),
         (b'{"inputs": "a"}', JSON, 400, "'inputs' must be a list"),
         (b'{"inputs": []}', JSON, 400, "must not be empty"),
-        (b'{"inputs": ["a"], "timeout_ms": -1}', JSON, 400, "'timeout_ms' must be a positive number"),
+        (b'{"inputs": ["a"], "timeout_ms": -1}', JSON, 400, "'timeout_ms' must be a positive finite number"),
         (b'{"inputs": ["a"], "priority": "high"}', JSON, 400, "'priority' must be an integer"),
         (b'{"inputs": [1, 2, 3, 4, 5, 6]}', JSON, 400, "6 inputs exceed the limit of 5"),
         (b'{"inputs": ["' + b"x" * 50 + b'"]}', JSON, 400, "over the limit of 40"),
@@ -363,3 +364,100 @@ def test_a_new_surface_plugs_its_body_shape_into_the_one_table():
     response = falcon.testing.TestClient(app).simulate_post("/embed")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json == {"error": "queue full", "error_type": "overloaded"}
+
+
+MSGPACK = {"Content-Type": "application/msgpack"}
+
+
+@pytest.mark.parametrize("timeout_ms", [float("nan"), float("inf"), float("-inf")])
+def test_a_timeout_that_is_not_finite_is_a_400_naming_the_field(timeout_ms):
+    """Issue #28: NaN in a msgpack body passed `nan <= 0` and ended in int(nan) in the broker client: a 500."""
+    broker = FakeBrokerClient()
+    body = msgpack.packb({"inputs": ["a"], "timeout_ms": timeout_ms})
+    response = client(broker).simulate_post("/v1/models/echo/predict", body=body, headers=MSGPACK)
+    assert response.status_code == 400, response.text
+    assert "'timeout_ms' must be a positive finite number" in response.json["error"]["message"]
+    assert broker.calls == []
+
+
+@pytest.mark.parametrize("timeout_us", [float("nan"), float("inf"), -1, "1", True])
+def test_a_v2_timeout_that_is_not_a_positive_finite_number_is_a_400_in_v2_shape(timeout_us):
+    from gateway.openinference import _schedule
+    from gateway.errors import GatewayError
+    with pytest.raises(GatewayError, match="parameters.timeout must be a positive finite number"):
+        _schedule({"timeout": timeout_us}, GatewayConfig())
+
+
+def test_the_broker_client_refuses_a_timeout_that_is_not_finite_as_the_callers_error():
+    from gateway.broker_client import BrokerClient
+    broker = BrokerClient("tcp://127.0.0.1:9")  # never started: the check comes first
+    for timeout_s in (float("nan"), float("inf")):
+        with pytest.raises(BrokerError) as caught:
+            broker.request("m", ["a"], timeout_s=timeout_s)
+        assert caught.value.code is ErrorCode.BAD_REQUEST
+        with pytest.raises(BrokerError):
+            broker.submit("m", ["a"], timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/msgpack"])
+def test_a_msgpack_timestamp_is_refused_like_every_extension_type_and_never_echoed(accept):
+    """Issue #28: msgpack decodes extension type -1 itself, so the ext_hook never saw it: as an input it
+    got a 500, and with Accept: msgpack it was echoed back."""
+    broker = FakeBrokerClient()
+    body = msgpack.packb({"inputs": [msgpack.Timestamp(1, 5)]})
+    response = client(broker).simulate_post("/v1/models/echo/predict", body=body,
+                                            headers={**MSGPACK, "Accept": accept})
+    assert response.status_code == 400, response.content
+    assert broker.calls == []
+    assert "extension type -1" in response.json["error"]["message"]  # errors are JSON, whatever is accepted
+
+
+def test_a_v2_shape_whose_element_count_overflows_int64_is_a_400_in_v2_shape_for_every_datatype():
+    """Issue #28: [1, 2**32, 2**32] wrapped to 0 elements in numpy: FP32 got a 500 in the wrong shape,
+    and BYTES was not checked at all (200)."""
+    app = client(V2Broker())
+    for datatype in ("FP32", "INT64", "BYTES"):
+        for shape in ([1, 2**32, 2**32], [1, 2**64], [2**63, 2**63]):
+            for tensor in ({"data": []}, {"parameters": {"binary_data_size": 0}}):
+                header = {"inputs": [{"name": "INPUT", "datatype": datatype, "shape": shape, **tensor}]}
+                response = infer(app, json.dumps(header).encode())  # (orjson cannot write 2**64)
+                assert response.status_code == 400, (datatype, shape, response.text)
+                assert set(response.json) == {"error"} and isinstance(response.json["error"], str), response.json
+
+
+def test_a_v2_bytes_shape_is_checked_against_its_data():
+    app = client(V2Broker())
+    for shape, data in (([2, 1], ["a"]), ([1, 1], ["a", "b"]), ([0, 1], ["a"])):
+        response = infer(app, {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": shape, "data": data}]})
+        assert response.status_code == 400 and isinstance(response.json["error"], str), response.text
+    binary = struct.pack("<I", 1) + b"a"
+    for shape in ([2, 1], [1, 2**32, 2**32]):
+        header = {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": shape,
+                              "parameters": {"binary_data_size": len(binary)}}]}
+        response = infer(app, header, binary)
+        assert response.status_code == 400 and isinstance(response.json["error"], str), response.text
+
+
+def test_a_v2_shape_with_a_bool_is_refused():
+    response = infer(client(V2Broker()), {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [True, 1],
+                                                      "data": ["a"]}]})
+    assert response.status_code == 400 and "non-negative integers" in response.json["error"]
+
+
+def test_every_error_on_a_v2_route_is_in_v2_shape_falcons_own_and_a_bugs_included(monkeypatch):
+    app = client(V2Broker())
+    assert infer(app, {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]}
+                 ).status_code == 200
+    not_found = app.simulate_get("/v2/models/echo/no-such-route")
+    assert not_found.status_code == 404 and isinstance(not_found.json["error"], str), not_found.text
+    wrong_method = app.simulate_delete("/v2/models/echo/infer")
+    assert wrong_method.status_code == 405 and isinstance(wrong_method.json["error"], str), wrong_method.text
+    from gateway import openinference
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(openinference, "_rows", broken)
+    response = infer(app, {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]})
+    assert response.status_code == 500 and response.json == {"error": "INTERNAL: ZeroDivisionError: a bug"}
+    v1 = app.simulate_get("/v1/no-such-route")
+    assert v1.status_code == 404 and v1.json["error"]["code"] == "NOT_FOUND"
