@@ -42,6 +42,8 @@ logger = logging.getLogger("broker.broker")
 _REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
 _MAX_REMEMBERED_MODELS = 1024  # models once served but served no longer, remembered for 503 rather than 404
 _WORKER_INPUT_CODES = frozenset((ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_ERROR.value))  # a worker's own; others: MODEL_ERROR
+# Refusals a peer causes at will (a flood of unknown model names, say): logged rate-limited, not a line each.
+_REFUSALS = frozenset((ErrorCode.NO_SUCH_MODEL, ErrorCode.BAD_REQUEST, ErrorCode.UNAVAILABLE))
 _REPLY_STAT = {"ok": "replies_ok", **{code.value: f"replies_{code.value.lower()}" for code in ErrorCode}}
 
 
@@ -129,10 +131,11 @@ class BrokerCore:
             if throttled(self.stats["internal_errors"]):
                 logger.exception("internal error in the broker's timers (%d so far)", self.stats["internal_errors"])
 
-    def flush(self, send: SendFn, now: float) -> None:
+    def flush(self, send: SendFn, now: float, not_tried: Callable[[Send], None] | None = None) -> None:
         """Hand every pending message to `send`, in order. A batch that cannot be sent is not lost:
         its worker is dropped and the batch goes back to the queue unrun. Later messages to a worker
-        whose send failed are not tried (they would reach a peer the broker has just forgotten)."""
+        whose send failed are not tried (they would reach a peer the broker has just forgotten); each
+        goes to `not_tried`, so that the shell counts it as dropped, for the same reason as the first."""
         self._flush_replies()
         failed_workers: set[bytes] = set()
         while self._sends:
@@ -140,6 +143,8 @@ class BrokerCore:
             for instruction in sends:
                 if instruction.peer is Peer.WORKER and instruction.peer_id in failed_workers:
                     delivered = False
+                    if not_tried is not None:
+                        not_tried(instruction)
                 else:
                     delivered = send(instruction)
                 if delivered:
@@ -349,10 +354,12 @@ class BrokerCore:
     def _on_batch_result(self, worker_id: bytes, result: protocol.BatchResult, now: float) -> None:
         worker = self._workers.get(worker_id)
         batch = worker.in_flight.get(result.batch_id)
-        if batch is None:
+        if batch is None:  # late, or forged: counted, and logged rate-limited (a worker may send a flood)
             self.stats["late_results"] += 1
-            logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex(),
-                           extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
+            if throttled(self.stats["late_results"]):
+                logger.warning("discarded result for unknown batch %d from worker %s (%d so far)", result.batch_id,
+                               worker_id.hex(), self.stats["late_results"],
+                               extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
             return
         if result.indices:
             self._on_partial_result(worker, batch, result, now)
@@ -583,7 +590,12 @@ class BrokerCore:
             # same batch result finished.
             self._outbox.setdefault(request.gateway_id, []).append(request)
             return
-        if code is not ErrorCode.OVERLOADED:
+        if code in _REFUSALS:  # a peer's doing, and it may flood: counted (replies_*), logged rate-limited
+            count = self.stats[_REPLY_STAT[outcome]]
+            if throttled(count):
+                logger.info("request %s refused: %s %s (%d so far)", request.request_id, code.value, message[:200],
+                            count, extra={"request_id": request.request_id, "model": request.model[:64]})
+        elif code is not ErrorCode.OVERLOADED:
             logger.info("request %s failed: %s %s", request.request_id, code.value, message,
                         extra={"request_id": request.request_id, "model": request.model})
         reply = protocol.Reply(
