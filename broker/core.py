@@ -40,6 +40,7 @@ from ddml_common.protocol import ErrorCode
 logger = logging.getLogger("broker.broker")
 
 _REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
+_STATUS_METADATA_BUDGET = 4 * protocol.MAX_DOCUMENT_SIZE  # models' metadata in one STATUS, in all
 _MAX_REMEMBERED_MODELS = 1024  # models once served but served no longer, remembered for 503 rather than 404
 _WORKER_INPUT_CODES = frozenset((ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_ERROR.value))  # a worker's own; others: MODEL_ERROR
 # Refusals a peer causes at will (a flood of unknown model names, say): logged rate-limited, not a line each.
@@ -195,14 +196,28 @@ class BrokerCore:
     def describe(self, now: float) -> BrokerSnapshot:
         """Every figure the broker reports, copied: for STATUS, and for the shell's /metrics."""
         models, histograms = {}, {}
+        shared: dict[int, str] = {}  # id of a metadata document -> the model whose entry carries it
+        metadata_budget = _STATUS_METADATA_BUDGET
         for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
             oldest = self._batcher.oldest_enqueued_at(name)
             serving = [w for w in self._workers if name in w.models]
             stats = self._stats_for(name)
+            source = next((w for w in serving if w.metadata), None)
+            metadata_from = shared.get(id(source.metadata)) if source is not None else None
+            if source is not None and metadata_from is None:
+                if source.metadata_size <= metadata_budget:
+                    metadata_budget -= source.metadata_size
+                    shared[id(source.metadata)] = name
+                else:
+                    metadata_from = ""  # over the budget: left out
             models[name] = {
                 "workers": len(serving),
                 "max_batch_size": max((w.max_batch_size for w in serving), default=0),
-                "metadata": next((w.metadata for w in serving if w.metadata), {}),
+                # A READY's metadata goes into STATUS once, whatever number of models it names: the
+                # entries of its other models name the entry that carries it (gateway/catalog.py
+                # reads it there). Past a budget in total, metadata is left out ("metadata_from": "").
+                "metadata": source.metadata if source is not None and metadata_from is None else {},
+                **({} if metadata_from is None else {"metadata_from": metadata_from}),
                 "queued_requests": self._batcher.queued_requests(name),
                 "queued_items": self._batcher.queued_items(name),
                 "queued_bytes": self._batcher.queued_bytes(name),

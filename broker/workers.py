@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from broker.batching import InFlightBatch
 from broker.config import HeartbeatConfig
-from ddml_common.protocol import Ready
+from ddml_common.protocol import Ready, document_size
 
 _LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest batch in the recent-latency average
 _RECENT_BATCHES = 64  # compute times kept per worker, for its p50
@@ -51,6 +51,7 @@ class WorkerState:
     stats: dict = field(default_factory=dict)  # the worker's own figures, from its heartbeats
     draining: bool = False  # it asked for no more batches (graceful shutdown)
     metadata: dict = field(default_factory=dict)  # the model's tensors in and out, from READY
+    metadata_size: int = 0  # protocol.document_size(metadata): what it costs a STATUS
     recent_compute_s: deque = field(default_factory=lambda: deque(maxlen=_RECENT_BATCHES))
     last_batch_size: int = 0  # of the batch it completed last (batching's refill hold)
     last_compute_s: float = 0.0
@@ -144,6 +145,7 @@ class WorkerRegistry:
             expires_at=now + self._config.expiry_s,
             heartbeat_due_at=now,
             metadata=ready.metadata,
+            metadata_size=document_size(ready.metadata) if ready.metadata else 0,
             peer_key=peer_key,
             max_inputs=ready.max_inputs,
             latency_ewma_s=max([_LATENCY_PRIOR_S] + [w.latency_ewma_s for w in self._workers.values()

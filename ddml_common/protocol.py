@@ -587,6 +587,12 @@ def _is_scalar(value: Any) -> bool:
     return kind in _SCALARS
 
 
+def document_size(value: Any) -> int:
+    """The size of a JSON-like value that decode() let through (READY.metadata), in the units of
+    MAX_DOCUMENT_SIZE: one per value plus the length of each string."""
+    return MAX_DOCUMENT_SIZE - _check_document(value, "document", MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_SIZE)
+
+
 def _check_document(value: Any, where: str, depth: int, budget: int) -> int:
     """A JSON-like value (str keys, finite floats, no bin) of bounded depth and size.
 

@@ -28,8 +28,10 @@ def split_version(model: str) -> tuple[str, str | None]:
 
 
 class Catalog:
-    def __init__(self, broker: BrokerClient, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, broker: BrokerClient, clock: Callable[[], float] = time.monotonic,
+                 every_broker: bool = False):
         self._broker = broker
+        self._every_broker = every_broker  # ask every broker (/v1/status, /v1/models), or the first that answers
         self._clock = clock
         self._status: dict | None = None
         self._fetched_at = 0.0
@@ -45,16 +47,23 @@ class Catalog:
             return cached  # another thread is refreshing it
         try:
             if self._status is None or self._clock() - self._fetched_at > CACHE_S:
-                self._status = self._broker.status(timeout_s=_STATUS_TIMEOUT_S, every_broker=False)
+                self._status = self._broker.status(timeout_s=_STATUS_TIMEOUT_S, every_broker=self._every_broker)
                 self._fetched_at = self._clock()
             return self._status
         finally:
             self._refreshing.release()
 
     def model(self, model: str) -> dict | None:
-        """The broker's entry for a model name (or `name@version`), if a live worker serves it."""
-        info = self.status()["models"].get(model)
-        return info if info and info.get("workers") else None
+        """The broker's entry for a model name (or `name@version`), if a live worker serves it. Its
+        metadata is filled in from the entry that carries it (STATUS sends a READY's metadata once)."""
+        models = self.status()["models"]
+        info = models.get(model)
+        if not info or not info.get("workers"):
+            return None
+        source = info.get("metadata_from")
+        if source is not None:
+            info = {**info, "metadata": (models.get(source) or {}).get("metadata") or {}}
+        return info
 
     def versions(self, name: str) -> list[str]:
         """The versions of a model that live workers serve, sorted."""

@@ -189,10 +189,11 @@ def _with_truncate(value: Any, truncate: bool) -> Any:
 
 class ModelsResource:
     def __init__(self, broker: BrokerClient):
-        self._broker = broker
+        # Cached for Catalog.CACHE_S per process: clients polling this must not multiply the broker's work.
+        self._status = Catalog(broker, every_broker=True)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        status = self._broker.status()
+        status = self._status.status()
         now_s = time.time()  # OpenAI's "created" is a Unix time
         models, listed = [], []
         for name, info in status["models"].items():
@@ -221,10 +222,10 @@ class ModelsResource:
 
 class StatusResource:
     def __init__(self, broker: BrokerClient):
-        self._broker = broker
+        self._status = Catalog(broker, every_broker=True)  # cached briefly, as /v1/models
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        write_document(req, resp, self._broker.status())
+        write_document(req, resp, self._status.status())
 
 
 class HealthResource:

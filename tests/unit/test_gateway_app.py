@@ -461,3 +461,35 @@ def test_every_error_on_a_v2_route_is_in_v2_shape_falcons_own_and_a_bugs_include
     assert response.status_code == 500 and response.json == {"error": "INTERNAL: ZeroDivisionError: a bug"}
     v1 = app.simulate_get("/v1/no-such-route")
     assert v1.status_code == 404 and v1.json["error"]["code"] == "NOT_FOUND"
+
+
+def test_metadata_sent_once_in_status_is_found_for_every_model_that_shares_it():
+    from gateway.catalog import Catalog
+
+    class Shared(FakeBrokerClient):
+        def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
+            status = super().status(timeout_s)
+            status["models"] = {"echo": {"workers": 1, "metadata": {"task": "embedding"}},
+                                "echo@v1": {"workers": 1, "metadata": {}, "metadata_from": "echo"},
+                                "other": {"workers": 1, "metadata": {}, "metadata_from": ""}}
+            return status
+
+    catalog = Catalog(Shared())
+    assert catalog.metadata("echo@v1") == {"task": "embedding"} == catalog.metadata("echo")
+    assert catalog.metadata("other") == {}
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/status"])
+def test_models_and_status_are_cached_briefly_per_process(path):
+    """Issue #28: 8 clients polling /v1/models made the broker build a STATUS for each."""
+    class Counting(FakeBrokerClient):
+        asked = 0
+
+        def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
+            Counting.asked += 1
+            return super().status(timeout_s)
+
+    app = client(Counting())
+    for _ in range(50):
+        assert app.simulate_get(path).status_code == 200
+    assert Counting.asked == 1
