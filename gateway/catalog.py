@@ -15,10 +15,18 @@ from typing import Callable
 
 import falcon
 
+from ddml_common.protocol import MAX_NAME_LEN
 from gateway.broker_client import BrokerClient, BrokerError
+from gateway.errors import invalid
 
 CACHE_S = 1.0  # models change only when workers come and go
 _STATUS_TIMEOUT_S = 2.0
+
+
+def check_model_name(model: str) -> None:
+    """A name the wire can carry, or a 400 that names the client's field (not the wire's Request.model)."""
+    if not 0 < len(model) <= MAX_NAME_LEN:
+        raise invalid(f"'model' must be 1 to {MAX_NAME_LEN} characters, got {len(model)}", "model")
 
 
 def split_version(model: str) -> tuple[str, str | None]:

@@ -41,7 +41,7 @@ import orjson
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, check_model_name
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 from gateway.errors import GatewayError, errors_as, v2_body
 from gateway.request_ids import valid_request_id
@@ -202,6 +202,7 @@ class Infer:
         parameters = request.get("parameters") or {}
         timeout_s, priority = _schedule(parameters, self._config)
         served = f"{model}@{version}" if version else model
+        check_model_name(served)
         outputs = self._broker.request(served, rows, timeout_s=timeout_s, priority=priority,
                                        request_id_prefix=req.context.request_id)
         tensors = _output_tensors(metadata.get("outputs", []), outputs)

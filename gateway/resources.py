@@ -32,7 +32,7 @@ import orjson
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog, split_version, worker_version
+from gateway.catalog import Catalog, check_model_name, split_version, worker_version
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -142,6 +142,7 @@ class PredictResource:
         self._catalog = catalog
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
+        check_model_name(model)
         body = parse_document(req, read_body(req, self._config.max_body_bytes))
         inputs, timeout_s, priority = self._validate(body)
         outputs = self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority,

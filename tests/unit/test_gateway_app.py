@@ -493,3 +493,22 @@ def test_models_and_status_are_cached_briefly_per_process(path):
     for _ in range(50):
         assert app.simulate_get(path).status_code == 200
     assert Counting.asked == 1
+
+
+def test_a_model_name_too_long_for_the_wire_is_a_400_naming_the_clients_field():
+    """Issue #28: a 300-character model name got a 400 with param "input" and a message naming the
+    wire's internal field Request.model."""
+    broker = FakeBrokerClient()
+    app = client(broker)
+    long_name = "m" * 300
+    for response in (
+        app.simulate_post(f"/v1/models/{long_name}/predict", body='{"inputs": ["a"]}', headers=JSON),
+        app.simulate_post("/v1/embeddings", body=orjson.dumps({"model": long_name, "input": "a"}), headers=JSON),
+        app.simulate_post("/v1/rerank", body=orjson.dumps({"model": long_name, "query": "q", "documents": ["a"]}),
+                          headers=JSON),
+    ):
+        assert response.status_code == 400, response.text
+        error = response.json["error"]
+        assert error["param"] == "model" and "'model' must be 1 to 256 characters, got 300" in error["message"]
+        assert "Request." not in error["message"]
+    assert broker.calls == []
