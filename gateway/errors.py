@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,7 +49,9 @@ _DEFAULT_RETRY_AFTER_S = 1
 logger = logging.getLogger(__name__)
 
 # Falcon's own errors (unknown route, wrong method, ...) get codes in the same vocabulary.
-_CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST"}
+_CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST", 403: "FORBIDDEN",
+                          414: "URI_TOO_LONG", 417: "EXPECTATION_FAILED", 431: "HEADERS_TOO_LARGE",
+                          500: "INTERNAL", 501: "NOT_IMPLEMENTED"}
 
 
 class GatewayError(BrokerError):
@@ -172,3 +175,15 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Excepti
         raise error
     logger.exception("unexpected error on %s %s", req.method, req.path)
     write_error(resp, _unexpected(error), shape_for(req))
+
+
+def server_refusal(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP response for a request the server refused before the app saw it (gunicorn's own
+    400, 414, 431, ...: gateway/gunicorn_conf.py routes them here): the JSON error shape, and an
+    X-Request-ID. The client's own id cannot be echoed, since its headers did not parse: a new one."""
+    code = _CODE_BY_FALCON_STATUS.get(status, "HTTP_%d" % status)
+    body = orjson.dumps(openai_body(HttpError(status, code, message or reason)))
+    reason = "".join(c for c in reason if " " <= c <= "~")[:64]  # (gunicorn's own words, but never a CR/LF)
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-ID: {uuid.uuid4().hex}\r\n\r\n")
+    return head.encode("latin-1") + body
