@@ -219,6 +219,7 @@ class Batcher:
                     for w in workers
                     if model in w.models
                     and w.worker_id not in avoid
+                    and not (w.on_probation and (w.in_flight or added_batches.get(w.worker_id)))  # one at a time
                     and (isolated or not waiting or w.models.isdisjoint(waiting))
                     and (self._continuous_room(w, added_batches.get(w.worker_id, 0),
                                                added_items.get(w.worker_id, 0), isolated) > 0

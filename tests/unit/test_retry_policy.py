@@ -287,3 +287,16 @@ def test_an_input_that_failed_with_its_batch_then_was_lost_once_is_not_called_po
     [reply] = wire.take(b"gw", protocol.Reply)
     assert reply.error_code == "WORKER_LOST" and "poison" not in reply.error_message, reply.error_message
     assert f"lost with worker {lost_with.hex()}" in reply.error_message
+
+
+def test_a_worker_on_probation_gets_one_batch_per_round_even_with_credit_for_more():
+    """Found by the simulator (seed 198): the batcher gave a worker on probation a second batch in one
+    assign(), which the registry then refused as a dispatch to a full worker."""
+    batcher = Batcher(BatchingConfig())
+    for n in range(8):
+        batcher.add(PendingRequest(b"gw", f"r{n}", "m", [b"x"], [], 0, enqueued_at=0.0, deadline_at=9.0), now=0.0)
+    suspect = Worker(b"suspect", max_batch_size=2, max_batches=4, on_probation=True)
+    [dispatch] = batcher.assign([suspect], now=0.0)
+    assert dispatch.worker_id == b"suspect" and len(dispatch.items) == 2
+    assert batcher.assign([Worker(b"suspect", max_batch_size=2, max_batches=4, on_probation=True,
+                                  in_flight={1: HeldBatch()}, busy_items=2)], now=0.0) == []
