@@ -11,6 +11,8 @@ model of the task. Where neither decides, the answer is 400 naming the choices.
                                                     -> [{"score", "label"}] or, for a batch, [[...]]
     POST /rerank       {"query", "texts": [str], "truncate"?, "truncation_direction"?, "raw_scores"?,
                         "return_text"?}                    -> [{"index", "text"?, "score"}], best first
+    POST /embed_all    {"inputs", "truncate"?, "truncation_direction"?, "prompt_name"?}
+                                                    -> [[[f32, ...] per token] per input]
     POST /similarity   {"inputs": {"source_sentence", "sentences": [str]}, "parameters"?: {"truncate",
                         "truncation_direction", "prompt_name"}}                 -> [cosine, ...]
     POST /tokenize     {"inputs": str | [str], "add_special_tokens"?: true, "prompt_name"?}
@@ -29,7 +31,8 @@ model of the task. Where neither decides, the answer is 400 naming the choices.
 Unknown fields are ignored, as TEI ignores them. The options the worker must apply (normalize,
 truncation, prompt_name, raw_scores, tokenize, decode) travel as per-input options of the built-in
 text models (worker/models/hf_text.py); /embed asks for raw vectors and cuts them to `dimensions`
-and normalises them here, in TEI's order. /embed_all and /embed_sparse are not served: 424.
+and normalises them here, in TEI's order. /embed_all answers every token's last hidden state
+(before pooling). /embed_sparse is for SPLADE models, which ddml does not serve: 424.
 
 Errors are TEI's {"error": message, "error_type": "Validation" | "Empty" | "Backend" | "Overloaded" |
 "Unhealthy"}, with TEI's statuses; tei_error() derives them from the gateway's one ErrorCode table.
@@ -332,10 +335,17 @@ class TEI:
         return self._ask(req, model, [{"decode": item, "skip_special_tokens": skip} for item in batch], timing)
 
     def _embed_all(self, req, body: dict, model: str, timing: dict) -> list:
-        raise TEIError(424, "Backend", "Backend error: ddml serves pooled embeddings only (/embed), not one vector "
-                                       "per token")
+        self._check_task(model, "embedding")
+        texts = _strings(body.get("inputs"), "inputs")
+        self._batch(len(texts), "inputs")
+        outputs = self._ask(req, model, [{"text": text, "all_tokens": True, "count_tokens": True, **_options(body)}
+                                         for text in texts], timing)
+        timing["characters"] += sum(map(len, texts))
+        return [np.asarray(_counted(output, "embedding", model, timing), dtype=np.float32) for output in outputs]
 
-    _embed_sparse = _embed_all
+    def _embed_sparse(self, req, body: dict, model: str, timing: dict) -> list:
+        raise TEIError(424, "Backend", "Backend error: `embed_sparse` is only available for SPLADE models, and ddml "
+                                       "serves none")
 
     # ------------------------------------------------------------------ GET
 

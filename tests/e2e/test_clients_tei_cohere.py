@@ -169,6 +169,10 @@ def test_teis_example_bodies_answer_field_by_field(cluster):
         assert embedded.headers[header].isdigit()
     assert int(embedded.headers["x-compute-tokens"]) == 7  # [CLS] what is deep learning ? [SEP]
 
+    [token_rows] = requests.post(f"{url}/embed_all", json={"inputs": "What is Deep Learning?"}, timeout=60).json()
+    assert np.asarray(token_rows).shape == (7, 384)  # MiniLM pools by the mean of these
+    assert_same_vectors([np.mean(token_rows, axis=0)], [vector])
+
     texts = ["Deep Learning is not...", "Deep learning is..."]
     ranks = requests.post(f"{url}/rerank", json={"query": "What is Deep Learning?", "texts": texts,
                                                  "return_text": True}, timeout=60).json()

@@ -347,3 +347,15 @@ def test_raw_scores_give_logits_for_classifiers_and_rerankers(tiny_bert_classifi
     assert score == pytest.approx(1 / (1 + np.exp(-raw)), abs=1e-6)
     assert ranker.metadata()["labels"] == ["LABEL_0"]
     assert classifier.metadata()["labels"] == ["negative", "positive"]
+
+
+def test_all_tokens_are_sentence_transformers_token_embeddings(tiny_st_mean):
+    from sentence_transformers import SentenceTransformer
+
+    model = served(tiny_st_mean)
+    rows = model.predict([{"text": text, "all_tokens": True} for text in TEXTS] + [{"text": "a", "all_tokens": 1}])
+    expected = SentenceTransformer(str(tiny_st_mean), device="cpu").encode(TEXTS, output_value="token_embeddings")
+    for got, want in zip(rows, expected):
+        assert got.shape == tuple(want.shape)  # the real tokens only: no padding rows
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert isinstance(rows[-1], InputError)

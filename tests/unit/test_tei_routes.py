@@ -45,6 +45,9 @@ class TextBroker(FakeBrokerClient):
                                  "stop": len(x["tokenize"].encode())}])
             elif "decode" in x:
                 answers.append(" ".join(map(str, x["decode"])))
+            elif x.get("all_tokens"):
+                answers.append({"embedding": np.arange(len(x["text"]) * 4, dtype=np.float32).reshape(-1, 4),
+                                "tokens": len(x["text"])})
             elif model == "ranker":
                 answers.append({"score": len(x["document"]) / 100 - (100 if x.get("raw_scores") else 0), "tokens": 3})
             elif model.startswith("cls"):
@@ -245,3 +248,12 @@ def test_cohere_embed_v1_v2_and_rerank_v2(app, broker):
     objects = app.simulate_post("/v1/rerank", json={"model": "ranker", "query": "q",
                                                     "documents": [{"text": "a"}, {"text": "abc"}]})
     assert [r["index"] for r in objects.json["results"]] == [1, 0]
+
+
+def test_embed_all_answers_a_vector_per_token_and_embed_sparse_424(app, broker):
+    response = app.simulate_post("/embed_all", json={"inputs": ["ab", "c"], "truncate": True})
+    assert response.status_code == 200, response.text
+    assert response.json == [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 1, 2, 3]]]
+    assert broker.calls[-1][1][1] == {"text": "c", "all_tokens": True, "count_tokens": True, "truncate": True}
+    sparse = app.simulate_post("/embed_sparse", json={"inputs": "a"})
+    assert sparse.status_code == 424 and sparse.json["error_type"] == "Backend"

@@ -27,6 +27,8 @@ Options, each optional (the gateway's TEI and Cohere routes set them; the wire f
                                 before the text, instead of its default prompt
     "raw_scores": bool          classification: {"label", "logits": {label: logit}} instead of
                                 "probabilities"; rerank: the logit, without the model's activation
+    "all_tokens": bool          embedding: the last hidden state of every token, [tokens, hidden]
+                                float32, before pooling (text-embeddings-inference's /embed_all)
 An input longer than the model's limit fails alone (InputError: HTTP 400); nothing is cut
 silently. "truncate": true, or the worker's --auto-truncate, truncates it instead, as
 sentence-transformers does.
@@ -66,7 +68,7 @@ TASKS = ("embedding", "classification", "rerank")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 UNPADDED = ("auto", "on", "off")
 ONEDNN = ("auto", "off")
-_BOOL_OPTIONS = ("truncate", "count_tokens", "normalize", "raw_scores")
+_BOOL_OPTIONS = ("truncate", "count_tokens", "normalize", "raw_scores", "all_tokens")
 _INPUT_OPTIONS = (*_BOOL_OPTIONS, "truncation_direction", "prompt_name")
 _DIRECTIONS = ("left", "right")
 _TOKENIZE_OPTIONS = {"tokenize": str, "add_special_tokens": bool, "prompt_name": str}
@@ -98,6 +100,7 @@ class _Input:
     normalize: bool | None = None  # None: as the model's configuration says
     prompt: str | None = None  # None: the model's default prompt
     raw_scores: bool = False
+    all_tokens: bool = False
     done: bool = False  # a tokenize or decode input: its output is already known, no forward pass
     output: Any = None
 
@@ -428,11 +431,14 @@ class HFTextModel(Manager):
             raise InputError(f"input field 'normalize' applies to embedding models, not {self.task}")
         if options["raw_scores"] is not None and self.task == "embedding":
             raise InputError("input field 'raw_scores' applies to classification and rerank models, not embedding")
+        if options["all_tokens"] is not None and self.task != "embedding":
+            raise InputError(f"input field 'all_tokens' applies to embedding models, not {self.task}")
         text = value["text"] if len(fields) == 1 else (value["query"], value["document"])
         truncate = self.auto_truncate if options["truncate"] is None else options["truncate"]
         return _Input(position, text, truncate, bool(options["count_tokens"]),
                       truncate_left=direction.lower() == "left", normalize=options["normalize"],
-                      prompt=self._prompt(value.get("prompt_name")), raw_scores=bool(options["raw_scores"]))
+                      prompt=self._prompt(value.get("prompt_name")), raw_scores=bool(options["raw_scores"]),
+                      all_tokens=bool(options["all_tokens"]))
 
     def _prompt(self, name) -> str | None:
         """The prompt text of a prompt_name (None when none is named): the model's sentence-transformers
@@ -563,7 +569,11 @@ class HFTextModel(Manager):
                 elif any(normalize):
                     rows = torch.tensor(normalize, device=vectors.device).unsqueeze(1)
                     vectors = torch.where(rows, torch.nn.functional.normalize(vectors, p=2, dim=1), vectors)
-                return list(vectors.cpu().numpy().astype(np.float32))
+                vectors = list(vectors.cpu().numpy().astype(np.float32))
+                for k, item in enumerate(items):
+                    if item.all_tokens:  # the real tokens' rows, wherever the padding is
+                        vectors[k] = hidden[k][mask[k].bool()].float().cpu().numpy()
+                return vectors
             logits = (self.model(**inputs).logits if unpadded is None else unpadded.logits(features, self.device)).float()
             if self.task == "rerank":
                 scores = self.activation(logits)[:, 0].cpu().tolist()
