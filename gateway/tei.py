@@ -234,7 +234,7 @@ class TEI:
             if dimensions > vectors.shape[1]:
                 raise _invalid("Input validation error: `dimensions` should be smaller than the maximum embedding "
                                "dimension.")
-            vectors = vectors[:, :dimensions]
+            vectors = np.ascontiguousarray(vectors[:, :dimensions])  # orjson writes contiguous arrays only
         if normalize:
             norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
             vectors = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)

@@ -91,6 +91,8 @@ def test_embed_is_always_two_dimensional_normalised_unless_asked_with_options_se
                                       "truncation_direction": "left", "prompt_name": "query"}
     short = app.simulate_post("/embed", json={"inputs": ["a"], "dimensions": 2}).json
     assert short == [pytest.approx([0.6, 0.8])]  # cut first, then normalised, as TEI does
+    raw_short = app.simulate_post("/embed", json={"inputs": ["a", "b"], "dimensions": 2, "normalize": False})
+    assert raw_short.status_code == 200 and raw_short.json == [[3.0, 4.0], [6.0, 8.0]]
     for name in ("x-compute-time", "x-total-time", "x-tokenization-time", "x-queue-time", "x-inference-time"):
         assert raw.headers[name].isdigit()
     assert raw.headers["x-compute-tokens"] == "4" and raw.headers["x-compute-characters"] == "2"
