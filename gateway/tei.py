@@ -44,7 +44,6 @@ for a gateway, so x-queue-time and x-tokenization-time are 0.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -56,7 +55,7 @@ from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog, split_version
 from gateway.config import GatewayConfig
-from gateway.errors import HTTP_STATUS_BY_CODE
+from gateway.errors import http_error
 from gateway.resources import check_document, read_body
 
 VERSION = "ddml-0.1.0"  # /info's "version": the server's, which is ddml's
@@ -70,25 +69,25 @@ _TEI_POOLING = {"lasttoken": "last_token"}
 class TEIError(Exception):
     """An error answered in TEI's shape, with the status TEI gives it."""
 
-    def __init__(self, status: int, error_type: str, message: str, retry_after_s: float = 0.0):
+    def __init__(self, status: int, error_type: str, message: str, retry_after_s: int | None = None):
         super().__init__(message)
         self.status, self.error_type, self.message, self.retry_after_s = status, error_type, message, retry_after_s
 
 
 def tei_error(error: BrokerError) -> TEIError:
-    """The TEI form of a gateway error: its status from the one table (gateway/errors.py), turned into
-    TEI's: invalid input is 422 Validation, a full queue 429 Overloaded, no worker 503 Unhealthy, a
-    model's failure 424 Backend. Statuses TEI has no word for (401, 404, 415, 504) stay as they are."""
-    status = HTTP_STATUS_BY_CODE.get(error.code, 500)
-    message = error.message
+    """The TEI form of a gateway error: its status and Retry-After from the one table (gateway/errors.py),
+    turned into TEI's: invalid input is 422 Validation, a full queue 429 Overloaded, no worker 503
+    Unhealthy, a model's failure 424 Backend. Statuses TEI has no word for (401, 404, 415, 504) stay."""
+    http = http_error(error)
+    status, message = http.status, http.message
     if status == 400:
         return TEIError(422, "Validation", f"Input validation error: {message.removeprefix('InputError: ')}")
     if status == 413:
         return TEIError(413, "Validation", f"Input validation error: {message}")
     if error.code is ErrorCode.OVERLOADED:
-        return TEIError(429, "Overloaded", f"Model is overloaded: {message}", error.retry_after_s)
+        return TEIError(429, "Overloaded", f"Model is overloaded: {message}", http.retry_after_s)
     if status == 503:
-        return TEIError(503, "Unhealthy", message, error.retry_after_s)
+        return TEIError(503, "Unhealthy", message, http.retry_after_s)
     if status == 500:
         return TEIError(424, "Backend", f"Backend error: {message}")
     return TEIError(status, "Backend" if status >= 500 else "Validation", message)
@@ -98,8 +97,8 @@ def _write_error(resp: falcon.Response, error: TEIError) -> None:
     resp.status = error.status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps({"error": error.message, "error_type": error.error_type})
-    if error.status in (429, 503):
-        resp.set_header("Retry-After", str(max(1, math.ceil(error.retry_after_s or 1))))
+    if error.retry_after_s is not None:
+        resp.set_header("Retry-After", str(error.retry_after_s))
 
 
 def _answering(resp: falcon.Response, work: Callable[[], None]) -> None:
