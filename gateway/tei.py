@@ -26,7 +26,7 @@ model of the task. Where neither decides, the answer is 400 naming the choices.
                         root the body decides: "query" with "texts" is a rerank, "inputs" holding
                         "source_sentence" a similarity, anything else an embedding (a classification
                         when --default-model is a classifier). /tei/{model} also takes the similarity
-                        body on POST.
+                        body on POST. POST /invocations is the same as POST /.
 
 Unknown fields are ignored, as TEI ignores them. The options the worker must apply (normalize,
 truncation, prompt_name, raw_scores, tokenize, decode) travel as per-input options of the built-in
@@ -539,3 +539,4 @@ def add_routes(app: falcon.App, broker: BrokerClient, config: GatewayConfig, cat
         app.add_route(f"{prefix}/info", _GetRoute(tei.info))
         app.add_route(f"{prefix}/health", _GetRoute(tei.health))
         app.add_route(prefix or "/", _BaseURL(tei))
+        app.add_route(f"{prefix}/invocations", _PostRoute(tei, ""))  # TEI's (and SageMaker's) alias of POST /

@@ -205,6 +205,9 @@ def test_post_root_decides_by_body_and_root_model_by_flags_or_the_only_live_mode
     assert app.simulate_post("/predict", json={"inputs": "a"}).status_code == 200 and broker.calls[-1][0] == "cls"
     assert app.simulate_post("/tei/cls", json={"inputs": "a"}).json[0]["label"] == "positive"
     assert app.simulate_post("/tei/ranker", json={"query": "q", "texts": ["a"]}).status_code == 200
+    assert app.simulate_post("/invocations", json={"query": "q", "texts": ["a"]}).status_code == 200
+    assert broker.calls[-1][0] == "ranker"
+    assert app.simulate_post("/tei/cls/invocations", json={"inputs": "a"}).json[0]["label"] == "positive"
 
     two = TextBroker(models=("emb", "cls", "cls1"))
     undecided = client(two).simulate_post("/predict", json={"inputs": "a"})
