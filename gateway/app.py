@@ -10,7 +10,7 @@ from __future__ import annotations
 import falcon
 
 from ddml_common.keys import ClientKeys
-from gateway import openinference
+from gateway import cohere, openinference, tei
 from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog
@@ -45,6 +45,8 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
     app.add_route("/readyz", ReadyResource(broker))
     app.add_route("/metrics", MetricsResource())
     openinference.add_routes(app, broker, config, catalog)
+    cohere.add_routes(app, broker, config, catalog)  # Cohere's /v2/rerank, /v1/embed, /v2/embed
+    tei.add_routes(app, broker, config, catalog)  # text-embeddings-inference's API, at / and /tei/{model}
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(BrokerError, handle_broker_error)
     app.set_error_serializer(serialize_falcon_error)
