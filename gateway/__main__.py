@@ -52,10 +52,23 @@ def _check_files(parser, args) -> None:
             load_tokens(args.api_key_file)
     except (OSError, ValueError) as error:
         parser.fail(f"--api-key-file {args.api_key_file}: {getattr(error, 'strerror', None) or error}")
+    _check_optional_packages(parser, args)
     try:
         ClientKeys.from_files(args.curve_server_key, args.curve_secret_key)
     except (OSError, ValueError) as error:
         parser.fail(f"--curve-server-key / --curve-secret-key: {getattr(error, 'strerror', None) or error}")
+
+
+
+def _check_optional_packages(parser, args) -> None:
+    """--grpc-bind and --otlp-endpoint need their extras: say so in one line, before gunicorn starts."""
+    import importlib.util
+
+    for flag, wanted, module in (("--grpc-bind", args.grpc_bind, "grpc"),
+                                 ("--otlp-endpoint", args.otlp_endpoint, "opentelemetry.sdk")):
+        if wanted and importlib.util.find_spec(module.split(".")[0]) is None:
+            extra = "grpc" if module == "grpc" else "otel"
+            parser.fail(f"{flag} needs the {module} package: pip install 'ddml[{extra}]'")
 
 
 if __name__ == "__main__":
