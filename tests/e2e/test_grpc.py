@@ -4,6 +4,9 @@ errors as gRPC status codes, API keys as metadata, TLS, and the same vectors as 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -98,6 +101,47 @@ def test_infer_fp32_and_bytes_through_the_echo_model(served):
     text = grpcclient.InferInput("TEXT", [2, 1], "BYTES")
     text.set_data_from_numpy(words)
     assert [row[0].decode() for row in client.infer("echo", [text]).as_numpy("OUTPUT")] == ["hello", "w\u00f6rld"]
+
+
+KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+import kserve
+
+async def call(address):
+    async with kserve.InferenceGRPCClient(address) as client:
+        health = [await client.is_server_live(), await client.is_server_ready(),
+                  await client.is_model_ready("tiny"), await client.is_model_ready("nope")]
+        text = kserve.InferInput("TEXT", [2, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"the quick brown fox"], [b"lazy dog"]], dtype=object), binary_data=True)
+        response = await client.infer(kserve.InferRequest("tiny", [text], request_id="ks-1"))
+        [output] = response.outputs
+        array = output.as_numpy()
+        print(json.dumps({"health": health, "id": response.id, "model": response.model_name, "name": output.name,
+                          "dtype": str(array.dtype), "embeddings": array.tolist()}))
+
+asyncio.run(call(sys.argv[1]))
+"""
+
+
+def test_kserve_inference_grpc_client(served):
+    """KServe's own client (the `kserve` package: not in [dev], as it brings about 430 MB, FastAPI, pandas and
+    the Kubernetes client among them), when this interpreter or $KSERVE_PYTHON has it. In a process of its
+    own: its generated protobuf module and tritonclient's define the same symbols."""
+    python = os.environ.get("KSERVE_PYTHON", sys.executable)
+    probe = subprocess.run([python, "-c", "import kserve"], capture_output=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip("kserve is not installed (set KSERVE_PYTHON to an interpreter that has it)")
+    url, address, _ = served
+    done = subprocess.run([python, "-c", KSERVE_CLIENT, address], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["health"] == [True, True, True, False]
+    assert (answer["id"], answer["model"], answer["name"], answer["dtype"]) == ("ks-1", "tiny", "EMBEDDING", "float32")
+    v1 = requests.post(f"{url}/v1/models/tiny/predict", json={"inputs": ["the quick brown fox", "lazy dog"]},
+                       timeout=30).json()["outputs"]
+    np.testing.assert_allclose(np.array(answer["embeddings"], dtype=np.float32), np.array(v1, dtype=np.float32),
+                               atol=1e-6)
 
 
 def test_errors_are_grpc_status_codes_with_the_http_routes_messages(served):
