@@ -29,6 +29,7 @@ supervisor restarts both sides together.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -264,8 +265,12 @@ def main() -> None:
     server.start()
     scheme = "TLS" if args.certfile else "plaintext"
     print(f"grpc ready: {SERVICE} on {config.grpc_bind} (port {port}, {scheme})", flush=True)
+    parent = os.getppid()
     while not stop.is_set():  # the main thread only reads it (see stop_on_signals)
         time.sleep(0.25)
+        if os.getppid() != parent:  # the gunicorn master died without stopping us (SIGKILL)
+            logger.warning("the gateway's master process is gone; stopping")
+            break
     server.stop(grace=graceful_timeout_s(args)).wait()
     broker.close()
     tracing.shutdown()

@@ -76,7 +76,9 @@ _grpc = {"process": None, "stopping": False}
 def when_ready(server):
     if not _args.grpc_bind:
         return
-    process = _grpc["process"] = subprocess.Popen([sys.executable, "-m", "gateway.grpc_server"])
+    # Its own session: a terminal's Ctrl-C reaches the master, which stops it in on_exit (after the HTTP side).
+    process = _grpc["process"] = subprocess.Popen([sys.executable, "-m", "gateway.grpc_server"],
+                                                  start_new_session=True)
 
     def watch():
         process.wait()  # gunicorn's reaping may take its status first: then this says 0

@@ -227,3 +227,22 @@ def test_a_gateway_whose_grpc_port_is_taken_stops_as_a_whole(stack):
         process, _ = stack.start_gateway("--workers", "1", "--threads", "2", "--grpc-bind", f"127.0.0.1:{port}")
         process.wait_for_output(r"cannot serve on 127.0.0.1:\d+", timeout_s=60)
         assert process.popen.wait(timeout=30) is not None
+
+
+def test_the_grpc_process_stops_when_the_gateway_master_is_killed(stack):
+    """It runs in a session of its own (a terminal's Ctrl-C goes to the master only), so it watches the
+    master itself: SIGKILLed, the master cannot stop it, and the port must not stay taken."""
+    import os
+    import signal
+    import socket
+
+    stack.start_broker()
+    _, address, gateway = start(stack)
+    host, port = address.split(":")
+    os.kill(gateway.pid, signal.SIGKILL)
+
+    def port_free() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex((host, int(port))) != 0
+
+    wait_until(port_free, timeout_s=15, what="the orphaned gRPC process to stop")
