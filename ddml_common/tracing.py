@@ -107,6 +107,26 @@ def traces_url(endpoint: str) -> str:
     return endpoint if endpoint.endswith("/v1/traces") else f"{endpoint}/v1/traces"
 
 
+_PACKAGES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+
+
+def missing_package() -> str | None:
+    """The first package that --otlp-endpoint needs and this environment lacks (pip install 'ddml[otel]')."""
+    return first_missing(_PACKAGES)
+
+
+def first_missing(modules: tuple[str, ...]) -> str | None:
+    import importlib.util
+
+    for module in modules:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except ModuleNotFoundError:  # a parent package is missing
+            return module
+    return None
+
+
 def enabled() -> bool:
     return _endpoint is not None
 

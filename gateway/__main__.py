@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 
+from ddml_common import tracing
 from ddml_common.cli import env_names
 from ddml_common.keys import ClientKeys
 from gateway.auth import load_tokens
@@ -62,13 +63,12 @@ def _check_files(parser, args) -> None:
 
 def _check_optional_packages(parser, args) -> None:
     """--grpc-bind and --otlp-endpoint need their extras: say so in one line, before gunicorn starts."""
-    import importlib.util
-
-    for flag, wanted, module in (("--grpc-bind", args.grpc_bind, "grpc"),
-                                 ("--otlp-endpoint", args.otlp_endpoint, "opentelemetry.sdk")):
-        if wanted and importlib.util.find_spec(module.split(".")[0]) is None:
-            extra = "grpc" if module == "grpc" else "otel"
-            parser.fail(f"{flag} needs the {module} package: pip install 'ddml[{extra}]'")
+    missing = args.grpc_bind and tracing.first_missing(("grpc", "google.protobuf"))
+    if missing:
+        parser.fail(f"--grpc-bind needs the {missing} package: pip install 'ddml[grpc]'")
+    missing = args.otlp_endpoint and tracing.missing_package()
+    if missing:
+        parser.fail(f"--otlp-endpoint needs the {missing} package: pip install 'ddml[otel]'")
 
 
 if __name__ == "__main__":

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.fail(f"invalid configuration: {error}")
     _check_model_source(parser, config)
+    if args.otlp_endpoint and tracing.missing_package():
+        parser.fail(f"--otlp-endpoint needs the {tracing.missing_package()} package: pip install 'ddml[otel]'")
     tracing.configure(args.otlp_endpoint, "ddml-worker")
     stop = threading.Event()
     stop_on_signals(stop)

@@ -192,7 +192,8 @@ def test_api_keys_as_metadata_and_tls(stack, tmp_path):
     tokens.write_text("grpc-token\n")
     stack.start_broker()
     stack.start_worker("--model", "echo")
-    url, address, _ = start(stack, "--certfile", cert, "--keyfile", key, "--api-key-file", str(tokens))
+    url, address, _ = start(stack, "--certfile", cert, "--keyfile", key, "--api-key-file", str(tokens),
+                            "--max-body-bytes", "4096")
     with open(cert, "rb") as certificate:
         root = certificate.read()
     import grpc
@@ -208,6 +209,12 @@ def test_api_keys_as_metadata_and_tls(stack, tmp_path):
     good = {"authorization": "Bearer grpc-token"}
     wait_until(lambda: client.is_model_ready("echo", headers=good), timeout_s=30, what="echo ready over TLS")
     assert client.infer("echo", [text], headers=good).as_numpy("OUTPUT")[0][0] == b"secret"
+    # --max-body-bytes caps a received message, as it caps an HTTP body.
+    large = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+    large.set_data_from_numpy(np.array([[b"z" * 5000]], dtype=object))
+    with pytest.raises(InferenceServerException) as too_large:
+        client.infer("echo", [large], headers=good)
+    assert too_large.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
     # Plaintext to a TLS port does not get an answer.
     plain = grpc.insecure_channel(address)
     with pytest.raises(grpc.FutureTimeoutError):
