@@ -179,7 +179,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             tensors = openinference.infer(self._broker, self._catalog, self._config, model, version, document, binary,
                                           request_id, most_s=remaining_s)
             served = f"{model}@{version}" if version else model
-            return infer_response(model, self._catalog.version_served(served), request.id or request_id, tensors,
+            # As on HTTP: the answer's id is x-request-id when given, else the request's own id.
+            given = any(key == "x-request-id" for key, _ in context.invocation_metadata())
+            answer_id = request_id if given else (request.id or request_id)
+            return infer_response(model, self._catalog.version_served(served), answer_id, tensors,
                                   [output.name for output in request.outputs])
 
         return self._serve("ModelInfer", context, infer, body_id=request.id)

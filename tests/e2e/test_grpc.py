@@ -69,6 +69,20 @@ def test_infer_bytes_with_a_text_model_matches_http(served):
     embeddings = result.as_numpy("EMBEDDING")
     assert embeddings.shape == (3, 32) and embeddings.dtype == np.float32
     assert result.get_response().id == "grpc-42" and result.get_response().model_version == "1"
+    # x-request-id metadata wins over the request's id, as X-Request-ID does on HTTP; it comes back as metadata.
+    header_id = client.infer("tiny", [text], request_id="body-id", headers={"x-request-id": "hdr-7"})
+    assert header_id.get_response().id == "hdr-7"
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        _, call = stub.ServerMetadata.with_call(service_pb2.ServerMetadataRequest(), timeout=10,
+                                                metadata=[("x-request-id", "meta-1")])
+        assert ("x-request-id", "meta-1") in call.trailing_metadata()
+        _, call = stub.ServerMetadata.with_call(service_pb2.ServerMetadataRequest(), timeout=10)
+        [made] = [value for key, value in call.trailing_metadata() if key == "x-request-id"]
+        assert len(made) == 32  # one the gateway made
     v1 = requests.post(f"{url}/v1/models/tiny/predict", json={"inputs": [t[0].decode() for t in texts]},
                        timeout=30).json()["outputs"]
     np.testing.assert_allclose(np.array(v1, dtype=np.float32), embeddings, atol=1e-6)
