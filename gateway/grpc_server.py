@@ -43,7 +43,7 @@ from google.protobuf import json_format
 from ddml_common import tracing
 from ddml_common.cli import configure_logging, stop_on_signals
 from ddml_common.keys import ClientKeys
-from ddml_common.protocol import MAX_MESSAGE_BYTES, ErrorCode
+from ddml_common.protocol import MAX_MESSAGE_BYTES
 from gateway import openinference
 from gateway.auth import check_authorization, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
