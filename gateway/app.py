@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import falcon
 
+from ddml_common import tracing
 from ddml_common.keys import ClientKeys
 from gateway import cohere, openinference, tei
 from gateway.auth import BearerAuth, load_tokens
@@ -19,6 +20,7 @@ from gateway.metrics import MetricsMiddleware, MetricsResource
 from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
 from gateway.openai_api import EmbeddingsResource, RerankResource
 from gateway.request_ids import RequestIdMiddleware
+from gateway.tracing import TraceMiddleware
 from gateway.resources import (
     HealthResource,
     ModelsResource,
@@ -30,7 +32,7 @@ from gateway.resources import (
 
 def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> falcon.App:
     config = config or GatewayConfig()
-    middleware: list = [MetricsMiddleware(), RequestIdMiddleware()]
+    middleware: list = [TraceMiddleware(), MetricsMiddleware(), RequestIdMiddleware()]
     if config.api_key_file:
         middleware.append(BearerAuth(load_tokens(config.api_key_file), protect_metrics=config.protect_metrics))
     app = falcon.App(middleware=middleware)
@@ -55,5 +57,6 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
 
 def get_app() -> falcon.App:
     config = GatewayConfig.from_env()
+    tracing.configure(config.otlp_endpoint, "ddml-gateway")
     curve = ClientKeys.from_files(config.curve_server_key, config.curve_secret_key)
     return create_app(BrokerClient(config.broker, curve=curve), config)

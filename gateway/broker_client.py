@@ -42,7 +42,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ddml_common import protocol
+from ddml_common import protocol, tracing
 from ddml_common.keys import ClientKeys
 from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import new_socket, send_frames
@@ -242,7 +242,7 @@ class BrokerClient:
         return protocol.Request(
             request_id, model, timeout_ms=max(0, int(timeout_s * 1000)), inputs=encoded,
             sizes=[len(value) if isinstance(value, (str, bytes)) else 0 for value in inputs],
-            priority=priority,
+            priority=priority, trace=tracing.current_trace(),  # the caller's trace context, if it sent one
         )
 
     # ------------------------------------------------------------------ failover (both paths)

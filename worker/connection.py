@@ -59,6 +59,9 @@ class WorkBatch:
     request_ids: list[str] = field(default_factory=list)  # one per input: the request it belongs to, for logs
     link: int = 0  # which broker sent it (an index into --broker)
     epoch: int = 0  # the link's epoch when it came: a batch of an older epoch was forgotten (see ComputeState)
+    traces: dict = field(default_factory=dict)  # traced requests only: the Batch's traces (ddml_common/tracing.py)
+    received_ns: int = 0  # wall clock when it came, for the broker-queue span of a traced request
+    forward_ns: int = 0  # wall clock when its forward pass began
 
     def tag(self, answered: int) -> bytes:
         """The frame the compute thread puts before a result that answers `answered` of its inputs,
@@ -424,4 +427,5 @@ def _decode_batch(batch: protocol.Batch) -> WorkBatch:
         except protocol.DecodeError as error:
             inputs.append(None)
             errors[index] = f"input could not be decoded: {error}"
-    return WorkBatch(batch.batch_id, inputs, errors, request_ids=list(batch.request_ids))
+    return WorkBatch(batch.batch_id, inputs, errors, request_ids=list(batch.request_ids), traces=batch.traces,
+                     received_ns=time.time_ns() if batch.traces else 0)

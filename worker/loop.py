@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import zmq
 
-from ddml_common import protocol
+from ddml_common import protocol, tracing
 from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
 from worker.connection import ComputeState, WorkBatch
@@ -53,6 +53,8 @@ def run_worker(
             return
         state.busy_since = started_at = clock()
         result = run_batch(model, batch, clock)
+        if batch.traces:
+            _trace(batch, started_at, clock())
         state.busy_since = None
         state.batches += 1
         state.items += len(batch.inputs)
@@ -373,6 +375,7 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
     outputs = [b""] * size
     if positions:
         try:
+            batch.forward_ns = time.time_ns()
             produced = _predict(model, [batch.inputs[i] for i in positions])
         except Exception as error:
             request_ids = _request_ids(batch)
@@ -388,6 +391,14 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
     return protocol.BatchResult(
         batch.batch_id, outputs, errors=sorted(errors), compute_ms=(clock() - started_at) * 1000
     )
+
+
+def _trace(batch: WorkBatch, started_at: float, ended_at: float) -> None:
+    """Spans of a batch that serves traced requests (ddml_common/tracing.py; nothing without --otlp-endpoint)."""
+    ended_ns = time.time_ns()
+    started_ns = ended_ns - int((ended_at - started_at) * 1e9)
+    tracing.worker_batch_spans(batch.batch_id, batch.traces, batch.received_ns or started_ns, started_ns,
+                               (batch.forward_ns or started_ns, ended_ns), ended_ns, len(batch.inputs))
 
 
 def _request_ids(batch: WorkBatch) -> str:
