@@ -131,14 +131,21 @@ async def call(address):
         response = await client.infer(kserve.InferRequest("tiny", [text], request_id="ks-1"))
         [output] = response.outputs
         array = output.as_numpy()
-        print(json.dumps({"health": health, "id": response.id, "model": response.model_name, "name": output.name,
-                          "dtype": str(array.dtype), "embeddings": array.tolist()}))
+    rest = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2", timeout=60))
+    text = kserve.InferInput("TEXT", [2, 1], "BYTES")
+    text.set_data_from_numpy(np.array([["the quick brown fox"], ["lazy dog"]], dtype=object), binary_data=False)
+    answer = await rest.infer(sys.argv[2], kserve.InferRequest("tiny", [text], request_id="ks-2"), model_name="tiny")
+    [rest_output] = answer.outputs
+    print(json.dumps({"health": health, "id": response.id, "model": response.model_name, "name": output.name,
+                      "dtype": str(array.dtype), "embeddings": array.tolist(),
+                      "rest": [answer.id, rest_output.name, rest_output.as_numpy().tolist()],
+                      "rest_ready": await rest.is_model_ready(sys.argv[2], "tiny")}))
 
 asyncio.run(call(sys.argv[1]))
 """
 
 
-def test_kserve_inference_grpc_client(served):
+def test_kserve_grpc_and_rest_clients(served):
     """KServe's own client (the `kserve` package: not in [dev], as it brings about 430 MB, FastAPI, pandas and
     the Kubernetes client among them), from $KSERVE_PYTHON (scripts/test.sh makes .venv-kserve) or this
     interpreter. In a process of its
@@ -150,7 +157,7 @@ def test_kserve_inference_grpc_client(served):
         assert "KSERVE_PYTHON" not in os.environ, f"KSERVE_PYTHON={python} cannot import kserve: {probe.stderr[-500:]!r}"
         pytest.skip("kserve is not installed (set KSERVE_PYTHON to an interpreter that has it)")
     url, address, _ = served
-    done = subprocess.run([python, "-c", KSERVE_CLIENT, address], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([python, "-c", KSERVE_CLIENT, address, url], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["health"] == [True, True, True, False]
@@ -159,6 +166,10 @@ def test_kserve_inference_grpc_client(served):
                        timeout=30).json()["outputs"]
     np.testing.assert_allclose(np.array(answer["embeddings"], dtype=np.float32), np.array(v1, dtype=np.float32),
                                atol=1e-6)
+    # Its REST client (InferenceRESTClient, protocol v2) against the HTTP routes of the same gateway.
+    rest_id, rest_name, rest_embeddings = answer["rest"]
+    assert (rest_id, rest_name, answer["rest_ready"]) == ("ks-2", "EMBEDDING", True)
+    np.testing.assert_allclose(np.array(rest_embeddings, dtype=np.float32), np.array(v1, dtype=np.float32), atol=1e-6)
 
 
 def test_errors_are_grpc_status_codes_with_the_http_routes_messages(served):
