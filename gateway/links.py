@@ -1,0 +1,111 @@
+"""Links: how the gateway tells that a broker died, restarted, fell silent or came back.
+
+Pure: no sockets, no clock of its own. The I/O shell reports what it saw (a message, a heartbeat's
+instance id, a dropped connection, the time) and reads back what changed. This is the gateway's
+own restart and silence detection, kept behind this small interface (heard, heartbeat,
+disconnected, silent) so that it can move onto the worker's shared liveness module later.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+class Change(enum.Enum):
+    """Why a broker's epoch last moved: what was sent to it before may be lost."""
+
+    SILENT = "silent"
+    DISCONNECTED = "disconnected"
+    RESTARTED = "restarted"
+
+
+@dataclass
+class Link:
+    """One broker as this gateway sees it."""
+
+    index: int
+    endpoint: str
+    instance_id: str = ""
+    seen_at: float = 0.0  # the last message from it (or the last reconnect)
+    up: bool = True  # until it falls silent, disconnects or restarts; again once it answers
+    epoch: int = 0  # +1 each time it goes down or restarts
+    change: Change | None = None
+    changed_at: float = 0.0
+
+
+class Links:
+    """Every broker's link. `changes` moves whenever any broker goes down, restarts or comes back,
+    so that a reader on another thread can tell it has something to look at."""
+
+    def __init__(self, endpoints: list[str], silent_after_s: float):
+        self.links = [Link(index, endpoint) for index, endpoint in enumerate(endpoints)]
+        self.silent_after_s = silent_after_s
+        self.changes = 0
+
+    def __getitem__(self, index: int) -> Link:
+        return self.links[index]
+
+    def __iter__(self):
+        return iter(self.links)
+
+    def __len__(self) -> int:
+        return len(self.links)
+
+    def started(self, now: float) -> None:
+        for link in self.links:
+            link.seen_at = now
+
+    def heard(self, index: int, now: float) -> None:
+        """Any message from the broker: it is not silent."""
+        self.links[index].seen_at = now
+
+    def heartbeat(self, index: int, instance_id: str, now: float) -> bool:
+        """Its heartbeat names its instance. True if that changed anything (restarted, or back)."""
+        link = self.links[index]
+        link.seen_at = now
+        if link.instance_id and instance_id != link.instance_id:
+            # What reached the old broker died with it; what reached the new one carries the old
+            # instance id, so the new broker refuses it unrun, at once. Either way one reply.
+            link.instance_id = instance_id
+            self._went_down(link, Change.RESTARTED, now)
+            return True
+        link.instance_id = instance_id
+        if not link.up:
+            logger.info("broker %s answers again", link.endpoint)
+            link.up = True
+            self.changes += 1
+            return True
+        return False
+
+    def disconnected(self, index: int, now: float) -> bool:
+        """Its connection dropped (a monitor event). True if that took it down."""
+        link = self.links[index]
+        if not link.up:
+            return False
+        self._went_down(link, Change.DISCONNECTED, now)
+        return True
+
+    def silent(self, now: float) -> list[int]:
+        """The brokers that have said nothing for `silent_after_s`: now down. The shell reconnects
+        each; its silence is counted again from now."""
+        gone = [link.index for link in self.links if now - link.seen_at > self.silent_after_s]
+        for index in gone:
+            link = self.links[index]
+            self._went_down(link, Change.SILENT, now)
+            link.seen_at = now
+        return gone
+
+    def next_silent_at(self) -> float:
+        return min(link.seen_at for link in self.links) + self.silent_after_s
+
+    def _went_down(self, link: Link, why: Change, now: float) -> None:
+        if link.up or why is Change.RESTARTED:
+            logger.warning("broker %s %s", link.endpoint, why.value)
+        link.up = why is Change.RESTARTED  # a restarted broker answers: it is up, but forgot what we sent
+        link.epoch += 1
+        link.change, link.changed_at = why, now
+        self.changes += 1
