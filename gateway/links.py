@@ -36,6 +36,11 @@ class Link:
     change: Change | None = None
     changed_at: float = 0.0
 
+    def tag(self) -> str:
+        """The instance id a request sent to it now carries, so that another instance refuses it
+        unrun. None ("") while it is down: we no longer know which instance will read it."""
+        return self.instance_id if self.up else ""
+
 
 class Links:
     """Every broker's link. `changes` moves whenever any broker goes down, restarts or comes back,
@@ -67,18 +72,22 @@ class Links:
         """Its heartbeat names its instance. True if that changed anything (restarted, or back)."""
         link = self.links[index]
         link.seen_at = now
-        if link.instance_id and instance_id != link.instance_id:
+        if link.up and link.instance_id and instance_id != link.instance_id:
             # What reached the old broker died with it; what reached the new one carries the old
             # instance id, so the new broker refuses it unrun, at once. Either way one reply.
             link.instance_id = instance_id
             self._went_down(link, Change.RESTARTED, now)
             return True
-        link.instance_id = instance_id
         if not link.up:
-            logger.info("broker %s answers again", link.endpoint)
+            # What it held was given up when it went down, and what was sent since carried no
+            # instance id (see tag()): whichever instance answers now may run it.
+            logger.info("broker %s answers again%s", link.endpoint,
+                        " as a new instance" if instance_id != link.instance_id else "")
+            link.instance_id = instance_id
             link.up = True
             self.changes += 1
             return True
+        link.instance_id = instance_id
         return False
 
     def disconnected(self, index: int, now: float) -> bool:

@@ -239,7 +239,7 @@ class Requests:
         message = record.message
         for index in self._candidates(record):
             link = links[index]
-            message.instance_id = link.instance_id  # a broker that restarted since refuses it unrun
+            message.instance_id = link.tag()  # a broker that restarted since refuses it unrun
             message.timeout_ms = max(0, remaining_ms)
             if send(Send(record.request_id, index, message)):
                 if record.tried:

@@ -230,3 +230,22 @@ def test_fail_all_ends_every_request_once():
     requests.fail_all(ErrorCode.UNAVAILABLE, "closed")
     outcomes = requests.flush(wire, 0.1)
     assert [o.request_id for o in outcomes] == ["r1", "r2"] and len(requests) == 0 and not requests.unsent()
+
+
+def test_a_request_to_a_broker_known_down_carries_no_instance_id_and_its_new_instance_serves_it():
+    """Regression (tests/sim/test_regressions.py, lone broker silent then restarted): tagged with the
+    old instance's id, such a request was refused unrun by the new instance, a needless 503."""
+    links, requests, wire = machine(brokers=1)
+    assert links.silent(now=SILENT_AFTER_S + 0.1) == [0]
+    requests.submit("r1", request(), timeout_s=5.0, now=4.0)
+    requests.flush(wire, 4.0)
+    assert wire.sent == [("r1", 0, "", 5000)]
+    assert links.heartbeat(0, "i0-new", now=4.1)  # back, as a new instance
+    assert links[0].up and links[0].instance_id == "i0-new" and links[0].epoch == 1  # no new epoch:
+    requests.links_changed(4.1)  # nothing it holds was lost
+    requests.tick(4.1 + SILENT_AFTER_S + 1.0)
+    requests.reply(0, ok(), 8.5)
+    assert requests.flush(wire, 8.5) == [Resolve("r1", ok())]
+    requests.submit("r2", request("r2"), timeout_s=5.0, now=9.0)
+    requests.flush(wire, 9.0)
+    assert wire.sent[-1] == ("r2", 0, "i0-new", 5000)  # up again: tagged again
