@@ -352,3 +352,70 @@ def test_two_lanes_run_passes_at_once_and_a_fault_takes_them_all(make_world, fau
     assert first.outcome == second.outcome == "ok"
     assert first.replies_delivered == second.replies_delivered == 1
     world.wind_down()
+
+
+# ------------------------------------------------------------------ the gateway's own decisions
+# SimGateway runs gateway/requests.py and gateway/links.py, the code the gateways ship.
+
+from gateway.requests import Fail  # noqa: E402  (appended section: the file's imports stay as they were)
+
+
+def test_after_a_lone_broker_falls_silent_and_restarts_the_next_request_is_served_not_refused(make_world):
+    """One broker crashes holding a request and comes back slowly. The gateway hears nothing for
+    `liveness` intervals and fails the request UNAVAILABLE, well before its 20 s deadline, and
+    reconnects. The request it sends next, before any heartbeat has named the new instance, was
+    tagged with the old instance's id, so the new broker refused it unrun: a needless 503 for every
+    request in that window (up to a heartbeat interval). Now a request sent to a broker the gateway
+    knows to be down carries no instance id, and is served."""
+    world = make_world(max_attempts=2)
+    worker(world, batch_s=5.0)
+    client = gateway(world)
+    step(world, 0.1)
+    held = client.submit(count=1, timeout_s=20.0, model="m")
+    step(world, 0.05)
+    assert held.key is not None, "the broker read it"
+    world.restart_broker()
+    world.run_until(world.now + 5.0, lambda: held.request_id in client.outcomes)
+    outcome = client.outcomes[held.request_id]
+    assert outcome == Fail(held.request_id, ErrorCode.UNAVAILABLE, "broker tcp://broker:5555 stopped answering")
+    assert world.now < world.broker_up_at + 2 * HEARTBEAT.expiry_s
+    worker(world)
+    after = client.submit(count=1, timeout_s=3.0, model="m")
+    step(world, 1.0)
+    assert after.instance_id == "", "sent before the gateway heard which instance answers"
+    assert after.outcome == "ok" and client.outcomes[after.request_id].answer.ok
+    world.wind_down()
+
+
+def test_a_request_made_before_the_connection_is_up_waits_for_it_and_is_served(make_world):
+    """A DEALER with ZMQ_IMMEDIATE refuses while it has no connection: the gateway keeps the request
+    for up to its connect grace and sends it once the link is up, rather than failing it."""
+    world = make_world(max_attempts=2)
+    worker(world)
+    step(world, 0.1)
+    client = gateway(world)  # its connection comes up a moment later
+    assert not world.connected(client.conn)
+    request = client.submit(count=1, timeout_s=3.0, model="m")
+    assert client.requests.unsent()
+    step(world, 1.0)
+    assert request.outcome == "ok" and client.outcomes[request.request_id].answer.ok
+    world.wind_down()
+
+
+def test_a_gateway_that_never_gives_up_on_a_lost_request_fails_the_run(make_world, monkeypatch):
+    """The check that every request ends at the gateway once, in time, can fail: with the gateway's
+    tick and its reaction to a broker's silence or restart switched off, the request the crashed
+    broker held is never ended, and the run says so."""
+    from gateway.requests import Requests
+
+    monkeypatch.setattr(Requests, "tick", lambda self, now: None)
+    monkeypatch.setattr(Requests, "links_changed", lambda self, now: None)
+    world = make_world(max_attempts=2)
+    worker(world, batch_s=5.0)
+    client = gateway(world)
+    step(world, 0.1)
+    held = client.submit(count=1, timeout_s=2.0, model="m")
+    step(world, 0.05)
+    world.restart_broker()
+    with pytest.raises(SimFailure, match=f"gateway g0 never ended 1 requests: \\['{held.request_id}'\\]"):
+        world.wind_down()
