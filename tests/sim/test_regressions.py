@@ -360,6 +360,18 @@ def test_two_lanes_run_passes_at_once_and_a_fault_takes_them_all(make_world, fau
 from gateway.requests import Fail  # noqa: E402  (appended section: the file's imports stay as they were)
 
 
+def the_broker_crashes_holding_a_request(world: World, timeout_s: float) -> tuple[SimGateway, object]:
+    """A request is in a 5 s batch when the lone broker crashes."""
+    worker(world, batch_s=5.0)
+    client = gateway(world)
+    step(world, 0.1)
+    held = client.submit(count=1, timeout_s=timeout_s, model="m")
+    step(world, 0.05)
+    assert held.key is not None, "the broker read it"
+    world.restart_broker()
+    return client, held
+
+
 def test_after_a_lone_broker_falls_silent_and_restarts_the_next_request_is_served_not_refused(make_world):
     """One broker crashes holding a request and comes back slowly. The gateway hears nothing for
     `liveness` intervals and fails the request UNAVAILABLE, well before its 20 s deadline, and
@@ -368,13 +380,7 @@ def test_after_a_lone_broker_falls_silent_and_restarts_the_next_request_is_serve
     request in that window (up to a heartbeat interval). Now a request sent to a broker the gateway
     knows to be down carries no instance id, and is served."""
     world = make_world(max_attempts=2)
-    worker(world, batch_s=5.0)
-    client = gateway(world)
-    step(world, 0.1)
-    held = client.submit(count=1, timeout_s=20.0, model="m")
-    step(world, 0.05)
-    assert held.key is not None, "the broker read it"
-    world.restart_broker()
+    client, held = the_broker_crashes_holding_a_request(world, timeout_s=20.0)
     world.run_until(world.now + 5.0, lambda: held.request_id in client.outcomes)
     outcome = client.outcomes[held.request_id]
     assert outcome == Fail(held.request_id, ErrorCode.UNAVAILABLE, "broker tcp://broker:5555 stopped answering")
@@ -411,11 +417,6 @@ def test_a_gateway_that_never_gives_up_on_a_lost_request_fails_the_run(make_worl
     monkeypatch.setattr(Requests, "tick", lambda self, now: None)
     monkeypatch.setattr(Requests, "links_changed", lambda self, now: None)
     world = make_world(max_attempts=2)
-    worker(world, batch_s=5.0)
-    client = gateway(world)
-    step(world, 0.1)
-    held = client.submit(count=1, timeout_s=2.0, model="m")
-    step(world, 0.05)
-    world.restart_broker()
+    _, held = the_broker_crashes_holding_a_request(world, timeout_s=2.0)
     with pytest.raises(SimFailure, match=f"gateway g0 never ended 1 requests: \\['{held.request_id}'\\]"):
         world.wind_down()
