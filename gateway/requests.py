@@ -78,6 +78,7 @@ class Record:
     only: int | None = None  # a status request: that broker only, no failover
     waiting: dict[int, int] = field(default_factory=dict)  # broker index -> its epoch when sent
     tried: set[int] = field(default_factory=set)
+    refused_by: set[int] = field(default_factory=set)  # brokers that answered UNAVAILABLE: not asked again
     if_unsendable: Outcome | None = None  # a resend that no broker takes ends so (None: a first send)
     fail_as: Fail | None = None  # how it ends at give_up_at, when not TIMEOUT
 
@@ -143,6 +144,7 @@ class Requests:
                 and answer.error_code == ErrorCode.UNAVAILABLE.value):
             # UNAVAILABLE from one of several brokers (shutting down, restarted, no worker yet) is not
             # final: wait for another broker it is also with, or send it to one not tried yet.
+            record.refused_by.add(broker)
             if record.waiting:
                 return
             if any(link.up and link.index not in record.tried for link in self._links):
@@ -254,10 +256,13 @@ class Requests:
         if len(links) == 1:
             return [0]
         untried = [b.index for b in links if b.up and b.index not in record.tried]
-        retried = [b.index for b in links if b.up and b.index in record.tried and b.index not in record.waiting]
+        # Then one that lost it (went down or restarted) and is back; never one that refused it.
+        retried = [b.index for b in links if b.up and b.index in record.tried and b.index not in record.waiting
+                   and b.index not in record.refused_by]
         # Last, brokers we think down: one may be back before its first heartbeat says so, and a
         # DEALER with IMMEDIATE refuses at once while its broker is unreachable.
-        down = [b.index for b in links if not b.up and b.index not in record.waiting]
+        down = [b.index for b in links if not b.up and b.index not in record.waiting
+                and b.index not in record.refused_by]
         return untried + retried + down
 
     def _resend(self, record: Record, if_unsendable: Outcome) -> None:

@@ -662,9 +662,14 @@ class SimGateway:
     """A gateway's BrokerClient on its I/O-thread transport (one DEALER, one I/O thread). Only the
     network, the timers and the sockets' moves are simulated here: every decision, which broker,
     resends, deadlines, a restart or a silence, is taken by the shipped gateway/requests.py and
-    gateway/links.py. Every request must end there exactly once, in time (check_settled)."""
+    gateway/links.py. Every request must end there exactly once, in time (check_settled).
+
+    The second gateway (g1) lists a second broker that never answers, as a gateway does whose other
+    broker's host is down: its requests take the several-brokers paths (failover order, an
+    UNAVAILABLE retried elsewhere, resends no broker takes, a dropped connection seen at once)."""
 
     endpoint = "tcp://broker:5555"  # the one simulated broker
+    dead_endpoint = "tcp://down:5555"  # never reachable
 
     def __init__(self, world: World, index: int):
         self.world = world
@@ -673,7 +678,9 @@ class SimGateway:
         self._identities = 0
         self._ids = itertools.count(1)
         expiry_s = world.config.heartbeat.expiry_s
-        self.links = Links([self.endpoint], silent_after_s=expiry_s)
+        endpoints = [self.endpoint, self.dead_endpoint] if index == 1 else [self.endpoint]
+        self.links = Links(endpoints, silent_after_s=expiry_s)
+        self._was_connected = False  # as its DEALER's monitor would tell (several brokers only)
         self.requests = Requests(self.links, restart_grace_s=expiry_s)
         self.sent: dict[str, Tracked] = {}  # every request it sent, by id
         self.give_up_by: dict[str, float] = {}  # request id -> when it must have ended, at the latest
@@ -709,9 +716,13 @@ class SimGateway:
             self._beating = False
             return False  # winding down, and nothing left to end
         now = world.now
-        sent = world.connected(self.conn)
-        if sent:
+        connected = world.connected(self.conn)
+        if connected:
             world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
+        sent = connected and len(self.links) == 1  # the I/O thread retries soon unless every broker took it
+        if len(self.links) > 1 and self._was_connected and not connected:
+            self.links.disconnected(0, now)
+        self._was_connected = connected
         self.requests.tick(now)
         for _ in self.links.silent(now):
             world.trace("%s hears nothing from the broker: reconnects", self.name)
@@ -762,7 +773,7 @@ class SimGateway:
     def _send(self, instruction: Send) -> bool:
         """The DEALER's send, with ZMQ_IMMEDIATE: refused while not connected."""
         world = self.world
-        if not world.connected(self.conn):
+        if instruction.broker != 0 or not world.connected(self.conn):
             return False
         message = instruction.message
         tracked = self.sent.get(instruction.request_id)
