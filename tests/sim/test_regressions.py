@@ -420,3 +420,23 @@ def test_a_gateway_that_never_gives_up_on_a_lost_request_fails_the_run(make_worl
     _, held = the_broker_crashes_holding_a_request(world, timeout_s=2.0)
     with pytest.raises(SimFailure, match=f"gateway g0 never ended 1 requests: \\['{held.request_id}'\\]"):
         world.wind_down()
+
+
+def test_seed_0_a_broker_that_refuses_a_request_unavailable_is_not_asked_again(make_world):
+    """Found by seed 0 once g1 listed a second broker that never answers: the live broker drains
+    and refuses g1's request UNAVAILABLE; the other broker, not yet silent for `liveness`
+    intervals, is still thought up, takes nothing (no connection), and the resend went back to the
+    broker that had just refused, round after round. Now the refusal stands: one send, one reply."""
+    world = make_world(max_attempts=2)
+    worker(world)
+    gateway(world)
+    client = gateway(world)
+    assert client.name == "g1" and len(client.links) == 2
+    step(world, 0.1)
+    world.drain_broker()
+    request = client.submit(count=1, timeout_s=3.0, model="m")
+    world.run_until(world.now + 1.0, lambda: request.request_id in client.outcomes)
+    outcome = client.outcomes[request.request_id]
+    assert outcome.answer.error_code == ErrorCode.UNAVAILABLE.value and request.replies_delivered == 1
+    assert client.links[1].up, "the dead broker is not yet known to be down: the case of the bug"
+    world.wind_down()

@@ -249,3 +249,15 @@ def test_a_request_to_a_broker_known_down_carries_no_instance_id_and_its_new_ins
     requests.submit("r2", request("r2"), timeout_s=5.0, now=9.0)
     requests.flush(wire, 9.0)
     assert wire.sent[-1] == ("r2", 0, "i0-new", 5000)  # up again: tagged again
+
+
+def test_a_broker_that_refused_a_request_unavailable_is_not_sent_it_again():
+    """Regression (sim seed 0): the untried broker takes nothing (not connected yet), and the resend
+    went back to the broker that had just refused it, again after each refusal."""
+    links, requests, wire = machine(brokers=2)
+    wire.refusing = {1}
+    requests.submit("r1", request(), timeout_s=2.0, now=0.0)
+    requests.flush(wire, 0.0)
+    requests.reply(0, refused(), 0.1)
+    assert requests.flush(wire, 0.1) == [Resolve("r1", refused())]
+    assert [s[1] for s in wire.sent] == [0]
