@@ -58,7 +58,7 @@ class BrokerClient:
         self._curve = curve
         self._heartbeat_interval_s = heartbeat_interval_s
         self._silent_after_s = heartbeat_interval_s * liveness
-        self._links = Links(self.endpoints, self._silent_after_s)
+        self._links = Links(self.endpoints, self._silent_after_s, heartbeat_interval_s)
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._context: zmq.Context | None = None
@@ -181,7 +181,7 @@ class BrokerClient:
             self._context = zmq.Context()
             self._wake_endpoint = f"inproc://ddml-client-{id(self)}"
             self._alarm_endpoint = f"inproc://ddml-alarm-{id(self)}"
-            self._links = Links(self.endpoints, self._silent_after_s)
+            self._links = Links(self.endpoints, self._silent_after_s, self._heartbeat_interval_s)
             self._stopping = threading.Event()
             self._local = threading.local()
             self._transports = []

@@ -27,7 +27,6 @@ from gateway.requests import Outcome, Requests, Send
 
 logger = logging.getLogger(__name__)
 
-_HEARTBEAT_RETRY_S = 0.02  # while a heartbeat cannot be sent (not connected yet)
 _MAX_WAIT_MS = 100  # the loop looks at the links and the time at least this often
 _UNSENT_WAIT_MS = 5  # while a request waits for a connection
 _DRAIN_CAP = 1000  # messages read from one socket per pass, so that one busy socket cannot starve the rest
@@ -66,7 +65,8 @@ class IoThread:
         self._dealers = [connect_dealer(context, link.endpoint, self._curve) for link in links]
         self._monitors = [self._monitor(dealer) for dealer in self._dealers]
         started.set()
-        heartbeat_due_at = 0.0
+        heartbeat = protocol.encode(protocol.Heartbeat())
+        tick_due_at = 0.0
         now = time.monotonic()
         links.started(now)
         changes = links.changes
@@ -79,8 +79,9 @@ class IoThread:
                 for monitor in self._monitors:
                     if monitor is not None:
                         poller.register(monitor, zmq.POLLIN)
+                wake_at = min(links.next_heartbeat_at(), tick_due_at)
                 wait_ms = (_UNSENT_WAIT_MS if requests.unsent()
-                           else min(_MAX_WAIT_MS, max(0.0, heartbeat_due_at - time.monotonic()) * 1000))
+                           else min(_MAX_WAIT_MS, max(0.0, wake_at - time.monotonic()) * 1000))
                 ready = dict(poller.poll(wait_ms))
                 now = time.monotonic()
                 if pull in ready:
@@ -91,14 +92,10 @@ class IoThread:
                         self._receive(link.index, dealer, now)
                     if monitor is not None and monitor in ready and disconnected(monitor):
                         links.disconnected(link.index, now)
-                if now >= heartbeat_due_at:
-                    # Until the first heartbeat goes through (no connection yet), retry every 20 ms:
-                    # the broker's answer tells us its instance id, without which a broker restart
-                    # in our first interval would go unnoticed and its requests would wait out
-                    # their deadlines.
-                    sent = all([send_quietly(dealer, protocol.encode(protocol.Heartbeat()))
-                                for dealer in self._dealers])
-                    heartbeat_due_at = now + (self._heartbeat_interval_s if sent else _HEARTBEAT_RETRY_S)
+                for index in links.heartbeats_due(now):
+                    links.heartbeat_sent(index, send_quietly(self._dealers[index], heartbeat), now)
+                if now >= tick_due_at:
+                    tick_due_at = now + self._heartbeat_interval_s
                     requests.tick(now)
                 if not self._stopping.is_set():
                     for index in links.silent(now):

@@ -2,8 +2,8 @@
 
 Pure: no sockets, no clock of its own. The I/O shell reports what it saw (a message, a heartbeat's
 instance id, a dropped connection, the time) and reads back what changed. This is the gateway's
-own restart and silence detection, kept behind this small interface (heard, heartbeat,
-disconnected, silent) so that it can move onto the worker's shared liveness module later.
+own restart and silence detection (and when to heartbeat), kept behind this small interface
+(heard, heartbeat, disconnected, silent; heartbeats_due, heartbeat_sent) so that it can move onto the worker's shared liveness module later.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
+
+HEARTBEAT_RETRY_S = 0.02  # the first wait after a heartbeat could not be sent; doubled up to the interval
 
 
 class Change(enum.Enum):
@@ -35,6 +37,8 @@ class Link:
     epoch: int = 0  # +1 each time it goes down or restarts
     change: Change | None = None
     changed_at: float = 0.0
+    heartbeat_due_at: float = 0.0
+    heartbeat_retry_s: float = 0.0  # after a heartbeat that could not be sent (no connection): the next wait
 
     def tag(self) -> str:
         """The instance id a request sent to it now carries, so that another instance refuses it
@@ -46,9 +50,10 @@ class Links:
     """Every broker's link. `changes` moves whenever any broker goes down, restarts or comes back,
     so that a reader on another thread can tell it has something to look at."""
 
-    def __init__(self, endpoints: list[str], silent_after_s: float):
+    def __init__(self, endpoints: list[str], silent_after_s: float, heartbeat_interval_s: float = 1.0):
         self.links = [Link(index, endpoint) for index, endpoint in enumerate(endpoints)]
         self.silent_after_s = silent_after_s
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.changes = 0
 
     def __getitem__(self, index: int) -> Link:
@@ -106,7 +111,27 @@ class Links:
             link = self.links[index]
             self._went_down(link, Change.SILENT, now)
             link.seen_at = now
+            link.heartbeat_due_at, link.heartbeat_retry_s = now, 0.0  # to the new connection, at once
         return gone
+
+    def heartbeats_due(self, now: float) -> list[int]:
+        return [link.index for link in self.links if now >= link.heartbeat_due_at]
+
+    def heartbeat_sent(self, index: int, sent: bool, now: float) -> None:
+        """The shell tried to send a heartbeat. Until one goes through (no connection yet), retry
+        soon: the broker's answer tells us its instance id, without which a restart in our first
+        interval would go unnoticed. But back off to the interval, so that a broker that stays
+        unreachable costs one try a heartbeat interval, not fifty a second."""
+        link = self.links[index]
+        if sent:
+            link.heartbeat_retry_s = 0.0
+            link.heartbeat_due_at = now + self.heartbeat_interval_s
+            return
+        link.heartbeat_retry_s = min(self.heartbeat_interval_s, 2 * link.heartbeat_retry_s or HEARTBEAT_RETRY_S)
+        link.heartbeat_due_at = now + link.heartbeat_retry_s
+
+    def next_heartbeat_at(self) -> float:
+        return min(link.heartbeat_due_at for link in self.links)
 
     def next_silent_at(self) -> float:
         return min(link.seen_at for link in self.links) + self.silent_after_s
