@@ -79,6 +79,9 @@ class Record:
     waiting: dict[int, int] = field(default_factory=dict)  # broker index -> its epoch when sent
     tried: set[int] = field(default_factory=set)
     refused_by: set[int] = field(default_factory=set)  # brokers that answered UNAVAILABLE: not asked again
+    # Brokers that restarted while holding it, until when: the new instance refuses the old copy, if it
+    # reached it. No second copy goes there before that refusal, or this time, says the old one is gone.
+    stale_until: dict[int, float] = field(default_factory=dict)
     if_unsendable: Outcome | None = None  # a resend that no broker takes ends so (None: a first send)
     fail_as: Fail | None = None  # how it ends at give_up_at, when not TIMEOUT
 
@@ -142,6 +145,11 @@ class Requests:
         record.waiting.pop(broker, None)
         if (self._multi and record.only is None and not answer.ok
                 and answer.error_code == ErrorCode.UNAVAILABLE.value):
+            if record.stale_until.pop(broker, None) is not None:
+                # The restarted broker refused the copy its old instance was sent: it never ran.
+                if not record.waiting:
+                    self._resend(record, self._unreachable(request_id))
+                return
             # UNAVAILABLE from one of several brokers (shutting down, restarted, no worker yet) is not
             # final: wait for another broker it is also with, or send it to one not tried yet.
             record.refused_by.add(broker)
@@ -183,11 +191,18 @@ class Requests:
             else:
                 for index in lost:
                     del record.waiting[index]
+                    if links[index].change is Change.RESTARTED:
+                        record.stale_until[index] = links[index].changed_at + self._restart_grace_s
                 if not record.waiting:
                     self._resend(record, self._unreachable(record.request_id))
 
     def tick(self, now: float) -> None:
-        """Fail what no broker answered in time."""
+        """Fail what no broker answered in time; resend what a restarted broker never refused."""
+        for record in [r for r in self._records.values() if r.stale_until]:
+            for index in [i for i, until in record.stale_until.items() if now >= until]:
+                del record.stale_until[index]  # its old copy died with the old instance
+                if not record.waiting:
+                    self._resend(record, self._unreachable(record.request_id))
         for record in [r for r in self._records.values() if now >= r.give_up_at]:
             if record.fail_as is not None:
                 self._end(record, record.fail_as)
@@ -203,6 +218,8 @@ class Requests:
         for record in list(self._unsent.values()):
             if self._send_one(record, send, now):
                 del self._unsent[record.request_id]
+            elif record.stale_until:
+                del self._unsent[record.request_id]  # await a restarted broker's refusal, then resend
             elif record.if_unsendable is not None:
                 self._end(record, record.if_unsendable)
             elif now >= record.connect_until:
@@ -257,12 +274,12 @@ class Requests:
             return [0]
         untried = [b.index for b in links if b.up and b.index not in record.tried]
         # Then one that lost it (went down or restarted) and is back; never one that refused it.
+        barred = record.refused_by | record.stale_until.keys()
         retried = [b.index for b in links if b.up and b.index in record.tried and b.index not in record.waiting
-                   and b.index not in record.refused_by]
+                   and b.index not in barred]
         # Last, brokers we think down: one may be back before its first heartbeat says so, and a
         # DEALER with IMMEDIATE refuses at once while its broker is unreachable.
-        down = [b.index for b in links if not b.up and b.index not in record.waiting
-                and b.index not in record.refused_by]
+        down = [b.index for b in links if not b.up and b.index not in record.waiting and b.index not in barred]
         return untried + retried + down
 
     def _resend(self, record: Record, if_unsendable: Outcome) -> None:

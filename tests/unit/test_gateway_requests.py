@@ -261,3 +261,51 @@ def test_a_broker_that_refused_a_request_unavailable_is_not_sent_it_again():
     requests.reply(0, refused(), 0.1)
     assert requests.flush(wire, 0.1) == [Resolve("r1", refused())]
     assert [s[1] for s in wire.sent] == [0]
+
+
+def test_several_brokers_a_restarted_broker_gets_no_second_copy_until_it_refuses_the_first():
+    """Regression (sim seed 112): with the other broker unreachable, a request the restarted broker
+    held was resent to it at once, a second copy beside the first; the new instance's refusal of
+    the first (unrun) then ended the request UNAVAILABLE while the second ran for nothing."""
+    links, requests, wire = machine(brokers=2)
+    wire.refusing = {1}
+    requests.submit("r1", request(), timeout_s=5.0, now=0.0)
+    requests.flush(wire, 0.0)
+    assert links.heartbeat(0, "i0-new", now=1.0)
+    requests.links_changed(1.0)
+    assert requests.flush(wire, 1.0) == [] and len(wire.sent) == 1  # no second copy yet
+    requests.reply(0, refused(), 1.1)  # the old copy, refused unrun by the new instance
+    assert requests.flush(wire, 1.1) == []
+    assert wire.sent[-1] == ("r1", 0, "i0-new", 3900)  # now the one copy there
+    requests.reply(0, ok(), 1.5)
+    assert requests.flush(wire, 1.5) == [Resolve("r1", ok())]
+
+
+def test_several_brokers_a_restarted_broker_that_never_refuses_the_old_copy_gets_it_after_the_grace():
+    links, requests, wire = machine(brokers=2)
+    wire.refusing = {1}
+    requests.submit("r1", request(), timeout_s=10.0, now=0.0)
+    requests.flush(wire, 0.0)
+    links.heartbeat(0, "i0-new", now=1.0)
+    requests.links_changed(1.0)
+    requests.tick(1.0 + SILENT_AFTER_S - 0.001)
+    assert requests.flush(wire, 3.9) == [] and len(wire.sent) == 1
+    requests.tick(1.0 + SILENT_AFTER_S)  # the old copy died with the old instance
+    assert requests.flush(wire, 4.0) == [] and wire.sent[-1][:3] == ("r1", 0, "i0-new")
+
+
+def test_heartbeats_retry_soon_until_one_goes_through_backing_off_to_the_interval():
+    links = Links(["tcp://b0:5555", "tcp://b1:5555"], SILENT_AFTER_S, heartbeat_interval_s=1.0)
+    assert links.heartbeats_due(0.0) == [0, 1]
+    links.heartbeat_sent(0, True, 0.0)
+    waits = []
+    now = 0.0
+    for _ in range(8):
+        links.heartbeat_sent(1, False, now)
+        waits.append(round(links[1].heartbeat_due_at - now, 3))
+        now = links[1].heartbeat_due_at
+    assert waits == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.0, 1.0]
+    assert links.heartbeats_due(0.5) == [] and links.next_heartbeat_at() == 1.0
+    links.heartbeat_sent(1, True, now)
+    links.heartbeat_sent(1, False, now + 1.0)
+    assert links[1].heartbeat_due_at == pytest.approx(now + 1.02)  # a success starts the backoff again
