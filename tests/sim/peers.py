@@ -27,7 +27,6 @@ from tests.sim.world import Conn, World, WorkerSpec
 from worker.passes import lane_bounds, plan_pass
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
-_HEARTBEAT_RETRY_S = 0.02  # the gateway's I/O thread: a heartbeat that could not be sent is retried this soon
 _UNSENT_RETRY_S = 0.005  # and while a request waits for a connection, it polls this often
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
 
@@ -679,16 +678,22 @@ class SimGateway:
         self._ids = itertools.count(1)
         expiry_s = world.config.heartbeat.expiry_s
         endpoints = [self.endpoint, self.dead_endpoint] if index == 1 else [self.endpoint]
-        self.links = Links(endpoints, silent_after_s=expiry_s)
+        self.links = Links(endpoints, silent_after_s=expiry_s, heartbeat_interval_s=world.config.heartbeat.interval_s)
         self._was_connected = False  # as its DEALER's monitor would tell (several brokers only)
         self.requests = Requests(self.links, restart_grace_s=expiry_s)
         self.sent: dict[str, Tracked] = {}  # every request it sent, by id
+        # Every copy sent to the broker, by request id. A gateway with several brokers may send a request
+        # again to the same one (after that broker restarted and refused the old copy unrun, or lost it),
+        # and the invariants follow each copy as a request of its own.
+        self.copies: dict[str, list[Tracked]] = {}
+        self.copy_epochs: dict[int, int] = {}  # id(copy) -> the world's broker epoch when it was sent
         self.give_up_by: dict[str, float] = {}  # request id -> when it must have ended, at the latest
         self.outcomes: dict[str, Outcome] = {}  # request id -> how the client ended it
         self.conn: Conn | None = None
         self._changes = 0
         self._retry_due = False
         self._beating = False  # its heartbeat timer is running
+        self._tick_due_at = 0.0
 
     @property
     def instance_id(self) -> str:
@@ -710,26 +715,30 @@ class SimGateway:
         return True
 
     def _on_heartbeat_timer(self) -> bool:
-        """The I/O thread's heartbeat time: heartbeat, tick, and look for silence."""
-        world = self.world
+        """The I/O thread's loop when a timer is due: heartbeats, the tick, silence, a dropped link."""
+        world, links = self.world, self.links
         if not world.submitting and not self.requests:
             self._beating = False
             return False  # winding down, and nothing left to end
         now = world.now
         connected = world.connected(self.conn)
-        if connected:
-            world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
-        sent = connected and len(self.links) == 1  # the I/O thread retries soon unless every broker took it
-        if len(self.links) > 1 and self._was_connected and not connected:
-            self.links.disconnected(0, now)
+        for index in links.heartbeats_due(now):
+            sent = index == 0 and connected
+            if sent:
+                world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
+            links.heartbeat_sent(index, sent, now)
+        if len(links) > 1 and self._was_connected and not connected:
+            links.disconnected(0, now)  # its DEALER's monitor
         self._was_connected = connected
-        self.requests.tick(now)
-        for _ in self.links.silent(now):
+        if now >= self._tick_due_at:
+            self._tick_due_at = now + world.config.heartbeat.interval_s
+            self.requests.tick(now)
+        for _ in links.silent(now):
             world.trace("%s hears nothing from the broker: reconnects", self.name)
             world.close_conn(self.conn, 0.0)
             self.conn = world.open_conn(self, self.next_identity(), Peer.GATEWAY)
         self._flush()
-        world.after(world.config.heartbeat.interval_s if sent else _HEARTBEAT_RETRY_S, self._on_heartbeat_timer)
+        world.at(max(now, min(links.next_heartbeat_at(), self._tick_due_at)), self._on_heartbeat_timer)
         return True
 
     def _on_submit_timer(self) -> bool:
@@ -777,10 +786,29 @@ class SimGateway:
             return False
         message = instruction.message
         tracked = self.sent.get(instruction.request_id)
-        if tracked is not None:  # what the broker will see: the instance and time left as sent now
+        if tracked is not None:
+            copies = self.copies.setdefault(instruction.request_id, [])
+            if copies:
+                live = [c for c in copies if c.replies_sent == 0 and self.copy_epochs[id(c)] == world.epoch]
+                if live:  # the broker would run both: a second copy only once the first is answered or lost
+                    world.fail(f"gateway {self.name} sends {tracked.request_id!r} again while the broker "
+                               f"may still run the copy it sent before")
+                tracked = Tracked(self.name, tracked.request_id, tracked.inputs, tracked.serial, 0, "")
+                world.ledger.submitted(tracked)
+                world.ledger.counts["gateway_sent_again"] += 1
+            copies.append(tracked)
+            self.copy_epochs[id(tracked)] = world.epoch  # the broker instance it can reach
+            # what the broker will see: the instance and time left as sent now
             tracked.instance_id, tracked.timeout_ms = message.instance_id, message.timeout_ms
         world.send_to_broker(self.conn, protocol.encode(message), "REQUEST", tracked)
         return True
+
+    def _copy_answered(self, request_id: str) -> Tracked | None:
+        """The copy a reply answers: the first that the broker answered and we have not heard."""
+        copies = self.copies.get(request_id)
+        if not copies:
+            return self.sent.get(request_id)
+        return next((c for c in copies if c.replies_sent > c.replies_delivered), copies[-1])
 
     def _flush(self) -> None:
         """What the I/O thread does after every event: resend or fail on a link change, send, settle."""
@@ -830,7 +858,7 @@ class SimGateway:
         kind = type(message)
         if kind is protocol.Reply or kind is protocol.Replies:
             for reply in protocol.replies_of(message):
-                world.ledger.on_reply_delivered(self.name, self.sent.get(reply.request_id), reply)
+                world.ledger.on_reply_delivered(self.name, self._copy_answered(reply.request_id), reply)
                 self.requests.reply(0, reply, now)
         elif kind is protocol.Heartbeat:
             if self.links.heartbeat(0, message.instance_id, now):

@@ -358,6 +358,7 @@ def test_two_lanes_run_passes_at_once_and_a_fault_takes_them_all(make_world, fau
 # SimGateway runs gateway/requests.py and gateway/links.py, the code the gateways ship.
 
 from gateway.requests import Fail  # noqa: E402  (appended section: the file's imports stay as they were)
+from tests.sim.world import run_seed  # noqa: E402
 
 
 def the_broker_crashes_holding_a_request(world: World, timeout_s: float) -> tuple[SimGateway, object]:
@@ -381,11 +382,11 @@ def test_after_a_lone_broker_falls_silent_and_restarts_the_next_request_is_serve
     knows to be down carries no instance id, and is served."""
     world = make_world(max_attempts=2)
     client, held = the_broker_crashes_holding_a_request(world, timeout_s=20.0)
+    worker(world)  # registers with the new instance as soon as it is up
     world.run_until(world.now + 5.0, lambda: held.request_id in client.outcomes)
     outcome = client.outcomes[held.request_id]
     assert outcome == Fail(held.request_id, ErrorCode.UNAVAILABLE, "broker tcp://broker:5555 stopped answering")
     assert world.now < world.broker_up_at + 2 * HEARTBEAT.expiry_s
-    worker(world)
     after = client.submit(count=1, timeout_s=3.0, model="m")
     step(world, 1.0)
     assert after.instance_id == "", "sent before the gateway heard which instance answers"
@@ -440,3 +441,15 @@ def test_seed_0_a_broker_that_refuses_a_request_unavailable_is_not_asked_again(m
     assert outcome.answer.error_code == ErrorCode.UNAVAILABLE.value and request.replies_delivered == 1
     assert client.links[1].up, "the dead broker is not yet known to be down: the case of the bug"
     world.wind_down()
+
+
+def test_seed_112_a_restarted_broker_gets_no_second_copy_of_a_request_until_it_refuses_the_first():
+    """Found by seed 112: g1's other broker is unreachable, and the live one restarts while holding
+    g1's request. g1 resent it to the restarted broker at once; the new instance refused the old
+    copy (tagged with the old instance) unrun, which ended the request UNAVAILABLE, and ran the
+    second copy for nothing (the invariants saw two replies to one request). Now the second copy
+    goes only after that refusal, or once the old copy must have died with the old instance. The
+    unit test of the same name in tests/unit/test_gateway_requests.py scripts the case."""
+    with quiet_logs():
+        result = run_seed(112, echo=lambda line: None)
+    assert result.counts["gateway_sent_again"] >= 1, "the seed no longer reaches the case: script it anew"
