@@ -27,6 +27,7 @@ from tests.sim.world import Conn, World, WorkerSpec
 from worker.passes import lane_bounds, plan_pass
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
+_STATUS_EVERY_TICKS = 10  # a random run's gateways ask the brokers' status this often
 _UNSENT_RETRY_S = 0.005  # and while a request waits for a connection, it polls this often
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
 
@@ -694,6 +695,7 @@ class SimGateway:
         self._retry_due = False
         self._beating = False  # its heartbeat timer is running
         self._tick_due_at = 0.0
+        self._ticks = 0
 
     @property
     def instance_id(self) -> str:
@@ -733,6 +735,9 @@ class SimGateway:
         if now >= self._tick_due_at:
             self._tick_due_at = now + world.config.heartbeat.interval_s
             self.requests.tick(now)
+            self._ticks += 1
+            if world.submitting and world.scenario.rate_per_s and self._ticks % _STATUS_EVERY_TICKS == 0:
+                self._ask_status(now)
         for _ in links.silent(now):
             world.trace("%s hears nothing from the broker: reconnects", self.name)
             world.close_conn(self.conn, 0.0)
@@ -740,6 +745,14 @@ class SimGateway:
         self._flush()
         world.at(max(now, min(links.next_heartbeat_at(), self._tick_due_at)), self._on_heartbeat_timer)
         return True
+
+    def _ask_status(self, now: float) -> None:
+        """As the gateway's model catalog and /readyz do: ask each broker for its status."""
+        wait_s = 2.0
+        for link in self.links:
+            request_id = f"{self.name}-status-{next(self._ids)}"
+            self.give_up_by[request_id] = now + wait_s + self.world.config.heartbeat.interval_s
+            self.requests.ask(request_id, protocol.StatusRequest(request_id), link.index, wait_s, now)
 
     def _on_submit_timer(self) -> bool:
         world = self.world
@@ -800,7 +813,7 @@ class SimGateway:
             self.copy_epochs[id(tracked)] = world.epoch  # the broker instance it can reach
             # what the broker will see: the instance and time left as sent now
             tracked.instance_id, tracked.timeout_ms = message.instance_id, message.timeout_ms
-        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST", tracked)
+        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST" if tracked else "STATUS_REQUEST", tracked)
         return True
 
     def _copy_answered(self, request_id: str) -> Tracked | None:
@@ -837,7 +850,9 @@ class SimGateway:
             world.fail(f"gateway {self.name} ended {request_id!r} at {world.now:.4f}, past its bound "
                        f"{self.give_up_by[request_id]:.4f}: {outcome}")
         self.outcomes[request_id] = outcome
-        if type(outcome) is Fail:
+        if "-status-" in request_id:
+            world.ledger.counts[f"gateway_status_{'failed' if type(outcome) is Fail else 'answered'}"] += 1
+        elif type(outcome) is Fail:
             world.ledger.counts[f"gateway_failed_{outcome.code.value}"] += 1
         else:
             world.ledger.counts[f"gateway_answered_{outcome.answer.error_code or 'ok'}"] += 1
@@ -860,6 +875,8 @@ class SimGateway:
             for reply in protocol.replies_of(message):
                 world.ledger.on_reply_delivered(self.name, self._copy_answered(reply.request_id), reply)
                 self.requests.reply(0, reply, now)
+        elif kind is protocol.Status:
+            self.requests.reply(0, message, now)
         elif kind is protocol.Heartbeat:
             if self.links.heartbeat(0, message.instance_id, now):
                 world.trace("%s sees broker %s: %s waiting", self.name, message.instance_id, len(self.requests))
