@@ -35,7 +35,7 @@ RECENT_RESENT = 4096  # ids of answered requests that were sent to several broke
 _RESTARTED = "broker restarted while the request was in flight"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Send:
     """Send `message` to broker `broker` (an index into the endpoints)."""
 
@@ -44,7 +44,7 @@ class Send:
     message: protocol.Message
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Resolve:
     """The request's answer came: a Reply (ok or an error), or a broker's Status."""
 
@@ -52,7 +52,7 @@ class Resolve:
     answer: protocol.Message
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Fail:
     """The request ends without an answer from a broker."""
 
@@ -66,7 +66,7 @@ Outcome = Union[Resolve, Fail]
 SendFn = Callable[[Send], bool]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Record:
     """One request: where it has been sent, what is still expected from where, and how it ends."""
 
