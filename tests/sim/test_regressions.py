@@ -450,6 +450,8 @@ def test_seed_112_a_restarted_broker_gets_no_second_copy_of_a_request_until_it_r
     second copy for nothing (the invariants saw two replies to one request). Now the second copy
     goes only after that refusal, or once the old copy must have died with the old instance. The
     unit test of the same name in tests/unit/test_gateway_requests.py scripts the case."""
+    reached = 0
     with quiet_logs():
-        result = run_seed(112, echo=lambda line: None)
-    assert result.counts["gateway_sent_again"] >= 1, "the seed no longer reaches the case: script it anew"
+        for seed in (112, 324):  # 324 found it too; two, in case a change to the world moves one off the case
+            reached += run_seed(seed, echo=lambda line: None).counts["gateway_sent_again"]
+    assert reached >= 1, "neither seed reaches the case any more: find another (gateway_sent_again) or script it"
