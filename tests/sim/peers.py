@@ -4,9 +4,9 @@ SimWorker follows worker/connection.py and worker/loop.py (with one broker): REA
 registration counter, a heartbeat every interval, one batch computed at a time, a batch past
 --max-batches handed back unrun (all BUSY), DISCONNECT honoured unless it answers a registration
 older than the latest READY, a fresh identity after `liveness` intervals of broker silence,
-per-input errors, a whole-batch MODEL_ERROR when the model raises. SimGateway follows
-gateway/broker_client.py: unique request ids, the broker instance it last heard on each request,
-and a broker restart or silence fails what it waits for. Every input identifies itself
+per-input errors, a whole-batch MODEL_ERROR when the model raises. SimGateway runs
+the gateway's own request and link state (gateway/requests.py, gateway/links.py) over the
+simulated network. Every input identifies itself
 ({"u": serial, "i": index}, plus "p" for poison) so replies can be checked against their own inputs.
 """
 
@@ -20,11 +20,15 @@ from typing import Callable
 from broker.core import Peer
 from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, MAX_NAME_LEN, MAX_PRIORITY, MIN_PRIORITY, ErrorCode
+from gateway.links import Links
+from gateway.requests import REPLY_GRACE_S, Fail, Outcome, Requests, Send
 from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
 from worker.passes import lane_bounds, plan_pass
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
+_STATUS_EVERY_TICKS = 10  # a random run's gateways ask the brokers' status this often
+_UNSENT_RETRY_S = 0.005  # and while a request waits for a connection, it polls this often
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
 
 
@@ -655,7 +659,17 @@ class ContinuousWorker(SimWorker):
 
 
 class SimGateway:
-    """A gateway's BrokerClient (the submit() path: one DEALER, one I/O thread)."""
+    """A gateway's BrokerClient on its I/O-thread transport (one DEALER, one I/O thread). Only the
+    network, the timers and the sockets' moves are simulated here: every decision, which broker,
+    resends, deadlines, a restart or a silence, is taken by the shipped gateway/requests.py and
+    gateway/links.py. Every request must end there exactly once, in time (check_settled).
+
+    The second gateway (g1) lists a second broker that never answers, as a gateway does whose other
+    broker's host is down: its requests take the several-brokers paths (failover order, an
+    UNAVAILABLE retried elsewhere, resends no broker takes, a dropped connection seen at once)."""
+
+    endpoint = "tcp://broker:5555"  # the one simulated broker
+    dead_endpoint = "tcp://down:5555"  # never reachable
 
     def __init__(self, world: World, index: int):
         self.world = world
@@ -663,10 +677,30 @@ class SimGateway:
         self.name = f"g{index}"
         self._identities = 0
         self._ids = itertools.count(1)
-        self.instance_id = ""  # the broker instance it last heard
+        expiry_s = world.config.heartbeat.expiry_s
+        endpoints = [self.endpoint, self.dead_endpoint] if index == 1 else [self.endpoint]
+        self.links = Links(endpoints, silent_after_s=expiry_s, heartbeat_interval_s=world.config.heartbeat.interval_s)
+        self._was_connected = False  # as its DEALER's monitor would tell (several brokers only)
+        self.requests = Requests(self.links, restart_grace_s=expiry_s)
         self.sent: dict[str, Tracked] = {}  # every request it sent, by id
-        self.waiting: dict[str, float] = {}  # request id -> when it gives up locally
+        # Every copy sent to the broker, by request id. A gateway with several brokers may send a request
+        # again to the same one (after that broker restarted and refused the old copy unrun, or lost it),
+        # and the invariants follow each copy as a request of its own.
+        self.copies: dict[str, list[Tracked]] = {}
+        self.copy_epochs: dict[int, int] = {}  # id(copy) -> the world's broker epoch when it was sent
+        self.give_up_by: dict[str, float] = {}  # request id -> when it must have ended, at the latest
+        self.outcomes: dict[str, Outcome] = {}  # request id -> how the client ended it
         self.conn: Conn | None = None
+        self._changes = 0
+        self._retry_due = False
+        self._beating = False  # its heartbeat timer is running
+        self._tick_due_at = 0.0
+        self._ticks = 0
+
+    @property
+    def instance_id(self) -> str:
+        """The broker instance it last heard."""
+        return self.links[0].instance_id
 
     def next_identity(self) -> bytes:
         self._identities += 1
@@ -675,32 +709,50 @@ class SimGateway:
     def start(self) -> bool:
         world = self.world
         self.conn = world.open_conn(self, self.next_identity(), Peer.GATEWAY)
-        self.broker_seen_at = world.now
+        self.links.started(world.now)
+        self._beating = True
         self._on_heartbeat_timer()
         if world.scenario.rate_per_s:
             world.after(world.rng.expovariate(world.scenario.rate_per_s), self._on_submit_timer)
         return True
 
     def _on_heartbeat_timer(self) -> bool:
-        world = self.world
-        if not world.submitting:
-            return False
+        """The I/O thread's loop when a timer is due: heartbeats, the tick, silence, a dropped link."""
+        world, links = self.world, self.links
+        if not world.submitting and not self.requests:
+            self._beating = False
+            return False  # winding down, and nothing left to end
         now = world.now
-        config = world.config.heartbeat
-        if world.connected(self.conn):
-            world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
-        for request_id in [r for r, give_up_at in self.waiting.items() if give_up_at < now]:
-            del self.waiting[request_id]
-            world.ledger.counts["gateway_expired_locally"] += 1
-        if now - self.broker_seen_at > config.expiry_s:
-            world.trace("%s hears nothing from the broker: fails %s, reconnects", self.name, len(self.waiting))
-            world.ledger.counts["gateway_failed_on_silence"] += len(self.waiting)
-            self.waiting.clear()
+        connected = world.connected(self.conn)
+        for index in links.heartbeats_due(now):
+            sent = index == 0 and connected
+            if sent:
+                world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
+            links.heartbeat_sent(index, sent, now)
+        if len(links) > 1 and self._was_connected and not connected:
+            links.disconnected(0, now)  # its DEALER's monitor
+        self._was_connected = connected
+        if now >= self._tick_due_at:
+            self._tick_due_at = now + world.config.heartbeat.interval_s
+            self.requests.tick(now)
+            self._ticks += 1
+            if world.submitting and world.scenario.rate_per_s and self._ticks % _STATUS_EVERY_TICKS == 0:
+                self._ask_status(now)
+        for _ in links.silent(now):
+            world.trace("%s hears nothing from the broker: reconnects", self.name)
             world.close_conn(self.conn, 0.0)
             self.conn = world.open_conn(self, self.next_identity(), Peer.GATEWAY)
-            self.broker_seen_at = now
-        world.after(config.interval_s, self._on_heartbeat_timer)
+        self._flush()
+        world.at(max(now, min(links.next_heartbeat_at(), self._tick_due_at)), self._on_heartbeat_timer)
         return True
+
+    def _ask_status(self, now: float) -> None:
+        """As the gateway's model catalog and /readyz do: ask each broker for its status."""
+        wait_s = 2.0
+        for link in self.links:
+            request_id = f"{self.name}-status-{next(self._ids)}"
+            self.give_up_by[request_id] = now + wait_s + self.world.config.heartbeat.interval_s
+            self.requests.ask(request_id, protocol.StatusRequest(request_id), link.index, wait_s, now)
 
     def _on_submit_timer(self) -> bool:
         world = self.world
@@ -727,35 +779,108 @@ class SimGateway:
         sizes = [rng.randint(0, 30) for _ in inputs] if rng.random() < 0.3 else []
         model = model or rng.choice(("m", "m", "m", "m2"))
         request_id = f"{self.name}-{next(self._ids)}"
-        message = protocol.Request(request_id, model, int(timeout_s * 1000), inputs, sizes, priority,
-                                   instance_id=self.instance_id)
+        message = protocol.Request(request_id, model, int(timeout_s * 1000), inputs, sizes, priority)
         tracked = Tracked(self.name, request_id, inputs, serial, message.timeout_ms, self.instance_id)
         world.ledger.submitted(tracked)
         self.sent[request_id] = tracked
-        if not world.connected(self.conn):
-            world.ledger.counts["gateway_refused_unconnected"] += 1  # ZMQ_IMMEDIATE: UNAVAILABLE at once
-            return tracked
-        self.waiting[request_id] = world.now + timeout_s + 1.0
-        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST", tracked)
+        # The client's own bound: the broker's reply by deadline + grace, noticed at the next tick.
+        self.give_up_by[request_id] = world.now + timeout_s + REPLY_GRACE_S + world.config.heartbeat.interval_s
+        self.requests.submit(request_id, message, timeout_s, world.now)
+        self._flush()
+        if not self._beating and self.conn is not None:
+            self._beating = True
+            world.after(world.config.heartbeat.interval_s, self._on_heartbeat_timer)
         return tracked
+
+    def _send(self, instruction: Send) -> bool:
+        """The DEALER's send, with ZMQ_IMMEDIATE: refused while not connected."""
+        world = self.world
+        if instruction.broker != 0 or not world.connected(self.conn):
+            return False
+        message = instruction.message
+        tracked = self.sent.get(instruction.request_id)
+        if tracked is not None:
+            copies = self.copies.setdefault(instruction.request_id, [])
+            if copies:
+                live = [c for c in copies if c.replies_sent == 0 and self.copy_epochs[id(c)] == world.epoch]
+                if live:  # the broker would run both: a second copy only once the first is answered or lost
+                    world.fail(f"gateway {self.name} sends {tracked.request_id!r} again while the broker "
+                               f"may still run the copy it sent before")
+                tracked = Tracked(self.name, tracked.request_id, tracked.inputs, tracked.serial, 0, "")
+                world.ledger.submitted(tracked)
+                world.ledger.counts["gateway_sent_again"] += 1
+            copies.append(tracked)
+            self.copy_epochs[id(tracked)] = world.epoch  # the broker instance it can reach
+            # what the broker will see: the instance and time left as sent now
+            tracked.instance_id, tracked.timeout_ms = message.instance_id, message.timeout_ms
+        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST" if tracked else "STATUS_REQUEST", tracked)
+        return True
+
+    def _copy_answered(self, request_id: str) -> Tracked | None:
+        """The copy a reply answers: the first that the broker answered and we have not heard."""
+        copies = self.copies.get(request_id)
+        if not copies:
+            return self.sent.get(request_id)
+        return next((c for c in copies if c.replies_sent > c.replies_delivered), copies[-1])
+
+    def _flush(self) -> None:
+        """What the I/O thread does after every event: resend or fail on a link change, send, settle."""
+        world, requests = self.world, self.requests
+        now = world.now
+        if self.links.changes != self._changes:
+            self._changes = self.links.changes
+            requests.links_changed(now)
+        for outcome in requests.flush(self._send, now):
+            self._settled(outcome)
+        if requests.unsent() and not self._retry_due:  # the I/O thread polls every 5 ms meanwhile
+            self._retry_due = True
+            world.after(_UNSENT_RETRY_S, self._retry)
+
+    def _retry(self) -> bool:
+        self._retry_due = False
+        self._flush()
+        return True
+
+    def _settled(self, outcome: Outcome) -> None:
+        world = self.world
+        request_id = outcome.request_id
+        if request_id in self.outcomes:
+            world.fail(f"gateway {self.name} ended {request_id!r} twice: {self.outcomes[request_id]} and {outcome}")
+        if world.now > self.give_up_by[request_id] + 1e-9:
+            world.fail(f"gateway {self.name} ended {request_id!r} at {world.now:.4f}, past its bound "
+                       f"{self.give_up_by[request_id]:.4f}: {outcome}")
+        self.outcomes[request_id] = outcome
+        if "-status-" in request_id:
+            world.ledger.counts[f"gateway_status_{'failed' if type(outcome) is Fail else 'answered'}"] += 1
+        elif type(outcome) is Fail:
+            world.ledger.counts[f"gateway_failed_{outcome.code.value}"] += 1
+        else:
+            world.ledger.counts[f"gateway_answered_{outcome.answer.error_code or 'ok'}"] += 1
+
+    def check_settled(self) -> None:
+        """At the end of a run: every request it sent has ended, once (checked as each ended)."""
+        missing = [request_id for request_id in self.sent if request_id not in self.outcomes]
+        if missing or self.requests:
+            self.world.fail(f"gateway {self.name} never ended {len(missing)} requests: {missing[:5]}")
 
     def receive(self, conn: Conn, frames: list[bytes]) -> None:
         if conn is not self.conn:
             return
         world = self.world
+        now = world.now
         message = decode_from_broker(world, self.name, frames)
-        self.broker_seen_at = world.now
+        self.links.heard(0, now)
         kind = type(message)
         if kind is protocol.Reply or kind is protocol.Replies:
             for reply in protocol.replies_of(message):
-                world.ledger.on_reply_delivered(self.name, self.sent.get(reply.request_id), reply)
-                self.waiting.pop(reply.request_id, None)
+                world.ledger.on_reply_delivered(self.name, self._copy_answered(reply.request_id), reply)
+                self.requests.reply(0, reply, now)
+        elif kind is protocol.Status:
+            self.requests.reply(0, message, now)
         elif kind is protocol.Heartbeat:
-            if self.instance_id and message.instance_id != self.instance_id:
-                world.trace("%s sees broker %s: fails %s waiting", self.name, message.instance_id, len(self.waiting))
-                world.ledger.counts["gateway_failed_on_restart"] += len(self.waiting)
-                self.waiting.clear()
-            self.instance_id = message.instance_id
+            if self.links.heartbeat(0, message.instance_id, now):
+                world.trace("%s sees broker %s: %s waiting", self.name, message.instance_id, len(self.requests))
+        self._flush()
 
 
 class _HostilePeer:

@@ -425,12 +425,14 @@ class World:
         def quiet() -> bool:
             core = self.core
             return (self.now >= settle_at and core is not None and not core._requests
-                    and not any(w.in_flight for w in core._workers))
+                    and not any(w.in_flight for w in core._workers) and not any(g.requests for g in self.gateways))
 
         self.run_until(limit, quiet)
         if not quiet():
             self.run_until(self.now)  # let events at this same instant run
         self.ledger.check_quiescent()
+        for gateway in self.gateways:
+            gateway.check_settled()
 
     # ------------------------------------------------------------------ the broker and its shell
 
@@ -781,7 +783,7 @@ class World:
 @contextlib.contextmanager
 def quiet_logs():
     """The core logs every lost worker and failed request: at this rate, only errors."""
-    loggers = [logging.getLogger(name) for name in ("broker", "ddml_common")]
+    loggers = [logging.getLogger(name) for name in ("broker", "ddml_common", "gateway")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
