@@ -13,4 +13,10 @@ PYTHON=${PYTHON:-.venv/bin/python}
 sed -i 's/^import model_config_pb2 as /from gateway.proto import model_config_pb2 as /' gateway/proto/grpc_service_pb2.py
 sed -i 's/^import grpc_service_pb2 as /from gateway.proto import grpc_service_pb2 as /' gateway/proto/grpc_service_pb2_grpc.py
 rm -f gateway/proto/model_config_pb2_grpc.py  # model_config.proto has no service
+# Their own descriptor pool, not protobuf's default one, which tritonclient's copies of the same
+# files fill too (gateway/proto/__init__.py says why).
+for generated in gateway/proto/grpc_service_pb2.py gateway/proto/model_config_pb2.py; do
+  sed -i -e 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/DESCRIPTOR = POOL.AddSerializedFile(/' \
+         -e 's/^from google.protobuf.internal import builder as _builder$/&\nfrom gateway.proto import POOL/' "$generated"
+done
 "$PYTHON" -m grpc_tools.protoc --version

@@ -79,3 +79,26 @@ def test_outputs_go_back_raw_in_the_order_asked_for():
     assert [o.name for o in every.outputs] == ["EMBEDDING", "LABEL"] and every.model_version == ""
     with pytest.raises(GatewayError, match="has no output 'NOPE'"):
         grpc_server.infer_response("m", None, "id", tensors, ["NOPE"])
+
+
+def test_the_generated_code_loads_beside_another_copy_of_tritons_protos():
+    """tritonclient registers its own model_config.proto and grpc_service.proto (package inference) in
+    protobuf's default pool; another version's copy differs from ours. Ours live in a pool of their own
+    (gateway/proto/__init__.py), so both load in one process, as in this suite, whatever the versions."""
+    import subprocess
+    import sys
+
+    from tests.processes import REPO
+
+    script = """
+from google.protobuf import descriptor_pb2, descriptor_pool
+other = descriptor_pb2.FileDescriptorProto(name="model_config.proto", package="inference")
+other.message_type.add(name="ModelConfig").field.add(name="name", number=1, type=9, label=1)
+descriptor_pool.Default().Add(other)  # what an older tritonclient's generated module does
+from gateway.proto import grpc_service_pb2 as pb, model_config_pb2 as mc
+config = pb.ModelConfigResponse(config=mc.ModelConfig(name="m", max_batch_size=4))
+assert pb.ModelConfigResponse.FromString(config.SerializeToString()).config.max_batch_size == 4
+print("loaded")
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "loaded"), done.stderr[-2000:]
