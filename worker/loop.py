@@ -18,7 +18,7 @@ import zmq
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
-from worker.connection import ComputeState, WorkBatch
+from worker.link import ComputeState, WorkBatch
 from worker.models import InputError, Manager
 from worker.passes import lane_bounds, plan_pass
 
@@ -224,7 +224,7 @@ class _Pool:
                     return None, False
                 epochs = self._state.link_epochs
                 if epochs:  # a broker forgot us and re-dispatched what we held from it
-                    self._held = [h for h in self._held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
+                    self._held = current_inputs(self._held, epochs)
                 if self._held and (lane == 0 or 0 in self._started):
                     break
                 self._changed.wait(SIGNAL_CHECK_S)  # lane 0 is the main thread: see SIGNAL_CHECK_S
@@ -268,31 +268,43 @@ def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Calla
     """prepare() a batch as it arrives; inputs that fail now are answered now."""
     started_at = clock()
     positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
-    failed: list[tuple[int, list]] = [(i, [ErrorCode.BAD_REQUEST.value, message]) for i, message in batch.errors.items()]
     kept: list[_Held] = []
+    prepared: list = []
     if positions:
         try:
             prepared = model.prepare([batch.inputs[i] for i in positions])
             if len(prepared) != len(positions):
                 raise RuntimeError(f"prepare() returned {len(prepared)} values for {len(positions)} inputs")
-            for i, value in zip(positions, prepared):
-                if isinstance(value, Exception):
-                    failed.append((i, _error_of(value)))
-                else:
-                    kept.append(_Held(batch, i, value, max(0, int(model.cost(value)))))
+            kept = [_Held(batch, i, value, max(0, int(model.cost(value)))) for i, value in held_inputs(batch, prepared)]
         except Exception as error:
             logger.exception("prepare() failed for batch %d (requests %s)", batch.batch_id, _request_ids(batch))
             message = f"model failed to prepare the input: {type(error).__name__}: {error}"[:1000]
-            failed = [entry for entry in failed if entry[0] not in positions]  # each input answered once
-            failed.extend((i, [ErrorCode.MODEL_ERROR.value, message]) for i in positions)
+            prepared = [_Failed(ErrorCode.MODEL_ERROR, message)] * len(positions)  # each input answered once
             kept = []
-    if failed:
-        failed.sort()
-        result = protocol.BatchResult(
-            batch.batch_id, [b""] * len(failed), errors=[[k, *error] for k, (_, error) in enumerate(failed)],
-            compute_ms=(clock() - started_at) * 1000, indices=[i for i, _ in failed])
+    result = prepare_result(batch, prepared, (clock() - started_at) * 1000)
+    if result is not None:
         _push(results, batch, result)
     return kept
+
+
+def held_inputs(batch: WorkBatch, prepared: list) -> list[tuple[int, Any]]:
+    """(position, value) of the inputs to hold, of prepare()'s values for those that decoded."""
+    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
+    return [(i, value) for i, value in zip(positions, prepared) if not isinstance(value, Exception)]
+
+
+def prepare_result(batch: WorkBatch, prepared: list, compute_ms: float) -> protocol.BatchResult | None:
+    """The partial result that answers at once the inputs that failed to decode or to prepare
+    (an Exception in prepare()'s slot), or None if none did."""
+    failed: list[tuple[int, list]] = [(i, [ErrorCode.BAD_REQUEST.value, message]) for i, message in batch.errors.items()]
+    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
+    failed.extend((i, _error_of(value)) for i, value in zip(positions, prepared) if isinstance(value, Exception))
+    if not failed:
+        return None
+    failed.sort()
+    return protocol.BatchResult(batch.batch_id, [b""] * len(failed),
+                                errors=[[k, *error] for k, (_, error) in enumerate(failed)], compute_ms=compute_ms,
+                                indices=[i for i, _ in failed])
 
 
 def _run_pass(model: Manager, running: list[_Held]) -> list:
@@ -304,7 +316,18 @@ def _run_pass(model: Manager, running: list[_Held]) -> list:
         requests = _pass_request_ids(running)
         logger.exception("pass of %d inputs failed (requests %s)", len(running), requests,
                          extra={"request_id": requests})
-        return [_PassFailed(f"{type(error).__name__}: {error}"[:1000], len(running) > 1)] * len(running)
+        return failed_pass(error, len(running))
+
+
+def failed_pass(error: Exception, size: int) -> list:
+    """The outcome of a pass of `size` inputs that raised `error`: PASS_FAILED for each input when
+    it had company (any of them may be the culprit), MODEL_ERROR when alone."""
+    return [_PassFailed(f"{type(error).__name__}: {error}"[:1000], size > 1)] * size
+
+
+def current_inputs(held: list, epochs: dict[int, int]) -> list:
+    """What is held less the inputs of batches a broker has forgotten since (ComputeState.link_epochs)."""
+    return [h for h in held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
 
 
 class _PassFailed(Exception):
@@ -313,11 +336,21 @@ class _PassFailed(Exception):
         self.shared = shared  # the pass had other inputs: this one may be a bystander
 
 
+class _Failed(Exception):
+    """An input prepare() failed as a whole batch: its code and message, as they go."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def _error_of(output: Exception) -> list:
     """[code, message] for an Exception in an output slot."""
     if isinstance(output, _PassFailed):
         code = ErrorCode.PASS_FAILED if output.shared else ErrorCode.MODEL_ERROR
         return [code.value, f"model failed: {output}"[:1000]]
+    if isinstance(output, _Failed):
+        return [output.code.value, str(output)]
     code = ErrorCode.BAD_REQUEST if isinstance(output, InputError) else ErrorCode.MODEL_ERROR
     return [code.value, f"{type(output).__name__}: {output}"[:1000]]
 
@@ -343,11 +376,19 @@ def _predict(model: Manager, inputs: list) -> list:
 
 def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.Socket) -> None:
     """One partial BATCH_RESULT per batch that the pass touched, in the order they were held."""
-    by_batch: dict[int, list[tuple[_Held, Any]]] = {}
+    for batch, result in pass_results(running, outcome, compute_s * 1000):
+        _push(results, batch, result)
+
+
+def pass_results(running: list, outcome: list, compute_ms: float) -> list[tuple[WorkBatch, protocol.BatchResult]]:
+    """What a pass's results hold: one partial result per batch the pass touched, in the order
+    they were held. running: what the pass ran (each with .batch and .position); outcome: one
+    output (or Exception) per input, as _run_pass() returns them."""
+    by_batch: dict[int, list[tuple[Any, Any]]] = {}
     for held, output in zip(running, outcome):
         by_batch.setdefault(id(held.batch), []).append((held, output))
+    answers = []
     for answered in by_batch.values():
-        batch = answered[0][0].batch
         indices, outputs, errors = [], [], []
         for k, (held, output) in enumerate(answered):
             encoded, error = _encode_output(output)
@@ -355,22 +396,21 @@ def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.
             outputs.append(encoded)
             if error is not None:
                 errors.append([k, *error])
-        result = protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_s * 1000,
-                                      indices=indices)
-        _push(results, batch, result)
+        batch = answered[0][0].batch
+        answers.append((batch, protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_ms,
+                                                    indices=indices)))
+    return answers
 
 
 def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:
     """Run one batch. A failure becomes errors in the result: one per input, or for the whole batch."""
     started_at = clock()
-    size = len(batch.inputs)
     if logger.isEnabledFor(logging.DEBUG):
         request_ids = _request_ids(batch)
-        logger.debug("batch %d: %d inputs of requests %s", batch.batch_id, size, request_ids,
+        logger.debug("batch %d: %d inputs of requests %s", batch.batch_id, len(batch.inputs), request_ids,
                      extra={"batch_id": batch.batch_id, "request_id": request_ids})
-    errors = [[i, ErrorCode.BAD_REQUEST.value, message] for i, message in batch.errors.items()]
-    positions = [i for i in range(size) if i not in batch.errors]
-    outputs = [b""] * size
+    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
+    produced: list | Exception = []
     if positions:
         try:
             produced = _predict(model, [batch.inputs[i] for i in positions])
@@ -378,16 +418,25 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
             request_ids = _request_ids(batch)
             logger.exception("batch %d of %d inputs failed (requests %s)", batch.batch_id, len(positions), request_ids,
                              extra={"batch_id": batch.batch_id, "request_id": request_ids})
-            message = f"model failed: {type(error).__name__}: {error}"[:1000]
-            errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
-            produced = []
+            produced = error
+    return batch_result(batch, produced, (clock() - started_at) * 1000)
+
+
+def batch_result(batch: WorkBatch, produced: list | Exception, compute_ms: float) -> protocol.BatchResult:
+    """What a batch's result holds. produced: predict()'s outputs for the inputs that decoded (an
+    Exception in a slot fails that input), or what predict() raised, which fails them all."""
+    errors = [[i, ErrorCode.BAD_REQUEST.value, message] for i, message in batch.errors.items()]
+    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
+    outputs = [b""] * len(batch.inputs)
+    if isinstance(produced, Exception):
+        message = f"model failed: {type(produced).__name__}: {produced}"[:1000]
+        errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
+    else:
         for i, output in zip(positions, produced):
             outputs[i], error = _encode_output(output)
             if error is not None:
                 errors.append([i, *error])
-    return protocol.BatchResult(
-        batch.batch_id, outputs, errors=sorted(errors), compute_ms=(clock() - started_at) * 1000
-    )
+    return protocol.BatchResult(batch.batch_id, outputs, errors=sorted(errors), compute_ms=compute_ms)
 
 
 def _request_ids(batch: WorkBatch) -> str:
