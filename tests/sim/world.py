@@ -781,7 +781,7 @@ class World:
 @contextlib.contextmanager
 def quiet_logs():
     """The core logs every lost worker and failed request: at this rate, only errors."""
-    loggers = [logging.getLogger(name) for name in ("broker", "ddml_common")]
+    loggers = [logging.getLogger(name) for name in ("broker", "ddml_common", "worker")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
