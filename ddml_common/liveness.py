@@ -54,7 +54,3 @@ class Liveness:
     def heard_recently(self, now: float) -> bool:
         """A message from it within the silence window (a reconnect does not count)."""
         return now - self.heard_at <= self.silent_after_s
-
-    def silent_at(self) -> float:
-        """When it will count as silent if nothing comes: a timer for the I/O loop."""
-        return self.seen_at + self.silent_after_s

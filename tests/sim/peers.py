@@ -178,6 +178,33 @@ class SimWorker:
                                                 self.busy is not None))
             self._loop_pass()
 
+    def link_noise(self) -> None:
+        """What a worker may hear on its link that no honest broker of this version sends it now:
+        frames it cannot decode (a broker of another version, a corrupt frame), an ERROR (the broker
+        refused a message of ours), a message of a kind no broker sends a worker, or a DISCONNECT
+        that answers an older registration than our latest READY. Each goes to the real decisions
+        (WorkerLinks; an undecodable one as heard()), which must carry on as if it never came."""
+        world = self.world
+        if not self.alive or self.stopped:
+            return
+        rng = world.rng
+        registrations = self.links.links[0].registrations
+        act = rng.choice(("garbage", "error", "unexpected", "stale_disconnect"))
+        if act == "stale_disconnect" and registrations < 2:
+            act = "garbage"
+        world.faults[f"link_noise_{act}"] += 1
+        if act == "garbage":
+            frames = [rng.randbytes(rng.randint(0, 30))]
+        elif act == "error":
+            frames = protocol.encode(protocol.Error(ErrorCode.BAD_VERSION.value, "sim: refused"))
+        elif act == "unexpected":
+            frames = protocol.encode(rng.choice((protocol.Reply("r", [b"\x01"]), protocol.Ready(["m"], 1))))
+        else:
+            frames = protocol.encode(protocol.Disconnect("sim: stale", registration=rng.randint(1, registrations - 1)))
+        world.trace("%s hears noise on its link: %s", self.name, act)
+        self._handle(self.conn, frames, trusted=False)
+        self._loop_pass()
+
     def drain(self) -> None:
         """SIGTERM: ask for no more batches, finish those in hand, DISCONNECT, exit."""
         if self.alive and not self.stopped and not self.draining:
@@ -252,11 +279,20 @@ class SimWorker:
         if self.alive:
             self._loop_pass()
 
-    def _handle(self, conn: Conn, frames: list[bytes]) -> None:
+    def _handle(self, conn: Conn, frames: list[bytes], trusted: bool = True) -> None:
+        """trusted: the broker sent it, and it must decode; otherwise as worker/connection.py
+        _receive() takes what does not: dropped, but the broker still lives."""
         if conn is not self.conn:
             return  # a socket it closed
         world = self.world
-        message = decode_from_broker(world, self.name, frames)
+        if trusted:
+            message = decode_from_broker(world, self.name, frames)
+        else:
+            try:
+                message = protocol.decode(frames)
+            except protocol.DecodeError:
+                self.links.heard(0, world.now)
+                return
         if type(message) is protocol.Disconnect and message.registration \
                 and message.registration < self.links.links[0].registrations:
             world.trace("%s ignores a stale DISCONNECT (%s < %s)", self.name, message.registration,
@@ -302,8 +338,7 @@ class SimWorker:
             frames = tamper(result)
         else:
             frames = protocol.encode(result)
-        self._perform(self.links.on_result(ResultTag(work.link, work.batch_id, len(result.outputs), work.epoch),
-                                           frames))
+        self._perform(self.links.on_result(ResultTag.decode(work.tag(len(result.outputs))), frames))
 
     def _maybe_start(self) -> None:
         if not self.alive or self.stopped or self.running or not self.inbox:

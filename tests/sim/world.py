@@ -39,7 +39,7 @@ _MAX_SPINS = 2  # that many in a row is a busy loop, not a rounding at a timer's
 MODELS = ("m", "m2")  # what the simulated workers serve and the gateways ask for
 FAULT_KINDS = (
     "worker_kill", "worker_stop", "link_drop", "link_reset", "reregister", "broker_restart", "broker_drain",
-    "burst", "hostile_gateway", "rogue_worker", "garbage", "worker_drain", "queue_full", "holding",
+    "burst", "hostile_gateway", "rogue_worker", "garbage", "worker_drain", "queue_full", "holding", "link_noise",
 )
 
 
@@ -720,6 +720,8 @@ class World:
         elif kind == "reregister" and alive:
             self.faults[kind] += 1
             rng.choice(alive).reregister()
+        elif kind == "link_noise" and alive:
+            rng.choice(alive).link_noise()  # counts its own kind
         elif kind == "worker_drain" and alive:
             self.faults[kind] += 1
             rng.choice(alive).drain()
@@ -780,11 +782,13 @@ class World:
 
 @contextlib.contextmanager
 def quiet_logs():
-    """The core logs every lost worker and failed request: at this rate, only errors."""
-    loggers = [logging.getLogger(name) for name in ("broker", "ddml_common", "worker")]
+    """The core logs every lost worker and failed request: at this rate, only errors. The worker
+    logs as errors what the faults make it hear (an ERROR from the broker): at this rate, nothing."""
+    quiet = {"broker": logging.ERROR, "ddml_common": logging.ERROR, "worker": logging.CRITICAL}
+    loggers = [logging.getLogger(name) for name in quiet]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(quiet[logger.name])
     try:
         yield
     finally:
