@@ -225,17 +225,11 @@ class _Pool:
                 epochs = self._state.link_epochs
                 if epochs:  # a broker forgot us and re-dispatched what we held from it
                     self._held = current_inputs(self._held, epochs)
-                if self._held and (lane == 0 or 0 in self._started):
+                if self._held and may_start(lane, self._started):
                     break
                 self._changed.wait(SIGNAL_CHECK_S)  # lane 0 is the main thread: see SIGNAL_CHECK_S
             held = self._held
-            chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *self._limits,
-                               padded=self._padded)
-            running = [held[k] for k in chosen]
-            for k in sorted(chosen, reverse=True):
-                del held[k]
-            for waiting in held:
-                waiting.waited += 1
+            running = take_pass(held, self._limits, self._padded)
             now = self._clock()
             if lane:
                 self._shared_at = now
@@ -252,6 +246,24 @@ class _Pool:
             logger.debug("pass of %d inputs (%d still held) of requests %s", len(running), len(held), request_ids,
                          extra={"request_id": request_ids})
         return running, alone
+
+
+def may_start(lane: int, busy_lanes) -> bool:
+    """Lane 0 starts a pass whenever it is free; another lane only while lane 0 is busy."""
+    return lane == 0 or 0 in busy_lanes
+
+
+def take_pass(held: list, limits: tuple[int, int, int, int], padded: bool) -> list:
+    """The next pass, taken out of `held` (oldest first; each with .cost and .waited): plan_pass()
+    chooses within limits (most_inputs, cost_budget, least_inputs, oldest_below), and each input
+    left behind has waited one pass more."""
+    chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *limits, padded=padded)
+    running = [held[k] for k in chosen]
+    for k in sorted(chosen, reverse=True):
+        del held[k]
+    for waiting in held:
+        waiting.waited += 1
+    return running
 
 
 def _push(results: zmq.Socket, batch: WorkBatch, result: protocol.BatchResult) -> None:

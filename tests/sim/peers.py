@@ -1,14 +1,14 @@
 """The simulated peers: gateways and workers that behave as the real ones do, and hostile ones.
 
-SimWorker follows worker/connection.py and worker/loop.py (with one broker): READY with a
-registration counter, a heartbeat every interval, one batch computed at a time, a batch past
---max-batches handed back unrun (all BUSY), DISCONNECT honoured unless it answers a registration
-older than the latest READY, a fresh identity after `liveness` intervals of broker silence,
-per-input errors, a whole-batch MODEL_ERROR when the model raises. SimGateway follows
-gateway/broker_client.py: unique request ids, the broker instance it last heard on each request,
-and a broker restart or silence fails what it waits for. Every input identifies itself
-({"u": serial, "i": index}, plus "p" for poison) so replies can be checked against their own inputs.
-"""
+SimWorker and ContinuousWorker keep only what is simulated: the network (one connection to the
+broker), the process (start, death, SIGSTOP, restart by a supervisor), how long a batch or pass
+computes, what a poisoned input does to the model, and the faults. Every decision is the shipped
+code's: worker/link.py's WorkerLinks for registration, heartbeats, admission and BUSY, epochs,
+stale results, silence and drain; worker/loop.py for what a result holds and how a continuous
+worker forms its passes; worker/health.py's watchdog. SimGateway follows gateway/broker_client.py:
+unique request ids, the broker instance it last heard on each request, and a broker restart or
+silence fails what it waits for. Every input identifies itself ({"u": serial, "i": index}, plus
+"p" for poison) so replies can be checked against their own inputs."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
 from worker.health import hung
 from worker.link import Compute, Exit, Forget, Forward, ResultTag, Send, WorkBatch, WorkerLinks, decode_batch
-from worker.loop import batch_result, current_inputs, failed_pass, held_inputs, pass_results, prepare_result
+from worker.loop import (batch_result, current_inputs, failed_pass, held_inputs, may_start, pass_results,
+                         prepare_result, take_pass)
 from worker.models import InputError
-from worker.passes import lane_bounds, plan_pass
+from worker.passes import lane_bounds
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
@@ -107,10 +108,16 @@ class SimWorker:
         heartbeat = world.config.heartbeat
         ready = protocol.Ready(list(spec.models), spec.max_batch_size, spec.max_batches, device="sim", host="sim",
                                pid=1000 + self.index, max_inputs=spec.max_inputs)
-        self.links = WorkerLinks(["sim"], ready, heartbeat.interval_s, heartbeat.liveness)
+        # A second broker in --broker that never answers (down, or a wrong address): the worker
+        # heartbeats it, reconnects to it after each silence, and must still admit, drain and exit.
+        endpoints = ["sim", "unreachable"] if not self.faultless and world.rng.random() < 0.15 else ["sim"]
+        if len(endpoints) > 1:
+            world.faults["worker_with_a_dead_second_broker"] += 1
+        self.links = WorkerLinks(endpoints, ready, heartbeat.interval_s, heartbeat.liveness)
         world.trace("%s starts (incarnation %s)", self.name, self.incarnation)
         self._open_conn()
-        self._perform(self.links.connected(0, world.now, busy=False))
+        for link in range(len(endpoints)):
+            self._perform(self.links.connected(link, world.now, busy=False))
         self._loop_pass()
         return True
 
@@ -229,6 +236,10 @@ class SimWorker:
             if not self.alive:
                 return True
             kind = type(instruction)
+            if kind is not Exit and instruction.link:  # to the dead second broker: lost, or a fresh socket
+                if kind is Forget:
+                    self._perform(self.links.forgotten(instruction.link, [], self.world.now, self.busy is not None))
+                continue
             if kind is Send:
                 message = instruction.message
                 if type(message) is protocol.Heartbeat:
@@ -547,24 +558,15 @@ class ContinuousWorker(SimWorker):
         whenever it is free, another lane only while lane 0 is busy."""
         while self.alive and not self.stopped and self.held:
             busy_lanes = {p.lane for p in self.running}
-            if 0 not in busy_lanes:
-                lane = 0
-            else:
-                lane = next((k for k in range(1, self.spec.lanes) if k not in busy_lanes), None)
-                if lane is None:
-                    return
+            lane = next((k for k in range(self.spec.lanes) if k not in busy_lanes and may_start(k, busy_lanes)), None)
+            if lane is None:
+                return
             self._start_pass(lane)
 
     def _start_pass(self, lane: int) -> None:
         world, spec, held = self.world, self.spec, self.held
-        costs, waited = [h.cost for h in held], [h.waited for h in held]
-        chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget,
-                           *lane_bounds(spec.most_inputs, 0, spec.lanes), padded=spec.padded)
-        members = [held[k] for k in chosen]
-        for k in sorted(chosen, reverse=True):
-            del held[k]
-        for waiting in held:
-            waiting.waited += 1
+        members = take_pass(held, (spec.most_inputs, spec.cost_budget, *lane_bounds(spec.most_inputs, 0, spec.lanes)),
+                            spec.padded)
         world.ledger.on_pass(members, self.name)
         paid = len(members) * max(h.cost for h in members) if spec.padded else sum(h.cost for h in members)
         duration_s = spec.batch_s + spec.item_s * paid / 12
