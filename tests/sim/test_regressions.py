@@ -352,3 +352,47 @@ def test_two_lanes_run_passes_at_once_and_a_fault_takes_them_all(make_world, fau
     assert first.outcome == second.outcome == "ok"
     assert first.replies_delivered == second.replies_delivered == 1
     world.wind_down()
+
+
+# ---------------------------------------------------------------------- the worker's real link code
+
+def test_a_batch_result_from_before_a_disconnect_is_dropped_and_the_batch_runs_again(make_world):
+    """A DISCONNECT the broker never sent reaches a worker mid-batch. The worker (WorkerLinks)
+    forgets the batch, puts off its READY until the model is free, drops the batch's result as
+    stale, and registers again; the broker re-dispatches the batch, and the request is answered once."""
+    world = make_world(max_attempts=2)
+    peer = worker(world, max_batch_size=4, max_batches=1, batch_s=0.3)
+    client = gateway(world)
+    step(world, 0.1)
+    request = client.submit(count=2, timeout_s=3.0, model="m")
+    world.run_until(world.now + 0.5, lambda: peer.busy is not None)
+    link = peer.links.links[0]
+    peer.reregister()
+    assert link.register_when_idle and link.registrations == 1, "no READY while the model computes its batch"
+    world.run_until(world.now + 1.0, lambda: peer.busy is None)
+    assert peer.links.counters.stale_results == 1 and link.registrations == 2
+    step(world, 1.0)
+    assert request.outcome == "ok" and request.replies_delivered == 1
+    executed = world.ledger.executed
+    assert executed[(request.serial, 0)] == executed[(request.serial, 1)] == 2, "run before and after"
+    world.wind_down()
+
+
+def test_a_worker_whose_link_breaks_for_good_finds_the_silence_and_reconnects_by_itself(make_world):
+    """link_reset: the connection never comes back. The real worker hears nothing for `liveness`
+    intervals, opens a fresh socket with a fresh identity, registers, and serves again."""
+    world = make_world()
+    peer = worker(world)
+    client = gateway(world)
+    step(world, 0.1)
+    old = peer.conn
+    peer.link_fault(same_identity=False)
+    step(world, HEARTBEAT.expiry_s - 0.1)
+    assert peer.conn is old, "it waits the whole silence window"
+    world.run_until(world.now + 1.0, lambda: peer.conn is not old)
+    assert peer.conn is not old and peer.conn.identity != old.identity
+    step(world, 0.3)
+    request = client.submit(count=1, timeout_s=2.0, model="m")
+    step(world, 1.0)
+    assert request.outcome == "ok"
+    world.wind_down()
