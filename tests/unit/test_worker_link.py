@@ -121,7 +121,7 @@ def test_two_brokers_never_fill_a_worker_past_max_batches_and_the_refused_one_he
     assert type(compute) is Compute and compute.link == 0
     [busy] = sent(machine.on_message(1, batch(7, size=3), 0.1, busy=True), protocol.BatchResult)
     assert busy.batch_id == 7 and len(busy.outputs) == 3
-    assert {e[1] for e in busy.errors} == {ErrorCode.BUSY.value}
+    assert {e.code for e in busy.errors} == {ErrorCode.BUSY.value}
     assert machine.counters.refused_batches == 1 and machine.counters.peak_batches_held == 1
     forwarded = answer(machine, compute, 1)
     assert forwarded[0] == Forward(0, [b"frames"])
