@@ -26,7 +26,7 @@ from ddml_common.keys import ClientKeys
 from ddml_common.liveness import broker_endpoints
 from ddml_common.sockets import new_socket, send_frames
 from worker.config import WorkerConfig
-from worker.health import Health
+from worker.health import HealthClock, exit_hung, hung, touch
 from worker.link import (BatchKey, ComputeState, Compute, Exit, Forget, Forward, Instruction, ResultTag, Send,
                          WorkBatch, WorkerLinks, decode_batch)
 
@@ -81,7 +81,7 @@ class BrokerConnection:
         self.links = WorkerLinks(broker_endpoints(config.broker), ready, config.heartbeat_interval_s,
                                  config.liveness)
         self._sockets: list[_Sockets | None] = [None] * len(self.links.links)
-        self._health = Health(config.health_file, config.watchdog_s, config.heartbeat_interval_s)
+        self._health = HealthClock(config.watchdog_s, config.heartbeat_interval_s)
         self._warned_figures = False
 
     @property
@@ -129,7 +129,15 @@ class BrokerConnection:
                     self._log_handshake_failures(index, sockets.monitor)
             if self._perform(links.on_tick(now, self._busy, should_stop())):
                 return
-            self._health.check(now, self._state.busy_since, links.heard_recently(now))
+            self._check_health(now)
+
+    def _check_health(self, now: float) -> None:
+        """Touch the health file when due and healthy; end a process whose model is hung."""
+        busy_since = self._state.busy_since
+        if self._health.touch_due(now, busy_since, self.links.heard_recently(now)) and self._config.health_file:
+            touch(self._config.health_file)
+        if hung(now, busy_since, self._config.watchdog_s):
+            exit_hung(now, busy_since, self._config.watchdog_s)
 
     @property
     def _busy(self) -> bool:

@@ -2,11 +2,11 @@
 
 - **Health file** (--health-file): touched once a heartbeat interval while the worker is
   healthy: some broker answered within its silence window, and no batch has computed for more
-  than half the watchdog. A probe that finds it stale restarts the worker.
+  than half the watchdog. A liveness probe that finds it stale restarts the worker.
 - **Watchdog** (--watchdog-s): a batch that computes longer than this means a hung model; the
   process ends with EX_TEMPFAIL, so that a supervisor restarts it.
 
-The decisions (healthy(), hung()) are pure and take `now`; Health does the file and the exit.
+HealthClock, healthy() and hung() decide, with `now` passed in; touch() and exit_hung() act.
 """
 
 from __future__ import annotations
@@ -29,24 +29,28 @@ def healthy(now: float, busy_since: float | None, watchdog_s: float, heard_recen
     return heard_recently and not hung(now, busy_since, watchdog_s / 2)
 
 
-class Health:
-    """The health file and the watchdog of one worker process."""
+class HealthClock:
+    """When the health file is due a touch: once an interval, if healthy then."""
 
-    def __init__(self, path: str, watchdog_s: float, interval_s: float):
-        self._path = path
-        self._watchdog_s = watchdog_s
+    def __init__(self, watchdog_s: float, interval_s: float):
+        self.watchdog_s = watchdog_s
         self._interval_s = interval_s
         self._due_at = -float("inf")
 
-    def check(self, now: float, busy_since: float | None, heard_recently: bool) -> None:
-        """After every poll: end a hung process; touch the file when due and healthy."""
-        if now >= self._due_at:
-            self._due_at = now + self._interval_s
-            if self._path and healthy(now, busy_since, self._watchdog_s, heard_recently):
-                with open(self._path, "a"):
-                    os.utime(self._path)
-        if hung(now, busy_since, self._watchdog_s):
-            logger.critical("batch has computed for %.0f s (watchdog %.0f s): the model is hung; exiting",
-                            now - busy_since, self._watchdog_s)
-            logging.shutdown()
-            os._exit(WATCHDOG_EXIT_CODE)
+    def touch_due(self, now: float, busy_since: float | None, heard_recently: bool) -> bool:
+        if now < self._due_at:
+            return False
+        self._due_at = now + self._interval_s
+        return healthy(now, busy_since, self.watchdog_s, heard_recently)
+
+
+def touch(path: str) -> None:
+    with open(path, "a"):
+        os.utime(path)
+
+
+def exit_hung(now: float, busy_since: float, watchdog_s: float) -> None:
+    logger.critical("batch has computed for %.0f s (watchdog %.0f s): the model is hung; exiting",
+                    now - busy_since, watchdog_s)
+    logging.shutdown()
+    os._exit(WATCHDOG_EXIT_CODE)

@@ -23,7 +23,7 @@ from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, MAX_NAME_LEN, MAX_PRIORITY, MIN_PRIORITY, ErrorCode
 from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
-from worker.health import hung
+from worker.health import HealthClock, hung
 from worker.link import Compute, Exit, Forget, Forward, ResultTag, Send, WorkBatch, WorkerLinks, decode_batch
 from worker.loop import (batch_result, current_inputs, failed_pass, held_inputs, may_start, pass_results,
                          prepare_result, take_pass)
@@ -32,6 +32,10 @@ from worker.passes import lane_bounds
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
+# The supervisor's liveness probe (deploy/kubernetes/base/worker.yaml), at the simulation's scale:
+# every PROBE_PERIOD_S it restarts a worker whose health file is older than PROBE_STALE_S.
+PROBE_PERIOD_S = 0.4
+PROBE_STALE_S = 1.0
 
 
 def make_inputs(world: World, count: int, poison_p: float = 0.0,
@@ -114,6 +118,9 @@ class SimWorker:
         if len(endpoints) > 1:
             world.faults["worker_with_a_dead_second_broker"] += 1
         self.links = WorkerLinks(endpoints, ready, heartbeat.interval_s, heartbeat.liveness)
+        self.health = HealthClock(world.scenario.watchdog_s, heartbeat.interval_s)
+        self.touched_at: float | None = None  # the health file's mtime; none before the first touch
+        world.after(PROBE_PERIOD_S, self._probe, self._token)
         world.trace("%s starts (incarnation %s)", self.name, self.incarnation)
         self._open_conn()
         for link in range(len(endpoints)):
@@ -121,7 +128,8 @@ class SimWorker:
         self._loop_pass()
         return True
 
-    def die(self, reason: str, notice_s: float = 0.005) -> None:
+    def die(self, reason: str, notice_s: float = 0.005, supervised: bool = False) -> None:
+        """supervised: a supervisor ended it, and starts it again."""
         if not self.alive:
             return
         world = self.world
@@ -134,8 +142,20 @@ class SimWorker:
         self.running = []  # every pass in flight dies with it (the token bump makes their ends stale)
         self.inbox.clear()
         self.buffered.clear()
-        if self.faultless or world.rng.random() < world.scenario.restart_p:
+        if supervised or self.faultless or world.rng.random() < world.scenario.restart_p:
             world.after(world.rng.uniform(0.05, 0.5), self.start)
+
+    def _probe(self, token: int) -> bool:
+        """The liveness probe, which runs whatever the worker does (SIGSTOP included)."""
+        if token != self._token:
+            return False
+        world = self.world
+        if not self.faultless and self.touched_at is not None and world.now - self.touched_at > PROBE_STALE_S:
+            world.faults["liveness_probe_restarts"] += 1
+            self.die("liveness probe: the health file is stale", supervised=True)
+            return True
+        world.after(PROBE_PERIOD_S, self._probe, token)
+        return True
 
     def sigstop(self, duration_s: float) -> None:
         if not self.alive or self.stopped:
@@ -318,7 +338,10 @@ class SimWorker:
         if self._perform(self.links.on_tick(now, self.busy is not None, self.draining)):
             return
         busy = self.busy  # the oldest in flight, as state.busy_since is the earliest start of any lane
-        if hung(now, busy.started_at if busy is not None else None, world.scenario.watchdog_s):
+        busy_since = busy.started_at if busy is not None else None
+        if self.health.touch_due(now, busy_since, self.links.heard_recently(now)):
+            self.touched_at = now
+        if hung(now, busy_since, world.scenario.watchdog_s):
             self.die("watchdog: the model is hung")
             return
         wake_at = self.links.next_wake_at()
@@ -489,13 +512,13 @@ class ContinuousWorker(SimWorker):
         self.world.ledger.counts["continuous_worker_starts"] += 1
         return super().start()
 
-    def die(self, reason: str, notice_s: float = 0.005) -> None:
+    def die(self, reason: str, notice_s: float = 0.005, supervised: bool = False) -> None:
         if self.alive and self.held:
             counts = self.world.ledger.counts
             counts["held_inputs_lost_with_killed_workers"] += len(self.held)  # never started: no execution
             counts["killed_workers_holding"] += 1
         self.held = []
-        super().die(reason, notice_s)
+        super().die(reason, notice_s, supervised)
 
     def reregister(self) -> None:
         """Not for a continuous worker: an unprompted READY would let a batch already on the wire

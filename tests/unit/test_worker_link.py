@@ -12,7 +12,7 @@ import pytest
 from ddml_common import protocol
 from ddml_common.liveness import Liveness, broker_endpoints
 from ddml_common.protocol import ErrorCode
-from worker.health import Health, healthy, hung
+from worker.health import HealthClock, healthy, hung, touch
 from worker.link import Compute, Exit, Forget, Forward, ResultTag, Send, WorkerLinks, decode_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,14 +203,14 @@ def test_the_watchdog_and_the_health_file_decide_on_the_oldest_batch_in_compute(
     assert not healthy(10.0, None, 5.0, heard_recently=False)
 
 
-def test_the_health_file_is_touched_once_an_interval_while_healthy(tmp_path):
+def test_the_health_file_is_due_once_an_interval_and_touched_only_while_healthy(tmp_path):
+    clock = HealthClock(watchdog_s=10.0, interval_s=1.0)
+    assert not clock.touch_due(0.0, None, heard_recently=False), "no broker has answered yet"
+    assert not clock.touch_due(0.5, None, heard_recently=True), "not due yet"
+    assert clock.touch_due(1.0, None, heard_recently=True)
+    assert not clock.touch_due(2.0, busy_since=-4.0, heard_recently=True), "a batch is stuck"
     path = tmp_path / "healthy"
-    health = Health(str(path), watchdog_s=10.0, interval_s=1.0)
-    health.check(0.0, None, heard_recently=False)
-    assert not path.exists()
-    health.check(0.5, None, heard_recently=True)
-    assert not path.exists(), "not due yet"
-    health.check(1.0, None, heard_recently=True)
+    touch(str(path))
     assert path.exists()
 
 
