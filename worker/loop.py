@@ -19,8 +19,9 @@ from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
 from worker.link import ComputeState, WorkBatch
-from worker.models import InputError, Manager
-from worker.passes import lane_bounds, plan_pass
+from worker.models import Manager
+from worker.passes import current_inputs, lane_bounds, may_start, take_pass
+from worker.results import FailedInput, batch_result, failed_pass, held_inputs, pass_results, prepare_result
 
 logger = logging.getLogger(__name__)
 
@@ -248,24 +249,6 @@ class _Pool:
         return running, alone
 
 
-def may_start(lane: int, busy_lanes) -> bool:
-    """Lane 0 starts a pass whenever it is free; another lane only while lane 0 is busy."""
-    return lane == 0 or 0 in busy_lanes
-
-
-def take_pass(held: list, limits: tuple[int, int, int, int], padded: bool) -> list:
-    """The next pass, taken out of `held` (oldest first; each with .cost and .waited): plan_pass()
-    chooses within limits (most_inputs, cost_budget, least_inputs, oldest_below), and each input
-    left behind has waited one pass more."""
-    chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *limits, padded=padded)
-    running = [held[k] for k in chosen]
-    for k in sorted(chosen, reverse=True):
-        del held[k]
-    for waiting in held:
-        waiting.waited += 1
-    return running
-
-
 def _push(results: zmq.Socket, batch: WorkBatch, result: protocol.BatchResult) -> None:
     """A batch's result, whole or partial, to the I/O thread, tagged with how many inputs it answers."""
     send_frames(results, [batch.tag(len(result.outputs)), *protocol.encode(result)], dontwait=False)
@@ -291,32 +274,12 @@ def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Calla
         except Exception as error:
             logger.exception("prepare() failed for batch %d (requests %s)", batch.batch_id, _request_ids(batch))
             message = f"model failed to prepare the input: {type(error).__name__}: {error}"[:1000]
-            prepared = [_Failed(ErrorCode.MODEL_ERROR, message)] * len(positions)  # each input answered once
+            prepared = [FailedInput(ErrorCode.MODEL_ERROR, message)] * len(positions)  # each input answered once
             kept = []
     result = prepare_result(batch, prepared, (clock() - started_at) * 1000)
     if result is not None:
         _push(results, batch, result)
     return kept
-
-
-def held_inputs(batch: WorkBatch, prepared: list) -> list[tuple[int, Any]]:
-    """(position, value) of the inputs to hold, of prepare()'s values for those that decoded."""
-    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
-    return [(i, value) for i, value in zip(positions, prepared) if not isinstance(value, Exception)]
-
-
-def prepare_result(batch: WorkBatch, prepared: list, compute_ms: float) -> protocol.BatchResult | None:
-    """The partial result that answers at once the inputs that failed to decode or to prepare
-    (an Exception in prepare()'s slot), or None if none did."""
-    failed: list[tuple[int, list]] = [(i, [ErrorCode.BAD_REQUEST.value, message]) for i, message in batch.errors.items()]
-    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
-    failed.extend((i, _error_of(value)) for i, value in zip(positions, prepared) if isinstance(value, Exception))
-    if not failed:
-        return None
-    failed.sort()
-    return protocol.BatchResult(batch.batch_id, [b""] * len(failed),
-                                errors=[[k, *error] for k, (_, error) in enumerate(failed)], compute_ms=compute_ms,
-                                indices=[i for i, _ in failed])
 
 
 def _run_pass(model: Manager, running: list[_Held]) -> list:
@@ -331,53 +294,6 @@ def _run_pass(model: Manager, running: list[_Held]) -> list:
         return failed_pass(error, len(running))
 
 
-def failed_pass(error: Exception, size: int) -> list:
-    """The outcome of a pass of `size` inputs that raised `error`: PASS_FAILED for each input when
-    it had company (any of them may be the culprit), MODEL_ERROR when alone."""
-    return [_PassFailed(f"{type(error).__name__}: {error}"[:1000], size > 1)] * size
-
-
-def current_inputs(held: list, epochs: dict[int, int]) -> list:
-    """What is held less the inputs of batches a broker has forgotten since (ComputeState.link_epochs)."""
-    return [h for h in held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
-
-
-class _PassFailed(Exception):
-    def __init__(self, message: str, shared: bool):
-        super().__init__(message)
-        self.shared = shared  # the pass had other inputs: this one may be a bystander
-
-
-class _Failed(Exception):
-    """An input prepare() failed as a whole batch: its code and message, as they go."""
-
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def _error_of(output: Exception) -> list:
-    """[code, message] for an Exception in an output slot."""
-    if isinstance(output, _PassFailed):
-        code = ErrorCode.PASS_FAILED if output.shared else ErrorCode.MODEL_ERROR
-        return [code.value, f"model failed: {output}"[:1000]]
-    if isinstance(output, _Failed):
-        return [output.code.value, str(output)]
-    code = ErrorCode.BAD_REQUEST if isinstance(output, InputError) else ErrorCode.MODEL_ERROR
-    return [code.value, f"{type(output).__name__}: {output}"[:1000]]
-
-
-def _encode_output(output: Any) -> tuple[bytes, list | None]:
-    """An output as it travels, or b"" and [code, message] when it cannot: an Exception in its
-    slot, or a value the protocol cannot encode."""
-    if isinstance(output, Exception):
-        return b"", _error_of(output)
-    try:
-        return protocol.encode_value(output), None
-    except TypeError as error:
-        return b"", [ErrorCode.MODEL_ERROR.value, f"output cannot travel: {error}"[:1000]]
-
-
 def _predict(model: Manager, inputs: list) -> list:
     """model.predict(), held to its contract of one output per input."""
     produced = model.predict(inputs)
@@ -390,28 +306,6 @@ def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.
     """One partial BATCH_RESULT per batch that the pass touched, in the order they were held."""
     for batch, result in pass_results(running, outcome, compute_s * 1000):
         _push(results, batch, result)
-
-
-def pass_results(running: list, outcome: list, compute_ms: float) -> list[tuple[WorkBatch, protocol.BatchResult]]:
-    """What a pass's results hold: one partial result per batch the pass touched, in the order
-    they were held. running: what the pass ran (each with .batch and .position); outcome: one
-    output (or Exception) per input, as _run_pass() returns them."""
-    by_batch: dict[int, list[tuple[Any, Any]]] = {}
-    for held, output in zip(running, outcome):
-        by_batch.setdefault(id(held.batch), []).append((held, output))
-    answers = []
-    for answered in by_batch.values():
-        indices, outputs, errors = [], [], []
-        for k, (held, output) in enumerate(answered):
-            encoded, error = _encode_output(output)
-            indices.append(held.position)
-            outputs.append(encoded)
-            if error is not None:
-                errors.append([k, *error])
-        batch = answered[0][0].batch
-        answers.append((batch, protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_ms,
-                                                    indices=indices)))
-    return answers
 
 
 def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:
@@ -432,23 +326,6 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
                              extra={"batch_id": batch.batch_id, "request_id": request_ids})
             produced = error
     return batch_result(batch, produced, (clock() - started_at) * 1000)
-
-
-def batch_result(batch: WorkBatch, produced: list | Exception, compute_ms: float) -> protocol.BatchResult:
-    """What a batch's result holds. produced: predict()'s outputs for the inputs that decoded (an
-    Exception in a slot fails that input), or what predict() raised, which fails them all."""
-    errors = [[i, ErrorCode.BAD_REQUEST.value, message] for i, message in batch.errors.items()]
-    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
-    outputs = [b""] * len(batch.inputs)
-    if isinstance(produced, Exception):
-        message = f"model failed: {type(produced).__name__}: {produced}"[:1000]
-        errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
-    else:
-        for i, output in zip(positions, produced):
-            outputs[i], error = _encode_output(output)
-            if error is not None:
-                errors.append([i, *error])
-    return protocol.BatchResult(batch.batch_id, outputs, errors=sorted(errors), compute_ms=compute_ms)
 
 
 def _request_ids(batch: WorkBatch) -> str:

@@ -4,11 +4,12 @@ SimWorker and ContinuousWorker keep only what is simulated: the network (one con
 broker), the process (start, death, SIGSTOP, restart by a supervisor), how long a batch or pass
 computes, what a poisoned input does to the model, and the faults. Every decision is the shipped
 code's: worker/link.py's WorkerLinks for registration, heartbeats, admission and BUSY, epochs,
-stale results, silence and drain; worker/loop.py for what a result holds and how a continuous
-worker forms its passes; worker/health.py's watchdog. SimGateway follows gateway/broker_client.py:
-unique request ids, the broker instance it last heard on each request, and a broker restart or
-silence fails what it waits for. Every input identifies itself ({"u": serial, "i": index}, plus
-"p" for poison) so replies can be checked against their own inputs."""
+stale results, silence and drain; worker/results.py for what a result holds; worker/passes.py for
+how a continuous worker takes its passes; worker/health.py for the watchdog. SimGateway follows
+gateway/broker_client.py: unique request ids, the broker instance it last heard on each request,
+and a broker restart or silence fails what it waits for. Every input identifies itself
+({"u": serial, "i": index}, plus "p" for poison) so replies can be checked against their own inputs.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
 from worker.health import HealthClock, hung
 from worker.link import Compute, Exit, Forget, Forward, ResultTag, Send, WorkBatch, WorkerLinks, decode_batch
-from worker.loop import (batch_result, current_inputs, failed_pass, held_inputs, may_start, pass_results,
-                         prepare_result, take_pass)
 from worker.models import InputError
-from worker.passes import lane_bounds
+from worker.passes import current_inputs, lane_bounds, may_start, take_pass
+from worker.results import batch_result, failed_pass, held_inputs, pass_results, prepare_result
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
@@ -76,7 +76,7 @@ class SimWorker:
     decision is the real code's. Its I/O thread is worker/link.py's WorkerLinks (with one
     broker), driven as worker/connection.py drives it, and worker/health.py's watchdog; its
     compute thread computes for a drawn time, and what its result holds comes from
-    worker/loop.py (batch_result) for a model that echoes its inputs, unless poisoned."""
+    worker/results.py (batch_result) for a model that echoes its inputs, unless poisoned."""
 
     killable = True
 
@@ -488,16 +488,16 @@ class ContinuousWorker(SimWorker):
     """A continuous worker (worker/loop.py run_continuous), with one broker.
 
     READY announces max_inputs. Every input that arrives is held; one that fails prepare() (here
-    an undecodable or "invalid" input) is answered at once (worker/loop.py prepare_result). Pass
+    an undecodable or "invalid" input) is answered at once (worker/results.py prepare_result). Pass
     after pass is formed by the real worker.passes.plan_pass() from all that is held, and after each
-    pass comes one partial BATCH_RESULT per batch the pass touched (worker/loop.py pass_results). With
+    pass comes one partial BATCH_RESULT per batch the pass touched (worker/results.py pass_results). With
     spec.lanes > 1, up to that many passes run at once (self.running): lane 0 whenever it is free,
     another lane only while lane 0 is busy; they end in any order, and a kill, SIGSTOP or forget
     applies to every pass in flight. A raising pass of several inputs answers each PASS_FAILED; a
-    raising pass of one, MODEL_ERROR (worker/loop.py failed_pass). A batch that would take it past
+    raising pass of one, MODEL_ERROR (worker/results.py failed_pass). A batch that would take it past
     max_inputs is handed back BUSY (WorkerLinks decides), which with one broker must never happen
     (the ledger fails on it). When the broker forgets it, it drops the inputs it holds and has not
-    started (worker/loop.py current_inputs); the pass it is running still ends, and WorkerLinks
+    started (worker/passes.py current_inputs); the pass it is running still ends, and WorkerLinks
     drops its answers (their epoch is past).
 
     READY is never duplicated or reordered here, nor overtaken by what follows it: ZeroMQ does none
