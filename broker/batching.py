@@ -46,6 +46,7 @@ class PendingRequest:
     queued: int = 0  # inputs waiting in the batcher's queue
     done: bool = False  # replied to; anything still about it is discarded
     nbytes: int = 0  # encoded inputs, in all
+    trace: list | None = None  # the caller's [traceparent, tracestate], carried to the worker untouched
 
     def __post_init__(self) -> None:
         inputs = self.inputs

@@ -293,7 +293,7 @@ class BrokerCore:
         model = request.model
         pending = PendingRequest(
             gateway_id, request.request_id, model, request.inputs, request.sizes, request.priority,
-            enqueued_at=now, deadline_at=now + request.timeout_ms / 1000,
+            enqueued_at=now, deadline_at=now + request.timeout_ms / 1000, trace=request.trace or None,
         )
         if self.draining:
             return self._finish(pending, now, ErrorCode.UNAVAILABLE, "broker is shutting down")
@@ -497,6 +497,9 @@ class BrokerCore:
             request_ids=[item.request.request_id for item in items],
             timeout_ms=min(int((batch.deadline_at - now) * 1000), protocol.MAX_DURATION_MS),
             inputs=[item.request.inputs[item.index] for item in items],
+            # The trace of each traced request, and how long its input queued here (the worker's span of it).
+            traces={item.request.request_id: [*item.request.trace, int((now - item.enqueued_at) * 1000)]
+                    for item in items if item.request.trace},
         )
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("batch %d of %d inputs to worker %s", batch.batch_id, len(items), worker_id.hex(),

@@ -49,6 +49,8 @@ MAX_TEXT_LEN = 4096  # an error message from a worker, a DISCONNECT reason, a st
 MAX_REPLY_TEXT_LEN = 16 * MAX_TEXT_LEN  # a REPLY's error message: the broker prefixes a worker's
 MAX_BATCHES = 64  # READY.max_batches
 MAX_SIZE = 1 << 31  # REQUEST.sizes: one input's cost hint is below this
+MAX_TRACEPARENT_LEN = 55  # W3C traceparent, version 00: "00-" + 32 + "-" + 16 + "-" + 2 hex digits
+MAX_TRACESTATE_LEN = 512  # W3C tracestate: at most 32 members of a few characters each
 MAX_DURATION_MS = 1 << 40  # |timeout_ms|, compute_ms, retry_after_ms: 35 years, exact as a float
 MAX_ID = (1 << 63) - 1  # batch ids, pids, registration counts: an int64, as every peer's language can hold
 MAX_STATS = 256  # entries in a HEARTBEAT's stats, those of nested maps included
@@ -140,6 +142,8 @@ class Request:
     sizes: list[int] = field(default_factory=list)  # optional cost hint per input (e.g. chars)
     priority: int = 0  # higher is served first
     instance_id: str = ""  # the broker instance the client last heard; another one refuses it unrun
+    # The caller's W3C trace context, [traceparent, tracestate]; empty (and then not on the wire) without one.
+    trace: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -149,6 +153,9 @@ class Batch:
     request_ids: list[str]  # one per input: the request it belongs to
     timeout_ms: int  # how long the broker will wait for the result
     inputs: list[bytes] = field(default_factory=list)
+    # Traced requests only: request id -> [traceparent, tracestate, ms its input waited at the broker].
+    # Empty (and then not on the wire) when no request of the batch carries a trace.
+    traces: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +255,10 @@ _TYPE_BY_KIND = {int(kind): t for t, kind in _KIND_BY_TYPE.items()}
 # The field that holds the items (a list of encoded values) for the kinds that have them.
 _ITEMS_FIELD = {Request: "inputs", Batch: "inputs", BatchResult: "outputs", Reply: "outputs"}
 _PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.items()}
+# Optional fields added after a kind was first released: left out of the body while empty, so that a
+# message without them keeps its exact bytes, and an older peer (which ignores keys it does not
+# know) still decodes one with them.
+_OMITTED_WHEN_EMPTY = {Request: ("trace",), Batch: ("traces",)}
 _MISSING = object()
 
 
@@ -288,6 +299,9 @@ def encode(message: Message) -> list[bytes]:
     if message_type is BatchResult and message.errors:
         # Also takes errors still written as wire lists: the same bytes either way.
         body["errors"] = [e.to_wire() if type(e) is InputFailure else e for e in message.errors]
+    for name in _OMITTED_WHEN_EMPTY.get(message_type, ()):
+        if not body[name]:
+            del body[name]
     return [_PREFIX[message_type] + _packb(body)]
 
 
@@ -390,6 +404,18 @@ def _check_request(message: Request) -> None:
         if len(sizes) != len(message.inputs):
             raise DecodeError(f"{len(sizes)} sizes for {len(message.inputs)} inputs")
         _check_counts(sizes, "Request.sizes", MAX_SIZE, "2**31")
+    if message.trace:
+        _check_trace(message.trace, "Request.trace", 2)
+
+
+def _check_trace(trace: list, where: str, length: int) -> None:
+    """[traceparent, tracestate] (a Batch's: and the ms queued): bounded strings, then a bounded duration."""
+    if len(trace) != length:
+        raise _refuse(where, f"a list of {length}", trace)
+    _check_text(trace[0], f"{where}[0] (traceparent)", MAX_TRACEPARENT_LEN)
+    _check_text(trace[1], f"{where}[1] (tracestate)", MAX_TRACESTATE_LEN)
+    if length == 3 and (type(trace[2]) is not int or not 0 <= trace[2] <= MAX_DURATION_MS):
+        raise _refuse(f"{where}[2] (queued ms)", "an int in [0, 2**40]", trace[2])
 
 
 def _check_batch(message: Batch) -> None:
@@ -402,6 +428,16 @@ def _check_batch(message: Batch) -> None:
     _check_names(message.request_ids, "Batch.request_ids")
     if not -MAX_DURATION_MS <= message.timeout_ms <= MAX_DURATION_MS:
         raise _refuse("Batch.timeout_ms", "an int in [-2**40, 2**40]", message.timeout_ms)
+    traces = message.traces
+    if traces:
+        if len(traces) > len(message.inputs):
+            raise DecodeError(f"{len(traces)} traces for {len(message.inputs)} inputs")
+        for request_id, trace in traces.items():
+            if type(request_id) is not str or not 0 < len(request_id) <= MAX_NAME_LEN:
+                raise _refuse("Batch.traces key", _NAME, request_id)
+            if type(trace) is not list:
+                raise _refuse(f"Batch.traces[{request_id!r}]", "a list", trace)
+            _check_trace(trace, f"Batch.traces[{request_id!r}]", 3)
 
 
 def _check_batch_result(message: BatchResult) -> None:

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 
+from ddml_common import tracing
 from ddml_common.cli import env_names
 from ddml_common.keys import ClientKeys
 from gateway.auth import load_tokens
@@ -52,10 +53,22 @@ def _check_files(parser, args) -> None:
             load_tokens(args.api_key_file)
     except (OSError, ValueError) as error:
         parser.fail(f"--api-key-file {args.api_key_file}: {getattr(error, 'strerror', None) or error}")
+    _check_optional_packages(parser, args)
     try:
         ClientKeys.from_files(args.curve_server_key, args.curve_secret_key)
     except (OSError, ValueError) as error:
         parser.fail(f"--curve-server-key / --curve-secret-key: {getattr(error, 'strerror', None) or error}")
+
+
+
+def _check_optional_packages(parser, args) -> None:
+    """--grpc-bind and --otlp-endpoint need their extras: say so in one line, before gunicorn starts."""
+    missing = args.grpc_bind and tracing.first_missing(("grpc", "google.protobuf"))
+    if missing:
+        parser.fail(f"--grpc-bind needs the {missing} package: pip install 'ddml[grpc]'")
+    missing = args.otlp_endpoint and tracing.missing_package()
+    if missing:
+        parser.fail(f"--otlp-endpoint needs the {missing} package: pip install 'ddml[otel]'")
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import falcon
 
+from ddml_common import tracing
 from ddml_common.keys import ClientKeys
-from gateway import openinference
+from gateway import cohere, openinference, tei
 from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog
@@ -19,6 +20,7 @@ from gateway.metrics import MetricsMiddleware, MetricsResource
 from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
 from gateway.openai_api import EmbeddingsResource, RerankResource
 from gateway.request_ids import RequestIdMiddleware
+from gateway.tracing import TraceMiddleware
 from gateway.resources import (
     HealthResource,
     ModelsResource,
@@ -30,7 +32,7 @@ from gateway.resources import (
 
 def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> falcon.App:
     config = config or GatewayConfig()
-    middleware: list = [MetricsMiddleware(), RequestIdMiddleware()]
+    middleware: list = [TraceMiddleware(), MetricsMiddleware(), RequestIdMiddleware()]
     if config.api_key_file:
         middleware.append(BearerAuth(load_tokens(config.api_key_file), protect_metrics=config.protect_metrics))
     app = falcon.App(middleware=middleware)
@@ -45,6 +47,8 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
     app.add_route("/readyz", ReadyResource(broker))
     app.add_route("/metrics", MetricsResource())
     openinference.add_routes(app, broker, config, catalog)
+    cohere.add_routes(app, broker, config, catalog)  # Cohere's /v2/rerank, /v1/embed, /v2/embed
+    tei.add_routes(app, broker, config, catalog)  # text-embeddings-inference's API, at / and /tei/{model}
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(BrokerError, handle_broker_error)
     app.set_error_serializer(serialize_falcon_error)
@@ -53,5 +57,6 @@ def create_app(broker: BrokerClient, config: GatewayConfig | None = None) -> fal
 
 def get_app() -> falcon.App:
     config = GatewayConfig.from_env()
+    tracing.configure(config.otlp_endpoint, "ddml-gateway")
     curve = ClientKeys.from_files(config.curve_server_key, config.curve_secret_key)
     return create_app(BrokerClient(config.broker, curve=curve), config)

@@ -37,13 +37,17 @@ class BearerAuth:
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if req.path in self._open_paths:
             return
-        header = req.get_header("Authorization") or ""
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            raise BrokerError(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <token>'")
-        presented_bytes = presented.strip().encode()
-        matched = False
-        for token in self._tokens:
-            matched |= hmac.compare_digest(presented_bytes, token)
-        if not matched:
-            raise BrokerError(ErrorCode.UNAUTHORIZED, "the bearer token is not valid")
+        check_authorization(self._tokens, req.get_header("Authorization"))
+
+
+def check_authorization(tokens: list[bytes], header: str | None) -> None:
+    """An Authorization value (HTTP header or gRPC metadata) with one of the tokens, else BrokerError."""
+    scheme, _, presented = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented:
+        raise BrokerError(ErrorCode.UNAUTHORIZED, "send 'Authorization: Bearer <token>'")
+    presented_bytes = presented.strip().encode()
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(presented_bytes, token)
+    if not matched:
+        raise BrokerError(ErrorCode.UNAUTHORIZED, "the bearer token is not valid")

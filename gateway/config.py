@@ -45,6 +45,15 @@ class GatewayConfig:
     curve_secret_key: str | None = None  # this gateway's .key_secret
     api_key_file: str | None = None  # bearer tokens, one per line; None = no HTTP auth
     protect_metrics: bool = False  # with api_key_file: /metrics needs a token too (probes never do)
+    # text-embeddings-inference's root routes (/embed, /rerank, /predict, POST /, ...): which model
+    # answers each task; None = the only live model of that task (gateway/tei.py)
+    default_model: str | None = None
+    default_rerank_model: str | None = None
+    default_classify_model: str | None = None
+    # gRPC and tracing (issue #26):
+    otlp_endpoint: str | None = None  # OTLP/HTTP collector for request spans; None = no spans
+    grpc_bind: str | None = None  # HOST:PORT of the KServe v2 gRPC service; None = none
+    grpc_threads: int = 64  # gRPC calls served at once
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_inputs", "max_input_chars"):
@@ -68,6 +77,12 @@ class GatewayConfig:
             curve_secret_key=args.curve_secret_key,
             api_key_file=args.api_key_file,
             protect_metrics=args.protect_metrics,
+            default_model=args.default_model,
+            default_rerank_model=args.default_rerank_model,
+            default_classify_model=args.default_classify_model,
+            otlp_endpoint=args.otlp_endpoint,
+            grpc_bind=args.grpc_bind,
+            grpc_threads=args.grpc_threads,
         )
 
     @classmethod
@@ -123,6 +138,27 @@ def build_parser() -> Parser:
     parser.add_argument("--protect-metrics", action="store_true",
                         help="with --api-key-file, /metrics needs a token too (the probes /healthz and /readyz "
                              "never do)")
+    parser.add_argument("--default-model", default=None,
+                        help="the model that text-embeddings-inference's root routes use (/embed, /info, POST /, "
+                             "...); by default the only live embedding model. Every model also has its own base "
+                             "URL, /tei/MODEL")
+    parser.add_argument("--default-rerank-model", default=None,
+                        help="the model for /rerank at the root; by default --default-model if it reranks, else "
+                             "the only live rerank model")
+    parser.add_argument("--default-classify-model", default=None,
+                        help="the model for /predict at the root; by default --default-model if it classifies, "
+                             "else the only live classification model")
+    # gRPC and tracing (issue #26)
+    parser.add_argument("--grpc-bind", default=None,
+                        help="also serve KServe v2 over gRPC (inference.GRPCInferenceService, as tritonclient.grpc "
+                             "calls it) on HOST:PORT, in one more process beside gunicorn's; with TLS when "
+                             "--certfile is given. Needs ddml[grpc]")
+    parser.add_argument("--grpc-threads", type=Number(int, minimum=1), default=GatewayConfig.grpc_threads,
+                        help="gRPC calls served at once (more wait their turn)")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="export an OpenTelemetry span per request (HTTP and gRPC), child of the caller's "
+                             "traceparent, to this OTLP/HTTP collector (e.g. http://collector:4318); needs "
+                             "ddml[otel]. traceparent and tracestate are carried to the workers either way")
     parser.add_argument("--access-log", default=None, help="access log file ('-' for stderr); off by default")
     parser.add_argument("--preload", action="store_true", help="pass --preload to gunicorn (safe: no zmq before fork)")
     return parser

@@ -11,6 +11,10 @@ waits for them up to their deadlines (graceful_timeout, from --max-request-timeo
 """
 
 import os
+import signal
+import subprocess
+import sys
+import threading
 
 from gunicorn import util as gunicorn_util
 from gunicorn.workers import gthread
@@ -69,3 +73,39 @@ def post_fork(server, worker):
     from ddml_common.cli import configure_logging
 
     configure_logging(_args.log_level, _args.log_format)
+
+
+# --grpc-bind: KServe v2 over gRPC in one more process beside gunicorn's (gateway/grpc_server.py
+# says why not inside them). Started once the master is ready, stopped when it exits; if it dies,
+# the master stops too, so that the gateway's supervisor restarts both sides together.
+_grpc = {"process": None, "stopping": False}
+
+
+def when_ready(server):
+    if not _args.grpc_bind:
+        return
+    # Its own session: a terminal's Ctrl-C reaches the master, which stops it in on_exit (after the HTTP side).
+    process = _grpc["process"] = subprocess.Popen([sys.executable, "-m", "gateway.grpc_server"],
+                                                  start_new_session=True)
+
+    def watch():
+        process.wait()  # gunicorn's reaping may take its status first: then this says 0
+        if not _grpc["stopping"]:
+            server.log.error("the gRPC server process (pid %d) exited; stopping the gateway", process.pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="grpc-watch", daemon=True).start()
+
+
+def on_exit(server):
+    process = _grpc["process"]
+    if process is None:
+        return
+    _grpc["stopping"] = True
+    if process.poll() is None:
+        process.terminate()  # it finishes the calls in flight, up to the same graceful timeout
+        try:
+            process.wait(timeout=graceful_timeout + 5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

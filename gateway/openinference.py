@@ -137,13 +137,18 @@ class ModelMetadata:
 
     @_v2_errors
     def on_get(self, req, resp, model: str, version: str | None = None) -> None:
-        metadata = _model(self._catalog, model, version)["metadata"]
-        versions = [version] if version else self._catalog.versions(model)
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = orjson.dumps({
-            "name": model, "versions": versions, "platform": metadata.get("platform", "python"),
-            "inputs": _public(metadata.get("inputs", [])), "outputs": _public(metadata.get("outputs", [])),
-        })
+        resp.data = orjson.dumps(model_metadata(self._catalog, model, version))
+
+
+def model_metadata(catalog: Catalog, model: str, version: str | None) -> dict:
+    """A model's v2 metadata document (HTTP and gRPC). Raises GatewayError."""
+    metadata = _model(catalog, model, version)["metadata"]
+    versions = [version] if version else catalog.versions(model)
+    return {
+        "name": model, "versions": versions, "platform": metadata.get("platform", "python"),
+        "inputs": _public(metadata.get("inputs", [])), "outputs": _public(metadata.get("outputs", [])),
+    }
 
 
 class ModelConfig:
@@ -152,21 +157,26 @@ class ModelConfig:
 
     @_v2_errors
     def on_get(self, req, resp, model: str, version: str | None = None) -> None:
-        info = _model(self._catalog, model, version)
-        metadata = info["metadata"]
-
-        def config_tensors(tensors: list[dict]) -> list[dict]:
-            return [{"name": t["name"], "data_type": _CONFIG_TYPE.get(t["datatype"], "TYPE_STRING"),
-                     "dims": t["shape"][1:] or [1]} for t in tensors]
-
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = orjson.dumps({
-            "name": model, "platform": metadata.get("platform", "python"),
-            "max_batch_size": info["max_batch_size"],
-            "input": config_tensors(metadata.get("inputs", [])),
-            "output": config_tensors(metadata.get("outputs", [])),
-            "dynamic_batching": {"max_queue_delay_microseconds": 0},
-        })
+        resp.data = orjson.dumps(model_config(self._catalog, model, version))
+
+
+def model_config(catalog: Catalog, model: str, version: str | None) -> dict:
+    """A model's Triton configuration document (HTTP and gRPC). Raises GatewayError."""
+    info = _model(catalog, model, version)
+    metadata = info["metadata"]
+
+    def config_tensors(tensors: list[dict]) -> list[dict]:
+        return [{"name": t["name"], "data_type": _CONFIG_TYPE.get(t["datatype"], "TYPE_STRING"),
+                 "dims": t["shape"][1:] or [1]} for t in tensors]
+
+    return {
+        "name": model, "platform": metadata.get("platform", "python"),
+        "max_batch_size": info["max_batch_size"],
+        "input": config_tensors(metadata.get("inputs", [])),
+        "output": config_tensors(metadata.get("outputs", [])),
+        "dynamic_batching": {"max_queue_delay_microseconds": 0},
+    }
 
 
 class Infer:
@@ -177,7 +187,7 @@ class Infer:
 
     @_v2_errors
     def on_post(self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None) -> None:
-        metadata = _model(self._catalog, model, version)["metadata"]
+        _model(self._catalog, model, version)  # 404 before the body is read
         body = _decompress(req, read_body(req, self._config.max_body_bytes), self._config.max_body_bytes)
         header_length = req.get_header("Inference-Header-Content-Length")
         try:
@@ -190,23 +200,18 @@ class Infer:
             request = orjson.loads(body[:split])
         except orjson.JSONDecodeError as error:
             raise _bad(f"malformed JSON inference header: {error}") from None
-        if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        if not isinstance(request, dict):
             raise _bad("an inference request needs a non-empty 'inputs' list")
-        check_document(request, self._config.max_input_chars)
         answer_id = req.context.request_id  # the v2 id is the request id: X-Request-ID if given, else the body's
         if not req.context.request_id_given and "id" in request:
             answer_id = request["id"]
             if valid_request_id(answer_id):
                 req.context.request_id = answer_id
-        rows = _rows(request["inputs"], body[split:], self._config)
-        parameters = request.get("parameters") or {}
-        timeout_s, priority = _schedule(parameters, self._config)
+        tensors = infer(self._broker, self._catalog, self._config, model, version, request, body[split:],
+                        req.context.request_id)
         served = f"{model}@{version}" if version else model
-        check_model_name(served)
-        outputs = self._broker.request(served, rows, timeout_s=timeout_s, priority=priority,
-                                       request_id_prefix=req.context.request_id)
-        tensors = _output_tensors(metadata.get("outputs", []), outputs)
         self._catalog.mark_version(resp, served)
+        parameters = request.get("parameters") or {}
         self._write(req, resp, model, request, tensors, bool(parameters.get("binary_data_output", False)),
                     answer_id, self._catalog.version_served(served))
 
@@ -241,6 +246,27 @@ class Infer:
             resp.content_type = falcon.MEDIA_JSON
             payload = header
         resp.data = _compress(req, resp, payload)
+
+
+def infer(broker: BrokerClient, catalog: Catalog, config: GatewayConfig, model: str, version: str | None,
+          request: dict, binary: bytes, request_id: str, most_s: float | None = None) -> dict[str, tuple[str, np.ndarray]]:
+    """One v2 inference request (HTTP and gRPC): checks and limits, rows to the broker, tensors back.
+
+    `request` is the JSON header's document (inputs with data or binary_data_size; parameters),
+    `binary` the tensors' raw bytes in input order, `most_s` a deadline the caller already has
+    (gRPC's). Raises BrokerError (GatewayError)."""
+    metadata = _model(catalog, model, version)["metadata"]
+    if not isinstance(request.get("inputs"), list) or not request["inputs"]:
+        raise _bad("an inference request needs a non-empty 'inputs' list")
+    check_document(request, config.max_input_chars)
+    rows = _rows(request["inputs"], binary, config)
+    timeout_s, priority = _schedule(request.get("parameters") or {}, config)
+    if most_s is not None:
+        timeout_s = min(timeout_s, most_s)
+    served = f"{model}@{version}" if version else model
+    check_model_name(served)
+    outputs = broker.request(served, rows, timeout_s=timeout_s, priority=priority, request_id_prefix=request_id)
+    return _output_tensors(metadata.get("outputs", []), outputs)
 
 
 def _schedule(parameters: dict, config: GatewayConfig) -> tuple[float, int]:

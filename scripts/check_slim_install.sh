@@ -14,7 +14,7 @@ cp -r pyproject.toml README.md ddml_common broker worker gateway "$source"/
 "$venv/bin/python" -m pip install --quiet "$source" 2>&1 | grep -v "is ignored" >&2 || true
 "$venv/bin/python" - <<'PY'
 import importlib.util, sys
-for worker_only in ("torch", "transformers", "sentence_transformers"):
+for worker_only in ("torch", "transformers", "sentence_transformers", "grpc", "opentelemetry"):
     if importlib.util.find_spec(worker_only) is not None:
         sys.exit(f"check_slim_install: `pip install .` brought {worker_only}")
 import broker.broker, broker.health, gateway.gunicorn_conf, gateway.status_cli  # noqa: E401,F401
@@ -23,5 +23,12 @@ gateway.app.get_app()  # what each gunicorn process builds; it connects lazily
 PY
 for command in ddml-broker ddml-gateway ddml-status ddml-keys; do
   "$venv/bin/$command" --version >/dev/null
+done
+# The extras' flags refuse in one line, with the extra to install, before gunicorn starts.
+for flag in "--grpc-bind 127.0.0.1:0:grpc" "--otlp-endpoint http://127.0.0.1:4318:otel"; do
+  set +e; message=$("$venv/bin/ddml-gateway" ${flag%:*} 2>&1); status=$?; set -e
+  if [ "$status" != 2 ] || ! grep -q "pip install 'ddml\[${flag##*:}\]'" <<<"$message"; then
+    echo "check_slim_install: ddml-gateway ${flag%:*} without its extra: status $status, $message" >&2; exit 1
+  fi
 done
 echo "check_slim_install: broker, gateway and status run without torch; installed size $(du -sh "$venv" | cut -f1)"

@@ -24,14 +24,20 @@ HEADER = """\
 """
 
 
-def render() -> str:
+def parsers() -> dict:
+    """Each command's build_parser, by its table (broker, worker, gateway, status), in that order.
+    scripts/config_doc.py writes docs/configuration.md from the same list."""
     sys.path.insert(0, str(REPO))
     from broker.__main__ import build_parser as broker_parser
     from gateway.config import build_parser as gateway_parser
     from gateway.status_cli import build_parser as status_parser
     from worker.__main__ import build_parser as worker_parser
 
-    tables = [parser().example_table() for parser in (broker_parser, worker_parser, gateway_parser, status_parser)]
+    return {"broker": broker_parser, "worker": worker_parser, "gateway": gateway_parser, "status": status_parser}
+
+
+def render() -> str:
+    tables = [build().example_table() for build in parsers().values()]
     return HEADER + "\n" + "\n".join(tables)
 
 

@@ -15,6 +15,17 @@ from tests.processes import Process, free_port, python_module  # noqa: E402
 WORDS = "the a quick brown fox jumps over lazy dog model serving batch request reply worker broker".split()
 
 
+def _tokenizer_of_vocab(directory: Path, tokenizer_class, **options):
+    """The tokenizer of directory/vocab.txt, saved beside it. BertTokenizerFast(vocab_file=...) keeps
+    only the special tokens with this transformers, so every word would be [UNK]; from_pretrained
+    reads the whole vocabulary. Checked, so that the tiny models always see real tokens."""
+    tokenizer = tokenizer_class.from_pretrained(str(directory), do_lower_case=True, **options)
+    ids = tokenizer(" ".join(WORDS))["input_ids"]
+    assert tokenizer.unk_token_id not in ids and len(ids) == len(WORDS) + 2, ids
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
 def _build_tiny_bert(directory: Path, task: str) -> Path:
     """A random-weight BERT small enough to build and run in a second, with its own vocabulary."""
     import torch
@@ -23,8 +34,7 @@ def _build_tiny_bert(directory: Path, task: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(directory)
+    tokenizer = _tokenizer_of_vocab(directory, BertTokenizerFast)
     config = BertConfig(
         vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128,
@@ -66,8 +76,7 @@ def _build_cross_encoder(directory: Path) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True, model_max_length=48)
-    tokenizer.save_pretrained(directory)
+    tokenizer = _tokenizer_of_vocab(directory, BertTokenizerFast, model_max_length=48)
     config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128, num_labels=1)
     torch.manual_seed(2)

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 
+from ddml_common import tracing
 from ddml_common.cli import Parser, configure_logging, endpoints, stop_on_signals
 from worker.config import WorkerConfig
 from worker.models import BUILT_IN_MODELS, load_handler
@@ -114,6 +115,10 @@ def build_parser() -> Parser:
                              "it echoes them")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch intra-op threads per process; 0 = cores / processes on the CPU")
+    parser.add_argument("--otlp-endpoint", default=None,
+                        help="export OpenTelemetry spans of traced requests' batches, forward passes and time "
+                             "queued at the broker to this OTLP/HTTP collector (e.g. http://collector:4318); "
+                             "needs ddml[otel]")
     return parser
 
 
@@ -159,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.fail(f"invalid configuration: {error}")
     _check_model_source(parser, config)
+    if args.otlp_endpoint and tracing.missing_package():
+        parser.fail(f"--otlp-endpoint needs the {tracing.missing_package()} package: pip install 'ddml[otel]'")
+    tracing.configure(args.otlp_endpoint, "ddml-worker")
     stop = threading.Event()
     stop_on_signals(stop)
     cuda_devices = [d.strip() for d in args.cuda_devices.split(",") if d.strip()]
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             serve(config, stop)
         except ModelLoadError as error:
             parser.fail(str(error).splitlines()[0][:500])
+    tracing.shutdown()
     logger.info("worker stopped: %s", json.dumps({"model": config.model}))
 
 

@@ -15,12 +15,13 @@ from typing import Any, Callable
 
 import zmq
 
-from ddml_common import protocol
+from ddml_common import protocol, tracing
 from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
-from worker.connection import ComputeState, WorkBatch
-from worker.models import InputError, Manager
-from worker.passes import lane_bounds, plan_pass
+from worker.link import ComputeState, WorkBatch
+from worker.models import Manager
+from worker.passes import current_inputs, lane_bounds, may_start, take_pass
+from worker.results import FailedInput, batch_result, failed_pass, held_inputs, pass_results, prepare_result
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def run_worker(
             return
         state.busy_since = started_at = clock()
         result = run_batch(model, batch, clock)
+        if batch.traces:
+            _trace(batch, started_at, clock())
         state.busy_since = None
         state.batches += 1
         state.items += len(batch.inputs)
@@ -224,18 +227,12 @@ class _Pool:
                     return None, False
                 epochs = self._state.link_epochs
                 if epochs:  # a broker forgot us and re-dispatched what we held from it
-                    self._held = [h for h in self._held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]
-                if self._held and (lane == 0 or 0 in self._started):
+                    self._held = current_inputs(self._held, epochs)
+                if self._held and may_start(lane, self._started):
                     break
                 self._changed.wait(SIGNAL_CHECK_S)  # lane 0 is the main thread: see SIGNAL_CHECK_S
             held = self._held
-            chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *self._limits,
-                               padded=self._padded)
-            running = [held[k] for k in chosen]
-            for k in sorted(chosen, reverse=True):
-                del held[k]
-            for waiting in held:
-                waiting.waited += 1
+            running = take_pass(held, self._limits, self._padded)
             now = self._clock()
             if lane:
                 self._shared_at = now
@@ -268,29 +265,21 @@ def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Calla
     """prepare() a batch as it arrives; inputs that fail now are answered now."""
     started_at = clock()
     positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
-    failed: list[tuple[int, list]] = [(i, [ErrorCode.BAD_REQUEST.value, message]) for i, message in batch.errors.items()]
     kept: list[_Held] = []
+    prepared: list = []
     if positions:
         try:
             prepared = model.prepare([batch.inputs[i] for i in positions])
             if len(prepared) != len(positions):
                 raise RuntimeError(f"prepare() returned {len(prepared)} values for {len(positions)} inputs")
-            for i, value in zip(positions, prepared):
-                if isinstance(value, Exception):
-                    failed.append((i, _error_of(value)))
-                else:
-                    kept.append(_Held(batch, i, value, max(0, int(model.cost(value)))))
+            kept = [_Held(batch, i, value, max(0, int(model.cost(value)))) for i, value in held_inputs(batch, prepared)]
         except Exception as error:
             logger.exception("prepare() failed for batch %d (requests %s)", batch.batch_id, _request_ids(batch))
             message = f"model failed to prepare the input: {type(error).__name__}: {error}"[:1000]
-            failed = [entry for entry in failed if entry[0] not in positions]  # each input answered once
-            failed.extend((i, [ErrorCode.MODEL_ERROR.value, message]) for i in positions)
+            prepared = [FailedInput(ErrorCode.MODEL_ERROR, message)] * len(positions)  # each input answered once
             kept = []
-    if failed:
-        failed.sort()
-        result = protocol.BatchResult(
-            batch.batch_id, [b""] * len(failed), errors=[[k, *error] for k, (_, error) in enumerate(failed)],
-            compute_ms=(clock() - started_at) * 1000, indices=[i for i, _ in failed])
+    result = prepare_result(batch, prepared, (clock() - started_at) * 1000)
+    if result is not None:
         _push(results, batch, result)
     return kept
 
@@ -304,33 +293,7 @@ def _run_pass(model: Manager, running: list[_Held]) -> list:
         requests = _pass_request_ids(running)
         logger.exception("pass of %d inputs failed (requests %s)", len(running), requests,
                          extra={"request_id": requests})
-        return [_PassFailed(f"{type(error).__name__}: {error}"[:1000], len(running) > 1)] * len(running)
-
-
-class _PassFailed(Exception):
-    def __init__(self, message: str, shared: bool):
-        super().__init__(message)
-        self.shared = shared  # the pass had other inputs: this one may be a bystander
-
-
-def _error_of(output: Exception) -> list:
-    """[code, message] for an Exception in an output slot."""
-    if isinstance(output, _PassFailed):
-        code = ErrorCode.PASS_FAILED if output.shared else ErrorCode.MODEL_ERROR
-        return [code.value, f"model failed: {output}"[:1000]]
-    code = ErrorCode.BAD_REQUEST if isinstance(output, InputError) else ErrorCode.MODEL_ERROR
-    return [code.value, f"{type(output).__name__}: {output}"[:1000]]
-
-
-def _encode_output(output: Any) -> tuple[bytes, list | None]:
-    """An output as it travels, or b"" and [code, message] when it cannot: an Exception in its
-    slot, or a value the protocol cannot encode."""
-    if isinstance(output, Exception):
-        return b"", _error_of(output)
-    try:
-        return protocol.encode_value(output), None
-    except TypeError as error:
-        return b"", [ErrorCode.MODEL_ERROR.value, f"output cannot travel: {error}"[:1000]]
+        return failed_pass(error, len(running))
 
 
 def _predict(model: Manager, inputs: list) -> list:
@@ -343,51 +306,37 @@ def _predict(model: Manager, inputs: list) -> list:
 
 def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.Socket) -> None:
     """One partial BATCH_RESULT per batch that the pass touched, in the order they were held."""
-    by_batch: dict[int, list[tuple[_Held, Any]]] = {}
-    for held, output in zip(running, outcome):
-        by_batch.setdefault(id(held.batch), []).append((held, output))
-    for answered in by_batch.values():
-        batch = answered[0][0].batch
-        indices, outputs, errors = [], [], []
-        for k, (held, output) in enumerate(answered):
-            encoded, error = _encode_output(output)
-            indices.append(held.position)
-            outputs.append(encoded)
-            if error is not None:
-                errors.append([k, *error])
-        result = protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_s * 1000,
-                                      indices=indices)
+    for batch, result in pass_results(running, outcome, compute_s * 1000):
         _push(results, batch, result)
 
 
 def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:
     """Run one batch. A failure becomes errors in the result: one per input, or for the whole batch."""
     started_at = clock()
-    size = len(batch.inputs)
     if logger.isEnabledFor(logging.DEBUG):
         request_ids = _request_ids(batch)
-        logger.debug("batch %d: %d inputs of requests %s", batch.batch_id, size, request_ids,
+        logger.debug("batch %d: %d inputs of requests %s", batch.batch_id, len(batch.inputs), request_ids,
                      extra={"batch_id": batch.batch_id, "request_id": request_ids})
-    errors = [[i, ErrorCode.BAD_REQUEST.value, message] for i, message in batch.errors.items()]
-    positions = [i for i in range(size) if i not in batch.errors]
-    outputs = [b""] * size
+    positions = [i for i in range(len(batch.inputs)) if i not in batch.errors]
+    produced: list | Exception = []
     if positions:
         try:
+            batch.forward_ns = time.time_ns()
             produced = _predict(model, [batch.inputs[i] for i in positions])
         except Exception as error:
             request_ids = _request_ids(batch)
             logger.exception("batch %d of %d inputs failed (requests %s)", batch.batch_id, len(positions), request_ids,
                              extra={"batch_id": batch.batch_id, "request_id": request_ids})
-            message = f"model failed: {type(error).__name__}: {error}"[:1000]
-            errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
-            produced = []
-        for i, output in zip(positions, produced):
-            outputs[i], error = _encode_output(output)
-            if error is not None:
-                errors.append([i, *error])
-    return protocol.BatchResult(
-        batch.batch_id, outputs, errors=sorted(errors), compute_ms=(clock() - started_at) * 1000
-    )
+            produced = error
+    return batch_result(batch, produced, (clock() - started_at) * 1000)
+
+
+def _trace(batch: WorkBatch, started_at: float, ended_at: float) -> None:
+    """Spans of a batch that serves traced requests (ddml_common/tracing.py; nothing without --otlp-endpoint)."""
+    ended_ns = time.time_ns()
+    started_ns = ended_ns - int((ended_at - started_at) * 1e9)
+    tracing.worker_batch_spans(batch.batch_id, batch.traces, batch.received_ns or started_ns, started_ns,
+                               (batch.forward_ns or started_ns, ended_ns), ended_ns, len(batch.inputs))
 
 
 def _request_ids(batch: WorkBatch) -> str:

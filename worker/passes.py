@@ -1,6 +1,7 @@
 """Continuous batching: which of the inputs a worker holds go into its next forward pass.
 
-Pure: no threads, no clock, no model. worker/loop.py calls plan_pass() before every pass.
+Pure: no threads, no clock, no model. worker/loop.py calls take_pass() (plan_pass(), and the
+inputs left behind wait one pass more) before every pass.
 
 Every input of a pass is padded to the longest, so a pass should hold inputs of about one
 length. The worker holds about two passes' worth (the broker keeps it supplied), and picks
@@ -128,3 +129,26 @@ def select_pass(costs: Sequence[int], most_inputs: int, cost_budget: int = 0, an
             break
         count += 1
     return order[low:high + 1]
+
+
+def may_start(lane: int, busy_lanes) -> bool:
+    """Lane 0 starts a pass whenever it is free; another lane only while lane 0 is busy."""
+    return lane == 0 or 0 in busy_lanes
+
+
+def take_pass(held: list, limits: tuple[int, int, int, int], padded: bool) -> list:
+    """The next pass, taken out of `held` (oldest first; each with .cost and .waited): plan_pass()
+    chooses within limits (most_inputs, cost_budget, least_inputs, oldest_below), and each input
+    left behind has waited one pass more."""
+    chosen = plan_pass([h.cost for h in held], [h.waited for h in held], *limits, padded=padded)
+    running = [held[k] for k in chosen]
+    for k in sorted(chosen, reverse=True):
+        del held[k]
+    for waiting in held:
+        waiting.waited += 1
+    return running
+
+
+def current_inputs(held: list, epochs: dict[int, int]) -> list:
+    """What is held less the inputs of batches a broker has forgotten since (ComputeState.link_epochs)."""
+    return [h for h in held if h.batch.epoch == epochs.get(h.batch.link, h.batch.epoch)]

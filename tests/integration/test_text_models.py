@@ -11,13 +11,14 @@ import pytest
 from tests.conftest import WORDS, _build_sentence_transformer
 from tests.unit.test_worker_continuous import loop, outcome  # noqa: F401 (loop is a fixture)
 from worker.connection import WorkBatch
-from worker.models import InputError
+from worker.models import InputError, default_model_path
 from worker.models.hf_text import HFTextModel
 from worker.models.st_config import weights_version
 
 pytestmark = pytest.mark.integration
 
 TEXTS = ["the quick brown fox", "lazy dog", "model serving batch request reply worker broker", "a"]
+SENTENCE = " ".join(WORDS)  # 16 words, 18 tokens with MiniLM's [CLS] and [SEP]
 LONG = " ".join(WORDS * 6)  # 96 words: over every limit below but the model's 128 positions
 
 
@@ -274,3 +275,87 @@ def test_unpadded_passes_that_disagree_with_the_model_at_load_are_not_used(tiny_
     assert model._unpadded is None
     assert "disagree" in caplog.text
     assert len(model.predict(TEXTS)) == len(TEXTS)
+
+
+def test_tei_options_normalize_prompt_name_and_truncation_direction(tiny_bert, tiny_st_cls, tmp_path):
+    """The per-input options the TEI routes send: raw vectors as sentence-transformers gives them without
+    its Normalize module, a named prompt as encode(prompt_name=...) applies it, and left truncation."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    with_prompt = _build_sentence_transformer(tmp_path / "prompted", tiny_bert, "mean", prompt="query: ")
+    unnormalised = _build_sentence_transformer(tmp_path / "raw", tiny_bert, "mean", normalize=False)
+    model = served(with_prompt)
+    raw, as_default, named, unknown = model.predict([
+        {"text": TEXTS[0], "normalize": False, "prompt_name": "document"},
+        {"text": TEXTS[0], "prompt_name": "query"}, {"text": TEXTS[0], "prompt_name": "document"},
+        {"text": TEXTS[0], "prompt_name": "nope"}])
+    reference = SentenceTransformer(str(with_prompt), device="cpu")
+    want_raw = SentenceTransformer(str(unnormalised), device="cpu").encode([TEXTS[0]])[0]
+    np.testing.assert_allclose(raw, want_raw, atol=1e-5)
+    assert abs(np.linalg.norm(raw) - 1.0) > 0.01  # truly not normalised
+    np.testing.assert_allclose(as_default, reference.encode([TEXTS[0]])[0], atol=1e-5)
+    np.testing.assert_allclose(named, reference.encode([TEXTS[0]], prompt_name="document")[0], atol=1e-5)
+    assert cosine(named, as_default) < 0.9999  # the named prompt was used, not the default
+    assert isinstance(unknown, InputError) and "Available prompts: ['document', 'query']" in str(unknown)
+
+    # The tiny models' vocabulary is lost (transformers' BertTokenizerFast(vocab_file=...) keeps only the
+    # special tokens), so every word is [UNK]: the real MiniLM shows which end was cut.
+    short = served(default_model_path(), max_length=16)
+    left, right = short.prepare([{"text": SENTENCE, "truncate": True, "truncation_direction": "left"},
+                                 {"text": SENTENCE, "truncate": True}])
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    for item, side in ((left, "left"), (right, "right")):
+        tokenizer.truncation_side = side
+        assert list(item.features["input_ids"]) == tokenizer(SENTENCE, truncation=True, max_length=16)["input_ids"]
+    assert list(left.features["input_ids"]) != list(right.features["input_ids"])
+    bad = short.predict([{"text": "a", "truncation_direction": "up"}, {"text": "a", "raw_scores": True}])
+    assert all(isinstance(error, InputError) for error in bad)
+
+
+def test_tokenize_and_decode_inputs_answer_without_a_forward_pass():
+    from transformers import AutoTokenizer
+
+    model = served(default_model_path())  # a real vocabulary (see above), which strips accents
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    text = "lazy  dog é"
+    ids = tokenizer(text)["input_ids"]
+    tokens, bare, decoded, kept, bad_id, vector = model.predict([
+        {"tokenize": text}, {"tokenize": text, "add_special_tokens": False}, {"decode": ids},
+        {"decode": ids, "skip_special_tokens": False}, {"decode": [10 ** 6]}, "lazy dog"])
+    assert [t["id"] for t in tokens] == ids and [t["special"] for t in tokens] == [True, False, False, False, True]
+    assert tokens[0] == {"id": ids[0], "text": "[CLS]", "special": True, "start": None, "stop": None}
+    for token in tokens[1:-1]:  # offsets in UTF-8 bytes, as text-embeddings-inference gives them
+        assert text.encode()[token["start"]:token["stop"]].decode() == token["text"]
+    assert tokens[3]["start"] == len("lazy  dog ".encode()) and tokens[3]["stop"] == len(text.encode())
+    assert bare == tokens[1:-1]
+    assert decoded == tokenizer.decode(ids, skip_special_tokens=True) and kept.startswith("[CLS]")
+    assert isinstance(bad_id, InputError) and isinstance(vector, np.ndarray)
+    prepared = model.prepare([{"tokenize": "dog"}])[0]
+    assert model.cost(prepared) == 0 and prepared.done
+
+
+def test_raw_scores_give_logits_for_classifiers_and_rerankers(tiny_bert_classifier, tiny_cross_encoder):
+    classifier = served(tiny_bert_classifier, task="classification")
+    probabilities, logits = classifier.predict(["lazy dog", {"text": "lazy dog", "raw_scores": True}])
+    assert set(logits) == {"label", "logits"} and logits["label"] == probabilities["label"]
+    values = np.array([logits["logits"][label] for label in classifier.labels])
+    np.testing.assert_allclose(np.exp(values) / np.exp(values).sum(),
+                               [probabilities["probabilities"][label] for label in classifier.labels], atol=1e-6)
+    ranker = served(tiny_cross_encoder, task="rerank")
+    score, raw = ranker.predict([["fox", "dog"], {"query": "fox", "document": "dog", "raw_scores": True}])
+    assert score == pytest.approx(1 / (1 + np.exp(-raw)), abs=1e-6)
+    assert ranker.metadata()["labels"] == ["LABEL_0"]
+    assert classifier.metadata()["labels"] == ["negative", "positive"]
+
+
+def test_all_tokens_are_sentence_transformers_token_embeddings(tiny_st_mean):
+    from sentence_transformers import SentenceTransformer
+
+    model = served(tiny_st_mean)
+    rows = model.predict([{"text": text, "all_tokens": True} for text in TEXTS] + [{"text": "a", "all_tokens": 1}])
+    expected = SentenceTransformer(str(tiny_st_mean), device="cpu").encode(TEXTS, output_value="token_embeddings")
+    for got, want in zip(rows, expected):
+        assert got.shape == tuple(want.shape)  # the real tokens only: no padding rows
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    assert isinstance(rows[-1], InputError)

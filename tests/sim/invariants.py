@@ -266,10 +266,10 @@ class Ledger:
         self.counts["shared_passes"] += 1
         isolated = self.isolated_batches
         for held in members:
-            if (held.broker, held.batch_id) in isolated:
-                others = [(h.batch_id, h.position) for h in members if h is not held and h.broker == held.broker]
+            if (held.broker, held.batch.batch_id) in isolated:
+                others = [(h.batch.batch_id, h.position) for h in members if h is not held and h.broker == held.broker]
                 if others:
-                    self.fail(f"{worker} runs isolated input {held.position} of batch {held.batch_id} in a pass "
+                    self.fail(f"{worker} runs isolated input {held.position} of batch {held.batch.batch_id} in a pass "
                               f"with {len(others)} other inputs of the same broker (batch, position): {others[:6]}")
 
     def raised_together(self, items: list[bytes]) -> None:

@@ -1,18 +1,20 @@
 """The simulated peers: gateways and workers that behave as the real ones do, and hostile ones.
 
-SimWorker follows worker/connection.py and worker/loop.py (with one broker): READY with a
-registration counter, a heartbeat every interval, one batch computed at a time, a batch past
---max-batches handed back unrun (all BUSY), DISCONNECT honoured unless it answers a registration
-older than the latest READY, a fresh identity after `liveness` intervals of broker silence,
-per-input errors, a whole-batch MODEL_ERROR when the model raises. SimGateway follows
-gateway/broker_client.py: unique request ids, the broker instance it last heard on each request,
-and a broker restart or silence fails what it waits for. Every input identifies itself
+SimWorker and ContinuousWorker keep only what is simulated: the network (one connection to the
+broker), the process (start, death, SIGSTOP, restart by a supervisor), how long a batch or pass
+computes, what a poisoned input does to the model, and the faults. Every decision is the shipped
+code's: worker/link.py's WorkerLinks for registration, heartbeats, admission and BUSY, epochs,
+stale results, silence and drain; worker/results.py for what a result holds; worker/passes.py for
+how a continuous worker takes its passes; worker/health.py for the watchdog. SimGateway runs
+the gateway's own request and link state (gateway/requests.py, gateway/links.py) over the
+simulated network. Every input identifies itself
 ({"u": serial, "i": index}, plus "p" for poison) so replies can be checked against their own inputs.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -20,12 +22,24 @@ from typing import Callable
 from broker.core import Peer
 from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, MAX_NAME_LEN, MAX_PRIORITY, MIN_PRIORITY, ErrorCode
+from gateway.links import Links
+from gateway.requests import REPLY_GRACE_S, Fail, Outcome, Requests, Send
 from tests.sim.invariants import Tracked
 from tests.sim.world import Conn, World, WorkerSpec
-from worker.passes import lane_bounds, plan_pass
+from worker.health import HealthClock, hung
+from worker.link import Compute, Exit, Forget, Forward, ResultTag, Send, WorkBatch, WorkerLinks, decode_batch
+from worker.models import InputError
+from worker.passes import current_inputs, lane_bounds, may_start, take_pass
+from worker.results import batch_result, failed_pass, held_inputs, pass_results, prepare_result
 
 POISONS = ("invalid", "raise", "kill", "hang", "slow", "error")
+_STATUS_EVERY_TICKS = 10  # a random run's gateways ask the brokers' status this often
+_UNSENT_RETRY_S = 0.005  # and while a request waits for a connection, it polls this often
 _HUNG_S = 1e6  # a hung model computes "forever": the watchdog ends the process first
+# The supervisor's liveness probe (deploy/kubernetes/base/worker.yaml), at the simulation's scale:
+# every PROBE_PERIOD_S it restarts a worker whose health file is older than PROBE_STALE_S.
+PROBE_PERIOD_S = 0.4
+PROBE_STALE_S = 1.0
 
 
 def make_inputs(world: World, count: int, poison_p: float = 0.0,
@@ -50,7 +64,10 @@ def make_inputs(world: World, count: int, poison_p: float = 0.0,
 
 @dataclass(eq=False, slots=True)
 class Computing:
+    """A batch worker's batch in compute: the batch off the wire, and as the compute thread has it."""
+
     batch: protocol.Batch
+    work: WorkBatch
     started_at: float
     remaining_s: float  # compute left, while stopped
     outcome: str  # "ok", "kill" (dies at the end), "hang"
@@ -59,6 +76,12 @@ class Computing:
 
 
 class SimWorker:
+    """A worker process: the network, the process and the faults are simulated here; every
+    decision is the real code's. Its I/O thread is worker/link.py's WorkerLinks (with one
+    broker), driven as worker/connection.py drives it, and worker/health.py's watchdog; its
+    compute thread computes for a drawn time, and what its result holds comes from
+    worker/results.py (batch_result) for a model that echoes its inputs, unless poisoned."""
+
     killable = True
 
     def __init__(self, world: World, index: int, spec: WorkerSpec, faultless: bool = False):
@@ -70,7 +93,7 @@ class SimWorker:
         self.incarnation = 0
         self.alive = False
         self._token = 0  # bumped at death and at each start: older timers are stale
-        self.running: list[Computing] = []  # computing now, oldest first (a batch worker: at most one)
+        self.running: list = []  # computing now, oldest first (a batch worker: at most one)
         self.conn: Conn | None = None
         # A scripted scenario's hook: turns the next result into the frames actually sent.
         self.tamper: Callable[[protocol.BatchResult], list[bytes]] | None = None
@@ -78,28 +101,39 @@ class SimWorker:
     # ------------------------------------------------------------------ process lifecycle
 
     def start(self) -> bool:
-        world = self.world
+        world, spec = self.world, self.spec
         self.incarnation += 1
         self._token += 1
         self.alive = True
         self.stopped = False
         self.buffered: list[tuple[Conn, list[bytes]]] = []
-        self.registrations = 0
-        self.register_when_idle = False
-        self.draining = self.drain_acknowledged = False
-        self.inbox: deque[protocol.Batch] = deque()
-        self.holding = self._empty_holding()  # batch ids received and not yet answered (or forgotten)
-        self.refused = False  # it handed a batch back BUSY: heartbeat as soon as a slot frees
+        self.draining = False  # SIGTERM: WorkerLinks drains
+        self.inbox: deque[Compute] = deque()  # handed to the compute thread, not started
         self.running = []
         self.conn = None
         self.connections = 0
-        self.heartbeat_due_at = world.now
+        self._wake_at = math.inf  # the I/O thread's next timer
+        heartbeat = world.config.heartbeat
+        ready = protocol.Ready(list(spec.models), spec.max_batch_size, spec.max_batches, device="sim", host="sim",
+                               pid=1000 + self.index, max_inputs=spec.max_inputs)
+        # A second broker in --broker that never answers (down, or a wrong address): the worker
+        # heartbeats it, reconnects to it after each silence, and must still admit, drain and exit.
+        endpoints = ["sim", "unreachable"] if not self.faultless and world.rng.random() < 0.15 else ["sim"]
+        if len(endpoints) > 1:
+            world.faults["worker_with_a_dead_second_broker"] += 1
+        self.links = WorkerLinks(endpoints, ready, heartbeat.interval_s, heartbeat.liveness)
+        self.health = HealthClock(world.scenario.watchdog_s, heartbeat.interval_s)
+        self.touched_at: float | None = None  # the health file's mtime; none before the first touch
+        world.after(PROBE_PERIOD_S, self._probe, self._token)
         world.trace("%s starts (incarnation %s)", self.name, self.incarnation)
-        self._connect()
+        self._open_conn()
+        for link in range(len(endpoints)):
+            self._perform(self.links.connected(link, world.now, busy=False))
         self._loop_pass()
         return True
 
-    def die(self, reason: str, notice_s: float = 0.005) -> None:
+    def die(self, reason: str, notice_s: float = 0.005, supervised: bool = False) -> None:
+        """supervised: a supervisor ended it, and starts it again."""
         if not self.alive:
             return
         world = self.world
@@ -111,10 +145,21 @@ class SimWorker:
         world.close_conn(self.conn, notice_s)
         self.running = []  # every pass in flight dies with it (the token bump makes their ends stale)
         self.inbox.clear()
-        self.holding.clear()
         self.buffered.clear()
-        if self.faultless or world.rng.random() < world.scenario.restart_p:
+        if supervised or self.faultless or world.rng.random() < world.scenario.restart_p:
             world.after(world.rng.uniform(0.05, 0.5), self.start)
+
+    def _probe(self, token: int) -> bool:
+        """The liveness probe, which runs whatever the worker does (SIGSTOP included)."""
+        if token != self._token:
+            return False
+        world = self.world
+        if not self.faultless and self.touched_at is not None and world.now - self.touched_at > PROBE_STALE_S:
+            world.faults["liveness_probe_restarts"] += 1
+            self.die("liveness probe: the health file is stale", supervised=True)
+            return True
+        world.after(PROBE_PERIOD_S, self._probe, token)
+        return True
 
     def sigstop(self, duration_s: float) -> None:
         if not self.alive or self.stopped:
@@ -151,71 +196,113 @@ class SimWorker:
             self._sigcont(self._token)
 
     def link_fault(self, same_identity: bool) -> None:
-        """The TCP link breaks. Same identity: ZeroMQ reconnects by itself. Otherwise the worker
-        notices and reconnects on a fresh socket (fresh identity), as after broker silence."""
-        world = self.world
-        world.drop_link(self.conn, same_identity)
-        if not same_identity:
-            world.after(world.rng.uniform(0.0, 0.2), self._reconnect, self._token)
-
-    def _reconnect(self, token: int) -> bool:
-        if token != self._token or self.stopped:
-            return False
-        self._connect()
-        return True
+        """The TCP link breaks. Same identity: ZeroMQ reconnects by itself. Otherwise it never comes
+        back, and the worker must notice the silence and reconnect on a fresh socket by itself."""
+        self.world.drop_link(self.conn, same_identity)
 
     def reregister(self) -> None:
-        """READY again on the same identity (as after a DISCONNECT)."""
+        """A DISCONNECT that the broker did not send (a stale one, as a restarted broker's can be):
+        the worker forgets what it holds, and registers again on the same identity."""
         if self.alive and not self.stopped:
             self.world.trace("%s registers again", self.name)
-            self._register()
+            self._perform(self.links.on_message(0, protocol.Disconnect("sim: register again"), self.world.now,
+                                                self.busy is not None))
+            self._loop_pass()
+
+    def link_noise(self) -> None:
+        """What a worker may hear on its link that no honest broker of this version sends it now:
+        frames it cannot decode (a broker of another version, a corrupt frame), an ERROR (the broker
+        refused a message of ours), a message of a kind no broker sends a worker, or a DISCONNECT
+        that answers an older registration than our latest READY. Each goes to the real decisions
+        (WorkerLinks; an undecodable one as heard()), which must carry on as if it never came."""
+        world = self.world
+        if not self.alive or self.stopped:
+            return
+        rng = world.rng
+        registrations = self.links.links[0].registrations
+        act = rng.choice(("garbage", "error", "unexpected", "stale_disconnect"))
+        if act == "stale_disconnect" and registrations < 2:
+            act = "garbage"
+        world.faults[f"link_noise_{act}"] += 1
+        if act == "garbage":
+            frames = [rng.randbytes(rng.randint(0, 30))]
+        elif act == "error":
+            frames = protocol.encode(protocol.Error(ErrorCode.BAD_VERSION.value, "sim: refused"))
+        elif act == "unexpected":
+            frames = protocol.encode(rng.choice((protocol.Reply("r", [b"\x01"]), protocol.Ready(["m"], 1))))
+        else:
+            frames = protocol.encode(protocol.Disconnect("sim: stale", registration=rng.randint(1, registrations - 1)))
+        world.trace("%s hears noise on its link: %s", self.name, act)
+        self._handle(self.conn, frames, trusted=False)
+        self._loop_pass()
 
     def drain(self) -> None:
         """SIGTERM: ask for no more batches, finish those in hand, DISCONNECT, exit."""
         if self.alive and not self.stopped and not self.draining:
             self.draining = True
-            self.heartbeat_due_at = self.world.now
             self._loop_pass()
 
-    # ------------------------------------------------------------------ the I/O thread
+    # ------------------------------------------------------------------ the I/O thread's shell
 
-    def _connect(self) -> None:
-        """A fresh DEALER with a fresh identity, then READY (worker/connection.py _connect)."""
+    def _open_conn(self) -> None:
+        """A fresh DEALER with a fresh identity (worker/connection.py _Sockets)."""
         world = self.world
         if self.conn is not None:
             world.close_conn(self.conn, world.rng.uniform(0.0, 0.02))
-            self._forget_batches()
         self.connections += 1
         identity = f"{self.name}.{self.incarnation}.{self.connections}".encode()
         self.conn = world.open_conn(self, identity, Peer.WORKER)
-        self.broker_seen_at = world.now
         world.trace("%s connects as %r", self.name, identity)
-        self._register()
 
-    def _forget_batches(self) -> None:
-        """The broker forgot us and re-dispatched what we held: drop the batches not yet started."""
-        for batch in self.inbox:
-            self.holding.discard(batch.batch_id)
+    def _perform(self, instructions: list) -> bool:
+        """Carry out what WorkerLinks decided, in order, as worker/connection.py does. True on Exit."""
+        for instruction in instructions:
+            if not self.alive:
+                return True
+            kind = type(instruction)
+            if kind is not Exit and instruction.link:  # to the dead second broker: lost, or a fresh socket
+                if kind is Forget:
+                    self._perform(self.links.forgotten(instruction.link, [], self.world.now, self.busy is not None))
+                continue
+            if kind is Send:
+                message = instruction.message
+                if type(message) is protocol.Heartbeat:
+                    message.stats = self.links.figures()
+                elif type(message) is protocol.BatchResult:  # only a batch handed back unrun goes so
+                    self._refused(message)
+                self._send(message, _KIND_NAMES[type(message)])
+            elif kind is Forward:
+                self._forward(instruction.frames)
+            elif kind is Compute:
+                self._take(instruction)
+            elif kind is Forget:
+                if instruction.reconnect:
+                    self.world.trace("%s hears nothing from the broker: reconnects", self.name)
+                    self._open_conn()
+                self._perform(self.links.forgotten(0, self._forget(instruction.epoch), self.world.now,
+                                                   self.busy is not None))
+            elif kind is Exit:
+                self.world.trace("%s drained and exits", self.name)
+                self.die("drained", notice_s=0.01)
+                return True
+        return False
+
+    def _refused(self, busy: protocol.BatchResult) -> None:
+        """Full (with batches of a registration the broker forgot): WorkerLinks hands it back, all BUSY."""
+        self.world.ledger.counts["batches_handed_back_busy"] += 1
+
+    def _forget(self, epoch: int) -> list[tuple[int, int]]:
+        """The broker forgot us: the batches not started leave the inbox."""
+        dropped = [(c.epoch, c.batch.batch_id) for c in self.inbox]
         self.inbox.clear()
-
-    def _register(self) -> None:
-        """READY, unless the model still computes a batch the broker took away from us."""
-        if self.running and self.holding:
-            self.register_when_idle = True
-            return
-        self.register_when_idle = False
-        self.registrations += 1
-        spec = self.spec
-        self._send(protocol.Ready(list(spec.models), spec.max_batch_size, spec.max_batches, device="sim",
-                                  host="sim", pid=1000 + self.index, max_inputs=spec.max_inputs), "READY")
-
-    @staticmethod
-    def _empty_holding():
-        return set()
+        return dropped
 
     def _send(self, message: protocol.Message, what: str) -> None:
         self.world.send_to_broker(self.conn, protocol.encode(message), what,
                                   faulty=not self.faultless and what != "DISCONNECT")
+
+    def _forward(self, frames: list[bytes]) -> None:
+        self.world.send_to_broker(self.conn, frames, "BATCH_RESULT", faulty=not self.faultless)
 
     def receive(self, conn: Conn, frames: list[bytes]) -> None:
         if not self.alive:
@@ -227,82 +314,76 @@ class SimWorker:
         if self.alive:
             self._loop_pass()
 
-    def _handle(self, conn: Conn, frames: list[bytes]) -> None:
+    def _handle(self, conn: Conn, frames: list[bytes], trusted: bool = True) -> None:
+        """trusted: the broker sent it, and it must decode; otherwise as worker/connection.py
+        _receive() takes what does not: dropped, but the broker still lives."""
         if conn is not self.conn:
             return  # a socket it closed
         world = self.world
-        message = decode_from_broker(world, self.name, frames)
-        self.broker_seen_at = world.now
-        kind = type(message)
-        if kind is protocol.Batch:
-            self._on_batch(message)
-        elif kind is protocol.Heartbeat:
-            self.drain_acknowledged |= message.draining
-        elif kind is protocol.Disconnect:
-            if message.registration and message.registration < self.registrations:
-                world.trace("%s ignores a stale DISCONNECT (%s < %s)", self.name, message.registration,
-                            self.registrations)
+        if trusted:
+            message = decode_from_broker(world, self.name, frames)
+        else:
+            try:
+                message = protocol.decode(frames)
+            except protocol.DecodeError:
+                self.links.heard(0, world.now)
                 return
-            world.trace("%s told to register again: %s", self.name, message.reason)
-            self._forget_batches()
-            self._register()
-
-    def _on_batch(self, message: protocol.Batch) -> None:
-        if len(self.holding) >= self.spec.max_batches:
-            # Full (with batches of a registration the broker forgot): back unrun, all BUSY.
-            self.world.ledger.counts["batches_handed_back_busy"] += 1
-            self.refused = True
-            self._send(protocol.BatchResult.failed(message.batch_id, len(message.inputs), ErrorCode.BUSY,
-                                                   f"worker holds {len(self.holding)} batches already"),
-                       "BATCH_RESULT")
-            return
-        self.holding.add(message.batch_id)
-        self.inbox.append(message)
-        self._maybe_start()
+        if type(message) is protocol.Disconnect and message.registration \
+                and message.registration < self.links.links[0].registrations:
+            world.trace("%s ignores a stale DISCONNECT (%s < %s)", self.name, message.registration,
+                        self.links.links[0].registrations)
+        self._perform(self.links.on_message(0, message, world.now, self.busy is not None))
 
     def _loop_pass(self) -> None:
-        """What worker/connection.py's loop does after each poll: heartbeat when due, drain,
-        register when idle, reconnect after broker silence, and the watchdog."""
+        """What worker/connection.py's loop does after each poll: WorkerLinks.on_tick, then the
+        watchdog; and the next poll's timeout."""
         world = self.world
         now = world.now
-        config = world.config.heartbeat
-        if now >= self.heartbeat_due_at:
-            self._heartbeat()
-            self.heartbeat_due_at = now + config.interval_s
-            world.at(self.heartbeat_due_at, self._on_timer, self._token, self.heartbeat_due_at)
-        silent = now - self.broker_seen_at > config.expiry_s
-        if self.draining and (self.drain_acknowledged or silent) and not self.holding:
-            self._send(protocol.Disconnect("worker shutting down"), "DISCONNECT")
-            world.trace("%s drained and exits", self.name)
-            self.die("drained", notice_s=0.01)
+        if self._perform(self.links.on_tick(now, self.busy is not None, self.draining)):
             return
-        if self.register_when_idle and not self.running:
-            self._register()
-        if silent:
-            world.trace("%s hears nothing from the broker: reconnects", self.name)
-            self._connect()
         busy = self.busy  # the oldest in flight, as state.busy_since is the earliest start of any lane
-        if busy is not None and now - busy.started_at > world.scenario.watchdog_s:
+        busy_since = busy.started_at if busy is not None else None
+        if self.health.touch_due(now, busy_since, self.links.heard_recently(now)):
+            self.touched_at = now
+        if hung(now, busy_since, world.scenario.watchdog_s):
             self.die("watchdog: the model is hung")
-
-    def _heartbeat(self) -> None:
-        self._send(protocol.Heartbeat(stats={"batches": 0}, draining=self.draining, registration=self.registrations),
-                   "HEARTBEAT")
+            return
+        wake_at = self.links.next_wake_at()
+        if wake_at != self._wake_at:
+            self._wake_at = wake_at
+            world.at(wake_at, self._on_timer, self._token, wake_at)
 
     def _on_timer(self, token: int, due_at: float) -> bool:
-        if token != self._token or due_at != self.heartbeat_due_at:
+        if token != self._token or due_at != self._wake_at:
             return False
+        self._wake_at = math.inf
         if not self.stopped:
             self._loop_pass()
         return True
 
     # ------------------------------------------------------------------ the compute thread
 
+    def _take(self, compute: Compute) -> None:
+        self.inbox.append(compute)
+        self._maybe_start()
+
+    def _push(self, work: WorkBatch, result: protocol.BatchResult, items: list[bytes]) -> None:
+        """A result to the I/O thread, tagged as worker/loop.py _push() tags it; items: the inputs
+        it answers, as they came."""
+        if self.tamper is not None:
+            tamper, self.tamper = self.tamper, None
+            self.world.ledger.mark_rogue(items)  # whatever it sends, no model said it
+            frames = tamper(result)
+        else:
+            frames = protocol.encode(result)
+        self._perform(self.links.on_result(ResultTag.decode(work.tag(len(result.outputs))), frames))
+
     def _maybe_start(self) -> None:
         if not self.alive or self.stopped or self.running or not self.inbox:
             return
         world = self.world
-        batch = self.inbox.popleft()
+        compute = self.inbox.popleft()
+        batch = compute.batch
         world.ledger.on_execute(batch.inputs, self.name)
         spec = self.spec
         poisons = {world.inputs.get(item, (0, 0, ""))[2] for item in batch.inputs}
@@ -310,7 +391,7 @@ class SimWorker:
             world.ledger.raised_together(batch.inputs)
         outcome, duration_s = self._draw_outcome(poisons, spec.batch_s + spec.item_s * len(batch.inputs), "batch")
         world.trace("%s computes batch %s (%s inputs, %s)", self.name, batch.batch_id, len(batch.inputs), outcome)
-        busy = Computing(batch, world.now, duration_s, outcome)
+        busy = Computing(batch, decode_batch(batch, compute.link, compute.epoch), world.now, duration_s, outcome)
         self.running.append(busy)
         self._schedule_end(busy, duration_s)
 
@@ -332,16 +413,16 @@ class SimWorker:
         return "ok", duration_s
 
     @property
-    def busy(self) -> Computing | None:
+    def busy(self):
         """The oldest batch or pass in flight, or None."""
         return self.running[0] if self.running else None
 
-    def _schedule_end(self, busy: Computing, duration_s: float) -> None:
+    def _schedule_end(self, busy, duration_s: float) -> None:
         busy.token += 1
         busy.end_at = self.world.now + duration_s
         self.world.at(busy.end_at, self._on_compute_end, self._token, busy, busy.token)
 
-    def _on_compute_end(self, token: int, busy: Computing, busy_token: int) -> bool:
+    def _on_compute_end(self, token: int, busy, busy_token: int) -> bool:
         if token != self._token or busy not in self.running or busy_token != busy.token or self.stopped:
             return False
         world = self.world
@@ -351,63 +432,41 @@ class SimWorker:
             return True
         self.running.remove(busy)
         self._computed(busy)
-        if self.refused:  # a slot is free: the broker it turned away may send again
-            self.refused = False
-            self._heartbeat()
-        self._loop_pass()
-        self._maybe_start()
+        if self.alive:
+            self._loop_pass()
+            self._maybe_start()
         return True
 
     def _computed(self, busy: Computing) -> None:
-        """Answer the batch just computed."""
-        world = self.world
-        self.holding.discard(busy.batch.batch_id)
-        result = self._result(busy, world.now)
-        if self.tamper is not None:
-            tamper, self.tamper = self.tamper, None
-            world.ledger.mark_rogue(busy.batch.inputs)  # whatever it sends, no model said it
-            world.send_to_broker(self.conn, tamper(result), "BATCH_RESULT")
-        else:
-            self._send(result, "BATCH_RESULT")
+        """Answer the batch just computed, as worker/loop.py run_batch() does, for a model that
+        echoes its inputs: "raise" fails the batch, "invalid" and "error" their own input."""
+        work, known = busy.work, self.world.inputs
+        positions = [i for i in range(len(work.inputs)) if i not in work.errors]
+        poisons = [known.get(busy.batch.inputs[i], (0, 0, ""))[2] for i in positions]
+        produced: list | Exception = (RuntimeError("poison") if "raise" in poisons
+                                      else [_model_output(work.inputs[i], p) for i, p in zip(positions, poisons)])
+        self._push(work, batch_result(work, produced, (self.world.now - busy.started_at) * 1000), busy.batch.inputs)
 
-    def _result(self, busy: Computing, now: float) -> protocol.BatchResult:
-        """As worker/loop.py run_batch() builds it, for a model that echoes its inputs."""
-        batch, known = busy.batch, self.world.inputs
-        size = len(batch.inputs)
-        outputs = [b""] * size
-        errors, positions = [], []
-        for index, item in enumerate(batch.inputs):
-            undecodable = _undecodable(item, known)
-            if undecodable:
-                errors.append([index, ErrorCode.BAD_REQUEST.value, undecodable])
-                continue
-            positions.append(index)
-        if any(known.get(batch.inputs[i], (0, 0, ""))[2] == "raise" for i in positions):
-            errors.extend([i, ErrorCode.MODEL_ERROR.value, "model failed: RuntimeError: poison"] for i in positions)
-        else:
-            for i in positions:
-                poison = known.get(batch.inputs[i], (0, 0, ""))[2]
-                if poison == "invalid":
-                    errors.append([i, ErrorCode.BAD_REQUEST.value, "InputError: invalid"])
-                elif poison == "error":
-                    errors.append([i, ErrorCode.MODEL_ERROR.value, "ValueError: bad input"])
-                else:
-                    outputs[i] = batch.inputs[i]  # echo: encode_value(decode_value(x)) == x
-        return protocol.BatchResult(batch.batch_id, outputs, errors=sorted(errors),
-                                    compute_ms=(now - busy.started_at) * 1000)
+
+def _model_output(value, poison: str):
+    """What the simulated model answers for one input: itself, or an Exception in its slot."""
+    if poison == "invalid":
+        return InputError("invalid")
+    if poison == "error":
+        return ValueError("bad input")
+    return value  # echo: encode_value(decode_value(x)) == x
 
 
 @dataclass(eq=False, slots=True)
 class Held:
-    """One input a continuous worker holds (worker/loop.py _Held)."""
+    """One input a continuous worker holds (worker/loop.py _Held): what pass_results() reads."""
 
-    batch_id: int
+    batch: WorkBatch
     position: int  # in its batch
     item: bytes
     cost: int  # what the model's cost() would say (tokens): drawn from the input's identity
     poison: str
     broker: int  # the broker incarnation (world.epoch) that sent it: batch ids start again with each
-    epoch: int  # the worker's epoch when it came (worker/connection.py link.epoch): bumped when the broker forgets it
     waited: int = 0  # passes run while it was held (plan_pass anchors on one that waited long)
 
 
@@ -424,36 +483,26 @@ class Pass:
     lane: int = 0  # the compute lane that runs it (worker/loop.py _Pool.run_lane)
 
 
-def _undecodable(item: bytes, known: dict) -> str:
-    """Why a worker cannot decode this input, or "" (every input the sim made decodes)."""
-    info = known.get(item)
-    if info is not None and info[2] != "garbage":
-        return ""
-    try:
-        protocol.decode_value(item)
-    except protocol.DecodeError as error:
-        return f"input could not be decoded: {error}"[:200]
-    return ""
-
-
 def input_cost(item: bytes, known: dict) -> int:
     info = known.get(item)
     return 1 if info is None else 1 + (info[0] * 31 + info[1] * 17) % 24
 
 
 class ContinuousWorker(SimWorker):
-    """worker/connection.py and worker/loop.py run_continuous, with one broker.
+    """A continuous worker (worker/loop.py run_continuous), with one broker.
 
     READY announces max_inputs. Every input that arrives is held; one that fails prepare() (here
-    an undecodable or "invalid" input) is answered at once. Pass after pass is formed by the real
-    worker.passes.plan_pass() from all that is held, and after each pass comes one
-    partial BATCH_RESULT per batch the pass touched. With spec.lanes > 1, up to that many passes run
-    at once (self.running): lane 0 whenever it is free, another lane only while lane 0 is busy; they
-    end in any order, and a kill, SIGSTOP or forget applies to every pass in flight. A raising pass of several inputs answers each
-    PASS_FAILED; a raising pass of one, MODEL_ERROR. A batch that would take it past max_inputs is
-    handed back BUSY, which with one broker must never happen (the ledger fails on it). When the
-    broker forgets it (DISCONNECT, reconnect) it drops the inputs it holds and has not started;
-    the pass it is running still answers, as the real one's does.
+    an undecodable or "invalid" input) is answered at once (worker/results.py prepare_result). Pass
+    after pass is formed by the real worker.passes.plan_pass() from all that is held, and after each
+    pass comes one partial BATCH_RESULT per batch the pass touched (worker/results.py pass_results). With
+    spec.lanes > 1, up to that many passes run at once (self.running): lane 0 whenever it is free,
+    another lane only while lane 0 is busy; they end in any order, and a kill, SIGSTOP or forget
+    applies to every pass in flight. A raising pass of several inputs answers each PASS_FAILED; a
+    raising pass of one, MODEL_ERROR (worker/results.py failed_pass). A batch that would take it past
+    max_inputs is handed back BUSY (WorkerLinks decides), which with one broker must never happen
+    (the ledger fails on it). When the broker forgets it, it drops the inputs it holds and has not
+    started (worker/passes.py current_inputs); the pass it is running still ends, and WorkerLinks
+    drops its answers (their epoch is past).
 
     READY is never duplicated or reordered here, nor overtaken by what follows it: ZeroMQ does none
     of these, and a broker cannot tell a duplicate READY from a registration anew (it would
@@ -462,36 +511,23 @@ class ContinuousWorker(SimWorker):
     reach the worker after it dropped what it held).
     """
 
-    # Known bug "stale_pass_result" (tests/sim/test_regressions.py, seed 1689): the real worker sends
-    # the answers of a pass that began before the broker forgot it. After a broker restart the new
-    # broker numbers its batches from 1 again and takes such an answer for one of its own batches:
-    # a client gets another request's output. True models the proposed fix (the I/O thread drops
-    # results of an older epoch); while the bug is open, the world sets it when it tolerates the bug.
-    drops_stale_results = True
-
-    @staticmethod
-    def _empty_holding():
-        return {}  # batch id -> its inputs received and not yet answered (worker/connection.py link.holding)
-
     def start(self) -> bool:
         self.held: list[Held] = []  # oldest first
-        self.epoch = 0
         self.world.ledger.counts["continuous_worker_starts"] += 1
         return super().start()
 
-    def die(self, reason: str, notice_s: float = 0.005) -> None:
+    def die(self, reason: str, notice_s: float = 0.005, supervised: bool = False) -> None:
         if self.alive and self.held:
             counts = self.world.ledger.counts
             counts["held_inputs_lost_with_killed_workers"] += len(self.held)  # never started: no execution
             counts["killed_workers_holding"] += 1
         self.held = []
-        super().die(reason, notice_s)
+        super().die(reason, notice_s, supervised)
 
     def reregister(self) -> None:
-        """Not for a continuous worker: the real one sends READY anew only when the broker forgot
-        it (a DISCONNECT, after which nothing sent before it can arrive) or on a fresh socket. An
-        unprompted READY would let a batch already on the wire arrive after it dropped what it
-        held, and the broker, which forgot that batch, would then fill the worker past max_inputs."""
+        """Not for a continuous worker: an unprompted READY would let a batch already on the wire
+        arrive after it dropped what it held, and the broker, which forgot that batch, would then
+        fill the worker past max_inputs."""
         self.world.ledger.counts["reregister_skipped_continuous"] += 1
 
     def _send(self, message: protocol.Message, what: str) -> None:
@@ -500,59 +536,8 @@ class ContinuousWorker(SimWorker):
         if what == "READY":  # nothing sent after it may overtake it (see the class docstring)
             self.conn.barrier_at = self.conn.to_broker_at
 
-    def _forget_batches(self) -> None:
-        """The broker forgot us and re-dispatched what we held: drop what no pass has started."""
-        if self.held:
-            self.world.ledger.counts["held_inputs_dropped_on_forget"] += len(self.held)
-            self.world.trace("%s drops %s held inputs it had not started", self.name, len(self.held))
-        self.held = []
-        self.holding.clear()
-        self.inbox.clear()
-        self.epoch += 1
-
-    def _on_batch(self, message: protocol.Batch) -> None:
-        world, spec = self.world, self.spec
-        size = len(message.inputs)
-        held = sum(self.holding.values())
-        if held + size > spec.max_inputs:
-            world.ledger.on_busy_refusal(self.name, message.batch_id, held, size, spec.max_inputs)
-            self.refused = True
-            self._send(protocol.BatchResult.failed(message.batch_id, size, ErrorCode.BUSY,
-                                                   f"worker holds {held} inputs already"), "BATCH_RESULT")
-            return
-        self.holding[message.batch_id] = size
-        known = world.inputs
-        failed = []
-        for position, item in enumerate(message.inputs):
-            undecodable = _undecodable(item, known)
-            if undecodable:
-                failed.append((position, b"", [ErrorCode.BAD_REQUEST.value, undecodable]))
-                continue
-            info = known.get(item)
-            poison = info[2] if info is not None else ""
-            if poison == "invalid":  # prepare() refuses it: answered now, never in a pass
-                failed.append((position, b"", [ErrorCode.BAD_REQUEST.value, "InputError: invalid"]))
-                continue
-            self.held.append(Held(message.batch_id, position, item, input_cost(item, known), poison, world.epoch,
-                                  self.epoch))
-        world.trace("%s holds batch %s (%s inputs, %s refused at once); holds %s", self.name, message.batch_id,
-                    size, len(failed), sum(self.holding.values()))
-        if failed:
-            self._answer(message.batch_id, failed, 0.0)
-        self._maybe_start()
-
-    def _answer(self, batch_id: int, entries: list[tuple[int, bytes, list | None]], compute_s: float) -> None:
-        """One partial BATCH_RESULT: entries are (position in the batch, output, [code, message] or None)."""
+    def _forward(self, frames: list[bytes]) -> None:
         world = self.world
-        errors = [[k, *error] for k, (_, _, error) in enumerate(entries) if error is not None]
-        result = protocol.BatchResult(batch_id, [output for _, output, _ in entries], errors=errors,
-                                      compute_ms=compute_s * 1000, indices=[p for p, _, _ in entries])
-        left = self.holding.get(batch_id)  # the I/O thread's count, as _forward_results keeps it
-        if left is not None:
-            if left > len(entries):
-                self.holding[batch_id] = left - len(entries)
-            else:
-                del self.holding[batch_id]
         world.ledger.counts["partial_results"] += 1
         scenario = world.scenario
         if (scenario.result_delay_p and not self.faultless and world.injecting
@@ -560,35 +545,55 @@ class ContinuousWorker(SimWorker):
             # The I/O thread stalls: this result, and all that follows it on the link, comes late.
             world.faults["result_delayed"] += 1
             self.conn.to_broker_at = max(self.conn.to_broker_at, world.now + world.rng.uniform(0.01, 0.3))
-        if self.tamper is not None:
-            tamper, self.tamper = self.tamper, None
-            world.send_to_broker(self.conn, tamper(result), "BATCH_RESULT")
-        else:
-            self._send(result, "BATCH_RESULT")
+        super()._forward(frames)
+
+    def _refused(self, busy: protocol.BatchResult) -> None:
+        links = self.links
+        self.world.ledger.on_busy_refusal(self.name, busy.batch_id, links.held_inputs, len(busy.outputs),
+                                          links.ready.max_inputs)
+
+    def _forget(self, epoch: int) -> list[tuple[int, int]]:
+        """The compute thread drops what no pass has started (it sees the link's new epoch)."""
+        kept = current_inputs(self.held, {0: epoch})
+        if len(kept) < len(self.held):
+            self.world.ledger.counts["held_inputs_dropped_on_forget"] += len(self.held) - len(kept)
+            self.world.trace("%s drops %s held inputs it had not started", self.name, len(self.held) - len(kept))
+        self.held = kept
+        return super()._forget(epoch)
+
+    def _take(self, compute: Compute) -> None:
+        """The intake thread: prepare() the batch as it arrives, answer at once what fails, hold the rest."""
+        world = self.world
+        batch, known = compute.batch, world.inputs
+        work = decode_batch(batch, compute.link, compute.epoch)
+        positions = [i for i in range(len(work.inputs)) if i not in work.errors]
+        prepared = [InputError("invalid") if known.get(batch.inputs[i], (0, 0, ""))[2] == "invalid"
+                    else work.inputs[i] for i in positions]
+        result = prepare_result(work, prepared, 0.0)
+        for position, _ in held_inputs(work, prepared):
+            item = batch.inputs[position]
+            self.held.append(Held(work, position, item, input_cost(item, known), known.get(item, (0, 0, ""))[2],
+                                  world.epoch))
+        world.trace("%s holds batch %s (%s inputs, %s refused at once); holds %s", self.name, batch.batch_id,
+                    len(batch.inputs), len(result.outputs) if result else 0, self.links.held_inputs)
+        if result is not None:
+            self._push(work, result, [batch.inputs[i] for i in result.indices])
+        self._maybe_start()
 
     def _maybe_start(self) -> None:
         """Start a pass in each free lane that may take one (worker/loop.py _Pool._next_pass): lane 0
         whenever it is free, another lane only while lane 0 is busy."""
         while self.alive and not self.stopped and self.held:
             busy_lanes = {p.lane for p in self.running}
-            if 0 not in busy_lanes:
-                lane = 0
-            else:
-                lane = next((k for k in range(1, self.spec.lanes) if k not in busy_lanes), None)
-                if lane is None:
-                    return
+            lane = next((k for k in range(self.spec.lanes) if k not in busy_lanes and may_start(k, busy_lanes)), None)
+            if lane is None:
+                return
             self._start_pass(lane)
 
     def _start_pass(self, lane: int) -> None:
         world, spec, held = self.world, self.spec, self.held
-        costs, waited = [h.cost for h in held], [h.waited for h in held]
-        chosen = plan_pass(costs, waited, spec.most_inputs, spec.cost_budget,
-                           *lane_bounds(spec.most_inputs, 0, spec.lanes), padded=spec.padded)
-        members = [held[k] for k in chosen]
-        for k in sorted(chosen, reverse=True):
-            del held[k]
-        for waiting in held:
-            waiting.waited += 1
+        members = take_pass(held, (spec.most_inputs, spec.cost_budget, *lane_bounds(spec.most_inputs, 0, spec.lanes)),
+                            spec.padded)
         world.ledger.on_pass(members, self.name)
         paid = len(members) * max(h.cost for h in members) if spec.padded else sum(h.cost for h in members)
         duration_s = spec.batch_s + spec.item_s * paid / 12
@@ -599,11 +604,8 @@ class ContinuousWorker(SimWorker):
             world.ledger.counts["passes_unpadded"] += 1
         if lane:
             world.ledger.counts["passes_beside_lane_0"] += 1
-            world.trace("%s runs a pass of %s inputs in lane %s (batches %s; %s still held; %s)", self.name,
-                        len(members), lane, sorted({h.batch_id for h in members}), len(held), outcome)
-        else:
-            world.trace("%s runs a pass of %s inputs (batches %s; %s still held; %s)", self.name, len(members),
-                        sorted({h.batch_id for h in members}), len(held), outcome)
+        world.trace("%s runs a pass of %s inputs in lane %s (batches %s; %s still held; %s)", self.name,
+                    len(members), lane, sorted({h.batch.batch_id for h in members}), len(held), outcome)
         running = Pass(members, world.now, duration_s, outcome, lane=lane)
         self.running.append(running)
         self._schedule_end(running, duration_s)
@@ -613,49 +615,50 @@ class ContinuousWorker(SimWorker):
         if not self.alive or self.stopped or not self.running:
             return False
         running = self.running
-        hung = running[0] if len(running) == 1 else self.world.rng.choice(running)
-        hung.outcome = "hang"
-        self._schedule_end(hung, _HUNG_S)
+        hung_pass = running[0] if len(running) == 1 else self.world.rng.choice(running)
+        hung_pass.outcome = "hang"
+        self._schedule_end(hung_pass, _HUNG_S)
         return True
 
     def _computed(self, busy: Pass) -> None:
-        """Answer the pass just run: one partial result per batch it touched."""
+        """Answer the pass just run: one partial result per batch it touched (pass_results)."""
         world = self.world
         members = busy.members
         shared = len(members) > 1
         if busy.outcome == "raise":
-            code = ErrorCode.PASS_FAILED if shared else ErrorCode.MODEL_ERROR
-            failed = [code.value, "model failed: RuntimeError: poison"]
+            outcome = failed_pass(RuntimeError("poison"), len(members))
             world.ledger.counts["pass_failed_inputs" if shared else "passes_of_one_raised"] += len(members)
-        by_batch: dict[tuple[int, int], list[tuple[int, bytes, list | None]]] = {}
-        stale = [h for h in members if h.epoch != self.epoch]
+        else:
+            outcome = [_model_output(h.batch.inputs[h.position], h.poison) for h in members]
+        epoch = self.links.links[0].epoch
+        stale = [h for h in members if h.batch.epoch != epoch]
         if stale:
-            # The pass began before the broker forgot us (it re-dispatched these inputs).
+            # The pass began before the broker forgot us (it re-dispatched these inputs): WorkerLinks
+            # drops their answers.
             counts = world.ledger.counts
             counts["stale_pass_answers"] += len(stale)
-            restarted = any(h.broker != world.epoch for h in stale)  # batch ids started again since
-            if restarted:
+            if any(h.broker != world.epoch for h in stale):  # batch ids started again since
                 counts["stale_pass_answers_to_a_new_broker"] += len(stale)
-            if self.drops_stale_results or "stale_pass_result" in world.tolerate:
-                if restarted and not self.drops_stale_results:
-                    world.known_bugs["known_bug_stale_pass_result"] += 1
-                    world.known_bugs["known_bug_stale_pass_result_seeds"] = 1
-                members = [h for h in members if h.epoch == self.epoch]
-        for h in members:
-            if busy.outcome == "raise":
-                entry = (h.position, b"", failed)
-            elif h.poison == "error":
-                entry = (h.position, b"", [ErrorCode.MODEL_ERROR.value, "ValueError: bad input"])
-            else:
-                entry = (h.position, h.item, None)  # echo: encode_value(decode_value(x)) == x
-            by_batch.setdefault((h.broker, h.batch_id), []).append(entry)
-        compute_s = world.now - busy.started_at
-        for (_, batch_id), entries in by_batch.items():
-            self._answer(batch_id, entries, compute_s)
+        for work, result in pass_results(members, outcome, (world.now - busy.started_at) * 1000):
+            self._push(work, result, [h.item for h in members if h.batch is work])
+
+
+_KIND_NAMES = {protocol.Ready: "READY", protocol.Heartbeat: "HEARTBEAT", protocol.BatchResult: "BATCH_RESULT",
+               protocol.Disconnect: "DISCONNECT"}
 
 
 class SimGateway:
-    """A gateway's BrokerClient (the submit() path: one DEALER, one I/O thread)."""
+    """A gateway's BrokerClient on its I/O-thread transport (one DEALER, one I/O thread). Only the
+    network, the timers and the sockets' moves are simulated here: every decision, which broker,
+    resends, deadlines, a restart or a silence, is taken by the shipped gateway/requests.py and
+    gateway/links.py. Every request must end there exactly once, in time (check_settled).
+
+    The second gateway (g1) lists a second broker that never answers, as a gateway does whose other
+    broker's host is down: its requests take the several-brokers paths (failover order, an
+    UNAVAILABLE retried elsewhere, resends no broker takes, a dropped connection seen at once)."""
+
+    endpoint = "tcp://broker:5555"  # the one simulated broker
+    dead_endpoint = "tcp://down:5555"  # never reachable
 
     def __init__(self, world: World, index: int):
         self.world = world
@@ -663,10 +666,30 @@ class SimGateway:
         self.name = f"g{index}"
         self._identities = 0
         self._ids = itertools.count(1)
-        self.instance_id = ""  # the broker instance it last heard
+        expiry_s = world.config.heartbeat.expiry_s
+        endpoints = [self.endpoint, self.dead_endpoint] if index == 1 else [self.endpoint]
+        self.links = Links(endpoints, silent_after_s=expiry_s, heartbeat_interval_s=world.config.heartbeat.interval_s)
+        self._was_connected = False  # as its DEALER's monitor would tell (several brokers only)
+        self.requests = Requests(self.links, restart_grace_s=expiry_s)
         self.sent: dict[str, Tracked] = {}  # every request it sent, by id
-        self.waiting: dict[str, float] = {}  # request id -> when it gives up locally
+        # Every copy sent to the broker, by request id. A gateway with several brokers may send a request
+        # again to the same one (after that broker restarted and refused the old copy unrun, or lost it),
+        # and the invariants follow each copy as a request of its own.
+        self.copies: dict[str, list[Tracked]] = {}
+        self.copy_epochs: dict[int, int] = {}  # id(copy) -> the world's broker epoch when it was sent
+        self.give_up_by: dict[str, float] = {}  # request id -> when it must have ended, at the latest
+        self.outcomes: dict[str, Outcome] = {}  # request id -> how the client ended it
         self.conn: Conn | None = None
+        self._changes = 0
+        self._retry_due = False
+        self._beating = False  # its heartbeat timer is running
+        self._tick_due_at = 0.0
+        self._ticks = 0
+
+    @property
+    def instance_id(self) -> str:
+        """The broker instance it last heard."""
+        return self.links[0].instance_id
 
     def next_identity(self) -> bytes:
         self._identities += 1
@@ -675,32 +698,50 @@ class SimGateway:
     def start(self) -> bool:
         world = self.world
         self.conn = world.open_conn(self, self.next_identity(), Peer.GATEWAY)
-        self.broker_seen_at = world.now
+        self.links.started(world.now)
+        self._beating = True
         self._on_heartbeat_timer()
         if world.scenario.rate_per_s:
             world.after(world.rng.expovariate(world.scenario.rate_per_s), self._on_submit_timer)
         return True
 
     def _on_heartbeat_timer(self) -> bool:
-        world = self.world
-        if not world.submitting:
-            return False
+        """The I/O thread's loop when a timer is due: heartbeats, the tick, silence, a dropped link."""
+        world, links = self.world, self.links
+        if not world.submitting and not self.requests:
+            self._beating = False
+            return False  # winding down, and nothing left to end
         now = world.now
-        config = world.config.heartbeat
-        if world.connected(self.conn):
-            world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
-        for request_id in [r for r, give_up_at in self.waiting.items() if give_up_at < now]:
-            del self.waiting[request_id]
-            world.ledger.counts["gateway_expired_locally"] += 1
-        if now - self.broker_seen_at > config.expiry_s:
-            world.trace("%s hears nothing from the broker: fails %s, reconnects", self.name, len(self.waiting))
-            world.ledger.counts["gateway_failed_on_silence"] += len(self.waiting)
-            self.waiting.clear()
+        connected = world.connected(self.conn)
+        for index in links.heartbeats_due(now):
+            sent = index == 0 and connected
+            if sent:
+                world.send_to_broker(self.conn, protocol.encode(protocol.Heartbeat()), "HEARTBEAT")
+            links.heartbeat_sent(index, sent, now)
+        if len(links) > 1 and self._was_connected and not connected:
+            links.disconnected(0, now)  # its DEALER's monitor
+        self._was_connected = connected
+        if now >= self._tick_due_at:
+            self._tick_due_at = now + world.config.heartbeat.interval_s
+            self.requests.tick(now)
+            self._ticks += 1
+            if world.submitting and world.scenario.rate_per_s and self._ticks % _STATUS_EVERY_TICKS == 0:
+                self._ask_status(now)
+        for _ in links.silent(now):
+            world.trace("%s hears nothing from the broker: reconnects", self.name)
             world.close_conn(self.conn, 0.0)
             self.conn = world.open_conn(self, self.next_identity(), Peer.GATEWAY)
-            self.broker_seen_at = now
-        world.after(config.interval_s, self._on_heartbeat_timer)
+        self._flush()
+        world.at(max(now, min(links.next_heartbeat_at(), self._tick_due_at)), self._on_heartbeat_timer)
         return True
+
+    def _ask_status(self, now: float) -> None:
+        """As the gateway's model catalog and /readyz do: ask each broker for its status."""
+        wait_s = 2.0
+        for link in self.links:
+            request_id = f"{self.name}-status-{next(self._ids)}"
+            self.give_up_by[request_id] = now + wait_s + self.world.config.heartbeat.interval_s
+            self.requests.ask(request_id, protocol.StatusRequest(request_id), link.index, wait_s, now)
 
     def _on_submit_timer(self) -> bool:
         world = self.world
@@ -727,35 +768,108 @@ class SimGateway:
         sizes = [rng.randint(0, 30) for _ in inputs] if rng.random() < 0.3 else []
         model = model or rng.choice(("m", "m", "m", "m2"))
         request_id = f"{self.name}-{next(self._ids)}"
-        message = protocol.Request(request_id, model, int(timeout_s * 1000), inputs, sizes, priority,
-                                   instance_id=self.instance_id)
+        message = protocol.Request(request_id, model, int(timeout_s * 1000), inputs, sizes, priority)
         tracked = Tracked(self.name, request_id, inputs, serial, message.timeout_ms, self.instance_id)
         world.ledger.submitted(tracked)
         self.sent[request_id] = tracked
-        if not world.connected(self.conn):
-            world.ledger.counts["gateway_refused_unconnected"] += 1  # ZMQ_IMMEDIATE: UNAVAILABLE at once
-            return tracked
-        self.waiting[request_id] = world.now + timeout_s + 1.0
-        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST", tracked)
+        # The client's own bound: the broker's reply by deadline + grace, noticed at the next tick.
+        self.give_up_by[request_id] = world.now + timeout_s + REPLY_GRACE_S + world.config.heartbeat.interval_s
+        self.requests.submit(request_id, message, timeout_s, world.now)
+        self._flush()
+        if not self._beating and self.conn is not None:
+            self._beating = True
+            world.after(world.config.heartbeat.interval_s, self._on_heartbeat_timer)
         return tracked
+
+    def _send(self, instruction: Send) -> bool:
+        """The DEALER's send, with ZMQ_IMMEDIATE: refused while not connected."""
+        world = self.world
+        if instruction.broker != 0 or not world.connected(self.conn):
+            return False
+        message = instruction.message
+        tracked = self.sent.get(instruction.request_id)
+        if tracked is not None:
+            copies = self.copies.setdefault(instruction.request_id, [])
+            if copies:
+                live = [c for c in copies if c.replies_sent == 0 and self.copy_epochs[id(c)] == world.epoch]
+                if live:  # the broker would run both: a second copy only once the first is answered or lost
+                    world.fail(f"gateway {self.name} sends {tracked.request_id!r} again while the broker "
+                               f"may still run the copy it sent before")
+                tracked = Tracked(self.name, tracked.request_id, tracked.inputs, tracked.serial, 0, "")
+                world.ledger.submitted(tracked)
+                world.ledger.counts["gateway_sent_again"] += 1
+            copies.append(tracked)
+            self.copy_epochs[id(tracked)] = world.epoch  # the broker instance it can reach
+            # what the broker will see: the instance and time left as sent now
+            tracked.instance_id, tracked.timeout_ms = message.instance_id, message.timeout_ms
+        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST" if tracked else "STATUS_REQUEST", tracked)
+        return True
+
+    def _copy_answered(self, request_id: str) -> Tracked | None:
+        """The copy a reply answers: the first that the broker answered and we have not heard."""
+        copies = self.copies.get(request_id)
+        if not copies:
+            return self.sent.get(request_id)
+        return next((c for c in copies if c.replies_sent > c.replies_delivered), copies[-1])
+
+    def _flush(self) -> None:
+        """What the I/O thread does after every event: resend or fail on a link change, send, settle."""
+        world, requests = self.world, self.requests
+        now = world.now
+        if self.links.changes != self._changes:
+            self._changes = self.links.changes
+            requests.links_changed(now)
+        for outcome in requests.flush(self._send, now):
+            self._settled(outcome)
+        if requests.unsent() and not self._retry_due:  # the I/O thread polls every 5 ms meanwhile
+            self._retry_due = True
+            world.after(_UNSENT_RETRY_S, self._retry)
+
+    def _retry(self) -> bool:
+        self._retry_due = False
+        self._flush()
+        return True
+
+    def _settled(self, outcome: Outcome) -> None:
+        world = self.world
+        request_id = outcome.request_id
+        if request_id in self.outcomes:
+            world.fail(f"gateway {self.name} ended {request_id!r} twice: {self.outcomes[request_id]} and {outcome}")
+        if world.now > self.give_up_by[request_id] + 1e-9:
+            world.fail(f"gateway {self.name} ended {request_id!r} at {world.now:.4f}, past its bound "
+                       f"{self.give_up_by[request_id]:.4f}: {outcome}")
+        self.outcomes[request_id] = outcome
+        if "-status-" in request_id:
+            world.ledger.counts[f"gateway_status_{'failed' if type(outcome) is Fail else 'answered'}"] += 1
+        elif type(outcome) is Fail:
+            world.ledger.counts[f"gateway_failed_{outcome.code.value}"] += 1
+        else:
+            world.ledger.counts[f"gateway_answered_{outcome.answer.error_code or 'ok'}"] += 1
+
+    def check_settled(self) -> None:
+        """At the end of a run: every request it sent has ended, once (checked as each ended)."""
+        missing = [request_id for request_id in self.sent if request_id not in self.outcomes]
+        if missing or self.requests:
+            self.world.fail(f"gateway {self.name} never ended {len(missing)} requests: {missing[:5]}")
 
     def receive(self, conn: Conn, frames: list[bytes]) -> None:
         if conn is not self.conn:
             return
         world = self.world
+        now = world.now
         message = decode_from_broker(world, self.name, frames)
-        self.broker_seen_at = world.now
+        self.links.heard(0, now)
         kind = type(message)
         if kind is protocol.Reply or kind is protocol.Replies:
             for reply in protocol.replies_of(message):
-                world.ledger.on_reply_delivered(self.name, self.sent.get(reply.request_id), reply)
-                self.waiting.pop(reply.request_id, None)
+                world.ledger.on_reply_delivered(self.name, self._copy_answered(reply.request_id), reply)
+                self.requests.reply(0, reply, now)
+        elif kind is protocol.Status:
+            self.requests.reply(0, message, now)
         elif kind is protocol.Heartbeat:
-            if self.instance_id and message.instance_id != self.instance_id:
-                world.trace("%s sees broker %s: fails %s waiting", self.name, message.instance_id, len(self.waiting))
-                world.ledger.counts["gateway_failed_on_restart"] += len(self.waiting)
-                self.waiting.clear()
-            self.instance_id = message.instance_id
+            if self.links.heartbeat(0, message.instance_id, now):
+                world.trace("%s sees broker %s: %s waiting", self.name, message.instance_id, len(self.requests))
+        self._flush()
 
 
 class _HostilePeer:

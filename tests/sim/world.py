@@ -39,7 +39,7 @@ _MAX_SPINS = 2  # that many in a row is a busy loop, not a rounding at a timer's
 MODELS = ("m", "m2")  # what the simulated workers serve and the gateways ask for
 FAULT_KINDS = (
     "worker_kill", "worker_stop", "link_drop", "link_reset", "reregister", "broker_restart", "broker_drain",
-    "burst", "hostile_gateway", "rogue_worker", "garbage", "worker_drain", "queue_full", "holding",
+    "burst", "hostile_gateway", "rogue_worker", "garbage", "worker_drain", "queue_full", "holding", "link_noise",
 )
 
 
@@ -425,12 +425,14 @@ class World:
         def quiet() -> bool:
             core = self.core
             return (self.now >= settle_at and core is not None and not core._requests
-                    and not any(w.in_flight for w in core._workers))
+                    and not any(w.in_flight for w in core._workers) and not any(g.requests for g in self.gateways))
 
         self.run_until(limit, quiet)
         if not quiet():
             self.run_until(self.now)  # let events at this same instant run
         self.ledger.check_quiescent()
+        for gateway in self.gateways:
+            gateway.check_settled()
 
     # ------------------------------------------------------------------ the broker and its shell
 
@@ -469,8 +471,9 @@ class World:
         self.restart_broker(graceful=True)
         return True
 
-    def restart_broker(self, graceful: bool = False) -> None:
-        """The broker process ends and a new one binds after a while: every connection breaks."""
+    def restart_broker(self, graceful: bool = False, down_s: float | None = None) -> None:
+        """The broker process ends and a new one binds after a while (a random draw, or `down_s` for a
+        scripted test that needs it on one side of a silence window): every connection breaks."""
         if not graceful:
             self.faults["broker_restart"] += 1
         self.trace("broker %s %s", self.core.instance_id, "exits" if graceful else "crashes")
@@ -481,7 +484,7 @@ class World:
         self._harvest_stats()
         self.core = None
         self.epoch += 1  # what the old instance had in flight, either way, is lost with it
-        up_at = self.broker_up_at = self.now + self.rng.uniform(0.01, 0.6)
+        up_at = self.broker_up_at = self.now + (self.rng.uniform(0.01, 0.6) if down_s is None else down_s)
         for conn in list(self.conns.values()):
             if conn.closed:
                 continue
@@ -720,6 +723,8 @@ class World:
         elif kind == "reregister" and alive:
             self.faults[kind] += 1
             rng.choice(alive).reregister()
+        elif kind == "link_noise" and alive:
+            rng.choice(alive).link_noise()  # counts its own kind
         elif kind == "worker_drain" and alive:
             self.faults[kind] += 1
             rng.choice(alive).drain()
@@ -780,11 +785,14 @@ class World:
 
 @contextlib.contextmanager
 def quiet_logs():
-    """The core logs every lost worker and failed request: at this rate, only errors."""
-    loggers = [logging.getLogger(name) for name in ("broker", "ddml_common")]
+    """The core logs every lost worker and failed request: at this rate, only errors. The worker
+    logs as errors what the faults make it hear (an ERROR from the broker): at this rate, nothing."""
+    quiet = {"broker": logging.ERROR, "ddml_common": logging.ERROR, "gateway": logging.ERROR,
+             "worker": logging.CRITICAL}
+    loggers = [logging.getLogger(name) for name in quiet]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(quiet[logger.name])
     try:
         yield
     finally:

@@ -250,7 +250,8 @@ def test_no_role_reads_a_ddml_variable_except_through_its_flags():
 
 
 def test_flags_shared_by_several_commands_mean_the_same_unless_listed_as_ambiguous():
-    same_meaning = {"config", "log_level", "log_format", "heartbeat_interval_ms", "liveness", "curve_server_key"}
+    same_meaning = {"config", "log_level", "log_format", "heartbeat_interval_ms", "liveness", "curve_server_key",
+                    "otlp_endpoint"}
     owners: dict[str, set[str]] = {}
     for role, build in parsers().items():
         for dest in build().settable_actions():

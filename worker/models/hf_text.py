@@ -10,13 +10,28 @@ A rerank model is a cross-encoder (sequence classification with one label): it s
 (query, document) pair, with the activation sentence-transformers' CrossEncoder applies.
 
 Inputs:
-    embedding, classification   "text", or {"text": ..., "truncate"?: bool, "count_tokens"?: bool}
-    rerank                      {"query": ..., "document": ..., "truncate"?, "count_tokens"?},
-                                or [query, document]
+    embedding, classification   "text", or {"text": ..., options}
+    rerank                      {"query": ..., "document": ..., options}, or [query, document]
+    any task                    {"tokenize": str, "add_special_tokens"?: bool (true), "prompt_name"?: str}
+                                -> [{"id", "text", "special", "start", "stop"}], offsets in UTF-8 bytes
+                                   (null for special tokens), as text-embeddings-inference answers;
+                                {"decode": [int, ...], "skip_special_tokens"?: bool (true)} -> str
+Options, each optional (the gateway's TEI and Cohere routes set them; the wire format is unchanged):
+    "truncate": bool            truncate an input over the limit rather than refuse it
+    "truncation_direction":     "right" (default) or "left": which end truncation cuts
+    "count_tokens": bool        wrap the output with its token count: {"embedding" | "score": ...,
+                                "tokens": n} (classification adds "tokens" to its dict)
+    "normalize": bool           embedding: L2-normalise (true) or not (false); absent, as the model's
+                                configuration says (its Normalize module)
+    "prompt_name": str          embedding: put the model's sentence-transformers prompt of that name
+                                before the text, instead of its default prompt
+    "raw_scores": bool          classification: {"label", "logits": {label: logit}} instead of
+                                "probabilities"; rerank: the logit, without the model's activation
+    "all_tokens": bool          embedding: the last hidden state of every token, [tokens, hidden]
+                                float32, before pooling (text-embeddings-inference's /embed_all)
 An input longer than the model's limit fails alone (InputError: HTTP 400); nothing is cut
 silently. "truncate": true, or the worker's --auto-truncate, truncates it instead, as
-sentence-transformers does. "count_tokens": true wraps the output with its token count:
-{"embedding" | "score": ..., "tokens": n} (classification adds "tokens" to its dict).
+sentence-transformers does.
 
 Length-aware execution: a batch is tokenised once, sorted by token length, and run in chunks
 whose padded size stays within a token budget, so short sentences are not padded to the
@@ -31,8 +46,10 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -51,7 +68,11 @@ TASKS = ("embedding", "classification", "rerank")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 UNPADDED = ("auto", "on", "off")
 ONEDNN = ("auto", "off")
-_INPUT_OPTIONS = ("truncate", "count_tokens")
+_BOOL_OPTIONS = ("truncate", "count_tokens", "normalize", "raw_scores", "all_tokens")
+_INPUT_OPTIONS = (*_BOOL_OPTIONS, "truncation_direction", "prompt_name")
+_DIRECTIONS = ("left", "right")
+_TOKENIZE_OPTIONS = {"tokenize": str, "add_special_tokens": bool, "prompt_name": str}
+_DECODE_OPTIONS = {"decode": list, "skip_special_tokens": bool}
 _NO_TOKENIZER_LIMIT = 1 << 30  # a tokenizer's model_max_length above this means "not set"
 
 # Forward-pass size by device: (most inputs, fewest inputs before a batch is halved, most padded
@@ -75,6 +96,13 @@ class _Input:
     truncate: bool
     count_tokens: bool
     features: dict | None = None  # its tokens: input_ids, and token_type_ids where the model has them
+    truncate_left: bool = False  # truncation cuts the start rather than the end
+    normalize: bool | None = None  # None: as the model's configuration says
+    prompt: str | None = None  # None: the model's default prompt
+    raw_scores: bool = False
+    all_tokens: bool = False
+    done: bool = False  # a tokenize or decode input: its output is already known, no forward pass
+    output: Any = None
 
 
 class HFTextModel(Manager):
@@ -155,6 +183,7 @@ class HFTextModel(Manager):
                                          notes=[*config.notes, f"pooling {'+'.join(self.pooling_override)} (--pooling)"])
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.transformer_path, local_files_only=True)
+        self._tokenizing = threading.Lock()  # a truncating call sets the tokenizer's truncation side
         if config.do_lower_case:
             _lower_case(self.tokenizer)
         model_class = AutoModel if self.task == "embedding" else AutoModelForSequenceClassification
@@ -328,7 +357,11 @@ class HFTextModel(Manager):
         items = []
         for position, value in enumerate(batch):
             try:
-                items.append(self._parse(position, value))
+                if isinstance(value, dict) and ("tokenize" in value or "decode" in value):
+                    prepared[position] = _Input(position, "", False, False, features={"input_ids": []}, done=True,
+                                                output=self._tokens_or_text(value))
+                else:
+                    items.append(self._parse(position, value))
             except InputError as error:
                 prepared[position] = error
         for item, problem in zip(items, self._tokenize(items)):
@@ -357,10 +390,11 @@ class HFTextModel(Manager):
 
     def _run(self, items: list[_Input], halve: bool) -> list:
         """The outputs of tokenized inputs, in their order: sorted by length, in passes (_chunks)."""
-        outputs: list = [None] * len(items)
-        order = sorted(range(len(items)), key=lambda k: len(items[k].features["input_ids"]))
+        outputs: list = [item.output for item in items]
+        order = sorted((k for k in range(len(items)) if not items[k].done),
+                       key=lambda k: len(items[k].features["input_ids"]))
         for chunk in self._chunks(order, [len(items[k].features["input_ids"]) for k in order], halve):
-            for k, value in zip(chunk, self._forward([items[k].features for k in chunk])):
+            for k, value in zip(chunk, self._forward([items[k] for k in chunk])):
                 item = items[k]
                 outputs[k] = self._with_tokens(value, item) if item.count_tokens else value
         return outputs
@@ -386,19 +420,84 @@ class HFTextModel(Manager):
         for name in fields:
             if not isinstance(value.get(name), str):
                 raise InputError(f"input field {name!r} must be a string, got {type(value.get(name)).__name__}")
-        for name in _INPUT_OPTIONS:
+        for name in _BOOL_OPTIONS:
             if name in value and not isinstance(value[name], bool):
                 raise InputError(f"input field {name!r} must be true or false, got {value[name]!r:.40}")
             options[name] = value.get(name)
+        direction = value.get("truncation_direction", "right")
+        if not isinstance(direction, str) or direction.lower() not in _DIRECTIONS:
+            raise InputError(f"input field 'truncation_direction' must be left or right, got {direction!r:.40}")
+        if options["normalize"] is not None and self.task != "embedding":
+            raise InputError(f"input field 'normalize' applies to embedding models, not {self.task}")
+        if options["raw_scores"] is not None and self.task == "embedding":
+            raise InputError("input field 'raw_scores' applies to classification and rerank models, not embedding")
+        if options["all_tokens"] is not None and self.task != "embedding":
+            raise InputError(f"input field 'all_tokens' applies to embedding models, not {self.task}")
         text = value["text"] if len(fields) == 1 else (value["query"], value["document"])
         truncate = self.auto_truncate if options["truncate"] is None else options["truncate"]
-        return _Input(position, text, truncate, bool(options["count_tokens"]))
+        return _Input(position, text, truncate, bool(options["count_tokens"]),
+                      truncate_left=direction.lower() == "left", normalize=options["normalize"],
+                      prompt=self._prompt(value.get("prompt_name")), raw_scores=bool(options["raw_scores"]),
+                      all_tokens=bool(options["all_tokens"]))
+
+    def _prompt(self, name) -> str | None:
+        """The prompt text of a prompt_name (None when none is named): the model's sentence-transformers
+        prompts, as text-embeddings-inference takes them. An unknown name is an InputError."""
+        if name is None:
+            return None
+        if not isinstance(name, str):
+            raise InputError(f"input field 'prompt_name' must be a string, got {type(name).__name__}")
+        if self.task == "rerank":
+            raise InputError("`prompt_name` cannot be set with dual inputs")
+        prompts = getattr(self.config, "prompts", None) or {}
+        if name not in prompts:
+            known = f"Available prompts: {sorted(prompts)}" if prompts else "the model has no prompts"
+            raise InputError(f"`prompt_name` {name!r} was not found in the Sentence Transformers prompts. {known}")
+        if self.prompt_length and prompts[name] != self.config.prompt:
+            raise InputError("this model leaves its default prompt out of pooling (include_prompt false), so it "
+                             "takes no other prompt_name")
+        return prompts[name]
+
+    def _tokens_or_text(self, value: dict):
+        """The output of a tokenize or a decode input (see the module docstring)."""
+        kinds = _TOKENIZE_OPTIONS if "tokenize" in value else _DECODE_OPTIONS
+        unknown = sorted(set(value) - set(kinds), key=str)
+        if unknown:
+            raise InputError(f"unknown field {unknown[0]!r} in a {next(iter(kinds))} input "
+                             f"(it takes {', '.join(kinds)})")
+        for name, kind in kinds.items():
+            if name in value and not isinstance(value[name], kind):
+                raise InputError(f"input field {name!r} must be a {kind.__name__}, got {type(value[name]).__name__}")
+        if "decode" in value:
+            ids = value["decode"]
+            vocabulary = len(self.tokenizer)
+            for token_id in ids:
+                if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < vocabulary:
+                    raise InputError(f"token id {token_id!r:.40} is not in this model's vocabulary (0 to "
+                                     f"{vocabulary - 1})")
+            return self.tokenizer.decode(ids, skip_special_tokens=value.get("skip_special_tokens", True))
+        prompt = self._prompt(value.get("prompt_name"))
+        text = (self.config.prompt if prompt is None else prompt) + value["tokenize"]
+        with self._tokenizing:
+            encoded = self.tokenizer(text, add_special_tokens=value.get("add_special_tokens", True),
+                                     return_offsets_mapping=True, return_special_tokens_mask=True)
+        tokens = self.tokenizer.convert_ids_to_tokens(encoded["input_ids"])
+        answer = []
+        for token_id, token, special, (start, stop) in zip(encoded["input_ids"], tokens,
+                                                           encoded["special_tokens_mask"], encoded["offset_mapping"]):
+            if special:
+                answer.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
+            else:
+                start_byte = len(text[:start].encode())
+                answer.append({"id": token_id, "text": text[start:stop], "special": False,
+                               "start": start_byte, "stop": start_byte + len(text[start:stop].encode())})
+        return answer
 
     def _tokenize(self, items: list[_Input]) -> list[InputError | None]:
         """Set each item's features; an input over the limit that may not be truncated gets an InputError."""
         if not items:
             return []
-        encoded = self._encode([item.text for item in items], truncate=False)
+        encoded = self._encode(items, truncate=False)
         keys = [key for key in encoded if key != "attention_mask"]
         problems: list[InputError | None] = []
         for k, item in enumerate(items):
@@ -411,18 +510,22 @@ class HFTextModel(Manager):
                         "or ask for truncation (\"truncate\": true on the /v1 predict route, or the worker's "
                         "--auto-truncate)"))
                     continue
-                again = self._encode([item.text], truncate=True)
+                again = self._encode([item], truncate=True)
                 features = {key: again[key][0] for key in keys}
             item.features = features
             problems.append(None)
         return problems
 
-    def _encode(self, texts: list, truncate: bool):
+    def _encode(self, items: list[_Input], truncate: bool):
         limits = {"truncation": True, "max_length": self.max_tokens} if truncate else {"truncation": False}
-        if self.task == "rerank":
-            return self.tokenizer([q for q, _ in texts], [d for _, d in texts], **limits)
-        prompt = self.config.prompt
-        return self.tokenizer([prompt + text for text in texts] if prompt else texts, **limits)
+        with self._tokenizing:
+            if truncate:  # one item at a time (_tokenize), with its own side
+                self.tokenizer.truncation_side = "left" if items[0].truncate_left else "right"
+            if self.task == "rerank":
+                return self.tokenizer([item.text[0] for item in items], [item.text[1] for item in items], **limits)
+            default = self.config.prompt
+            return self.tokenizer([(default if item.prompt is None else item.prompt) + item.text for item in items],
+                                  **limits)
 
     def _with_tokens(self, value, item: _Input):
         tokens = len(item.features["input_ids"])
@@ -445,9 +548,10 @@ class HFTextModel(Manager):
         if chunk:
             yield chunk
 
-    def _forward(self, features: list[dict]) -> list:
+    def _forward(self, items: list[_Input]) -> list:
         torch = self._torch
         unpadded = self._unpadded
+        features = [item.features for item in items]
         if unpadded is None:
             inputs = self._padded(features)
         with torch.inference_mode():
@@ -459,16 +563,29 @@ class HFTextModel(Manager):
                 vectors = self._pool(hidden, mask)
                 for linear, activation in self.dense:
                     vectors = activation(linear(vectors))
-                if self.config.normalize:
+                normalize = [self.config.normalize if item.normalize is None else item.normalize for item in items]
+                if all(normalize):
                     vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-                return list(vectors.cpu().numpy().astype(np.float32))
+                elif any(normalize):
+                    rows = torch.tensor(normalize, device=vectors.device).unsqueeze(1)
+                    vectors = torch.where(rows, torch.nn.functional.normalize(vectors, p=2, dim=1), vectors)
+                vectors = list(vectors.cpu().numpy().astype(np.float32))
+                for k, item in enumerate(items):
+                    if item.all_tokens:  # the real tokens' rows, wherever the padding is
+                        vectors[k] = hidden[k][mask[k].bool()].float().cpu().numpy()
+                return vectors
             logits = (self.model(**inputs).logits if unpadded is None else unpadded.logits(features, self.device)).float()
             if self.task == "rerank":
-                return self.activation(logits)[:, 0].cpu().tolist()
+                scores = self.activation(logits)[:, 0].cpu().tolist()
+                raw = logits[:, 0].cpu().tolist()
+                return [r if item.raw_scores else s for item, s, r in zip(items, scores, raw)]
             probabilities = torch.softmax(logits, dim=-1).cpu().numpy().astype(np.float32)
+            logits = logits.cpu().numpy().astype(np.float32)
         return [
-            {"label": self.labels[int(p.argmax())], "probabilities": dict(zip(self.labels, p.tolist()))}
-            for p in probabilities
+            {"label": self.labels[int(p.argmax())],
+             **({"logits": dict(zip(self.labels, raw.tolist()))} if item.raw_scores
+                else {"probabilities": dict(zip(self.labels, p.tolist()))})}
+            for item, p, raw in zip(items, probabilities, logits)
         ]
 
     def _padded(self, features: list[dict]) -> dict:
@@ -530,8 +647,15 @@ class HFTextModel(Manager):
                  "labels": self.labels},
                 {"name": "LABEL", "datatype": "BYTES", "shape": [-1, 1], "key": "label"},
             ]
-        return {"platform": "pytorch", "task": self.task, "max_tokens": self.max_tokens,
-                "inputs": inputs, "outputs": outputs}
+        described = {"platform": "pytorch", "task": self.task, "max_tokens": self.max_tokens,
+                     "auto_truncate": self.auto_truncate, "dtype": str(self.model.dtype).removeprefix("torch."),
+                     "inputs": inputs, "outputs": outputs}
+        if self.task == "embedding":  # what text-embeddings-inference's /info reports (gateway/tei.py)
+            described["pooling"] = "+".join(self.config.pooling)
+        else:
+            id2label = self.model.config.id2label
+            described["labels"] = [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.model.config.num_labels)]
+        return described
 
     def describe(self) -> dict:
         torch = getattr(self, "_torch", None)

@@ -51,6 +51,7 @@ class EmbeddingConfig:
     do_lower_case: bool = False
     dense: tuple[DenseLayer, ...] = ()
     prompt: str = ""  # the default prompt, put before every text
+    prompts: dict = field(default_factory=dict, compare=False)  # sentence-transformers' named prompts (prompt_name)
     include_prompt: bool = True  # False: the prompt's tokens are left out of pooling
     sentence_transformers: bool = False  # False: a plain transformers directory with ddml's defaults
     notes: list[str] = field(default_factory=list, compare=False)  # where each setting came from, for the log
@@ -94,8 +95,11 @@ def read_embedding_config(model_path: str) -> EmbeddingConfig:
     st_config = _load_json(os.path.join(model_path, "config_sentence_transformers.json"), default={})
     prompt_name = st_config.get("default_prompt_name")
     prompt = ""
+    prompts = st_config.get("prompts") or {}
+    if not isinstance(prompts, dict):
+        raise ValueError(f"config_sentence_transformers.json: prompts must be an object, got {type(prompts).__name__}")
+    prompts = {str(name): str(text) for name, text in prompts.items()}
     if prompt_name:
-        prompts = st_config.get("prompts") or {}
         if prompt_name not in prompts:
             raise ValueError(f"config_sentence_transformers.json: default prompt {prompt_name!r} is not among "
                              f"its prompts {sorted(prompts)}")
@@ -104,7 +108,7 @@ def read_embedding_config(model_path: str) -> EmbeddingConfig:
     return EmbeddingConfig(
         transformer_path=transformer_path, pooling=pooling, normalize=normalize, max_seq_length=max_seq_length,
         do_lower_case=bool(bert_config.get("do_lower_case", False)), dense=tuple(dense), prompt=prompt,
-        include_prompt=include_prompt, sentence_transformers=True, notes=notes,
+        prompts=prompts, include_prompt=include_prompt, sentence_transformers=True, notes=notes,
     )
 
 

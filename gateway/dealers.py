@@ -1,0 +1,55 @@
+"""The gateway's sockets to its brokers: one way to make a DEALER, and the few moves every
+transport makes on it. No decisions here (gateway/requests.py makes them)."""
+
+from __future__ import annotations
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ddml_common.keys import ClientKeys
+from ddml_common.sockets import new_socket, send_frames
+
+DEALER_HWM = 100_000  # messages queued each way on a DEALER to the broker: a gateway has many requests in flight
+THREAD_ZMTP_HEARTBEAT_IVL_MS = 10_000  # ZMTP pings on a request thread's DEALERs (the I/O thread's: 1 s)
+
+
+def connect_dealer(context: zmq.Context, endpoint: str, curve: ClientKeys | None,
+                   request_thread: bool = False) -> zmq.Socket:
+    """A DEALER to one broker: the I/O thread's, or a request thread's own."""
+    dealer = new_socket(context, zmq.DEALER, hwm=DEALER_HWM)
+    dealer.setsockopt(zmq.IMMEDIATE, 1)  # with no broker connection, fail fast instead of queueing
+    if request_thread:
+        # The I/O thread's DEALER and its heartbeats tell when a broker dies; a request thread's
+        # only needs to notice a half-open connection eventually. A gateway has a DEALER per
+        # thread and broker, and at ZMTP's 1 s pings the idle ones cost every broker CPU.
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, THREAD_ZMTP_HEARTBEAT_IVL_MS)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * THREAD_ZMTP_HEARTBEAT_IVL_MS)
+    if curve is not None:
+        curve.apply(dealer)
+    dealer.connect(endpoint)
+    return dealer
+
+
+def send_quietly(socket: zmq.Socket, frames: list[bytes]) -> bool:
+    """Send without blocking; False if the socket cannot take it now (no connection, or full)."""
+    try:
+        send_frames(socket, frames)
+        return True
+    except zmq.Again:
+        return False
+
+
+def drain(socket: zmq.Socket) -> None:
+    while True:
+        try:
+            socket.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def disconnected(monitor: zmq.Socket) -> bool:
+    """Read a monitor's events; True if one says the connection dropped."""
+    dropped = False
+    while monitor.poll(0):
+        dropped |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+    return dropped

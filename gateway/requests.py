@@ -1,0 +1,309 @@
+"""Requests: a gateway request's whole lifetime, decided without I/O.
+
+Events in: submit (or ask one broker for its status), a reply, the brokers' links changed
+(gateway/links.py says how), and the time passing (tick). Instructions out: `flush(send, now)`
+hands each message to send to `send` (the shell's socket write: True if it went), and returns
+the outcomes, each request's one Resolve or Fail. No sockets, threads, locks or clock here: the
+blocking per-thread transport, the I/O-thread transport, an asyncio shell and the simulator all
+drive this same code.
+
+The policy. Several brokers are all equal. Each request goes to the first live one in their
+order (a stable preference, so that batching is not split at low load). When that broker dies,
+restarts, or falls silent, or answers UNAVAILABLE, the request goes to another live broker with
+the same request id and what is left of its deadline; the first reply wins, and a later one for
+the same request is dropped and counted (`duplicate_replies`). With one broker nothing is
+resent: if it goes silent every request it held fails with UNAVAILABLE, and if it restarts
+(forgetting what we sent) the new instance's refusal is awaited briefly, then the request fails
+UNAVAILABLE instead of waiting out its deadline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+from ddml_common import protocol
+from ddml_common.protocol import ErrorCode
+from gateway.links import Change, Links
+
+REPLY_GRACE_S = 1.0  # beyond the deadline, time allowed for the broker's TIMEOUT reply to arrive
+CONNECT_GRACE_S = 1.0  # how long a new request waits for a (re)connection before failing UNAVAILABLE
+ALL_DOWN_RETRY_AFTER_S = 1.0  # Retry-After when no broker is reachable
+RECENT_RESENT = 4096  # ids of answered requests that were sent to several brokers, kept to spot duplicates
+_RESTARTED = "broker restarted while the request was in flight"
+
+
+@dataclass(slots=True)
+class Send:
+    """Send `message` to broker `broker` (an index into the endpoints)."""
+
+    request_id: str
+    broker: int
+    message: protocol.Message
+
+
+@dataclass(slots=True)
+class Resolve:
+    """The request's answer came: a Reply (ok or an error), or a broker's Status."""
+
+    request_id: str
+    answer: protocol.Message
+
+
+@dataclass(slots=True)
+class Fail:
+    """The request ends without an answer from a broker."""
+
+    request_id: str
+    code: ErrorCode
+    message: str
+    retry_after_s: float = 0.0
+
+
+Outcome = Union[Resolve, Fail]
+SendFn = Callable[[Send], bool]
+
+
+@dataclass(eq=False, slots=True)
+class Record:
+    """One request: where it has been sent, what is still expected from where, and how it ends."""
+
+    request_id: str
+    message: protocol.Message  # a Request; a StatusRequest when `only` is set
+    deadline_at: float  # the request's own deadline: a resend carries what is left of it
+    give_up_at: float  # when it fails locally: deadline + grace, sooner after a lone broker restarts
+    connect_until: float  # a first send may wait this long for a connection
+    only: int | None = None  # a status request: that broker only, no failover
+    waiting: dict[int, int] = field(default_factory=dict)  # broker index -> its epoch when sent
+    tried: set[int] = field(default_factory=set)
+    refused_by: set[int] = field(default_factory=set)  # brokers that answered UNAVAILABLE: not asked again
+    # Brokers that restarted while holding it, until when: the new instance refuses the old copy, if it
+    # reached it. No second copy goes there before that refusal, or this time, says the old one is gone.
+    stale_until: dict[int, float] = field(default_factory=dict)
+    if_unsendable: Outcome | None = None  # a resend that no broker takes ends so (None: a first send)
+    fail_as: Fail | None = None  # how it ends at give_up_at, when not TIMEOUT
+
+
+@dataclass
+class Counts:
+    replies: int = 0  # answers that found their waiting request
+    unmatched_replies: int = 0  # answers for nothing waiting: late (we gave up) or unknown
+    duplicate_replies: int = 0  # a second answer to a request resent to another broker: dropped
+    resent: int = 0  # requests sent again to another broker
+    expired_locally: int = 0  # requests no broker answered before deadline + grace
+
+
+class Requests:
+    def __init__(self, links: Links, restart_grace_s: float):
+        """`links` is read, never written: the shell that owns the sockets keeps it up to date.
+        `restart_grace_s`: with one broker, how long after its restart to await its refusal."""
+        self._links = links
+        self._multi = len(links) > 1
+        self._restart_grace_s = restart_grace_s
+        self._records: dict[str, Record] = {}
+        self._unsent: dict[str, Record] = {}  # the records the next flush sends, in order
+        self._outcomes: list[Outcome] = []
+        self._seen_changes = links.changes
+        self._recent_resent: deque[str] = deque(maxlen=RECENT_RESENT)
+        self._recent_resent_set: set[str] = set()
+        self.counts = Counts()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._records
+
+    # ------------------------------------------------------------------ events
+
+    def submit(self, request_id: str, message: protocol.Request, timeout_s: float, now: float) -> None:
+        """A new request, with failover; the next flush sends it."""
+        deadline_at = now + timeout_s
+        record = Record(request_id, message, deadline_at, deadline_at + REPLY_GRACE_S, now + CONNECT_GRACE_S)
+        self._records[request_id] = record
+        self._unsent[request_id] = record
+
+    def ask(self, request_id: str, message: protocol.Message, broker: int, wait_s: float, now: float) -> None:
+        """A message for one broker only (a status request), answered within `wait_s` or failed."""
+        record = Record(request_id, message, now + wait_s, now + wait_s, now + CONNECT_GRACE_S, only=broker)
+        self._records[request_id] = record
+        link = self._links[broker]
+        if not link.up:  # known to be down: say so now, rather than after the connect grace
+            self._end(record, Fail(request_id, ErrorCode.UNAVAILABLE, f"broker {link.endpoint} is down"))
+        else:
+            self._unsent[request_id] = record
+
+    def reply(self, broker: int, answer: protocol.Reply | protocol.Status, now: float) -> None:
+        """An answer from a broker: a request's Reply, or a Status."""
+        request_id = answer.request_id
+        record = self._records.get(request_id)
+        if record is None or (record.only is not None) != (type(answer) is protocol.Status):
+            self._count_stray(request_id)
+            return
+        record.waiting.pop(broker, None)
+        if (self._multi and record.only is None and not answer.ok
+                and answer.error_code == ErrorCode.UNAVAILABLE.value):
+            if record.stale_until.pop(broker, None) is not None:
+                # The restarted broker refused the copy its old instance was sent: it never ran.
+                if not record.waiting:
+                    self._resend(record, self._unreachable(request_id))
+                return
+            # UNAVAILABLE from one of several brokers (shutting down, restarted, no worker yet) is not
+            # final: wait for another broker it is also with, or send it to one not tried yet.
+            record.refused_by.add(broker)
+            if record.waiting:
+                return
+            if any(link.up and link.index not in record.tried for link in self._links):
+                self._resend(record, Resolve(request_id, answer))
+                return
+        self.counts.replies += 1
+        if len(record.tried) > 1:
+            self._remember_resent(request_id)
+        self._end(record, Resolve(request_id, answer))
+
+    def links_changed(self, now: float) -> None:
+        """Some broker went down, restarted or came back (links.changes moved): resend or fail what
+        may have been lost with it. Cheap when nothing changed since the last call."""
+        if self._links.changes == self._seen_changes:
+            return
+        self._seen_changes = self._links.changes
+        links = self._links
+        for record in list(self._records.values()):
+            lost = [index for index, epoch in record.waiting.items() if links[index].epoch != epoch]
+            if not lost:
+                continue
+            if record.only is not None:
+                link = links[record.only]
+                self._end(record, Fail(record.request_id, ErrorCode.UNAVAILABLE,
+                                       f"broker {link.endpoint} {link.change.value}"))
+            elif not self._multi:
+                link = links[0]
+                if link.change is Change.RESTARTED:
+                    # What reached the old instance died with it; what reached the new one carries
+                    # the old instance id, and its refusal is on the way. Wait for it a moment.
+                    record.give_up_at = min(record.give_up_at, link.changed_at + self._restart_grace_s)
+                    record.fail_as = Fail(record.request_id, ErrorCode.UNAVAILABLE, _RESTARTED)
+                else:
+                    self._end(record, Fail(record.request_id, ErrorCode.UNAVAILABLE,
+                                           f"broker {link.endpoint} stopped answering"))
+            else:
+                for index in lost:
+                    del record.waiting[index]
+                    if links[index].change is Change.RESTARTED:
+                        record.stale_until[index] = links[index].changed_at + self._restart_grace_s
+                if not record.waiting:
+                    self._resend(record, self._unreachable(record.request_id))
+
+    def tick(self, now: float) -> None:
+        """Fail what no broker answered in time; resend what a restarted broker never refused."""
+        for record in [r for r in self._records.values() if r.stale_until]:
+            for index in [i for i, until in record.stale_until.items() if now >= until]:
+                del record.stale_until[index]  # its old copy died with the old instance
+                if not record.waiting:
+                    self._resend(record, self._unreachable(record.request_id))
+        for record in [r for r in self._records.values() if now >= r.give_up_at]:
+            if record.fail_as is not None:
+                self._end(record, record.fail_as)
+                continue
+            if record.only is None:
+                self.counts.expired_locally += 1
+            self._end(record, Fail(record.request_id, ErrorCode.TIMEOUT, "no reply before the deadline"))
+
+    # ------------------------------------------------------------------ instructions
+
+    def flush(self, send: SendFn, now: float) -> list[Outcome]:
+        """Send what is due, through `send`; then the outcomes since the last flush, in order."""
+        for record in list(self._unsent.values()):
+            if self._send_one(record, send, now):
+                del self._unsent[record.request_id]
+            elif record.stale_until:
+                del self._unsent[record.request_id]  # await a restarted broker's refusal, then resend
+            elif record.if_unsendable is not None:
+                self._end(record, record.if_unsendable)
+            elif now >= record.connect_until:
+                self._end(record, self._unreachable(record.request_id))
+        outcomes, self._outcomes = self._outcomes, []
+        return outcomes
+
+    def unsent(self) -> bool:
+        """Something waits for a connection (the shell should flush again soon)."""
+        return bool(self._unsent)
+
+    def next_wake_at(self) -> float:
+        """When tick() or flush() next has something to do (math.inf: nothing)."""
+        wake_at = min((r.give_up_at for r in self._records.values()), default=math.inf)
+        return min(wake_at, min((r.connect_until for r in self._unsent.values()), default=math.inf))
+
+    def fail_all(self, code: ErrorCode, message: str) -> None:
+        """The shell is closing: every request ends now."""
+        for record in list(self._records.values()):
+            self._end(record, Fail(record.request_id, code, message))
+
+    # ------------------------------------------------------------------ decisions
+
+    def _send_one(self, record: Record, send: SendFn, now: float) -> bool:
+        """Send to the first live broker not tried (any live one, on a second round), else to one
+        thought down. False if none took it."""
+        links = self._links
+        if record.only is not None:
+            if send(Send(record.request_id, record.only, record.message)):
+                record.waiting[record.only] = links[record.only].epoch
+                return True
+            return False
+        remaining_ms = int((record.deadline_at - now) * 1000)
+        if remaining_ms <= 0 and record.tried:
+            return False
+        message = record.message
+        for index in self._candidates(record):
+            link = links[index]
+            message.instance_id = link.tag()  # a broker that restarted since refuses it unrun
+            message.timeout_ms = max(0, remaining_ms)
+            if send(Send(record.request_id, index, message)):
+                if record.tried:
+                    self.counts.resent += 1
+                record.tried.add(index)
+                record.waiting[index] = link.epoch
+                return True
+        return False
+
+    def _candidates(self, record: Record) -> list[int]:
+        links = self._links.links
+        if len(links) == 1:
+            return [0]
+        untried = [b.index for b in links if b.up and b.index not in record.tried]
+        # Then one that lost it (went down or restarted) and is back; never one that refused it.
+        barred = record.refused_by | record.stale_until.keys()
+        retried = [b.index for b in links if b.up and b.index in record.tried and b.index not in record.waiting
+                   and b.index not in barred]
+        # Last, brokers we think down: one may be back before its first heartbeat says so, and a
+        # DEALER with IMMEDIATE refuses at once while its broker is unreachable.
+        down = [b.index for b in links if not b.up and b.index not in record.waiting and b.index not in barred]
+        return untried + retried + down
+
+    def _resend(self, record: Record, if_unsendable: Outcome) -> None:
+        record.if_unsendable = if_unsendable
+        self._unsent[record.request_id] = record
+
+    def _unreachable(self, request_id: str) -> Fail:
+        endpoints = ",".join(link.endpoint for link in self._links)
+        return Fail(request_id, ErrorCode.UNAVAILABLE, f"no broker of {endpoints} is reachable",
+                    retry_after_s=ALL_DOWN_RETRY_AFTER_S)
+
+    def _end(self, record: Record, outcome: Outcome) -> None:
+        del self._records[record.request_id]
+        self._unsent.pop(record.request_id, None)
+        self._outcomes.append(outcome)
+
+    def _remember_resent(self, request_id: str) -> None:
+        if len(self._recent_resent) == self._recent_resent.maxlen:
+            self._recent_resent_set.discard(self._recent_resent[0])
+        self._recent_resent.append(request_id)
+        self._recent_resent_set.add(request_id)
+
+    def _count_stray(self, request_id: str) -> None:
+        if request_id in self._recent_resent_set:
+            self.counts.duplicate_replies += 1
+        else:
+            self.counts.unmatched_replies += 1

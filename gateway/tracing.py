@@ -1,0 +1,31 @@
+"""W3C trace context on every HTTP route (ddml_common/tracing.py says what travels and which spans exist).
+
+TraceMiddleware reads `traceparent` and `tracestate`, and leaves them where BrokerClient reads
+them for this request's thread. With --otlp-endpoint it also wraps the request in a SERVER span
+(named "METHOD route-template") and sends that span on as the parent. An invalid traceparent is
+ignored, as W3C says: the request goes on without one.
+"""
+
+from __future__ import annotations
+
+import falcon
+
+from ddml_common import tracing
+
+
+class TraceMiddleware:
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        trace = tracing.incoming(req.get_header(tracing.TRACEPARENT_HEADER), req.get_header(tracing.TRACESTATE_HEADER))
+        if tracing.enabled():
+            span = req.context.trace_span = tracing.ServerSpan()
+            trace = span.start(req.method, trace, {"http.request.method": req.method, "url.path": req.path[:200]})
+        tracing.set_current(trace)
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        tracing.set_current(None)  # request threads are reused
+        span = req.context.get("trace_span")
+        if span is not None:
+            status = resp.status_code
+            span.end(f"{req.method} {req.uri_template or 'unmatched'}",
+                     {"http.response.status_code": status, "ddml.request_id": req.context.get("request_id", "")},
+                     error=f"HTTP {status}" if status >= 500 else None)
