@@ -8,7 +8,7 @@ Each surface then only chooses the shape of its body, as a function of the HttpE
     openai_body   v1 and OpenAI  {"error": {"message", "type", "param", "code"}}  (also Falcon's own errors)
     v2_body       KServe v2      {"error": "..."}
 
-The app-wide handlers write the shape of the path's surface (`shape_for`: v2_body under /v2, else
+The app-wide handlers write the shape of the path's surface (`shape_for`: v2_body on KServe's paths, else
 openai_body), for errors raised outside a responder too (middleware, falcon's own, a bug's 500); a
 surface with another shape also wraps its responders in `errors_as(its_body)`. Retry-After (on every 503) is the broker's estimate rounded up to whole
 seconds, at least 1: a client told to wait less than the estimate would only be refused again.
@@ -149,9 +149,10 @@ def handle_broker_error(req: falcon.Request, resp: falcon.Response, error: Broke
 
 
 def shape_for(req: falcon.Request) -> BodyShape:
-    """The body shape of the surface a path belongs to: v2's under /v2, else OpenAI's."""
+    """The body shape of the surface a path belongs to: KServe v2's (/v2, /v2/health/..., /v2/models/...),
+    else OpenAI's. (Cohere's /v2/rerank and /v2/embed are not KServe's.)"""
     path = req.path
-    return v2_body if path == "/v2" or path.startswith("/v2/") else openai_body
+    return v2_body if path == "/v2" or path.startswith(("/v2/models/", "/v2/health/")) else openai_body
 
 
 def _falcon_http_error(error: falcon.HTTPError) -> HttpError:

@@ -512,3 +512,8 @@ def test_a_model_name_too_long_for_the_wire_is_a_400_naming_the_clients_field():
         assert error["param"] == "model" and "'model' must be 1 to 256 characters, got 300" in error["message"]
         assert "Request." not in error["message"]
     assert broker.calls == []
+
+
+def test_cohere_routes_under_v2_keep_the_openai_error_shape_not_kserves():
+    response = client().simulate_delete("/v2/rerank")
+    assert response.status_code == 405 and response.json["error"]["code"] == "METHOD_NOT_ALLOWED", response.text
