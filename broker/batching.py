@@ -127,6 +127,7 @@ class WorkerView(Protocol):
     last_completed_at: float
     max_inputs: int  # > 0: continuous batching, credit counted in inputs (see _continuous_room)
     on_probation: bool  # it once overran a batch deadline: it gets work last, until it answers a batch
+    suspect_until: float | None  # within its backoff after an overrun: work only if no trusted worker serves the model
 
     @property
     def in_flight_items(self) -> int: ...
@@ -194,7 +195,8 @@ class Batcher:
 
         An input lost with a worker runs again elsewhere: never on a worker it was lost with (nor on
         that identity registered again) while serves_elsewhere says another live worker serves its
-        model. Such an input waits for that worker rather than return to one it was lost with."""
+        model. Such an input waits for that worker rather than return to one it was lost with. Likewise a
+        suspect within its backoff (it overran a batch) gets nothing while another worker serves the model."""
         workers = list(workers)
         self._hold_until = math.inf
         added_batches: dict[bytes, int] = {}
@@ -221,6 +223,8 @@ class Batcher:
                     if model in w.models
                     and w.worker_id not in avoid
                     and not (w.on_probation and (w.in_flight or added_batches.get(w.worker_id)))  # one at a time
+                    and not (w.suspect_until is not None and serves_elsewhere is not None
+                             and serves_elsewhere(model, (w.worker_id,)))  # held back while another serves
                     and (isolated or not waiting or w.models.isdisjoint(waiting))
                     and (self._continuous_room(w, added_batches.get(w.worker_id, 0),
                                                added_items.get(w.worker_id, 0), isolated) > 0

@@ -61,7 +61,9 @@ class WorkerState:
     saturated: bool = False  # it handed a batch back BUSY (full with another broker's work) and has not spoken since
 
     max_inputs: int = 0  # > 0: continuous batching (it holds up to this many inputs, from any number of batches)
-    suspect_until: float | None = None  # it overran a batch deadline: no new work before then (None: not held back)
+    # It overran a batch deadline: no new work before then while a trusted worker serves its models (None:
+    # not held back). The batcher decides that (Batcher.assign); alone, a suspect still serves, on probation.
+    suspect_until: float | None = None
     on_probation: bool = False  # it overran a batch deadline: one batch at a time, and last choice, until it answers
 
     @property
@@ -70,7 +72,7 @@ class WorkerState:
 
     @property
     def has_room(self) -> bool:
-        if self.draining or self.saturated or self.suspect_until is not None:
+        if self.draining or self.saturated:
             return False
         if self.on_probation and self.in_flight:
             return False
@@ -170,7 +172,8 @@ class WorkerRegistry:
         return self._workers.pop(worker_id, None)
 
     def with_room(self, now: float = -math.inf) -> list[WorkerState]:
-        """Workers that may take a batch now. A suspect whose backoff has ended is let back, on probation."""
+        """Workers that may take a batch now (a suspect among them: see suspect_until). A suspect whose
+        backoff has ended is no longer held back; it stays on probation until it answers."""
         for worker in self._workers.values():
             if worker.suspect_until is not None and worker.suspect_until <= now:
                 worker.suspect_until = None

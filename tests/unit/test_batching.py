@@ -21,6 +21,7 @@ class Worker:
     last_completed_at: float = float("-inf")
     max_inputs: int = 0
     on_probation: bool = False
+    suspect_until: float | None = None
 
     @property
     def in_flight_items(self) -> int:

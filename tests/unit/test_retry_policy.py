@@ -58,6 +58,17 @@ def test_a_worker_on_probation_is_chosen_last():
     assert dispatch.worker_id == b"trusted"
 
 
+def test_a_suspect_within_its_backoff_gets_nothing_while_another_worker_serves_its_model_but_serves_alone():
+    batcher = Batcher(BatchingConfig())
+    batcher.add(PendingRequest(b"gw", "r", "m", [b"x"], [], 0, enqueued_at=0.0, deadline_at=9.0), now=0.0)
+    suspect = Worker(b"suspect", suspect_until=5.0, on_probation=True)
+    # Another worker serves "m" (busy now): the suspect is held back, and the input waits.
+    assert batcher.assign([suspect], now=0.0, serves_elsewhere=lambda model, ids: True) == []
+    # It is the only worker serving "m": holding it back would fail everything, so it serves.
+    [dispatch] = batcher.assign([suspect], now=0.0, serves_elsewhere=lambda model, ids: False)
+    assert dispatch.worker_id == b"suspect"
+
+
 # ------------------------------------------------------------------ the registry
 
 
@@ -78,10 +89,11 @@ def test_a_worker_that_overran_a_batch_is_held_back_after_registering_again_for_
     registry = WorkerRegistry(HEARTBEAT)
     expired_at = overrun(registry, b"bad", now=0.0)
     registry.register(b"bad", Ready(["m"], 4), expired_at)  # back within a millisecond
-    assert registry.with_room(expired_at) == []  # no new work
+    [held] = registry.with_room(expired_at)
+    assert held.suspect_until == expired_at + FLOOR_S  # the batcher gives it nothing while another serves
     assert registry.next_deadline() <= expired_at + FLOOR_S  # the loop wakes when the backoff ends
     [released] = registry.with_room(expired_at + FLOOR_S)
-    assert released.on_probation and released.has_room
+    assert released.suspect_until is None and released.on_probation and released.has_room
     # The second overrun doubles the backoff; the record survived the re-registration.
     batch = InFlightBatch(2, b"bad", "m", [], dispatched_at=expired_at + FLOOR_S)
     registry.dispatched(batch, expired_at + FLOOR_S)
@@ -89,8 +101,9 @@ def test_a_worker_that_overran_a_batch_is_held_back_after_registering_again_for_
     registry.expire(batch.deadline_at)
     assert registry.offences(b"bad").overruns == 2
     registry.register(b"bad", Ready(["m"], 4), batch.deadline_at)
-    assert registry.with_room(batch.deadline_at + 2 * FLOOR_S - 0.01) == []
-    assert registry.with_room(batch.deadline_at + 2 * FLOOR_S)
+    [held] = registry.with_room(batch.deadline_at + 2 * FLOOR_S - 0.01)
+    assert held.suspect_until == batch.deadline_at + 2 * FLOOR_S  # twice the first backoff
+    assert registry.with_room(batch.deadline_at + 2 * FLOOR_S)[0].suspect_until is None
 
 
 def test_an_answered_batch_ends_probation():
@@ -300,3 +313,27 @@ def test_a_worker_on_probation_gets_one_batch_per_round_even_with_credit_for_mor
     assert dispatch.worker_id == b"suspect" and len(dispatch.items) == 2
     assert batcher.assign([Worker(b"suspect", max_batch_size=2, max_batches=4, on_probation=True,
                                   in_flight={1: HeldBatch()}, busy_items=2)], now=0.0) == []
+
+
+def test_a_lone_worker_that_overran_a_batch_is_not_held_back_so_the_retry_runs_at_once():
+    """Found by the simulator's regression for seed 1689: a worker still busy with a pass for a broker
+    that restarted let the new broker's first batch pass its deadline; held back for its backoff, with no
+    other worker, the retry waited, and the request failed. Alone, a suspect serves (on probation)."""
+    core, wire = BrokerCore(CORE_CONFIG, "i1", now=0.0), Wire()
+    ready = frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1))
+    core.on_frames(Peer.WORKER, b"only", ready, 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request("r", "m", 30_000, inputs=[b"\xa1x"])), 0.0)
+    step(core, wire, 0.0)
+    assert wire.take(b"only", protocol.Batch)
+    now = 0.0
+    while not wire.take(b"only", protocol.Disconnect):  # heartbeats go on; the batch overruns
+        now += 0.5
+        core.on_frames(Peer.WORKER, b"only", frames(protocol.Heartbeat()), now)
+        step(core, wire, now)
+    core.on_frames(Peer.WORKER, b"only", ready, now)
+    step(core, wire, now)
+    [retry] = wire.take(b"only", protocol.Batch)  # at once, not after the backoff
+    core.on_frames(Peer.WORKER, b"only", frames(protocol.BatchResult(retry.batch_id, retry.inputs)), now + 0.01)
+    step(core, wire, now + 0.01)
+    [reply] = wire.take(b"gw", protocol.Reply)
+    assert reply.ok
