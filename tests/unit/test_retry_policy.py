@@ -223,12 +223,19 @@ def test_the_issue_28_black_hole_a_retry_while_the_good_worker_is_busy_waits_for
     assert len(replies) == 4 and black_holed <= 2
 
 
-def test_poison_only_when_lost_on_distinct_workers_and_the_message_names_them():
+def core_with_request(*worker_ids: bytes) -> tuple[BrokerCore, Wire, list[bytes]]:
+    """A core with these workers registered (one batch at a time each) and request "r", of one input,
+    waiting; and the READY frames, to register one again."""
     core, wire = BrokerCore(CORE_CONFIG, "i1", now=0.0), Wire()
     ready = frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1))
-    core.on_frames(Peer.WORKER, b"w1", ready, 0.0)
-    core.on_frames(Peer.WORKER, b"w2", ready, 0.0)
+    for worker_id in worker_ids:
+        core.on_frames(Peer.WORKER, worker_id, ready, 0.0)
     core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request("r", "m", 30_000, inputs=[b"\xa1x"])), 0.0)
+    return core, wire, ready
+
+
+def test_poison_only_when_lost_on_distinct_workers_and_the_message_names_them():
+    core, wire, ready = core_with_request(b"w1", b"w2")
     step(core, wire, 0.0)
     [first] = [s.peer_id for s in wire.sent if isinstance(s.message, protocol.Batch)]
     wire.sent.clear()
@@ -246,10 +253,7 @@ def test_poison_only_when_lost_on_distinct_workers_and_the_message_names_them():
 
 
 def test_poison_on_the_only_worker_says_so():
-    core, wire = BrokerCore(CORE_CONFIG, "i1", now=0.0), Wire()
-    ready = frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1))
-    core.on_frames(Peer.WORKER, b"only", ready, 0.0)
-    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request("r", "m", 30_000, inputs=[b"\xa1x"])), 0.0)
+    core, wire, ready = core_with_request(b"only")
     for now in (0.0, 0.1):
         step(core, wire, now)
         assert wire.take(b"only", protocol.Batch)
@@ -261,10 +265,7 @@ def test_poison_on_the_only_worker_says_so():
 
 
 def test_an_input_lost_with_the_only_worker_runs_on_a_newcomer_rather_than_on_that_identity_back():
-    core, wire = BrokerCore(CORE_CONFIG, "i1", now=0.0), Wire()
-    ready = frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1))
-    core.on_frames(Peer.WORKER, b"w1", ready, 0.0)
-    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request("r", "m", 30_000, inputs=[b"\xa1x"])), 0.0)
+    core, wire, ready = core_with_request(b"w1")
     step(core, wire, 0.0)
     assert wire.take(b"w1", protocol.Batch)
     core.on_frames(Peer.WORKER, b"w1", frames(protocol.Disconnect("crashed")), 0.1)  # lost on w1, alone
@@ -319,10 +320,7 @@ def test_a_lone_worker_that_overran_a_batch_is_not_held_back_so_the_retry_runs_a
     """Found by the simulator's regression for seed 1689: a worker still busy with a pass for a broker
     that restarted let the new broker's first batch pass its deadline; held back for its backoff, with no
     other worker, the retry waited, and the request failed. Alone, a suspect serves (on probation)."""
-    core, wire = BrokerCore(CORE_CONFIG, "i1", now=0.0), Wire()
-    ready = frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1))
-    core.on_frames(Peer.WORKER, b"only", ready, 0.0)
-    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request("r", "m", 30_000, inputs=[b"\xa1x"])), 0.0)
+    core, wire, ready = core_with_request(b"only")
     step(core, wire, 0.0)
     assert wire.take(b"only", protocol.Batch)
     now = 0.0
