@@ -99,7 +99,7 @@ def encoded(body, as_msgpack: bool) -> tuple[bytes, dict] | None:
         return None
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 @given(route=st.sampled_from(ROUTES).flatmap(lambda r: st.tuples(st.just(r[0]), r[1])), as_msgpack=st.booleans())
 def test_no_body_on_any_route_gets_a_500_from_the_echo_model(gateway, route, as_msgpack):
     path, body = route

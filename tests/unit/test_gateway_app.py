@@ -517,3 +517,11 @@ def test_a_model_name_too_long_for_the_wire_is_a_400_naming_the_clients_field():
 def test_cohere_routes_under_v2_keep_the_openai_error_shape_not_kserves():
     response = client().simulate_delete("/v2/rerank")
     assert response.status_code == 405 and response.json["error"]["code"] == "METHOD_NOT_ALLOWED", response.text
+
+
+def test_cohere_embed_with_a_list_as_truncate_is_a_400_not_a_500():
+    """Found by tests/e2e/test_hostile_http.py: a list is unhashable, and the lookup of the truncation
+    mode raised TypeError (a 500)."""
+    response = client().simulate_post("/v1/embed", body=orjson.dumps({"model": "echo", "texts": ["a"], "truncate": []}),
+                                      headers=JSON)
+    assert response.status_code == 400 and response.json["error"]["param"] == "truncate", response.text
