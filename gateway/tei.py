@@ -6,7 +6,8 @@ model of the task. Where neither decides, the answer is 400 naming the choices.
 
     POST /embed        {"inputs": str | [str], "normalize"?: true, "truncate"?, "truncation_direction"?:
                         "Left" | "Right", "prompt_name"?, "dimensions"?}       -> [[f32, ...], ...]
-    POST /predict      {"inputs": "s" | ["s"] | ["a", "b"] (one pair) | [["a"], ["b"]] (a batch),
+    POST /predict      {"inputs": "s" | ["s"] | ["a", "b"] (one pair) | [["a"], ["b", "c"]] (a batch of
+                        texts and pairs; a pair is tokenizer(text, text_pair), for NLI cross-encoders),
                         "truncate"?, "truncation_direction"?, "raw_scores"?: false}
                                                     -> [{"score", "label"}] or, for a batch, [[...]]
     POST /rerank       {"query", "texts": [str], "truncate"?, "truncation_direction"?, "raw_scores"?,
@@ -291,13 +292,14 @@ class TEI:
 
     def _predict(self, req, body: dict, model: str, timing: dict) -> list:
         self._check_task(model, "classification")
-        texts, single = _predict_inputs(body.get("inputs"))
-        self._batch(len(texts), "inputs")
+        inputs, single = _predict_inputs(body.get("inputs"))
+        self._batch(len(inputs), "inputs")
         raw_scores = _flag(body, "raw_scores", False)
-        options = _options(body, prompts=False)
-        outputs = self._ask(req, model, [{"text": text, "raw_scores": True, "count_tokens": True, **options}
-                                         for text in texts], timing)
-        timing["characters"] += sum(map(len, texts))
+        options = {"raw_scores": True, "count_tokens": True, **_options(body, prompts=False)}
+        outputs = self._ask(req, model, [{"text": text, **options} if isinstance(text, str) else
+                                         {"text": text[0], "text_pair": text[1], **options} for text in inputs], timing)
+        timing["characters"] += sum(len(text) if isinstance(text, str) else len(text[0]) + len(text[1])
+                                    for text in inputs)
         answers = []
         for output in outputs:
             if not (isinstance(output, dict) and isinstance(output.get("logits"), dict)):
@@ -449,28 +451,23 @@ def _strings(value: Any, field: str, single: bool = True) -> list[str]:
     return value
 
 
-def _predict_inputs(value: Any) -> tuple[list[str], bool]:
-    """TEI's /predict rule: "s" and ["s"] are one input, ["a", "b"] one pair, [["a"], ["b"]] a batch.
-    Pairs are refused: ddml's classifiers take single texts. Returns (texts, single)."""
+def _predict_inputs(value: Any) -> tuple[list[str | tuple[str, str]], bool]:
+    """TEI's /predict rule: "s" and ["s"] are one input, ["a", "b"] one pair, and a list of lists a batch
+    of single texts and pairs ([["a"], ["b", "c"]]). Returns (inputs, single): each a text or a pair."""
     if isinstance(value, str):
         return [value], True
     if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-        if len(value) == 1:
-            return value, True
-        if len(value) == 2:
-            raise _invalid("`inputs` [string, string] is a pair of texts, and ddml's classifiers take single "
-                           "texts; send a batch as [[string], [string]]")
+        if len(value) <= 2:
+            return [value[0] if len(value) == 1 else (value[0], value[1])], True
         raise _invalid(f"invalid length {len(value)}, expected a string, a pair of strings [string, string] or "
                        "a batch of mixed strings and pairs [[string], [string, string], ...]")
     if isinstance(value, list) and value and all(isinstance(item, list) for item in value):
-        texts = []
+        inputs: list[str | tuple[str, str]] = []
         for item in value:
-            if len(item) == 2 and all(isinstance(text, str) for text in item):
-                raise _invalid("`inputs` holds a pair of texts, and ddml's classifiers take single texts")
-            if len(item) != 1 or not isinstance(item[0], str):
-                raise _invalid("a batch of `inputs` is [[string], [string], ...]")
-            texts.append(item[0])
-        return texts, False
+            if len(item) not in (1, 2) or not all(isinstance(text, str) for text in item):
+                raise _invalid("a batch of `inputs` is [[string], [string, string], ...]: single texts and pairs")
+            inputs.append(item[0] if len(item) == 1 else (item[0], item[1]))
+        return inputs, False
     if value == []:
         raise _empty("inputs")
     raise _invalid("`inputs` must be a string, a pair of strings [string, string] or a batch of mixed strings "

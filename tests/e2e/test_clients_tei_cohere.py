@@ -211,6 +211,38 @@ def test_teis_example_bodies_answer_field_by_field(cluster):
         assert response.status_code == 200 and response.content == b""
 
 
+def test_predict_scores_sentence_pairs_as_transformers_and_v1_predict_do(cluster, tiny_bert_classifier):
+    """TEI's ["a", "b"] is one pair and [["a", "b"], ["c"]] a batch: each pair is tokenizer(text, text_pair), scored
+    by softmax over the labels as TEI does, the same as transformers' own classifier and as /v1 predict."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_classifier))
+    reference = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_classifier)).eval()
+    labels = [reference.config.id2label[i] for i in range(reference.config.num_labels)]
+
+    def expected(*texts):
+        with torch.inference_mode():
+            logits = reference(**tokenizer(*texts, return_tensors="pt")).logits[0].double()
+        return dict(zip(labels, torch.softmax(logits, dim=-1).tolist()))
+
+    url = cluster
+    pair = requests.post(f"{url}/tei/cls/predict", json={"inputs": ["lazy dog", "the quick brown fox"]}, timeout=60)
+    assert pair.status_code == 200, pair.text
+    scores = {p["label"]: p["score"] for p in pair.json()}
+    assert scores == pytest.approx(expected("lazy dog", "the quick brown fox"), abs=1e-5)
+    assert pair.json()[0]["score"] >= pair.json()[1]["score"]
+    assert scores != pytest.approx(expected("lazy dog"), abs=1e-5)  # the second text counted
+    [v1] = predict(url, "cls", [{"text": "lazy dog", "text_pair": "the quick brown fox"}])
+    assert scores == pytest.approx(v1["probabilities"], abs=1e-6)
+    batch = requests.post(f"{url}/tei/cls", json={"inputs": [["lazy dog", "the quick brown fox"], ["lazy dog"]]},
+                          timeout=60)  # POST / of a classifier is /predict
+    assert batch.status_code == 200, batch.text
+    assert [{p["label"]: p["score"] for p in answer} for answer in batch.json()] == [
+        pytest.approx(expected("lazy dog", "the quick brown fox"), abs=1e-5), pytest.approx(expected("lazy dog"),
+                                                                                            abs=1e-5)]
+
+
 def test_teis_error_cases_field_by_field(cluster):
     url = cluster
     cases = [

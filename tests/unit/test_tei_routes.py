@@ -160,7 +160,8 @@ def test_rerank_best_first_with_text_and_raw_scores(app, broker):
 
 
 def test_predict_keeps_teis_pair_and_batch_rule_and_its_scores():
-    app = client(TextBroker(models=("cls", "cls1")), default_classify_model="cls")
+    broker = TextBroker(models=("cls", "cls1"))
+    app = client(broker, default_classify_model="cls")
     softmax = np.exp([1.0, 2.0]) / np.exp([1.0, 2.0]).sum()
     single = app.simulate_post("/predict", json={"inputs": "good"}).json
     assert single == [{"score": pytest.approx(softmax[1]), "label": "positive"},
@@ -168,8 +169,16 @@ def test_predict_keeps_teis_pair_and_batch_rule_and_its_scores():
     assert app.simulate_post("/predict", json={"inputs": ["good"]}).json == single
     batch = app.simulate_post("/predict", json={"inputs": [["good"], ["bad"]], "raw_scores": True}).json
     assert batch == [[{"score": 2.0, "label": "positive"}, {"score": 1.0, "label": "negative"}]] * 2
-    pair = app.simulate_post("/predict", json={"inputs": ["a", "b"]})
-    assert pair.status_code == 422 and "pair" in pair.json["error"]
+    pair = app.simulate_post("/predict", json={"inputs": ["a", "b"], "truncate": True})
+    assert pair.status_code == 200 and pair.json == single  # one pair: one answer, not a batch
+    assert broker.calls[-1][1] == [{"text": "a", "text_pair": "b", "raw_scores": True, "count_tokens": True,
+                                        "truncate": True}]
+    mixed = app.simulate_post("/tei/cls", json={"inputs": [["a", "b"], ["c"]]})  # POST / of a classifier
+    assert mixed.status_code == 200 and mixed.json == [single, single]
+    assert [x.get("text_pair") for x in broker.calls[-1][1]] == ["b", None]
+    for bad in (["a", "b", "c"], [["a", "b", "c"]], [["a", 1]], [[]]):
+        refused = app.simulate_post("/predict", json={"inputs": bad})
+        assert refused.status_code == 422 and refused.json["error_type"] == "Validation", bad
     sigmoid = app.simulate_post("/tei/cls1/predict", json={"inputs": "x"}).json
     assert sigmoid == [{"score": pytest.approx(1 / (1 + np.exp(-1.0))), "label": "yes"}]
 
