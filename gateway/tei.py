@@ -38,9 +38,11 @@ and normalises them here, in TEI's order. /embed_all answers every token's last 
 Errors are TEI's {"error": message, "error_type": "Validation" | "Empty" | "Backend" | "Overloaded" |
 "Unhealthy"}, with TEI's statuses; tei_error() derives them from the gateway's one ErrorCode table.
 Answers carry TEI's timing headers in whole milliseconds. x-total-time and x-compute-time are the
-gateway's time for the request; x-inference-time is the time from handing the inputs to the broker
-to the reply, queueing, tokenization and the forward pass together, as the broker does not split them
-for a gateway, so x-queue-time and x-tokenization-time are 0.
+gateway's wall time for the request; the others are the figures the request asks the broker for
+(Request.timings, docs/protocol.md), each the longest of its inputs': x-queue-time the time queued at
+the broker, x-tokenization-time the worker's tokenisation (a continuous worker's prepare(); a batch
+worker tokenises inside its forward pass, and reports 0), x-inference-time the forward pass. Each is at
+most x-total-time (a guard against clocks of different hosts that run at different rates).
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ class TEI:
 
     def _answer(self, req: falcon.Request, resp: falcon.Response, route: str, model: str | None) -> None:
         started_at = time.monotonic()
-        timing = {"inference_s": 0.0, "characters": 0, "tokens": 0}
+        timing = {"characters": 0, "tokens": 0, "queue_ms": 0.0, "prepare_ms": 0.0, "forward_ms": 0.0}
         body = _body(req, self._config)
         if route == "":
             route = self._route_of_body(body, model)
@@ -179,11 +181,13 @@ class TEI:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
         self._catalog.mark_version(resp, model)
-        total_ms = str(int((time.monotonic() - started_at) * 1000))
-        for name, value in (("x-compute-type", "ddml"), ("x-compute-time", total_ms), ("x-total-time", total_ms),
-                            ("x-compute-characters", str(timing["characters"])),
-                            ("x-compute-tokens", str(timing["tokens"])), ("x-tokenization-time", "0"),
-                            ("x-queue-time", "0"), ("x-inference-time", str(int(timing["inference_s"] * 1000)))):
+        total_ms = (time.monotonic() - started_at) * 1000
+        for name, value in (("x-compute-type", "ddml"), ("x-compute-time", _ms(total_ms, total_ms)),
+                            ("x-total-time", _ms(total_ms, total_ms)), ("x-compute-characters", str(timing["characters"])),
+                            ("x-compute-tokens", str(timing["tokens"])),
+                            ("x-tokenization-time", _ms(timing["prepare_ms"], total_ms)),
+                            ("x-queue-time", _ms(timing["queue_ms"], total_ms)),
+                            ("x-inference-time", _ms(timing["forward_ms"], total_ms))):
             resp.set_header(name, value)
 
     def _route_of_body(self, body: dict, model: str | None) -> str:
@@ -197,12 +201,12 @@ class TEI:
         return {"classification": "predict", "rerank": "rerank"}.get(task, "embed")
 
     def _ask(self, req: falcon.Request, model: str, inputs: list, timing: dict) -> list:
-        asked_at = time.monotonic()
-        try:
-            return self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
-                                        request_id_prefix=req.context.request_id)
-        finally:
-            timing["inference_s"] += time.monotonic() - asked_at
+        figures: dict = {}  # where the request's time went (protocol.TIMINGS), from its reply
+        outputs = self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
+                                       request_id_prefix=req.context.request_id, timings=figures)
+        for name, value in figures.items():
+            timing[name] = max(timing.get(name, 0.0), value)
+        return outputs
 
     def _check_task(self, model: str, task: str) -> None:
         actual = self.task_of(model)
@@ -402,6 +406,11 @@ def _body(req: falcon.Request, config: GatewayConfig) -> dict:
         raise _invalid(f"the body must be a JSON object, got {type(body).__name__}")
     check_document(body, config.max_input_chars)
     return body
+
+
+def _ms(value_ms: float, total_ms: float) -> str:
+    """A timing header: whole milliseconds, as TEI gives them, at most the request's total."""
+    return str(int(min(value_ms, total_ms)))
 
 
 def _flag(body: dict, name: str, default: bool) -> bool:
