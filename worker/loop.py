@@ -278,6 +278,8 @@ def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Calla
             message = f"model failed to prepare the input: {type(error).__name__}: {error}"[:1000]
             prepared = [FailedInput(ErrorCode.MODEL_ERROR, message)] * len(positions)  # each input answered once
             kept = []
+    if batch.timed:
+        batch.prepare_ms = (clock() - started_at) * 1000
     result = prepare_result(batch, prepared, (clock() - started_at) * 1000)
     if result is not None:
         _push(results, batch, result)
