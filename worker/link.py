@@ -48,6 +48,7 @@ class WorkBatch:
     traces: dict = field(default_factory=dict)  # traced requests only: the Batch's traces (ddml_common/tracing.py)
     received_ns: int = 0  # wall clock when it came (set by the shell), for the broker-queue span of a traced request
     forward_ns: int = 0  # wall clock when its forward pass began
+    spans: object = None  # a continuous worker's tracing.HeldSpans for its traced requests, when exporting
     timed: bool = False  # a request of it asked for its timings: its results carry prepare_ms
     prepare_ms: float = 0.0  # the time prepare() took for it (a continuous worker's), when timed
 
