@@ -47,6 +47,7 @@ class PendingRequest:
     done: bool = False  # replied to; anything still about it is discarded
     nbytes: int = 0  # encoded inputs, in all
     trace: list | None = None  # the caller's [traceparent, tracestate], carried to the worker untouched
+    timings: dict | None = None  # asked for (Request.timings): the ms of each stage so far (Reply.timings)
 
     def __post_init__(self) -> None:
         inputs = self.inputs

@@ -294,6 +294,7 @@ class BrokerCore:
         pending = PendingRequest(
             gateway_id, request.request_id, model, request.inputs, request.sizes, request.priority,
             enqueued_at=now, deadline_at=now + request.timeout_ms / 1000, trace=request.trace or None,
+            timings={} if request.timings else None,
         )
         if self.draining:
             return self._finish(pending, now, ErrorCode.UNAVAILABLE, "broker is shutting down")
@@ -411,9 +412,12 @@ class BrokerCore:
             # One input may have broken the batch for all: run each alone, so only the culprit fails.
             self._retry_isolated(batch.items, f"its batch failed: {errors[0].message}", now)
             return
+        out_ms = (now - batch.dispatched_at) * 1000
         for position, item in enumerate(batch.items):
             if item.request.done:
                 continue
+            if item.request.timings is not None:
+                _note_worker_times(item.request.timings, result, out_ms)
             error = errors.get(position)  # (a malformed result has errors for all, and maybe no outputs)
             self._answer(item, b"" if error else result.outputs[position], error, now, "batch")
 
@@ -448,6 +452,8 @@ class BrokerCore:
             if error is not None and error.code == ErrorCode.PASS_FAILED.value:
                 rerun.append((item, error.message))
                 continue
+            if item.request.timings is not None:
+                _note_worker_times(item.request.timings, result, (now - batch.dispatched_at) * 1000)
             self._answer(item, result.outputs[k], error, now, "pass")
         batch.pending -= fresh
         self._stats_for(batch.model).record_completion(fresh, now)
@@ -489,8 +495,14 @@ class BrokerCore:
         stats = self._stats_for(model)
         stats.record_dispatch(len(items))
         queue_wait = stats.queue_wait
+        timed = False
         for item in items:
-            queue_wait.observe(now - item.enqueued_at)
+            waited_s = now - item.enqueued_at
+            queue_wait.observe(waited_s)
+            timings = item.request.timings
+            if timings is not None:  # asked for: the longest any of its inputs waited
+                timed = True
+                timings["queue_ms"] = max(timings.get("queue_ms", 0.0), waited_s * 1000)
         message = protocol.Batch(
             batch_id=batch.batch_id,
             model=model,
@@ -500,6 +512,7 @@ class BrokerCore:
             # The trace of each traced request, and how long its input queued here (the worker's span of it).
             traces={item.request.request_id: [*item.request.trace, int((now - item.enqueued_at) * 1000)]
                     for item in items if item.request.trace},
+            timed=timed,
         )
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("batch %d of %d inputs to worker %s", batch.batch_id, len(items), worker_id.hex(),
@@ -633,8 +646,11 @@ class BrokerCore:
                     chunk = finished[start:end]
                     if len(chunk) == 1:
                         message = protocol.Reply(chunk[0].request_id, outputs=chunk[0].outputs)
+                        if chunk[0].timings:
+                            message.timings = chunk[0].timings
                     else:
                         message = protocol.Replies([r.request_id for r in chunk], [r.outputs for r in chunk])
+                        message.timings = {r.request_id: r.timings for r in chunk if r.timings}
                     self._sends.append(Send(Peer.GATEWAY, gateway_id, message))
                     start, size = end, 0
         self._outbox.clear()
@@ -690,6 +706,16 @@ class BrokerCore:
         for model in [m for m in self._model_stats if not self._workers.serves(m)][:excess]:
             if self._batcher.forget_model(model):  # not while inputs of it still wait for their deadline
                 del self._model_stats[model]  # and with it, its series in /metrics
+
+
+def _note_worker_times(timings: dict, result: protocol.BatchResult, out_ms: float) -> None:
+    """A timed request's figures from the result that answered one of its inputs: the longest any of
+    its inputs was prepared and ran. A worker cannot have taken longer than the batch was out (out_ms)."""
+    prepare_ms, forward_ms = min(result.prepare_ms, out_ms), min(result.compute_ms, out_ms)
+    if prepare_ms > timings.get("prepare_ms", 0.0):
+        timings["prepare_ms"] = prepare_ms
+    if forward_ms > timings.get("forward_ms", 0.0):
+        timings["forward_ms"] = forward_ms
 
 
 def throttled(count: int) -> bool:

@@ -1,6 +1,6 @@
 """Is a broker still the one we knew, and do we still hear it? Shared by every peer of a broker.
 
-A worker's link (worker/link.py) and a gateway's broker (gateway/broker_client.py) ask the same
+A worker's link (worker/link.py) and a gateway's link (gateway/links.py) ask the same
 two questions of each broker they dial, and answer them the same way:
 - **restart**: every broker HEARTBEAT carries its instance id; a new one means the broker
   restarted and forgot whatever it held for us;

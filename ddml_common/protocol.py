@@ -144,6 +144,8 @@ class Request:
     instance_id: str = ""  # the broker instance the client last heard; another one refuses it unrun
     # The caller's W3C trace context, [traceparent, tracestate]; empty (and then not on the wire) without one.
     trace: list[str] = field(default_factory=list)
+    # Ask for the request's timings in its reply (Reply.timings); false (and then not on the wire) by default.
+    timings: bool = False
 
 
 @dataclass(slots=True)
@@ -156,6 +158,8 @@ class Batch:
     # Traced requests only: request id -> [traceparent, tracestate, ms its input waited at the broker].
     # Empty (and then not on the wire) when no request of the batch carries a trace.
     traces: dict = field(default_factory=dict)
+    # A request of the batch asked for its timings: the worker reports prepare_ms. False: not on the wire.
+    timed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +183,9 @@ class BatchResult:
     # A partial result (continuous batching): outputs[k] answers input indices[k] of the batch, and
     # an error's index is k. Empty: outputs answer every input of the batch, in order.
     indices: list[int] = field(default_factory=list)
+    # The worker's time preparing (tokenising) the inputs before their forward pass, not counted in
+    # compute_ms; sent for a timed Batch only, by a worker that prepares apart. 0: not on the wire.
+    prepare_ms: float = 0.0
 
     @staticmethod
     def failed(batch_id: int, size: int, code: ErrorCode, message: str) -> "BatchResult":
@@ -192,6 +199,9 @@ class Reply:
     error_code: str | None = None  # an ErrorCode value, or None on success
     error_message: str = ""
     retry_after_ms: int = 0  # with OVERLOADED: when the queue is expected to have room
+    # Where the request's time went, for a Request that asked (TIMINGS: ms, of the input that took longest
+    # at each stage). Empty (and then not on the wire) otherwise.
+    timings: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -206,6 +216,7 @@ class Replies:
 
     request_ids: list[str]
     outputs: list[list[bytes]]  # per request: its outputs (encoded values) in input order
+    timings: dict = field(default_factory=dict)  # request id -> its Reply.timings, for those that asked
 
 
 @dataclass(slots=True)
@@ -258,7 +269,11 @@ _PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.item
 # Optional fields added after a kind was first released: left out of the body while empty, so that a
 # message without them keeps its exact bytes, and an older peer (which ignores keys it does not
 # know) still decodes one with them.
-_OMITTED_WHEN_EMPTY = {Request: ("trace",), Batch: ("traces",)}
+_OMITTED_WHEN_EMPTY = {Request: ("trace", "timings"), Batch: ("traces", "timed"), BatchResult: ("prepare_ms",),
+                       Reply: ("timings",), Replies: ("timings",)}
+# Reply.timings' names: the ms a request's inputs queued at the broker, were prepared (tokenised) at the
+# worker, and ran in the forward pass, each the longest of its inputs'.
+TIMINGS = frozenset(("queue_ms", "prepare_ms", "forward_ms"))
 _MISSING = object()
 
 
@@ -428,16 +443,24 @@ def _check_batch(message: Batch) -> None:
     _check_names(message.request_ids, "Batch.request_ids")
     if not -MAX_DURATION_MS <= message.timeout_ms <= MAX_DURATION_MS:
         raise _refuse("Batch.timeout_ms", "an int in [-2**40, 2**40]", message.timeout_ms)
-    traces = message.traces
-    if traces:
-        if len(traces) > len(message.inputs):
-            raise DecodeError(f"{len(traces)} traces for {len(message.inputs)} inputs")
-        for request_id, trace in traces.items():
-            if type(request_id) is not str or not 0 < len(request_id) <= MAX_NAME_LEN:
-                raise _refuse("Batch.traces key", _NAME, request_id)
-            if type(trace) is not list:
-                raise _refuse(f"Batch.traces[{request_id!r}]", "a list", trace)
-            _check_trace(trace, f"Batch.traces[{request_id!r}]", 3)
+    if message.traces:
+        _check_by_request(message.traces, "Batch.traces", len(message.inputs), "inputs", _check_batch_trace)
+
+
+def _check_batch_trace(trace: Any, where: str) -> None:
+    if type(trace) is not list:
+        raise _refuse(where, "a list", trace)
+    _check_trace(trace, where, 3)
+
+
+def _check_by_request(values: dict, where: str, most: int, of: str, check: Any) -> None:
+    """A map from request ids (names) to values that `check(value, where)` checks: at most one per `of`."""
+    if len(values) > most:
+        raise DecodeError(f"{len(values)} {where.split('.')[1]} for {most} {of}")
+    for request_id, value in values.items():
+        if type(request_id) is not str or not 0 < len(request_id) <= MAX_NAME_LEN:
+            raise _refuse(f"{where} key", _NAME, request_id)
+        check(value, f"{where}[{request_id!r}]")
 
 
 def _check_batch_result(message: BatchResult) -> None:
@@ -446,6 +469,8 @@ def _check_batch_result(message: BatchResult) -> None:
     # One chained comparison refuses NaN (every comparison with it is false) and infinities.
     if not 0 <= message.compute_ms <= MAX_DURATION_MS:
         raise _refuse("BatchResult.compute_ms", "a finite number in [0, 2**40]", message.compute_ms)
+    if not 0 <= message.prepare_ms <= MAX_DURATION_MS:
+        raise _refuse("BatchResult.prepare_ms", "a finite number in [0, 2**40]", message.prepare_ms)
     indices = message.indices
     if indices:
         if len(indices) != len(message.outputs):
@@ -486,6 +511,19 @@ def _check_reply(message: Reply) -> None:
     _check_text(message.error_message, "Reply.error_message", MAX_REPLY_TEXT_LEN)
     if not 0 <= message.retry_after_ms <= MAX_DURATION_MS:
         raise _refuse("Reply.retry_after_ms", "an int in [0, 2**40]", message.retry_after_ms)
+    if message.timings:
+        _check_timings(message.timings, "Reply.timings")
+
+
+def _check_timings(timings: Any, where: str) -> None:
+    """A map of some of TIMINGS' names to a finite number of ms in [0, 2**40]."""
+    if type(timings) is not dict:
+        raise _refuse(where, "a map", timings)
+    for name, value in timings.items():
+        if name not in TIMINGS:
+            raise _refuse(f"{where} key", f"one of {', '.join(sorted(TIMINGS))}", name)
+        if type(value) not in (int, float) or not 0 <= value <= MAX_DURATION_MS:
+            raise _refuse(f"{where}[{name!r}]", "a finite number in [0, 2**40]", value)
 
 
 def _check_replies(message: Replies) -> None:
@@ -496,6 +534,8 @@ def _check_replies(message: Replies) -> None:
         if type(outputs) is not list or len(outputs) > MAX_ITEMS:
             raise _refuse(f"Replies.outputs[{position}]", f"lists of bin values, at most {MAX_ITEMS}", outputs)
         _check_bins(outputs, "REPLIES outputs must be lists of bin values")
+    if message.timings:
+        _check_by_request(message.timings, "Replies.timings", len(message.request_ids), "replies", _check_timings)
 
 
 def _check_disconnect(message: Disconnect) -> None:
@@ -692,6 +732,10 @@ def replies_of(message: Message) -> list[Reply]:
     if isinstance(message, Reply):
         return [message]
     if isinstance(message, Replies):
+        timings = message.timings
+        if timings:
+            return [Reply(request_id, outputs, timings=timings.get(request_id) or {})
+                    for request_id, outputs in zip(message.request_ids, message.outputs)]
         return [Reply(request_id, outputs) for request_id, outputs in zip(message.request_ids, message.outputs)]
     return []
 

@@ -17,6 +17,11 @@ exports, for each traced request in a batch, three spans under that gateway span
     ddml.worker.batch     the batch, from its arrival at the worker to its result
       ddml.worker.forward   the model's forward pass (predict) inside it
 
+A continuous worker (--continuous) runs a request's inputs in whichever passes take them: its
+ddml.worker.batch span lasts from the batch's arrival to the end of the pass that answers the
+request's last input, with a ddml.worker.forward span for each pass that ran any of them
+(HeldSpans).
+
 Spans go out through OpenTelemetry's BatchSpanProcessor: a background thread, started lazily in
 the process that first makes a span (so, after gunicorn's fork).
 """
@@ -224,3 +229,51 @@ def worker_batch_spans(batch_id: int, traces: dict, received_ns: int, started_ns
         active.start_span("ddml.worker.forward", context=set_span_in_context(batch_span), start_time=forward_ns[0],
                           attributes=attributes).end(forward_ns[1])
         batch_span.end(max(ended_ns, started_ns))
+
+
+class HeldSpans:
+    """A continuous worker's spans for the traced requests of one batch, whose inputs run in any
+    number of passes, in any lanes. start() when the batch is prepared; passed() after each pass
+    that ran some of its inputs. Callers serialise passed() (the worker calls it under its lock)."""
+
+    def __init__(self, batch_id: int, traces: dict, received_ns: int, kept: dict[str, int]):
+        """`kept`: request id -> how many of its inputs the worker holds (those not answered at once)."""
+        self._open: dict[str, list] = {}  # request id -> [its batch span, inputs not answered yet]
+        active = tracer()
+        if active is None:
+            return
+        for request_id, (traceparent, tracestate, queued_ms) in traces.items():
+            parent = _context([traceparent, tracestate])
+            active.start_span("ddml.broker.queue", context=parent, start_time=received_ns - queued_ms * 1_000_000,
+                              attributes={"ddml.request_id": request_id, "ddml.queued_ms": queued_ms}).end(received_ns)
+            span = active.start_span("ddml.worker.batch", context=parent, start_time=received_ns,
+                                     attributes={"ddml.batch_id": batch_id, "ddml.request_id": request_id,
+                                                 "ddml.continuous": True})
+            if kept.get(request_id):
+                self._open[request_id] = [span, kept[request_id]]
+            else:
+                span.end(received_ns)  # each of its inputs was answered as it arrived
+
+    def __bool__(self) -> bool:
+        return bool(self._open)
+
+    def passed(self, answered: dict[str, int], forward_ns: tuple[int, int], size: int) -> None:
+        """A pass of `size` inputs, `answered` of them (request id -> count) from this batch, ran
+        from forward_ns[0] to forward_ns[1] (wall clock): a forward span for each of its requests,
+        and the end of a request's batch span with its last input."""
+        active = tracer()
+        if active is None:
+            return
+        from opentelemetry.trace import set_span_in_context
+
+        for request_id, count in answered.items():
+            held = self._open.get(request_id)
+            if held is None:
+                continue
+            span = held[0]
+            active.start_span("ddml.worker.forward", context=set_span_in_context(span), start_time=forward_ns[0],
+                              attributes={"ddml.pass_size": size, "ddml.inputs": count}).end(forward_ns[1])
+            held[1] -= count
+            if held[1] <= 0:
+                span.end(forward_ns[1])
+                del self._open[request_id]

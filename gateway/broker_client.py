@@ -105,8 +105,10 @@ class BrokerClient:
             None, timeout_s, _outputs_of)
 
     def request(self, model: str, inputs: list, timeout_s: float, priority: int = 0,
-                request_id_prefix: str = "") -> list:
-        """Send one request on this thread's own DEALERs and wait there for its outputs. Raises BrokerError."""
+                request_id_prefix: str = "", timings: dict | None = None) -> list:
+        """Send one request on this thread's own DEALERs and wait there for its outputs. Raises BrokerError.
+        With a `timings` map, ask where the request's time went, and put the reply's figures in it
+        (protocol.TIMINGS: queue_ms, prepare_ms, forward_ms)."""
         _check_timeout(timeout_s)
         self._ensure_started()
         transport = self._thread_transport()
@@ -114,7 +116,12 @@ class BrokerClient:
         request_id = f"{request_id_prefix}/{request_id}" if request_id_prefix else request_id  # the caller's id first
         encoded = [protocol.encode_value(value) for value in inputs]
         message = self._request_message(request_id, model, inputs, encoded, timeout_s, priority)
-        return _outputs_of(transport.request(request_id, message, timeout_s, _WAKE_CHECK_S))
+        message.timings = timings is not None
+        outcome = transport.request(request_id, message, timeout_s, _WAKE_CHECK_S)
+        outputs = _outputs_of(outcome)
+        if timings is not None:
+            timings.update(outcome.answer.timings)
+        return outputs
 
     def ask(self, broker: int, timeout_s: float) -> Future:
         """Ask one broker for its status; the Future resolves to its protocol.Status, or raises BrokerError."""

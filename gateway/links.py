@@ -1,16 +1,18 @@
 """Links: how the gateway tells that a broker died, restarted, fell silent or came back.
 
 Pure: no sockets, no clock of its own. The I/O shell reports what it saw (a message, a heartbeat's
-instance id, a dropped connection, the time) and reads back what changed. This is the gateway's
-own restart and silence detection (and when to heartbeat), kept behind this small interface
-(heard, heartbeat, disconnected, silent; heartbeats_due, heartbeat_sent) so that it can move onto the worker's shared liveness module later.
+instance id, a dropped connection, the time) and reads back what changed. Restart and silence are
+told by ddml_common/liveness.py, as the worker's links tell them (worker/link.py); this module
+adds what only a gateway decides: a broker's epoch and why it moved, and when to heartbeat.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from ddml_common.liveness import Liveness
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +33,22 @@ class Link:
 
     index: int
     endpoint: str
-    instance_id: str = ""
-    seen_at: float = 0.0  # the last message from it (or the last reconnect)
+    liveness: Liveness = field(default_factory=lambda: Liveness(0.0))  # its instance, and when last heard
     up: bool = True  # until it falls silent, disconnects or restarts; again once it answers
     epoch: int = 0  # +1 each time it goes down or restarts
     change: Change | None = None
     changed_at: float = 0.0
     heartbeat_due_at: float = 0.0
     heartbeat_retry_s: float = 0.0  # after a heartbeat that could not be sent (no connection): the next wait
+
+    @property
+    def instance_id(self) -> str:
+        return self.liveness.instance_id
+
+    @property
+    def seen_at(self) -> float:
+        """The last message from it, or the last (re)connect."""
+        return self.liveness.seen_at
 
     def tag(self) -> str:
         """The instance id a request sent to it now carries, so that another instance refuses it
@@ -51,7 +61,7 @@ class Links:
     so that a reader on another thread can tell it has something to look at."""
 
     def __init__(self, endpoints: list[str], silent_after_s: float, heartbeat_interval_s: float = 1.0):
-        self.links = [Link(index, endpoint) for index, endpoint in enumerate(endpoints)]
+        self.links = [Link(index, endpoint, Liveness(silent_after_s)) for index, endpoint in enumerate(endpoints)]
         self.silent_after_s = silent_after_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.changes = 0
@@ -67,32 +77,29 @@ class Links:
 
     def started(self, now: float) -> None:
         for link in self.links:
-            link.seen_at = now
+            link.liveness.connected(now)
 
     def heard(self, index: int, now: float) -> None:
         """Any message from the broker: it is not silent."""
-        self.links[index].seen_at = now
+        self.links[index].liveness.heard(now)
 
     def heartbeat(self, index: int, instance_id: str, now: float) -> bool:
         """Its heartbeat names its instance. True if that changed anything (restarted, or back)."""
         link = self.links[index]
-        link.seen_at = now
-        if link.up and link.instance_id and instance_id != link.instance_id:
+        link.liveness.heard(now)
+        restarted = link.liveness.instance(instance_id)
+        if link.up and restarted:
             # What reached the old broker died with it; what reached the new one carries the old
             # instance id, so the new broker refuses it unrun, at once. Either way one reply.
-            link.instance_id = instance_id
             self._went_down(link, Change.RESTARTED, now)
             return True
         if not link.up:
             # What it held was given up when it went down, and what was sent since carried no
             # instance id (see tag()): whichever instance answers now may run it.
-            logger.info("broker %s answers again%s", link.endpoint,
-                        " as a new instance" if instance_id != link.instance_id else "")
-            link.instance_id = instance_id
+            logger.info("broker %s answers again%s", link.endpoint, " as a new instance" if restarted else "")
             link.up = True
             self.changes += 1
             return True
-        link.instance_id = instance_id
         return False
 
     def disconnected(self, index: int, now: float) -> bool:
@@ -106,11 +113,11 @@ class Links:
     def silent(self, now: float) -> list[int]:
         """The brokers that have said nothing for `silent_after_s`: now down. The shell reconnects
         each; its silence is counted again from now."""
-        gone = [link.index for link in self.links if now - link.seen_at > self.silent_after_s]
+        gone = [link.index for link in self.links if link.liveness.silent(now)]
         for index in gone:
             link = self.links[index]
             self._went_down(link, Change.SILENT, now)
-            link.seen_at = now
+            link.liveness.connected(now)
             link.heartbeat_due_at, link.heartbeat_retry_s = now, 0.0  # to the new connection, at once
         return gone
 

@@ -6,7 +6,8 @@ model of the task. Where neither decides, the answer is 400 naming the choices.
 
     POST /embed        {"inputs": str | [str], "normalize"?: true, "truncate"?, "truncation_direction"?:
                         "Left" | "Right", "prompt_name"?, "dimensions"?}       -> [[f32, ...], ...]
-    POST /predict      {"inputs": "s" | ["s"] | ["a", "b"] (one pair) | [["a"], ["b"]] (a batch),
+    POST /predict      {"inputs": "s" | ["s"] | ["a", "b"] (one pair) | [["a"], ["b", "c"]] (a batch of
+                        texts and pairs; a pair is tokenizer(text, text_pair), for NLI cross-encoders),
                         "truncate"?, "truncation_direction"?, "raw_scores"?: false}
                                                     -> [{"score", "label"}] or, for a batch, [[...]]
     POST /rerank       {"query", "texts": [str], "truncate"?, "truncation_direction"?, "raw_scores"?,
@@ -37,9 +38,11 @@ and normalises them here, in TEI's order. /embed_all answers every token's last 
 Errors are TEI's {"error": message, "error_type": "Validation" | "Empty" | "Backend" | "Overloaded" |
 "Unhealthy"}, with TEI's statuses; tei_error() derives them from the gateway's one ErrorCode table.
 Answers carry TEI's timing headers in whole milliseconds. x-total-time and x-compute-time are the
-gateway's time for the request; x-inference-time is the time from handing the inputs to the broker
-to the reply, queueing, tokenization and the forward pass together, as the broker does not split them
-for a gateway, so x-queue-time and x-tokenization-time are 0.
+gateway's wall time for the request; the others are the figures the request asks the broker for
+(Request.timings, docs/protocol.md), each the longest of its inputs': x-queue-time the time queued at
+the broker, x-tokenization-time the worker's tokenisation (a continuous worker's prepare(); a batch
+worker tokenises inside its forward pass, and reports 0), x-inference-time the forward pass. Each is at
+most x-total-time (a guard against clocks of different hosts that run at different rates).
 """
 
 from __future__ import annotations
@@ -168,7 +171,7 @@ class TEI:
 
     def _answer(self, req: falcon.Request, resp: falcon.Response, route: str, model: str | None) -> None:
         started_at = time.monotonic()
-        timing = {"inference_s": 0.0, "characters": 0, "tokens": 0}
+        timing = {"characters": 0, "tokens": 0, "queue_ms": 0.0, "prepare_ms": 0.0, "forward_ms": 0.0}
         body = _body(req, self._config)
         if route == "":
             route = self._route_of_body(body, model)
@@ -178,11 +181,13 @@ class TEI:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
         self._catalog.mark_version(resp, model)
-        total_ms = str(int((time.monotonic() - started_at) * 1000))
-        for name, value in (("x-compute-type", "ddml"), ("x-compute-time", total_ms), ("x-total-time", total_ms),
-                            ("x-compute-characters", str(timing["characters"])),
-                            ("x-compute-tokens", str(timing["tokens"])), ("x-tokenization-time", "0"),
-                            ("x-queue-time", "0"), ("x-inference-time", str(int(timing["inference_s"] * 1000)))):
+        total_ms = (time.monotonic() - started_at) * 1000
+        for name, value in (("x-compute-type", "ddml"), ("x-compute-time", _ms(total_ms, total_ms)),
+                            ("x-total-time", _ms(total_ms, total_ms)), ("x-compute-characters", str(timing["characters"])),
+                            ("x-compute-tokens", str(timing["tokens"])),
+                            ("x-tokenization-time", _ms(timing["prepare_ms"], total_ms)),
+                            ("x-queue-time", _ms(timing["queue_ms"], total_ms)),
+                            ("x-inference-time", _ms(timing["forward_ms"], total_ms))):
             resp.set_header(name, value)
 
     def _route_of_body(self, body: dict, model: str | None) -> str:
@@ -196,12 +201,12 @@ class TEI:
         return {"classification": "predict", "rerank": "rerank"}.get(task, "embed")
 
     def _ask(self, req: falcon.Request, model: str, inputs: list, timing: dict) -> list:
-        asked_at = time.monotonic()
-        try:
-            return self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
-                                        request_id_prefix=req.context.request_id)
-        finally:
-            timing["inference_s"] += time.monotonic() - asked_at
+        figures: dict = {}  # where the request's time went (protocol.TIMINGS), from its reply
+        outputs = self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
+                                       request_id_prefix=req.context.request_id, timings=figures)
+        for name, value in figures.items():
+            timing[name] = max(timing.get(name, 0.0), value)
+        return outputs
 
     def _check_task(self, model: str, task: str) -> None:
         actual = self.task_of(model)
@@ -291,13 +296,14 @@ class TEI:
 
     def _predict(self, req, body: dict, model: str, timing: dict) -> list:
         self._check_task(model, "classification")
-        texts, single = _predict_inputs(body.get("inputs"))
-        self._batch(len(texts), "inputs")
+        inputs, single = _predict_inputs(body.get("inputs"))
+        self._batch(len(inputs), "inputs")
         raw_scores = _flag(body, "raw_scores", False)
-        options = _options(body, prompts=False)
-        outputs = self._ask(req, model, [{"text": text, "raw_scores": True, "count_tokens": True, **options}
-                                         for text in texts], timing)
-        timing["characters"] += sum(map(len, texts))
+        options = {"raw_scores": True, "count_tokens": True, **_options(body, prompts=False)}
+        outputs = self._ask(req, model, [{"text": text, **options} if isinstance(text, str) else
+                                         {"text": text[0], "text_pair": text[1], **options} for text in inputs], timing)
+        timing["characters"] += sum(len(text) if isinstance(text, str) else len(text[0]) + len(text[1])
+                                    for text in inputs)
         answers = []
         for output in outputs:
             if not (isinstance(output, dict) and isinstance(output.get("logits"), dict)):
@@ -402,6 +408,11 @@ def _body(req: falcon.Request, config: GatewayConfig) -> dict:
     return body
 
 
+def _ms(value_ms: float, total_ms: float) -> str:
+    """A timing header: whole milliseconds, as TEI gives them, at most the request's total."""
+    return str(int(min(value_ms, total_ms)))
+
+
 def _flag(body: dict, name: str, default: bool) -> bool:
     value = body.get(name)
     if value is None:
@@ -449,28 +460,23 @@ def _strings(value: Any, field: str, single: bool = True) -> list[str]:
     return value
 
 
-def _predict_inputs(value: Any) -> tuple[list[str], bool]:
-    """TEI's /predict rule: "s" and ["s"] are one input, ["a", "b"] one pair, [["a"], ["b"]] a batch.
-    Pairs are refused: ddml's classifiers take single texts. Returns (texts, single)."""
+def _predict_inputs(value: Any) -> tuple[list[str | tuple[str, str]], bool]:
+    """TEI's /predict rule: "s" and ["s"] are one input, ["a", "b"] one pair, and a list of lists a batch
+    of single texts and pairs ([["a"], ["b", "c"]]). Returns (inputs, single): each a text or a pair."""
     if isinstance(value, str):
         return [value], True
     if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
-        if len(value) == 1:
-            return value, True
-        if len(value) == 2:
-            raise _invalid("`inputs` [string, string] is a pair of texts, and ddml's classifiers take single "
-                           "texts; send a batch as [[string], [string]]")
+        if len(value) <= 2:
+            return [value[0] if len(value) == 1 else (value[0], value[1])], True
         raise _invalid(f"invalid length {len(value)}, expected a string, a pair of strings [string, string] or "
                        "a batch of mixed strings and pairs [[string], [string, string], ...]")
     if isinstance(value, list) and value and all(isinstance(item, list) for item in value):
-        texts = []
+        inputs: list[str | tuple[str, str]] = []
         for item in value:
-            if len(item) == 2 and all(isinstance(text, str) for text in item):
-                raise _invalid("`inputs` holds a pair of texts, and ddml's classifiers take single texts")
-            if len(item) != 1 or not isinstance(item[0], str):
-                raise _invalid("a batch of `inputs` is [[string], [string], ...]")
-            texts.append(item[0])
-        return texts, False
+            if len(item) not in (1, 2) or not all(isinstance(text, str) for text in item):
+                raise _invalid("a batch of `inputs` is [[string], [string, string], ...]: single texts and pairs")
+            inputs.append(item[0] if len(item) == 1 else (item[0], item[1]))
+        return inputs, False
     if value == []:
         raise _empty("inputs")
     raise _invalid("`inputs` must be a string, a pair of strings [string, string] or a batch of mixed strings "

@@ -29,7 +29,7 @@ class FakeBrokerClient:
                          "state": "idle", "max_batch_size": 8}] if workers is None else workers
 
     def request(self, model: str, inputs: list, timeout_s: float, priority: int = 0,
-                request_id_prefix: str = "") -> list:
+                request_id_prefix: str = "", timings: dict | None = None) -> list:
         self.calls.append((model, inputs, timeout_s, priority))
         self.request_ids.append(request_id_prefix)
         if self.error is not None:

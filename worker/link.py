@@ -48,6 +48,9 @@ class WorkBatch:
     traces: dict = field(default_factory=dict)  # traced requests only: the Batch's traces (ddml_common/tracing.py)
     received_ns: int = 0  # wall clock when it came (set by the shell), for the broker-queue span of a traced request
     forward_ns: int = 0  # wall clock when its forward pass began
+    spans: object = None  # a continuous worker's tracing.HeldSpans for its traced requests, when exporting
+    timed: bool = False  # a request of it asked for its timings: its results carry prepare_ms
+    prepare_ms: float = 0.0  # the time prepare() took for it (a continuous worker's), when timed
 
     def tag(self, answered: int) -> bytes:
         """The frame the compute thread puts before a result that answers `answered` of its inputs."""
@@ -103,7 +106,7 @@ def decode_batch(batch: protocol.Batch, link: int = 0, epoch: int = 0) -> WorkBa
             inputs.append(None)
             errors[index] = f"input could not be decoded: {error}"
     return WorkBatch(batch.batch_id, inputs, errors, request_ids=list(batch.request_ids), link=link, epoch=epoch,
-                     traces=batch.traces)
+                     traces=batch.traces, timed=batch.timed)
 
 
 # ---------------------------------------------------------------------------- instructions

@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -193,9 +194,13 @@ class _Pool:
                 if self._set_threads is not None and wanted and wanted != current:
                     self._set_threads(current := wanted)
                 started_at = self._started[lane]
+                traced = [h for h in running if h.batch.spans]  # inputs of requests whose spans we export
+                forward_from_ns = time.time_ns() if traced else 0
                 outcome = _run_pass(self._model, running)
                 compute_s = self._clock() - started_at
                 with self._changed:
+                    if traced:
+                        _passed_spans(traced, (forward_from_ns, time.time_ns()), len(running))
                     self._done(lane)
                     self._state.batches += 1
                     self._state.items += len(running)
@@ -278,6 +283,10 @@ def _prepare(model: Manager, batch: WorkBatch, results: zmq.Socket, clock: Calla
             message = f"model failed to prepare the input: {type(error).__name__}: {error}"[:1000]
             prepared = [FailedInput(ErrorCode.MODEL_ERROR, message)] * len(positions)  # each input answered once
             kept = []
+    if batch.traces and kept:
+        _hold_spans(batch, kept)
+    if batch.timed:
+        batch.prepare_ms = (clock() - started_at) * 1000
     result = prepare_result(batch, prepared, (clock() - started_at) * 1000)
     if result is not None:
         _push(results, batch, result)
@@ -329,6 +338,27 @@ def run_batch(model: Manager, batch: WorkBatch, clock: Callable[[], float] = tim
                              extra={"batch_id": batch.batch_id, "request_id": request_ids})
             produced = error
     return batch_result(batch, produced, (clock() - started_at) * 1000)
+
+
+def _hold_spans(batch: WorkBatch, kept: list[_Held]) -> None:
+    """A continuous worker's spans for a traced batch's requests (nothing without --otlp-endpoint)."""
+    if tracing.tracer() is None:
+        return
+    held = Counter(batch.request_ids[h.position] for h in kept if h.position < len(batch.request_ids))
+    spans = tracing.HeldSpans(batch.batch_id, batch.traces, batch.received_ns or time.time_ns(), held)
+    batch.spans = spans if spans else None
+
+
+def _passed_spans(traced: list[_Held], forward_ns: tuple[int, int], size: int) -> None:
+    """After a pass, under the pool's lock: each traced batch's forward spans, and its ended requests."""
+    by_batch: dict[int, tuple[WorkBatch, Counter]] = {}
+    for held in traced:
+        batch = held.batch
+        by_batch.setdefault(id(batch), (batch, Counter()))[1][batch.request_ids[held.position]] += 1
+    for batch, answered in by_batch.values():
+        batch.spans.passed(answered, forward_ns, size)
+        if not batch.spans:
+            batch.spans = None  # every traced request of it has ended
 
 
 def _trace(batch: WorkBatch, started_at: float, ended_at: float) -> None:

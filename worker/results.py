@@ -98,7 +98,7 @@ def pass_results(running: list, outcome: list, compute_ms: float) -> list[tuple[
                 errors.append([k, *error])
         batch = answered[0][0].batch
         answers.append((batch, protocol.BatchResult(batch.batch_id, outputs, errors=errors, compute_ms=compute_ms,
-                                                    indices=indices)))
+                                                    indices=indices, prepare_ms=batch.prepare_ms)))
     return answers
 
 

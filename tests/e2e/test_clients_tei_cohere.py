@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -42,6 +43,8 @@ def cluster(module_stack, tiny_cross_encoder, tiny_bert_classifier):
                            "--device", "cpu", wait=False),
         stack.start_worker("--model", "cls", "--model-path", str(tiny_bert_classifier), "--task", "classification",
                            "--device", "cpu", wait=False),
+        # One batch at a time, and test directives ({"sleep_s"}): a request can be made to wait at the broker.
+        stack.start_worker("--model", "echo", "--max-batches", "1", wait=False),
     ]
     for worker in workers:
         worker.wait_for_output(r"worker ready", timeout_s=180)
@@ -52,7 +55,7 @@ def cluster(module_stack, tiny_cross_encoder, tiny_bert_classifier):
         if not http_ready(url):
             return False
         models = requests.get(f"{url}/v1/models", timeout=5).json()["models"]
-        return {m["name"] for m in models if m["ready"]} >= {"minilm", "ranker", "cls"}
+        return {m["name"] for m in models if m["ready"]} >= {"minilm", "ranker", "cls", "echo"}
 
     wait_until(all_ready, timeout_s=60, what="every model ready")
     return url
@@ -209,6 +212,78 @@ def test_teis_example_bodies_answer_field_by_field(cluster):
     for path in ("/health", "/", "/tei/cls/health"):
         response = requests.get(f"{url}{path}", timeout=10)
         assert response.status_code == 200 and response.content == b""
+
+
+def test_predict_scores_sentence_pairs_as_transformers_and_v1_predict_do(cluster, tiny_bert_classifier):
+    """TEI's ["a", "b"] is one pair and [["a", "b"], ["c"]] a batch: each pair is tokenizer(text, text_pair), scored
+    by softmax over the labels as TEI does, the same as transformers' own classifier and as /v1 predict."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_classifier))
+    reference = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_classifier)).eval()
+    labels = [reference.config.id2label[i] for i in range(reference.config.num_labels)]
+
+    def expected(*texts):
+        with torch.inference_mode():
+            logits = reference(**tokenizer(*texts, return_tensors="pt")).logits[0].double()
+        return dict(zip(labels, torch.softmax(logits, dim=-1).tolist()))
+
+    url = cluster
+    pair = requests.post(f"{url}/tei/cls/predict", json={"inputs": ["lazy dog", "the quick brown fox"]}, timeout=60)
+    assert pair.status_code == 200, pair.text
+    scores = {p["label"]: p["score"] for p in pair.json()}
+    assert scores == pytest.approx(expected("lazy dog", "the quick brown fox"), abs=1e-5)
+    assert pair.json()[0]["score"] >= pair.json()[1]["score"]
+    assert scores != pytest.approx(expected("lazy dog"), abs=1e-5)  # the second text counted
+    [v1] = predict(url, "cls", [{"text": "lazy dog", "text_pair": "the quick brown fox"}])
+    assert scores == pytest.approx(v1["probabilities"], abs=1e-6)
+    batch = requests.post(f"{url}/tei/cls", json={"inputs": [["lazy dog", "the quick brown fox"], ["lazy dog"]]},
+                          timeout=60)  # POST / of a classifier is /predict
+    assert batch.status_code == 200, batch.text
+    assert [{p["label"]: p["score"] for p in answer} for answer in batch.json()] == [
+        pytest.approx(expected("lazy dog", "the quick brown fox"), abs=1e-5), pytest.approx(expected("lazy dog"),
+                                                                                            abs=1e-5)]
+
+
+TIMING_HEADERS = ("x-queue-time", "x-tokenization-time", "x-inference-time", "x-compute-time", "x-total-time")
+
+
+def timings_of(response: requests.Response) -> dict[str, int]:
+    """TEI's five timing headers, each whole milliseconds, none above x-total-time."""
+    assert response.status_code == 200, response.text
+    assert all(response.headers[name].isdigit() for name in TIMING_HEADERS), dict(response.headers)
+    figures = {name: int(response.headers[name]) for name in TIMING_HEADERS}
+    assert all(value <= figures["x-total-time"] for value in figures.values()), figures
+    return figures
+
+
+def test_timing_headers_tell_where_the_time_went_on_a_real_stack(cluster):
+    """x-queue-time is the time the request waited at the broker: behind a 1.5 s batch on the echo worker
+    (which holds one batch at a time), most of it; x-tokenization-time and x-inference-time are the
+    worker's, and none exceeds x-total-time, the gateway's own wall time."""
+    from tests.processes import wait_until
+
+    url = cluster
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(requests.post, f"{url}/v1/models/echo/predict", json={"inputs": [{"sleep_s": 1.5}]},
+                           timeout=60)
+
+        def echo_busy() -> bool:
+            workers = requests.get(f"{url}/v1/status", timeout=5).json()["workers"]
+            return any("echo" in w["models"] and w["state"] == "busy" for w in workers)
+
+        wait_until(echo_busy, timeout_s=10, what="the echo worker running the slow batch")
+        queued = requests.post(f"{url}/tei/echo/tokenize", json={"inputs": "x"}, timeout=60)
+        assert slow.result().status_code == 200
+    figures = timings_of(queued)
+    assert 500 <= figures["x-queue-time"] <= 1500 and figures["x-total-time"] >= figures["x-queue-time"], figures
+    assert figures["x-inference-time"] < 500, figures  # its own batch is quick: the wait was in the queue
+
+    # A text model's worker (continuous: it tokenises apart from the forward pass), nothing queued.
+    embedded = requests.post(f"{url}/embed", json={"inputs": ["What is Deep Learning?"] * 4}, timeout=60)
+    figures = timings_of(embedded)
+    assert figures["x-queue-time"] < 500 and figures["x-total-time"] >= figures["x-inference-time"], figures
 
 
 def test_teis_error_cases_field_by_field(cluster):

@@ -153,3 +153,36 @@ def test_without_gateway_spans_the_callers_context_still_reaches_the_worker(stac
     bad = requests.post(f"{url}/v1/models/echo/predict", json={"inputs": ["x"]}, timeout=10,
                         headers={"traceparent": "00-nothex-00f067aa0ba902b7-01"})
     assert bad.status_code == 200
+
+
+def test_a_continuous_worker_exports_the_batch_and_a_forward_span_for_each_pass_of_the_request(
+        stack, collector, tiny_bert):
+    """The built-in text models batch continuously by default: a request's inputs run in whichever
+    passes take them. Its worker.batch span lasts until its last input is answered, and each pass
+    that ran any of them is a worker.forward span under it."""
+    stack.start_broker()
+    stack.start_worker("--model", "tiny", "--model-path", str(tiny_bert), "--task", "embedding",
+                       "--otlp-endpoint", collector.url)
+    _, url = stack.start_gateway("--workers", "1", "--threads", "4")
+    wait_until(lambda: http_ready(url, "/v2/models/tiny/ready"), timeout_s=60, what="the text model ready")
+    trace_id = "7bf92f3577b34da6a3ce929d0e0e4736"
+    answer = requests.post(f"{url}/v1/models/tiny/predict", timeout=30,
+                           json={"inputs": ["the quick brown fox", "lazy dog", "model serving batch"]},
+                           headers={"traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"})
+    assert answer.status_code == 200 and len(answer.json()["outputs"]) == 3
+
+    def complete():
+        found = collector.spans(trace_id)
+        names = [span["name"] for span in found]
+        return found if {"ddml.broker.queue", "ddml.worker.batch", "ddml.worker.forward"} <= set(names) else None
+
+    spans = wait_until(complete, timeout_s=30, what="the continuous worker's spans")
+    [queue] = [s for s in spans if s["name"] == "ddml.broker.queue"]
+    [batch] = [s for s in spans if s["name"] == "ddml.worker.batch"]
+    forwards = [s for s in spans if s["name"] == "ddml.worker.forward"]
+    assert queue["parent"] == batch["parent"] == CLIENT_SPAN
+    assert batch["attributes"]["ddml.continuous"].bool_value
+    assert all(f["parent"] == batch["span_id"] and batch["start"] <= f["start"] <= f["end"] <= batch["end"]
+               for f in forwards), forwards
+    assert sum(f["attributes"]["ddml.inputs"].int_value for f in forwards) == 3  # every input, in some pass
+    assert max(f["end"] for f in forwards) == batch["end"]  # it ends with the pass of its last input

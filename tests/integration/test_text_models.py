@@ -359,3 +359,41 @@ def test_all_tokens_are_sentence_transformers_token_embeddings(tiny_st_mean):
         assert got.shape == tuple(want.shape)  # the real tokens only: no padding rows
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
     assert isinstance(rows[-1], InputError)
+
+
+def test_classifier_takes_pairs_as_transformers_scores_them(tiny_bert_classifier):
+    """A pair is tokenizer(text, text_pair): its logits are transformers' own, beside single texts in one batch,
+    and an over-long pair asked to be truncated is cut longest first, as text-embeddings-inference cuts it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_classifier))
+    reference = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_classifier)).eval()
+
+    def logits(text, text_pair=None, **options):
+        with torch.inference_mode():
+            return reference(**tokenizer(text, text_pair, return_tensors="pt", **options)).logits[0].numpy()
+
+    classifier = served(tiny_bert_classifier, task="classification", max_length=20)
+    pair, single, long_pair, refused, prompted = classifier.predict([
+        {"text": "lazy dog", "text_pair": "the quick brown fox", "raw_scores": True, "count_tokens": True},
+        {"text": "lazy dog", "raw_scores": True},
+        {"text": LONG, "text_pair": "lazy dog", "raw_scores": True, "truncate": True, "count_tokens": True},
+        {"text": LONG, "text_pair": "lazy dog"},
+        {"text": "a", "text_pair": "b", "prompt_name": "query"},
+    ])
+    labels = classifier.labels
+    np.testing.assert_allclose([pair["logits"][label] for label in labels], logits("lazy dog", "the quick brown fox"),
+                               atol=1e-5)
+    assert pair["tokens"] == len(tokenizer("lazy dog", "the quick brown fox")["input_ids"])
+    np.testing.assert_allclose([single["logits"][label] for label in labels], logits("lazy dog"), atol=1e-5)
+    assert not np.allclose(logits("lazy dog"), logits("lazy dog", "the quick brown fox"))  # the pair mattered
+    assert long_pair["tokens"] == 20
+    np.testing.assert_allclose([long_pair["logits"][label] for label in labels],
+                               logits(LONG, "lazy dog", truncation="longest_first", max_length=20), atol=1e-5)
+    assert isinstance(refused, InputError) and "more than this model's limit of 20" in str(refused)
+    assert isinstance(prompted, InputError) and "dual inputs" in str(prompted)
+    [wrong] = classifier.predict([{"text": "a", "text_pair": 3}])
+    assert isinstance(wrong, InputError) and "text_pair" in str(wrong)
+    embedder_refuses = classifier.predict([{"text": "a", "text_pair": "b", "normalize": True}])[0]
+    assert isinstance(embedder_refuses, InputError)

@@ -35,9 +35,14 @@ class TextBroker(FakeBrokerClient):
 
     def __init__(self, models=("emb", "ranker", "cls"), error: BrokerError | None = None):
         super().__init__(error=error, workers=[_worker(f"w{i}", m, f"{m}@v{i}") for i, m in enumerate(models)])
+        self.figures: dict = {}  # the timings each reply carries, for a request that asks
+        self.asked_timings: list[bool] = []
 
-    def request(self, model, inputs, timeout_s, priority=0, request_id_prefix=""):
+    def request(self, model, inputs, timeout_s, priority=0, request_id_prefix="", timings=None):
         super().request(model, inputs, timeout_s, priority, request_id_prefix)
+        self.asked_timings.append(timings is not None)
+        if timings is not None:
+            timings.update(self.figures)
         answers = []
         for i, x in enumerate(inputs):
             if "tokenize" in x:
@@ -160,7 +165,8 @@ def test_rerank_best_first_with_text_and_raw_scores(app, broker):
 
 
 def test_predict_keeps_teis_pair_and_batch_rule_and_its_scores():
-    app = client(TextBroker(models=("cls", "cls1")), default_classify_model="cls")
+    broker = TextBroker(models=("cls", "cls1"))
+    app = client(broker, default_classify_model="cls")
     softmax = np.exp([1.0, 2.0]) / np.exp([1.0, 2.0]).sum()
     single = app.simulate_post("/predict", json={"inputs": "good"}).json
     assert single == [{"score": pytest.approx(softmax[1]), "label": "positive"},
@@ -168,8 +174,16 @@ def test_predict_keeps_teis_pair_and_batch_rule_and_its_scores():
     assert app.simulate_post("/predict", json={"inputs": ["good"]}).json == single
     batch = app.simulate_post("/predict", json={"inputs": [["good"], ["bad"]], "raw_scores": True}).json
     assert batch == [[{"score": 2.0, "label": "positive"}, {"score": 1.0, "label": "negative"}]] * 2
-    pair = app.simulate_post("/predict", json={"inputs": ["a", "b"]})
-    assert pair.status_code == 422 and "pair" in pair.json["error"]
+    pair = app.simulate_post("/predict", json={"inputs": ["a", "b"], "truncate": True})
+    assert pair.status_code == 200 and pair.json == single  # one pair: one answer, not a batch
+    assert broker.calls[-1][1] == [{"text": "a", "text_pair": "b", "raw_scores": True, "count_tokens": True,
+                                        "truncate": True}]
+    mixed = app.simulate_post("/tei/cls", json={"inputs": [["a", "b"], ["c"]]})  # POST / of a classifier
+    assert mixed.status_code == 200 and mixed.json == [single, single]
+    assert [x.get("text_pair") for x in broker.calls[-1][1]] == ["b", None]
+    for bad in (["a", "b", "c"], [["a", "b", "c"]], [["a", 1]], [[]]):
+        refused = app.simulate_post("/predict", json={"inputs": bad})
+        assert refused.status_code == 422 and refused.json["error_type"] == "Validation", bad
     sigmoid = app.simulate_post("/tei/cls1/predict", json={"inputs": "x"}).json
     assert sigmoid == [{"score": pytest.approx(1 / (1 + np.exp(-1.0))), "label": "yes"}]
 
@@ -262,3 +276,32 @@ def test_embed_all_answers_a_vector_per_token_and_embed_sparse_424(app, broker):
     assert broker.calls[-1][1][1] == {"text": "c", "all_tokens": True, "count_tokens": True, "truncate": True}
     sparse = app.simulate_post("/embed_sparse", json={"inputs": "a"})
     assert sparse.status_code == 424 and sparse.json["error_type"] == "Backend"
+
+
+class _Clock:
+    """time.monotonic for gateway/tei.py: each call advances by step_s."""
+
+    def __init__(self, step_s: float):
+        self.now, self.step_s = 1000.0, step_s
+
+    def monotonic(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+def test_timing_headers_are_the_brokers_figures_in_whole_ms_within_the_gateways_total(app, broker, monkeypatch):
+    monkeypatch.setattr(tei, "time", _Clock(step_s=0.0505))  # the request's wall time, start to end: 50.5 ms
+    broker.figures = {"queue_ms": 12.7, "prepare_ms": 3.2, "forward_ms": 20.9}
+    for route, body in (("/embed", {"inputs": ["a", "b"]}), ("/tei/cls/predict", {"inputs": ["a", "b"]}),
+                        ("/rerank", {"query": "q", "texts": ["a"]}), ("/tokenize", {"inputs": "a"})):
+        answer = app.simulate_post(route, json=body)
+        assert answer.status_code == 200, (route, answer.text)
+        assert broker.asked_timings[-1], route
+        headers = {name: answer.headers[name] for name in ("x-total-time", "x-compute-time", "x-queue-time",
+                                                           "x-tokenization-time", "x-inference-time")}
+        assert headers == {"x-total-time": "50", "x-compute-time": "50", "x-queue-time": "12",
+                           "x-tokenization-time": "3", "x-inference-time": "20"}, route
+    broker.figures = {"queue_ms": 80.0}  # a broker on a host whose clock runs fast: never above the total
+    late = app.simulate_post("/embed", json={"inputs": "a"})
+    assert late.headers["x-queue-time"] == "50" and late.headers["x-inference-time"] == "0"
+    assert late.headers["x-tokenization-time"] == "0"

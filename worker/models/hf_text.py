@@ -11,6 +11,9 @@ A rerank model is a cross-encoder (sequence classification with one label): it s
 
 Inputs:
     embedding, classification   "text", or {"text": ..., options}
+    classification              {"text": ..., "text_pair": ..., options}: a pair of texts, as an NLI
+                                cross-encoder takes them, tokenised as tokenizer(text, text_pair)
+                                (truncation cuts the longer text first, as for a rerank pair)
     rerank                      {"query": ..., "document": ..., options}, or [query, document]
     any task                    {"tokenize": str, "add_special_tokens"?: bool (true), "prompt_name"?: str}
                                 -> [{"id", "text", "special", "start", "stop"}], offsets in UTF-8 bytes
@@ -92,7 +95,7 @@ class _Input:
     """One input of a batch, parsed."""
 
     position: int  # in the batch
-    text: str | tuple[str, str]  # a text, or a (query, document) pair
+    text: str | tuple[str, str]  # a text, or a pair: (query, document), or a classifier's (text, text_pair)
     truncate: bool
     count_tokens: bool
     features: dict | None = None  # its tokens: input_ids, and token_type_ids where the model has them
@@ -413,10 +416,12 @@ class HFTextModel(Manager):
                 return _Input(position, value, self.auto_truncate, False)
             if not isinstance(value, dict):
                 raise InputError(f"input must be a string or {{'text': str}}, got {type(value).__name__}")
-            fields = ("text",)
+            # A classifier also takes a pair of texts (an NLI cross-encoder, say): text and text_pair.
+            fields = ("text", "text_pair") if self.task == "classification" and "text_pair" in value else ("text",)
         unknown = sorted(set(value) - set(fields) - set(_INPUT_OPTIONS), key=str)
         if unknown:
-            raise InputError(f"unknown field {unknown[0]!r} in an input (it takes {', '.join(fields + _INPUT_OPTIONS)})")
+            takes = fields + (("text_pair",) if self.task == "classification" and len(fields) == 1 else ())
+            raise InputError(f"unknown field {unknown[0]!r} in an input (it takes {', '.join(takes + _INPUT_OPTIONS)})")
         for name in fields:
             if not isinstance(value.get(name), str):
                 raise InputError(f"input field {name!r} must be a string, got {type(value.get(name)).__name__}")
@@ -433,21 +438,22 @@ class HFTextModel(Manager):
             raise InputError("input field 'raw_scores' applies to classification and rerank models, not embedding")
         if options["all_tokens"] is not None and self.task != "embedding":
             raise InputError(f"input field 'all_tokens' applies to embedding models, not {self.task}")
-        text = value["text"] if len(fields) == 1 else (value["query"], value["document"])
+        text = value["text"] if len(fields) == 1 else (value[fields[0]], value[fields[1]])
         truncate = self.auto_truncate if options["truncate"] is None else options["truncate"]
         return _Input(position, text, truncate, bool(options["count_tokens"]),
                       truncate_left=direction.lower() == "left", normalize=options["normalize"],
-                      prompt=self._prompt(value.get("prompt_name")), raw_scores=bool(options["raw_scores"]),
+                      prompt=self._prompt(value.get("prompt_name"), pair=len(fields) == 2),
+                      raw_scores=bool(options["raw_scores"]),
                       all_tokens=bool(options["all_tokens"]))
 
-    def _prompt(self, name) -> str | None:
+    def _prompt(self, name, pair: bool = False) -> str | None:
         """The prompt text of a prompt_name (None when none is named): the model's sentence-transformers
         prompts, as text-embeddings-inference takes them. An unknown name is an InputError."""
         if name is None:
             return None
         if not isinstance(name, str):
             raise InputError(f"input field 'prompt_name' must be a string, got {type(name).__name__}")
-        if self.task == "rerank":
+        if pair or self.task == "rerank":
             raise InputError("`prompt_name` cannot be set with dual inputs")
         prompts = getattr(self.config, "prompts", None) or {}
         if name not in prompts:
@@ -516,12 +522,24 @@ class HFTextModel(Manager):
             problems.append(None)
         return problems
 
-    def _encode(self, items: list[_Input], truncate: bool):
+    def _encode(self, items: list[_Input], truncate: bool) -> dict:
+        """The tokens of items, as tokenizer() answers for a batch. A pair is tokenizer(text, text_pair),
+        truncated longest first (the tokenizer's default, and text-embeddings-inference's for pairs)."""
+        pairs = [k for k, item in enumerate(items) if isinstance(item.text, tuple)]
+        if 0 < len(pairs) < len(items):  # a classifier's singles and pairs together: each kind in one call
+            apart = [[k for k, item in enumerate(items) if not isinstance(item.text, tuple)], pairs]
+            merged: dict = {}
+            for ks in apart:
+                for key, rows in self._encode([items[k] for k in ks], truncate).items():
+                    column = merged.setdefault(key, [None] * len(items))
+                    for k, row in zip(ks, rows):
+                        column[k] = row
+            return merged
         limits = {"truncation": True, "max_length": self.max_tokens} if truncate else {"truncation": False}
         with self._tokenizing:
             if truncate:  # one item at a time (_tokenize), with its own side
                 self.tokenizer.truncation_side = "left" if items[0].truncate_left else "right"
-            if self.task == "rerank":
+            if pairs:
                 return self.tokenizer([item.text[0] for item in items], [item.text[1] for item in items], **limits)
             default = self.config.prompt
             return self.tokenizer([(default if item.prompt is None else item.prompt) + item.text for item in items],
