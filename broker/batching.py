@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from broker.config import BatchingConfig
 from ddml_common.protocol import MAX_MESSAGE_BYTES
@@ -68,6 +68,7 @@ class WorkItem:
     enqueued_at: float  # first arrival; a requeued item keeps it, so it is not starved
     attempts: int = 0  # times it was sent to a worker
     isolated: bool = False  # its last batch failed as a whole: run it alone to tell poison from bystander
+    lost_on: tuple[bytes, ...] = ()  # workers it was lost with, in order; it runs elsewhere while it can
 
     @property
     def size(self) -> int:
@@ -126,9 +127,14 @@ class WorkerView(Protocol):
     last_compute_s: float
     last_completed_at: float
     max_inputs: int  # > 0: continuous batching, credit counted in inputs (see _continuous_room)
+    on_probation: bool  # it once overran a batch deadline: it gets work last, until it answers a batch
+    suspect_until: float | None  # within its backoff after an overrun: work only if no trusted worker serves the model
 
     @property
     def in_flight_items(self) -> int: ...
+
+
+ServesElsewhere = Callable[[str, tuple[bytes, ...]], bool]  # (model, worker ids): does a live worker outside them serve it?
 
 
 class Batcher:
@@ -184,8 +190,14 @@ class Batcher:
         if request.queued:
             self._count_queued(request, -request.queued)
 
-    def assign(self, workers: Iterable[WorkerView], now: float) -> list[Dispatch]:
-        """Form batches for workers with room, least-loaded first. Mutates only the queues."""
+    def assign(self, workers: Iterable[WorkerView], now: float,
+               serves_elsewhere: ServesElsewhere | None = None) -> list[Dispatch]:
+        """Form batches for workers with room, least-loaded first. Mutates only the queues.
+
+        An input lost with a worker runs again elsewhere: never on a worker it was lost with (nor on
+        that identity registered again) while serves_elsewhere says another live worker serves its
+        model. Such an input waits for that worker rather than return to one it was lost with. Likewise a
+        suspect within its backoff (it overran a batch) gets nothing while another worker serves the model."""
         workers = list(workers)
         self._hold_until = math.inf
         added_batches: dict[bytes, int] = {}
@@ -198,14 +210,22 @@ class Batcher:
         for model, levels in self._queues.items():
             while any(levels.values()):
                 # Holding a part-batch pays only if it can grow: not when the next item travels alone.
-                isolated = self._head_isolated(levels)
+                head = self._head(levels)
+                isolated = head is not None and head.isolated
                 if not isolated:
                     waiting.discard(model)  # its isolated inputs have found workers
+                avoid = head.lost_on if isolated and head.lost_on else ()
+                if avoid and (serves_elsewhere is None or not serves_elsewhere(model, avoid)):
+                    avoid = ()  # only workers it was lost with serve it: one of them it must be
                 queued = math.inf if isolated else sum(len(q) for q in levels.values())
                 candidates = [
                     w
                     for w in workers
                     if model in w.models
+                    and w.worker_id not in avoid
+                    and not (w.on_probation and (w.in_flight or added_batches.get(w.worker_id)))  # one at a time
+                    and not (w.suspect_until is not None and serves_elsewhere is not None
+                             and serves_elsewhere(model, (w.worker_id,)))  # held back while another serves
                     and (isolated or not waiting or w.models.isdisjoint(waiting))
                     and (self._continuous_room(w, added_batches.get(w.worker_id, 0),
                                                added_items.get(w.worker_id, 0), isolated) > 0
@@ -217,7 +237,8 @@ class Batcher:
                     break
                 worker = min(
                     candidates,
-                    key=lambda w: (w.in_flight_items + added_items.get(w.worker_id, 0), w.latency_ewma_s),
+                    key=lambda w: (w.on_probation, w.in_flight_items + added_items.get(w.worker_id, 0),
+                                   w.latency_ewma_s),
                 )
                 if worker.max_inputs:
                     # Continuous batching: no hold. The worker forms its own passes from what it
@@ -384,12 +405,18 @@ class Batcher:
         return until if now < until else None
 
     @staticmethod
-    def _head_isolated(levels: dict[int, deque[WorkItem]]) -> bool:
+    def _head(levels: dict[int, deque[WorkItem]]) -> WorkItem | None:
+        """The next live item _take() would pop, or None."""
         for queue in levels.values():
             for item in queue:
                 if not item.request.done:
-                    return item.isolated
-        return False
+                    return item
+        return None
+
+    @staticmethod
+    def _head_isolated(levels: dict[int, deque[WorkItem]]) -> bool:
+        head = Batcher._head(levels)
+        return head is not None and head.isolated
 
     def _wait_until(self, levels: dict[int, deque[WorkItem]], max_batch_size: int, now: float) -> float | None:
         """With max_wait_s set, hold a partial batch until its oldest input has waited that long:

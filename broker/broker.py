@@ -50,6 +50,7 @@ class Broker:
         self.metrics = metrics or BrokerMetrics()  # /metrics renders what publish() last handed it
         self._published_at = -math.inf
         self.stats = self.core.stats
+        self._drop_reasons: dict[bytes, str] = {}  # peer -> why its last send failed, within one flush
         # HWMs count messages per peer: they bound what a peer that stops reading (or a flood of
         # garbage) can make us buffer. Gateways may have many replies in flight; workers, with
         # credit for two batches, only a handful of messages. No ROUTER_HANDOVER on the backend:
@@ -99,7 +100,7 @@ class Broker:
             self.step(min(self._poll_timeout_ms(), 100))
         now = self._clock()
         self.core.abandon_all(now)
-        self.core.flush(self._send, now)
+        self._flush(now)
         # Keep serving briefly (heartbeats included) so the last replies leave while the sockets
         # are still open, rather than relying on linger at close alone.
         flush_until = self._clock() + _DRAIN_FLUSH_S
@@ -132,12 +133,12 @@ class Broker:
             self._reload_keys(now)
         if self._backend in ready:
             self._drain(Peer.WORKER, now)
-            self.core.flush(self._send, now)
+            self._flush(now)
         if self._frontend in ready:
             self._drain(Peer.GATEWAY, now)
         now = self._clock()
         self.core.on_tick(now)
-        self.core.flush(self._send, now)
+        self._flush(now)
         if now - self._published_at >= _PUBLISH_EVERY_S:
             self._publish(now)
         self.last_step_at = now
@@ -204,21 +205,36 @@ class Broker:
         wait_s = min(self.core.next_wake_at() - self._clock(), self._config.heartbeat.interval_s)
         return max(0, math.ceil(wait_s * 1000))
 
+    def _flush(self, now: float) -> None:
+        self.core.flush(self._send, now, self._not_tried)
+        self._drop_reasons.clear()
+
     def _send(self, instruction: Send) -> bool:
         """Send without ever blocking. False if the peer is gone or its queue is full."""
         try:
             send_frames(self._sockets[instruction.peer], [instruction.peer_id, *protocol.encode(instruction.message)])
             return True
         except zmq.Again:
-            self.stats["send_dropped_full"] += 1
-            logger.warning("peer %s is not reading; dropped %s", instruction.peer_id.hex(),
-                           type(instruction.message).__name__)
+            self._dropped("full", "is not reading", instruction)
         except zmq.ZMQError as error:
             if error.errno != zmq.EHOSTUNREACH:
                 raise
-            self.stats["send_dropped_unreachable"] += 1
-            logger.warning("peer %s is gone; dropped %s", instruction.peer_id.hex(), type(instruction.message).__name__)
+            self._dropped("unreachable", "is gone", instruction)
         return False
+
+    def _not_tried(self, instruction: Send) -> None:
+        """A message the core did not try, after a send to the same peer failed: dropped for that reason."""
+        self._dropped(self._drop_reasons.get(instruction.peer_id, "unreachable"), "failed a send before", instruction)
+
+    def _dropped(self, reason: str, why: str, instruction: Send) -> None:
+        """Count every dropped message, by reason (`send_dropped_full`, `send_dropped_unreachable`) and
+        kind (`send_dropped_full_disconnect`, ...); log with rate limiting: a flood must not fill the disk."""
+        self._drop_reasons[instruction.peer_id] = reason
+        kind = type(instruction.message).__name__
+        self.stats[f"send_dropped_{reason}"] += 1
+        self.stats[f"send_dropped_{reason}_{kind.lower()}"] += 1
+        _throttled_warning(self.stats[f"send_dropped_{reason}"], "peer %s %s; dropped %s",
+                           instruction.peer_id.hex(), why, kind)
 
 
 def _bind(socket: zmq.Socket, endpoint: str) -> str:

@@ -40,8 +40,11 @@ from ddml_common.protocol import ErrorCode
 logger = logging.getLogger("broker.broker")
 
 _REPLIES_MAX_BYTES = 16 << 20  # outputs per REPLIES message; larger sets go in several
+_STATUS_METADATA_BUDGET = 4 * protocol.MAX_DOCUMENT_SIZE  # models' metadata in one STATUS, in all
 _MAX_REMEMBERED_MODELS = 1024  # models once served but served no longer, remembered for 503 rather than 404
 _WORKER_INPUT_CODES = frozenset((ErrorCode.BAD_REQUEST.value, ErrorCode.MODEL_ERROR.value))  # a worker's own; others: MODEL_ERROR
+# Refusals a peer causes at will (a flood of unknown model names, say): logged rate-limited, not a line each.
+_REFUSALS = frozenset((ErrorCode.NO_SUCH_MODEL, ErrorCode.BAD_REQUEST, ErrorCode.UNAVAILABLE))
 _REPLY_STAT = {"ok": "replies_ok", **{code.value: f"replies_{code.value.lower()}" for code in ErrorCode}}
 
 
@@ -122,17 +125,18 @@ class BrokerCore:
                                         protocol.Disconnect("expired: send READY", worker.registration)))
             for worker in self._workers.due_for_heartbeat(now):
                 self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Heartbeat(self.instance_id)))
-            for dispatch in self._batcher.assign(self._workers.with_room(), now):
+            for dispatch in self._batcher.assign(self._workers.with_room(now), now, self._workers.serves_elsewhere):
                 self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
         except Exception:
             self.stats["internal_errors"] += 1
             if throttled(self.stats["internal_errors"]):
                 logger.exception("internal error in the broker's timers (%d so far)", self.stats["internal_errors"])
 
-    def flush(self, send: SendFn, now: float) -> None:
+    def flush(self, send: SendFn, now: float, not_tried: Callable[[Send], None] | None = None) -> None:
         """Hand every pending message to `send`, in order. A batch that cannot be sent is not lost:
         its worker is dropped and the batch goes back to the queue unrun. Later messages to a worker
-        whose send failed are not tried (they would reach a peer the broker has just forgotten)."""
+        whose send failed are not tried (they would reach a peer the broker has just forgotten); each
+        goes to `not_tried`, so that the shell counts it as dropped, for the same reason as the first."""
         self._flush_replies()
         failed_workers: set[bytes] = set()
         while self._sends:
@@ -140,6 +144,8 @@ class BrokerCore:
             for instruction in sends:
                 if instruction.peer is Peer.WORKER and instruction.peer_id in failed_workers:
                     delivered = False
+                    if not_tried is not None:
+                        not_tried(instruction)
                 else:
                     delivered = send(instruction)
                 if delivered:
@@ -190,14 +196,28 @@ class BrokerCore:
     def describe(self, now: float) -> BrokerSnapshot:
         """Every figure the broker reports, copied: for STATUS, and for the shell's /metrics."""
         models, histograms = {}, {}
+        shared: dict[int, str] = {}  # id of a metadata document -> the model whose entry carries it
+        metadata_budget = _STATUS_METADATA_BUDGET
         for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
             oldest = self._batcher.oldest_enqueued_at(name)
             serving = [w for w in self._workers if name in w.models]
             stats = self._stats_for(name)
+            source = next((w for w in serving if w.metadata), None)
+            metadata_from = shared.get(id(source.metadata)) if source is not None else None
+            if source is not None and metadata_from is None:
+                if source.metadata_size <= metadata_budget:
+                    metadata_budget -= source.metadata_size
+                    shared[id(source.metadata)] = name
+                else:
+                    metadata_from = ""  # over the budget: left out
             models[name] = {
                 "workers": len(serving),
                 "max_batch_size": max((w.max_batch_size for w in serving), default=0),
-                "metadata": next((w.metadata for w in serving if w.metadata), {}),
+                # A READY's metadata goes into STATUS once, whatever number of models it names: the
+                # entries of its other models name the entry that carries it (gateway/catalog.py
+                # reads it there). Past a budget in total, metadata is left out ("metadata_from": "").
+                "metadata": source.metadata if source is not None and metadata_from is None else {},
+                **({} if metadata_from is None else {"metadata_from": metadata_from}),
                 "queued_requests": self._batcher.queued_requests(name),
                 "queued_items": self._batcher.queued_items(name),
                 "queued_bytes": self._batcher.queued_bytes(name),
@@ -350,10 +370,12 @@ class BrokerCore:
     def _on_batch_result(self, worker_id: bytes, result: protocol.BatchResult, now: float) -> None:
         worker = self._workers.get(worker_id)
         batch = worker.in_flight.get(result.batch_id)
-        if batch is None:
+        if batch is None:  # late, or forged: counted, and logged rate-limited (a worker may send a flood)
             self.stats["late_results"] += 1
-            logger.warning("discarded result for unknown batch %d from worker %s", result.batch_id, worker_id.hex(),
-                           extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
+            if throttled(self.stats["late_results"]):
+                logger.warning("discarded result for unknown batch %d from worker %s (%d so far)", result.batch_id,
+                               worker_id.hex(), self.stats["late_results"],
+                               extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
             return
         if result.indices:
             self._on_partial_result(worker, batch, result, now)
@@ -515,7 +537,7 @@ class BrokerCore:
         for batch in worker.in_flight.values():
             if batch.sent:  # of a continuous worker's batch, only the inputs it had not answered
                 self._retry_isolated(batch.unanswered(), f"a worker running it was lost ({reason})", now,
-                                     code=ErrorCode.WORKER_LOST)
+                                     code=ErrorCode.WORKER_LOST, lost_on=worker.worker_id)
             else:  # never delivered, so never run: back to the front of the queue as it was
                 unsent.extend(batch.items)
         self._requeue_unrun(unsent)
@@ -528,25 +550,48 @@ class BrokerCore:
         self._batcher.requeue(items)
 
     def _retry_isolated(self, items: list[WorkItem], why: str, now: float,
-                        code: ErrorCode = ErrorCode.MODEL_ERROR) -> None:
+                        code: ErrorCode = ErrorCode.MODEL_ERROR, lost_on: bytes | None = None) -> None:
         """Requeue the items of a failed batch to run one per batch, or fail those tried enough.
 
         Running each alone, rather than bisecting, keeps every input at --max-attempts executions
         (2 by default) while still telling a poison input from the bystanders in its batch.
+
+        lost_on: the worker the items were lost with. They run again elsewhere while another worker
+        serves their model (Batcher.assign), so a worker that loses every batch (a black hole, a
+        wedged model) cannot make innocent inputs fail; and an input is called poison only when it
+        was lost with distinct workers, or with the only worker that could take it.
         """
         retry = []
+        max_attempts = self._config.batching.max_attempts
         for item in items:
             if item.request.done:
                 continue
-            if item.attempts >= self._config.batching.max_attempts:
-                alone = " when run alone: it looks like a poison input" if item.isolated else ""
-                self._finish(item.request, now, code,
-                             f"input {item.index} failed {item.attempts} times{alone}; last time {why}"[:1000])
+            again = lost_on in item.lost_on  # lost with it before, so no other worker could take it
+            if lost_on is not None and not again:
+                item.lost_on += (lost_on,)
+            if item.attempts >= max_attempts:
+                self._finish(item.request, now, code, self._exhausted_message(item, why, again)[:1000])
             else:
                 item.isolated = True
                 retry.append(item)
                 self._stats_for(item.request.model).redispatched += 1
         self._batcher.requeue(retry)
+
+    def _exhausted_message(self, item: WorkItem, why: str, again: bool) -> str:
+        """Why an input that ran --max-attempts times fails, naming the workers it was lost with.
+        Poison only if it was lost with two distinct workers, or with the only one that could take it."""
+        workers = [worker_id.hex() for worker_id in item.lost_on]
+        if len(workers) > 1:
+            where = f"lost with {len(workers)} distinct workers: {', '.join(workers)}"
+        elif again:
+            where = (f"lost with worker {workers[0]}, the only worker that could take it "
+                     f"(serving model {item.request.model!r})")
+        else:
+            where = f"lost with worker {workers[0]}" if workers else ""
+        poison = item.isolated and (len(workers) != 1 or again)
+        alone = " when run alone: it looks like a poison input" if poison else (" when run alone" if item.isolated else "")
+        return "; ".join(filter(None, (f"input {item.index} failed {item.attempts} times{alone}",
+                                       f"last time {why}", where)))
 
     def _expire_requests(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -576,7 +621,12 @@ class BrokerCore:
             # same batch result finished.
             self._outbox.setdefault(request.gateway_id, []).append(request)
             return
-        if code is not ErrorCode.OVERLOADED:
+        if code in _REFUSALS:  # a peer's doing, and it may flood: counted (replies_*), logged rate-limited
+            count = self.stats[_REPLY_STAT[outcome]]
+            if throttled(count):
+                logger.info("request %s refused: %s %s (%d so far)", request.request_id, code.value, message[:200],
+                            count, extra={"request_id": request.request_id, "model": request.model[:64]})
+        elif code is not ErrorCode.OVERLOADED:
             logger.info("request %s failed: %s %s", request.request_id, code.value, message,
                         extra={"request_id": request.request_id, "model": request.model})
         reply = protocol.Reply(

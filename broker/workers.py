@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from broker.batching import InFlightBatch
 from broker.config import HeartbeatConfig
-from ddml_common.protocol import Ready
+from ddml_common.protocol import Ready, document_size
 
 _LATENCY_EWMA_WEIGHT = 0.2  # weight of the newest batch in the recent-latency average
 _RECENT_BATCHES = 64  # compute times kept per worker, for its p50
+# A new registration's latency until its first result: pessimistic, so that it is not preferred over
+# workers that have shown what they do (at 0 it would win every tie, a black hole included).
+_LATENCY_PRIOR_S = 1.0
+_OFFENCES_KEPT = 4096  # identities whose overrun batches are remembered (identities are peer-chosen)
+_SUSPECT_BACKOFF_MAX_S = 600.0  # the longest a worker that overran batches is kept from new work
+
+
+@dataclass
+class Offences:
+    """What a worker identity did wrong, kept across its registrations."""
+
+    overruns: int = 0  # batches it let pass their deadline
+    suspect_until: float = -math.inf  # no new work for it before then
 
 
 @dataclass
@@ -38,6 +51,7 @@ class WorkerState:
     stats: dict = field(default_factory=dict)  # the worker's own figures, from its heartbeats
     draining: bool = False  # it asked for no more batches (graceful shutdown)
     metadata: dict = field(default_factory=dict)  # the model's tensors in and out, from READY
+    metadata_size: int = 0  # protocol.document_size(metadata): what it costs a STATUS
     recent_compute_s: deque = field(default_factory=lambda: deque(maxlen=_RECENT_BATCHES))
     last_batch_size: int = 0  # of the batch it completed last (batching's refill hold)
     last_compute_s: float = 0.0
@@ -47,6 +61,10 @@ class WorkerState:
     saturated: bool = False  # it handed a batch back BUSY (full with another broker's work) and has not spoken since
 
     max_inputs: int = 0  # > 0: continuous batching (it holds up to this many inputs, from any number of batches)
+    # It overran a batch deadline: no new work before then while a trusted worker serves its models (None:
+    # not held back). The batcher decides that (Batcher.assign); alone, a suspect still serves, on probation.
+    suspect_until: float | None = None
+    on_probation: bool = False  # it overran a batch deadline: one batch at a time, and last choice, until it answers
 
     @property
     def in_flight_items(self) -> int:
@@ -55,6 +73,8 @@ class WorkerState:
     @property
     def has_room(self) -> bool:
         if self.draining or self.saturated:
+            return False
+        if self.on_probation and self.in_flight:
             return False
         if self.max_inputs:
             return self.in_flight_items < self.max_inputs
@@ -80,7 +100,8 @@ class WorkerState:
             "max_inputs": self.max_inputs,
             "batches": self.batches_done,
             "items": self.items_done,
-            "latency_ewma_ms": round(self.latency_ewma_s * 1000, 3),
+            "latency_ewma_ms": round(self.latency_ewma_s * 1000, 3) if self.batches_done else 0.0,
+            "on_probation": self.on_probation,
             "p50_batch_latency_ms": round(statistics.median(self.recent_compute_s) * 1000, 3)
             if self.recent_compute_s else 0.0,
             "last_heartbeat_age_s": round(now - self.last_seen_at, 3),
@@ -94,6 +115,8 @@ class WorkerRegistry:
         self._config = config
         self._workers: dict[bytes, WorkerState] = {}
         self._served: frozenset[str] | None = None  # models some worker serves; None: recompute
+        # By identity, oldest first, bounded: a re-registration must not wipe a worker's record.
+        self._offences: OrderedDict[bytes, Offences] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._workers)
@@ -109,9 +132,11 @@ class WorkerRegistry:
         """Add a worker. Returns the state it replaces, if it was already registered."""
         previous = self._workers.pop(worker_id, None)
         self._served = None
-        self._workers[worker_id] = WorkerState(
+        models = frozenset(ready.models)
+        offences = self._offences.get(worker_id)
+        worker = self._workers[worker_id] = WorkerState(
             worker_id=worker_id,
-            models=frozenset(ready.models),
+            models=models,
             max_batch_size=ready.max_batch_size,
             max_batches=ready.max_batches,
             device=ready.device,
@@ -122,9 +147,15 @@ class WorkerRegistry:
             expires_at=now + self._config.expiry_s,
             heartbeat_due_at=now,
             metadata=ready.metadata,
+            metadata_size=document_size(ready.metadata) if ready.metadata else 0,
             peer_key=peer_key,
             max_inputs=ready.max_inputs,
+            latency_ewma_s=max([_LATENCY_PRIOR_S] + [w.latency_ewma_s for w in self._workers.values()
+                                                     if w.batches_done and not w.models.isdisjoint(models)]),
         )
+        if offences is not None:
+            worker.on_probation = True
+            worker.suspect_until = offences.suspect_until if offences.suspect_until > now else None
         return previous
 
     def heard_from(self, worker_id: bytes, now: float) -> WorkerState | None:
@@ -140,8 +171,33 @@ class WorkerRegistry:
         self._served = None
         return self._workers.pop(worker_id, None)
 
-    def with_room(self) -> list[WorkerState]:
+    def with_room(self, now: float = -math.inf) -> list[WorkerState]:
+        """Workers that may take a batch now (a suspect among them: see suspect_until). A suspect whose
+        backoff has ended is no longer held back; it stays on probation until it answers."""
+        for worker in self._workers.values():
+            if worker.suspect_until is not None and worker.suspect_until <= now:
+                worker.suspect_until = None
         return [w for w in self._workers.values() if w.has_room]
+
+    def serves_elsewhere(self, model: str, worker_ids: tuple[bytes, ...]) -> bool:
+        """Whether a live worker other than these serves the model (not draining, nor held back as a suspect)."""
+        return any(model in w.models and w.worker_id not in worker_ids and not w.draining
+                   and w.suspect_until is None for w in self._workers.values())
+
+    def offences(self, worker_id: bytes) -> Offences | None:
+        return self._offences.get(worker_id)
+
+    def _record_overrun(self, worker: WorkerState, now: float) -> None:
+        """The worker let a batch pass its deadline: hold it back for a backoff that doubles with each
+        overrun, from the batch timeout floor. The record outlives its registration, within a bound."""
+        offences = self._offences.pop(worker.worker_id, None) or Offences()
+        self._offences[worker.worker_id] = offences  # the most recent offender last
+        offences.overruns += 1
+        backoff_s = min(_SUSPECT_BACKOFF_MAX_S,
+                        self._config.batch_timeout_floor_s * 2.0 ** min(offences.overruns - 1, 30))
+        offences.suspect_until = now + backoff_s
+        while len(self._offences) > _OFFENCES_KEPT:
+            self._offences.popitem(last=False)
 
     def serves(self, model: str) -> bool:
         if self._served is None:  # asked once per request; recomputed only when workers come or go
@@ -156,9 +212,10 @@ class WorkerRegistry:
 
     def batch_timeout_s(self, worker: WorkerState) -> float:
         """How long a batch may run before the broker takes it away."""
+        measured_s = worker.latency_ewma_s if worker.batches_done else 0.0  # not the prior
         return max(
             self._config.batch_timeout_floor_s,
-            self._config.batch_timeout_factor * worker.latency_ewma_s * worker.max_batches,
+            self._config.batch_timeout_factor * measured_s * worker.max_batches,
         )
 
     def refused(self, worker_id: bytes, batch_id: int) -> InFlightBatch | None:
@@ -175,6 +232,7 @@ class WorkerRegistry:
         worker = self._workers.get(batch.worker_id)
         if worker is not None:
             batch.deadline_at = now + self.batch_timeout_s(worker)
+            worker.on_probation = False  # it answered: trusted again
 
     def completed(self, worker_id: bytes, batch_id: int, compute_s: float,
                   now: float = -math.inf) -> InFlightBatch | None:
@@ -185,24 +243,27 @@ class WorkerRegistry:
         batch = worker.in_flight.pop(batch_id, None)
         if batch is None:
             return None
+        worker.latency_ewma_s = (
+            compute_s
+            if worker.batches_done == 0  # the first measurement replaces the prior
+            else (1 - _LATENCY_EWMA_WEIGHT) * worker.latency_ewma_s + _LATENCY_EWMA_WEIGHT * compute_s
+        )
         worker.batches_done += 1
         worker.items_done += len(batch.items)
         worker.recent_compute_s.append(compute_s)
         worker.last_batch_size, worker.last_compute_s, worker.last_completed_at = len(batch.items), compute_s, now
-        worker.latency_ewma_s = (
-            compute_s
-            if worker.latency_ewma_s == 0
-            else (1 - _LATENCY_EWMA_WEIGHT) * worker.latency_ewma_s + _LATENCY_EWMA_WEIGHT * compute_s
-        )
+        worker.on_probation = False  # it answered: trusted again (its record stays, for the next backoff)
         return batch
 
     def expire(self, now: float) -> list[WorkerState]:
         """Remove and return workers that went silent, or that sit on a batch past its deadline."""
-        dead = [
-            w
-            for w in self._workers.values()
-            if w.expires_at <= now or any(b.deadline_at <= now for b in w.in_flight.values())
-        ]
+        dead = []
+        for worker in self._workers.values():
+            overran = any(b.deadline_at <= now for b in worker.in_flight.values())
+            if overran:
+                self._record_overrun(worker, now)
+            if overran or worker.expires_at <= now:
+                dead.append(worker)
         for worker in dead:
             del self._workers[worker.worker_id]
             self._served = None
@@ -219,6 +280,8 @@ class WorkerRegistry:
         deadline = math.inf
         for worker in self._workers.values():
             deadline = min(deadline, worker.expires_at, worker.heartbeat_due_at)
+            if worker.suspect_until is not None:
+                deadline = min(deadline, worker.suspect_until)
             for batch in worker.in_flight.values():
                 deadline = min(deadline, batch.deadline_at)
         return deadline

@@ -52,6 +52,7 @@ MAX_SIZE = 1 << 31  # REQUEST.sizes: one input's cost hint is below this
 MAX_TRACEPARENT_LEN = 55  # W3C traceparent, version 00: "00-" + 32 + "-" + 16 + "-" + 2 hex digits
 MAX_TRACESTATE_LEN = 512  # W3C tracestate: at most 32 members of a few characters each
 MAX_DURATION_MS = 1 << 40  # |timeout_ms|, compute_ms, retry_after_ms: 35 years, exact as a float
+MAX_ID = (1 << 63) - 1  # batch ids, pids, registration counts: an int64, as every peer's language can hold
 MAX_STATS = 256  # entries in a HEARTBEAT's stats, those of nested maps included
 MAX_DOCUMENT_DEPTH = 8  # READY.metadata: lists and maps within each other
 MAX_DOCUMENT_SIZE = 1 << 20  # READY.metadata: one per value, plus the length of each string
@@ -386,8 +387,8 @@ def _check_ready(message: Ready) -> None:
         raise _refuse("Ready.max_batches", f"in [1, {MAX_BATCHES}]", message.max_batches)
     _check_text(message.device, "Ready.device", MAX_NAME_LEN)
     _check_text(message.host, "Ready.host", MAX_NAME_LEN)
-    if message.pid < 0:
-        raise _refuse("Ready.pid", "a non-negative int", message.pid)
+    if not 0 <= message.pid <= MAX_ID:
+        raise _refuse("Ready.pid", "an int in [0, 2**63)", message.pid)
     if not 0 <= message.max_inputs <= MAX_ITEMS:
         raise _refuse("Ready.max_inputs", f"in [0, {MAX_ITEMS}]", message.max_inputs)
     _check_document(message.metadata, "Ready.metadata", MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_SIZE)
@@ -397,8 +398,8 @@ def _check_heartbeat(message: Heartbeat) -> None:
     _check_text(message.instance_id, "Heartbeat.instance_id", MAX_NAME_LEN)
     if message.stats:
         _check_stats(message.stats)
-    if message.registration < 0:
-        raise _refuse("Heartbeat.registration", "a non-negative int", message.registration)
+    if not 0 <= message.registration <= MAX_ID:
+        raise _refuse("Heartbeat.registration", "an int in [0, 2**63)", message.registration)
 
 
 def _check_request(message: Request) -> None:
@@ -433,8 +434,8 @@ def _check_trace(trace: list, where: str, length: int) -> None:
 
 
 def _check_batch(message: Batch) -> None:
-    if message.batch_id < 0:
-        raise _refuse("Batch.batch_id", "a non-negative int", message.batch_id)
+    if not 0 <= message.batch_id <= MAX_ID:
+        raise _refuse("Batch.batch_id", "an int in [0, 2**63)", message.batch_id)
     if not 0 < len(message.model) <= MAX_NAME_LEN:
         raise _refuse("Batch.model", _NAME, message.model)
     if len(message.request_ids) != len(message.inputs):
@@ -463,8 +464,8 @@ def _check_by_request(values: dict, where: str, most: int, of: str, check: Any) 
 
 
 def _check_batch_result(message: BatchResult) -> None:
-    if message.batch_id < 0:
-        raise _refuse("BatchResult.batch_id", "a non-negative int", message.batch_id)
+    if not 0 <= message.batch_id <= MAX_ID:
+        raise _refuse("BatchResult.batch_id", "an int in [0, 2**63)", message.batch_id)
     # One chained comparison refuses NaN (every comparison with it is false) and infinities.
     if not 0 <= message.compute_ms <= MAX_DURATION_MS:
         raise _refuse("BatchResult.compute_ms", "a finite number in [0, 2**40]", message.compute_ms)
@@ -539,8 +540,8 @@ def _check_replies(message: Replies) -> None:
 
 def _check_disconnect(message: Disconnect) -> None:
     _check_text(message.reason, "Disconnect.reason", MAX_TEXT_LEN)
-    if message.registration < 0:
-        raise _refuse("Disconnect.registration", "a non-negative int", message.registration)
+    if not 0 <= message.registration <= MAX_ID:
+        raise _refuse("Disconnect.registration", "an int in [0, 2**63)", message.registration)
 
 
 def _check_status_request(message: StatusRequest) -> None:
@@ -662,6 +663,12 @@ def _is_scalar(value: Any) -> bool:
     return kind in _SCALARS
 
 
+def document_size(value: Any) -> int:
+    """The size of a JSON-like value that decode() let through (READY.metadata), in the units of
+    MAX_DOCUMENT_SIZE: one per value plus the length of each string."""
+    return MAX_DOCUMENT_SIZE - _check_document(value, "document", MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_SIZE)
+
+
 def _check_document(value: Any, where: str, depth: int, budget: int) -> int:
     """A JSON-like value (str keys, finite floats, no bin) of bounded depth and size.
 
@@ -768,24 +775,52 @@ def _unpackb(data: bytes, max_len: int, object_hook=None) -> Any:
             # msgpack derives its own caps from len(data) (maps: half of it), and up to this size they
             # are exactly the caps below. Passing them costs more than the unpacking (5 µs vs 2.5).
             if object_hook is None:
-                return msgpack.unpackb(data, ext_hook=_refuse_ext)
-            return msgpack.unpackb(data, ext_hook=_refuse_ext, object_hook=object_hook)
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=min(len(data), MAX_STR_LEN),
-            max_bin_len=min(len(data), max_len),
-            max_array_len=min(len(data), MAX_CONTAINER_LEN),
-            max_map_len=min(len(data) // 2, MAX_CONTAINER_LEN),
-            max_ext_len=min(len(data), MAX_STR_LEN),  # let _refuse_ext name the type, rather than a length
-            ext_hook=_refuse_ext,
-            object_hook=object_hook,
-        )
+                value = msgpack.unpackb(data, ext_hook=_refuse_ext)
+            else:
+                value = msgpack.unpackb(data, ext_hook=_refuse_ext, object_hook=object_hook)
+        else:
+            value = msgpack.unpackb(
+                data,
+                raw=False,
+                strict_map_key=True,
+                max_str_len=min(len(data), MAX_STR_LEN),
+                max_bin_len=min(len(data), max_len),
+                max_array_len=min(len(data), MAX_CONTAINER_LEN),
+                max_map_len=min(len(data) // 2, MAX_CONTAINER_LEN),
+                max_ext_len=min(len(data), MAX_STR_LEN),  # let _refuse_ext name the type, rather than a length
+                ext_hook=_refuse_ext,
+                object_hook=object_hook,
+            )
     except DecodeError:
         raise
     except Exception as error:  # msgpack: "unpack may raise exception other than subclass of UnpackException"
         raise DecodeError(f"{type(error).__name__}: {error}"[:300]) from error
+    if _may_hold_timestamp(data):
+        _refuse_timestamps(value)
+    return value
+
+
+def _may_hold_timestamp(data: bytes | memoryview) -> bool:
+    """msgpack decodes extension type -1 (a timestamp) itself and never calls ext_hook, whatever its
+    options. Its encoding holds the byte 0xff (the type), so only data with that byte is walked."""
+    whole = data.obj if isinstance(data, memoryview) else data  # (`in` on a memoryview compares ints)
+    try:
+        return whole.find(b"\xff") >= 0
+    except (AttributeError, TypeError):
+        return True
+
+
+def _refuse_timestamps(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is list:
+            stack.extend(item)
+        elif kind is dict:
+            stack.extend(item.values())
+        elif kind is msgpack.Timestamp:
+            raise DecodeError("msgpack extension type -1 (timestamp) is not accepted")
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
 import os
 import threading
 from concurrent.futures import Future
@@ -97,6 +98,7 @@ class BrokerClient:
 
     def submit(self, model: str, inputs: list, timeout_s: float, priority: int = 0) -> Future:
         """Send one request; the Future resolves to the outputs (decoded), or raises BrokerError."""
+        _check_timeout(timeout_s)
         encoded = [protocol.encode_value(value) for value in inputs]
         return self._hand_over(
             lambda request_id: self._request_message(request_id, model, inputs, encoded, timeout_s, priority),
@@ -107,6 +109,7 @@ class BrokerClient:
         """Send one request on this thread's own DEALERs and wait there for its outputs. Raises BrokerError.
         With a `timings` map, ask where the request's time went, and put the reply's figures in it
         (protocol.TIMINGS: queue_ms, prepare_ms, forward_ms)."""
+        _check_timeout(timeout_s)
         self._ensure_started()
         transport = self._thread_transport()
         request_id = f"{self._pid}-{next(self._ids)}"
@@ -235,3 +238,10 @@ def _outputs_of(outcome: Outcome) -> list[Any]:
         return [protocol.decode_value(output) for output in reply.outputs]
     except protocol.DecodeError as error:
         raise BrokerError(ErrorCode.INTERNAL, f"broker reply could not be decoded: {error}") from error
+
+
+def _check_timeout(timeout_s: float) -> None:
+    """NaN or an infinity would end in int() deep in a send (a 500): refuse it as the caller's error."""
+    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not math.isfinite(timeout_s):
+        raise BrokerError(ErrorCode.BAD_REQUEST, f"a request's timeout must be a finite number of seconds, "
+                                                 f"got {timeout_s!r:.40}")

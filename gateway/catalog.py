@@ -15,10 +15,18 @@ from typing import Callable
 
 import falcon
 
+from ddml_common.protocol import MAX_NAME_LEN
 from gateway.broker_client import BrokerClient, BrokerError
+from gateway.errors import invalid
 
 CACHE_S = 1.0  # models change only when workers come and go
 _STATUS_TIMEOUT_S = 2.0
+
+
+def check_model_name(model: str) -> None:
+    """A name the wire can carry, or a 400 that names the client's field (not the wire's Request.model)."""
+    if not 0 < len(model) <= MAX_NAME_LEN:
+        raise invalid(f"'model' must be 1 to {MAX_NAME_LEN} characters, got {len(model)}", "model")
 
 
 def split_version(model: str) -> tuple[str, str | None]:
@@ -28,8 +36,10 @@ def split_version(model: str) -> tuple[str, str | None]:
 
 
 class Catalog:
-    def __init__(self, broker: BrokerClient, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, broker: BrokerClient, clock: Callable[[], float] = time.monotonic,
+                 every_broker: bool = False):
         self._broker = broker
+        self._every_broker = every_broker  # ask every broker (/v1/status, /v1/models), or the first that answers
         self._clock = clock
         self._status: dict | None = None
         self._fetched_at = 0.0
@@ -45,16 +55,23 @@ class Catalog:
             return cached  # another thread is refreshing it
         try:
             if self._status is None or self._clock() - self._fetched_at > CACHE_S:
-                self._status = self._broker.status(timeout_s=_STATUS_TIMEOUT_S, every_broker=False)
+                self._status = self._broker.status(timeout_s=_STATUS_TIMEOUT_S, every_broker=self._every_broker)
                 self._fetched_at = self._clock()
             return self._status
         finally:
             self._refreshing.release()
 
     def model(self, model: str) -> dict | None:
-        """The broker's entry for a model name (or `name@version`), if a live worker serves it."""
-        info = self.status()["models"].get(model)
-        return info if info and info.get("workers") else None
+        """The broker's entry for a model name (or `name@version`), if a live worker serves it. Its
+        metadata is filled in from the entry that carries it (STATUS sends a READY's metadata once)."""
+        models = self.status()["models"]
+        info = models.get(model)
+        if not info or not info.get("workers"):
+            return None
+        source = info.get("metadata_from")
+        if source is not None:
+            info = {**info, "metadata": (models.get(source) or {}).get("metadata") or {}}
+        return info
 
     def versions(self, name: str) -> list[str]:
         """The versions of a model that live workers serve, sorted."""

@@ -66,7 +66,7 @@ class EmbedResource(_ModelResource):
             raise invalid(f"'embedding_types' may hold only {', '.join(EMBEDDING_TYPES)}, got {types!r:.80}",
                           "embedding_types")
         truncate = body.get("truncate", "END")
-        options = _TRUNCATE.get(truncate.upper() if isinstance(truncate, str) else truncate)
+        options = _TRUNCATE.get(truncate.upper()) if isinstance(truncate, str) else None  # (a list: unhashable)
         if options is None:
             raise invalid(f"'truncate' must be NONE, START or END, got {truncate!r:.40}", "truncate")
         outputs = self._ask(req, model, [{"text": text, "count_tokens": True, **options} for text in texts])

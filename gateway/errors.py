@@ -8,15 +8,18 @@ Each surface then only chooses the shape of its body, as a function of the HttpE
     openai_body   v1 and OpenAI  {"error": {"message", "type", "param", "code"}}  (also Falcon's own errors)
     v2_body       KServe v2      {"error": "..."}
 
-The app-wide handler writes openai_body; a surface with another shape wraps its responders in
-`errors_as(its_body)`. Retry-After (on every 503) is the broker's estimate rounded up to whole
+The app-wide handlers write the shape of the path's surface (`shape_for`: v2_body on KServe's paths, else
+openai_body), for errors raised outside a responder too (middleware, falcon's own, a bug's 500); a
+surface with another shape also wraps its responders in `errors_as(its_body)`. Retry-After (on every 503) is the broker's estimate rounded up to whole
 seconds, at least 1: a client told to wait less than the estimate would only be refused again.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,9 +46,12 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.TIMEOUT: 504,
 }
 _DEFAULT_RETRY_AFTER_S = 1
+logger = logging.getLogger(__name__)
 
 # Falcon's own errors (unknown route, wrong method, ...) get codes in the same vocabulary.
-_CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST"}
+_CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST", 403: "FORBIDDEN",
+                          414: "URI_TOO_LONG", 417: "EXPECTATION_FAILED", 431: "HEADERS_TOO_LARGE",
+                          500: "INTERNAL", 501: "NOT_IMPLEMENTED"}
 
 
 class GatewayError(BrokerError):
@@ -120,6 +126,13 @@ def errors_as(shape: BodyShape):
                 responder(self, req, resp, **params)
             except BrokerError as error:
                 write_error(resp, http_error(error), shape)
+            except falcon.HTTPError as error:  # falcon's own (a header it could not parse, ...): our shape too
+                write_error(resp, _falcon_http_error(error), shape)
+                for name, value in (error.headers or {}).items():
+                    resp.set_header(name, value)
+            except Exception as error:  # a bug: a 500, in this surface's shape, and logged
+                logger.exception("unexpected error on %s %s", req.method, req.path)
+                write_error(resp, _unexpected(error), shape)
 
         return wrapped
 
@@ -132,18 +145,46 @@ def invalid(message: str, param: str | None = None) -> GatewayError:
 
 
 def handle_broker_error(req: falcon.Request, resp: falcon.Response, error: BrokerError, params) -> None:
-    write_error(resp, http_error(error))
+    write_error(resp, http_error(error), shape_for(req))
+
+
+def shape_for(req: falcon.Request) -> BodyShape:
+    """The body shape of the surface a path belongs to: KServe v2's (/v2, /v2/health/..., /v2/models/...),
+    else OpenAI's. (Cohere's /v2/rerank and /v2/embed are not KServe's.)"""
+    path = req.path
+    return v2_body if path == "/v2" or path.startswith(("/v2/models/", "/v2/health/")) else openai_body
+
+
+def _falcon_http_error(error: falcon.HTTPError) -> HttpError:
+    status = error.status_code
+    code = _CODE_BY_FALCON_STATUS.get(status, "HTTP_%d" % status)
+    return HttpError(status, code, error.description or error.title or "error", from_gateway=True)
+
+
+def _unexpected(error: Exception) -> HttpError:
+    return HttpError(500, ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}"[:500])
 
 
 def serialize_falcon_error(req: falcon.Request, resp: falcon.Response, error: falcon.HTTPError) -> None:
     """Falcon's own errors (it sets the status and headers): the same body, with a code of ours."""
-    status = error.status_code
-    code = _CODE_BY_FALCON_STATUS.get(status, "HTTP_%d" % status)
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps(openai_body(HttpError(status, code, error.description or error.title or "error")))
+    resp.data = orjson.dumps(shape_for(req)(_falcon_http_error(error)))
 
 
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, error: Exception, params) -> None:
     if isinstance(error, falcon.HTTPError):
         raise error
-    write_error(resp, HttpError(500, ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}"[:500]))
+    logger.exception("unexpected error on %s %s", req.method, req.path)
+    write_error(resp, _unexpected(error), shape_for(req))
+
+
+def server_refusal(status: int, reason: str, message: str) -> bytes:
+    """A whole HTTP response for a request the server refused before the app saw it (gunicorn's own
+    400, 414, 431, ...: gateway/gunicorn_conf.py routes them here): the JSON error shape, and an
+    X-Request-ID. The client's own id cannot be echoed, since its headers did not parse: a new one."""
+    code = _CODE_BY_FALCON_STATUS.get(status, "HTTP_%d" % status)
+    body = orjson.dumps(openai_body(HttpError(status, code, message or reason)))
+    reason = "".join(c for c in reason if " " <= c <= "~")[:64]  # (gunicorn's own words, but never a CR/LF)
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-ID: {uuid.uuid4().hex}\r\n\r\n")
+    return head.encode("latin-1") + body

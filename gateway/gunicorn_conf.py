@@ -16,9 +16,11 @@ import subprocess
 import sys
 import threading
 
+from gunicorn import util as gunicorn_util
 from gunicorn.workers import gthread
 
 from gateway.config import DEFAULT_WORKERS, build_parser, graceful_timeout_s
+from gateway.errors import server_refusal
 
 # gunicorn 27's gthread worker, once stopping, keeps each kept-alive client connection open for
 # STOP_KEEPALIVE_LINGER (2 s), so that a request already on its way on one is still answered;
@@ -28,6 +30,12 @@ from gateway.config import DEFAULT_WORKERS, build_parser, graceful_timeout_s
 STOP_KEEPALIVE_LINGER_S = 0.5
 if hasattr(gthread, "STOP_KEEPALIVE_LINGER"):
     gthread.STOP_KEEPALIVE_LINGER = STOP_KEEPALIVE_LINGER_S
+
+# gunicorn's own refusals (a request line or header it cannot parse, headers too large, a bad chunk)
+# are written by util.write_error, which every worker calls by module attribute: JSON instead of HTML,
+# with an X-Request-ID (gateway/errors.py). Refusals it writes no response for stay without one.
+gunicorn_util.write_error = lambda sock, status, reason, message: gunicorn_util.write_nonblock(
+    sock, server_refusal(status, reason, message))
 
 _args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
 

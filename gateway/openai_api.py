@@ -32,7 +32,7 @@ import numpy as np
 
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, check_model_name
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from gateway.resources import check_document, parse_document, read_body, write_document
@@ -59,6 +59,7 @@ class _ModelResource:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise invalid("'model' must name a model (GET /v1/models lists them)", "model")
+        check_model_name(model)
         task = self._catalog.metadata(model).get("task")
         if task is not None and task != self.task:
             raise invalid(f"model {model!r} is a {task} model; {req.path} needs a {self.task} model", "model")

@@ -29,6 +29,7 @@ which version served it, when that is known.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from typing import Any
@@ -40,11 +41,11 @@ import orjson
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, check_model_name
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 from gateway.errors import GatewayError, errors_as, v2_body
 from gateway.request_ids import valid_request_id
-from gateway.resources import check_document, read_body
+from gateway.resources import check_document, is_finite_number, read_body
 
 SERVER_NAME = "ddml"
 SERVER_VERSION = "0.1.0"
@@ -62,6 +63,9 @@ _PRIORITY_TOP = protocol.MAX_PRIORITY
 # Errors on /v2 are {"error": "..."} with a non-200 status, as tritonclient expects: gateway/errors.py
 # chooses the status and Retry-After as for every surface, and v2_body only shapes the body.
 _v2_errors = errors_as(v2_body)
+# No body can hold more elements than it has bytes (a BYTES element takes at least its 4-byte length,
+# a JSON one at least a character), so larger shapes are refused before anything is sized from them.
+_MAX_ELEMENTS = 1 << 40
 
 
 def _bad(message: str) -> GatewayError:
@@ -260,6 +264,7 @@ def infer(broker: BrokerClient, catalog: Catalog, config: GatewayConfig, model: 
     if most_s is not None:
         timeout_s = min(timeout_s, most_s)
     served = f"{model}@{version}" if version else model
+    check_model_name(served)
     outputs = broker.request(served, rows, timeout_s=timeout_s, priority=priority, request_id_prefix=request_id)
     return _output_tensors(metadata.get("outputs", []), outputs)
 
@@ -268,8 +273,8 @@ def _schedule(parameters: dict, config: GatewayConfig) -> tuple[float, int]:
     timeout_us = parameters.get("timeout")
     if timeout_us is None:
         timeout_s = config.request_timeout_ms / 1000
-    elif isinstance(timeout_us, bool) or not isinstance(timeout_us, (int, float)) or timeout_us <= 0:
-        raise _bad(f"parameters.timeout must be a positive number of microseconds, got {timeout_us!r:.40}")
+    elif not is_finite_number(timeout_us) or timeout_us <= 0:
+        raise _bad(f"parameters.timeout must be a positive finite number of microseconds, got {timeout_us!r:.40}")
     else:
         timeout_s = min(timeout_us / 1e6, config.max_request_timeout_ms / 1000)
     priority = parameters.get("priority", 0)
@@ -289,11 +294,14 @@ def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
             raise _bad("each input needs a 'name'")
         name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
-        if not (isinstance(shape, list) and shape and all(isinstance(n, int) and n >= 0 for n in shape)):
+        if not (isinstance(shape, list) and shape and all(type(n) is int and n >= 0 for n in shape)):
             raise _bad(f"input '{name}' needs a 'shape' of non-negative integers, got {shape!r:.60}")
         if len(shape) > MAX_NESTING_DEPTH:
             raise _bad(f"input '{name}' has {len(shape)} dimensions, over the limit of {MAX_NESTING_DEPTH}")
-        count = int(np.prod(shape))
+        # Exact (Python ints): numpy's int64 product wraps, and [1, 2**32, 2**32] became 0 elements.
+        count = math.prod(shape)
+        if count > _MAX_ELEMENTS:
+            raise _bad(f"input '{name}' has a shape of {count} elements, over the limit of {_MAX_ELEMENTS}")
         size = ((tensor.get("parameters") or {}).get("binary_data_size"))
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):

@@ -22,6 +22,7 @@ Errors are {"error": {"message", "type", "param", "code"}}; gateway/errors.py pi
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ import orjson
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog, split_version, worker_version
+from gateway.catalog import Catalog, check_model_name, split_version, worker_version
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
@@ -67,6 +68,12 @@ def parse_document(req: falcon.Request, data: bytes) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as error:
         raise BrokerError(ErrorCode.BAD_REQUEST, f"malformed JSON body: {error}") from None
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int, or a float that is neither NaN nor an infinity (bool is not a number here)."""
+    kind = type(value)
+    return kind is int or (kind is float and math.isfinite(value))
 
 
 def check_document(document: dict | list, max_chars: int) -> None:
@@ -135,6 +142,7 @@ class PredictResource:
         self._catalog = catalog
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
+        check_model_name(model)
         body = parse_document(req, read_body(req, self._config.max_body_bytes))
         inputs, timeout_s, priority = self._validate(body)
         outputs = self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority,
@@ -155,8 +163,9 @@ class PredictResource:
             raise BrokerError(ErrorCode.BAD_REQUEST, f"{len(inputs)} inputs exceed the limit of {config.max_inputs}")
         check_document(body, config.max_input_chars)
         timeout_ms = body.get("timeout_ms", config.request_timeout_ms)
-        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms <= 0:
-            raise BrokerError(ErrorCode.BAD_REQUEST, f"'timeout_ms' must be a positive number, got {timeout_ms!r:.40}")
+        if not is_finite_number(timeout_ms) or timeout_ms <= 0:
+            raise BrokerError(ErrorCode.BAD_REQUEST, f"'timeout_ms' must be a positive finite number, "
+                                                     f"got {timeout_ms!r:.40}")
         priority = body.get("priority", 0)
         if (isinstance(priority, bool) or not isinstance(priority, int)
                 or not protocol.MIN_PRIORITY <= priority <= protocol.MAX_PRIORITY):
@@ -181,10 +190,11 @@ def _with_truncate(value: Any, truncate: bool) -> Any:
 
 class ModelsResource:
     def __init__(self, broker: BrokerClient):
-        self._broker = broker
+        # Cached for Catalog.CACHE_S per process: clients polling this must not multiply the broker's work.
+        self._status = Catalog(broker, every_broker=True)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        status = self._broker.status()
+        status = self._status.status()
         now_s = time.time()  # OpenAI's "created" is a Unix time
         models, listed = [], []
         for name, info in status["models"].items():
@@ -213,10 +223,10 @@ class ModelsResource:
 
 class StatusResource:
     def __init__(self, broker: BrokerClient):
-        self._broker = broker
+        self._status = Catalog(broker, every_broker=True)  # cached briefly, as /v1/models
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        write_document(req, resp, self._broker.status())
+        write_document(req, resp, self._status.status())
 
 
 class HealthResource:

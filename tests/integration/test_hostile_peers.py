@@ -15,6 +15,7 @@ with no second reply for the hostile request, and with a normal request served.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Callable
@@ -24,7 +25,8 @@ import zmq
 
 from ddml_common import protocol
 from gateway.broker_client import BrokerClient, BrokerError
-from tests.chaos import broker_clients, live_pids
+from tests.chaos import Load, broker_clients, live_pids
+from tests.hostile import BlackHole
 from tests.processes import Process, wait_until
 
 pytestmark = pytest.mark.integration
@@ -255,3 +257,33 @@ def test_batch_result_with_hostile_errors_gets_one_reply_and_the_broker_keeps_se
     assert c.submit("echo", ["after"], timeout_s=10).result(timeout=15) == ["after"]
     assert c.unmatched_replies == 0, "a second reply for the hostile batch's request"
     assert_handled(broker, c)
+
+
+def test_a_black_hole_worker_beside_a_good_one_makes_no_innocent_request_fail(stack, client):
+    """Issue #28: a worker that takes batches, heartbeats and never answers (a wedged model with a live
+    I/O thread). Its batch passes the deadline, it registers again within a millisecond, idle, and
+    took the retry, and lost it again: innocent inputs failed as "poison" (WORKER_LOST). Now a lost
+    input runs elsewhere, and the black hole is held back for a growing backoff after each overrun."""
+    batch_timeout_s = 1.0
+    broker = stack.start_broker("--heartbeat-interval-ms", "200", "--batch-timeout-s", str(batch_timeout_s))
+    black_hole = BlackHole(stack.backend, "echo", max_batch_size=4, max_batches=1,
+                           heartbeat_interval_s=0.2).start()  # first: it wins the first tie
+    try:
+        c = client()
+        wait_while_alive(broker, lambda: len(c.status()["workers"]) == 1, 10, "the black hole to register")
+        good = stack.start_worker("--model", "echo", "--max-batch-size", "4", "--max-batches", "1",
+                                  "--heartbeat-interval-ms", "200")
+        wait_while_alive(broker, lambda: good.pid in live_pids(c), 30, "the good worker to register")
+        load_s = 6.0
+        # Each request sleeps 0.1 s in the good worker, so it is often busy when a black-holed batch
+        # passes its deadline: the moment at which the retry went back to the black hole.
+        with Load(c, concurrency=4, timeout_s=30, extra={"sleep_s": 0.1}) as load:
+            time.sleep(load_s)
+            tally = load.stop()
+        assert black_hole.batches >= 1, "the black hole was never given a batch: this run tested nothing"
+        assert (tally.errors, tally.lost, tally.wrong, tally.duplicated) == ({}, 0, 0, 0), tally.reasons
+        # Held back after each overrun for batch_timeout_s × 1, 2, 4, ...: a few batches at most.
+        assert black_hole.batches <= 1 + math.ceil(math.log2(1 + (load_s + 5) / batch_timeout_s)), black_hole.batches
+        assert_handled(broker, c)
+    finally:
+        black_hole.close()

@@ -20,6 +20,8 @@ class Worker:
     last_compute_s: float = 0.0
     last_completed_at: float = float("-inf")
     max_inputs: int = 0
+    on_probation: bool = False
+    suspect_until: float | None = None
 
     @property
     def in_flight_items(self) -> int:

@@ -312,3 +312,17 @@ def test_batch_that_fails_as_a_whole_is_retried_one_input_at_a_time(harness):
     replies = [recv(g) for g in gateways]
     assert [r.error_code for r in replies] == [None, "MODEL_ERROR", None]
     assert replies[1].error_message == "input 0 (run alone, after its batch failed): poison raised"
+
+
+def test_every_dropped_send_is_counted_by_reason_and_kind_even_those_not_tried(harness):
+    """Issue #28: after the first failed send to a peer, the core tries no more to it in that pass, and
+    those were never counted: send_dropped_* undercounted a flood of DISCONNECTs about a thousandfold."""
+    from broker.core import Peer
+    ghost_heartbeat = protocol.encode(protocol.Heartbeat(registration=1))
+    for _ in range(50):  # an identity that never connected: every DISCONNECT to it is unreachable
+        harness.broker.core.on_frames(Peer.WORKER, b"ghost", ghost_heartbeat, harness.clock())
+    harness.broker._flush(harness.clock())
+    stats = harness.broker.stats
+    assert stats["send_dropped_unreachable"] == 50
+    assert stats["send_dropped_unreachable_disconnect"] == 50
+    assert stats["send_dropped_full"] == 0

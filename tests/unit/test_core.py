@@ -177,3 +177,61 @@ def test_a_rollout_of_two_versions_under_one_name_is_warned_of_once(caplog):
     core.on_frames(Peer.WORKER, b"w1", frames(protocol.Disconnect("rolled")), 0.3)
     core.on_frames(Peer.WORKER, b"w4", frames(protocol.Ready(["m", "m@v3"], 4)), 0.4)  # the next rollout warns again
     assert any("v2, v3" in r.getMessage() for r in caplog.records)
+
+
+def test_messages_not_tried_after_a_failed_send_are_handed_to_the_shell_to_count():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    wire.gone.add(b"w")
+    for _ in range(20):
+        core.on_frames(Peer.WORKER, b"w", frames(protocol.Heartbeat(registration=1)), 0.0)
+    not_tried: list[Send] = []
+    core.flush(wire, 0.0, not_tried.append)
+    assert len(not_tried) == 19 and all(isinstance(s.message, protocol.Disconnect) for s in not_tried)
+
+
+def test_floods_of_unknown_models_and_forged_results_are_counted_and_logged_rate_limited(caplog):
+    """Issue #28: each refused unknown-model request logged an INFO line (20,000: +4.9 MB), and each
+    forged result an unthrottled WARNING."""
+    import logging
+    core, wire = BrokerCore(CONFIG, "i1", now=100.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=4)), 100.0)
+    caplog.set_level(logging.INFO, logger="broker.broker")
+    for n in range(1000):
+        core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request(f"r{n}", f"nope-{n}", 1000, inputs=[b"\xa1x"])),
+                       110.0)  # (past the start, when an unknown model may be a worker rejoining)
+        core.on_frames(Peer.WORKER, b"w1", frames(protocol.BatchResult(10**9 + n, [b"x"])), 110.0)
+    step(core, wire, 110.0)
+    assert core.stats["replies_no_such_model"] == 1000 and core.stats["late_results"] == 1000
+    assert len(wire.take(b"gw", protocol.Reply)) == 1000  # each still gets its reply
+    assert len(caplog.records) <= 2 * (10 + 1000 // 100), len(caplog.records)
+
+
+def big_metadata(tag: str) -> dict:
+    return {"inputs": [{"name": f"{tag}{i}", "doc": "x" * 1000} for i in range(1000)]}  # about 1 MB
+
+
+def test_one_ready_puts_its_metadata_into_status_once_whatever_number_of_models_it_names():
+    """Issue #28: 64 model names with 1 MB of metadata made every STATUS 64 MB."""
+    core = BrokerCore(CONFIG, "i1", now=0.0)
+    models = [f"m{i}" for i in range(protocol.MAX_MODELS)]
+    ready = protocol.Ready(models, max_batch_size=4, metadata=big_metadata("a"))
+    core.on_frames(Peer.WORKER, b"rogue", frames(ready), 0.0)
+    status = core.status("s", 0.0)
+    size = len(b"".join(protocol.encode(status)))
+    assert size < 1.5 * len(b"".join(protocol.encode(ready))), size
+    carriers = [name for name, info in status.models.items() if info["metadata"]]
+    assert len(carriers) == 1
+    assert all(info.get("metadata_from") == carriers[0] for name, info in status.models.items() if name != carriers[0])
+
+
+def test_metadata_in_status_is_bounded_in_total_across_workers():
+    core = BrokerCore(CONFIG, "i1", now=0.0)
+    for n in range(12):  # each a distinct 1 MB document
+        ready = protocol.Ready([f"w{n}-m{i}" for i in range(protocol.MAX_MODELS)], max_batch_size=4,
+                               metadata=big_metadata(f"w{n}-"))
+        core.on_frames(Peer.WORKER, b"w%d" % n, frames(ready), 0.0)
+    status = core.status("s", 0.0)
+    size = len(b"".join(protocol.encode(status)))
+    assert size < 6 * protocol.MAX_DOCUMENT_SIZE, size
+    left_out = [name for name, info in status.models.items() if info.get("metadata_from") == ""]
+    assert left_out  # the models whose metadata did not fit say so

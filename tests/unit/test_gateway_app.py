@@ -1,5 +1,6 @@
 """The Falcon app with a FakeBrokerClient: validation, media types, and the ErrorCode -> HTTP table."""
 
+import json
 import struct
 
 import falcon.testing
@@ -52,7 +53,7 @@ def test_timeout_and_priority_reach_the_broker():
         (b'["a"]', JSON, 400, "body must be an object"),
         (b'{"inputs": "a"}', JSON, 400, "'inputs' must be a list"),
         (b'{"inputs": []}', JSON, 400, "must not be empty"),
-        (b'{"inputs": ["a"], "timeout_ms": -1}', JSON, 400, "'timeout_ms' must be a positive number"),
+        (b'{"inputs": ["a"], "timeout_ms": -1}', JSON, 400, "'timeout_ms' must be a positive finite number"),
         (b'{"inputs": ["a"], "priority": "high"}', JSON, 400, "'priority' must be an integer"),
         (b'{"inputs": [1, 2, 3, 4, 5, 6]}', JSON, 400, "6 inputs exceed the limit of 5"),
         (b'{"inputs": ["' + b"x" * 50 + b'"]}', JSON, 400, "over the limit of 40"),
@@ -363,3 +364,164 @@ def test_a_new_surface_plugs_its_body_shape_into_the_one_table():
     response = falcon.testing.TestClient(app).simulate_post("/embed")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json == {"error": "queue full", "error_type": "overloaded"}
+
+
+MSGPACK = {"Content-Type": "application/msgpack"}
+
+
+@pytest.mark.parametrize("timeout_ms", [float("nan"), float("inf"), float("-inf")])
+def test_a_timeout_that_is_not_finite_is_a_400_naming_the_field(timeout_ms):
+    """Issue #28: NaN in a msgpack body passed `nan <= 0` and ended in int(nan) in the broker client: a 500."""
+    broker = FakeBrokerClient()
+    body = msgpack.packb({"inputs": ["a"], "timeout_ms": timeout_ms})
+    response = client(broker).simulate_post("/v1/models/echo/predict", body=body, headers=MSGPACK)
+    assert response.status_code == 400, response.text
+    assert "'timeout_ms' must be a positive finite number" in response.json["error"]["message"]
+    assert broker.calls == []
+
+
+@pytest.mark.parametrize("timeout_us", [float("nan"), float("inf"), -1, "1", True])
+def test_a_v2_timeout_that_is_not_a_positive_finite_number_is_a_400_in_v2_shape(timeout_us):
+    from gateway.openinference import _schedule
+    from gateway.errors import GatewayError
+    with pytest.raises(GatewayError, match="parameters.timeout must be a positive finite number"):
+        _schedule({"timeout": timeout_us}, GatewayConfig())
+
+
+def test_the_broker_client_refuses_a_timeout_that_is_not_finite_as_the_callers_error():
+    from gateway.broker_client import BrokerClient
+    broker = BrokerClient("tcp://127.0.0.1:9")  # never started: the check comes first
+    for timeout_s in (float("nan"), float("inf")):
+        with pytest.raises(BrokerError) as caught:
+            broker.request("m", ["a"], timeout_s=timeout_s)
+        assert caught.value.code is ErrorCode.BAD_REQUEST
+        with pytest.raises(BrokerError):
+            broker.submit("m", ["a"], timeout_s=timeout_s)
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/msgpack"])
+def test_a_msgpack_timestamp_is_refused_like_every_extension_type_and_never_echoed(accept):
+    """Issue #28: msgpack decodes extension type -1 itself, so the ext_hook never saw it: as an input it
+    got a 500, and with Accept: msgpack it was echoed back."""
+    broker = FakeBrokerClient()
+    body = msgpack.packb({"inputs": [msgpack.Timestamp(1, 5)]})
+    response = client(broker).simulate_post("/v1/models/echo/predict", body=body,
+                                            headers={**MSGPACK, "Accept": accept})
+    assert response.status_code == 400, response.content
+    assert broker.calls == []
+    assert "extension type -1" in response.json["error"]["message"]  # errors are JSON, whatever is accepted
+
+
+def test_a_v2_shape_whose_element_count_overflows_int64_is_a_400_in_v2_shape_for_every_datatype():
+    """Issue #28: [1, 2**32, 2**32] wrapped to 0 elements in numpy: FP32 got a 500 in the wrong shape,
+    and BYTES was not checked at all (200)."""
+    app = client(V2Broker())
+    for datatype in ("FP32", "INT64", "BYTES"):
+        for shape in ([1, 2**32, 2**32], [1, 2**64], [2**63, 2**63]):
+            for tensor in ({"data": []}, {"parameters": {"binary_data_size": 0}}):
+                header = {"inputs": [{"name": "INPUT", "datatype": datatype, "shape": shape, **tensor}]}
+                response = infer(app, json.dumps(header).encode())  # (orjson cannot write 2**64)
+                assert response.status_code == 400, (datatype, shape, response.text)
+                assert set(response.json) == {"error"} and isinstance(response.json["error"], str), response.json
+
+
+def test_a_v2_bytes_shape_is_checked_against_its_data():
+    app = client(V2Broker())
+    for shape, data in (([2, 1], ["a"]), ([1, 1], ["a", "b"]), ([0, 1], ["a"])):
+        response = infer(app, {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": shape, "data": data}]})
+        assert response.status_code == 400 and isinstance(response.json["error"], str), response.text
+    binary = struct.pack("<I", 1) + b"a"
+    for shape in ([2, 1], [1, 2**32, 2**32]):
+        header = {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": shape,
+                              "parameters": {"binary_data_size": len(binary)}}]}
+        response = infer(app, header, binary)
+        assert response.status_code == 400 and isinstance(response.json["error"], str), response.text
+
+
+def test_a_v2_shape_with_a_bool_is_refused():
+    response = infer(client(V2Broker()), {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [True, 1],
+                                                      "data": ["a"]}]})
+    assert response.status_code == 400 and "non-negative integers" in response.json["error"]
+
+
+def test_every_error_on_a_v2_route_is_in_v2_shape_falcons_own_and_a_bugs_included(monkeypatch):
+    app = client(V2Broker())
+    assert infer(app, {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]}
+                 ).status_code == 200
+    not_found = app.simulate_get("/v2/models/echo/no-such-route")
+    assert not_found.status_code == 404 and isinstance(not_found.json["error"], str), not_found.text
+    wrong_method = app.simulate_delete("/v2/models/echo/infer")
+    assert wrong_method.status_code == 405 and isinstance(wrong_method.json["error"], str), wrong_method.text
+    from gateway import openinference
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+    monkeypatch.setattr(openinference, "_rows", broken)
+    response = infer(app, {"inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [1, 1], "data": ["a"]}]})
+    assert response.status_code == 500 and response.json == {"error": "INTERNAL: ZeroDivisionError: a bug"}
+    v1 = app.simulate_get("/v1/no-such-route")
+    assert v1.status_code == 404 and v1.json["error"]["code"] == "NOT_FOUND"
+
+
+def test_metadata_sent_once_in_status_is_found_for_every_model_that_shares_it():
+    from gateway.catalog import Catalog
+
+    class Shared(FakeBrokerClient):
+        def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
+            status = super().status(timeout_s)
+            status["models"] = {"echo": {"workers": 1, "metadata": {"task": "embedding"}},
+                                "echo@v1": {"workers": 1, "metadata": {}, "metadata_from": "echo"},
+                                "other": {"workers": 1, "metadata": {}, "metadata_from": ""}}
+            return status
+
+    catalog = Catalog(Shared())
+    assert catalog.metadata("echo@v1") == {"task": "embedding"} == catalog.metadata("echo")
+    assert catalog.metadata("other") == {}
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/status"])
+def test_models_and_status_are_cached_briefly_per_process(path):
+    """Issue #28: 8 clients polling /v1/models made the broker build a STATUS for each."""
+    class Counting(FakeBrokerClient):
+        asked = 0
+
+        def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
+            Counting.asked += 1
+            return super().status(timeout_s)
+
+    app = client(Counting())
+    for _ in range(50):
+        assert app.simulate_get(path).status_code == 200
+    assert Counting.asked == 1
+
+
+def test_a_model_name_too_long_for_the_wire_is_a_400_naming_the_clients_field():
+    """Issue #28: a 300-character model name got a 400 with param "input" and a message naming the
+    wire's internal field Request.model."""
+    broker = FakeBrokerClient()
+    app = client(broker)
+    long_name = "m" * 300
+    for response in (
+        app.simulate_post(f"/v1/models/{long_name}/predict", body='{"inputs": ["a"]}', headers=JSON),
+        app.simulate_post("/v1/embeddings", body=orjson.dumps({"model": long_name, "input": "a"}), headers=JSON),
+        app.simulate_post("/v1/rerank", body=orjson.dumps({"model": long_name, "query": "q", "documents": ["a"]}),
+                          headers=JSON),
+    ):
+        assert response.status_code == 400, response.text
+        error = response.json["error"]
+        assert error["param"] == "model" and "'model' must be 1 to 256 characters, got 300" in error["message"]
+        assert "Request." not in error["message"]
+    assert broker.calls == []
+
+
+def test_cohere_routes_under_v2_keep_the_openai_error_shape_not_kserves():
+    response = client().simulate_delete("/v2/rerank")
+    assert response.status_code == 405 and response.json["error"]["code"] == "METHOD_NOT_ALLOWED", response.text
+
+
+def test_cohere_embed_with_a_list_as_truncate_is_a_400_not_a_500():
+    """Found by tests/e2e/test_hostile_http.py: a list is unhashable, and the lookup of the truncation
+    mode raised TypeError (a 500)."""
+    response = client().simulate_post("/v1/embed", body=orjson.dumps({"model": "echo", "texts": ["a"], "truncate": []}),
+                                      headers=JSON)
+    assert response.status_code == 400 and response.json["error"]["param"] == "truncate", response.text
