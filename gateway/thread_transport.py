@@ -69,8 +69,9 @@ class ThreadTransport:
                 for index, dealer in self.dealers.items():
                     if dealer in ready:
                         self._read(index, dealer, request_id, now)
-                requests.links_changed(now)
-                requests.tick(now)
+                if request_id in requests:  # (else it was answered: this thread's requests hold no other)
+                    requests.links_changed(now)
+                    requests.tick(now)
                 outcome = self._flush(now)
             return outcome
         finally:

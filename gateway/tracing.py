@@ -31,6 +31,8 @@ class TraceMiddleware:
         tracing.set_current(trace)
 
     def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        if req.env.get(_TRACEPARENT_ENV) is None and not tracing.enabled():
+            return  # process_request set nothing
         tracing.set_current(None)  # request threads are reused
         span = req.context.get("trace_span")
         if span is not None:
