@@ -795,7 +795,9 @@ def _unpackb(data: bytes, max_len: int, object_hook=None) -> Any:
         raise
     except Exception as error:  # msgpack: "unpack may raise exception other than subclass of UnpackException"
         raise DecodeError(f"{type(error).__name__}: {error}"[:300]) from error
-    if _may_hold_timestamp(data):
+    whole = data.obj if type(data) is memoryview else data
+    # The usual case inline (a function call per message costs more than the search itself).
+    if (b"\xff" in whole) if type(whole) is bytes else _may_hold_timestamp(data):
         _refuse_timestamps(value)
     return value
 

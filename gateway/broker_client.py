@@ -242,6 +242,8 @@ def _outputs_of(outcome: Outcome) -> list[Any]:
 
 def _check_timeout(timeout_s: float) -> None:
     """NaN or an infinity would end in int() deep in a send (a 500): refuse it as the caller's error."""
+    if (type(timeout_s) is float or type(timeout_s) is int) and math.isfinite(timeout_s):
+        return  # the usual case, before the general checks below (bool and subclasses go on to them)
     if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not math.isfinite(timeout_s):
         raise BrokerError(ErrorCode.BAD_REQUEST, f"a request's timeout must be a finite number of seconds, "
                                                  f"got {timeout_s!r:.40}")

@@ -198,12 +198,19 @@ class Requests:
 
     def tick(self, now: float) -> None:
         """Fail what no broker answered in time; resend what a restarted broker never refused."""
-        for record in [r for r in self._records.values() if r.stale_until]:
+        stale: list[Record] = []
+        due: list[Record] = []
+        for r in self._records.values():  # one pass (resending changes neither list)
+            if r.stale_until:
+                stale.append(r)
+            if now >= r.give_up_at:
+                due.append(r)
+        for record in stale:
             for index in [i for i, until in record.stale_until.items() if now >= until]:
                 del record.stale_until[index]  # its old copy died with the old instance
                 if not record.waiting:
                     self._resend(record, self._unreachable(record.request_id))
-        for record in [r for r in self._records.values() if now >= r.give_up_at]:
+        for record in due:
             if record.fail_as is not None:
                 self._end(record, record.fail_as)
                 continue
@@ -215,7 +222,7 @@ class Requests:
 
     def flush(self, send: SendFn, now: float) -> list[Outcome]:
         """Send what is due, through `send`; then the outcomes since the last flush, in order."""
-        for record in list(self._unsent.values()):
+        for record in list(self._unsent.values()) if self._unsent else ():
             if self._send_one(record, send, now):
                 del self._unsent[record.request_id]
             elif record.stale_until:
@@ -233,8 +240,14 @@ class Requests:
 
     def next_wake_at(self) -> float:
         """When tick() or flush() next has something to do (math.inf: nothing)."""
-        wake_at = min((r.give_up_at for r in self._records.values()), default=math.inf)
-        return min(wake_at, min((r.connect_until for r in self._unsent.values()), default=math.inf))
+        wake_at = math.inf
+        for r in self._records.values():
+            if r.give_up_at < wake_at:
+                wake_at = r.give_up_at
+        for r in self._unsent.values():
+            if r.connect_until < wake_at:
+                wake_at = r.connect_until
+        return wake_at
 
     def fail_all(self, code: ErrorCode, message: str) -> None:
         """The shell is closing: every request ends now."""

@@ -68,9 +68,10 @@ class ThreadTransport:
                     drain(self.alarm)  # the links say what happened
                 for index, dealer in self.dealers.items():
                     if dealer in ready:
-                        self._read(index, dealer, now)
-                requests.links_changed(now)
-                requests.tick(now)
+                        self._read(index, dealer, request_id, now)
+                if request_id in requests:  # (else it was answered: this thread's requests hold no other)
+                    requests.links_changed(now)
+                    requests.tick(now)
                 outcome = self._flush(now)
             return outcome
         finally:
@@ -82,9 +83,12 @@ class ThreadTransport:
         outcomes = self.requests.flush(self._send, now)
         return outcomes[0] if outcomes else None
 
-    def _read(self, index: int, dealer: zmq.Socket, now: float) -> None:
-        """Hand every reply this DEALER holds to the requests (late ones of earlier requests too)."""
-        while True:
+    def _read(self, index: int, dealer: zmq.Socket, request_id: str, now: float) -> None:
+        """Hand the replies this DEALER holds to the requests (late ones of earlier requests too), until
+        `request_id`'s ends: what is left stays readable, and the next request's poll finds it. Not
+        reading on to zmq.Again saves a recv and an exception per request."""
+        requests = self.requests
+        while request_id in requests:
             try:
                 message = protocol.decode(dealer.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
@@ -93,7 +97,7 @@ class ThreadTransport:
                 logger.warning("dropped malformed message from broker: %s", error)
                 continue
             for answer in protocol.replies_of(message):
-                self.requests.reply(index, answer, now)
+                requests.reply(index, answer, now)
 
     def close(self) -> None:
         for dealer in self.dealers.values():
