@@ -329,7 +329,7 @@ def test_waiting_request_wakes_on_the_alarm_when_the_broker_stops_or_restarts(st
         waiter.join(timeout=30)
         if fault == "sigstop":
             broker.signal(signal.SIGCONT)
-        assert not waiter.is_alive(), "the waiting request was not woken"
+        assert not waiter.is_alive(), f"the waiting request was not woken: {_client_state(c)}"
         [(code, _)] = outcome
         assert code is ErrorCode.UNAVAILABLE
         assert time.monotonic() - faulted_at < 30
@@ -339,6 +339,18 @@ def test_waiting_request_wakes_on_the_alarm_when_the_broker_stops_or_restarts(st
         # drains what it holds: neither is what this test is about.
         worker.kill()
         broker.kill()
+
+
+def _client_state(c: BrokerClient) -> str:
+    """What the client knew when a waiting request was not woken: a flake's only evidence (it failed
+    twice in ~100 runs under load, never alone)."""
+    links = [(link.endpoint, link.up, link.epoch, link.change, round(link.changed_at, 2), link.instance_id)
+             for link in c._links]
+    records = [(record.request_id, record.waiting, round(record.give_up_at, 2), record.fail_as)
+               for transport in c._transports for record in transport.requests._records.values()]
+    seen = [transport.requests._seen_changes for transport in c._transports]
+    return (f"now={time.monotonic():.2f} links={links} changes={c._links.changes} seen={seen} records={records} "
+            f"io_thread_alive={c._thread is not None and c._thread.is_alive()}")
 
 
 def test_rolling_restart_of_every_worker_under_load_fails_nothing(stack, client):
