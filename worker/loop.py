@@ -19,10 +19,12 @@ import zmq
 from ddml_common import protocol, tracing
 from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
+from ddml_common.tensors import check_output, checked_outputs
 from worker.link import ComputeState, WorkBatch
 from worker.models import Manager
 from worker.passes import current_inputs, lane_bounds, may_start, take_pass
-from worker.results import FailedInput, batch_result, failed_pass, held_inputs, pass_results, prepare_result
+from worker.results import (FailedInput, WrongOutputCount, batch_result, failed_pass, held_inputs, pass_results,
+                            prepare_result)
 
 logger = logging.getLogger(__name__)
 
@@ -306,11 +308,36 @@ def _run_pass(model: Manager, running: list[_Held]) -> list:
 
 
 def _predict(model: Manager, inputs: list) -> list:
-    """model.predict(), held to its contract of one output per input."""
+    """model.predict(), held to its contract: one output per input, each fitting the declared
+    outputs (one that does not is that input's MODEL_ERROR, naming the tensor)."""
     produced = model.predict(inputs)
     if len(produced) != len(inputs):
-        raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(inputs)} inputs")
+        raise WrongOutputCount(f"predict() returned {len(produced)} outputs for {len(inputs)} inputs")
+    declared = _declared_outputs(model)
+    if declared:
+        produced = [output if isinstance(output, Exception) or (problem := check_output(declared, output)) is None
+                    else OutputMismatch(problem) for output in produced]
     return produced
+
+
+class OutputMismatch(RuntimeError):
+    """An output that does not fit the declared outputs (answered MODEL_ERROR)."""
+
+
+_declared: dict[int, tuple[Manager, list]] = {}  # id(model) -> (model, its declared outputs)
+
+
+def _declared_outputs(model: Manager) -> list:
+    """The outputs the model's metadata() declares, to check (ddml_common/tensors.checked_outputs), read once."""
+    known = _declared.get(id(model))
+    if known is None or known[0] is not model:
+        try:
+            declared = checked_outputs(model.metadata())
+        except Exception:  # a handler's metadata() that fails declares nothing to check
+            logger.exception("metadata() of model %s failed: its outputs are not checked", type(model).__name__)
+            declared = []
+        known = _declared[id(model)] = (model, declared)
+    return known[1]
 
 
 def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.Socket) -> None:
