@@ -2,6 +2,7 @@
 
     .venv/bin/python examples/image_classifier/bench.py overhead REPO [--requests 200]
     .venv/bin/python examples/image_classifier/bench.py throughput REPO [--requests 64]
+    .venv/bin/python examples/image_classifier/bench.py codec REPO
 
 overhead: one 3x224x224 float32 image at concurrency 1, p50 over HTTP minus p50 of the same
 handler's predict() in-process, for v2 binary, /v1 msgpack (`__ndarray__`) and /v1 JSON. Each
@@ -12,6 +13,8 @@ needs nothing of this example, since the handler is written to a temporary direc
 throughput: the example's ResNet-18 (examples/image_classifier/model.py, run from this
 checkout) at c=16 over v2 binary, against the model in-process one image at a time and at its
 best batch size.
+codec: what decoding one image from the wire costs the worker (writable or not), and with the
+worker's keep_freed_buffers() where REPO has it.
 """
 
 from __future__ import annotations
@@ -188,13 +191,37 @@ def throughput(repo: Path, count: int) -> None:
             cluster.stop()
 
 
+def codec(repo: Path) -> None:
+    """What the worker pays to decode one image from the wire (REPO's protocol), best of 300."""
+    import timeit
+
+    sys.path.insert(0, str(repo))
+    from ddml_common import protocol
+
+    image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
+    wire = protocol.encode_value(image)
+    decode_us = min(timeit.repeat(lambda: protocol.decode_value(wire), number=1, repeat=300)) * 1e6
+    try:
+        from worker.loop import keep_freed_buffers
+    except ImportError:
+        keep_freed_buffers = None
+    line = f"repo {repo}: decode_value {decode_us:.0f} us, writable {protocol.decode_value(wire).flags.writeable}"
+    if keep_freed_buffers is not None:
+        keep_freed_buffers()
+        kept_us = min(timeit.repeat(lambda: protocol.decode_value(wire), number=1, repeat=300)) * 1e6
+        line += f"; after keep_freed_buffers() {kept_us:.0f} us"
+    print(line)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["overhead", "throughput"])
+    parser.add_argument("what", choices=["overhead", "throughput", "codec"])
     parser.add_argument("repo", type=Path)
     parser.add_argument("--requests", type=int, default=0)
     args = parser.parse_args()
-    if args.what == "overhead":
+    if args.what == "codec":
+        codec(args.repo.resolve())
+    elif args.what == "overhead":
         overhead(args.repo.resolve(), args.requests or 200)
     else:
         throughput(args.repo.resolve(), args.requests or 64)
