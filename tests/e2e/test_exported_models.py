@@ -48,7 +48,7 @@ def served(module_stack, tmp_path_factory):
     _, url = stack.start_gateway("--workers", "1", "--threads", "16")
     wait_until(lambda: http_ready(url, "/v2/models/script/ready") and http_ready(url, "/v2/models/export/ready"),
                timeout_s=120, what="both exported models ready")
-    return url, model
+    return url, model, directory
 
 
 def infer_v2(url: str, model: str, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -70,7 +70,7 @@ def infer_v2(url: str, model: str, batch: np.ndarray) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("name, platform", [("script", "pytorch_torchscript"), ("export", "pytorch_export")])
 def test_exported_model_declares_its_tensors_and_answers_as_in_process_under_concurrency(served, name, platform):
-    url, model = served
+    url, model, _ = served
     metadata = requests.get(f"{url}/v2/models/{name}", timeout=10).json()
     assert metadata["platform"] == platform
     assert metadata["inputs"] == [{"name": "IMAGE", "datatype": "FP32", "shape": [-1, 3, 16, 16]}]
@@ -90,7 +90,7 @@ def test_exported_model_declares_its_tensors_and_answers_as_in_process_under_con
 
 
 def test_exported_model_over_v1_msgpack_keeps_dtypes_and_refuses_the_wrong_one(served):
-    url, model = served
+    url, model, _ = served
     image = np.random.default_rng(3).standard_normal((3, 16, 16)).astype(np.float32)
     body = msgpack.packb({"inputs": [{"__ndarray__": ["<f4", [3, 16, 16], image.tobytes()]}]})
     response = requests.post(f"{url}/v1/models/export/predict", data=body, timeout=30,
@@ -107,3 +107,13 @@ def test_exported_model_over_v1_msgpack_keeps_dtypes_and_refuses_the_wrong_one(s
                             headers={"Content-Type": "application/msgpack"})
     assert refused.status_code == 400
     assert refused.json()["error"]["message"] == "inputs[0]: IMAGE expects FP32 [3,16,16], got FP64 [3,16,16]"
+
+
+def test_declared_outputs_the_model_does_not_give_stop_the_worker_at_load_with_the_reason(served, module_stack):
+    _, _, directory = served
+    worker = module_stack.start_worker("--model", "bad", "--model-path", str(directory / "cnn.pt2"), "--input",
+                                       "IMAGE:FP32:3,16,16", "--output", "LOGITS:FP32:7", "--output", "TOP:INT64:1",
+                                       wait=False)
+    assert worker.popen.wait(120) != 0
+    assert "does not give the declared outputs on a dummy batch: LOGITS expects FP32 [7], got FP32 [10]" \
+        in worker.output()
