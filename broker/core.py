@@ -377,6 +377,8 @@ class BrokerCore:
                                worker_id.hex(), self.stats["late_results"],
                                extra={"batch_id": result.batch_id, "worker_id": worker_id.hex()})
             return
+        if result.errors and any(error.code == ErrorCode.BATCH_FAILED.value for error in result.errors):
+            self.stats["batches_failed_whole"] += 1  # predict() broke its contract (the worker logged it)
         if result.indices:
             self._on_partial_result(worker, batch, result, now)
             return

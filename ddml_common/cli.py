@@ -46,6 +46,7 @@ _ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 AMBIGUOUS_FLAGS = {
     "broker": "the broker's backend to ddml-worker, its frontend to ddml-gateway and ddml-status",
     "curve_secret_key": "each command's own secret key",
+    "output": "an exported model's declared output tensor to ddml-worker, the output format to ddml-status",
 }
 
 

@@ -103,6 +103,9 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "INTERNAL"  # a bug; the message says where
     BUSY = "BUSY"  # worker -> broker only: not run, the worker already holds --max-batches; requeue it unrun
     PASS_FAILED = "PASS_FAILED"  # worker -> broker only: the forward pass it shared failed as a whole; run it alone
+    # worker -> broker only: predict() broke its contract for the whole batch (the wrong number of outputs), so
+    # every input would fail the same way alone: answered as MODEL_ERROR, never run again input by input
+    BATCH_FAILED = "BATCH_FAILED"
 
 
 # --------------------------------------------------------------------------- messages
@@ -865,7 +868,9 @@ def _decode_ndarray(obj: dict) -> Any:
     expected = itemsize * int(np.prod(shape, dtype=np.int64)) if shape else itemsize
     if expected != len(data):
         raise DecodeError(f"ndarray of shape {shape} and dtype {dtype} needs {expected} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    # A writable array (torch.from_numpy takes it without a warning, and predict() may work in place):
+    # one copy of the raw bytes, never a per-element conversion.
+    return np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
 
 
 def unpack_document(data: bytes) -> Any:
@@ -873,19 +878,21 @@ def unpack_document(data: bytes) -> Any:
     return _unpackb(data, max_len=MAX_ITEM_BYTES)
 
 
-def pack_document(value: Any) -> bytes:
-    """A msgpack HTTP response body; arrays become plain lists, as in JSON."""
-    return _packb(to_jsonable(value))
+def pack_document(value: Any, keep_arrays: bool = False) -> bytes:
+    """A msgpack HTTP response body; arrays become plain lists, as in JSON. keep_arrays: arrays
+    travel as `__ndarray__` maps ([dtype, shape, raw little-endian bytes]: the form a client sends),
+    their dtype kept; bytes still become text."""
+    return _packb(to_jsonable(value, keep_arrays))
 
 
-def to_jsonable(value: Any) -> Any:
-    """Turn decoded values into plain JSON types. Only the HTTP edge calls this."""
+def to_jsonable(value: Any, keep_arrays: bool = False) -> Any:
+    """Turn decoded values into plain JSON types (keep_arrays: but numpy arrays). Only the HTTP edge calls this."""
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return value if keep_arrays else value.tolist()
     if isinstance(value, dict):
-        return {k: to_jsonable(v) for k, v in value.items()}
+        return {k: to_jsonable(v, keep_arrays) for k, v in value.items()}
     if isinstance(value, list):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, keep_arrays) for v in value]
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return value

@@ -43,6 +43,7 @@ HTTP_STATUS_BY_CODE: dict[ErrorCode, int] = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.BUSY: 503,  # never sent to a gateway (worker -> broker only); mapped so the table is whole
     ErrorCode.PASS_FAILED: 500,  # never sent to a gateway (worker -> broker only); mapped so the table is whole
+    ErrorCode.BATCH_FAILED: 500,  # never sent to a gateway (worker -> broker only); mapped so the table is whole
     ErrorCode.TIMEOUT: 504,
 }
 _DEFAULT_RETRY_AFTER_S = 1

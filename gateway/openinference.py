@@ -46,6 +46,7 @@ from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 from gateway.errors import GatewayError, errors_as, v2_body
 from gateway.request_ids import valid_request_id
 from gateway.resources import check_document, is_finite_number, read_body
+from gateway.tensors import check_v2_inputs
 
 SERVER_NAME = "ddml"
 SERVER_VERSION = "0.1.0"
@@ -259,6 +260,7 @@ def infer(broker: BrokerClient, catalog: Catalog, config: GatewayConfig, model: 
     if not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise _bad("an inference request needs a non-empty 'inputs' list")
     check_document(request, config.max_input_chars)
+    check_v2_inputs(model, metadata, request["inputs"])
     rows = _rows(request["inputs"], binary, config)
     timeout_s, priority = _schedule(request.get("parameters") or {}, config)
     if most_s is not None:

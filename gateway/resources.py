@@ -34,6 +34,7 @@ from ddml_common.protocol import ErrorCode
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog, check_model_name, split_version, worker_version
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
+from gateway.tensors import check_v1_inputs
 
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
@@ -126,10 +127,11 @@ def _path(entry: tuple) -> str:
     return (first + "".join(f"[{k}]" if isinstance(k, int) else f"[{k!r}]" for k in keys[1:]))[:200]
 
 
-def write_document(req: falcon.Request, resp: falcon.Response, document: dict) -> None:
+def write_document(req: falcon.Request, resp: falcon.Response, document: dict, keep_arrays: bool = False) -> None:
+    """JSON, or msgpack if the client prefers it (keep_arrays: arrays as `__ndarray__`, dtype kept)."""
     if req.accept and req.client_prefers([falcon.MEDIA_JSON, falcon.MEDIA_MSGPACK]) == falcon.MEDIA_MSGPACK:
         resp.content_type = falcon.MEDIA_MSGPACK
-        resp.data = protocol.pack_document(document)
+        resp.data = protocol.pack_document(document, keep_arrays)
     else:
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(document, option=_JSON_OPTIONS, default=protocol.to_jsonable)
@@ -145,10 +147,11 @@ class PredictResource:
         check_model_name(model)
         body = parse_document(req, read_body(req, self._config.max_body_bytes))
         inputs, timeout_s, priority = self._validate(body)
+        inputs = check_v1_inputs(model, self._catalog.metadata(model), inputs)
         outputs = self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority,
                                        request_id_prefix=req.context.request_id)
         self._catalog.mark_version(resp, model)
-        write_document(req, resp, {"model": model, "outputs": outputs})
+        write_document(req, resp, {"model": model, "outputs": outputs}, keep_arrays=True)
 
     def _validate(self, body: Any) -> tuple[list, float, int]:
         config = self._config

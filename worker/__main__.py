@@ -14,8 +14,10 @@ import threading
 
 from ddml_common import tracing
 from ddml_common.cli import Parser, configure_logging, endpoints, stop_on_signals
+from ddml_common.tensors import parse_flags
 from worker.config import WorkerConfig
 from worker.models import BUILT_IN_MODELS, load_handler
+from worker.models.exported import EXPORT_SUFFIXES
 from worker.serve import ModelLoadError, serve, supervise
 
 logger = logging.getLogger("worker")
@@ -31,6 +33,13 @@ def build_parser() -> Parser:
     parser.add_argument("--handler", default=None,
                         help="serve your own class: package.module:ClassName, a subclass of worker.Manager")
     parser.add_argument("--model-path", default=None, help="serve a local Hugging Face model directory")
+    parser.add_argument("--input", action="extend", type=parse_flags, default=None, metavar="NAME:DATATYPE:DIMS",
+                        help="a declared input tensor of an exported model (--model-path model.pt2 or .pt), "
+                             "repeatable, in the order the model takes them: e.g. IMAGE:FP32:3,224,224 (dims "
+                             "without the batch dimension; -1 variable); in TOML an array of such strings or of "
+                             "{name, datatype, dims} tables")
+    parser.add_argument("--output", action="extend", type=parse_flags, default=None, metavar="NAME:DATATYPE:DIMS",
+                        help="a declared output tensor of an exported model, repeatable, in the order it returns them")
     parser.add_argument("--task", default="embedding", choices=["embedding", "classification", "rerank"],
                         help="what the --model-path model does; rerank: a cross-encoder that scores "
                              "(query, document) pairs")
@@ -129,6 +138,12 @@ def config_from_args(args) -> WorkerConfig:
          "unpadded": args.unpadded, "onednn": args.onednn}
         if not args.handler and (args.model != "echo" or args.model_path) else {}
     )
+    if args.model_path and args.model_path.endswith(EXPORT_SUFFIXES) and not args.handler:
+        options = {"inputs": args.input or [], "outputs": args.output or [], "dtype": args.dtype,
+                   "max_batch_size": args.max_batch_size}
+    elif args.input or args.output:
+        raise ValueError("--input and --output declare an exported model's tensors (--model-path model.pt2 or .pt); "
+                         "a handler declares its own in metadata()")
     return WorkerConfig(
         broker=args.broker,
         model=args.model,
@@ -194,7 +209,10 @@ def _check_model_source(parser: Parser, config: WorkerConfig) -> None:
         parser.fail(f"--model {config.model}: not built in ({', '.join(BUILT_IN_MODELS)}): "
                     "give --model-path DIR or --handler module:Class")
     path = config.model_path
-    if path and path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
+    if path and path.endswith(EXPORT_SUFFIXES):
+        if not os.path.isfile(os.path.expanduser(path)):
+            parser.fail(f"--model-path {path}: no such file")
+    elif path and path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(path)):
         parser.fail(f"--model-path {path}: not a directory")
 
 

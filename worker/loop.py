@@ -6,6 +6,7 @@ does continuous batching, for handlers that declare it (Manager.continuous).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -19,10 +20,12 @@ import zmq
 from ddml_common import protocol, tracing
 from ddml_common.protocol import ErrorCode
 from ddml_common.sockets import send_frames
+from ddml_common.tensors import check_output, checked_outputs
 from worker.link import ComputeState, WorkBatch
 from worker.models import Manager
 from worker.passes import current_inputs, lane_bounds, may_start, take_pass
-from worker.results import FailedInput, batch_result, failed_pass, held_inputs, pass_results, prepare_result
+from worker.results import (FailedInput, WrongOutputCount, batch_result, failed_pass, held_inputs, pass_results,
+                            prepare_result)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,25 @@ SHARED_MEMORY_S = 1.0
 SIGNAL_CHECK_S = 0.25
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
+
+
+def keep_freed_buffers() -> None:
+    """Let this process reuse the memory of freed input tensors instead of faulting in fresh pages.
+
+    glibc gives a freed buffer over its mmap threshold back to the kernel at once, and trims the
+    heap's top past 128 KB: each input tensor decoded into a fresh writable buffer then pays a page
+    fault per 4 KB, far more than copying it (the codec figures of issue #27's closing note). With
+    these thresholds such buffers stay in the heap, to be reused by the next batch. Nothing on a
+    libc other than glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_worker(
     model: Manager,
     inbox: queue.Queue,
@@ -46,6 +68,7 @@ def run_worker(
     clock: Callable[[], float] = time.monotonic,
 ) -> None:
     """Serve batches from the I/O thread until it puts None in the inbox. The model runs here."""
+    keep_freed_buffers()
     while True:
         try:
             batch = inbox.get(timeout=SIGNAL_CHECK_S)  # see SIGNAL_CHECK_S
@@ -110,6 +133,7 @@ def run_continuous(
     A pass of several inputs that fails as a whole answers each PASS_FAILED: the broker runs them
     again one at a time, so only a poison input fails, and no input runs more than --max-attempts.
     """
+    keep_freed_buffers()
     limits = (most_inputs, cost_budget, *lane_bounds(most_inputs, least_inputs, lanes))
     pool = _Pool(model, state, limits, results, (threads, max(1, threads // lanes) if threads else 0, set_threads),
                  clock)
@@ -306,11 +330,36 @@ def _run_pass(model: Manager, running: list[_Held]) -> list:
 
 
 def _predict(model: Manager, inputs: list) -> list:
-    """model.predict(), held to its contract of one output per input."""
+    """model.predict(), held to its contract: one output per input, each fitting the declared
+    outputs (one that does not is that input's MODEL_ERROR, naming the tensor)."""
     produced = model.predict(inputs)
     if len(produced) != len(inputs):
-        raise RuntimeError(f"predict() returned {len(produced)} outputs for {len(inputs)} inputs")
+        raise WrongOutputCount(f"predict() returned {len(produced)} outputs for {len(inputs)} inputs")
+    declared = _declared_outputs(model)
+    if declared:
+        produced = [output if isinstance(output, Exception) or (problem := check_output(declared, output)) is None
+                    else OutputMismatch(problem) for output in produced]
     return produced
+
+
+class OutputMismatch(RuntimeError):
+    """An output that does not fit the declared outputs (answered MODEL_ERROR)."""
+
+
+_declared: dict[int, tuple[Manager, list]] = {}  # id(model) -> (model, its declared outputs)
+
+
+def _declared_outputs(model: Manager) -> list:
+    """The outputs the model's metadata() declares, to check (ddml_common/tensors.checked_outputs), read once."""
+    known = _declared.get(id(model))
+    if known is None or known[0] is not model:
+        try:
+            declared = checked_outputs(model.metadata())
+        except Exception:  # a handler's metadata() that fails declares nothing to check
+            logger.exception("metadata() of model %s failed: its outputs are not checked", type(model).__name__)
+            declared = []
+        known = _declared[id(model)] = (model, declared)
+    return known[1]
 
 
 def _answer(running: list[_Held], outcome: list, compute_s: float, results: zmq.Socket) -> None:

@@ -5,7 +5,8 @@ and pushes what these build, and the simulator (tests/sim/peers.py) builds its r
 An input fails alone where it can: one that did not decode, or that prepare() or predict() gave
 an Exception for, is answered with its own error, and the rest still run. predict() raising
 fails every input of a batch (MODEL_ERROR); in a pass of several inputs, each PASS_FAILED (any of
-them may be the culprit, and the broker runs them again one at a time).
+them may be the culprit, and the broker runs them again one at a time). predict() returning the
+wrong number of outputs fails every input BATCH_FAILED, which the broker never runs again.
 """
 
 from __future__ import annotations
@@ -38,9 +39,17 @@ def prepare_result(batch: WorkBatch, prepared: list, compute_ms: float) -> proto
                                 indices=[i for i, _ in failed])
 
 
+class WrongOutputCount(RuntimeError):
+    """predict() returned another number of outputs than it had inputs: a fault of the whole call,
+    which each input would meet alone too. Its inputs are answered BATCH_FAILED, never re-run."""
+
+
 def failed_pass(error: Exception, size: int) -> list:
     """The outcome of a pass of `size` inputs that raised `error`: PASS_FAILED for each input when
-    it had company (any of them may be the culprit), MODEL_ERROR when alone."""
+    it had company (any of them may be the culprit), MODEL_ERROR when alone; BATCH_FAILED for each
+    when predict() returned the wrong number of outputs."""
+    if isinstance(error, WrongOutputCount):
+        return [FailedInput(ErrorCode.BATCH_FAILED, f"model failed: {error}"[:1000])] * size
     return [_PassFailed(f"{type(error).__name__}: {error}"[:1000], size > 1)] * size
 
 
@@ -110,7 +119,8 @@ def batch_result(batch: WorkBatch, produced: list | Exception, compute_ms: float
     outputs = [b""] * len(batch.inputs)
     if isinstance(produced, Exception):
         message = f"model failed: {type(produced).__name__}: {produced}"[:1000]
-        errors.extend([i, ErrorCode.MODEL_ERROR.value, message] for i in positions)
+        code = ErrorCode.BATCH_FAILED if isinstance(produced, WrongOutputCount) else ErrorCode.MODEL_ERROR
+        errors.extend([i, code.value, message] for i in positions)
     else:
         for i, output in zip(positions, produced):
             outputs[i], error = _encode_output(output)

@@ -224,8 +224,8 @@ class V2Broker(FakeBrokerClient):
 
     def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
         status = super().status(timeout_s)
-        status["models"]["echo"].update(max_batch_size=8, metadata={
-            "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, 1]}],
+        status["models"]["echo"].update(max_batch_size=8, metadata={  # as the real echo declares it: free-form
+            "free_form": True, "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, 1]}],
             "outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, 1]}],
         })
         return status

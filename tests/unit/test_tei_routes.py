@@ -132,6 +132,7 @@ def test_every_error_code_has_a_tei_status_and_type(code):
                 ErrorCode.BUSY: (503, "Unhealthy"), ErrorCode.MODEL_ERROR: (424, "Backend"),
                 ErrorCode.WORKER_LOST: (424, "Backend"), ErrorCode.INTERNAL: (424, "Backend"),
                 ErrorCode.BAD_VERSION: (424, "Backend"), ErrorCode.PASS_FAILED: (424, "Backend"),
+                ErrorCode.BATCH_FAILED: (424, "Backend"),
                 ErrorCode.TIMEOUT: (504, "Backend"), ErrorCode.NO_SUCH_MODEL: (404, "Validation"),
                 ErrorCode.UNAUTHORIZED: (401, "Validation"),
                 ErrorCode.UNSUPPORTED_MEDIA_TYPE: (415, "Validation")}[code]

@@ -47,9 +47,9 @@ def test_inputs_that_failed_to_decode_are_bad_requests_and_skip_the_model():
     assert protocol.decode_value(result.outputs[1]) == "b"
 
 
-def test_wrong_number_of_outputs_is_a_model_error():
+def test_wrong_number_of_outputs_fails_the_whole_batch_never_to_run_again():
     result = run_batch(WrongLength(), WorkBatch(5, ["a", "b"]))
-    assert errors(result) == {0: "MODEL_ERROR", 1: "MODEL_ERROR"}
+    assert errors(result) == {0: "BATCH_FAILED", 1: "BATCH_FAILED"}  # the broker answers MODEL_ERROR, no rerun
     assert "returned 1 outputs for 2 inputs" in result.errors[0][2]
 
 

@@ -92,10 +92,14 @@ class Manager:
         """The model's tensors, as KServe v2 / Triton describe them (the batch dimension is -1).
 
         "key" names the field of a dict output that holds that tensor; without it the whole
-        output is the tensor. Override it for typed clients (tritonclient) to see real shapes.
+        output is the tensor. Override it for typed clients (tritonclient) to see real shapes: the
+        gateway then checks every request against the inputs, and the worker every output against
+        the outputs (ddml_common/tensors.py). This default declares none ("free_form"): requests
+        and outputs pass unchecked, and v2 clients see one BYTES tensor each way.
         """
         return {
             "platform": "python",
+            "free_form": True,
             "inputs": [{"name": "INPUT", "datatype": "BYTES", "shape": [-1, 1]}],
             "outputs": [{"name": "OUTPUT", "datatype": "BYTES", "shape": [-1, 1]}],
         }
@@ -144,6 +148,10 @@ def create_handler(
         return EchoModel(device=device, test_directives=echo_test_directives)
     if model_path is None and model == "minilm":
         model_path = default_model_path()
+    if model_path is not None and model_path.endswith((".pt2", ".pt")):
+        from worker.models.exported import ExportedModel
+
+        return ExportedModel(device=device, model_path=model_path, **options)
     if model_path is None:
         raise ValueError(
             f"model {model!r} is not built in (minilm, echo): give --model-path DIR or --handler module:Class"

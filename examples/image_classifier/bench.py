@@ -1,0 +1,227 @@
+"""What serving one image costs over HTTP, and the classifier's throughput (issue #27's figures).
+
+    .venv/bin/python examples/image_classifier/bench.py overhead REPO [--requests 200]
+    .venv/bin/python examples/image_classifier/bench.py throughput REPO [--requests 64]
+    .venv/bin/python examples/image_classifier/bench.py codec REPO
+
+overhead: one 3x224x224 float32 image at concurrency 1, p50 over HTTP minus p50 of the same
+handler's predict() in-process, for v2 binary, /v1 msgpack (`__ndarray__`) and /v1 JSON. Each
+body is encoded once, before timing: the time is the transport's and the server's. The
+handler is a cheap one (two numpy reductions), so that the difference is what ddml costs. REPO
+is the checkout whose broker, worker and gateway run (this one, or main's for "before"): it
+needs nothing of this example, since the handler is written to a temporary directory.
+throughput: the example's ResNet-18 (examples/image_classifier/model.py, run from this
+checkout) at c=16 over v2 binary, against the model in-process one image at a time and at its
+best batch size.
+codec: what decoding one image from the wire costs the worker (writable or not), and with the
+worker's keep_freed_buffers() where REPO has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import requests
+
+CHEAP_HANDLER = '''
+import numpy as np
+from worker.models import Manager
+
+class Cheap(Manager):
+    def metadata(self):
+        return {"platform": "python",
+                "inputs": [{"name": "IMAGE", "datatype": "FP32", "shape": [-1, 3, 224, 224]}],
+                "outputs": [{"name": "CLASSES", "datatype": "INT64", "shape": [-1, 3], "key": "classes"},
+                            {"name": "MEANS", "datatype": "FP32", "shape": [-1, 3], "key": "means"}]}
+
+    def predict(self, batch):
+        outputs = []
+        for image in batch:
+            image = np.asarray(image, dtype=np.float32)
+            means = image.reshape(3, -1).mean(axis=1)
+            outputs.append({"classes": np.argsort(-means).astype(np.int64), "means": means.astype(np.float32)})
+        return outputs
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    def __init__(self, repo: Path, extra_path: str, worker_flags: list[str], log_dir: Path):
+        self.processes = []
+        env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{extra_path}", "HF_HUB_OFFLINE": "1",
+               "PYTHONUNBUFFERED": "1"}
+        front, back, port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        for name, flags in (("broker", ["--frontend", f"tcp://127.0.0.1:{front}", "--backend", f"tcp://127.0.0.1:{back}"]),
+                            ("worker", ["--broker", f"tcp://127.0.0.1:{back}", *worker_flags]),
+                            ("gateway", ["--broker", f"tcp://127.0.0.1:{front}", "--bind", f"127.0.0.1:{port}",
+                                         "--workers", "1", "--threads", "32"])):
+            log = open(log_dir / f"{name}.log", "wb")
+            self.processes.append(subprocess.Popen([sys.executable, "-m", name, *flags], cwd=repo, env=env,
+                                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/v2/models/m/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"not ready in 300 s; logs in {log_dir}")
+
+    def stop(self) -> None:
+        for process in self.processes[::-1]:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes[::-1]:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def v2_binary(image: np.ndarray) -> tuple[str, bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "FP32", "shape": [1, *image.shape],
+                                     "parameters": {"binary_data_size": image.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return "/v2/models/m/infer", header + image.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+                                                          "Content-Type": "application/octet-stream"}
+
+
+def v1_msgpack(image: np.ndarray) -> tuple[str, bytes, dict]:
+    body = msgpack.packb({"inputs": [{"__ndarray__": ["<f4", list(image.shape), image.tobytes()]}]})
+    return "/v1/models/m/predict", body, {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
+
+
+def v1_json(image: np.ndarray) -> tuple[str, bytes, dict]:
+    return "/v1/models/m/predict", json.dumps({"inputs": [image.tolist()]}).encode(), {
+        "Content-Type": "application/json"}
+
+
+def post(session: requests.Session, url: str, request: tuple[str, bytes, dict]) -> None:
+    """One request whose body was encoded beforehand: the time is the transport's and the server's."""
+    path, body, headers = request
+    response = session.post(url + path, data=body, headers=headers, timeout=60)
+    assert response.status_code == 200, response.text[:300]
+
+
+def p50_ms(call, count: int) -> float:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def overhead(repo: Path, count: int) -> None:
+    image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as directory:
+        Path(directory, "bench_cheap.py").write_text(CHEAP_HANDLER)
+        sys.path.insert(0, directory)
+        sys.path.insert(0, str(repo))
+        from bench_cheap import Cheap  # noqa: E402 (written just above)
+
+        handler = Cheap()
+        in_process = p50_ms(lambda: handler.predict([image]), count)
+        cluster = Cluster(repo, directory, ["--model", "m", "--handler", "bench_cheap:Cheap"], Path(directory))
+        try:
+            session = requests.Session()
+            print(f"repo {repo}: in-process p50 {in_process:.2f} ms")
+            for encode in (v2_binary, v1_msgpack, v1_json):
+                request = encode(image)
+                for _ in range(5):
+                    post(session, cluster.url, request)  # warm
+                http = p50_ms(lambda: post(session, cluster.url, request), count)
+                print(f"  {encode.__name__:10} p50 {http:7.2f} ms   over HTTP minus in-process {http - in_process:7.2f} ms")
+        finally:
+            cluster.stop()
+
+
+def throughput(repo: Path, count: int) -> None:
+    import torch
+
+    sys.path.insert(0, str(repo))
+    from examples.image_classifier.model import build
+
+    model = build()
+    images = np.random.default_rng(1).random((count, 3, 224, 224), dtype=np.float32)
+    with torch.inference_mode():
+        model(torch.from_numpy(images[:2]))  # warm
+        started = time.perf_counter()
+        for image in images[:16]:
+            model(torch.from_numpy(image[None]))
+        print(f"in-process one at a time: {16 / (time.perf_counter() - started):.1f} images/s")
+        for size in (4, 8, 16):
+            started = time.perf_counter()
+            for start in range(0, 32, size):
+                model(torch.from_numpy(images[start:start + size]))
+            print(f"in-process batch of {size}: {32 / (time.perf_counter() - started):.1f} images/s")
+    with tempfile.TemporaryDirectory() as directory:
+        cluster = Cluster(repo, "", ["--model", "m", "--handler", "examples.image_classifier.model:ImageClassifier",
+                                     "--max-batch-size", "16"], Path(directory))
+        try:
+            sessions = [requests.Session() for _ in range(16)]
+            bodies = [v2_binary(image) for image in images]
+            for session in sessions[:2]:
+                post(session, cluster.url, bodies[0])
+            started = time.perf_counter()
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda k: post(sessions[k % 16], cluster.url, bodies[k]), range(count)))
+            print(f"HTTP v2 binary at c=16: {count / (time.perf_counter() - started):.1f} images/s")
+        finally:
+            cluster.stop()
+
+
+def codec(repo: Path) -> None:
+    """What the worker pays to decode one image from the wire (REPO's protocol), best of 300."""
+    import timeit
+
+    sys.path.insert(0, str(repo))
+    from ddml_common import protocol
+
+    image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
+    wire = protocol.encode_value(image)
+    decode_us = min(timeit.repeat(lambda: protocol.decode_value(wire), number=1, repeat=300)) * 1e6
+    try:
+        from worker.loop import keep_freed_buffers
+    except ImportError:
+        keep_freed_buffers = None
+    line = f"repo {repo}: decode_value {decode_us:.0f} us, writable {protocol.decode_value(wire).flags.writeable}"
+    if keep_freed_buffers is not None:
+        keep_freed_buffers()
+        kept_us = min(timeit.repeat(lambda: protocol.decode_value(wire), number=1, repeat=300)) * 1e6
+        line += f"; after keep_freed_buffers() {kept_us:.0f} us"
+    print(line)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["overhead", "throughput", "codec"])
+    parser.add_argument("repo", type=Path)
+    parser.add_argument("--requests", type=int, default=0)
+    args = parser.parse_args()
+    if args.what == "codec":
+        codec(args.repo.resolve())
+    elif args.what == "overhead":
+        overhead(args.repo.resolve(), args.requests or 200)
+    else:
+        throughput(args.repo.resolve(), args.requests or 64)
