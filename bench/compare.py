@@ -198,14 +198,18 @@ def wait_ready(running: Running, timeout_s: float = 300) -> None:
         for popen, log in zip(running.groups, running.logs):
             if popen.poll() is not None:
                 sys.exit(f"{running.name} exited with {popen.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.post(running.url + running.path, data=running.body(["warm up"]), timeout=30,
-                             headers={"Content-Type": "application/json"}).ok:
-                return
-        except requests.RequestException:
-            pass
+        if answers(running.url + running.path, running.body(["warm up"]), 30):
+            return
         time.sleep(0.5)
     sys.exit(f"{running.name} was not ready after {timeout_s} s")
+
+
+def answers(url: str, body: bytes, timeout_s: float) -> bool:
+    """Whether a JSON POST of body to url succeeds (False on a refused connection, too)."""
+    try:
+        return requests.post(url, data=body, timeout=timeout_s, headers={"Content-Type": "application/json"}).ok
+    except requests.RequestException:
+        return False
 
 
 # --------------------------------------------------------------------------- the systems
