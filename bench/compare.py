@@ -7,6 +7,10 @@
 Systems (all on 127.0.0.1, all answering a POST of N sentences with their embeddings):
 - limit: the model in-process, no server (bench.peers.limit): padded at the best batch size,
   and length-sorted in batches of 64; always measured, since every ratio is to it;
+- in-process best (with ddml and the closed workload): ddml's own worker code, its compute lanes
+  and unpadded passes, fed by a closed loop of N single-sentence clients with no HTTP and no
+  broker (bench.peers.worker_limit), at each --concurrency: what ddml would serve at cN if
+  serving cost nothing, and #25's target (ddml ≥ 0.95× it at c64);
 - ddml: ddml-gateway + ddml-broker + one ddml-worker (max batch 64, 2 torch threads);
 - naive-1: Falcon under gunicorn, one sync process with 2 torch threads, one call per request;
 - naive-2: the same with 2 processes × 1 torch thread;
@@ -77,6 +81,12 @@ BULK_INPUTS = (32, 256)
 BULK_CONCURRENCY = (2, 4)
 OPEN_FRACTIONS = (0.5, 0.8)
 TEXTS_SEED = 2  # the sentences every workload draws its bodies from
+DDML_WORKER_FLAGS = ("--model", "minilm", "--device", "cpu", "--max-batch-size", "64")  # + ddml_worker_flags()
+
+
+def ddml_worker_flags() -> list[str]:
+    """ddml's worker flags for experiments, from BENCH_DDML_WORKER_FLAGS (the in-process best gets them too)."""
+    return os.environ.get("BENCH_DDML_WORKER_FLAGS", "--torch-threads 2").split()
 
 
 @dataclass
@@ -198,14 +208,18 @@ def wait_ready(running: Running, timeout_s: float = 300) -> None:
         for popen, log in zip(running.groups, running.logs):
             if popen.poll() is not None:
                 sys.exit(f"{running.name} exited with {popen.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.post(running.url + running.path, data=running.body(["warm up"]), timeout=30,
-                             headers={"Content-Type": "application/json"}).ok:
-                return
-        except requests.RequestException:
-            pass
+        if answers(running.url + running.path, running.body(["warm up"]), 30):
+            return
         time.sleep(0.5)
     sys.exit(f"{running.name} was not ready after {timeout_s} s")
+
+
+def answers(url: str, body: bytes, timeout_s: float) -> bool:
+    """Whether a JSON POST of body to url succeeds (False on a refused connection, too)."""
+    try:
+        return requests.post(url, data=body, timeout=timeout_s, headers={"Content-Type": "application/json"}).ok
+    except requests.RequestException:
+        return False
 
 
 # --------------------------------------------------------------------------- the systems
@@ -222,8 +236,7 @@ def start(name: str, logdir: Path, model_dir: str) -> Running:
         logdir.mkdir(parents=True, exist_ok=True)
         stack = Stack(logdir)
         stack.start_broker(*os.environ.get("BENCH_DDML_BROKER_FLAGS", "").split())
-        stack.start_worker("--model", "minilm", "--device", "cpu", "--max-batch-size", "64",
-                           *os.environ.get("BENCH_DDML_WORKER_FLAGS", "--torch-threads 2").split())
+        stack.start_worker(*DDML_WORKER_FLAGS, *ddml_worker_flags())
         _, url = stack.start_gateway(*os.environ.get("BENCH_DDML_GATEWAY_FLAGS", "").split())
         running = Running(name, url, "/v1/models/minilm/predict", stack=stack)
         running.logs = [p.log_path for p in stack.processes]
@@ -395,6 +408,23 @@ def median_limit(limits: list[dict]) -> dict:
     }
 
 
+def median_best(bests: list[dict]) -> dict:
+    """The in-process best per concurrency, as medians over its measurements; {} if not measured."""
+    bests = [b for b in bests if b]
+    if not bests:
+        return {}
+    out = {"lanes": bests[0]["lanes"], "closed": {}}
+    for concurrency in bests[0]["closed"]:
+        runs = [b["closed"][concurrency] for b in bests]
+        out["closed"][int(concurrency)] = {
+            "items_per_s": statistics.median(r["items_per_s"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "each": [r["items_per_s"] for r in runs],
+        }
+    return out
+
+
 def settle(running: Running, timeout_s: float = 300.0) -> None:
     """Wait until the system is idle again: wrk stops with up to `concurrency` requests in flight,
     and a server keeps computing them (at c256 on a CPU, that is seconds of work)."""
@@ -425,7 +455,7 @@ def write_bodies(path: Path, count: int = 5000, seed: int = TEXTS_SEED) -> None:
 
 
 def report(limit: dict, points: list[Point], checks: dict[str, float], capacity: Capacity | None = None,
-           timeout_s: float = 10.0) -> None:
+           timeout_s: float = 10.0, best: dict | None = None) -> None:
     padded_best = max(limit["padded_items_per_s"].values())
     best_size = max(limit["padded_items_per_s"], key=limit["padded_items_per_s"].get)
     sorted64 = limit["sorted64_items_per_s"]
@@ -453,6 +483,13 @@ def report(limit: dict, points: list[Point], checks: dict[str, float], capacity:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for workload in WORKLOADS:
         rows = [p for p in points if p.workload == workload]
+        if workload == "closed" and rows and best:
+            for concurrency, figures in best["closed"].items():
+                rate = figures["items_per_s"]
+                print(f"| closed | c{concurrency} | limit (in-process best: worker code, {best['lanes']} lanes) "
+                      f"| {rate:.1f} | {rate:.1f} | {', '.join(f'{v:.1f}' for v in figures['each'])} | "
+                      f"| {figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} | | {rate / sorted64:.2f} "
+                      f"| {rate / padded_best:.2f} | | |")
         if workload == "bulk" and rows:
             print(f"| bulk | batches of 64 | limit (length-sorted) | | {sorted64:.1f} "
                   f"| {', '.join(f'{v:.1f}' for v in limit.get('sorted64_each', []))} | | | | | 1.00 "
@@ -468,7 +505,7 @@ def report(limit: dict, points: list[Point], checks: dict[str, float], capacity:
     print(f"\npadded limit: {padded_best:.1f} items/s at batch {best_size}; sorted limit: {sorted64:.1f} items/s")
     print("correctness (lowest cosine to in-process): "
           + ", ".join(f"{name} {value:.6f}" for name, value in checks.items()))
-    targets(points, limit, capacity)
+    targets(points, limit, capacity, best or {})
 
 
 def at(points: list[Point], workload: str, system: str, concurrency: int = 0, inputs: int = 1,
@@ -494,7 +531,7 @@ def met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
-def targets(points: list[Point], limit: dict, capacity: Capacity | None) -> None:
+def targets(points: list[Point], limit: dict, capacity: Capacity | None, inprocess: dict | None = None) -> None:
     sorted64 = limit["sorted64_items_per_s"]
     limit_from = (f"length-sorted limit {sorted64:.1f} items/s, in-process, median of {limit.get('runs', 1)}: "
                   + ", ".join(f"{v:.1f}" for v in limit.get("sorted64_each", [sorted64])))
@@ -517,6 +554,15 @@ def targets(points: list[Point], limit: dict, capacity: Capacity | None) -> None
         print(f"- c16: ddml {ddml16.req_per_s:.1f} req/s = {ratio:.2f}× the best peer ({peers16.system}, "
               f"{peers16.req_per_s:.1f}); target ≥ 1.3: {met(ratio >= 1.3)}\n"
               f"  ({origin(ddml16, 'req/s')}; {origin(peers16, 'req/s')})")
+    for concurrency, figures in (inprocess or {}).get("closed", {}).items():
+        ddml = at(points, "closed", "ddml", concurrency)
+        if ddml:
+            ratio = ddml.req_per_s / figures["items_per_s"]
+            goal = f"; target ≥ 0.95 (#25): {met(ratio >= 0.95)}" if concurrency == 64 else " (#25: must not fall)"
+            print(f"- c{concurrency}: ddml {ddml.req_per_s:.1f} req/s = {ratio:.2f}× the in-process best "
+                  f"({figures['items_per_s']:.1f} inputs/s){goal}\n  ({origin(ddml, 'req/s')}; in-process best: "
+                  f"bench.peers.worker_limit, {inprocess['lanes']} lanes, median of {len(figures['each'])}: "
+                  f"{', '.join(f'{v:.1f}' for v in figures['each'])})")
     naive1 = at(points, "closed", "naive-1", 1)
     if ddml1 and naive1:
         added = ddml1.p50_ms - naive1.p50_ms
@@ -705,7 +751,19 @@ def main() -> None:
             cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
         ).stdout.strip().splitlines()[-1])
 
+    def measure_best() -> dict:
+        """The in-process best at each closed-loop concurrency: ddml's worker code, no server."""
+        if "closed" not in workloads or "ddml" not in names:
+            return {}
+        print("measuring the in-process best (the worker's own code) ...", flush=True)
+        return json.loads(subprocess.run(
+            [sys.executable, "-m", "bench.peers.worker_limit", "--concurrency", args.concurrency, "--seconds",
+             str(args.limit_seconds), "--", *DDML_WORKER_FLAGS, *ddml_worker_flags()],
+            cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        ).stdout.strip().splitlines()[-1])
+
     limits = [measure_limit()]  # again after every round: the machine's speed drifts
+    bests = [measure_best()]
     reference = json.loads(reference_path.read_text())
     assert reference["sentences"] == CHECK_SENTENCES
     bodies = logdir / "bodies.jsonl"
@@ -777,12 +835,13 @@ def main() -> None:
                           + (f", mean batch {point.mean_batch:.1f}" if point.mean_batch is not None else "")
                           + (f"; {point.note}" if point.note else ""), flush=True)
             limits.append(measure_limit())
+            bests.append(measure_best())
     finally:
         for running in systems.values():
             running.stop()
     points = [median_point(rounds[workload, inputs, load, name]) for workload, inputs, load in steps for name in names
               if (workload, inputs, load, name) in rounds]
-    report(median_limit(limits), points, checks, capacity, args.openloop_timeout)
+    report(median_limit(limits), points, checks, capacity, args.openloop_timeout, median_best(bests))
 
 
 if __name__ == "__main__":

@@ -111,12 +111,10 @@ class BrokerConnection:
         for index in range(len(self._sockets)):
             self._sockets[index] = _Sockets(self._context, links.links[index].endpoint, self._keys)
             self._perform(links.connected(index, now, self._busy))
+        poller, polled = None, None
         while True:
-            poller = zmq.Poller()
-            poller.register(results, zmq.POLLIN)
-            for sockets in self._sockets:
-                poller.register(sockets.dealer, zmq.POLLIN)
-                poller.register(sockets.monitor, zmq.POLLIN)
+            if polled != self._sockets:  # the first pass, or a socket was replaced (a reconnect)
+                poller, polled = self._poller(results), list(self._sockets)
             wait_s = min(links.next_wake_at() - self._clock(), links.interval_s)
             ready = dict(poller.poll(max(0, wait_s * 1000)))
             now = self._clock()
@@ -130,6 +128,16 @@ class BrokerConnection:
             if self._perform(links.on_tick(now, self._busy, should_stop())):
                 return
             self._check_health(now)
+
+    def _poller(self, results: zmq.Socket) -> zmq.Poller:
+        """A poller over the results socket and every broker's sockets. Built again only when a socket
+        is replaced (a reconnect), not on every wake-up."""
+        poller = zmq.Poller()
+        poller.register(results, zmq.POLLIN)
+        for sockets in self._sockets:
+            poller.register(sockets.dealer, zmq.POLLIN)
+            poller.register(sockets.monitor, zmq.POLLIN)
+        return poller
 
     def _check_health(self, now: float) -> None:
         """Touch the health file when due and healthy; end a process whose model is hung."""
