@@ -32,6 +32,7 @@ from typing import Callable
 
 from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
 from broker.config import BrokerConfig
+from broker.pool import can_load, demand_report, pool_workers
 from broker.stats import BrokerSnapshot, ModelStats
 from broker.workers import WorkerRegistry, WorkerState
 from ddml_common import protocol
@@ -123,8 +124,12 @@ class BrokerCore:
                 self._lose_worker(worker, "missed heartbeats or overran a batch deadline", now)
                 self._sends.append(Send(Peer.WORKER, worker.worker_id,
                                         protocol.Disconnect("expired: send READY", worker.registration)))
+            report = None
             for worker in self._workers.due_for_heartbeat(now):
-                self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Heartbeat(self.instance_id)))
+                heartbeat = protocol.Heartbeat(self.instance_id)
+                if worker.pool:  # a pool worker plans placement from what every broker reports (broker/pool.py)
+                    heartbeat.demand = report = report or self._demand_report(now)
+                self._sends.append(Send(Peer.WORKER, worker.worker_id, heartbeat))
             for dispatch in self._batcher.assign(self._workers.with_room(now), now, self._workers.serves_elsewhere):
                 self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
         except Exception:
@@ -305,11 +310,16 @@ class BrokerCore:
         if not request.inputs:
             return self._finish(pending, now, ErrorCode.BAD_REQUEST, "a request needs at least one input")
         if not self._workers.serves(model):
-            starting = now - self._started_at < self._config.heartbeat.expiry_s  # workers still rejoining
-            if starting or model in self._model_stats:  # served before: its workers are restarting, most likely
-                return self._finish(pending, now, ErrorCode.UNAVAILABLE,
-                                    f"no live worker serves model {model!r} right now", retry_after_ms=1000)
-            return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
+            loadable = can_load(self._workers, model)  # a pool worker may load it: the request waits for that
+            if loadable is not None and not loadable[0]:
+                return self._finish(pending, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
+            if loadable is None:
+                starting = now - self._started_at < self._config.heartbeat.expiry_s  # workers still rejoining
+                if starting or model in self._model_stats:  # served before: its workers are restarting, most likely
+                    return self._finish(pending, now, ErrorCode.UNAVAILABLE,
+                                        f"no live worker serves model {model!r} right now", retry_after_ms=1000)
+                return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
+            self._wake_pool(model, now)
         if request.timeout_ms <= 0:
             return self._finish(pending, now, ErrorCode.TIMEOUT, "deadline passed before the broker saw the request")
         if self._batcher.is_full(model, pending):
@@ -359,6 +369,8 @@ class BrokerCore:
         worker = self._workers.get(worker_id)
         worker.stats = heartbeat.stats
         worker.registration = heartbeat.registration
+        if heartbeat.pool and worker.pool:
+            self._workers.set_holdings(worker, heartbeat.pool)
         if heartbeat.draining:
             if not worker.draining:
                 logger.info("worker %s is draining; no more batches go to it", worker_id.hex(),
@@ -662,6 +674,27 @@ class BrokerCore:
         if rate <= 0:
             return 1000
         return max(100, min(60_000, math.ceil(backlog / rate * 1000)))
+
+    # ------------------------------------------------------------------ pool workers (broker/pool.py)
+
+    def _wake_pool(self, model: str, now: float) -> None:
+        """A request waits for a pool worker to load its model: on the first one, heartbeat the pool
+        workers at once, so that they plan from it now, not at the next interval."""
+        self._stats_for(model)  # reported in STATUS while it waits
+        if self._batcher.queued_items(model) == 0:
+            for worker in pool_workers(self._workers):
+                worker.heartbeat_due_at = min(worker.heartbeat_due_at, now)
+
+    def _demand_report(self, now: float) -> dict:
+        def oldest_wait_s(model: str) -> float:
+            oldest = self._batcher.oldest_enqueued_at(model)
+            return 0.0 if oldest is None else max(0.0, now - oldest)
+
+        def rate_per_s(model: str) -> float:
+            stats = self._model_stats.get(model)
+            return stats.items_per_s(now) if stats is not None else 0.0
+
+        return demand_report(list(self._workers), self._batcher.queued_items, oldest_wait_s, rate_per_s)
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -1,0 +1,112 @@
+"""The broker and pool workers (docs/placement.md): catalogs, holdings, cold start, demand reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.core import BrokerCore, Peer
+from ddml_common import protocol
+from tests.unit.test_core import CONFIG, Wire, frames, step
+
+POOL_READY = protocol.Ready([], max_batch_size=8, max_batches=2,
+                            pool={"id": "p1", "catalog": ["a", "b"], "max_models": 1, "budget_mb": 0})
+
+
+def ask(core: BrokerCore, request_id: str, model: str, now: float, timeout_ms: int = 5000) -> None:
+    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request(
+        request_id, model, timeout_ms, inputs=[protocol.encode_value(request_id)])), now)
+
+
+def holdings(held=(), loading=(), failed=None) -> list[bytes]:
+    return frames(protocol.Heartbeat(registration=1, pool={"held": {m: 10.0 for m in held}, "loading": list(loading),
+                                                            "failed": failed or {}}))
+
+
+def test_a_request_for_a_model_a_pool_worker_may_load_waits_and_runs_once_it_is_loaded():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    step(core, wire, 0.0)
+    wire.take(b"w1", protocol.Heartbeat)
+    ask(core, "r1", "a", now=1.0)
+    step(core, wire, 1.0)
+    assert wire.take(b"gw", protocol.Reply) == []  # waiting, not refused
+    [heartbeat] = wire.take(b"w1", protocol.Heartbeat)  # at once, not at the next interval
+    assert heartbeat.demand["models"]["a"]["queued"] == 1
+    assert heartbeat.demand["pool"]["p1"]["catalog"] == ["a", "b"]
+    core.on_frames(Peer.WORKER, b"w1", holdings(loading=["a"]), 1.1)
+    step(core, wire, 1.1)
+    assert wire.take(b"w1", protocol.Batch) == []
+    core.on_frames(Peer.WORKER, b"w1", holdings(held=["a"]), 1.5)
+    step(core, wire, 1.5)
+    [batch] = wire.take(b"w1", protocol.Batch)
+    assert batch.model == "a"
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.BatchResult(batch.batch_id, batch.inputs)), 1.6)
+    step(core, wire, 1.6)
+    [reply] = wire.take(b"gw", protocol.Reply)
+    assert reply.ok and reply.request_id == "r1"
+    [worker] = core.status("", 1.6).workers
+    assert worker["models"] == ["a"] and worker["pool"]["held_mb"] == {"a": 10.0}
+
+
+def test_a_model_in_no_catalog_is_still_404_and_one_every_pool_worker_failed_to_load_is_503():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    core.on_frames(Peer.WORKER, b"w1", holdings(failed={"b": "out of memory"}), 2.9)
+    ask(core, "r1", "zzz", now=3.5)  # past the start-up grace, when workers may still be rejoining
+    ask(core, "r2", "b", now=3.5)
+    step(core, wire, 3.5)
+    replies = {r.request_id: r for r in wire.take(b"gw", protocol.Reply)}
+    assert replies["r1"].error_code == protocol.ErrorCode.NO_SUCH_MODEL.value
+    assert replies["r2"].error_code == protocol.ErrorCode.UNAVAILABLE.value
+    assert "out of memory" in replies["r2"].error_message and replies["r2"].retry_after_ms > 0
+
+
+def test_an_unloaded_model_gets_no_more_batches_and_its_waiting_request_times_out_once():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    core.on_frames(Peer.WORKER, b"w1", holdings(held=["a"]), 0.1)
+    core.on_frames(Peer.WORKER, b"w1", holdings(), 0.2)  # it drains a
+    ask(core, "r1", "a", now=0.5, timeout_ms=1000)
+    step(core, wire, 0.5)
+    assert wire.take(b"w1", protocol.Batch) == []
+    step(core, wire, 1.6)
+    [reply] = wire.take(b"gw", protocol.Reply)
+    assert reply.error_code == protocol.ErrorCode.TIMEOUT.value
+
+
+def test_fixed_workers_get_no_demand_report_and_are_counted_as_fixed_replicas():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"fixed", frames(protocol.Ready(["a"], max_batch_size=4)), 0.0)
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    step(core, wire, 0.0)
+    [plain] = wire.take(b"fixed", protocol.Heartbeat)
+    [report] = wire.take(b"w1", protocol.Heartbeat)
+    assert plain.demand == {}
+    assert report.demand["models"]["a"] == {"fixed": 1}
+    assert protocol.decode(protocol.encode(report)) == report  # within the protocol's bounds
+
+
+@pytest.mark.parametrize("pool", [
+    {"id": "", "catalog": ["a"], "max_models": 1, "budget_mb": 0},
+    {"id": "p", "catalog": [], "max_models": 1, "budget_mb": 0},
+    {"id": "p", "catalog": ["a"], "max_models": 0, "budget_mb": 0},
+    {"id": "p", "catalog": ["a"], "max_models": 1, "budget_mb": -1},
+    {"id": "p", "catalog": [3], "max_models": 1, "budget_mb": 0},
+])
+def test_a_pool_registration_out_of_bounds_does_not_decode(pool):
+    with pytest.raises(protocol.DecodeError):
+        protocol.decode(protocol.encode(protocol.Ready([], max_batch_size=1, pool=pool)))
+
+
+@pytest.mark.parametrize("pool", [{"held": {"a": -1}}, {"held": ["a"]}, {"loading": [""]},
+                                  {"failed": {"a": 3}}, {"held": {"": 1.0}}])
+def test_holdings_out_of_bounds_do_not_decode(pool):
+    with pytest.raises(protocol.DecodeError):
+        protocol.decode(protocol.encode(protocol.Heartbeat(pool=pool)))
+
+
+def test_a_ready_without_models_decodes_only_from_a_pool_worker():
+    with pytest.raises(protocol.DecodeError):
+        protocol.decode(protocol.encode(protocol.Ready([], max_batch_size=1)))
+    assert protocol.decode(protocol.encode(POOL_READY)) == POOL_READY
+    assert protocol.encode(protocol.Heartbeat("i")) == protocol.encode(protocol.Heartbeat("i", pool={}, demand={}))
