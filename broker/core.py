@@ -277,7 +277,7 @@ class BrokerCore:
             return
         match message:
             case protocol.Heartbeat():
-                self._on_worker_heartbeat(worker_id, message)
+                self._on_worker_heartbeat(worker_id, message, now)
             case protocol.BatchResult():
                 self._on_batch_result(worker_id, message, now)
             case protocol.Disconnect():
@@ -365,12 +365,14 @@ class BrokerCore:
         for name in [n for n in self._rollouts if len(served.get(n, ())) <= 1]:
             del self._rollouts[name]  # one version left: the next rollout warns again
 
-    def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
+    def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat, now: float) -> None:
         worker = self._workers.get(worker_id)
         worker.stats = heartbeat.stats
         worker.registration = heartbeat.registration
         if heartbeat.pool and worker.pool:
             self._workers.set_holdings(worker, heartbeat.pool)
+            for model in heartbeat.pool.get("failed", ()):
+                self._fail_unloadable(model, now)
         if heartbeat.draining:
             if not worker.draining:
                 logger.info("worker %s is draining; no more batches go to it", worker_id.hex(),
@@ -684,6 +686,17 @@ class BrokerCore:
         if self._batcher.queued_items(model) == 0:
             for worker in pool_workers(self._workers):
                 worker.heartbeat_due_at = min(worker.heartbeat_due_at, now)
+
+    def _fail_unloadable(self, model: str, now: float) -> None:
+        """A load failed: if no worker serves the model and none may still load it, what waits for it
+        gets UNAVAILABLE now, with the reason, rather than TIMEOUT at its deadline."""
+        if self._workers.serves(model) or not self._batcher.queued_items(model):
+            return
+        loadable = can_load(self._workers, model)
+        if loadable is None or loadable[0]:
+            return
+        for request in [r for r in self._requests.values() if r.model == model]:
+            self._finish(request, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
 
     def _demand_report(self, now: float) -> dict:
         def oldest_wait_s(model: str) -> float:

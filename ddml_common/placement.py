@@ -88,8 +88,8 @@ class View:
 class PolicyConfig:
     scale_up_wait_s: float = 0.5  # a further replica once the oldest input has waited this long
     scale_up_queue: int = 64  # ... or more than this many inputs wait per replica
-    starve_wait_s: float = 2.0  # a model waiting this long with no replica may evict a model with demand
-    min_residency_s: float = 5.0  # nothing is evicted sooner after it was loaded
+    starve_wait_s: float = 1.0  # a model waiting this long with no replica may evict a model with demand
+    min_residency_s: float = 2.0  # nothing is evicted sooner after it was loaded
 
 
 def rank(pool_id: str, model: str) -> int:

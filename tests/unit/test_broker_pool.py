@@ -110,3 +110,19 @@ def test_a_ready_without_models_decodes_only_from_a_pool_worker():
         protocol.decode(protocol.encode(protocol.Ready([], max_batch_size=1)))
     assert protocol.decode(protocol.encode(POOL_READY)) == POOL_READY
     assert protocol.encode(protocol.Heartbeat("i")) == protocol.encode(protocol.Heartbeat("i", pool={}, demand={}))
+
+
+def test_requests_waiting_for_a_model_whose_only_load_failed_get_503_at_once_not_at_their_deadline():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    ask(core, "r1", "a", now=0.5, timeout_ms=60_000)
+    ask(core, "r2", "b", now=0.5, timeout_ms=60_000)
+    core.on_frames(Peer.WORKER, b"w1", holdings(loading=["a"]), 0.6)
+    step(core, wire, 0.6)
+    assert wire.take(b"gw", protocol.Reply) == []
+    core.on_frames(Peer.WORKER, b"w1", holdings(failed={"a": "CUDA out of memory"}), 0.9)
+    step(core, wire, 0.9)
+    [reply] = wire.take(b"gw", protocol.Reply)
+    assert reply.request_id == "r1" and reply.error_code == protocol.ErrorCode.UNAVAILABLE.value
+    assert "CUDA out of memory" in reply.error_message
+    assert core.in_flight_requests == 1  # r2, for b, still waits
