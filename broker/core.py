@@ -369,8 +369,8 @@ class BrokerCore:
         worker = self._workers.get(worker_id)
         worker.stats = heartbeat.stats
         worker.registration = heartbeat.registration
-        if heartbeat.pool and worker.pool:
-            self._workers.set_holdings(worker, heartbeat.pool)
+        if heartbeat.pool and worker.pool and self._workers.set_holdings(worker, heartbeat.pool):
+            self._hasten_pool_heartbeats(now)  # every pool worker plans from the change now, not an interval late
             for model in heartbeat.pool.get("failed", ()):
                 self._fail_unloadable(model, now)
         if heartbeat.draining:
@@ -681,11 +681,15 @@ class BrokerCore:
 
     def _wake_pool(self, model: str, now: float) -> None:
         """A request waits for a pool worker to load its model: on the first one, heartbeat the pool
-        workers at once, so that they plan from it now, not at the next interval."""
+        workers at once, so that they plan from it now, not at the next interval (so too when a pool
+        worker's holdings change: two workers that plan from views apart could take the same load)."""
         self._stats_for(model)  # reported in STATUS while it waits
         if self._batcher.queued_items(model) == 0:
-            for worker in pool_workers(self._workers):
-                worker.heartbeat_due_at = min(worker.heartbeat_due_at, now)
+            self._hasten_pool_heartbeats(now)
+
+    def _hasten_pool_heartbeats(self, now: float) -> None:
+        for worker in pool_workers(self._workers):
+            worker.heartbeat_due_at = min(worker.heartbeat_due_at, now)
 
     def _fail_unloadable(self, model: str, now: float) -> None:
         """A load failed: if no worker serves the model and none may still load it, what waits for it

@@ -173,13 +173,18 @@ class WorkerRegistry:
             worker.saturated = False
         return worker
 
-    def set_holdings(self, worker: WorkerState, holdings: dict) -> None:
-        """A pool worker's heartbeat: the models it holds now are the models it serves."""
+    def set_holdings(self, worker: WorkerState, holdings: dict) -> bool:
+        """A pool worker's heartbeat: the models it holds now are the models it serves. True if what it
+        holds, loads or failed to load changed."""
+        changed = (holdings.get("held", {}).keys() != worker.holdings.get("held", {}).keys()
+                   or holdings.get("loading") != worker.holdings.get("loading")
+                   or holdings.get("failed", {}).keys() != worker.holdings.get("failed", {}).keys())
         worker.holdings = holdings
         models = frozenset(holdings.get("held", ()))
         if models != worker.models:
             worker.models = models
             self._served = None
+        return changed
 
     def remove(self, worker_id: bytes) -> WorkerState | None:
         self._served = None

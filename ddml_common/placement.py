@@ -192,8 +192,9 @@ class PlacementPolicy:
         need_mb = self._memory_of(workers, model)
         best: tuple | None = None
         for pool_id, worker in workers.items():
-            if (pool_id in claimed or worker.loading or model not in worker.catalog or model in worker.failed
-                    or worker.holds(model)):
+            # A worker that is loading another model may still be chosen: it loads this one next. Were it
+            # passed over, two workers that each saw the other's load still running would both take this one.
+            if pool_id in claimed or model not in worker.catalog or model in worker.failed or worker.holds(model):
                 continue
             if _fits(worker, need_mb, []):
                 key = (0, -(worker.max_models - len(worker.held)), 0.0, rank(pool_id, model))
@@ -202,8 +203,9 @@ class PlacementPolicy:
                 victims = self._victims(view, workers, worker, need_mb, starving, now)
                 if victims is None:
                     continue
-                lru = min(self._last_demand_at.get(v, -math.inf) for v in victims)
-                key = (1, len(victims), lru, rank(pool_id, model))
+                # Which worker evicts: by rank alone, not by its victims' ages, which each worker measures
+                # from the reports it heard, so that two workers with views a report apart still agree.
+                key = (1, len(victims), 0.0, rank(pool_id, model))
                 candidate = (pool_id, victims, reason)
             else:
                 continue
@@ -275,7 +277,10 @@ def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None =
 
     Demand is summed over brokers (each queues its own requests), the oldest wait is the largest,
     fixed replicas the largest (every broker sees every worker); pool workers are the union by pool
-    id. `own`, this worker's first-hand state, replaces what brokers say of it."""
+    id. `own`, this worker's first-hand state, stands in for it only while no broker reports it: every
+    worker plans from what the brokers say, itself included, so that two workers that heard the same
+    reports make the same plan (a worker that knew itself better than the others know it would choose
+    differently from them, and two of them could take the same load)."""
     demand: dict[str, Demand] = {}
     workers: dict[str, PoolWorker] = {}
     for report in reports:
@@ -298,7 +303,7 @@ def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None =
             worker = _pool_worker(pool_id, entry)
             if worker is not None and pool_id not in workers:
                 workers[pool_id] = worker
-    if own is not None:
+    if own is not None and own.pool_id not in workers:
         workers[own.pool_id] = own
     return View(demand, workers)
 

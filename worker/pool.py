@@ -108,6 +108,7 @@ class PoolState:
         self._replicas: dict[str, Replica] = {}
         self._announced: set[str] = set()  # held and offered to the brokers (not draining)
         self._loading: set[str] = set()
+        self._reserved: set[str] = set()  # to load once the models it evicts for them are drained
         self._failed: dict[str, str] = {}
         self._reports: dict[int, tuple[float, dict]] = {}  # link -> (when, demand report)
         self._changed = False
@@ -120,7 +121,7 @@ class PoolState:
     def holdings(self) -> dict:
         with self._lock:
             return {"held": {m: round(self._replicas[m].memory_mb, 3) for m in sorted(self._announced)},
-                    "loading": sorted(self._loading), "failed": dict(self._failed)}
+                    "loading": sorted(self._loading | self._reserved), "failed": dict(self._failed)}
 
     def held_models(self) -> list[str]:
         with self._lock:
@@ -162,15 +163,24 @@ class PoolState:
         with self._lock:
             return PoolWorker(self.pool_id, self.catalog,
                               {m: self._replicas[m].memory_mb for m in self._announced},
-                              frozenset(self._loading), frozenset(self._failed), self.max_models, self.budget_mb)
+                              frozenset(self._loading | self._reserved), frozenset(self._failed), self.max_models,
+                              self.budget_mb)
 
     def used_mb(self) -> float:
         with self._lock:
             return sum(r.memory_mb for r in self._replicas.values())
 
+    def reserve(self, model: str) -> None:
+        """Announce a load that waits for evictions to drain: as loading, so that no other worker takes it."""
+        with self._lock:
+            self._reserved.add(model)
+            self._changed = True
+
     def begin_load(self, model: str, need_mb: float) -> str:
         """Announce the load; "" if it may start, else why not (a plan never takes us past our limits)."""
         with self._lock:
+            self._reserved.discard(model)
+            self._changed = True
             if model in self._replicas or model in self._loading:
                 return f"model {model!r} is held or loading already"
             if len(self._replicas) + len(self._loading) + 1 > self.max_models:
@@ -179,7 +189,6 @@ class PoolState:
             if self.budget_mb and used_mb + need_mb > self.budget_mb:
                 return f"{need_mb:.0f} MB more would exceed --memory-budget-mb {self.budget_mb:.0f} ({used_mb:.0f} used)"
             self._loading.add(model)
-            self._changed = True
             return ""
 
     def finish_load(self, model: str, handler: Any, memory_mb: float, load_s: float) -> None:
@@ -252,9 +261,13 @@ class Placer:
     def step(self, now: float, stopping: threading.Event) -> None:
         state = self._state
         view = merge_reports(state.reports(now), own=state.me())
-        for action in self._policy.plan(view, now):
-            if action.pool_id != state.pool_id or stopping.is_set():
-                continue
+        mine = [action for action in self._policy.plan(view, now) if action.pool_id == state.pool_id]
+        for action in mine:
+            if action.kind is Kind.LOAD:
+                state.reserve(action.model)  # announced now, not after the evictions for it have drained
+        for action in mine:
+            if stopping.is_set():
+                return
             logger.info("placement: %s %s (%s)", action.kind.value, action.model, action.reason,
                         extra={"model": action.model})
             if action.kind is Kind.UNLOAD:
