@@ -32,7 +32,7 @@ from typing import Callable
 
 from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
 from broker.config import BrokerConfig
-from broker.pool import can_load, demand_report, pool_workers
+from broker.pool import can_load, catalog, demand_report, pool_workers, replicas
 from broker.stats import BrokerSnapshot, ModelStats
 from broker.workers import WorkerRegistry, WorkerState
 from ddml_common import protocol
@@ -203,7 +203,8 @@ class BrokerCore:
         models, histograms = {}, {}
         shared: dict[int, str] = {}  # id of a metadata document -> the model whose entry carries it
         metadata_budget = _STATUS_METADATA_BUDGET
-        for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
+        pool = pool_workers(self._workers)
+        for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats) | catalog(pool)):
             oldest = self._batcher.oldest_enqueued_at(name)
             serving = [w for w in self._workers if name in w.models]
             stats = self._stats_for(name)
@@ -229,6 +230,7 @@ class BrokerCore:
                 "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,
                 "items_per_s": round(stats.items_per_s(now), 3),
                 **stats.describe(),
+                **({"replicas": replicas(list(self._workers), name)} if pool else {}),
             }
             histograms[name] = stats.histograms()
         return BrokerSnapshot(

@@ -31,6 +31,18 @@ def can_load(workers: Iterable[WorkerState], model: str) -> tuple[bool, str] | N
     return False, f"every pool worker that may load model {model!r} failed to: {failures[0]}"[:1000]
 
 
+def catalog(workers: Iterable[WorkerState]) -> set[str]:
+    """Every model a live pool worker may load."""
+    return {m for w in pool_workers(workers) for m in w.pool["catalog"]}
+
+
+def replicas(workers: list[WorkerState], model: str) -> dict:
+    """STATUS's "replicas" of a model: workers that serve it (fixed or pool), pool workers loading it."""
+    loading = [w for w in pool_workers(workers) if model in w.holdings.get("loading", ())]
+    return {"loaded": sum(model in w.models for w in workers), "loading": len(loading),
+            "pool_workers": sorted(w.pool["id"] for w in pool_workers(workers) if model in w.models)}
+
+
 def demand_report(workers: list[WorkerState], queued: Callable[[str], int], oldest_wait_s: Callable[[str], float],
                   rate_per_s: Callable[[str], float]) -> dict:
     """Heartbeat.demand for pool workers: per model of any catalog or held anywhere, its inputs queued,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import math
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from ddml_common.repository import Placement
@@ -108,20 +108,21 @@ class PlacementPolicy:
         self._held_since: dict[tuple[str, str], float] = {}
 
     def plan(self, view: View, now: float) -> list[Action]:
+        """The whole pool's plan. Each model's load is chosen from the view alone, never from the loads
+        planned for other models: a worker that has heard of one model's demand and not yet of
+        another's must choose as one that has heard of both. So a plan may give one worker several
+        loads; it performs them in order, and refuses one that would take it past its limits (the
+        next plan, which sees it loading, chooses another worker)."""
         self._observe(view, now)
-        workers = {pool_id: w for pool_id, w in view.workers.items()}
-        claimed: set[str] = set()  # workers given an action in this plan
+        workers = view.workers
         actions: list[Action] = []
         for model in sorted(self._wanted(view, workers), key=lambda m: self._urgency(view, workers, m)):
-            chosen = self._place(view, workers, claimed, model, now)
+            chosen = self._place(view, workers, model, now)
             if chosen is not None:
                 pool_id, victims, reason = chosen
-                claimed.add(pool_id)
                 actions += [Action(Kind.UNLOAD, pool_id, victim, f"evicted for {model}") for victim in victims]
                 actions.append(Action(Kind.LOAD, pool_id, model, reason))
-                worker = workers[pool_id]
-                held = {m: mb for m, mb in worker.held.items() if m not in victims}
-                workers[pool_id] = replace(worker, held=held, loading=worker.loading | {model})
+        claimed = {a.pool_id for a in actions}  # one thing at a time: no idle unload beside a load
         for model in sorted(self._idle_models(workers, now)):
             victim = self._scale_down(workers, claimed, model, now)
             if victim is not None:
@@ -182,7 +183,7 @@ class PlacementPolicy:
         measured = [w.held[model] for w in workers.values() if w.held.get(model, 0.0) > 0]
         return max(measured) if measured else self.specs[model].memory_mb
 
-    def _place(self, view: View, workers: Mapping[str, PoolWorker], claimed: set[str], model: str,
+    def _place(self, view: View, workers: Mapping[str, PoolWorker], model: str,
                now: float) -> tuple[str, list[str], str] | None:
         demand = view.demand.get(model, Demand())
         below_min = self._replicas(workers, model) < self.specs[model].min_replicas
@@ -194,7 +195,7 @@ class PlacementPolicy:
         for pool_id, worker in workers.items():
             # A worker that is loading another model may still be chosen: it loads this one next. Were it
             # passed over, two workers that each saw the other's load still running would both take this one.
-            if pool_id in claimed or model not in worker.catalog or model in worker.failed or worker.holds(model):
+            if model not in worker.catalog or model in worker.failed or worker.holds(model):
                 continue
             if _fits(worker, need_mb, []):
                 key = (0, -(worker.max_models - len(worker.held)), 0.0, rank(pool_id, model))

@@ -26,13 +26,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import zmq
 
 from ddml_common import protocol
 from ddml_common.cli import Parser, stop_on_signals
-from ddml_common.placement import Kind, PlacementPolicy, PoolWorker, merge_reports
+from ddml_common.placement import Action, Kind, PlacementPolicy, PoolWorker, merge_reports
 from ddml_common.protocol import ErrorCode
 from ddml_common.repository import Repository, RepositoryError, load_repository
 from worker.config import WorkerConfig
@@ -261,10 +261,9 @@ class Placer:
     def step(self, now: float, stopping: threading.Event) -> None:
         state = self._state
         view = merge_reports(state.reports(now), own=state.me())
-        mine = [action for action in self._policy.plan(view, now) if action.pool_id == state.pool_id]
-        for action in mine:
-            if action.kind is Kind.LOAD:
-                state.reserve(action.model)  # announced now, not after the evictions for it have drained
+        mine = first_load(a for a in self._policy.plan(view, now) if a.pool_id == state.pool_id)
+        if mine and mine[-1].kind is Kind.LOAD:
+            state.reserve(mine[-1].model)  # announced now, not after the evictions for it have drained
         for action in mine:
             if stopping.is_set():
                 return
@@ -309,6 +308,18 @@ class Placer:
         load_s = self._clock() - started_at
         self._state.finish_load(model, handler, memory_mb, load_s)
         logger.info("model %s loaded in %.2f s (%.1f MB)", model, load_s, memory_mb, extra={"model": model})
+
+
+def first_load(actions: Iterable[Action]) -> list[Action]:
+    """A worker's part of a plan, up to its first load: the evictions for it, then the load. A plan may
+    give a worker several loads (ddml_common/placement.py); the next plan, which sees the first one
+    under way, says where the others go."""
+    taken: list[Action] = []
+    for action in actions:
+        taken.append(action)
+        if action.kind is Kind.LOAD:
+            break
+    return taken
 
 
 def _memory_mb(device: str) -> float:

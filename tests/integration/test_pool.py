@@ -81,3 +81,34 @@ def test_demand_that_moves_a_b_c_then_all_at_once_is_served_by_two_one_model_poo
             client.request("nowhere", [1], timeout_s=5)
     finally:
         client.close()
+
+
+def test_with_two_brokers_each_model_is_loaded_once_though_each_broker_sees_only_its_own_demand(stack, tmp_path):
+    """Brokers never talk to each other: alpha's demand reaches only broker one, beta's only broker
+    two, and the two pool workers plan from both reports. Each model gets exactly one replica."""
+    repository = write_repository(tmp_path / "repository.toml")
+    brokers = []
+    for _ in range(2):
+        stack.start_broker(*FAST)
+        brokers.append((stack.frontend, stack.backend))
+    backends = ",".join(backend for _, backend in brokers)
+    for _ in range(2):
+        stack.start_worker("--pool", "--repository", repository, "--max-models", "2", "--broker", backends, *FAST)
+    one, two = (BrokerClient(frontend, heartbeat_interval_s=0.2) for frontend, _ in brokers)
+    try:
+        for client in (one, two):
+            wait_until(lambda c=client: len(c.status()["workers"]) == 2, timeout_s=30, what="2 pool workers")
+        started_at = time.monotonic()
+        futures = [(m, n, client.submit(m, [n], timeout_s=30)) for n in range(30)
+                   for m, client in (("alpha", one), ("beta", two))]
+        assert all(future.result(timeout=40) == [n] for _, n, future in futures)
+        elapsed_s = time.monotonic() - started_at
+        wait_until(lambda: sorted(m for w in one.status()["workers"] for m in w["models"]) == ["alpha", "beta"],
+                   timeout_s=5, what="one replica of each model")
+        figures = pool_figures(one)
+        print(f"\ntwo brokers: 60 requests in {elapsed_s:.2f} s; loads {figures['pool_loads']}, "
+              f"evictions {figures['pool_evictions']}")
+        assert figures["pool_loads"] == 2 and figures["pool_evictions"] == 0  # no double load, no churn
+    finally:
+        one.close()
+        two.close()

@@ -23,7 +23,7 @@ from broker.core import BrokerCore, Peer, Send
 from ddml_common import protocol
 from ddml_common.placement import Kind, PlacementPolicy, PolicyConfig, merge_reports
 from ddml_common.repository import Placement
-from worker.pool import PoolState
+from worker.pool import PoolState, first_load
 
 INTERVAL_S = 0.5  # heartbeats, both ways
 CONFIG = BrokerConfig(heartbeat=HeartbeatConfig(interval_s=INTERVAL_S, liveness=3, batch_timeout_floor_s=5.0),
@@ -137,12 +137,11 @@ class PoolWorkerSim:
             return  # one action at a time, as worker/pool.py's placement thread
         now = self.sim.now
         view = merge_reports(self.state.reports(now), own=self.state.me())
-        mine = [a for a in self.policy.plan(view, now) if a.pool_id == self.pool_id]
+        mine = first_load(a for a in self.policy.plan(view, now) if a.pool_id == self.pool_id)
         if mine:
             self.busy = True
-            for action in mine:
-                if action.kind is Kind.LOAD:
-                    self.state.reserve(action.model)  # as worker/pool.py's Placer
+            if mine[-1].kind is Kind.LOAD:
+                self.state.reserve(mine[-1].model)  # as worker/pool.py's Placer
             self._perform(mine)
 
     def _perform(self, actions: list) -> None:
@@ -319,7 +318,7 @@ class PoolSim:
         since = self._wanted_at.pop(model, None)
         if since is not None:
             self.replica_waits_s.append(self.now - since)
-            if self.now - since > REPLICA_BOUND_S:
+            if self.now - since > REPLICA_BOUND_S and not self.kill_rate:  # (a kill midway restarts the wait)
                 raise self.failure(f"model {model} waited {self.now - since:.2f} s for a replica, more than "
                                    f"{REPLICA_BOUND_S} s")
 

@@ -13,15 +13,16 @@ from tests.sim.pool import REPLICA_BOUND_S, PoolSim
 def test_pool_seeds_keep_every_invariant():
     count = int(os.environ.get("DDML_POOL_SIM_SEEDS", max(4, int(os.environ.get("DDML_SIM_SEEDS", 2000)) // 100)))
     totals = {"requests": 0, "ok": 0, "loads": 0, "load_failures": 0, "events": 0, "checks": 0}
-    waits: list[float] = []
+    waits: list[float] = []  # of the seeds without kills, which are held to REPLICA_BOUND_S
     for seed in range(count):
         sim = PoolSim(seed, kill_rate=0.0 if seed % 2 else 0.05).run()
         for name in totals:
             totals[name] += sim.counts[name]
-        waits += sim.replica_waits_s
+        if not sim.kill_rate:
+            waits += sim.replica_waits_s
         # Only the model that never loads fails; every request for the others succeeds.
         assert set(sim.errors) <= {"UNAVAILABLE (flaky)", "TIMEOUT (flaky)"}, (seed, sim.errors)
-    print(f"\n{count} seeds: {totals}; wait for a replica: max {max(waits, default=0):.2f} s "
+    print(f"\n{count} seeds: {totals}; wait for a replica without kills: max {max(waits, default=0):.2f} s "
           f"(bound {REPLICA_BOUND_S} s)")
     assert totals["loads"] > count and totals["load_failures"] > 0 and totals["events"] > 10_000 * count
 

@@ -126,3 +126,36 @@ def test_requests_waiting_for_a_model_whose_only_load_failed_get_503_at_once_not
     assert reply.request_id == "r1" and reply.error_code == protocol.ErrorCode.UNAVAILABLE.value
     assert "CUDA out of memory" in reply.error_message
     assert core.in_flight_requests == 1  # r2, for b, still waits
+
+
+def test_status_lists_every_loadable_model_with_its_replicas_loaded_and_loading():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    assert "replicas" not in str(core.status("", 0.0).models)  # no pool worker: STATUS as before
+    core.on_frames(Peer.WORKER, b"fixed", frames(protocol.Ready(["a"], max_batch_size=4)), 0.0)
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    core.on_frames(Peer.WORKER, b"w1", holdings(held=["a"], loading=["b"]), 0.1)
+    models = core.status("", 0.2).models
+    assert models["a"]["replicas"] == {"loaded": 2, "loading": 0, "pool_workers": ["p1"]}
+    assert models["b"]["replicas"] == {"loaded": 0, "loading": 1, "pool_workers": []}
+    assert models["b"]["workers"] == 0
+
+
+def test_v1_models_shows_each_models_replicas_as_its_broker_reports_them():
+    import falcon.testing
+
+    from gateway.app import create_app
+    from gateway.config import GatewayConfig
+    from tests.fakes import FakeBrokerClient
+
+    class PoolBroker(FakeBrokerClient):
+        def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
+            status = super().status(timeout_s, every_broker)
+            status["models"]["echo"]["replicas"] = {"loaded": 1, "loading": 0, "pool_workers": ["p1"]}
+            status["models"]["cold"] = {"workers": 0, "queued_requests": 0,
+                                        "replicas": {"loaded": 0, "loading": 1, "pool_workers": []}}
+            return status
+
+    app = falcon.testing.TestClient(create_app(PoolBroker(), GatewayConfig()))
+    models = {m["name"]: m for m in app.simulate_get("/v1/models").json["models"]}
+    assert models["echo"]["replicas"] == {"loaded": 1, "loading": 0, "pool_workers": ["p1"]}
+    assert models["cold"]["ready"] is False and models["cold"]["replicas"]["loading"] == 1
