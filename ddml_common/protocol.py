@@ -58,7 +58,9 @@ MAX_STATS = 256  # entries in a HEARTBEAT's stats, those of nested maps included
 MAX_DOCUMENT_DEPTH = 8  # READY.metadata: lists and maps within each other
 MAX_DOCUMENT_SIZE = 1 << 20  # READY.metadata: one per value, plus the length of each string
 # Stats that broker/metrics.py exports as numbers: a string there would break every scrape.
-_NUMERIC_STATS = frozenset(("batches", "items", "mean_batch_latency_ms", "cuda_memory_allocated_bytes"))
+_NUMERIC_STATS = frozenset(("batches", "items", "mean_batch_latency_ms", "cuda_memory_allocated_bytes", "pool_loads",
+                            "pool_load_failures", "pool_evictions", "pool_unloads", "pool_load_s_total",
+                            "pool_memory_used_mb", "pool_memory_budget_mb"))
 _NDARRAY_KEY = "__ndarray__"
 _ALLOWED_DTYPES = frozenset(
     "|b1 |i1 |u1 <i2 <u2 <i4 <u4 <i8 <u8 <f2 <f4 <f8".split()

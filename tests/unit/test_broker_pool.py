@@ -159,3 +159,24 @@ def test_v1_models_shows_each_models_replicas_as_its_broker_reports_them():
     models = {m["name"]: m for m in app.simulate_get("/v1/models").json["models"]}
     assert models["echo"]["replicas"] == {"loaded": 1, "loading": 0, "pool_workers": ["p1"]}
     assert models["cold"]["ready"] is False and models["cold"]["replicas"]["loading"] == 1
+
+
+def test_metrics_show_replicas_per_model_and_each_pool_workers_loads_and_memory():
+    from prometheus_client import generate_latest
+
+    from broker.metrics import BrokerMetrics
+
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Heartbeat(
+        registration=1, stats={"pool_loads": 3, "pool_evictions": 2, "pool_memory_used_mb": 10.0},
+        pool={"held": {"a": 10.0}, "loading": ["b"], "failed": {}})), 0.1)
+    metrics = BrokerMetrics()
+    metrics.publish(core.describe(0.2))
+    text = generate_latest(metrics.registry).decode()
+    assert 'ddml_model_replicas{model="a",state="loaded"} 1.0' in text
+    assert 'ddml_model_replicas{model="b",state="loading"} 1.0' in text
+    assert 'ddml_worker_pool_loads_total{host="",worker="' in text and "} 3.0" in text
+    assert "ddml_worker_pool_evictions_total" in text and "ddml_worker_pool_memory_used_mb" in text
+    with pytest.raises(protocol.DecodeError):  # what /metrics exports as a number must be one
+        protocol.decode(protocol.encode(protocol.Heartbeat(stats={"pool_loads": "many"})))
