@@ -32,6 +32,7 @@ from typing import Callable
 
 from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
 from broker.config import BrokerConfig
+from broker.pool import can_load, catalog, demand_report, pool_workers, replicas
 from broker.stats import BrokerSnapshot, ModelStats
 from broker.workers import WorkerRegistry, WorkerState
 from ddml_common import protocol
@@ -123,8 +124,12 @@ class BrokerCore:
                 self._lose_worker(worker, "missed heartbeats or overran a batch deadline", now)
                 self._sends.append(Send(Peer.WORKER, worker.worker_id,
                                         protocol.Disconnect("expired: send READY", worker.registration)))
+            report = None
             for worker in self._workers.due_for_heartbeat(now):
-                self._sends.append(Send(Peer.WORKER, worker.worker_id, protocol.Heartbeat(self.instance_id)))
+                heartbeat = protocol.Heartbeat(self.instance_id)
+                if worker.pool:  # a pool worker plans placement from what every broker reports (broker/pool.py)
+                    heartbeat.demand = report = report or self._demand_report(now)
+                self._sends.append(Send(Peer.WORKER, worker.worker_id, heartbeat))
             for dispatch in self._batcher.assign(self._workers.with_room(now), now, self._workers.serves_elsewhere):
                 self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
         except Exception:
@@ -198,7 +203,8 @@ class BrokerCore:
         models, histograms = {}, {}
         shared: dict[int, str] = {}  # id of a metadata document -> the model whose entry carries it
         metadata_budget = _STATUS_METADATA_BUDGET
-        for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats)):
+        pool = pool_workers(self._workers)
+        for name in sorted({m for w in self._workers for m in w.models} | set(self._model_stats) | catalog(pool)):
             oldest = self._batcher.oldest_enqueued_at(name)
             serving = [w for w in self._workers if name in w.models]
             stats = self._stats_for(name)
@@ -224,6 +230,7 @@ class BrokerCore:
                 "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,
                 "items_per_s": round(stats.items_per_s(now), 3),
                 **stats.describe(),
+                **({"replicas": replicas(list(self._workers), name)} if pool else {}),
             }
             histograms[name] = stats.histograms()
         return BrokerSnapshot(
@@ -272,7 +279,7 @@ class BrokerCore:
             return
         match message:
             case protocol.Heartbeat():
-                self._on_worker_heartbeat(worker_id, message)
+                self._on_worker_heartbeat(worker_id, message, now)
             case protocol.BatchResult():
                 self._on_batch_result(worker_id, message, now)
             case protocol.Disconnect():
@@ -305,11 +312,16 @@ class BrokerCore:
         if not request.inputs:
             return self._finish(pending, now, ErrorCode.BAD_REQUEST, "a request needs at least one input")
         if not self._workers.serves(model):
-            starting = now - self._started_at < self._config.heartbeat.expiry_s  # workers still rejoining
-            if starting or model in self._model_stats:  # served before: its workers are restarting, most likely
-                return self._finish(pending, now, ErrorCode.UNAVAILABLE,
-                                    f"no live worker serves model {model!r} right now", retry_after_ms=1000)
-            return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
+            loadable = can_load(self._workers, model)  # a pool worker may load it: the request waits for that
+            if loadable is not None and not loadable[0]:
+                return self._finish(pending, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
+            if loadable is None:
+                starting = now - self._started_at < self._config.heartbeat.expiry_s  # workers still rejoining
+                if starting or model in self._model_stats:  # served before: its workers are restarting, most likely
+                    return self._finish(pending, now, ErrorCode.UNAVAILABLE,
+                                        f"no live worker serves model {model!r} right now", retry_after_ms=1000)
+                return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
+            self._wake_pool(model, now)
         if request.timeout_ms <= 0:
             return self._finish(pending, now, ErrorCode.TIMEOUT, "deadline passed before the broker saw the request")
         if self._batcher.is_full(model, pending):
@@ -355,10 +367,14 @@ class BrokerCore:
         for name in [n for n in self._rollouts if len(served.get(n, ())) <= 1]:
             del self._rollouts[name]  # one version left: the next rollout warns again
 
-    def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat) -> None:
+    def _on_worker_heartbeat(self, worker_id: bytes, heartbeat: protocol.Heartbeat, now: float) -> None:
         worker = self._workers.get(worker_id)
         worker.stats = heartbeat.stats
         worker.registration = heartbeat.registration
+        if heartbeat.pool and worker.pool and self._workers.set_holdings(worker, heartbeat.pool):
+            self._hasten_pool_heartbeats(now)  # every pool worker plans from the change now, not an interval late
+            for model in heartbeat.pool.get("failed", ()):
+                self._fail_unloadable(model, now)
         if heartbeat.draining:
             if not worker.draining:
                 logger.info("worker %s is draining; no more batches go to it", worker_id.hex(),
@@ -664,6 +680,42 @@ class BrokerCore:
         if rate <= 0:
             return 1000
         return max(100, min(60_000, math.ceil(backlog / rate * 1000)))
+
+    # ------------------------------------------------------------------ pool workers (broker/pool.py)
+
+    def _wake_pool(self, model: str, now: float) -> None:
+        """A request waits for a pool worker to load its model: on the first one, heartbeat the pool
+        workers at once, so that they plan from it now, not at the next interval (so too when a pool
+        worker's holdings change: two workers that plan from views apart could take the same load)."""
+        self._stats_for(model)  # reported in STATUS while it waits
+        if self._batcher.queued_items(model) == 0:
+            self._hasten_pool_heartbeats(now)
+
+    def _hasten_pool_heartbeats(self, now: float) -> None:
+        for worker in pool_workers(self._workers):
+            worker.heartbeat_due_at = min(worker.heartbeat_due_at, now)
+
+    def _fail_unloadable(self, model: str, now: float) -> None:
+        """A load failed: if no worker serves the model and none may still load it, what waits for it
+        gets UNAVAILABLE now, with the reason, rather than TIMEOUT at its deadline."""
+        if self._workers.serves(model) or not self._batcher.queued_items(model):
+            return
+        loadable = can_load(self._workers, model)
+        if loadable is None or loadable[0]:
+            return
+        for request in [r for r in self._requests.values() if r.model == model]:
+            self._finish(request, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
+
+    def _demand_report(self, now: float) -> dict:
+        def oldest_wait_s(model: str) -> float:
+            oldest = self._batcher.oldest_enqueued_at(model)
+            return 0.0 if oldest is None else max(0.0, now - oldest)
+
+        def rate_per_s(model: str) -> float:
+            stats = self._model_stats.get(model)
+            return stats.items_per_s(now) if stats is not None else 0.0
+
+        return demand_report(list(self._workers), self._batcher.queued_items, oldest_wait_s, rate_per_s)
 
     # ------------------------------------------------------------------ bookkeeping
 

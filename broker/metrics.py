@@ -68,6 +68,7 @@ class _SnapshotCollector:
         yield from _histograms(snapshot)
         yield from _queues(snapshot)
         yield from _workers(snapshot)
+        yield from _pool(snapshot)
 
 
 def _counts(published: _Published):
@@ -142,3 +143,33 @@ def _workers(snapshot: BrokerSnapshot):
         if "cuda_memory_allocated_bytes" in stats:
             memory.add_metric(values, stats["cuda_memory_allocated_bytes"])
     return info, batches, inputs, latency, in_flight, memory, heartbeat_age
+
+
+# A pool worker's own counts (worker/pool.py's PoolState.figures), by metric: (stat, kind, help).
+_POOL_FIGURES = (
+    ("pool_loads", CounterMetricFamily, "ddml_worker_pool_loads", "Models the pool worker loaded"),
+    ("pool_load_failures", CounterMetricFamily, "ddml_worker_pool_load_failures", "Loads that failed"),
+    ("pool_evictions", CounterMetricFamily, "ddml_worker_pool_evictions", "Models unloaded to make room for another"),
+    ("pool_unloads", CounterMetricFamily, "ddml_worker_pool_idle_unloads", "Models unloaded after idle-unload-s"),
+    ("pool_load_s_total", CounterMetricFamily, "ddml_worker_pool_load_seconds", "Time spent loading models"),
+    ("pool_memory_used_mb", GaugeMetricFamily, "ddml_worker_pool_memory_used_mb", "Memory its models take, MB"),
+    ("pool_memory_budget_mb", GaugeMetricFamily, "ddml_worker_pool_memory_budget_mb", "Its --memory-budget-mb"),
+)
+
+
+def _pool(snapshot: BrokerSnapshot):
+    """Pool workers (docs/placement.md): replicas per model, and each pool worker's loads and memory."""
+    replicas = GaugeMetricFamily("ddml_model_replicas", "Replicas per model, loaded or loading",
+                                 labels=["model", "state"])
+    for model, info in snapshot.models.items():
+        if "replicas" in info:
+            replicas.add_metric([model, "loaded"], info["replicas"]["loaded"])
+            replicas.add_metric([model, "loading"], info["replicas"]["loading"])
+    families = [kind(name, text, labels=["worker", "host"]) for _, kind, name, text in _POOL_FIGURES]
+    for worker in snapshot.workers:
+        stats = worker.get("stats") or {}
+        if "pool" not in worker:
+            continue
+        for (stat, *_), family in zip(_POOL_FIGURES, families):
+            family.add_metric([worker["worker_id"], worker["host"]], stats.get(stat, 0))
+    return tuple(family for family in (replicas, *families) if family.samples)  # none without pool workers

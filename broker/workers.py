@@ -65,6 +65,8 @@ class WorkerState:
     # not held back). The batcher decides that (Batcher.assign); alone, a suspect still serves, on probation.
     suspect_until: float | None = None
     on_probation: bool = False  # it overran a batch deadline: one batch at a time, and last choice, until it answers
+    pool: dict = field(default_factory=dict)  # a pool worker's Ready.pool (id, catalog, limits); empty: a fixed one
+    holdings: dict = field(default_factory=dict)  # a pool worker's latest Heartbeat.pool (held, loading, failed)
 
     @property
     def in_flight_items(self) -> int:
@@ -107,6 +109,9 @@ class WorkerState:
             "last_heartbeat_age_s": round(now - self.last_seen_at, 3),
             "uptime_s": round(now - self.registered_at, 3),
             "stats": self.stats,
+            **({"pool": {"id": self.pool["id"], "held_mb": self.holdings.get("held", {}),
+                         "loading": self.holdings.get("loading", []), "failed": self.holdings.get("failed", {})}}
+               if self.pool else {}),
         }
 
 
@@ -150,6 +155,7 @@ class WorkerRegistry:
             metadata_size=document_size(ready.metadata) if ready.metadata else 0,
             peer_key=peer_key,
             max_inputs=ready.max_inputs,
+            pool=ready.pool,
             latency_ewma_s=max([_LATENCY_PRIOR_S] + [w.latency_ewma_s for w in self._workers.values()
                                                      if w.batches_done and not w.models.isdisjoint(models)]),
         )
@@ -166,6 +172,19 @@ class WorkerRegistry:
             worker.expires_at = now + self._config.expiry_s
             worker.saturated = False
         return worker
+
+    def set_holdings(self, worker: WorkerState, holdings: dict) -> bool:
+        """A pool worker's heartbeat: the models it holds now are the models it serves. True if what it
+        holds, loads or failed to load changed."""
+        changed = (holdings.get("held", {}).keys() != worker.holdings.get("held", {}).keys()
+                   or holdings.get("loading") != worker.holdings.get("loading")
+                   or holdings.get("failed", {}).keys() != worker.holdings.get("failed", {}).keys())
+        worker.holdings = holdings
+        models = frozenset(holdings.get("held", ()))
+        if models != worker.models:
+            worker.models = models
+            self._served = None
+        return changed
 
     def remove(self, worker_id: bytes) -> WorkerState | None:
         self._served = None

@@ -42,6 +42,7 @@ MAX_STR_LEN = 16 << 20  # one string inside a value
 MAX_CONTAINER_LEN = 1 << 20  # one list or map inside a value
 # Bounds on what a peer may choose. State in the broker is keyed by these, so they bound it too.
 MAX_MODELS = 64  # model names in one READY
+MAX_CATALOG = 1024  # models a pool worker may load (Ready.pool's catalog), or holds, loads or failed to load
 MAX_NAME_LEN = 256  # a model name, a request id, an error code, an instance id
 MIN_PRIORITY, MAX_PRIORITY = -10_000, 10_000  # REQUEST.priority; outside is a clear error (HTTP 400)
 # Bounds on every other element, so that a decoded message is safe to use as it is (docs/protocol.md).
@@ -57,7 +58,9 @@ MAX_STATS = 256  # entries in a HEARTBEAT's stats, those of nested maps included
 MAX_DOCUMENT_DEPTH = 8  # READY.metadata: lists and maps within each other
 MAX_DOCUMENT_SIZE = 1 << 20  # READY.metadata: one per value, plus the length of each string
 # Stats that broker/metrics.py exports as numbers: a string there would break every scrape.
-_NUMERIC_STATS = frozenset(("batches", "items", "mean_batch_latency_ms", "cuda_memory_allocated_bytes"))
+_NUMERIC_STATS = frozenset(("batches", "items", "mean_batch_latency_ms", "cuda_memory_allocated_bytes", "pool_loads",
+                            "pool_load_failures", "pool_evictions", "pool_unloads", "pool_load_s_total",
+                            "pool_memory_used_mb", "pool_memory_budget_mb"))
 _NDARRAY_KEY = "__ndarray__"
 _ALLOWED_DTYPES = frozenset(
     "|b1 |i1 |u1 <i2 <u2 <i4 <u4 <i8 <u8 <f2 <f4 <f8".split()
@@ -126,6 +129,9 @@ class Ready:
     # its own forward passes from them and answering each input as it is done (partial BATCH_RESULTs).
     # 0: batch credit only (max_batches whole batches, each answered at once).
     max_inputs: int = 0
+    # A pool worker (docs/placement.md): {"id": its pool id, "catalog": [models it may load], "max_models": n,
+    # "budget_mb": MB (0: none)}. Its `models` are those it holds now, none at first. Empty: not on the wire.
+    pool: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -134,6 +140,12 @@ class Heartbeat:
     stats: dict = field(default_factory=dict)  # worker -> broker: batches, items, memory
     draining: bool = False  # worker: send me no more batches; broker: acknowledged
     registration: int = 0  # worker: how many READYs it has sent; echoed in a DISCONNECT it prompts
+    # A pool worker's holdings: {"held": {model: MB}, "loading": [model], "failed": {model: why}}; they replace
+    # the models of its READY. Empty (and then not on the wire) from any other peer.
+    pool: dict = field(default_factory=dict)
+    # broker -> pool worker: the demand and the pool as this broker sees them (docs/placement.md), a
+    # bounded JSON-like map that the worker reads defensively. Empty: not on the wire.
+    demand: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -272,7 +284,7 @@ _PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.item
 # Optional fields added after a kind was first released: left out of the body while empty, so that a
 # message without them keeps its exact bytes, and an older peer (which ignores keys it does not
 # know) still decodes one with them.
-_OMITTED_WHEN_EMPTY = {Request: ("trace", "timings"), Batch: ("traces", "timed"), BatchResult: ("prepare_ms",),
+_OMITTED_WHEN_EMPTY = {Ready: ("pool",), Heartbeat: ("pool", "demand"), Request: ("trace", "timings"), Batch: ("traces", "timed"), BatchResult: ("prepare_ms",),
                        Reply: ("timings",), Replies: ("timings",)}
 # Reply.timings' names: the ms a request's inputs queued at the broker, were prepared (tokenised) at the
 # worker, and ran in the forward pass, each the longest of its inputs'.
@@ -381,8 +393,9 @@ def decode(frames: Sequence[bytes]) -> Message:
 
 def _check_ready(message: Ready) -> None:
     models = message.models
-    if not 0 < len(models) <= MAX_MODELS:
-        raise DecodeError(f"READY must name at least one model and at most {MAX_MODELS}, got {len(models)}")
+    if not (0 if message.pool else 1) <= len(models) <= MAX_MODELS:
+        raise DecodeError(f"READY must name at least one model (none only from a pool worker) and at most "
+                          f"{MAX_MODELS}, got {len(models)}")
     _check_names(models, "Ready.models")
     if not 1 <= message.max_batch_size <= MAX_ITEMS:
         raise _refuse("Ready.max_batch_size", f"in [1, {MAX_ITEMS}]", message.max_batch_size)
@@ -395,6 +408,26 @@ def _check_ready(message: Ready) -> None:
     if not 0 <= message.max_inputs <= MAX_ITEMS:
         raise _refuse("Ready.max_inputs", f"in [0, {MAX_ITEMS}]", message.max_inputs)
     _check_document(message.metadata, "Ready.metadata", MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_SIZE)
+    if message.pool:
+        _check_pool_registration(message.pool)
+
+
+def _check_pool_registration(pool: dict) -> None:
+    pool_id, catalog = pool.get("id"), pool.get("catalog")
+    if type(pool_id) is not str or not 0 < len(pool_id) <= MAX_NAME_LEN:
+        raise _refuse("Ready.pool['id']", _NAME, pool_id)
+    if type(catalog) is not list or not 0 < len(catalog) <= MAX_CATALOG:
+        raise _refuse("Ready.pool['catalog']", f"a list of 1 to {MAX_CATALOG} model names", catalog)
+    _check_names(catalog, "Ready.pool['catalog']")
+    max_models = pool.get("max_models")
+    if type(max_models) is not int or not 1 <= max_models <= MAX_CATALOG:
+        raise _refuse("Ready.pool['max_models']", f"an int in [1, {MAX_CATALOG}]", max_models)
+    _check_megabytes(pool.get("budget_mb"), "Ready.pool['budget_mb']")
+
+
+def _check_megabytes(value: Any, where: str) -> None:
+    if type(value) not in (int, float) or not 0 <= value <= MAX_DURATION_MS:
+        raise _refuse(where, "a finite number of MB in [0, 2**40]", value)
 
 
 def _check_heartbeat(message: Heartbeat) -> None:
@@ -403,6 +436,28 @@ def _check_heartbeat(message: Heartbeat) -> None:
         _check_stats(message.stats)
     if not 0 <= message.registration <= MAX_ID:
         raise _refuse("Heartbeat.registration", "an int in [0, 2**63)", message.registration)
+    if message.pool:
+        _check_holdings(message.pool)
+    if message.demand:
+        _check_document(message.demand, "Heartbeat.demand", MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_SIZE)
+
+
+def _check_holdings(pool: dict) -> None:
+    """A pool worker's heartbeat: what it holds (MB each), loads, and failed to load (why)."""
+    held, loading, failed = pool.get("held", {}), pool.get("loading", []), pool.get("failed", {})
+    if type(held) is not dict or len(held) > MAX_CATALOG:
+        raise _refuse("Heartbeat.pool['held']", f"a map of at most {MAX_CATALOG} models to MB", held)
+    _check_names(list(held), "Heartbeat.pool['held']")
+    for model, megabytes in held.items():
+        _check_megabytes(megabytes, f"Heartbeat.pool['held'][{model!r}]")
+    if type(loading) is not list or len(loading) > MAX_CATALOG:
+        raise _refuse("Heartbeat.pool['loading']", f"a list of at most {MAX_CATALOG} models", loading)
+    _check_names(loading, "Heartbeat.pool['loading']")
+    if type(failed) is not dict or len(failed) > MAX_CATALOG:
+        raise _refuse("Heartbeat.pool['failed']", f"a map of at most {MAX_CATALOG} models to reasons", failed)
+    _check_names(list(failed), "Heartbeat.pool['failed']")
+    for model, why in failed.items():
+        _check_text(why, f"Heartbeat.pool['failed'][{model!r}]", MAX_TEXT_LEN)
 
 
 def _check_request(message: Request) -> None:

@@ -216,6 +216,7 @@ class ModelsResource:
                      "version": worker_version(w, name)}
                     for w in workers
                 ],
+                **({"replicas": info["replicas"]} if "replicas" in info else {}),  # with pool workers (#24)
             })
             if workers:
                 created = int(now_s - max(w.get("uptime_s", 0.0) for w in workers))

@@ -18,6 +18,7 @@ from ddml_common.tensors import parse_flags
 from worker.config import WorkerConfig
 from worker.models import BUILT_IN_MODELS, load_handler
 from worker.models.exported import EXPORT_SUFFIXES
+from worker.pool import run_pool
 from worker.serve import ModelLoadError, serve, supervise
 
 logger = logging.getLogger("worker")
@@ -124,6 +125,17 @@ def build_parser() -> Parser:
                              "it echoes them")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch intra-op threads per process; 0 = cores / processes on the CPU")
+    parser.add_argument("--pool", action="store_true",
+                        help="a pool worker: start with no model, and load and unload the models of --repository "
+                             "as placement decides from the brokers' demand (docs/placement.md)")
+    parser.add_argument("--repository", default=None,
+                        help="with --pool: the TOML file of every model it may load, each a [models.NAME] table of "
+                             "worker flags plus min-replicas, max-replicas, idle-unload-s and memory-mb")
+    parser.add_argument("--max-models", type=int, default=4, help="with --pool: the most models held at once")
+    parser.add_argument("--memory-budget-mb", type=float, default=0.0,
+                        help="with --pool: the most memory its models may take, measured after each load on a GPU "
+                             "(on the CPU: each model's memory-mb, else its growth of this process); 0 = what the "
+                             "device has")
     parser.add_argument("--otlp-endpoint", default=None,
                         help="export OpenTelemetry spans of traced requests' batches, forward passes and time "
                              "queued at the broker to this OTLP/HTTP collector (e.g. http://collector:4318); "
@@ -178,11 +190,15 @@ def main(argv: list[str] | None = None) -> None:
         config = config_from_args(args)
     except ValueError as error:
         parser.fail(f"invalid configuration: {error}")
+    stop = threading.Event()
+    if args.pool:
+        run_pool(parser, args, config, stop, lambda argv: config_from_args(parser.parse_args(argv)))
+        logger.info("pool worker stopped")
+        return
     _check_model_source(parser, config)
     if args.otlp_endpoint and tracing.missing_package():
         parser.fail(f"--otlp-endpoint needs the {tracing.missing_package()} package: pip install 'ddml[otel]'")
     tracing.configure(args.otlp_endpoint, "ddml-worker")
-    stop = threading.Event()
     stop_on_signals(stop)
     cuda_devices = [d.strip() for d in args.cuda_devices.split(",") if d.strip()]
     if args.supervise or args.num_workers > 1 or cuda_devices:

@@ -16,7 +16,7 @@ import os
 import queue
 import socket as socketlib
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -32,7 +32,11 @@ from worker.link import (BatchKey, ComputeState, Compute, Exit, Forget, Forward,
 
 __all__ = ["BrokerConnection", "ComputeState", "WorkBatch", "broker_endpoints"]
 
+if TYPE_CHECKING:
+    from worker.pool import PoolHooks
+
 logger = logging.getLogger(__name__)
+_POOL_POLL_S = 0.05  # a pool worker's I/O thread looks this often for holdings to announce
 
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
@@ -69,6 +73,7 @@ class BrokerConnection:
         state: ComputeState,
         describe: Callable[[], dict] = dict,
         clock: Callable[[], float] = time.monotonic,
+        pool: PoolHooks | None = None,
     ):
         self._config = config
         self._context = context
@@ -83,6 +88,7 @@ class BrokerConnection:
         self._sockets: list[_Sockets | None] = [None] * len(self.links.links)
         self._health = HealthClock(config.watchdog_s, config.heartbeat_interval_s)
         self._warned_figures = False
+        self._pool = pool  # a pool worker's holdings and the brokers' demand (worker/pool.py)
 
     @property
     def broker_instance_id(self) -> str:
@@ -115,9 +121,11 @@ class BrokerConnection:
         while True:
             if polled != self._sockets:  # the first pass, or a socket was replaced (a reconnect)
                 poller, polled = self._poller(results), list(self._sockets)
-            wait_s = min(links.next_wake_at() - self._clock(), links.interval_s)
+            wait_s = min(links.next_wake_at() - self._clock(), links.interval_s if self._pool is None else _POOL_POLL_S)
             ready = dict(poller.poll(max(0, wait_s * 1000)))
             now = self._clock()
+            if self._pool is not None and self._pool.take_changed():
+                links.heartbeat_due_at = now  # holdings changed: tell every broker now
             if results in ready:
                 self._forward_results(results)
             for index, sockets in enumerate(self._sockets):
@@ -158,6 +166,10 @@ class BrokerConnection:
                 case Send(link, message):
                     if type(message) is protocol.Heartbeat:
                         message.stats = self._figures()
+                        if self._pool is not None:
+                            message.pool = self._pool.holdings()
+                    elif type(message) is protocol.Ready and self._pool is not None:
+                        message.models = self._pool.held_models()
                     self._send(link, message)
                 case Forward(link, frames):
                     send_frames(self._sockets[link].dealer, frames, dontwait=False)
@@ -208,6 +220,8 @@ class BrokerConnection:
                 logger.warning("dropped malformed message from broker %s: %s", self.links.links[index].endpoint,
                                error)
                 continue
+            if self._pool is not None and type(message) is protocol.Heartbeat and message.demand:
+                self._pool.on_demand(index, message.demand, now)
             self._perform(self.links.on_message(index, message, now, self._busy))
             if self._sockets[index].dealer is not dealer:
                 return  # a fresh socket replaced it

@@ -51,6 +51,7 @@ class WorkBatch:
     spans: object = None  # a continuous worker's tracing.HeldSpans for its traced requests, when exporting
     timed: bool = False  # a request of it asked for its timings: its results carry prepare_ms
     prepare_ms: float = 0.0  # the time prepare() took for it (a continuous worker's), when timed
+    model: str = ""  # the model it is for (a pool worker holds several)
 
     def tag(self, answered: int) -> bytes:
         """The frame the compute thread puts before a result that answers `answered` of its inputs."""
@@ -106,7 +107,7 @@ def decode_batch(batch: protocol.Batch, link: int = 0, epoch: int = 0) -> WorkBa
             inputs.append(None)
             errors[index] = f"input could not be decoded: {error}"
     return WorkBatch(batch.batch_id, inputs, errors, request_ids=list(batch.request_ids), link=link, epoch=epoch,
-                     traces=batch.traces, timed=batch.timed)
+                     traces=batch.traces, timed=batch.timed, model=batch.model)
 
 
 # ---------------------------------------------------------------------------- instructions

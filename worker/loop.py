@@ -76,18 +76,31 @@ def run_worker(
             continue
         if batch is None:
             return
-        state.busy_since = started_at = clock()
+        run_and_push(model, batch, results, state, clock)
+
+
+def run_and_push(model: Manager, batch: WorkBatch, results: zmq.Socket, state: ComputeState,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+    """Run one whole batch, count it, and hand its result to the I/O thread."""
+    state.busy_since = started_at = clock()
+    try:
         result = run_batch(model, batch, clock)
-        if batch.traces:
-            _trace(batch, started_at, clock())
+    finally:
         state.busy_since = None
-        state.batches += 1
-        state.items += len(batch.inputs)
-        state.compute_s += clock() - started_at
-        try:
-            _push(results, batch, result)
-        except zmq.Again:
-            _dropped(len(batch.inputs))
+    if batch.traces:
+        _trace(batch, started_at, clock())
+    state.batches += 1
+    state.items += len(batch.inputs)
+    state.compute_s += clock() - started_at
+    push_result(results, batch, result)
+
+
+def push_result(results: zmq.Socket, batch: WorkBatch, result: protocol.BatchResult) -> None:
+    """A whole batch's result to the I/O thread; dropped, with a warning, if it has stopped taking them."""
+    try:
+        _push(results, batch, result)
+    except zmq.Again:
+        _dropped(len(batch.inputs))
 
 
 @dataclass(eq=False, slots=True)

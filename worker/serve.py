@@ -56,24 +56,7 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         from worker.models.hf_text import set_torch_threads
 
         set_torch_threads(config.torch_threads)
-    print(f"worker: loading model {config.model!r} on {device} ...", flush=True)
-    started_at = time.monotonic()
-    try:
-        if handler_class is not None:
-            handler = handler_class(device=device, **config.handler_options)
-        else:
-            handler = create_handler(config.model, device, config.handler, config.model_path, config.task,
-                                     echo_test_directives=config.echo_test_directives, **config.handler_options)
-        handler.init_model()
-    except (OSError, ValueError) as error:  # no such model, a directory it cannot read, a bad option
-        raise ModelLoadError(f"cannot load model {config.model!r}: {error}") from error
-    print(f"worker: model loaded in {time.monotonic() - started_at:.1f} s", flush=True)
-    warmup = getattr(handler, "warmup", None)
-    if warmup is not None:
-        print("worker: warming up ...", flush=True)
-        started_at = time.monotonic()
-        warmup()
-        print(f"worker: warmed up in {time.monotonic() - started_at:.2f} s", flush=True)
+    handler = load_model(config, device, handler_class)
     max_batch_size = min(config.max_batch_size, handler.max_batch_size or config.max_batch_size)
     # A versioned worker also serves `name@version`, so that a request can pin the version: the
     # broker routes by name, and only this version's workers register that name.
@@ -128,6 +111,29 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
         # destroy(), not term(): term() waits forever for any socket still open, and a worker that
         # has drained must exit. Sockets already closed keep their linger (the last DISCONNECTs).
         context.destroy(linger=0)
+
+
+def load_model(config: WorkerConfig, device: str, handler_class: type | None = None):
+    """Create the handler, load its weights and warm it up. A model that cannot load raises ModelLoadError."""
+    print(f"worker: loading model {config.model!r} on {device} ...", flush=True)
+    started_at = time.monotonic()
+    try:
+        if handler_class is not None:
+            handler = handler_class(device=device, **config.handler_options)
+        else:
+            handler = create_handler(config.model, device, config.handler, config.model_path, config.task,
+                                     echo_test_directives=config.echo_test_directives, **config.handler_options)
+        handler.init_model()
+    except (OSError, ValueError) as error:  # no such model, a directory it cannot read, a bad option
+        raise ModelLoadError(f"cannot load model {config.model!r}: {error}") from error
+    print(f"worker: model {config.model!r} loaded in {time.monotonic() - started_at:.1f} s", flush=True)
+    warmup = getattr(handler, "warmup", None)
+    if warmup is not None:
+        print("worker: warming up ...", flush=True)
+        started_at = time.monotonic()
+        warmup()
+        print(f"worker: warmed up in {time.monotonic() - started_at:.2f} s", flush=True)
+    return handler
 
 
 def _describe_device(device: str) -> str:

@@ -200,12 +200,13 @@ def test_a_real_process_prints_the_line_alone_with_no_traceback():
 
 
 @pytest.mark.parametrize("module, flag, meant", [
-    ("broker", "--max-q", "--max-queue"), ("worker", "--pool", "--pooling"),
+    ("broker", "--max-q", "--max-queue"), ("worker", "--model-p", "--model-path"),
     ("gateway", "--api-key", "--api-key-file"), ("gateway.status_cli", "--interval", "--interval-s"),
     ("ddml_common.keys", "--vers", "--version"),
 ])
 def test_a_flag_means_only_itself_never_a_longer_one_it_begins(capsys, module, flag, meant):
-    """argparse's prefix matching read `ddml-worker --pool` as `--pooling`: it is off on every command."""
+    """argparse's prefix matching read `ddml-worker --pool` as `--pooling` (before --pool existed): it is off
+    on every command."""
     main = main_of(module) if module != "ddml_common.keys" else __import__(module, fromlist=["main"]).main
     with pytest.raises(SystemExit) as exit_info:
         main([flag, "1"] if module != "ddml_common.keys" else [flag, "generate", "/nonexistent", "name"])

@@ -1,0 +1,332 @@
+"""Placement by demand: which pool worker loads or unloads which model. Pure: no sockets, no clock.
+
+Every pool worker runs the same PlacementPolicy.plan() over the same View (the demand and holdings
+every broker reports, merged by merge_reports()) and performs only the actions that name its own
+pool id. docs/placement.md says why the plans of different workers agree, and why they settle.
+
+    view = merge_reports(reports_from_each_broker, own=me)
+    for action in policy.plan(view, now):
+        if action.pool_id == me.pool_id: ...   # Unload: drain, then unload; Load: load
+
+Rules, in the order plan() applies them:
+1. Scale up. A model gets a replica when it has fewer than min-replicas, or when it has inputs
+   queued and no replica, or when its oldest input has waited scale_up_wait_s (or more than
+   scale_up_queue inputs wait per replica) and it has fewer than max-replicas; never while one
+   replica of it is loading. The replica goes to the worker with the most free room, else to one
+   that has room once it evicts: first models without demand, least recently used first; models
+   with demand only for a model that has starved for starve_wait_s, the longest resident first.
+   Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas.
+2. Scale down. A model without demand for idle-unload-s loses one replica per plan, down to
+   min-replicas.
+Every tie is broken by rank(pool_id, model), the same on every worker.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from ddml_common.repository import Placement
+
+
+class Kind(enum.Enum):
+    LOAD = "load"
+    UNLOAD = "unload"  # a worker drains the model first: it is never unloaded with inputs in flight
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: Kind
+    pool_id: str
+    model: str
+    reason: str  # "demand", "min-replicas", "evicted for MODEL", "idle"
+
+
+@dataclass(frozen=True)
+class Demand:
+    """One model's demand, summed over brokers."""
+
+    queued: int = 0  # inputs waiting in a broker queue
+    oldest_wait_s: float = 0.0  # of the oldest of them
+    in_flight: int = 0  # inputs sent to a worker and not answered
+    rate_per_s: float = 0.0  # inputs answered per second, recently
+    fixed: int = 0  # fixed replicas (workers started with --model): counted, never moved
+
+    @property
+    def active(self) -> bool:
+        return self.queued > 0 or self.in_flight > 0
+
+
+@dataclass(frozen=True)
+class PoolWorker:
+    pool_id: str
+    catalog: frozenset[str]  # models it may load
+    held: Mapping[str, float] = field(default_factory=dict)  # model -> memory it takes, MB (0: not measured)
+    loading: frozenset[str] = frozenset()
+    failed: frozenset[str] = frozenset()  # models whose load failed here: not planned here again
+    max_models: int = 1
+    budget_mb: float = 0.0  # 0: no memory budget
+
+    @property
+    def used_mb(self) -> float:
+        return sum(self.held.values())
+
+    def holds(self, model: str) -> bool:
+        return model in self.held or model in self.loading
+
+
+@dataclass(frozen=True)
+class View:
+    demand: Mapping[str, Demand]
+    workers: Mapping[str, PoolWorker]  # by pool id
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    scale_up_wait_s: float = 0.5  # a further replica once the oldest input has waited this long
+    scale_up_queue: int = 64  # ... or more than this many inputs wait per replica
+    starve_wait_s: float = 1.0  # a model waiting this long with no replica may evict a model with demand
+    min_residency_s: float = 2.0  # nothing is evicted sooner after it was loaded
+
+
+def rank(pool_id: str, model: str) -> int:
+    """The tie-break every worker computes alike, and that differs from model to model."""
+    return zlib.crc32(f"{pool_id}/{model}".encode())
+
+
+class PlacementPolicy:
+    """plan() over successive views. Keeps only what time needs: when each model last had demand,
+    and since when each worker has held each model (as seen in the views)."""
+
+    def __init__(self, specs: Mapping[str, Placement], config: PolicyConfig = PolicyConfig()):
+        self.specs = dict(specs)
+        self.config = config
+        self._last_demand_at: dict[str, float] = {}
+        self._held_since: dict[tuple[str, str], float] = {}
+
+    def plan(self, view: View, now: float) -> list[Action]:
+        """The whole pool's plan. Each model's load is chosen from the view alone, never from the loads
+        planned for other models: a worker that has heard of one model's demand and not yet of
+        another's must choose as one that has heard of both. So a plan may give one worker several
+        loads; it performs them in order, and refuses one that would take it past its limits (the
+        next plan, which sees it loading, chooses another worker)."""
+        self._observe(view, now)
+        workers = view.workers
+        actions: list[Action] = []
+        for model in sorted(self._wanted(view, workers), key=lambda m: self._urgency(view, workers, m)):
+            chosen = self._place(view, workers, model, now)
+            if chosen is not None:
+                pool_id, victims, reason = chosen
+                actions += [Action(Kind.UNLOAD, pool_id, victim, f"evicted for {model}") for victim in victims]
+                actions.append(Action(Kind.LOAD, pool_id, model, reason))
+        claimed = {a.pool_id for a in actions}  # one thing at a time: no idle unload beside a load
+        for model in sorted(self._idle_models(workers, now)):
+            victim = self._scale_down(workers, claimed, model, now)
+            if victim is not None:
+                claimed.add(victim)
+                actions.append(Action(Kind.UNLOAD, victim, model, "idle"))
+        return actions
+
+    # ------------------------------------------------------------------ time
+
+    def _observe(self, view: View, now: float) -> None:
+        seen = set()
+        for pool_id, worker in view.workers.items():
+            for model in (*worker.held, *worker.loading):
+                seen.add((pool_id, model))
+                self._held_since.setdefault((pool_id, model), now)
+                self._last_demand_at.setdefault(model, now)  # the idle clock starts when it is first seen
+        for key in [k for k in self._held_since if k not in seen]:
+            del self._held_since[key]
+        for model, demand in view.demand.items():
+            if demand.active:
+                self._last_demand_at[model] = now
+
+    def _resident(self, pool_id: str, model: str, now: float) -> bool:
+        return now - self._held_since.get((pool_id, model), now) >= self.config.min_residency_s
+
+    # ------------------------------------------------------------------ scale up
+
+    def _replicas(self, workers: Mapping[str, PoolWorker], model: str) -> int:
+        return sum(w.holds(model) for w in workers.values())
+
+    def _wanted(self, view: View, workers: Mapping[str, PoolWorker]) -> list[str]:
+        wanted = []
+        for model, spec in self.specs.items():
+            if any(model in w.loading for w in workers.values()):
+                continue  # one load of a model at a time
+            pool = self._replicas(workers, model)
+            if pool >= spec.max_replicas:
+                continue
+            demand = view.demand.get(model, Demand())
+            replicas = pool + demand.fixed
+            if pool < spec.min_replicas:
+                wanted.append(model)
+            elif replicas == 0 and demand.queued > 0:
+                wanted.append(model)
+            elif replicas > 0 and (demand.oldest_wait_s >= self.config.scale_up_wait_s
+                                   or demand.queued > self.config.scale_up_queue * replicas):
+                wanted.append(model)
+        return wanted
+
+    def _urgency(self, view: View, workers: Mapping[str, PoolWorker], model: str) -> tuple:
+        """Models below min-replicas first, then those with no replica, then the longest wait."""
+        demand = view.demand.get(model, Demand())
+        replicas = self._replicas(workers, model) + demand.fixed
+        return (self._replicas(workers, model) >= self.specs[model].min_replicas, replicas > 0,
+                -demand.oldest_wait_s, model)
+
+    def _memory_of(self, workers: Mapping[str, PoolWorker], model: str) -> float:
+        measured = [w.held[model] for w in workers.values() if w.held.get(model, 0.0) > 0]
+        return max(measured) if measured else self.specs[model].memory_mb
+
+    def _place(self, view: View, workers: Mapping[str, PoolWorker], model: str,
+               now: float) -> tuple[str, list[str], str] | None:
+        demand = view.demand.get(model, Demand())
+        below_min = self._replicas(workers, model) < self.specs[model].min_replicas
+        reason = "min-replicas" if below_min else "demand"
+        starving = (demand.queued > 0 and self._replicas(workers, model) + demand.fixed == 0
+                    and demand.oldest_wait_s >= self.config.starve_wait_s)
+        need_mb = self._memory_of(workers, model)
+        best: tuple | None = None
+        for pool_id, worker in workers.items():
+            # A worker that is loading another model may still be chosen: it loads this one next. Were it
+            # passed over, two workers that each saw the other's load still running would both take this one.
+            if model not in worker.catalog or model in worker.failed or worker.holds(model):
+                continue
+            if _fits(worker, need_mb, []):
+                key = (0, -(worker.max_models - len(worker.held)), 0.0, rank(pool_id, model))
+                candidate = (pool_id, [], reason)
+            elif demand.queued > 0:
+                victims = self._victims(view, workers, worker, need_mb, starving, now)
+                if victims is None:
+                    continue
+                # Which worker evicts: by rank alone, not by its victims' ages, which each worker measures
+                # from the reports it heard, so that two workers with views a report apart still agree.
+                key = (1, len(victims), 0.0, rank(pool_id, model))
+                candidate = (pool_id, victims, reason)
+            else:
+                continue
+            if best is None or key < best[0]:
+                best = (key, candidate)
+        return None if best is None else best[1]
+
+    def _victims(self, view: View, workers: Mapping[str, PoolWorker], worker: PoolWorker, need_mb: float,
+                 starving: bool, now: float) -> list[str] | None:
+        """The fewest models to unload from `worker` so that a model of need_mb fits, or None."""
+        candidates = []
+        for model in worker.held:
+            spec = self.specs.get(model)
+            if spec is None or not self._resident(worker.pool_id, model, now):
+                continue
+            if self._replicas(workers, model) <= spec.min_replicas:
+                continue
+            active = view.demand.get(model, Demand()).active
+            if active and not starving:
+                continue
+            # No demand first (least recently used first), then those with demand, the longest resident first.
+            order = (active, self._last_demand_at.get(model, -math.inf) if not active
+                     else self._held_since.get((worker.pool_id, model), now), model)
+            candidates.append((order, model))
+        victims: list[str] = []
+        for _, model in sorted(candidates):
+            victims.append(model)
+            if _fits(worker, need_mb, victims):
+                return victims
+        return None
+
+    # ------------------------------------------------------------------ scale down
+
+    def _idle_models(self, workers: Mapping[str, PoolWorker], now: float) -> set[str]:
+        idle = set()
+        for worker in workers.values():
+            for model in worker.held:
+                spec = self.specs.get(model)
+                if spec is not None and now - self._last_demand_at.get(model, now) >= spec.idle_unload_s:
+                    idle.add(model)
+        return idle
+
+    def _scale_down(self, workers: Mapping[str, PoolWorker], claimed: set[str], model: str,
+                    now: float) -> str | None:
+        if self._replicas(workers, model) <= self.specs[model].min_replicas:
+            return None
+        holders = [pool_id for pool_id, w in workers.items()
+                   if model in w.held and pool_id not in claimed and self._resident(pool_id, model, now)]
+        return max(holders, key=lambda pool_id: rank(pool_id, model), default=None)
+
+
+def _fits(worker: PoolWorker, need_mb: float, victims: Iterable[str]) -> bool:
+    victims = set(victims)
+    models = len(worker.held) - len(victims) + len(worker.loading) + 1
+    if models > worker.max_models:
+        return False
+    if worker.budget_mb <= 0:
+        return True
+    used_mb = sum(mb for m, mb in worker.held.items() if m not in victims)
+    return used_mb + need_mb <= worker.budget_mb
+
+
+# ---------------------------------------------------------------------- reports
+
+
+def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None = None) -> View:
+    """The View from every broker's report (Heartbeat.demand), each a JSON-like map that decode()
+    bounded but whose shape is checked here: what is malformed is left out, never raised.
+
+    Demand is summed over brokers (each queues its own requests), the oldest wait is the largest,
+    fixed replicas the largest (every broker sees every worker); pool workers are the union by pool
+    id. `own`, this worker's first-hand state, stands in for it only while no broker reports it: every
+    worker plans from what the brokers say, itself included, so that two workers that heard the same
+    reports make the same plan (a worker that knew itself better than the others know it would choose
+    differently from them, and two of them could take the same load)."""
+    demand: dict[str, Demand] = {}
+    workers: dict[str, PoolWorker] = {}
+    for report in reports:
+        if not isinstance(report, Mapping):
+            continue
+        models = report.get("models")
+        for name, figures in (models.items() if isinstance(models, Mapping) else ()):
+            if not isinstance(figures, Mapping):
+                continue
+            old = demand.get(name, Demand())
+            demand[name] = Demand(
+                queued=old.queued + _count(figures.get("queued")),
+                oldest_wait_s=max(old.oldest_wait_s, _count(figures.get("oldest_wait_ms")) / 1000),
+                in_flight=old.in_flight + _count(figures.get("in_flight")),
+                rate_per_s=old.rate_per_s + _count(figures.get("rate_per_s")),
+                fixed=max(old.fixed, _count(figures.get("fixed"))),
+            )
+        pool = report.get("pool")
+        for pool_id, entry in (pool.items() if isinstance(pool, Mapping) else ()):
+            worker = _pool_worker(pool_id, entry)
+            if worker is not None and pool_id not in workers:
+                workers[pool_id] = worker
+    if own is not None and own.pool_id not in workers:
+        workers[own.pool_id] = own
+    return View(demand, workers)
+
+
+def _pool_worker(pool_id: Any, entry: Any) -> PoolWorker | None:
+    if not isinstance(pool_id, str) or not isinstance(entry, Mapping):
+        return None
+    held = entry.get("held")
+    held = {m: float(_count(mb)) for m, mb in held.items() if isinstance(m, str)} if isinstance(held, Mapping) else {}
+    return PoolWorker(pool_id, catalog=_names(entry.get("catalog")), held=held, loading=_names(entry.get("loading")),
+                      failed=_names(entry.get("failed")), max_models=max(1, int(_count(entry.get("max_models")))),
+                      budget_mb=float(_count(entry.get("budget_mb"))))
+
+
+def _names(value: Any) -> frozenset[str]:
+    if isinstance(value, Mapping):
+        value = list(value)
+    return frozenset(v for v in value if isinstance(v, str)) if isinstance(value, list) else frozenset()
+
+
+def _count(value: Any) -> float:
+    """A non-negative finite number, else 0."""
+    if type(value) in (int, float) and math.isfinite(value) and value > 0:
+        return value
+    return 0

@@ -1,0 +1,390 @@
+"""A simulation of pool workers (issue #24): two real BrokerCores, pool workers that speak the real
+protocol and plan with the real policy (PoolState, merge_reports, PlacementPolicy), virtual time.
+
+Apart from tests/sim/world.py (whose faults are the brokers' and the links'), this one searches the
+placement's orders of events: loads that are slow, that fail, and workers killed midway; demand that
+shifts, bursts, goes quiet and holds steady; unloads racing batches; each request sent to either
+broker. After every event it checks the invariants; at the end, every request's one reply.
+
+    python -m tests.sim.pool --seed 3        # one run, with its figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
+from broker.core import BrokerCore, Peer, Send
+from ddml_common import protocol
+from ddml_common.placement import Kind, PlacementPolicy, PolicyConfig, merge_reports
+from ddml_common.repository import Placement
+from worker.pool import PoolState, first_load
+
+INTERVAL_S = 0.5  # heartbeats, both ways
+CONFIG = BrokerConfig(heartbeat=HeartbeatConfig(interval_s=INTERVAL_S, liveness=3, batch_timeout_floor_s=5.0),
+                      batching=BatchingConfig(max_attempts=3))
+TICK_S = 0.02  # the brokers' loop comes round at least this often
+PLAN_S = 0.25  # a worker plans this often (worker/pool.py's _PLAN_EVERY_S)
+LOAD_S = (0.2, 3.0)  # how long a load takes
+TIMEOUT_S = 15.0  # every request's deadline
+PHASE_S = 15.0
+MODELS = ("a", "b", "c", "d", "flaky")  # flaky never loads
+SPECS = {**{m: Placement(min_replicas=0, max_replicas=2, idle_unload_s=20.0, memory_mb=300.0) for m in "abcd"},
+         "flaky": Placement(max_replicas=1, memory_mb=100.0)}
+BUDGET_MB = 700.0  # two models of 300 MB fit, three do not
+# The worst wait for a replica when there is room: drain (2 intervals) + report (2 intervals) + residency + load.
+REPLICA_BOUND_S = 4 * INTERVAL_S + PolicyConfig().min_residency_s + LOAD_S[1] + 2.0
+
+
+class PoolSimFailure(AssertionError):
+    pass
+
+
+@dataclass
+class Sent:
+    model: str
+    deadline_at: float
+    replies: list = field(default_factory=list)  # (time, error code or None)
+
+
+class PoolWorkerSim:
+    """One pool worker process: its links to both brokers, PoolState, and the policy."""
+
+    def __init__(self, sim: PoolSim, number: int):
+        self.sim, self.number = sim, number
+        self.incarnation = 0
+        self.alive = False
+        self.computing: dict[str, int] = {}  # model -> batches computing now (checked independently of PoolState)
+
+    def start(self) -> None:
+        self.incarnation += 1
+        self.alive, self.busy, self.computing = True, False, {}
+        self.pool_id = f"w{self.number}.{self.incarnation}"
+        self.state = PoolState(self.pool_id, list(MODELS), max_models=2, budget_mb=BUDGET_MB,
+                               report_ttl_s=3 * INTERVAL_S)
+        self.policy = PlacementPolicy(SPECS)
+        self.identities = [f"{self.pool_id}-b{i}".encode() for i in range(len(self.sim.brokers))]
+        for link in range(len(self.sim.brokers)):
+            self.sim.workers_by_identity[self.identities[link]] = (self, link)
+            self._send(link, self._ready())
+        self._every(INTERVAL_S, self._heartbeat)
+        self._every(PLAN_S, self._plan)
+
+    def kill(self) -> None:
+        self.alive = False
+        self.sim.log(f"{self.pool_id} killed")
+        self.sim.at(self.sim.now + 2.0, self.start)
+
+    def _later(self, delay_s: float, action: Callable[[], None]) -> None:
+        incarnation = self.incarnation
+        self.sim.at(self.sim.now + delay_s, lambda: action() if self.alive and self.incarnation == incarnation
+                    else None)
+
+    def _every(self, period_s: float, action: Callable[[], None]) -> None:
+        def again():
+            action()
+            self._later(period_s, again)
+        self._later(self.sim.rng.uniform(0, period_s), again)
+
+    def _ready(self) -> protocol.Ready:
+        return protocol.Ready(self.state.held_models(), max_batch_size=8, max_batches=2,
+                              pool={"id": self.pool_id, "catalog": list(MODELS), "max_models": 2,
+                                    "budget_mb": BUDGET_MB})
+
+    def _send(self, link: int, message: protocol.Message) -> None:
+        self.sim.to_broker(link, self.identities[link], protocol.encode(message))
+
+    def _heartbeat(self) -> None:
+        self.state.take_changed()
+        for link in range(len(self.sim.brokers)):
+            self._send(link, protocol.Heartbeat(registration=1, pool=self.state.holdings()))
+
+    def _announce(self) -> None:
+        self.sim.check_limits(self)
+        self._heartbeat()
+
+    def on_message(self, link: int, frames: list[bytes]) -> None:
+        message = protocol.decode(frames)
+        if isinstance(message, protocol.Heartbeat) and message.demand:
+            self.state.on_demand(link, message.demand, self.sim.now)
+        elif isinstance(message, protocol.Disconnect):
+            self._send(link, self._ready())
+        elif isinstance(message, protocol.Batch):
+            self._on_batch(link, message)
+
+    def _on_batch(self, link: int, batch: protocol.Batch) -> None:
+        size = len(batch.inputs)
+        handler = self.state.acquire(batch.model) if sum(self.computing.values()) < 2 else None
+        if handler is None:
+            self.sim.counts["busy"] += 1
+            self._send(link, protocol.BatchResult.failed(batch.batch_id, size, protocol.ErrorCode.BUSY, "not held"))
+            return
+        self.computing[batch.model] = self.computing.get(batch.model, 0) + 1
+
+        def done():
+            self.computing[batch.model] -= 1
+            self.state.release(batch.model)
+            self._send(link, protocol.BatchResult(batch.batch_id, list(batch.inputs), compute_ms=5.0))
+        self._later(self.sim.rng.uniform(0.002, 0.05) * size, done)
+
+    def _plan(self) -> None:
+        if self.busy:
+            return  # one action at a time, as worker/pool.py's placement thread
+        now = self.sim.now
+        view = merge_reports(self.state.reports(now), own=self.state.me())
+        mine = first_load(a for a in self.policy.plan(view, now) if a.pool_id == self.pool_id)
+        if mine:
+            self.busy = True
+            if mine[-1].kind is Kind.LOAD:
+                self.state.reserve(mine[-1].model)  # as worker/pool.py's Placer
+            self._perform(mine)
+
+    def _perform(self, actions: list) -> None:
+        if not actions:
+            self.busy = False
+            return
+        action, rest = actions[0], actions[1:]
+        self.sim.log(f"{self.pool_id} {action.kind.value} {action.model} ({action.reason})")
+        if action.kind is Kind.UNLOAD:
+            if not self.state.begin_unload(action.model, action.reason.startswith("evicted")):
+                return self._perform(rest)
+            self._announce()
+            self._later(2 * INTERVAL_S, lambda: self._finish_unload(action.model, rest))
+            return
+        if self.state.begin_load(action.model, SPECS[action.model].memory_mb):
+            return self._perform(rest)
+        self._announce()
+        self.sim.load_started(action.model)
+        load_s = self.sim.rng.uniform(*LOAD_S)
+        if self.sim.rng.random() < self.sim.kill_rate:
+            self._later(load_s / 2, self.kill)  # killed midway through the load
+            return
+        self._later(load_s, lambda: self._finish_load(action.model, load_s, rest))
+
+    def _finish_unload(self, model: str, rest: list) -> None:
+        if self.state.finish_unload(model) is None:
+            self._later(0.05, lambda: self._finish_unload(model, rest))  # a batch of it still computes
+            return
+        if self.computing.get(model):
+            raise self.sim.failure(f"{self.pool_id} unloaded {model} with {self.computing[model]} batches in flight")
+        self.sim.counts["unloads"] += 1
+        self._announce()
+        self._perform(rest)
+
+    def _finish_load(self, model: str, load_s: float, rest: list) -> None:
+        if model == "flaky":
+            self.state.fail_load(model, "RuntimeError: CUDA out of memory (simulated)")
+            self.sim.counts["load_failures"] += 1
+        else:
+            self.state.finish_load(model, object(), SPECS[model].memory_mb, load_s)
+            self.sim.counts["loads"] += 1
+            self.sim.loaded(model)
+        self._announce()
+        self._perform(rest)
+
+
+class PoolSim:
+    def __init__(self, seed: int, duration_s: float = 120.0, workers: int = 3, kill_rate: float = 0.05,
+                 echo: Callable[[str], None] | None = None):
+        self.seed, self.rng, self.duration_s, self.kill_rate, self.echo = seed, random.Random(seed), duration_s, \
+            kill_rate, echo
+        self.now = 0.0
+        self._events: list = []
+        self._sequence = itertools.count()
+        self._fifo: dict[tuple, float] = {}  # (from, to) -> last delivery time: each link is FIFO
+        self.brokers = [BrokerCore(CONFIG, f"b{i}", now=0.0) for i in range(2)]
+        self.workers_by_identity: dict[bytes, tuple[PoolWorkerSim, int]] = {}
+        self.workers = [PoolWorkerSim(self, n) for n in range(workers)]
+        self.requests: dict[str, Sent] = {}
+        self.counts = {"requests": 0, "ok": 0, "errors": 0, "loads": 0, "unloads": 0, "load_failures": 0, "busy": 0,
+                       "checks": 0, "events": 0}
+        self.loads_by_phase: list[tuple[str, float, float, int, bool]] = []
+        self.replica_waits_s: list[float] = []
+        self.errors: dict[str, int] = {}
+        self._wanted_at: dict[str, float] = {}  # model -> since when it has had demand and no replica
+        self._loads_now = 0
+        self._kills_now = 0
+
+    # ------------------------------------------------------------------ the world
+
+    def at(self, when: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._events, (when, next(self._sequence), action))
+
+    def log(self, text: str) -> None:
+        if self.echo is not None:
+            self.echo(f"{self.now:8.3f} {text}")
+
+    def failure(self, text: str) -> PoolSimFailure:
+        return PoolSimFailure(f"seed {self.seed}: at {self.now:.3f} s: {text} "
+                              f"(replay: python -m tests.sim.pool --seed {self.seed} --verbose)")
+
+    def _deliver(self, source: str, target: str, action: Callable[[], None]) -> None:
+        when = max(self.now + self.rng.uniform(0.0005, 0.005), self._fifo.get((source, target), 0.0))
+        self._fifo[(source, target)] = when
+        self.at(when, action)
+
+    def to_broker(self, link: int, identity: bytes, frames: list[bytes], peer: Peer = Peer.WORKER) -> None:
+        def arrive():
+            self.brokers[link].on_frames(peer, identity, frames, self.now)
+            self._broker_step(link)
+        self._deliver(identity.decode(), f"b{link}", arrive)
+
+    def _broker_step(self, link: int) -> None:
+        core = self.brokers[link]
+        core.on_tick(self.now)
+        core.flush(lambda send: self._from_broker(link, send), self.now)
+
+    def _from_broker(self, link: int, send: Send) -> bool:
+        frames = protocol.encode(send.message)
+        if send.peer is Peer.GATEWAY:
+            self._deliver(f"b{link}", "gw", lambda: self._on_reply(protocol.decode(frames)))
+            return True
+        found = self.workers_by_identity.get(send.peer_id)
+        if found is None or not found[0].alive or found[0].identities[found[1]] != send.peer_id:
+            return False  # ROUTER_MANDATORY: a peer that is gone
+        worker, worker_link = found
+        incarnation = worker.incarnation
+        self._deliver(f"b{link}", send.peer_id.decode(),
+                      lambda: worker.on_message(worker_link, frames)
+                      if worker.alive and worker.incarnation == incarnation else None)
+        return True
+
+    def _on_reply(self, message: protocol.Message) -> None:
+        for reply in protocol.replies_of(message):
+            sent = self.requests[reply.request_id]
+            sent.replies.append((self.now, reply.error_code))
+            if len(sent.replies) > 1:
+                raise self.failure(f"request {reply.request_id} answered {len(sent.replies)} times")
+            if self.now > sent.deadline_at + 0.1:
+                raise self.failure(f"request {reply.request_id} answered {self.now - sent.deadline_at:.3f} s late")
+            self.counts["ok" if reply.ok else "errors"] += 1
+            if not reply.ok:
+                key = f"{reply.error_code} ({'flaky' if sent.model == 'flaky' else 'others'})"
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ demand
+
+    def _request(self, model: str) -> None:
+        request_id = f"r{self.counts['requests']}"
+        self.counts["requests"] += 1
+        self.requests[request_id] = Sent(model, self.now + TIMEOUT_S)
+        frames = protocol.encode(protocol.Request(request_id, model, int(TIMEOUT_S * 1000),
+                                                  inputs=[protocol.encode_value(request_id)]))
+        self.to_broker(self.rng.randrange(len(self.brokers)), b"gw", frames, Peer.GATEWAY)
+
+    def _phase(self, start_s: float) -> None:
+        kind = self.rng.choice(["shift", "shift", "burst", "quiet", "steady"])
+        models = {"shift": [self.rng.choice("abcd")], "burst": list("abcd") + ["flaky"], "quiet": [],
+                  "steady": self.rng.sample("abcd", 2)}[kind]
+        rate_per_s = {"shift": 20.0, "burst": 8.0, "quiet": 0.0, "steady": 10.0}[kind]
+        self.log(f"phase {kind} {models}")
+        end_s = min(start_s + PHASE_S, self.duration_s)
+        for model in models:
+            t = start_s
+            while True:
+                t += self.rng.expovariate(rate_per_s)
+                if t >= end_s:
+                    break
+                self.at(t, lambda m=model: self._request(m))
+        self.at(end_s, lambda: self._end_phase(kind, start_s, end_s))
+        if end_s < self.duration_s:
+            self.at(end_s, lambda: self._phase(end_s))
+        self._loads_now = self.counts["loads"]
+        self._kills_now = sum(w.incarnation for w in self.workers)
+        self._settled_loads = None
+        self.at(start_s + PHASE_S / 2, self._halfway)
+
+    def _halfway(self) -> None:
+        self._settled_loads = self.counts["loads"]
+
+    def _end_phase(self, kind: str, start_s: float, end_s: float) -> None:
+        faults = sum(w.incarnation for w in self.workers) != self._kills_now
+        late_loads = self.counts["loads"] - (self._settled_loads or self.counts["loads"])
+        self.loads_by_phase.append((kind, start_s, end_s, late_loads, faults))
+        if kind == "steady" and not faults and late_loads:
+            raise self.failure(f"steady demand that fits the pool still loaded {late_loads} times in its second half")
+
+    # ------------------------------------------------------------------ invariants
+
+    def load_started(self, model: str) -> None:
+        self._check_replicas(model)
+
+    def loaded(self, model: str) -> None:
+        since = self._wanted_at.pop(model, None)
+        if since is not None:
+            self.replica_waits_s.append(self.now - since)
+            if self.now - since > REPLICA_BOUND_S and not self.kill_rate:  # (a kill midway restarts the wait)
+                raise self.failure(f"model {model} waited {self.now - since:.2f} s for a replica, more than "
+                                   f"{REPLICA_BOUND_S} s")
+
+    def check_limits(self, worker: PoolWorkerSim) -> None:
+        self.counts["checks"] += 1
+        me = worker.state.me()
+        if len(me.held) + len(me.loading) > me.max_models or worker.state.used_mb() > me.budget_mb:
+            raise self.failure(f"{worker.pool_id} holds {sorted(me.held)}, loads {sorted(me.loading)}: over its limits")
+
+    def _check_replicas(self, model: str) -> None:
+        count = sum(w.state.me().holds(model) for w in self.workers if w.alive)
+        if count > SPECS[model].max_replicas:  # two workers took the same load, from views that differed
+            raise self.failure(f"{count} replicas of {model}, more than its max-replicas {SPECS[model].max_replicas}")
+
+    def _watch_replicas(self) -> None:
+        """A model with queued inputs, no replica and room somewhere gets one within REPLICA_BOUND_S."""
+        for model in "abcd":
+            queued = sum(core.describe(self.now).models.get(model, {}).get("queued_items", 0) for core in self.brokers)
+            held = any(w.alive and model in w.state.me().held for w in self.workers)
+            if queued and not held:
+                self._wanted_at.setdefault(model, self.now)  # loaded() measures the wait from here
+            elif held:
+                self._wanted_at.pop(model, None)
+        self.at(self.now + 0.5, self._watch_replicas)
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> PoolSim:
+        for worker in self.workers:
+            self.at(self.rng.uniform(0, 0.2), worker.start)
+        for link in range(len(self.brokers)):
+            self._tick_every(link)
+        self.at(1.0, lambda: self._phase(1.0))
+        self.at(1.0, self._watch_replicas)
+        end_s = self.duration_s + TIMEOUT_S + 1.0  # every request's deadline has passed
+        while self._events and self._events[0][0] <= end_s:
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+            self.counts["events"] += 1
+        unanswered = [rid for rid, sent in self.requests.items() if not sent.replies]
+        if unanswered:
+            raise self.failure(f"{len(unanswered)} requests never answered, e.g. {unanswered[:3]}")
+        return self
+
+    def _tick_every(self, link: int) -> None:
+        def tick():
+            self._broker_step(link)
+            self.at(self.now + TICK_S, tick)
+        self.at(0.0, tick)
+
+    def summary(self) -> str:
+        c = self.counts
+        waits = sorted(self.replica_waits_s)
+        p = waits[len(waits) // 2] if waits else 0.0
+        return (f"seed {self.seed}: {c['requests']} requests, {c['ok']} ok, {c['errors']} errors; loads {c['loads']}, "
+                f"unloads {c['unloads']}, failed loads {c['load_failures']}, BUSY {c['busy']}; wait for a replica p50 {p:.2f} s, "
+                f"max {max(waits, default=0.0):.2f} s; errors {self.errors}; {c['events']} events, {c['checks']} limit checks")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one seed of the pool simulation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    print(PoolSim(args.seed, echo=print if args.verbose else None).run().summary())
+
+
+if __name__ == "__main__":
+    main()
