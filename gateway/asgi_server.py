@@ -17,11 +17,14 @@ with the status h11 hints at (431 for a head too large), rather than uvicorn's p
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 
 import falcon
 import h11
+from gunicorn.arbiter import Arbiter
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from gateway.config import build_parser
@@ -116,3 +119,15 @@ class GatewayWorker(UvicornWorker):
 
     CONFIG_KWARGS = {"loop": "asyncio", "http": HeadTimeoutH11Protocol, "lifespan": "on",
                      "h11_max_incomplete_event_size": MAX_HEAD_BYTES}
+
+    async def _serve(self) -> None:
+        # As UvicornWorker's, but SIGQUIT (which the gunicorn master sends its workers on SIGINT: a
+        # terminal's Ctrl-C) stops uvicorn as SIGTERM does: requests in flight are answered, and an
+        # idle process exits at once. uvicorn_worker's own SIGQUIT handler only marks the gunicorn
+        # worker as stopping, which uvicorn never looks at, so the process served on until killed.
+        self.config.app = self.wsgi
+        server = Server(config=self.config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGTERM, None)
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
