@@ -1,17 +1,20 @@
-"""The gateway's gunicorn worker: uvicorn's, with a timeout on slow request heads and JSON refusals.
+"""The gateway's gunicorn worker: uvicorn's, with bounds on slow and large request heads, and JSON refusals.
 
 gunicorn runs `gateway.asgi_server.GatewayWorker` (gateway/gunicorn_conf.py): each process serves
-the ASGI app on one asyncio event loop, so an idle or slow client costs a socket and a few objects,
-never a thread. uvicorn bounds the time a kept-alive connection may sit idle (gunicorn's
-keepalive), but not the time a client may take to send a request's line and headers: a client
-that trickles them a byte a second would hold its connection for ever. HeadTimeoutH11Protocol
-adds that bound (--header-timeout-s), from the connection (or from the previous answer on it)
-to the end of the headers: past it, a client that has sent part of a request gets 408, and the
-connection is closed. The body's bound is the app's (gateway/resources.py: read_body).
+the ASGI app on one asyncio event loop, with uvicorn's httptools parser (in C: about half the
+gateway's CPU per request of h11's, measured in the commit that chose it), so an idle or slow
+client costs a socket and a few objects, never a thread. uvicorn bounds the time a kept-alive
+connection may sit idle (gunicorn's keepalive), but neither the time a client may take to send a
+request's line and headers (a client that trickles them a byte a second would hold its
+connection for ever) nor their size. GatewayHttpProtocol adds both: the head must arrive within
+--header-timeout-s of the connection (or of the previous answer on it), else a client that has
+sent part of a request gets 408 and the connection is closed; and it may take MAX_HEAD_BYTES,
+else 431. The body's bound is the app's (gateway/resources.py: read_body), and so are the limits
+on the target (414) and on one header (431) that gunicorn had (HeadLimits, below).
 
-The protocol's own refusals (a request it cannot parse, a head over the size limit) come back
+The protocol's own refusals (a request it cannot parse, a head too large or too late) come back
 in the gateway's JSON error shape with an X-Request-ID (gateway/errors.py: server_refusal),
-with the status h11 hints at (431 for a head too large), rather than uvicorn's plain text 400.
+rather than uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -21,82 +24,112 @@ import signal
 import sys
 
 import falcon
-import h11
 from gunicorn.arbiter import Arbiter
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from gateway.config import build_parser
 from gateway.errors import server_refusal
 
-# The most a request's line and headers may take, in bytes, all together (431 past it, from h11),
-# and each (gunicorn's limits, which the gateway kept: HeadLimits, in the app).
+# The most a request's line and headers may take, in bytes, all together (431 past it), and each
+# (gunicorn's limits, which the gateway kept: HeadLimits, in the app).
 MAX_HEAD_BYTES = 16 * 1024
 MAX_REQUEST_LINE_BYTES = 4094  # the target, path and query: 414 past it
 MAX_HEADER_BYTES = 8190  # one header's name and value: 431 past it
+
+CLOSE_GRACE_S = 0.5  # when stopping, how long an idle connection's close may take before it is dropped
 
 _args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
 HEADER_TIMEOUT_S = _args.header_timeout_s
 
 
-class HeadTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol, with a deadline on each request's head (see the module's docstring)."""
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a deadline and a size limit on each request's head (see the
+    module's docstring)."""
 
     header_timeout_s = HEADER_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
+        self._lost = False
+        self._in_head = True  # between a request's start (or the connection's) and the end of its headers
+        self._head_bytes = 0
         super().connection_made(transport)
-        self._arm(None)
+        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._lost = True
         super().connection_lost(exc)
 
-    def handle_events(self) -> None:
-        armed_for = self._armed_for if self._head_timer is not None else None
-        super().handle_events()
-        if self._head_timer is not None and self.cycle is not armed_for:
-            self._disarm()  # a request's head arrived: the app has it now
+    def data_received(self, data: bytes) -> None:
+        in_head = self._in_head
+        super().data_received(data)
+        if in_head and self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, "Request Header Fields Too Large",
+                             f"the request's line and headers are over {MAX_HEAD_BYTES} bytes")
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._disarm()
+        super().on_headers_complete()
 
     def on_response_complete(self) -> None:
-        finished = self.cycle
+        pipelined = bool(self.pipeline)
         super().on_response_complete()
-        if self.cycle is finished and not self.transport.is_closing():
-            self._arm(finished)  # the next request's head is due from now (none was pipelined)
+        if not pipelined and not self.transport.is_closing():
+            self._arm()  # the next request's head is due from now
 
     def send_400_response(self, msg: str) -> None:
-        # Called while h11's RemoteProtocolError is being handled: its status hint says which refusal.
         error = sys.exc_info()[1]
-        status = getattr(error, "error_status_hint", 400) if isinstance(error, h11.RemoteProtocolError) else 400
-        reason = {431: "Request Header Fields Too Large"}.get(status, "Bad Request")
-        detail = f"{msg} ({error})" if error is not None else msg
-        self._refuse(status, reason, detail)
+        self._refuse(400, "Bad Request", f"{msg} ({error})" if error is not None else msg)
+
+    def shutdown(self) -> None:
+        """The server is stopping: an idle connection closes now (one with a request in flight, after
+        its answer). A TLS connection's close waits for the client's close_notify, which a client
+        that pools its connections never sends, and the server waits for every connection: so one
+        still open after CLOSE_GRACE_S is dropped."""
+        super().shutdown()
+        if self.transport.is_closing():
+            self.loop.call_later(CLOSE_GRACE_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._lost:
+            self.transport.abort()
 
     # ------------------------------------------------------------------ the head's deadline
 
-    def _arm(self, after_cycle) -> None:
+    def _arm(self) -> None:
         self._disarm()
-        self._armed_for = after_cycle
-        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late, after_cycle)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
 
     def _disarm(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_late(self, after_cycle) -> None:
+    def _head_late(self) -> None:
         self._head_timer = None
-        if self.cycle is not after_cycle or self.transport.is_closing():
+        if not self._in_head or self.transport.is_closing():
             return
-        if self.conn.trailing_data[0]:  # part of a request came: say why it ends
+        if self._head_bytes:  # part of a request came: say why it ends
             self._refuse(408, "Request Timeout", f"the request's line and headers did not arrive within "
                                                  f"{self.header_timeout_s:g} s (--header-timeout-s)")
         else:  # an idle connection: close it, as the keep-alive timeout does
             self.transport.close()
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._disarm()
         self.transport.write(server_refusal(status, reason, message))
         self.transport.close()
 
@@ -117,8 +150,9 @@ class HeadLimits:
 class GatewayWorker(UvicornWorker):
     """gunicorn's worker class for the gateway (gateway/gunicorn_conf.py)."""
 
-    CONFIG_KWARGS = {"loop": "asyncio", "http": HeadTimeoutH11Protocol, "lifespan": "on",
-                     "h11_max_incomplete_event_size": MAX_HEAD_BYTES}
+    # access_log: uvicorn formats a line per request unless told not to, even with nowhere to write it.
+    CONFIG_KWARGS = {"loop": "asyncio", "http": GatewayHttpProtocol, "lifespan": "on",
+                     "access_log": bool(_args.access_log)}
 
     async def _serve(self) -> None:
         # As UvicornWorker's, but SIGQUIT (which the gunicorn master sends its workers on SIGINT: a

@@ -32,7 +32,8 @@ timeout = _args.worker_timeout_s
 graceful_timeout = graceful_timeout_s(_args)
 preload_app = _args.preload  # safe either way: no zmq context exists before a worker's first request
 accesslog = _args.access_log
-access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'  # gunicorn's, then the request id
+# (uvicorn writes the access log, in its own format: client, request line, status. The request id
+# is in the gateway's own log lines, gateway/request_ids.py.)
 loglevel = _args.log_level.lower()
 certfile = _args.certfile
 keyfile = _args.keyfile

@@ -66,28 +66,30 @@ def test_hundreds_of_trickling_connections_do_not_delay_a_normal_request(stack, 
     assert p99_beside <= p99_without + ALLOWED_P99_DELAY_MS
 
 
-def test_a_request_head_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(gateway):
-    with _connect(gateway) as sock:
+def _late_answer(url: str, sent: bytes) -> tuple[bytes, bytes, float]:
+    """Send part of a request and no more: the head and body of the answer, and when it came."""
+    with _connect(url) as sock:
         started_at = time.monotonic()
-        sock.sendall(b"POST /v1/models/echo/predict HTTP/1.1\r\nHost: x\r\n")  # and no more
+        sock.sendall(sent)
         answer = _answer(sock)
         elapsed_s = time.monotonic() - started_at
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408 "), answer[:300]
-    assert b"x-request-id: " in head.lower() and b'"REQUEST_TIMEOUT"' in body
+    assert b"x-request-id: " in head.lower()
+    return head, body, elapsed_s
+
+
+def test_a_request_head_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(gateway):
+    _, body, elapsed_s = _late_answer(gateway, b"POST /v1/models/echo/predict HTTP/1.1\r\nHost: x\r\n")
+    assert b'"REQUEST_TIMEOUT"' in body and b"--header-timeout-s" in body
     assert 2.5 < elapsed_s < 8.0  # --header-timeout-s 3
 
 
 def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes(gateway):
-    with _connect(gateway) as sock:
-        started_at = time.monotonic()
-        sock.sendall(b"POST /v1/models/echo/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"inputs\": ")  # 11 of 100 bytes
-        answer = _answer(sock)
-        elapsed_s = time.monotonic() - started_at
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408 "), answer[:300]
-    assert b"x-request-id: " in head.lower() and b"--body-timeout-s" in body
+    _, body, elapsed_s = _late_answer(gateway, b"POST /v1/models/echo/predict HTTP/1.1\r\nHost: x\r\n"
+                                               b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                                               b'{"inputs": ')  # 11 of 100 bytes
+    assert b'"REQUEST_TIMEOUT"' in body and b"--body-timeout-s" in body
     assert 2.5 < elapsed_s < 8.0  # --body-timeout-s 3
 
 
