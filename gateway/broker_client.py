@@ -1,11 +1,13 @@
-"""BrokerClient: how a gateway process (or the in-process Dispatcher) talks to the brokers.
+"""BrokerClient: how blocking code talks to the brokers: the in-process Dispatcher, scripts and bench,
+and the gRPC server. (The HTTP gateway, on its event loop, has gateway/async_transport.py, which
+drives the same gateway/requests.py.)
 
 One client per process, safe for many threads and for gunicorn's fork: nothing zmq exists until
 the first call in a process (a pid check starts afresh after a fork). Two transports, both thin:
 
-- request() (the gateway's, blocking; gateway/thread_transport.py): each request thread sends on
-  its own DEALERs and waits on them for its reply.
-- submit() and status() (asynchronous, for the Dispatcher, bench and the gateway's catalog;
+- request() (blocking; gateway/thread_transport.py): each request thread sends on its own DEALERs
+  and waits on them for its reply.
+- submit() and status() (asynchronous, for the Dispatcher, bench and the gRPC server's catalog;
   gateway/io_thread.py): one I/O thread owns a DEALER per broker; callers get a Future.
 
 The I/O thread also heartbeats the brokers for both, and keeps their links (gateway/links.py).

@@ -1,4 +1,4 @@
-"""Gateway configuration: its flags (build_parser), and GatewayConfig for the Falcon app.
+"""Gateway configuration: its flags (build_parser), and GatewayConfig for the Falcon (ASGI) app.
 
 ddml-gateway parses the flags, then hands every value to gunicorn's processes as a
 DDML_GATEWAY_<FLAG> variable; gateway/gunicorn_conf.py and get_app() parse them again with the
@@ -105,7 +105,8 @@ def graceful_timeout_s(args) -> int:
 
 
 def build_parser() -> Parser:
-    parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn, forwarding to a broker.")
+    parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn (each process an event loop: uvicorn's "
+                                    "worker), forwarding to a broker.")
     defaults = GatewayConfig()
     parser.add_argument("--broker", type=endpoints, default=defaults.broker,
                         help="the broker's frontend endpoint; several, comma-separated, to fail over between "
