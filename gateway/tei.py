@@ -272,7 +272,7 @@ class TEI:
                                        timing)).astype(np.float64)
         norms = np.linalg.norm(vectors, axis=1)
         norms[norms == 0] = 1.0
-        return [float(value) for value in (vectors[1:] @ vectors[0]) / (norms[1:] * norms[0])]
+        return ((vectors[1:] @ vectors[0]) / (norms[1:] * norms[0])).tolist()  # float64: Python floats, in C
 
     async def _rerank(self, req, body: dict, model: str, timing: dict) -> list:
         query = body.get("query")
