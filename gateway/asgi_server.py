@@ -20,6 +20,7 @@ rather than uvicorn's plain text.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 
@@ -160,6 +161,12 @@ class GatewayWorker(UvicornWorker):
         # idle process exits at once. uvicorn_worker's own SIGQUIT handler only marks the gunicorn
         # worker as stopping, which uvicorn never looks at, so the process served on until killed.
         self.config.app = self.wsgi
+        # Everything imported and built so far lives as long as the process: out of the collector's
+        # sight, a full collection walks only what requests made. Without it, at concurrency 64 full
+        # collections paused the loop 85-350 ms, every request with it (p99 401 against 105 ms with
+        # it, the same run; the measurement is in the commit that added this).
+        gc.collect()
+        gc.freeze()
         server = Server(config=self.config)
         asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGTERM, None)
         await server.serve(sockets=self.sockets)
