@@ -34,7 +34,7 @@ class BearerAuth:
         self._tokens = tokens
         self._open_paths = PROBE_PATHS if protect_metrics else PROBE_PATHS | {METRICS_PATH}
 
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if req.path in self._open_paths:
             return
         check_authorization(self._tokens, req.get_header("Authorization"))

@@ -1,11 +1,13 @@
-"""BrokerClient: how a gateway process (or the in-process Dispatcher) talks to the brokers.
+"""BrokerClient: how blocking code talks to the brokers: the in-process Dispatcher, scripts and bench,
+and the gRPC server. (The HTTP gateway, on its event loop, has gateway/async_transport.py, which
+drives the same gateway/requests.py.)
 
 One client per process, safe for many threads and for gunicorn's fork: nothing zmq exists until
 the first call in a process (a pid check starts afresh after a fork). Two transports, both thin:
 
-- request() (the gateway's, blocking; gateway/thread_transport.py): each request thread sends on
-  its own DEALERs and waits on them for its reply.
-- submit() and status() (asynchronous, for the Dispatcher, bench and the gateway's catalog;
+- request() (blocking; gateway/thread_transport.py): each request thread sends on its own DEALERs
+  and waits on them for its reply.
+- submit() and status() (asynchronous, for the Dispatcher, bench and the gRPC server's catalog;
   gateway/io_thread.py): one I/O thread owns a DEALER per broker; callers get a Future.
 
 The I/O thread also heartbeats the brokers for both, and keeps their links (gateway/links.py).
@@ -52,9 +54,7 @@ _WAKE_CHECK_S = 1.0
 class BrokerClient:
     def __init__(self, endpoint: str, heartbeat_interval_s: float = 1.0, liveness: int = 3,
                  curve: ClientKeys | None = None):
-        self.endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
-        if not self.endpoints:
-            raise ValueError(f"need at least one broker endpoint, got {endpoint!r}")
+        self.endpoints = split_endpoints(endpoint)
         self.endpoint = ",".join(self.endpoints)
         self._curve = curve
         self._heartbeat_interval_s = heartbeat_interval_s
@@ -101,7 +101,7 @@ class BrokerClient:
         _check_timeout(timeout_s)
         encoded = [protocol.encode_value(value) for value in inputs]
         return self._hand_over(
-            lambda request_id: self._request_message(request_id, model, inputs, encoded, timeout_s, priority),
+            lambda request_id: request_message(request_id, model, inputs, encoded, timeout_s, priority),
             None, timeout_s, _outputs_of)
 
     def request(self, model: str, inputs: list, timeout_s: float, priority: int = 0,
@@ -115,7 +115,7 @@ class BrokerClient:
         request_id = f"{self._pid}-{next(self._ids)}"
         request_id = f"{request_id_prefix}/{request_id}" if request_id_prefix else request_id  # the caller's id first
         encoded = [protocol.encode_value(value) for value in inputs]
-        message = self._request_message(request_id, model, inputs, encoded, timeout_s, priority)
+        message = request_message(request_id, model, inputs, encoded, timeout_s, priority)
         message.timings = timings is not None
         outcome = transport.request(request_id, message, timeout_s, _WAKE_CHECK_S)
         outputs = _outputs_of(outcome)
@@ -133,15 +133,6 @@ class BrokerClient:
         a request would go to, in that order, until one answers (for a frequent caller that needs
         one view, such as the gateway's model catalog: a standby broker then hears nothing of it)."""
         return gather_status(self, list(self._links), timeout_s, every_broker)
-
-    def _request_message(self, request_id: str, model: str, inputs: list, encoded: list[bytes],
-                         timeout_s: float, priority: int) -> protocol.Request:
-        """The wire request of both transports; `encoded` are the inputs' item frames."""
-        return protocol.Request(
-            request_id, model, timeout_ms=max(0, int(timeout_s * 1000)), inputs=encoded,
-            sizes=[len(value) if isinstance(value, (str, bytes)) else 0 for value in inputs],
-            priority=priority, trace=tracing.current_trace(),  # the caller's trace context, if it sent one
-        )
 
     def _hand_over(self, build: Callable[[str], protocol.Message], broker: int | None, wait_s: float,
                    convert: Callable[[Outcome], Any]) -> Future:
@@ -220,6 +211,24 @@ class BrokerClient:
             logger.warning("broker client I/O thread did not stop within 5 s; leaving its context open")
             return
         context.destroy(linger=0)
+
+
+def split_endpoints(endpoint: str) -> list[str]:
+    """'tcp://a:5555, tcp://b:5555' -> the endpoints; ValueError if there is none."""
+    endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
+    if not endpoints:
+        raise ValueError(f"need at least one broker endpoint, got {endpoint!r}")
+    return endpoints
+
+
+def request_message(request_id: str, model: str, inputs: list, encoded: list[bytes], timeout_s: float,
+                    priority: int) -> protocol.Request:
+    """The wire request of every transport; `encoded` are the inputs' item frames."""
+    return protocol.Request(
+        request_id, model, timeout_ms=max(0, int(timeout_s * 1000)), inputs=encoded,
+        sizes=[len(value) if isinstance(value, (str, bytes)) else 0 for value in inputs],
+        priority=priority, trace=tracing.current_trace(),  # the caller's trace context, if it sent one
+    )
 
 
 def _answer_of(outcome: Outcome) -> protocol.Message:

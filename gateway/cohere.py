@@ -37,8 +37,8 @@ _TRUNCATE = {"END": {"truncate": True}, "START": {"truncate": True, "truncation_
 class RerankV2Resource(RerankResource):
     """/v2/rerank: /v1/rerank's answer, with Cohere's "meta"."""
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        super().on_post(req, resp)
+    async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        await super().on_post(req, resp)
         document = _loads(resp)
         document["meta"] = {"api_version": {"version": "2"},
                             "billed_units": {"search_units": 1}, "tokens": document.get("usage", {})}
@@ -55,8 +55,8 @@ class EmbedResource(_ModelResource):
         super().__init__(*args)
         self._version = version
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body, model = self._body(req)
+    async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body, model = await self._body(req)
         texts = body.get("texts")
         if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
             raise invalid("'texts' must be a list of strings", "texts")
@@ -69,7 +69,7 @@ class EmbedResource(_ModelResource):
         options = _TRUNCATE.get(truncate.upper()) if isinstance(truncate, str) else None  # (a list: unhashable)
         if options is None:
             raise invalid(f"'truncate' must be NONE, START or END, got {truncate!r:.40}", "truncate")
-        outputs = self._ask(req, model, [{"text": text, "count_tokens": True, **options} for text in texts])
+        outputs = await self._ask(req, model, [{"text": text, "count_tokens": True, **options} for text in texts])
         vectors: list[Any] = []
         tokens = 0
         for output in outputs:

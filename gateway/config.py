@@ -1,4 +1,4 @@
-"""Gateway configuration: its flags (build_parser), and GatewayConfig for the Falcon app.
+"""Gateway configuration: its flags (build_parser), and GatewayConfig for the Falcon (ASGI) app.
 
 ddml-gateway parses the flags, then hands every value to gunicorn's processes as a
 DDML_GATEWAY_<FLAG> variable; gateway/gunicorn_conf.py and get_app() parse them again with the
@@ -14,13 +14,10 @@ from dataclasses import dataclass
 
 from ddml_common.cli import Number, Parser, endpoints
 
-# gunicorn processes × threads. A gateway shares its host with the broker and, often, the
-# workers: half the cores, at least one, and threads enough that the broker can hold a second
-# full batch (128 requests in flight per process). On 2 cores, 1 × 128 against 2 × 64 in one
-# run (bench.ab --role gateway, 2 rounds): 67.2 against 55.2 req/s at concurrency 16, 68.1
-# against 61.1 at 64, 67.8 against 61.8 at 256, and a lower p99 at each.
+# gunicorn processes, each an event loop that carries any number of requests. A gateway shares
+# its host with the broker and, often, the workers: half the cores, at least one.
 DEFAULT_WORKERS = max(1, (os.cpu_count() or 2) // 2)
-DEFAULT_THREADS = 128
+DEFAULT_THREADS = 128  # --threads: read and ignored since the gateway moved to an event loop (#25)
 
 # Arrays and objects nested in one request body (JSON, msgpack, or a v2 inference header); deeper
 # gets 400. Real inputs nest a few levels. orjson writes at most 254 levels, so an unbounded echo of
@@ -41,6 +38,11 @@ class GatewayConfig:
     max_input_chars: int = 1 << 20  # characters in one string, anywhere in the inputs (keys too)
     request_timeout_ms: float = 30_000.0  # default deadline; a request may ask for less (timeout_ms)
     max_request_timeout_ms: float = 300_000.0  # the longest deadline a request may ask for
+    # Slow clients (issue #28): a request's line and headers must arrive within header_timeout_s of
+    # its first byte (or of the connection, or of the previous answer), its body within body_timeout_s
+    # of the headers; else 408 and the connection is closed.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
     curve_server_key: str | None = None  # the broker's public .key: turns on CurveZMQ to the broker
     curve_secret_key: str | None = None  # this gateway's .key_secret
     api_key_file: str | None = None  # bearer tokens, one per line; None = no HTTP auth
@@ -63,6 +65,9 @@ class GatewayConfig:
             raise ValueError(f"request_timeout_ms must be > 0, got {self.request_timeout_ms}")
         if self.max_request_timeout_ms <= 0:
             raise ValueError(f"max_request_timeout_ms must be > 0, got {self.max_request_timeout_ms}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @classmethod
     def from_args(cls, args) -> "GatewayConfig":
@@ -73,6 +78,8 @@ class GatewayConfig:
             max_input_chars=args.max_input_chars,
             request_timeout_ms=args.request_timeout_ms,
             max_request_timeout_ms=args.max_request_timeout_ms,
+            header_timeout_s=args.header_timeout_s,
+            body_timeout_s=args.body_timeout_s,
             curve_server_key=args.curve_server_key,
             curve_secret_key=args.curve_secret_key,
             api_key_file=args.api_key_file,
@@ -98,7 +105,8 @@ def graceful_timeout_s(args) -> int:
 
 
 def build_parser() -> Parser:
-    parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn, forwarding to a broker.")
+    parser = Parser("ddml-gateway", "Serve the ddml HTTP API under gunicorn (each process an event loop: uvicorn's "
+                                    "worker), forwarding to a broker.")
     defaults = GatewayConfig()
     parser.add_argument("--broker", type=endpoints, default=defaults.broker,
                         help="the broker's frontend endpoint; several, comma-separated, to fail over between "
@@ -107,7 +115,8 @@ def build_parser() -> Parser:
     parser.add_argument("--workers", type=Number(int, minimum=0), default=0,
                         help="gunicorn worker processes; 0 = half the cores, at least 1")
     parser.add_argument("--threads", type=Number(int, minimum=1), default=DEFAULT_THREADS,
-                        help="request threads per gunicorn process")
+                        help="ignored: each gunicorn process serves every request on one event loop (kept so "
+                             "that existing command lines still work)")
     parser.add_argument("--max-body-bytes", type=Number(int, minimum=1), default=defaults.max_body_bytes,
                         help="larger bodies get 413")
     parser.add_argument("--max-inputs", type=Number(int, minimum=1), default=defaults.max_inputs,
@@ -125,6 +134,12 @@ def build_parser() -> Parser:
     parser.add_argument("--graceful-timeout-s", type=Number(int, minimum=0), default=0,
                         help="on SIGTERM, how long to wait for requests in flight; 0 = --max-request-timeout-ms "
                              f"plus {SHUTDOWN_MARGIN_S:g} s. An idle gateway exits at once either way")
+    parser.add_argument("--header-timeout-s", type=Number(float, above=0), default=defaults.header_timeout_s,
+                        help="a request's line and headers must arrive within this of the connection (or of "
+                             "the previous answer on it); else 408 and the connection is closed")
+    parser.add_argument("--body-timeout-s", type=Number(float, above=0), default=defaults.body_timeout_s,
+                        help="a request's body must arrive within this of its headers; else 408 and the "
+                             "connection is closed")
     parser.add_argument("--worker-timeout-s", type=Number(int, minimum=1), default=120,
                         help="gunicorn restarts a worker process that has not checked in for this long "
                              "(a stuck process; requests wait their deadline, not this)")

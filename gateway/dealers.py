@@ -3,11 +3,18 @@ transport makes on it. No decisions here (gateway/requests.py makes them)."""
 
 from __future__ import annotations
 
+import logging
+
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from ddml_common import protocol
 from ddml_common.keys import ClientKeys
 from ddml_common.sockets import new_socket, send_frames
+from gateway.links import Links
+from gateway.requests import Requests
+
+logger = logging.getLogger(__name__)
 
 DEALER_HWM = 100_000  # messages queued each way on a DEALER to the broker: a gateway has many requests in flight
 THREAD_ZMTP_HEARTBEAT_IVL_MS = 10_000  # ZMTP pings on a request thread's DEALERs (the I/O thread's: 1 s)
@@ -53,3 +60,27 @@ def disconnected(monitor: zmq.Socket) -> bool:
     while monitor.poll(0):
         dropped |= recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
     return dropped
+
+
+def deliver(frames: list[bytes], index: int, links: Links, requests: Requests, now: float) -> None:
+    """A message from broker `index`, handed to whom it concerns: replies to the requests, a heartbeat
+    to the links. A malformed one is dropped with a warning."""
+    endpoint = links[index].endpoint
+    links.heard(index, now)
+    try:
+        message = protocol.decode(frames)
+    except protocol.DecodeError as error:
+        logger.warning("dropped malformed message from broker %s: %s", endpoint, error)
+        return
+    match message:
+        case protocol.Reply() | protocol.Replies():
+            for reply in protocol.replies_of(message):
+                requests.reply(index, reply, now)
+        case protocol.Status():
+            requests.reply(index, message, now)
+        case protocol.Heartbeat():
+            links.heartbeat(index, message.instance_id, now)
+        case protocol.Error():
+            logger.error("broker %s refused a message: %s %s", endpoint, message.code, message.message)
+        case _:
+            logger.warning("unexpected %s from broker %s", type(message).__name__, endpoint)

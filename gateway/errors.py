@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 # Falcon's own errors (unknown route, wrong method, ...) get codes in the same vocabulary.
 _CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST", 403: "FORBIDDEN",
+                         408: "REQUEST_TIMEOUT",
                           414: "URI_TOO_LONG", 417: "EXPECTATION_FAILED", 431: "HEADERS_TOO_LARGE",
                           500: "INTERNAL", 501: "NOT_IMPLEMENTED"}
 
@@ -122,22 +123,27 @@ def errors_as(shape: BodyShape):
 
     def wrap(responder):
         @functools.wraps(responder)
-        def wrapped(self, req: falcon.Request, resp: falcon.Response, **params) -> None:
+        async def wrapped(self, req: falcon.Request, resp: falcon.Response, **params) -> None:
             try:
-                responder(self, req, resp, **params)
-            except BrokerError as error:
-                write_error(resp, http_error(error), shape)
-            except falcon.HTTPError as error:  # falcon's own (a header it could not parse, ...): our shape too
-                write_error(resp, _falcon_http_error(error), shape)
-                for name, value in (error.headers or {}).items():
-                    resp.set_header(name, value)
-            except Exception as error:  # a bug: a 500, in this surface's shape, and logged
-                logger.exception("unexpected error on %s %s", req.method, req.path)
-                write_error(resp, _unexpected(error), shape)
+                await responder(self, req, resp, **params)
+            except Exception as error:
+                _write_shaped(req, resp, error, shape)
 
         return wrapped
 
     return wrap
+
+
+def _write_shaped(req: falcon.Request, resp: falcon.Response, error: Exception, shape: BodyShape) -> None:
+    if isinstance(error, BrokerError):
+        write_error(resp, http_error(error), shape)
+    elif isinstance(error, falcon.HTTPError):  # falcon's own (a header it could not parse, ...): our shape too
+        write_error(resp, _falcon_http_error(error), shape)
+        for name, value in (error.headers or {}).items():
+            resp.set_header(name, value)
+    else:  # a bug: a 500, in this surface's shape, and logged
+        logger.exception("unexpected error on %s %s", req.method, req.path)
+        write_error(resp, _unexpected(error), shape)
 
 
 def invalid(message: str, param: str | None = None) -> GatewayError:

@@ -1,13 +1,15 @@
 """gunicorn settings for the gateway: `gunicorn -c python:gateway.gunicorn_conf 'gateway.app:get_app()'`.
 
-Threaded workers (gthread): each request thread sends on its own DEALER and blocks on its
-reply, so a few processes with many threads carry many concurrent requests. The settings come
-from the gateway's own flags, read from the environment as ddml-gateway leaves them
-(gateway/config.py); the defaults for processes and threads, and the measurement behind them,
-are there too.
+Each process serves the ASGI app on one event loop (gateway/asgi_server.py's GatewayWorker: uvicorn's
+worker, with a timeout on request heads), and talks to the brokers on one DEALER per broker
+(gateway/async_transport.py), so a process carries any number of concurrent requests and slow
+clients without a thread each. The settings come from the gateway's own flags, read from the
+environment as ddml-gateway leaves them (gateway/config.py); the default number of processes,
+and the measurement behind it, are there too.
 
 Stopping: on SIGTERM (or SIGINT) an idle gateway exits at once, and one with requests in flight
-waits for them up to their deadlines (graceful_timeout, from --max-request-timeout-ms).
+waits for them up to their deadlines (graceful_timeout, from --max-request-timeout-ms): uvicorn
+stops listening, closes idle connections, and answers what it holds before the process exits.
 """
 
 import os
@@ -16,41 +18,22 @@ import subprocess
 import sys
 import threading
 
-from gunicorn import util as gunicorn_util
-from gunicorn.workers import gthread
-
 from gateway.config import DEFAULT_WORKERS, build_parser, graceful_timeout_s
-from gateway.errors import server_refusal
-
-# gunicorn 27's gthread worker, once stopping, keeps each kept-alive client connection open for
-# STOP_KEEPALIVE_LINGER (2 s), so that a request already on its way on one is still answered;
-# only then does an idle process exit. That alone would use up the 2 s an idle gateway may take
-# to stop. By the time a gateway gets SIGTERM its load balancer has stopped sending to it, so a
-# shorter moment serves the same purpose. Set before gunicorn forks its processes.
-STOP_KEEPALIVE_LINGER_S = 0.5
-if hasattr(gthread, "STOP_KEEPALIVE_LINGER"):
-    gthread.STOP_KEEPALIVE_LINGER = STOP_KEEPALIVE_LINGER_S
-
-# gunicorn's own refusals (a request line or header it cannot parse, headers too large, a bad chunk)
-# are written by util.write_error, which every worker calls by module attribute: JSON instead of HTML,
-# with an X-Request-ID (gateway/errors.py). Refusals it writes no response for stay without one.
-gunicorn_util.write_error = lambda sock, status, reason, message: gunicorn_util.write_nonblock(
-    sock, server_refusal(status, reason, message))
 
 _args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
 
 bind = _args.bind
 workers = _args.workers or DEFAULT_WORKERS
-threads = _args.threads
-worker_class = "gthread"
+worker_class = "gateway.asgi_server.GatewayWorker"
 backlog = 2048
-keepalive = 5
+keepalive = 5  # seconds an idle kept-alive connection stays open (uvicorn's timeout_keep_alive)
 # A request waits at most its deadline for a reply; gunicorn's own timeout only catches a stuck process.
 timeout = _args.worker_timeout_s
 graceful_timeout = graceful_timeout_s(_args)
 preload_app = _args.preload  # safe either way: no zmq context exists before a worker's first request
 accesslog = _args.access_log
-access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(r)s" %(s)s %(b)s "%(f)s" "%(a)s" %({x-request-id}o)s'  # gunicorn's, then the request id
+# (uvicorn writes the access log, in its own format: client, request line, status. The request id
+# is in the gateway's own log lines, gateway/request_ids.py.)
 loglevel = _args.log_level.lower()
 certfile = _args.certfile
 keyfile = _args.keyfile

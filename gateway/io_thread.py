@@ -21,7 +21,7 @@ import zmq
 from ddml_common import protocol
 from ddml_common.keys import ClientKeys
 from ddml_common.protocol import ErrorCode
-from gateway.dealers import connect_dealer, disconnected, drain, send_quietly
+from gateway.dealers import connect_dealer, deliver, disconnected, drain, send_quietly
 from gateway.links import Links
 from gateway.requests import Outcome, Requests, Send
 
@@ -141,30 +141,12 @@ class IoThread:
 
     def _receive(self, index: int, dealer: zmq.Socket, now: float) -> None:
         links, requests = self._links, self.requests
-        endpoint = links[index].endpoint
         for _ in range(_DRAIN_CAP):
             try:
                 frames = dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            links.heard(index, now)
-            try:
-                message = protocol.decode(frames)
-            except protocol.DecodeError as error:
-                logger.warning("dropped malformed message from broker %s: %s", endpoint, error)
-                continue
-            match message:
-                case protocol.Reply() | protocol.Replies():
-                    for reply in protocol.replies_of(message):
-                        requests.reply(index, reply, now)
-                case protocol.Status():
-                    requests.reply(index, message, now)
-                case protocol.Heartbeat():
-                    links.heartbeat(index, message.instance_id, now)
-                case protocol.Error():
-                    logger.error("broker %s refused a message: %s %s", endpoint, message.code, message.message)
-                case _:
-                    logger.warning("unexpected %s from broker %s", type(message).__name__, endpoint)
+            deliver(frames, index, links, requests, now)
 
     def _monitor(self, dealer: zmq.Socket) -> zmq.Socket | None:
         """With several brokers, a dropped connection (a broker killed) fails over at once, not after

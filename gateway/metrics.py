@@ -27,10 +27,10 @@ HTTP_DURATION = Histogram("ddml_http_request_duration_seconds", "Time to answer 
 
 
 class MetricsMiddleware:
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.started_at = time.perf_counter()
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+    async def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         started_at = getattr(req.context, "started_at", None)
         if started_at is None:
             return
@@ -42,7 +42,7 @@ class MetricsMiddleware:
 
 
 class MetricsResource:
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

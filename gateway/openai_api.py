@@ -31,8 +31,10 @@ import falcon
 import numpy as np
 
 from ddml_common.protocol import ErrorCode
-from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog, check_model_name
+from gateway.async_catalog import AsyncCatalog
+from gateway.async_transport import AsyncBrokerClient
+from gateway.broker_client import BrokerError
+from gateway.catalog import check_model_name
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, invalid
 from gateway.resources import check_document, parse_document, read_body, write_document
@@ -46,13 +48,13 @@ class _ModelResource:
     task = ""  # what the route needs the model to do, as the built-in handlers declare it
     inputs_param = ""  # the request field that holds what the model is given
 
-    def __init__(self, broker: BrokerClient, config: GatewayConfig, catalog: Catalog):
+    def __init__(self, broker: AsyncBrokerClient, config: GatewayConfig, catalog: AsyncCatalog):
         self._broker = broker
         self._config = config
         self._catalog = catalog
 
-    def _body(self, req: falcon.Request) -> tuple[dict, str]:
-        body = parse_document(req, read_body(req, self._config.max_body_bytes))
+    async def _body(self, req: falcon.Request) -> tuple[dict, str]:
+        body = parse_document(req, await read_body(req, self._config))
         if not isinstance(body, dict):
             raise invalid(f"the body must be an object, got {type(body).__name__}")
         check_document(body, self._config.max_input_chars)
@@ -60,15 +62,17 @@ class _ModelResource:
         if not isinstance(model, str) or not model:
             raise invalid("'model' must name a model (GET /v1/models lists them)", "model")
         check_model_name(model)
+        await self._catalog.refresh()
         task = self._catalog.metadata(model).get("task")
         if task is not None and task != self.task:
             raise invalid(f"model {model!r} is a {task} model; {req.path} needs a {self.task} model", "model")
         return body, model
 
-    def _ask(self, req: falcon.Request, model: str, inputs: list) -> list:
+    async def _ask(self, req: falcon.Request, model: str, inputs: list) -> list:
+        """The outputs; then the catalog is fresh enough to name the version that answered."""
         try:
-            return self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
-                                        request_id_prefix=req.context.request_id)
+            outputs = await self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
+                                                 request_id_prefix=req.context.request_id)
         except BrokerError as error:
             if error.code is ErrorCode.NO_SUCH_MODEL:
                 param = "model"
@@ -77,6 +81,8 @@ class _ModelResource:
             else:
                 raise
             raise GatewayError(error.code, error.message, param, error.retry_after_s) from error
+        await self._catalog.refresh()
+        return outputs
 
     def _check_count(self, count: int, param: str) -> None:
         if count == 0:
@@ -89,8 +95,8 @@ class EmbeddingsResource(_ModelResource):
     task = "embedding"
     inputs_param = "input"
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body, model = self._body(req)
+    async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body, model = await self._body(req)
         texts = _texts(body.get("input"))
         self._check_count(len(texts), "input")
         encoding = body.get("encoding_format") or "float"
@@ -103,7 +109,7 @@ class EmbeddingsResource(_ModelResource):
             size = _embedding_size(self._catalog.metadata(model))
             if size is not None and dimensions > size:
                 raise invalid(f"'dimensions' is {dimensions}, more than model {model!r} has ({size})", "dimensions")
-        outputs = self._ask(req, model, [{"text": text, "count_tokens": True} for text in texts])
+        outputs = await self._ask(req, model, [{"text": text, "count_tokens": True} for text in texts])
         data, tokens = [], 0
         for index, output in enumerate(outputs):
             vector, count = _counted(output, "embedding", model)
@@ -127,8 +133,8 @@ class RerankResource(_ModelResource):
     task = "rerank"
     inputs_param = "documents"
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        body, model = self._body(req)
+    async def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        body, model = await self._body(req)
         query = body.get("query")
         if not isinstance(query, str):
             raise invalid(f"'query' must be a string, got {type(query).__name__}", "query")
@@ -146,7 +152,7 @@ class RerankResource(_ModelResource):
                 raise invalid(f"'{flag}' must be true or false, got {body[flag]!r:.40}", flag)
         if "truncate" in body:
             options["truncate"] = body["truncate"]
-        outputs = self._ask(req, model, [{"query": query, "document": text, **options} for text in texts])
+        outputs = await self._ask(req, model, [{"query": query, "document": text, **options} for text in texts])
         scored, tokens = [], 0
         for index, output in enumerate(outputs):
             score, count = _counted(output, "score", model)

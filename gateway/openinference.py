@@ -32,6 +32,7 @@ import gzip
 import math
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import falcon
@@ -40,6 +41,8 @@ import orjson
 
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
+from gateway.async_catalog import AsyncCatalog
+from gateway.async_transport import AsyncBrokerClient
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog, check_model_name
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
@@ -97,15 +100,16 @@ def _public(tensors: list[dict]) -> list[dict]:
 
 class ServerLive:
     @_v2_errors
-    def on_get(self, req, resp) -> None:
+    async def on_get(self, req, resp) -> None:
         _write_json(resp, 200, {"live": True})
 
 
 class ServerReady:
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: AsyncCatalog):
         self._catalog = catalog
 
-    def on_get(self, req, resp) -> None:
+    async def on_get(self, req, resp) -> None:
+        await self._catalog.refresh()
         try:
             ready = bool(self._catalog.status()["workers"])
         except BrokerError:
@@ -114,10 +118,11 @@ class ServerReady:
 
 
 class ModelReady:
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: AsyncCatalog):
         self._catalog = catalog
 
-    def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+    async def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+        await self._catalog.refresh()
         try:
             _model(self._catalog, model, version)
             ready = True
@@ -127,17 +132,18 @@ class ModelReady:
 
 
 class ServerMetadata:
-    def on_get(self, req, resp) -> None:
+    async def on_get(self, req, resp) -> None:
         resp.data = orjson.dumps({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
         resp.content_type = falcon.MEDIA_JSON
 
 
 class ModelMetadata:
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: AsyncCatalog):
         self._catalog = catalog
 
     @_v2_errors
-    def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+    async def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+        await self._catalog.refresh()
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(model_metadata(self._catalog, model, version))
 
@@ -153,11 +159,12 @@ def model_metadata(catalog: Catalog, model: str, version: str | None) -> dict:
 
 
 class ModelConfig:
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: AsyncCatalog):
         self._catalog = catalog
 
     @_v2_errors
-    def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+    async def on_get(self, req, resp, model: str, version: str | None = None) -> None:
+        await self._catalog.refresh()
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(model_config(self._catalog, model, version))
 
@@ -181,15 +188,17 @@ def model_config(catalog: Catalog, model: str, version: str | None) -> dict:
 
 
 class Infer:
-    def __init__(self, broker: BrokerClient, catalog: Catalog, config: GatewayConfig):
+    def __init__(self, broker: AsyncBrokerClient, catalog: AsyncCatalog, config: GatewayConfig):
         self._broker = broker
         self._catalog = catalog
         self._config = config
 
     @_v2_errors
-    def on_post(self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None) -> None:
+    async def on_post(self, req: falcon.Request, resp: falcon.Response, model: str,
+                      version: str | None = None) -> None:
+        await self._catalog.refresh()
         _model(self._catalog, model, version)  # 404 before the body is read
-        body = _decompress(req, read_body(req, self._config.max_body_bytes), self._config.max_body_bytes)
+        body = _decompress(req, await read_body(req, self._config), self._config.max_body_bytes)
         header_length = req.get_header("Inference-Header-Content-Length")
         try:
             split = int(header_length) if header_length is not None else len(body)
@@ -208,8 +217,11 @@ class Infer:
             answer_id = request["id"]
             if valid_request_id(answer_id):
                 req.context.request_id = answer_id
-        tensors = infer(self._broker, self._catalog, self._config, model, version, request, body[split:],
-                        req.context.request_id)
+        call = prepare(self._catalog, self._config, model, version, request, body[split:])
+        outputs = await self._broker.request(call.served, call.rows, timeout_s=call.timeout_s,
+                                             priority=call.priority, request_id_prefix=req.context.request_id)
+        tensors = _output_tensors(call.output_specs, outputs)
+        await self._catalog.refresh()
         served = f"{model}@{version}" if version else model
         self._catalog.mark_version(resp, served)
         parameters = request.get("parameters") or {}
@@ -251,7 +263,28 @@ class Infer:
 
 def infer(broker: BrokerClient, catalog: Catalog, config: GatewayConfig, model: str, version: str | None,
           request: dict, binary: bytes, request_id: str, most_s: float | None = None) -> dict[str, tuple[str, np.ndarray]]:
-    """One v2 inference request (HTTP and gRPC): checks and limits, rows to the broker, tensors back.
+    """One v2 inference request, blocking (gRPC's): prepare(), the broker's answer, the tensors.
+    The HTTP route does the same with an await. Raises BrokerError (GatewayError)."""
+    call = prepare(catalog, config, model, version, request, binary, most_s)
+    outputs = broker.request(call.served, call.rows, timeout_s=call.timeout_s, priority=call.priority,
+                             request_id_prefix=request_id)
+    return _output_tensors(call.output_specs, outputs)
+
+
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """What a v2 inference request asks of the broker, and the tensors its outputs become."""
+
+    served: str  # the model name the broker routes by: `name@version` for a pinned version
+    rows: list
+    timeout_s: float
+    priority: int
+    output_specs: list[dict]
+
+
+def prepare(catalog: Catalog, config: GatewayConfig, model: str, version: str | None, request: dict,
+            binary: bytes, most_s: float | None = None) -> InferCall:
+    """A v2 inference request's checks and limits (HTTP and gRPC), and its rows for the broker.
 
     `request` is the JSON header's document (inputs with data or binary_data_size; parameters),
     `binary` the tensors' raw bytes in input order, `most_s` a deadline the caller already has
@@ -267,8 +300,7 @@ def infer(broker: BrokerClient, catalog: Catalog, config: GatewayConfig, model: 
         timeout_s = min(timeout_s, most_s)
     served = f"{model}@{version}" if version else model
     check_model_name(served)
-    outputs = broker.request(served, rows, timeout_s=timeout_s, priority=priority, request_id_prefix=request_id)
-    return _output_tensors(metadata.get("outputs", []), outputs)
+    return InferCall(served, rows, timeout_s, priority, metadata.get("outputs", []))
 
 
 def _schedule(parameters: dict, config: GatewayConfig) -> tuple[float, int]:
@@ -453,7 +485,7 @@ def _compress(req: falcon.Request, resp: falcon.Response, payload: bytes) -> byt
     return payload
 
 
-def add_routes(app: falcon.App, broker: BrokerClient, config: GatewayConfig, catalog: Catalog) -> None:
+def add_routes(app: falcon.App, broker: AsyncBrokerClient, config: GatewayConfig, catalog: AsyncCatalog) -> None:
     app.add_route("/v2", ServerMetadata())
     app.add_route("/v2/health/live", ServerLive())
     app.add_route("/v2/health/ready", ServerReady(catalog))

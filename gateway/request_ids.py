@@ -31,7 +31,7 @@ def valid_request_id(value: object) -> bool:
 
 
 class RequestIdMiddleware:
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         req.context.request_id = uuid.uuid4().hex
         req.context.request_id_given = False
         req.context.request_started_at = time.perf_counter()
@@ -44,7 +44,7 @@ class RequestIdMiddleware:
         req.context.request_id = given
         req.context.request_id_given = True
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+    async def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
         request_id = getattr(req.context, "request_id", None)
         if request_id is None:  # a request that no process_request saw
             request_id = req.context.request_id = uuid.uuid4().hex

@@ -22,6 +22,7 @@ Errors are {"error": {"message", "type", "param", "code"}}; gateway/errors.py pi
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -31,8 +32,10 @@ import orjson
 
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
-from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog, check_model_name, split_version, worker_version
+from gateway.async_catalog import AsyncCatalog
+from gateway.async_transport import AsyncBrokerClient
+from gateway.broker_client import BrokerError
+from gateway.catalog import check_model_name, split_version, worker_version
 from gateway.config import MAX_NESTING_DEPTH, GatewayConfig
 from gateway.tensors import check_v1_inputs
 
@@ -41,10 +44,18 @@ _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 _SCALAR_TYPES = frozenset({int, float, bool, type(None), bytes})
 
 
-def read_body(req: falcon.Request, max_bytes: int) -> bytes:
+async def read_body(req: falcon.Request, config: GatewayConfig) -> bytes:
+    """The whole body, at most --max-body-bytes (413), within --body-timeout-s (408: a client that
+    trickles its body holds no thread, but it must not hold its connection for ever either)."""
+    max_bytes = config.max_body_bytes
     if req.content_length is not None and req.content_length > max_bytes:
         raise BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body of {req.content_length} bytes exceeds {max_bytes}")
-    data = req.bounded_stream.read(max_bytes + 1)
+    try:
+        data = await asyncio.wait_for(req.bounded_stream.read(max_bytes + 1), config.body_timeout_s)
+    except TimeoutError:
+        raise falcon.HTTPError(falcon.HTTP_408, description=f"the body did not arrive within "
+                                                            f"{config.body_timeout_s:g} s (--body-timeout-s)",
+                               headers={"Connection": "close"}) from None
     if len(data) > max_bytes:
         raise BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body exceeds {max_bytes} bytes")
     if req.content_length is not None and len(data) < req.content_length:
@@ -138,18 +149,19 @@ def write_document(req: falcon.Request, resp: falcon.Response, document: dict, k
 
 
 class PredictResource:
-    def __init__(self, broker: BrokerClient, config: GatewayConfig, catalog: Catalog):
+    def __init__(self, broker: AsyncBrokerClient, config: GatewayConfig, catalog: AsyncCatalog):
         self._broker = broker
         self._config = config
         self._catalog = catalog
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
+    async def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
         check_model_name(model)
-        body = parse_document(req, read_body(req, self._config.max_body_bytes))
+        body = parse_document(req, await read_body(req, self._config))
         inputs, timeout_s, priority = self._validate(body)
+        await self._catalog.refresh()  # declared tensors, and the version served (a copy at most CACHE_S old)
         inputs = check_v1_inputs(model, self._catalog.metadata(model), inputs)
-        outputs = self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority,
-                                       request_id_prefix=req.context.request_id)
+        outputs = await self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority,
+                                             request_id_prefix=req.context.request_id)
         self._catalog.mark_version(resp, model)
         write_document(req, resp, {"model": model, "outputs": outputs}, keep_arrays=True)
 
@@ -192,11 +204,12 @@ def _with_truncate(value: Any, truncate: bool) -> Any:
 
 
 class ModelsResource:
-    def __init__(self, broker: BrokerClient):
+    def __init__(self, broker: AsyncBrokerClient):
         # Cached for Catalog.CACHE_S per process: clients polling this must not multiply the broker's work.
-        self._status = Catalog(broker, every_broker=True)
+        self._status = AsyncCatalog(broker, every_broker=True)
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        await self._status.refresh()
         status = self._status.status()
         now_s = time.time()  # OpenAI's "created" is a Unix time
         models, listed = [], []
@@ -226,24 +239,25 @@ class ModelsResource:
 
 
 class StatusResource:
-    def __init__(self, broker: BrokerClient):
-        self._status = Catalog(broker, every_broker=True)  # cached briefly, as /v1/models
+    def __init__(self, broker: AsyncBrokerClient):
+        self._status = AsyncCatalog(broker, every_broker=True)  # cached briefly, as /v1/models
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        await self._status.refresh()
         write_document(req, resp, self._status.status())
 
 
 class HealthResource:
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         write_document(req, resp, {"status": "ok"})
 
 
 class ReadyResource:
-    def __init__(self, broker: BrokerClient):
+    def __init__(self, broker: AsyncBrokerClient):
         self._broker = broker
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        status = self._broker.status(timeout_s=1.0)
+    async def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        status = await self._broker.status(timeout_s=1.0)
         # Ready while some broker that answers has a worker (with several brokers, any one will do).
         serving = [b for b in status.get("brokers", [status]) if b.get("workers")]
         if not serving:

@@ -1,38 +1,37 @@
-"""BrokerClient.status(): ask every broker (or the preferred ones in turn) and merge their views."""
+"""BrokerClient.status() and AsyncBrokerClient.status(): ask every broker (or the preferred ones in
+turn) and merge their views. The waiting differs (threads' Futures, or the event loop); what is
+asked, for how long, and the merged answer are one code."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ddml_common.protocol import ErrorCode
 from gateway.broker_error import BrokerError
 from gateway.links import Link
 
 if TYPE_CHECKING:
+    from gateway.async_transport import AsyncBrokerClient
     from gateway.broker_client import BrokerClient
 
 _STATUS_STRAGGLER_S = 0.25  # once one broker has answered, how long the others may take
 
 
 def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, every_broker: bool) -> dict:
-    def unanswered() -> BrokerError:
-        return BrokerError(ErrorCode.UNAVAILABLE, f"no broker of {client.endpoint} answered within {timeout_s} s")
-
     if not every_broker:
         deadline_at = time.monotonic() + timeout_s
-        for link in sorted(links, key=lambda b: not b.up):
+        for link in _preferred_first(links):
             future = client.ask(link.index, timeout_s)
             try:
                 answer = future.result(timeout=max(0.0, deadline_at - time.monotonic()))
             except (FutureTimeout, BrokerError):
                 continue
-            return {"instance_id": answer.instance_id, "models": answer.models, "workers": answer.workers,
-                    "stats": answer.stats, "brokers": [{"endpoint": link.endpoint, "role": "preferred",
-                                                        "instance_id": answer.instance_id}]}
-        raise unanswered()
+            return _one_view(link, answer)
+        raise _unanswered(client, timeout_s)
     futures = [client.ask(link.index, timeout_s) for link in links]
     deadline_at = time.monotonic() + timeout_s
     pending = set(futures)
@@ -41,13 +40,63 @@ def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, eve
         if not done:
             break
         if any(not future.exception() for future in done):
-            # One broker has answered: give the others a moment, not the whole timeout (a broker
-            # that died silently would otherwise hold up every status, /readyz included).
-            deadline_at = min(deadline_at, time.monotonic() + _STATUS_STRAGGLER_S)
+            deadline_at = _after_first_answer(deadline_at)
     answers = [f.result() if f.done() and not f.exception() else None for f in futures]
+    return _merged(client, links, answers, timeout_s)
+
+
+async def gather_status_async(client: AsyncBrokerClient, links: list[Link], timeout_s: float,
+                              every_broker: bool) -> dict:
+    if not every_broker:
+        deadline_at = time.monotonic() + timeout_s
+        for link in _preferred_first(links):
+            try:
+                answer = await asyncio.wait_for(client.ask(link.index, timeout_s),
+                                                max(0.0, deadline_at - time.monotonic()))
+            except (TimeoutError, BrokerError):
+                continue
+            return _one_view(link, answer)
+        raise _unanswered(client, timeout_s)
+    tasks = [asyncio.ensure_future(client.ask(link.index, timeout_s)) for link in links]
+    deadline_at = time.monotonic() + timeout_s
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline_at - time.monotonic()),
+                                           return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            break
+        if any(not task.exception() for task in done):
+            deadline_at = _after_first_answer(deadline_at)
+    for task in pending:
+        task.cancel()
+    answers = [t.result() if t.done() and not t.cancelled() and not t.exception() else None for t in tasks]
+    return _merged(client, links, answers, timeout_s)
+
+
+def _preferred_first(links: list[Link]) -> list[Link]:
+    return sorted(links, key=lambda b: not b.up)
+
+
+def _after_first_answer(deadline_at: float) -> float:
+    """One broker has answered: give the others a moment, not the whole timeout (a broker that
+    died silently would otherwise hold up every status, /readyz included)."""
+    return min(deadline_at, time.monotonic() + _STATUS_STRAGGLER_S)
+
+
+def _unanswered(client: Any, timeout_s: float) -> BrokerError:
+    return BrokerError(ErrorCode.UNAVAILABLE, f"no broker of {client.endpoint} answered within {timeout_s} s")
+
+
+def _one_view(link: Link, answer) -> dict:
+    return {"instance_id": answer.instance_id, "models": answer.models, "workers": answer.workers,
+            "stats": answer.stats, "brokers": [{"endpoint": link.endpoint, "role": "preferred",
+                                                "instance_id": answer.instance_id}]}
+
+
+def _merged(client: Any, links: list[Link], answers: list, timeout_s: float) -> dict:
     preferred = next((links[i] for i, a in enumerate(answers) if a is not None), None)
     if preferred is None:
-        raise unanswered()
+        raise _unanswered(client, timeout_s)
     first = answers[preferred.index]
     brokers = []
     for link, answer in zip(links, answers):

@@ -48,15 +48,17 @@ most x-total-time (a guard against clocks of different hosts that run at differe
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import falcon
 import numpy as np
 import orjson
 
 from ddml_common.protocol import ErrorCode
-from gateway.broker_client import BrokerClient, BrokerError
-from gateway.catalog import Catalog, split_version
+from gateway.async_catalog import AsyncCatalog
+from gateway.async_transport import AsyncBrokerClient
+from gateway.broker_client import BrokerError
+from gateway.catalog import split_version
 from gateway.config import GatewayConfig
 from gateway.errors import http_error
 from gateway.resources import check_document, read_body
@@ -104,10 +106,10 @@ def _write_error(resp: falcon.Response, error: TEIError) -> None:
         resp.set_header("Retry-After", str(error.retry_after_s))
 
 
-def _answering(resp: falcon.Response, work: Callable[[], None]) -> None:
+async def _answering(resp: falcon.Response, work: Callable[[], Awaitable[None]]) -> None:
     """Run a route; its errors, the broker's and TEI's own, answer in TEI's shape."""
     try:
-        work()
+        await work()
     except BrokerError as error:
         _write_error(resp, tei_error(error))
     except TEIError as error:
@@ -125,7 +127,7 @@ def _empty(field: str) -> TEIError:
 class TEI:
     """The routes, for one model chosen per request (by URL, or by the defaults at the root)."""
 
-    def __init__(self, broker: BrokerClient, config: GatewayConfig, catalog: Catalog):
+    def __init__(self, broker: AsyncBrokerClient, config: GatewayConfig, catalog: AsyncCatalog):
         self._broker = broker
         self._config = config
         self._catalog = catalog
@@ -165,21 +167,23 @@ class TEI:
 
     # ------------------------------------------------------------------ the handler around each route
 
-    def answer(self, req: falcon.Request, resp: falcon.Response, route: str, model: str | None) -> None:
+    async def answer(self, req: falcon.Request, resp: falcon.Response, route: str, model: str | None) -> None:
         """Run a POST route for a model (None: the root's choice), and write its answer or TEI's error."""
-        _answering(resp, lambda: self._answer(req, resp, route, model))
+        await _answering(resp, lambda: self._answer(req, resp, route, model))
 
-    def _answer(self, req: falcon.Request, resp: falcon.Response, route: str, model: str | None) -> None:
+    async def _answer(self, req: falcon.Request, resp: falcon.Response, route: str, model: str | None) -> None:
         started_at = time.monotonic()
         timing = {"characters": 0, "tokens": 0, "queue_ms": 0.0, "prepare_ms": 0.0, "forward_ms": 0.0}
-        body = _body(req, self._config)
+        body = await _body(req, self._config)
+        await self._catalog.refresh()
         if route == "":
             route = self._route_of_body(body, model)
         if model is None:
             model = self.root_model(_TASK_OF_ROUTE.get(route))
-        document = getattr(self, "_" + route)(req, body, model, timing)
+        document = await getattr(self, "_" + route)(req, body, model, timing)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+        await self._catalog.refresh()
         self._catalog.mark_version(resp, model)
         total_ms = (time.monotonic() - started_at) * 1000
         for name, value in (("x-compute-type", "ddml"), ("x-compute-time", _ms(total_ms, total_ms)),
@@ -200,10 +204,10 @@ class TEI:
         task = self.task_of(chosen) if chosen else None
         return {"classification": "predict", "rerank": "rerank"}.get(task, "embed")
 
-    def _ask(self, req: falcon.Request, model: str, inputs: list, timing: dict) -> list:
+    async def _ask(self, req: falcon.Request, model: str, inputs: list, timing: dict) -> list:
         figures: dict = {}  # where the request's time went (protocol.TIMINGS), from its reply
-        outputs = self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
-                                       request_id_prefix=req.context.request_id, timings=figures)
+        outputs = await self._broker.request(model, inputs, timeout_s=self._config.request_timeout_ms / 1000,
+                                             request_id_prefix=req.context.request_id, timings=figures)
         for name, value in figures.items():
             timing[name] = max(timing.get(name, 0.0), value)
         return outputs
@@ -222,7 +226,7 @@ class TEI:
 
     # ------------------------------------------------------------------ routes
 
-    def _embed(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _embed(self, req, body: dict, model: str, timing: dict) -> list:
         self._check_task(model, "embedding")
         texts = _strings(body.get("inputs"), "inputs")
         self._batch(len(texts), "inputs")
@@ -233,7 +237,7 @@ class TEI:
             raise _invalid(f"`dimensions` must be a positive integer, got {dimensions!r:.40}")
         if dimensions == 0:
             raise _invalid("Input validation error: `dimensions` should be positive")
-        vectors = self._vectors(req, model, texts, _options(body), timing)
+        vectors = await self._vectors(req, model, texts, _options(body), timing)
         if dimensions is not None:
             if dimensions > vectors.shape[1]:
                 raise _invalid("Input validation error: `dimensions` should be smaller than the maximum embedding "
@@ -244,15 +248,15 @@ class TEI:
             vectors = (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
         return vectors
 
-    def _vectors(self, req, model: str, texts: list[str], options: dict, timing: dict) -> np.ndarray:
+    async def _vectors(self, req, model: str, texts: list[str], options: dict, timing: dict) -> np.ndarray:
         """Raw (unnormalised) vectors of texts, one row each."""
-        outputs = self._ask(req, model, [{"text": text, "normalize": False, "count_tokens": True, **options}
+        outputs = await self._ask(req, model, [{"text": text, "normalize": False, "count_tokens": True, **options}
                                          for text in texts], timing)
         rows = [_counted(output, "embedding", model, timing) for output in outputs]
         timing["characters"] += sum(map(len, texts))
         return np.asarray(rows, dtype=np.float32).reshape(len(texts), -1)
 
-    def _similarity(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _similarity(self, req, body: dict, model: str, timing: dict) -> list:
         self._check_task(model, "embedding")
         inputs = body.get("inputs")
         if not isinstance(inputs, dict) or not isinstance(inputs.get("source_sentence"), str):
@@ -264,13 +268,13 @@ class TEI:
         parameters = body.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise _invalid("`parameters` must be an object")
-        vectors = self._vectors(req, model, [inputs["source_sentence"], *sentences], _options(parameters),
-                                timing).astype(np.float64)
+        vectors = (await self._vectors(req, model, [inputs["source_sentence"], *sentences], _options(parameters),
+                                       timing)).astype(np.float64)
         norms = np.linalg.norm(vectors, axis=1)
         norms[norms == 0] = 1.0
-        return [float(value) for value in (vectors[1:] @ vectors[0]) / (norms[1:] * norms[0])]
+        return ((vectors[1:] @ vectors[0]) / (norms[1:] * norms[0])).tolist()  # float64: Python floats, in C
 
-    def _rerank(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _rerank(self, req, body: dict, model: str, timing: dict) -> list:
         query = body.get("query")
         if not isinstance(query, str):
             raise _invalid(f"`query` must be a string, got {type(query).__name__}")
@@ -281,7 +285,7 @@ class TEI:
         if _flag(body, "raw_scores", False):
             options["raw_scores"] = True
         return_text = _flag(body, "return_text", False)
-        outputs = self._ask(req, model, [{"query": query, "document": text, "count_tokens": True, **options}
+        outputs = await self._ask(req, model, [{"query": query, "document": text, "count_tokens": True, **options}
                                          for text in texts], timing)
         scores = [float(_counted(output, "score", model, timing)) for output in outputs]
         timing["characters"] += sum(map(len, texts)) + len(query) * len(texts)
@@ -294,13 +298,13 @@ class TEI:
             ranks.append(rank)
         return ranks
 
-    def _predict(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _predict(self, req, body: dict, model: str, timing: dict) -> list:
         self._check_task(model, "classification")
         inputs, single = _predict_inputs(body.get("inputs"))
         self._batch(len(inputs), "inputs")
         raw_scores = _flag(body, "raw_scores", False)
         options = {"raw_scores": True, "count_tokens": True, **_options(body, prompts=False)}
-        outputs = self._ask(req, model, [{"text": text, **options} if isinstance(text, str) else
+        outputs = await self._ask(req, model, [{"text": text, **options} if isinstance(text, str) else
                                          {"text": text[0], "text_pair": text[1], **options} for text in inputs], timing)
         timing["characters"] += sum(len(text) if isinstance(text, str) else len(text[0]) + len(text[1])
                                     for text in inputs)
@@ -315,7 +319,7 @@ class TEI:
                             for i in sorted(range(len(labels)), key=lambda i: -scores[i])])
         return answers[0] if single else answers
 
-    def _tokenize(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _tokenize(self, req, body: dict, model: str, timing: dict) -> list:
         value = body.get("inputs")
         texts = _strings(value, "inputs")
         self._batch(len(texts), "inputs")
@@ -323,9 +327,9 @@ class TEI:
         if body.get("prompt_name") is not None:
             option["prompt_name"] = _string(body, "prompt_name")
         timing["characters"] += sum(map(len, texts))
-        return self._ask(req, model, [{"tokenize": text, **option} for text in texts], timing)
+        return await self._ask(req, model, [{"tokenize": text, **option} for text in texts], timing)
 
-    def _decode(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _decode(self, req, body: dict, model: str, timing: dict) -> list:
         ids = body.get("ids")
         if not isinstance(ids, list):
             raise _invalid("`ids` must be a list of token ids, or a list of such lists")
@@ -337,27 +341,28 @@ class TEI:
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in item):
                 raise _invalid("`ids` must hold non-negative integers")
         skip = _flag(body, "skip_special_tokens", True)
-        return self._ask(req, model, [{"decode": item, "skip_special_tokens": skip} for item in batch], timing)
+        return await self._ask(req, model, [{"decode": item, "skip_special_tokens": skip} for item in batch], timing)
 
-    def _embed_all(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _embed_all(self, req, body: dict, model: str, timing: dict) -> list:
         self._check_task(model, "embedding")
         texts = _strings(body.get("inputs"), "inputs")
         self._batch(len(texts), "inputs")
-        outputs = self._ask(req, model, [{"text": text, "all_tokens": True, "count_tokens": True, **_options(body)}
+        outputs = await self._ask(req, model, [{"text": text, "all_tokens": True, "count_tokens": True, **_options(body)}
                                          for text in texts], timing)
         timing["characters"] += sum(map(len, texts))
         return [np.asarray(_counted(output, "embedding", model, timing), dtype=np.float32) for output in outputs]
 
-    def _embed_sparse(self, req, body: dict, model: str, timing: dict) -> list:
+    async def _embed_sparse(self, req, body: dict, model: str, timing: dict) -> list:
         raise TEIError(424, "Backend", "Backend error: `embed_sparse` is only available for SPLADE models, and ddml "
                                        "serves none")
 
     # ------------------------------------------------------------------ GET
 
-    def info(self, resp: falcon.Response, model: str | None) -> None:
-        _answering(resp, lambda: self._info(resp, model))
+    async def info(self, resp: falcon.Response, model: str | None) -> None:
+        await _answering(resp, lambda: self._info(resp, model))
 
-    def _info(self, resp: falcon.Response, model: str | None) -> None:
+    async def _info(self, resp: falcon.Response, model: str | None) -> None:
+        await self._catalog.refresh()
         model = model or self.root_model(None)
         metadata = self._catalog.metadata(model)
         if not metadata:
@@ -384,7 +389,8 @@ class TEI:
             "auto_truncate": bool(metadata.get("auto_truncate", False)), "tokenization_workers": 1,
             "version": VERSION, "sha": None, "docker_label": None})
 
-    def health(self, resp: falcon.Response, model: str | None) -> None:
+    async def health(self, resp: falcon.Response, model: str | None) -> None:
+        await self._catalog.refresh()
         try:
             live = self._catalog.model(model) is not None if model else bool(self._live())
         except BrokerError:
@@ -396,8 +402,8 @@ class TEI:
             _write_error(resp, TEIError(503, "Unhealthy", "unhealthy"))
 
 
-def _body(req: falcon.Request, config: GatewayConfig) -> dict:
-    data = read_body(req, config.max_body_bytes)
+async def _body(req: falcon.Request, config: GatewayConfig) -> dict:
+    data = await read_body(req, config)
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as error:
@@ -512,8 +518,8 @@ class _PostRoute:
     def __init__(self, tei: TEI, route: str):
         self._tei, self._route = tei, route
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
-        self._tei.answer(req, resp, self._route, model)
+    async def on_post(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
+        await self._tei.answer(req, resp, self._route, model)
 
 
 class _BaseURL:
@@ -522,22 +528,22 @@ class _BaseURL:
     def __init__(self, tei: TEI):
         self._tei = tei
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
-        self._tei.health(resp, model)
+    async def on_get(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
+        await self._tei.health(resp, model)
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
-        self._tei.answer(req, resp, "", model)
+    async def on_post(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
+        await self._tei.answer(req, resp, "", model)
 
 
 class _GetRoute:
-    def __init__(self, handler: Callable[[falcon.Response, str | None], None]):
+    def __init__(self, handler: Callable[[falcon.Response, str | None], Awaitable[None]]):
         self._handler = handler
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
-        self._handler(resp, model)
+    async def on_get(self, req: falcon.Request, resp: falcon.Response, model: str | None = None) -> None:
+        await self._handler(resp, model)
 
 
-def add_routes(app: falcon.App, broker: BrokerClient, config: GatewayConfig, catalog: Catalog) -> None:
+def add_routes(app: falcon.App, broker: AsyncBrokerClient, config: GatewayConfig, catalog: AsyncCatalog) -> None:
     tei = TEI(broker, config, catalog)
     for prefix in ("", "/tei/{model}"):
         for route in _ROUTES:

@@ -1,7 +1,7 @@
 """W3C trace context on every HTTP route (ddml_common/tracing.py says what travels and which spans exist).
 
-TraceMiddleware reads `traceparent` and `tracestate`, and leaves them where BrokerClient reads
-them for this request's thread. With --otlp-endpoint it also wraps the request in a SERVER span
+TraceMiddleware reads `traceparent` and `tracestate`, and leaves them where the broker client reads
+them for this request (a context variable: each request runs in its own asyncio task). With --otlp-endpoint it also wraps the request in a SERVER span
 (named "METHOD route-template") and sends that span on as the parent. An invalid traceparent is
 ignored, as W3C says: the request goes on without one.
 """
@@ -12,28 +12,24 @@ import falcon
 
 from ddml_common import tracing
 
-
-# The WSGI names of the two headers: req.env.get() finds them as req.get_header() does, without its
-# name mangling and its KeyError when the header is absent (the usual case: a few µs a request).
-_TRACEPARENT_ENV = "HTTP_" + tracing.TRACEPARENT_HEADER.upper()
-_TRACESTATE_ENV = "HTTP_" + tracing.TRACESTATE_HEADER.upper()
+_TRACEPARENT = tracing.TRACEPARENT_HEADER.lower()
+_TRACESTATE = tracing.TRACESTATE_HEADER.lower()
 
 
 class TraceMiddleware:
-    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        traceparent = req.env.get(_TRACEPARENT_ENV)
+    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        traceparent = req.get_header(_TRACEPARENT)
         if traceparent is None and not tracing.enabled():
-            return  # nothing to carry: the context is already empty (process_response empties it)
-        trace = tracing.incoming(traceparent, req.env.get(_TRACESTATE_ENV))
+            return  # nothing to carry: each request's task starts with an empty context
+        trace = tracing.incoming(traceparent, req.get_header(_TRACESTATE))
         if tracing.enabled():
             span = req.context.trace_span = tracing.ServerSpan()
             trace = span.start(req.method, trace, {"http.request.method": req.method, "url.path": req.path[:200]})
         tracing.set_current(trace)
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
-        if req.env.get(_TRACEPARENT_ENV) is None and not tracing.enabled():
+    async def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
+        if req.get_header(_TRACEPARENT) is None and not tracing.enabled():
             return  # process_request set nothing
-        tracing.set_current(None)  # request threads are reused
         span = req.context.get("trace_span")
         if span is not None:
             status = resp.status_code

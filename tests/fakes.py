@@ -18,6 +18,20 @@ class FakeClock:
         self.now += seconds
 
 
+class Awaitable:
+    """A fake broker client behind the async interface the gateway's app awaits (AsyncBrokerClient's):
+    the fakes stay plain methods, which their subclasses in the tests override."""
+
+    def __init__(self, fake):
+        self.fake = fake
+
+    async def request(self, *args, **kwargs) -> list:
+        return self.fake.request(*args, **kwargs)
+
+    async def status(self, *args, **kwargs) -> dict:
+        return self.fake.status(*args, **kwargs)
+
+
 class FakeBrokerClient:
     """Answers like a broker would: echoes inputs, or raises the error it was told to."""
 

@@ -304,14 +304,14 @@ def test_the_gateway_hands_every_flag_to_gunicorns_processes_unchanged(monkeypat
 
 def test_gunicorn_waits_for_the_longest_request_deadline_and_takes_every_setting_from_the_flags():
     code = ("import json, gateway.gunicorn_conf as c; print(json.dumps([c.graceful_timeout, c.timeout, c.workers, "
-            "c.threads, c.bind, c.preload_app]))")
+            "c.bind, c.preload_app]))")
     env = {"PATH": "/usr/bin:/bin", "DDML_GATEWAY_MAX_REQUEST_TIMEOUT_MS": "12500", "DDML_WORKERS": "3",
            "DDML_GATEWAY_WORKER_TIMEOUT_S": "60", "DDML_THREADS": "16", "DDML_BIND": "0.0.0.0:9000",
            "DDML_GATEWAY_PRELOAD": "true"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == [18, 60, 3, 16, "0.0.0.0:9000", True]  # 12.5 s + 5 s margin, rounded up
+    assert json.loads(result.stdout) == [18, 60, 3, "0.0.0.0:9000", True]  # 12.5 s + 5 s margin, rounded up
     env["DDML_GRACEFUL_TIMEOUT_S"] = "7"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                             env=env)

@@ -12,7 +12,7 @@ from ddml_common.protocol import ErrorCode
 from gateway.app import create_app
 from gateway.broker_client import BrokerError
 from gateway.config import GatewayConfig
-from tests.fakes import FakeBrokerClient
+from tests.fakes import Awaitable, FakeBrokerClient
 
 WORKERS = [
     {"worker_id": "a1", "models": ["emb", "emb@v1"], "host": "h", "pid": 1, "device": "cpu", "state": "idle",
@@ -52,7 +52,7 @@ def broker() -> TextBroker:
 
 @pytest.fixture
 def app(broker) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(broker, GatewayConfig()))
+    return falcon.testing.TestClient(create_app(Awaitable(broker), GatewayConfig()))
 
 
 def embed(app, **body):
@@ -103,13 +103,13 @@ def test_bad_embedding_requests_get_openai_shaped_400s(app, body, param, message
 
 
 def test_broker_errors_keep_their_statuses_in_openai_shape():
-    refused = falcon.testing.TestClient(create_app(TextBroker(BrokerError(ErrorCode.BAD_REQUEST, "too long"))))
+    refused = falcon.testing.TestClient(create_app(Awaitable(TextBroker(BrokerError(ErrorCode.BAD_REQUEST, "too long")))))
     response = refused.simulate_post("/v1/embeddings", json={"model": "emb", "input": "a"})
     assert response.status_code == 400 and response.json["error"]["param"] == "input"
-    missing = falcon.testing.TestClient(create_app(TextBroker(BrokerError(ErrorCode.NO_SUCH_MODEL, "none"))))
+    missing = falcon.testing.TestClient(create_app(Awaitable(TextBroker(BrokerError(ErrorCode.NO_SUCH_MODEL, "none")))))
     response = missing.simulate_post("/v1/embeddings", json={"model": "nope", "input": "a"})
     assert response.status_code == 404 and response.json["error"]["param"] == "model"
-    full = falcon.testing.TestClient(create_app(TextBroker(BrokerError(ErrorCode.OVERLOADED, "full", 2.0))))
+    full = falcon.testing.TestClient(create_app(Awaitable(TextBroker(BrokerError(ErrorCode.OVERLOADED, "full", 2.0)))))
     response = full.simulate_post("/v1/embeddings", json={"model": "emb", "input": "a"})
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
     assert response.json["error"]["type"] == "server_error"
@@ -180,7 +180,7 @@ def test_v2_health_routes_answer_with_the_spec_bodies_and_versions(app):
     missing = app.simulate_get("/v2/models/emb/versions/v9/ready")
     assert missing.status_code == 400 and missing.json == {"name": "emb", "ready": False}
     assert app.simulate_get("/v2/models/ranker").json["versions"] == ["r1", "r2"]
-    down = falcon.testing.TestClient(create_app(TextBroker(BrokerError(ErrorCode.UNAVAILABLE, "down"))))
+    down = falcon.testing.TestClient(create_app(Awaitable(TextBroker(BrokerError(ErrorCode.UNAVAILABLE, "down")))))
     assert down.simulate_get("/v2/health/ready").json == {"ready": False}
 
 

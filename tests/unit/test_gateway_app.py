@@ -1,8 +1,10 @@
 """The Falcon app with a FakeBrokerClient: validation, media types, and the ErrorCode -> HTTP table."""
 
+import asyncio
 import json
 import struct
 
+import falcon.asgi
 import falcon.testing
 import msgpack
 import orjson
@@ -13,13 +15,13 @@ from gateway.app import create_app
 from gateway.broker_client import BrokerError
 from gateway.config import GatewayConfig
 from gateway.errors import HTTP_STATUS_BY_CODE, HttpError, errors_as, retry_after
-from tests.fakes import FakeBrokerClient
+from tests.fakes import Awaitable, FakeBrokerClient
 
 JSON = {"Content-Type": "application/json"}
 
 
 def client(broker=None, **config) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(broker or FakeBrokerClient(), GatewayConfig(**config)))
+    return falcon.testing.TestClient(create_app(Awaitable(broker or FakeBrokerClient()), GatewayConfig(**config)))
 
 
 def test_predict_returns_outputs_in_order_as_json():
@@ -286,13 +288,24 @@ def test_http_metric_labels_stay_few_whatever_methods_and_paths_clients_send():
 
     from gateway.metrics import HTTP_REQUESTS, METHODS
 
-    app = create_app(FakeBrokerClient(), GatewayConfig())
+    app = create_app(Awaitable(FakeBrokerClient()), GatewayConfig())
     rng = random.Random(7)
-    for _ in range(200):
-        method = "".join(rng.choices(string.ascii_letters, k=rng.randint(1, 12)))
-        path = rng.choice(["/healthz", "/v1/models/m%d/predict" % rng.randrange(10**6), "/x%d" % rng.randrange(10**6)])
-        # Called as WSGI directly: the test client's validator refuses unknown methods itself.
-        b"".join(app(falcon.testing.create_environ(path, method=method), falcon.testing.StartResponseMock()))
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    async def call_all():
+        for _ in range(200):
+            method = "".join(rng.choices(string.ascii_letters, k=rng.randint(1, 12)))
+            path = rng.choice(["/healthz", "/v1/models/m%d/predict" % rng.randrange(10**6),
+                               "/x%d" % rng.randrange(10**6)])
+            # Called as ASGI directly: the test client's validator refuses unknown methods itself.
+            await app(falcon.testing.create_scope(path, method=method), receive, send)
+
+    asyncio.run(call_all())
     labels = {(s.labels["route"], s.labels["method"]) for family in HTTP_REQUESTS.collect() for s in family.samples}
     assert {method for _, method in labels} <= METHODS | {"other"}
     assert not [route for route, _ in labels if route.startswith("/x") or "/models/m" in route]  # templates only
@@ -356,10 +369,10 @@ def test_a_new_surface_plugs_its_body_shape_into_the_one_table():
 
     class Resource:
         @errors_as(tei_body)
-        def on_post(self, req, resp):
+        async def on_post(self, req, resp):
             raise BrokerError(ErrorCode.OVERLOADED, "queue full", retry_after_s=0.3)
 
-    app = falcon.App()
+    app = falcon.asgi.App()
     app.add_route("/embed", Resource())
     response = falcon.testing.TestClient(app).simulate_post("/embed")
     assert response.status_code == 503 and response.headers["retry-after"] == "1"

@@ -7,7 +7,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from tests.fakes import FakeBrokerClient
+from tests.fakes import Awaitable, FakeBrokerClient
 
 TOKEN = {"Authorization": "Bearer secret-one"}
 
@@ -20,7 +20,7 @@ def tokens(tmp_path) -> str:
 
 
 def client(**config) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(FakeBrokerClient(), GatewayConfig(**config)))
+    return falcon.testing.TestClient(create_app(Awaitable(FakeBrokerClient()), GatewayConfig(**config)))
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"])

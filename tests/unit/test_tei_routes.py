@@ -12,7 +12,7 @@ from gateway import tei
 from gateway.app import create_app
 from gateway.broker_client import BrokerError
 from gateway.config import GatewayConfig
-from tests.fakes import FakeBrokerClient
+from tests.fakes import Awaitable, FakeBrokerClient
 
 
 def _worker(worker_id: str, *models: str) -> dict:
@@ -71,7 +71,7 @@ class TextBroker(FakeBrokerClient):
 
 
 def client(broker, **config) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(broker, GatewayConfig(**config)))
+    return falcon.testing.TestClient(create_app(Awaitable(broker), GatewayConfig(**config)))
 
 
 @pytest.fixture

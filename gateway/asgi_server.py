@@ -1,0 +1,174 @@
+"""The gateway's gunicorn worker: uvicorn's, with bounds on slow and large request heads, and JSON refusals.
+
+gunicorn runs `gateway.asgi_server.GatewayWorker` (gateway/gunicorn_conf.py): each process serves
+the ASGI app on one asyncio event loop, with uvicorn's httptools parser (in C: about half the
+gateway's CPU per request of h11's, measured in the commit that chose it), so an idle or slow
+client costs a socket and a few objects, never a thread. uvicorn bounds the time a kept-alive
+connection may sit idle (gunicorn's keepalive), but neither the time a client may take to send a
+request's line and headers (a client that trickles them a byte a second would hold its
+connection for ever) nor their size. GatewayHttpProtocol adds both: the head must arrive within
+--header-timeout-s of the connection (or of the previous answer on it), else a client that has
+sent part of a request gets 408 and the connection is closed; and it may take MAX_HEAD_BYTES,
+else 431. The body's bound is the app's (gateway/resources.py: read_body), and so are the limits
+on the target (414) and on one header (431) that gunicorn had (HeadLimits, below).
+
+The protocol's own refusals (a request it cannot parse, a head too large or too late) come back
+in the gateway's JSON error shape with an X-Request-ID (gateway/errors.py: server_refusal),
+rather than uvicorn's plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+import sys
+
+import falcon
+from gunicorn.arbiter import Arbiter
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import Server
+from uvicorn_worker import UvicornWorker
+
+from gateway.config import build_parser
+from gateway.errors import server_refusal
+
+# The most a request's line and headers may take, in bytes, all together (431 past it), and each
+# (gunicorn's limits, which the gateway kept: HeadLimits, in the app).
+MAX_HEAD_BYTES = 16 * 1024
+MAX_REQUEST_LINE_BYTES = 4094  # the target, path and query: 414 past it
+MAX_HEADER_BYTES = 8190  # one header's name and value: 431 past it
+
+CLOSE_GRACE_S = 0.5  # when stopping, how long an idle connection's close may take before it is dropped
+
+_args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
+HEADER_TIMEOUT_S = _args.header_timeout_s
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a deadline and a size limit on each request's head (see the
+    module's docstring)."""
+
+    header_timeout_s = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._lost = False
+        self._in_head = True  # between a request's start (or the connection's) and the end of its headers
+        self._head_bytes = 0
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self._lost = True
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        in_head = self._in_head
+        super().data_received(data)
+        if in_head and self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, "Request Header Fields Too Large",
+                             f"the request's line and headers are over {MAX_HEAD_BYTES} bytes")
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        pipelined = bool(self.pipeline)
+        super().on_response_complete()
+        if not pipelined and not self.transport.is_closing():
+            self._arm()  # the next request's head is due from now
+
+    def send_400_response(self, msg: str) -> None:
+        error = sys.exc_info()[1]
+        self._refuse(400, "Bad Request", f"{msg} ({error})" if error is not None else msg)
+
+    def shutdown(self) -> None:
+        """The server is stopping: an idle connection closes now (one with a request in flight, after
+        its answer). A TLS connection's close waits for the client's close_notify, which a client
+        that pools its connections never sends, and the server waits for every connection: so one
+        still open after CLOSE_GRACE_S is dropped."""
+        super().shutdown()
+        if self.transport.is_closing():
+            self.loop.call_later(CLOSE_GRACE_S, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._lost:
+            self.transport.abort()
+
+    # ------------------------------------------------------------------ the head's deadline
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes:  # part of a request came: say why it ends
+            self._refuse(408, "Request Timeout", f"the request's line and headers did not arrive within "
+                                                 f"{self.header_timeout_s:g} s (--header-timeout-s)")
+        else:  # an idle connection: close it, as the keep-alive timeout does
+            self.transport.close()
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._disarm()
+        self.transport.write(server_refusal(status, reason, message))
+        self.transport.close()
+
+
+class HeadLimits:
+    """Falcon middleware, first in line: a target over MAX_REQUEST_LINE_BYTES gets 414, a header over
+    MAX_HEADER_BYTES 431, in the gateway's error shape (as gunicorn's own limits did)."""
+
+    async def process_request(self, req, resp) -> None:
+        scope = req.scope
+        if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_REQUEST_LINE_BYTES:
+            raise falcon.HTTPUriTooLong(description=f"the request's target is over {MAX_REQUEST_LINE_BYTES} bytes")
+        for name, value in scope["headers"]:
+            if len(name) + len(value) > MAX_HEADER_BYTES:
+                raise falcon.HTTPError(falcon.HTTP_431, description=f"a header is over {MAX_HEADER_BYTES} bytes")
+
+
+class GatewayWorker(UvicornWorker):
+    """gunicorn's worker class for the gateway (gateway/gunicorn_conf.py)."""
+
+    # access_log: uvicorn formats a line per request unless told not to, even with nowhere to write it.
+    CONFIG_KWARGS = {"loop": "asyncio", "http": GatewayHttpProtocol, "lifespan": "on",
+                     "access_log": bool(_args.access_log)}
+
+    async def _serve(self) -> None:
+        # As UvicornWorker's, but SIGQUIT (which the gunicorn master sends its workers on SIGINT: a
+        # terminal's Ctrl-C) stops uvicorn as SIGTERM does: requests in flight are answered, and an
+        # idle process exits at once. uvicorn_worker's own SIGQUIT handler only marks the gunicorn
+        # worker as stopping, which uvicorn never looks at, so the process served on until killed.
+        self.config.app = self.wsgi
+        # Everything imported and built so far lives as long as the process: out of the collector's
+        # sight, a full collection walks only what requests made. Without it, at concurrency 64 full
+        # collections paused the loop 85-350 ms, every request with it (p99 401 against 105 ms with
+        # it, the same run; the measurement is in the commit that added this).
+        gc.collect()
+        gc.freeze()
+        server = Server(config=self.config)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGTERM, None)
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
