@@ -145,7 +145,7 @@ def test_v1_models_shows_each_models_replicas_as_its_broker_reports_them():
 
     from gateway.app import create_app
     from gateway.config import GatewayConfig
-    from tests.fakes import FakeBrokerClient
+    from tests.fakes import Awaitable, FakeBrokerClient
 
     class PoolBroker(FakeBrokerClient):
         def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
@@ -155,7 +155,7 @@ def test_v1_models_shows_each_models_replicas_as_its_broker_reports_them():
                                         "replicas": {"loaded": 0, "loading": 1, "pool_workers": []}}
             return status
 
-    app = falcon.testing.TestClient(create_app(PoolBroker(), GatewayConfig()))
+    app = falcon.testing.TestClient(create_app(Awaitable(PoolBroker()), GatewayConfig()))
     models = {m["name"]: m for m in app.simulate_get("/v1/models").json["models"]}
     assert models["echo"]["replicas"] == {"loaded": 1, "loading": 0, "pool_workers": ["p1"]}
     assert models["cold"]["ready"] is False and models["cold"]["replicas"]["loading"] == 1
