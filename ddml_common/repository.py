@@ -7,6 +7,11 @@
     idle-unload-s = 300
     memory-mb = 200              # an estimate, used until the load is measured
 
+    [models.classifier]          # an exported model, its tensors declared as in Triton's config
+    model-path = "resnet18.pt2"
+    inputs = [{name = "IMAGE", datatype = "FP32", dims = [3, 224, 224]}]
+    outputs = [{name = "PROBS", datatype = "FP32", dims = [1000]}]
+
 Pure: parse_repository() takes the text and the worker flags a model table may set (the worker
 passes them, from its own parser: ddml_common depends on no role), and returns a Repository or
 raises RepositoryError with the file, the table and the key at fault. Worker flags are kept as
@@ -21,6 +26,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from ddml_common import tensors
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -29,6 +36,9 @@ except ModuleNotFoundError:  # Python 3.10
 MAX_NAME_LEN = 256  # as protocol.MAX_NAME_LEN: a model name travels in every REQUEST
 MAX_MODELS = 1024  # models in one repository (each is named in the worker's READY)
 PLACEMENT_KEYS = ("min-replicas", "max-replicas", "idle-unload-s", "memory-mb")
+# Declared tensors, as Triton's model config spells them: `inputs = [{name, datatype, dims}, ...]`.
+# They are the repeatable --input/--output flags (`input = ["IMAGE:FP32:3,224,224"]` works too).
+TENSOR_KEYS = {"inputs": "input", "outputs": "output"}
 
 
 class RepositoryError(ValueError):
@@ -99,6 +109,9 @@ def _entry(name: str, table: Any, where: str, allowed: frozenset[str]) -> ModelE
     for key, value in table.items():
         if key in PLACEMENT_KEYS:
             continue
+        if key in TENSOR_KEYS or (key in TENSOR_KEYS.values() and isinstance(value, list)
+                                  and any(isinstance(item, dict) for item in value)):
+            key, value = TENSOR_KEYS.get(key, key), _tensor_flags(value, f"{where} {key}")
         if key == "model":
             raise RepositoryError(f"{where}: 'model' is the table's name; leave it out")
         if key not in allowed:
@@ -117,6 +130,16 @@ def _entry(name: str, table: Any, where: str, allowed: frozenset[str]) -> ModelE
         raise RepositoryError(f"{where}: min-replicas ({placement.min_replicas}) exceeds max-replicas "
                               f"({placement.max_replicas})")
     return ModelEntry(name, flags, placement)
+
+
+def _tensor_flags(value: Any, where: str) -> list[str]:
+    """An `inputs`/`outputs` array (of {name, datatype, dims} tables, or of NAME:DATATYPE:DIMS
+    strings) as the --input/--output flags it stands for; RepositoryError naming it if it is not one."""
+    try:
+        specs = tensors.parse_flags(value if isinstance(value, list) else [value])
+    except (ValueError, TypeError) as error:
+        raise RepositoryError(f"{where}: {error}") from None
+    return [f"{spec.name}:{spec.datatype}:{','.join(str(d) for d in spec.dims)}" for spec in specs]
 
 
 def _is_flag_value(value: Any) -> bool:

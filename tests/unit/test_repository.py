@@ -6,7 +6,7 @@ import pytest
 
 from ddml_common.repository import Placement, RepositoryError, load_repository, parse_repository
 
-FLAGS = {"handler", "model-path", "task", "max-batch-size", "pooling", "echo-test-directives", "inputs"}
+FLAGS = {"handler", "model-path", "task", "max-batch-size", "pooling", "echo-test-directives", "labels"}
 
 
 def parse(text: str):
@@ -25,14 +25,14 @@ def test_model_tables_give_worker_flags_and_placement_apart():
 
         [models.echo]
         echo-test-directives = true
-        inputs = ["text", "image"]
+        labels = ["text", "image"]
     """)
     assert set(repo.models) == {"minilm", "echo"}
     minilm = repo.models["minilm"]
     assert minilm.flags == {"max-batch-size": 32, "pooling": "mean"}
     assert minilm.placement == Placement(min_replicas=1, max_replicas=3, idle_unload_s=60.0, memory_mb=250.5)
     echo = repo.models["echo"]
-    assert echo.flags == {"echo-test-directives": True, "inputs": ["text", "image"]}  # passed through as given
+    assert echo.flags == {"echo-test-directives": True, "labels": ["text", "image"]}  # passed through as given
     assert echo.placement == Placement()
     assert repo.describe()["minilm"] == {"min": 1, "max": 3, "idle_unload_s": 60.0, "memory_mb": 250.5}
 
@@ -68,3 +68,24 @@ def test_an_unreadable_file_is_a_repository_error(tmp_path):
     path = tmp_path / "repo.toml"
     path.write_text("[models.a]\ntask = 'rerank'\n")
     assert load_repository(str(path), FLAGS).models["a"].flags == {"task": "rerank"}
+
+
+def test_a_models_declared_tensors_in_tritons_spelling_become_its_input_and_output_flags():
+    text = """
+[models.classifier]
+model-path = "model.pt2"
+inputs = [{name = "IMAGE", datatype = "fp32", dims = [3, 224, 224]}]
+outputs = [{name = "PROBS", datatype = "FP32", dims = [1000]}, {name = "CLASSES", datatype = "INT64", dims = [-1]}]
+"""
+    entry = parse_repository(text, "models.toml", {"model-path", "input", "output"}).models["classifier"]
+    assert entry.flags["input"] == ["IMAGE:FP32:3,224,224"]
+    assert entry.flags["output"] == ["PROBS:FP32:1000", "CLASSES:INT64:-1"]
+
+
+def test_a_declared_tensor_that_is_not_one_is_refused_with_where_it_is():
+    text = """
+[models.classifier]
+inputs = [{name = "IMAGE", datatype = "FLOAT", dims = [3]}]
+"""
+    with pytest.raises(RepositoryError, match=r"\[models.classifier\] inputs: .*datatype must be one of"):
+        parse_repository(text, "models.toml", {"input", "output"})
