@@ -67,16 +67,17 @@ def sorted_passes(costs: Sequence[int], most_inputs: int, cost_budget: int = 0,
     oldest first among equals). Each pass is select_pass() anchored on the cheapest input left:
     the next ones in cost order, up to pass_size() inputs (of the whole batch) and cost_budget
     padded (inputs × the largest cost; 0 for no budget). Positions into costs."""
-    most_inputs = pass_size(len(costs), most_inputs, least_inputs)
-    left = list(range(len(costs)))
+    most_inputs = max(1, pass_size(len(costs), most_inputs, least_inputs))
+    order = sorted(range(len(costs)), key=lambda k: (costs[k], k))
     passes = []
-    while left:
-        left_costs = [costs[k] for k in left]
-        cheapest = min(range(len(left)), key=lambda i: (left_costs[i], i))
-        chosen = select_pass(left_costs, most_inputs, cost_budget, anchor=cheapest)
-        passes.append([left[i] for i in chosen])
-        taken = set(chosen)
-        left = [k for i, k in enumerate(left) if i not in taken]
+    start = 0
+    while start < len(order):
+        # Anchored on the cheapest, a pass grows only to longer inputs, so it is a run of the
+        # order from `start` that select_pass() finds among the next most_inputs.
+        window = order[start:start + most_inputs]
+        chosen = select_pass([costs[k] for k in window], most_inputs, cost_budget, anchor=0)
+        passes.append([window[i] for i in chosen])
+        start += len(chosen)
     return passes
 
 

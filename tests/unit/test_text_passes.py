@@ -115,3 +115,26 @@ def test_the_text_model_modules_import_neither_torch_nor_transformers_until_a_mo
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def greedy_passes(costs: list[int], most: int, budget: int) -> list[list[int]]:
+    """The rule sorted_passes() keeps, written out: in cost order, close a pass before an input
+    would take it past most inputs or past budget padded tokens."""
+    passes, current = [], []
+    for k in sorted(range(len(costs)), key=lambda k: (costs[k], k)):
+        if current and (len(current) + 1 > most or costs[k] * (len(current) + 1) > budget):
+            passes.append(current)
+            current = []
+        current.append(k)
+    return passes + ([current] if current else [])
+
+
+def test_sorted_passes_close_each_pass_where_the_greedy_rule_does():
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=300, deadline=None, database=None)
+    @given(st.lists(st.integers(1, 80), max_size=70), st.integers(1, 20), st.integers(1, 600))
+    def same(costs, most, budget):
+        assert sorted_passes(costs, most, budget) == greedy_passes(costs, most, budget)
+
+    same()
