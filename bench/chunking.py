@@ -6,7 +6,7 @@ In one process, in interleaved rounds, inputs/s for random batches (the seeded w
 each size: padded in arrival order (what peers do), and HFTextModel (sorted by length, then
 run in passes) at several pass sizes and token budgets. This is the measurement behind the
 CPU default: passes of at most 16, and a smaller batch still cut into two halves of at least
-8 (worker --chunk-size; hf_text._CHUNKING).
+8 (worker --chunk-size; hf_text._PASS_LIMITS).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from bench.workload import sentences
 from worker.models import default_model_path
 from worker.models.hf_text import HFTextModel
 
-CONFIGS = {  # name: (max_chunk, min_chunk, chunk_tokens)
+CONFIGS = {  # name: (pass_size, least_pass_size, pass_tokens)
     "one sorted pass, up to 64 and 4096 tokens": (64, 64, 4096),
     "passes of 16 (a batch of 16 in one pass)": (16, 16, 10**9),
     "passes of 8": (8, 8, 10**9),
@@ -38,10 +38,10 @@ def main() -> None:
     texts = sentences(2048, seed=2)
     plain = PlainEmbedder(str(default_model_path()), threads=2)
     candidates = {"padded, arrival order (peers)": plain.embed}
-    for name, (max_chunk, min_chunk, chunk_tokens) in CONFIGS.items():
-        model = HFTextModel(model_path=str(default_model_path()), max_chunk=max_chunk, chunk_tokens=chunk_tokens)
+    for name, (pass_size, least_pass_size, pass_tokens) in CONFIGS.items():
+        model = HFTextModel(model_path=str(default_model_path()), pass_size=pass_size, pass_tokens=pass_tokens)
         model.init_model()
-        model.min_chunk = min_chunk
+        model.least_pass_size = least_pass_size
         model.warmup()
         candidates[name] = model.predict
     plain.embed(texts[:64])

@@ -145,7 +145,7 @@ def build_parser() -> Parser:
 
 def config_from_args(args) -> WorkerConfig:
     options = (
-        {"max_length": args.max_length, "max_chunk": args.chunk_size, "chunk_tokens": args.chunk_tokens,
+        {"max_length": args.max_length, "pass_size": args.chunk_size, "pass_tokens": args.chunk_tokens,
          "pooling": args.pooling, "dtype": args.dtype, "revision": args.revision, "auto_truncate": args.auto_truncate,
          "unpadded": args.unpadded, "onednn": args.onednn}
         if not args.handler and (args.model != "echo" or args.model_path) else {}

@@ -17,6 +17,10 @@ run with the oldest after 6 passes, 0.97x.
 A model that pads nothing (a built-in BERT encoder on a CPU: worker/models/unpadded.py) pays
 for tokens, not for the longest input: its passes go oldest first (oldest_pass), within a
 budget of tokens, and no input is ever passed over.
+
+A handler that gets a batch whole (the built-in text models, outside continuous batching) runs
+it in sorted_passes(): by length, each pass anchored on the shortest input left (select_pass).
+The broker forms batches, not passes (broker/batching.py).
 """
 
 from __future__ import annotations
@@ -40,14 +44,41 @@ def plan_pass(costs: Sequence[int], waited: Sequence[int], most_inputs: int, cos
     if not costs:
         return []
     light = len(costs) < oldest_below
-    if least_inputs:
-        most_inputs = min(most_inputs, max(least_inputs, -(-len(costs) // 2)))
+    most_inputs = pass_size(len(costs), most_inputs, least_inputs)
     if not padded:
         return oldest_pass(costs, most_inputs, cost_budget)
     longest_wait = max(waited)
     if light or longest_wait >= max_waited:
         return select_pass(costs, most_inputs, cost_budget, anchor=waited.index(longest_wait))
     return densest_pass(costs, most_inputs, cost_budget)
+
+
+def pass_size(held: int, most_inputs: int, least_inputs: int = 0) -> int:
+    """The most inputs of a pass formed from `held` inputs: most_inputs; or, with least_inputs > 0,
+    at most half of what is held (rounded up), but at least least_inputs."""
+    if not least_inputs:
+        return most_inputs
+    return min(most_inputs, max(least_inputs, -(-held // 2)))
+
+
+def sorted_passes(costs: Sequence[int], most_inputs: int, cost_budget: int = 0,
+                  least_inputs: int = 0) -> list[list[int]]:
+    """A whole batch cut into passes: every input in exactly one, in ascending cost order (the
+    oldest first among equals). Each pass is select_pass() anchored on the cheapest input left:
+    the next ones in cost order, up to pass_size() inputs (of the whole batch) and cost_budget
+    padded (inputs × the largest cost; 0 for no budget). Positions into costs."""
+    most_inputs = max(1, pass_size(len(costs), most_inputs, least_inputs))
+    order = sorted(range(len(costs)), key=lambda k: (costs[k], k))
+    passes = []
+    start = 0
+    while start < len(order):
+        # Anchored on the cheapest, a pass grows only to longer inputs, so it is a run of the
+        # order from `start` that select_pass() finds among the next most_inputs.
+        window = order[start:start + most_inputs]
+        chosen = select_pass([costs[k] for k in window], most_inputs, cost_budget, anchor=0)
+        passes.append([window[i] for i in chosen])
+        start += len(chosen)
+    return passes
 
 
 def lane_bounds(most_inputs: int, least_inputs: int, lanes: int) -> tuple[int, int]:

@@ -21,14 +21,17 @@ On a CPU, the matrix products of passes of ONEDNN_LEAST_ROWS tokens or more run 
 --linear`; in steady state, products built, 1.05-1.09× at 1 thread, 1.07-1.16× at 2).
 
 unpadded_encoder() answers None for any model it does not know how to run exactly. A model it
-accepts is checked at load against the model's own forward pass (HFTextModel.init_model), and is
-served padded if the two disagree.
+accepts is checked at load against the model's own forward pass (load_unpadded(), from
+HFTextModel.init_model), and is served padded if the two disagree.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
 
 # Up to this many inputs, attention runs one input at a time on its own slice of the tokens (no
 # copies: 6-10% faster per pass of 4 to 16 inputs on a CPU, bench.unpadded); beyond, on a padded
@@ -68,7 +71,7 @@ def onednn_linear(torch: Any) -> "Callable | None":
     into the feed-forward's first product saves a pass over its output (bench.unpadded
     --linear). _linear_pointwise is the op torch's own compiler (inductor) emits for a linear on
     a CPU: private, so it is probed here, and every model is still checked at load against its
-    own forward pass (HFTextModel.init_model)."""
+    own forward pass (load_unpadded)."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         generator = torch.Generator().manual_seed(0)
@@ -201,3 +204,85 @@ class UnpaddedBert:
         """A sequence classifier's logits: its pooler (the first token) and classifier."""
         hidden, _ = self.hidden(features, device)
         return self._head.classifier(self._bert.pooler(hidden))
+
+
+# ------------------------------------------------------------------ the choice, at load
+
+
+def load_unpadded(handler: Any, dtype: Any) -> tuple["UnpaddedBert | None", str]:
+    """The UnpaddedBert a built-in text handler (hf_text.HFTextModel, its model loaded) runs its
+    passes with, or None for padded passes; and a note saying why, for its log."""
+    if handler.unpadded == "off":
+        return None, "padded passes (--unpadded off)"
+    if handler.unpadded == "auto" and handler.device.startswith("cuda"):
+        return None, "padded passes (a GPU; --unpadded on to change)"
+    encoder, gap = None, 0.0
+    if handler.tokenizer.padding_side != "right":
+        # BERT numbers positions from the start of the padded row: padded on the left, its own
+        # passes give an input other vectors than it gets alone, and unpadded ones would differ.
+        note = "padded passes (the tokenizer pads on the left)"
+    else:
+        try:
+            encoder, gap = _onednn_encoder(handler, dtype) if handler.onednn == "auto" else (None, 0.0)
+            if encoder is None:
+                encoder = unpadded_encoder(handler.model, onednn=False)
+                gap = _gap_from_model(handler, encoder) if encoder is not None else 0.0
+        except Exception:  # a transformers version whose BERT differs from what this module reads
+            logger.warning("passes without padding failed on %s: running padded passes", handler.model_path,
+                           exc_info=True)
+            return None, "padded passes (unpadded ones failed)"
+        note = (f"padded passes ({type(handler.model).__name__}: unpadded ones run BERT encoders only)"
+                if encoder is None else "")
+    if note:
+        if handler.unpadded == "on":
+            logger.warning("--unpadded on: %s", note)
+        return None, note
+    tolerance = _tolerance(handler, dtype)
+    if not gap <= tolerance:
+        logger.warning("passes without padding disagree with %s by %.2g (more than %g): running padded passes",
+                       handler.model_path, gap, tolerance)
+        return None, "padded passes (unpadded ones disagreed with the model)"
+    return encoder, "passes without padding" + (", products by oneDNN" if encoder.linear_kind == "oneDNN" else "")
+
+
+def _onednn_encoder(handler: Any, dtype: Any) -> tuple:
+    """An UnpaddedBert on oneDNN's products and its gap from the model, if it is one and agrees
+    with the model; else (None, 0.0), and torch's products are tried."""
+    try:
+        encoder = unpadded_encoder(handler.model, onednn=True)
+        if encoder is None or encoder.linear_kind != "oneDNN":
+            return None, 0.0
+        gap = _gap_from_model(handler, encoder)
+    except Exception:  # a shape or a build of torch the probe did not meet
+        logger.warning("oneDNN's products failed on %s: using torch's", handler.model_path, exc_info=True)
+        return None, 0.0
+    if not gap <= _tolerance(handler, dtype):
+        logger.warning("oneDNN's products disagree with %s by %.2g: using torch's", handler.model_path, gap)
+        return None, 0.0
+    return encoder, gap
+
+
+def _tolerance(handler: Any, dtype: Any) -> float:
+    """How far unpadded outputs may be from the model's own (relative to their largest value)."""
+    return 1e-4 if dtype == handler._torch.float32 else 5e-2
+
+
+def _gap_from_model(handler: Any, encoder: "UnpaddedBert") -> float:
+    """The largest difference of unpadded outputs from the model's own, relative to their largest
+    value, for three inputs of different lengths together, for one alone, and for a pass of
+    over ONEDNN_LEAST_ROWS tokens."""
+    texts = ["a", "a somewhat longer text, of several words and a comma", "two words"]
+    features = [prepared.features for prepared in handler.prepare([handler._example(text) for text in texts])]
+    # And a pass of enough tokens to run on oneDNN's products, if the encoder uses them, with a
+    # token count that is not a multiple of ROWS_MULTIPLE, so that its rounding runs too.
+    many = features * (ONEDNN_LEAST_ROWS // sum(len(f["input_ids"]) for f in features) + 1)
+    if sum(len(f["input_ids"]) for f in many) % ROWS_MULTIPLE == 0:
+        many.append(features[0])
+    return max(_gap(handler, encoder, features), _gap(handler, encoder, features[1:2]), _gap(handler, encoder, many))
+
+
+def _gap(handler: Any, encoder: "UnpaddedBert", features: list[dict]) -> float:
+    inputs = handler._padded(features)
+    with handler._torch.inference_mode():
+        reference, mine = handler._comparable(features, inputs, encoder)
+    return float((reference - mine).abs().max() / reference.abs().max().clamp(min=1e-6))
