@@ -26,6 +26,7 @@ the reply the core hands to `send`, and every input from its first dispatch to e
    worker or tampered result touched is never answered MODEL_ERROR or BAD_REQUEST: a bystander of
    a raising pass or batch runs again alone and succeeds. With max_attempts 1 there is no second
    run, so a bystander of a raising pass may fail MODEL_ERROR (and only then).
+8-13. issue #28's: retries go elsewhere, and a worker must earn trust back: see tests/sim/trust.py.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING
 from broker.core import _MAX_REMEMBERED_MODELS, Peer
 from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, ErrorCode
+from tests.sim.trust import Trust
 
 if TYPE_CHECKING:
     from tests.sim.world import World
@@ -96,6 +98,7 @@ class Ledger:
         self._arriving_duplicate = False  # its request id is held already
         self._arriving_codes: list[str] = []  # the replies sent for it as it arrived
         self._stats_before: tuple[int, int] = (0, 0)
+        self.trust = Trust(self, world)  # invariants 8-13 (issue #28: retries elsewhere, trust earned back)
 
     def fail(self, message: str) -> None:
         self._world.fail(message)
@@ -208,16 +211,21 @@ class Ledger:
               and tracked.serial not in self.rogue_touched):
             self._check_clean_failure(tracked, reply)
         elif reply.error_code == ErrorCode.WORKER_LOST.value and tracked.serial not in self.rogue_touched:
+            self.trust.on_worker_lost(tracked, reply, clean=self._clean(tracked, frozenset(("",))))
             epoch = self._world.epoch
             reached = max(self.dispatched[(epoch, tracked.serial, i)] for i in range(len(tracked.inputs)))
             if reached < self.max_attempts:
                 self.fail(f"request {key} failed WORKER_LOST ({reply.error_message!r}) although none of its "
                           f"inputs reached a worker {self.max_attempts} times (at most {reached})")
 
+    def _clean(self, tracked: Tracked, clean: frozenset[str] | None = None) -> bool:
+        """Every input's poison is among `clean` (default: those that fail no input by themselves)."""
+        inputs, clean = self._world.inputs, clean or self.clean_poisons
+        return all(inputs.get(item, (0, 0, "?"))[2] in clean for item in tracked.inputs)
+
     def _check_clean_failure(self, tracked: Tracked, reply: protocol.Reply) -> None:
         """Invariant 7."""
-        inputs = self._world.inputs
-        if any(inputs.get(item, (0, 0, "?"))[2] not in self.clean_poisons for item in tracked.inputs):
+        if not self._clean(tracked):
             return
         if self.max_attempts == 1 and tracked.serial in self.raised_with:
             self.counts["bystanders_failed_without_a_second_attempt"] += 1
@@ -373,6 +381,7 @@ class Ledger:
                     self.fail(f"batcher counter for model {model!r} went negative: {value}")
         if step % _DEEP_EVERY == 0:
             self.check_tables()
+            self.trust.check_tables()
 
     def _check_continuous(self, worker) -> None:
         """Invariant 6, at the broker: its credit for a continuous worker, counted in inputs."""

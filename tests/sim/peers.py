@@ -53,7 +53,7 @@ def make_inputs(world: World, count: int, poison_p: float = 0.0,
         if poisons is not None:
             poison = poisons.get(index, "")
         elif poison_p and rng.random() < poison_p:
-            poison = rng.choice(POISONS)
+            poison = rng.choice(world.scenario.poison_kinds or POISONS)
         if poison:
             value["p"] = poison
         encoded = protocol.encode_value(value)

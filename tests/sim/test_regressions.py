@@ -540,7 +540,31 @@ def test_seed_8033_a_request_resent_to_a_restarted_broker_may_run_once_more_ther
     world.wind_down()
 
 
-def test_seed_8033_replays_clean():
+def test_seed_8033_replays_clean(monkeypatch):
+    """The seed as it was found: since then it also draws issue #28's misbehaving workers, so that
+    draw is switched off here."""
+    from tests.sim import misbehaving
+
+    monkeypatch.setattr(misbehaving, "MISBEHAVING_P", 0.0)
     with quiet_logs():
         result = run_seed(8033, echo=lambda line: None, tolerate=frozenset())
     assert result.counts["gateway_sent_again"] >= 1
+
+
+# ---------------------------------------------------------------------- issue #28's misbehaving workers
+
+@pytest.mark.parametrize("seed, what", [
+    (1753, "a flapping worker and a wedged one beside a good one: an input lost on the wedged one went, for "
+           "its last attempt, to the flapping one, which had answered nothing since it registered, and failed "
+           "as poison while the good one, which had, was busy"),
+    (240, "a black hole whose link dropped was dropped as unreachable before its batch's deadline: no "
+          "offence was recorded, and it came back trusted, for another batch"),
+    (940, "a black hole SIGSTOPped holding two batches was expired for silence before their deadline: no "
+          "offence was recorded, and it came back trusted, for a third batch"),
+])
+def test_seeds_of_issue_28s_misbehaving_workers(seed, what):
+    """Found by the misbehaving-worker model (tests/sim/misbehaving.py) and tests/sim/trust.py; the pure
+    tests of each fix are in tests/unit/test_core.py."""
+    with quiet_logs():
+        result = run_seed(seed, echo=lambda line: None, tolerate=frozenset())
+    assert any(k in result.faults for k in ("black_hole_batches", "flaps", "wedged_batch", "wedged_pass")), what
