@@ -10,6 +10,8 @@ link broke, once the broker noticed, a small random delay later.
 The network keeps ZeroMQ's promises over TCP: per connection FIFO, no loss and no duplicates,
 until the connection breaks, and then what is in flight on it is lost. The faults break exactly
 what they name: rare reordering and duplicates on worker -> broker links, link drops, crashes.
+A quarter of the seeds also run issue #28's misbehaving workers (misbehaving.py: a black hole, a
+flapping link, a wedged model) beside protected workers that no fault touches.
 """
 
 from __future__ import annotations
