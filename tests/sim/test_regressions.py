@@ -554,7 +554,7 @@ def test_seed_8033_replays_clean(monkeypatch):
 # ---------------------------------------------------------------------- issue #28's misbehaving workers
 
 @pytest.mark.parametrize("seed, what", [
-    (1753, "a flapping worker and a wedged one beside a good one: an input lost on the wedged one went, for "
+    (1869, "a black hole and a flapping worker beside a good one: an input lost on the black hole went, for "
            "its last attempt, to the flapping one, which had answered nothing since it registered, and failed "
            "as poison while the good one, which had, was busy"),
     (240, "a black hole whose link dropped was dropped as unreachable before its batch's deadline: no "

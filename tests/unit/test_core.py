@@ -253,7 +253,7 @@ def answer(core: BrokerCore, wire: Wire, worker_id: bytes, now: float) -> None:
 
 
 def test_a_retried_inputs_last_attempt_waits_for_a_proven_worker_rather_than_go_to_a_newcomer():
-    """Found by the simulator (seed 1753, a flapping worker and a wedged one beside a good one): an input
+    """Found by the simulator (seed 1869, a black hole and a flapping worker beside a good one): an input
     lost once went, for its last attempt, to a worker that had answered nothing since it registered, which
     lost it too, and the innocent input failed as poison while the good worker, which had, was busy."""
     core, wire = BrokerCore(TRUST_CONFIG, "i1", now=0.0), Wire()
