@@ -129,6 +129,7 @@ class WorkerView(Protocol):
     max_inputs: int  # > 0: continuous batching, credit counted in inputs (see _continuous_room)
     on_probation: bool  # it once overran a batch deadline: it gets work last, until it answers a batch
     suspect_until: float | None  # within its backoff after an overrun: work only if no trusted worker serves the model
+    batches_done: int  # batches it answered since it registered (> 0 and not on probation: proven)
 
     @property
     def in_flight_items(self) -> int: ...
@@ -191,13 +192,17 @@ class Batcher:
             self._count_queued(request, -request.queued)
 
     def assign(self, workers: Iterable[WorkerView], now: float,
-               serves_elsewhere: ServesElsewhere | None = None) -> list[Dispatch]:
+               serves_elsewhere: ServesElsewhere | None = None,
+               proven_elsewhere: ServesElsewhere | None = None) -> list[Dispatch]:
         """Form batches for workers with room, least-loaded first. Mutates only the queues.
 
         An input lost with a worker runs again elsewhere: never on a worker it was lost with (nor on
         that identity registered again) while serves_elsewhere says another live worker serves its
         model. Such an input waits for that worker rather than return to one it was lost with. Likewise a
-        suspect within its backoff (it overran a batch) gets nothing while another worker serves the model."""
+        suspect within its backoff (it overran a batch) gets nothing while another worker serves the model.
+        A retried input's last attempt goes to a proven worker (one that has answered a batch since it
+        registered, and is not on probation) while proven_elsewhere says one serves its model: a worker
+        that has shown nothing may be another black hole, and a loss there would fail an innocent input."""
         workers = list(workers)
         self._hold_until = math.inf
         added_batches: dict[bytes, int] = {}
@@ -217,12 +222,15 @@ class Batcher:
                 avoid = head.lost_on if isolated and head.lost_on else ()
                 if avoid and (serves_elsewhere is None or not serves_elsewhere(model, avoid)):
                     avoid = ()  # only workers it was lost with serve it: one of them it must be
+                proven_only = (isolated and 0 < head.attempts and head.attempts + 1 >= self._config.max_attempts
+                               and proven_elsewhere is not None and proven_elsewhere(model, avoid))
                 queued = math.inf if isolated else sum(len(q) for q in levels.values())
                 candidates = [
                     w
                     for w in workers
                     if model in w.models
                     and w.worker_id not in avoid
+                    and not (proven_only and (not w.batches_done or w.on_probation))  # last attempt: proven only
                     and not (w.on_probation and (w.in_flight or added_batches.get(w.worker_id)))  # one at a time
                     and not (w.suspect_until is not None and serves_elsewhere is not None
                              and serves_elsewhere(model, (w.worker_id,)))  # held back while another serves

@@ -120,8 +120,8 @@ class BrokerCore:
         """Timers: time out requests, expire workers, heartbeat workers, dispatch batches."""
         try:
             self._expire_requests(now)
-            for worker in self._workers.expire(now):
-                self._lose_worker(worker, "missed heartbeats or overran a batch deadline", now)
+            for worker in self._workers.expire(now):  # an overrun is recorded as an offence there
+                self._lose_worker(worker, "missed heartbeats or overran a batch deadline", now, offence=False)
                 self._sends.append(Send(Peer.WORKER, worker.worker_id,
                                         protocol.Disconnect("expired: send READY", worker.registration)))
             report = None
@@ -130,7 +130,8 @@ class BrokerCore:
                 if worker.pool:  # a pool worker plans placement from what every broker reports (broker/pool.py)
                     heartbeat.demand = report = report or self._demand_report(now)
                 self._sends.append(Send(Peer.WORKER, worker.worker_id, heartbeat))
-            for dispatch in self._batcher.assign(self._workers.with_room(now), now, self._workers.serves_elsewhere):
+            for dispatch in self._batcher.assign(self._workers.with_room(now), now, self._workers.serves_elsewhere,
+                                                 self._workers.proven_elsewhere):
                 self._dispatch(dispatch.worker_id, dispatch.model, dispatch.items, now)
         except Exception:
             self.stats["internal_errors"] += 1
@@ -543,10 +544,13 @@ class BrokerCore:
             return  # the gateway went away or stopped reading; its replies are lost with it (counted by the shell)
         self._lose_worker(self._workers.remove(instruction.peer_id), "unreachable", now)
 
-    def _lose_worker(self, worker: WorkerState | None, reason: str, now: float) -> None:
-        """A worker is gone: its inputs run again (alone, if their batch had company), or fail."""
+    def _lose_worker(self, worker: WorkerState | None, reason: str, now: float, offence: bool = True) -> None:
+        """A worker is gone: its inputs run again (alone, if their batch had company), or fail. Losing
+        batches it was sent is an offence (a flapping link loses them as a black hole does)."""
         if worker is None:
             return
+        if offence and any(batch.sent for batch in worker.in_flight.values()):
+            self._workers.record_offence(worker.worker_id, now)
         lost = worker.in_flight_items
         logger.warning("worker %s lost (%s) with %d inputs in flight", worker.worker_id.hex(), reason, lost,
                        extra={"worker_id": worker.worker_id.hex(), "batch_id": ",".join(map(str, worker.in_flight))})

@@ -27,7 +27,7 @@ _SUSPECT_BACKOFF_MAX_S = 600.0  # the longest a worker that overran batches is k
 class Offences:
     """What a worker identity did wrong, kept across its registrations."""
 
-    overruns: int = 0  # batches it let pass their deadline
+    overruns: int = 0  # times it lost batches it was sent: past their deadline, silent, or its link or READY anew
     suspect_until: float = -math.inf  # no new work for it before then
 
 
@@ -203,18 +203,29 @@ class WorkerRegistry:
         return any(model in w.models and w.worker_id not in worker_ids and not w.draining
                    and w.suspect_until is None for w in self._workers.values())
 
+    def proven_elsewhere(self, model: str, worker_ids: tuple[bytes, ...]) -> bool:
+        """Whether a worker other than these, which has answered a batch since it registered and is
+        trusted (neither on probation nor a suspect, nor draining), serves the model."""
+        return any(model in w.models and w.worker_id not in worker_ids and w.batches_done and not w.on_probation
+                   and not w.draining and w.suspect_until is None for w in self._workers.values())
+
     def offences(self, worker_id: bytes) -> Offences | None:
         return self._offences.get(worker_id)
 
-    def _record_overrun(self, worker: WorkerState, now: float) -> None:
-        """The worker let a batch pass its deadline: hold it back for a backoff that doubles with each
-        overrun, from the batch timeout floor. The record outlives its registration, within a bound."""
-        offences = self._offences.pop(worker.worker_id, None) or Offences()
-        self._offences[worker.worker_id] = offences  # the most recent offender last
+    def record_offence(self, worker_id: bytes, now: float) -> None:
+        """The worker lost batches it was sent (expire() records an overrun or a silence itself; the core
+        records a link lost, or a registration anew, while it held some): hold it back for a backoff that doubles
+        with each offence, from the batch timeout floor. The record outlives its registration, within a bound."""
+        offences = self._offences.pop(worker_id, None) or Offences()
+        self._offences[worker_id] = offences  # the most recent offender last
         offences.overruns += 1
         backoff_s = min(_SUSPECT_BACKOFF_MAX_S,
                         self._config.batch_timeout_floor_s * 2.0 ** min(offences.overruns - 1, 30))
         offences.suspect_until = now + backoff_s
+        current = self._workers.get(worker_id)
+        if current is not None:  # registered again already (a READY is how the loss came to light)
+            current.on_probation = True
+            current.suspect_until = offences.suspect_until
         while len(self._offences) > _OFFENCES_KEPT:
             self._offences.popitem(last=False)
 
@@ -279,9 +290,12 @@ class WorkerRegistry:
         dead = []
         for worker in self._workers.values():
             overran = any(b.deadline_at <= now for b in worker.in_flight.values())
-            if overran:
-                self._record_overrun(worker, now)
-            if overran or worker.expires_at <= now:
+            silent = worker.expires_at <= now
+            # An offence: it lost what it was sent (fell silent holding batches, as a black hole that
+            # is SIGSTOPped does, or let one pass its deadline).
+            if overran or (silent and any(b.sent for b in worker.in_flight.values())):
+                self.record_offence(worker.worker_id, now)
+            if overran or silent:
                 dead.append(worker)
         for worker in dead:
             del self._workers[worker.worker_id]

@@ -7,8 +7,11 @@ the reply the core hands to `send`, and every input from its first dispatch to e
    heartbeat interval, unless the broker instance that read it crashed first (lost by crash);
    a request tagged with another broker instance is refused unrun, with UNAVAILABLE;
 2. a reply carries its own inputs as outputs (the workers echo), one per input, in order;
-3. no input is executed more than max_attempts times, and none fails WORKER_LOST before it
-   reached a worker max_attempts times (a batch whose send failed never ran);
+3. no input is executed more than max_attempts times by the batches of one broker instance, and none
+   fails WORKER_LOST before that instance sent it to a worker max_attempts times (a batch whose send
+   failed never ran). Per instance: a gateway with several brokers resends a request that a broker
+   held when it crashed, to another broker or to the restarted one, and the new instance cannot know
+   that the old one had run it (docs/reliability.md: "at most --max-attempts per broker");
 4. nothing escapes the core and its internal_errors counter stays 0;
 5. the core's state stays bounded and consistent: the requests it holds are those accepted and
    unanswered, each missing output is queued or in flight exactly once, the batcher's counters
@@ -23,6 +26,7 @@ the reply the core hands to `send`, and every input from its first dispatch to e
    worker or tampered result touched is never answered MODEL_ERROR or BAD_REQUEST: a bystander of
    a raising pass or batch runs again alone and succeeds. With max_attempts 1 there is no second
    run, so a bystander of a raising pass may fail MODEL_ERROR (and only then).
+8-13. issue #28's: retries go elsewhere, and a worker must earn trust back: see tests/sim/trust.py.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING
 from broker.core import _MAX_REMEMBERED_MODELS, Peer
 from ddml_common import protocol
 from ddml_common.protocol import MAX_MODELS, ErrorCode
+from tests.sim.trust import Trust
 
 if TYPE_CHECKING:
     from tests.sim.world import World
@@ -75,8 +80,11 @@ class Ledger:
         self.outstanding: dict[tuple[bytes, str], Tracked] = {}  # read by the current core, unanswered
         self._deadlines: list[tuple[float, int, Tracked]] = []  # lingers after replies: check identity
         self._pushes = 0
-        self.dispatched: Counter[tuple[int, int]] = Counter()  # (serial, index) -> batches that reached a worker
+        # (broker incarnation, serial, index) -> batches of that instance that reached a worker with the input
+        self.dispatched: Counter[tuple[int, int, int]] = Counter()
         self.executed: Counter[tuple[int, int]] = Counter()  # (serial, index) -> times a worker started it
+        self.executed_by_instance: Counter[tuple[int, int, int]] = Counter()  # (incarnation, serial, index) -> runs
+        self.batch_instances: dict[int, int] = {}  # batch id -> the broker incarnation (world.epoch) that sent it
         self.by_serial: dict[int, Tracked] = {}  # every request submitted, by the serial of its inputs
         self.rogue_touched: set[int] = set()  # serials of requests a rogue worker was sent: it may answer any code
         self.raised_with: set[int] = set()  # serials of requests with an input in a raising pass (or batch) of several
@@ -90,6 +98,7 @@ class Ledger:
         self._arriving_duplicate = False  # its request id is held already
         self._arriving_codes: list[str] = []  # the replies sent for it as it arrived
         self._stats_before: tuple[int, int] = (0, 0)
+        self.trust = Trust(self, world)  # invariants 8-13 (issue #28: retries elsewhere, trust earned back)
 
     def fail(self, message: str) -> None:
         self._world.fail(message)
@@ -202,15 +211,21 @@ class Ledger:
               and tracked.serial not in self.rogue_touched):
             self._check_clean_failure(tracked, reply)
         elif reply.error_code == ErrorCode.WORKER_LOST.value and tracked.serial not in self.rogue_touched:
-            reached = max(self.dispatched[(tracked.serial, i)] for i in range(len(tracked.inputs)))
+            self.trust.on_worker_lost(tracked, reply, clean=self._clean(tracked, frozenset(("",))))
+            epoch = self._world.epoch
+            reached = max(self.dispatched[(epoch, tracked.serial, i)] for i in range(len(tracked.inputs)))
             if reached < self.max_attempts:
                 self.fail(f"request {key} failed WORKER_LOST ({reply.error_message!r}) although none of its "
                           f"inputs reached a worker {self.max_attempts} times (at most {reached})")
 
+    def _clean(self, tracked: Tracked, clean: frozenset[str] | None = None) -> bool:
+        """Every input's poison is among `clean` (default: those that fail no input by themselves)."""
+        inputs, clean = self._world.inputs, clean or self.clean_poisons
+        return all(inputs.get(item, (0, 0, "?"))[2] in clean for item in tracked.inputs)
+
     def _check_clean_failure(self, tracked: Tracked, reply: protocol.Reply) -> None:
         """Invariant 7."""
-        inputs = self._world.inputs
-        if any(inputs.get(item, (0, 0, "?"))[2] not in self.clean_poisons for item in tracked.inputs):
+        if not self._clean(tracked):
             return
         if self.max_attempts == 1 and tracked.serial in self.raised_with:
             self.counts["bystanders_failed_without_a_second_attempt"] += 1
@@ -225,13 +240,15 @@ class Ledger:
         self.checks += 1
         world = self._world
         inputs, by_serial = world.inputs, self.by_serial
+        epoch = world.epoch
+        self.batch_instances[batch.batch_id] = epoch
         if isolated:
-            self.isolated_batches.add((world.epoch, batch.batch_id))
+            self.isolated_batches.add((epoch, batch.batch_id))
         for item in batch.inputs:
             info = inputs.get(item)
             if info is None:
                 continue
-            self.dispatched[info[0], info[1]] += 1
+            self.dispatched[epoch, info[0], info[1]] += 1
             if isolated:
                 self.counts["isolated_dispatches"] += 1
             if rogue:
@@ -241,24 +258,29 @@ class Ledger:
                 self.fail(f"batch {batch.batch_id} carries input {info[1]} of request {tracked.key}, answered "
                           f"{tracked.outcome} before (a request answered is never dispatched)")
 
-    def on_execute(self, items: list[bytes], worker: str) -> None:
-        """A worker starts computing these inputs: invariant 3."""
+    def on_execute(self, items: list[bytes], worker: str, batch_id: int, epoch: int | None = None) -> None:
+        """A worker starts computing these inputs of one batch: invariant 3. epoch: the broker
+        incarnation that sent the batch, when the worker knows it (else looked up by batch id)."""
         self.checks += 1
-        inputs, executed = self._world.inputs, self.executed
+        if epoch is None:
+            epoch = self.batch_instances.get(batch_id, self._world.epoch)
+        inputs, executed, here = self._world.inputs, self.executed, self.executed_by_instance
         for item in items:
             info = inputs.get(item)
             if info is None:
                 continue
-            key = info[0], info[1]
-            executed[key] += 1
-            if executed[key] > self.max_attempts:
-                self.fail(f"input {key} executed {executed[key]} times (by {worker} last); "
-                          f"max_attempts is {self.max_attempts}")
+            executed[info[0], info[1]] += 1
+            key = epoch, info[0], info[1]
+            here[key] += 1
+            if here[key] > self.max_attempts:
+                self.fail(f"input {key[1:]} executed {here[key]} times by batches of broker instance {epoch} "
+                          f"(by {worker} last, batch {batch_id}); max_attempts is {self.max_attempts}")
         self.counts["inputs_executed"] += len(items)
 
     def on_pass(self, members: list, worker: str) -> None:
         """A continuous worker starts a forward pass (members: peers.Held): invariants 3 and 6."""
-        self.on_execute([h.item for h in members], worker)
+        for held in members:
+            self.on_execute([held.item], worker, held.batch.batch_id, held.broker)
         self.counts["passes"] += 1
         self.counts["pass_inputs"] += len(members)
         if len(members) == 1:
@@ -359,6 +381,7 @@ class Ledger:
                     self.fail(f"batcher counter for model {model!r} went negative: {value}")
         if step % _DEEP_EVERY == 0:
             self.check_tables()
+            self.trust.check_tables()
 
     def _check_continuous(self, worker) -> None:
         """Invariant 6, at the broker: its credit for a continuous worker, counted in inputs."""

@@ -53,7 +53,7 @@ def make_inputs(world: World, count: int, poison_p: float = 0.0,
         if poisons is not None:
             poison = poisons.get(index, "")
         elif poison_p and rng.random() < poison_p:
-            poison = rng.choice(POISONS)
+            poison = rng.choice(world.scenario.poison_kinds or POISONS)
         if poison:
             value["p"] = poison
         encoded = protocol.encode_value(value)
@@ -384,7 +384,7 @@ class SimWorker:
         world = self.world
         compute = self.inbox.popleft()
         batch = compute.batch
-        world.ledger.on_execute(batch.inputs, self.name)
+        world.ledger.on_execute(batch.inputs, self.name, batch.batch_id)
         spec = self.spec
         poisons = {world.inputs.get(item, (0, 0, ""))[2] for item in batch.inputs}
         if "raise" in poisons and len(batch.inputs) > 1:
@@ -1070,7 +1070,7 @@ class RogueWorker(_HostilePeer):
         echo = protocol.BatchResult(message.batch_id, list(message.inputs), compute_ms=rng.uniform(1, 20))
         result, delay_s = echo, rng.uniform(0.001, 0.05)
         if style in ("echo", "late", "twice", "huge_compute"):
-            world.ledger.on_execute(message.inputs, self.name)
+            world.ledger.on_execute(message.inputs, self.name, message.batch_id)
         if style == "short":
             result = protocol.BatchResult(message.batch_id, list(message.inputs[:-1]))
         elif style == "long_error":
@@ -1114,7 +1114,7 @@ class RogueWorker(_HostilePeer):
         echoed = {"p_echo": order, "p_twice": order, "p_oob": first, "p_whole_after": first, "p_half": first,
                   "p_busy_after": first, "p_pass_failed": order}.get(style, [])
         if echoed:
-            world.ledger.on_execute([batch.inputs[i] for i in echoed], self.name)
+            world.ledger.on_execute([batch.inputs[i] for i in echoed], self.name, batch.batch_id)
         messages: list[protocol.BatchResult] = []
         if style == "p_echo":  # honest, in pieces of random sizes and order
             remaining = list(order)

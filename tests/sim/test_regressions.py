@@ -504,3 +504,67 @@ def test_a_worker_whose_link_breaks_for_good_finds_the_silence_and_reconnects_by
     step(world, 1.0)
     assert request.outcome == "ok"
     world.wind_down()
+
+
+# ---------------------------------------------------------------------- runs per broker instance
+
+def test_seed_8033_a_request_resent_to_a_restarted_broker_may_run_once_more_there(make_world):
+    """Found by seed 8033 (--max-attempts 1): g1, which lists a second broker, had a request whose
+    input a worker had run when the live broker crashed. Once the old copy must have died with the
+    old instance, g1 sent the request again to the restarted one (gateway/requests.py, as
+    docs/reliability.md says: resent with the same id), and the new instance ran the input again.
+    The new instance cannot know of the first run, and nothing on the wire could tell it: the
+    guarantee is at most --max-attempts runs per broker instance, and the ledger counted runs across
+    instances. Now it counts them per instance; here exactly one run in each, and one reply."""
+    world = make_world(max_attempts=1)
+    worker(world, max_batch_size=4, max_batches=1, batch_s=0.05)
+    gateway(world)
+    client = gateway(world)
+    assert client.name == "g1" and len(client.links) == 2
+    step(world, 0.1)
+    request = client.submit(count=1, timeout_s=3.0, model="m")
+    world.run_until(world.now + 0.5, lambda: world.ledger.executed[(request.serial, 0)] == 1)
+    old_epoch = world.epoch
+    world.restart_broker(down_s=0.001)  # the result is lost with the old instance
+    # g1's connection is back at once, before its monitor could see it drop: it learns of the restart
+    # from the new instance's heartbeat, as in seed 8033, and waits for the old copy to be refused or gone.
+    client.conn.up_at = client.conn.down_until = world.broker_up_at
+    world.run_until(world.now + 3.0, lambda: request.request_id in client.outcomes)
+    outcome = client.outcomes[request.request_id]
+    assert outcome.answer.ok, outcome
+    ledger = world.ledger
+    assert ledger.counts["gateway_sent_again"] == 1
+    assert ledger.executed[(request.serial, 0)] == 2
+    assert ledger.executed_by_instance[(old_epoch, request.serial, 0)] == 1
+    assert ledger.executed_by_instance[(world.epoch, request.serial, 0)] == 1
+    world.wind_down()
+
+
+def test_seed_8033_replays_clean(monkeypatch):
+    """The seed as it was found: since then it also draws issue #28's misbehaving workers, so that
+    draw is switched off here."""
+    from tests.sim import misbehaving
+
+    monkeypatch.setattr(misbehaving, "MISBEHAVING_P", 0.0)
+    with quiet_logs():
+        result = run_seed(8033, echo=lambda line: None, tolerate=frozenset())
+    assert result.counts["gateway_sent_again"] >= 1
+
+
+# ---------------------------------------------------------------------- issue #28's misbehaving workers
+
+@pytest.mark.parametrize("seed, what", [
+    (1869, "a black hole and a flapping worker beside a good one: an input lost on the black hole went, for "
+           "its last attempt, to the flapping one, which had answered nothing since it registered, and failed "
+           "as poison while the good one, which had, was busy"),
+    (240, "a black hole whose link dropped was dropped as unreachable before its batch's deadline: no "
+          "offence was recorded, and it came back trusted, for another batch"),
+    (940, "a black hole SIGSTOPped holding two batches was expired for silence before their deadline: no "
+          "offence was recorded, and it came back trusted, for a third batch"),
+])
+def test_seeds_of_issue_28s_misbehaving_workers(seed, what):
+    """Found by the misbehaving-worker model (tests/sim/misbehaving.py) and tests/sim/trust.py; the pure
+    tests of each fix are in tests/unit/test_core.py."""
+    with quiet_logs():
+        result = run_seed(seed, echo=lambda line: None, tolerate=frozenset())
+    assert any(k in result.faults for k in ("black_hole_batches", "flaps", "wedged_batch", "wedged_pass")), what

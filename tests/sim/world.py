@@ -10,6 +10,8 @@ link broke, once the broker noticed, a small random delay later.
 The network keeps ZeroMQ's promises over TCP: per connection FIFO, no loss and no duplicates,
 until the connection breaks, and then what is in flight on it is lost. The faults break exactly
 what they name: rare reordering and duplicates on worker -> broker links, link drops, crashes.
+A quarter of the seeds also run issue #28's misbehaving workers (misbehaving.py: a black hole, a
+flapping link, a wedged model) beside protected workers that no fault touches.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ class WorkerSpec:
     cost_budget: int = 0
     lanes: int = 1  # compute lanes: passes at once (worker --compute-lanes); lane k > 0 only while lane 0 is busy
     padded: bool = True  # a pass costs inputs × the largest cost; False: the sum, and passes go oldest first
+    # Issue #28's fault model (tests/sim/misbehaving.py): "black_hole", "flapping" or "wedged", from
+    # misbehave_after_s into the run; a flapping link breaks about every flap_every_s.
+    behaviour: str = ""
+    misbehave_after_s: float = 0.0
+    flap_every_s: float = 0.0
+    protected: bool = False  # no fault touches it (beside misbehaving workers): runs as the wind-down's worker
 
     @classmethod
     def draw_continuous(cls, rng: random.Random, models: tuple[str, ...], faultless: bool = False) -> WorkerSpec:
@@ -122,6 +130,8 @@ class Scenario:
     watchdog_s: float
     faults: list[tuple[float, str]]  # (at, kind), at relative to the start
     result_delay_p: float = 0.0  # per partial result of a continuous worker: its link stalls a while
+    misbehaving: bool = False  # issue #28's model: misbehaving workers beside protected ones (misbehaving.py)
+    poison_kinds: tuple[str, ...] = ()  # the poisons inputs draw from (empty: peers.POISONS, all of them)
 
     @classmethod
     def draw(cls, rng: random.Random) -> Scenario:
@@ -282,6 +292,9 @@ class World:
                 if spec.max_inputs:
                     spec.lanes = draw_lanes(self.lanes_rng)
                     spec.padded = padding_rng.random() < 0.5
+            from tests.sim.misbehaving import draw_misbehaving  # it imports peers, which import this module
+
+            draw_misbehaving(seed, scenario)
         self.scenario = scenario
         self.config = self.scenario.config
         self.now = START_AT
@@ -393,8 +406,13 @@ class World:
                 self.core.stats[name] = 0
 
     def add_worker(self, spec: WorkerSpec, faultless: bool = False):
-        kind = self._peers.ContinuousWorker if spec.max_inputs else self._peers.SimWorker
-        worker = kind(self, len(self.workers), spec, faultless=faultless)
+        if spec.behaviour:
+            from tests.sim.misbehaving import KINDS
+
+            kind = KINDS[spec.behaviour, bool(spec.max_inputs)]
+        else:
+            kind = self._peers.ContinuousWorker if spec.max_inputs else self._peers.SimWorker
+        worker = kind(self, len(self.workers), spec, faultless=faultless or spec.protected)
         self.workers.append(worker)
         return worker
 
@@ -575,6 +593,8 @@ class World:
             # As far as the broker can know, it reached the worker.
             self.ledger.on_batch_sent(message, rogue=not getattr(conn.owner, "honest", True),
                                       isolated=instruction.batch is not None and instruction.batch.isolated)
+            if instruction.batch is not None:
+                self.ledger.trust.on_dispatch(instruction.peer_id, instruction.batch, message)
             self.batch_owners[message.batch_id] = conn.owner
         elif kind is protocol.Reply:
             self.trace("send Reply %s %s to %r", message.request_id[:24], message.error_code or "ok",
@@ -594,7 +614,8 @@ class World:
         """The worker dies with the batch on the wire: before it runs it, and, with no delay for
         the ROUTER to notice, before the next send of the same flush."""
         p = self.scenario.kill_after_dispatch_p
-        if not (p and self.injecting and getattr(owner, "killable", False) and self.rng.random() < p):
+        if not (p and self.injecting and getattr(owner, "killable", False) and not owner.faultless
+                and self.rng.random() < p):
             return False
         self.faults["kill_after_dispatch"] += 1
         owner.die("SIGKILL right after a dispatch", notice_s=self.rng.choice((0.0, 0.0005, 0.005)))
@@ -705,7 +726,7 @@ class World:
         if not self.injecting:
             return False
         rng, peers = self.rng, self._peers
-        alive = [w for w in self.workers if w.alive]
+        alive = [w for w in self.workers if w.alive and not w.faultless]  # protected workers: no fault
         if kind == "worker_kill" and alive:
             worker = rng.choice(alive)
             self.faults["worker_kill_busy" if worker.busy else "worker_kill_idle"] += 1
@@ -762,7 +783,8 @@ class World:
         none holds any now, look again a moment later."""
         if not self.injecting:
             return False
-        holding = [w for w in self.workers if w.alive and not w.stopped and getattr(w, "held", None)]
+        holding = [w for w in self.workers
+                   if w.alive and not w.stopped and not w.faultless and getattr(w, "held", None)]
         if not holding:
             if tries > 0:
                 self.after(0.02, self._fault_holding, kind, tries - 1)

@@ -22,6 +22,7 @@ class Worker:
     max_inputs: int = 0
     on_probation: bool = False
     suspect_until: float | None = None
+    batches_done: int = 0
 
     @property
     def in_flight_items(self) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from broker.core import BrokerCore, Peer, Send
 from broker.metrics import BrokerMetrics
@@ -235,3 +237,98 @@ def test_metadata_in_status_is_bounded_in_total_across_workers():
     assert size < 6 * protocol.MAX_DOCUMENT_SIZE, size
     left_out = [name for name, info in status.models.items() if info.get("metadata_from") == ""]
     assert left_out  # the models whose metadata did not fit say so
+
+
+# ------------------------------------------------------------------ retries and trust (issue #28, the simulator's findings)
+
+TRUST_CONFIG = BrokerConfig(heartbeat=HeartbeatConfig(interval_s=1.0, liveness=3, batch_timeout_floor_s=5.0),
+                            batching=BatchingConfig(max_attempts=2))
+ONE_AT_A_TIME = frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1))
+
+
+def answer(core: BrokerCore, wire: Wire, worker_id: bytes, now: float) -> None:
+    for batch in wire.take(worker_id, protocol.Batch):
+        core.on_frames(Peer.WORKER, worker_id, frames(protocol.BatchResult(batch.batch_id, batch.inputs)), now)
+    step(core, wire, now)
+
+
+def test_a_retried_inputs_last_attempt_waits_for_a_proven_worker_rather_than_go_to_a_newcomer():
+    """Found by the simulator (seed 1869, a black hole and a flapping worker beside a good one): an input
+    lost once went, for its last attempt, to a worker that had answered nothing since it registered, which
+    lost it too, and the innocent input failed as poison while the good worker, which had, was busy."""
+    core, wire = BrokerCore(TRUST_CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"good", ONE_AT_A_TIME, 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("warm"), 0.0)
+    step(core, wire, 0.0)
+    answer(core, wire, b"good", 0.1)  # good has answered a batch: proven
+    core.on_frames(Peer.GATEWAY, b"gw", request("long"), 0.2)
+    step(core, wire, 0.2)
+    [long_batch] = wire.take(b"good", protocol.Batch)  # good is busy with it
+    core.on_frames(Peer.WORKER, b"bad", ONE_AT_A_TIME, 0.3)
+    core.on_frames(Peer.GATEWAY, b"gw", request("r"), 0.3)
+    step(core, wire, 0.3)
+    assert wire.take(b"bad", protocol.Batch)
+    core.on_frames(Peer.WORKER, b"bad", frames(protocol.Disconnect("crashed")), 0.4)  # r is lost with bad
+    core.on_frames(Peer.WORKER, b"new", ONE_AT_A_TIME, 0.4)  # idle, but it has shown nothing
+    step(core, wire, 0.4)
+    assert wire.take(b"new", protocol.Batch) == [], "r's last attempt went to a worker that answered nothing"
+    core.on_frames(Peer.WORKER, b"good", frames(protocol.BatchResult(long_batch.batch_id, long_batch.inputs)), 0.5)
+    step(core, wire, 0.5)
+    [retry] = wire.take(b"good", protocol.Batch)
+    assert [protocol.decode_value(x) for x in retry.inputs] == ["r/0"]
+    core.on_frames(Peer.WORKER, b"good", frames(protocol.BatchResult(retry.batch_id, retry.inputs)), 0.6)
+    step(core, wire, 0.6)
+    replies = {reply.request_id: reply for reply in wire.take(b"gw", protocol.Reply)}
+    assert replies["r"].ok and replies["long"].ok
+
+
+def test_a_retry_that_is_not_the_last_attempt_may_go_to_a_newcomer():
+    config = BrokerConfig(heartbeat=TRUST_CONFIG.heartbeat, batching=BatchingConfig(max_attempts=3))
+    core, wire = BrokerCore(config, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"good", ONE_AT_A_TIME, 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("warm"), 0.0)
+    step(core, wire, 0.0)
+    answer(core, wire, b"good", 0.1)
+    core.on_frames(Peer.GATEWAY, b"gw", request("long"), 0.2)
+    step(core, wire, 0.2)
+    core.on_frames(Peer.WORKER, b"bad", ONE_AT_A_TIME, 0.3)
+    core.on_frames(Peer.GATEWAY, b"gw", request("r"), 0.3)
+    step(core, wire, 0.3)
+    core.on_frames(Peer.WORKER, b"bad", frames(protocol.Disconnect("crashed")), 0.4)
+    core.on_frames(Peer.WORKER, b"new", ONE_AT_A_TIME, 0.4)
+    step(core, wire, 0.4)
+    assert len(wire.take(b"new", protocol.Batch)) == 1  # its second of three attempts
+
+
+def test_a_worker_that_registers_again_holding_a_batch_is_a_suspect_though_it_never_overran():
+    """Found by the simulator (seed 240, a black hole whose link also dropped): the broker dropped it as
+    unreachable, or saw it register again, before its batch's deadline, so no overrun was recorded, and
+    it came back trusted and idle, for another batch. Losing a batch it was sent is an offence."""
+    core, wire = BrokerCore(TRUST_CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"flaky", ONE_AT_A_TIME, 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("r"), 0.0)
+    step(core, wire, 0.0)
+    assert wire.take(b"flaky", protocol.Batch)
+    core.on_frames(Peer.WORKER, b"flaky", ONE_AT_A_TIME, 0.1)  # its link dropped; it registers again
+    registry = core._workers
+    assert registry.offences(b"flaky").overruns == 1
+    worker = registry.get(b"flaky")
+    assert worker.on_probation and worker.suspect_until == 0.1 + 5.0
+
+
+@pytest.mark.parametrize("how", ["unreachable", "silent"])
+def test_a_worker_lost_while_it_holds_a_batch_is_a_suspect_and_an_idle_one_is_not(how):
+    """unreachable: the heartbeats to both fail (ROUTER_MANDATORY); silent: both miss 3 intervals, before
+    the batch's 5 s deadline (seed 940: a black hole SIGSTOPped holding two batches)."""
+    core, wire = BrokerCore(TRUST_CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"a", ONE_AT_A_TIME, 0.0)
+    core.on_frames(Peer.WORKER, b"b", ONE_AT_A_TIME, 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("r"), 0.0)
+    step(core, wire, 0.0)
+    [holder] = [s.peer_id for s in wire.sent if isinstance(s.message, protocol.Batch)]
+    other = b"b" if holder == b"a" else b"a"
+    if how == "unreachable":
+        wire.gone |= {holder, other}
+    step(core, wire, 1.0 if how == "unreachable" else 3.5)
+    assert core.stats["workers_lost"] == 2
+    assert core._workers.offences(holder) is not None and core._workers.offences(other) is None
