@@ -1,6 +1,6 @@
 """The built-in text model (MiniLM) of another checkout against this one's, in one process.
 
-    .venv/bin/python -m bench.text_ab --before /path/to/other/checkout [--rounds 30]
+    .venv/bin/python -m bench.text_ab --before /path/to/other/checkout [--rounds 30] [--long-share 0.1]
 
 Both checkouts' HFTextModel run in one process, taking turns on the same random draws: a batch
 of 64 sentences through predict() (tokenised, sorted, cut into passes), prepare()d passes of 8
@@ -14,6 +14,8 @@ less than wall time. The model loaded first runs 1-2% faster (memory placement),
 made twice, in both load orders, each in a fresh process, and the ratio is their mean. The
 largest difference between the two checkouts' vectors is reported (0 where they agree bit for
 bit; a change in how inputs are grouped into passes moves float rounding by about 1e-7).
+--long-share mixes longer inputs (80 to 160 words, about 100 to 200 tokens) into the workload's
+sentences of 5 to 60 words, in that share.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ KINDS = (("batch of 64", 64), ("pass of 8", 8), ("pass of 1", 1), ("worker pass,
 HELD = 32  # inputs a continuous worker holds, from which it forms the "worker pass" kind
 
 
+def _texts(long_share: float) -> list[str]:
+    """The seeded workload's sentences, with that share of them longer inputs in their place."""
+    from bench.workload import sentences
+
+    texts = sentences(2000, seed=1)
+    longer = sentences(2000, seed=2, min_words=80, max_words=160)
+    rng = random.Random(3)
+    return [longer[k] if rng.random() < long_share else text for k, text in enumerate(texts)]
+
+
 def _load(path: str):
     for name in [m for m in sys.modules if m.split(".")[0] in ("worker", "bench", "ddml_common")]:
         del sys.modules[name]
@@ -45,13 +57,12 @@ def _load(path: str):
         model = hf_text.HFTextModel(device="cpu", model_path=str(models.default_model_path()))
         model.init_model()
         model.warmup()
-        texts = importlib.import_module("bench.workload").sentences(2000, seed=1)
-        return model, texts, importlib.import_module("worker.passes")
+        return model, importlib.import_module("worker.passes")
     finally:
         sys.path.remove(path)
 
 
-def one_order(checkouts: dict[str, str], rounds: int) -> dict:
+def one_order(checkouts: dict[str, str], rounds: int, long_share: float = 0.0) -> dict:
     """CPU seconds per input of each kind, each checkout, loaded in the order given; the largest
     difference between their vectors; the worker's passes: their mean size, and the share of them
     over the padded budget (those a handler that cuts by it runs as more than one model call)."""
@@ -59,8 +70,8 @@ def one_order(checkouts: dict[str, str], rounds: int) -> dict:
 
     torch.set_num_threads(1)
     loaded = {name: _load(path) for name, path in checkouts.items()}
-    texts = next(iter(loaded.values()))[1]
-    prepared = {name: model.prepare(texts) for name, (model, _, _) in loaded.items()}
+    texts = _texts(long_share)
+    prepared = {name: model.prepare(texts) for name, (model, _) in loaded.items()}
     costs = [loaded["after"][0].cost(p) for p in prepared["after"]]
     rng = random.Random(0)
     cpu: dict[str, dict[str, list[float]]] = {kind: {name: [] for name in checkouts} for kind, _ in KINDS}
@@ -71,7 +82,7 @@ def one_order(checkouts: dict[str, str], rounds: int) -> dict:
                  "pass of 1": [rng.sample(range(len(texts)), 1) for _ in range(6)]}
         held = [rng.sample(range(len(texts)), HELD) for _ in range(6)]
         for name in (list(checkouts) if index % 2 else list(checkouts)[::-1]):
-            model, _, passes = loaded[name]
+            model, passes = loaded[name]
             started = time.thread_time()
             model.predict([texts[k] for k in batch])
             cpu["batch of 64"][name].append((time.thread_time() - started) / len(batch))
@@ -106,23 +117,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", required=True, help="the other checkout (e.g. a worktree of main)")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--long-share", type=float, default=0.0,
+                        help="share of the inputs that are 80 to 160 words long (default 0: 5 to 60 words)")
     parser.add_argument("--order", choices=("before-first", "after-first"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     checkouts = {"before": str(Path(args.before).resolve()), "after": str(REPO)}
     if args.order:  # one load order, in this process
         if args.order == "after-first":
             checkouts = {"after": checkouts["after"], "before": checkouts["before"]}
-        print(json.dumps(one_order(checkouts, args.rounds)))
+        print(json.dumps(one_order(checkouts, args.rounds, args.long_share)))
         return
     results = {}
     for order in ("before-first", "after-first"):
         ran = subprocess.run([sys.executable, "-m", "bench.text_ab", "--before", args.before, "--rounds",
-                              str(args.rounds), "--order", order], cwd=REPO, capture_output=True, text=True,
+                              str(args.rounds), "--long-share", str(args.long_share), "--order", order], cwd=REPO, capture_output=True, text=True,
                              timeout=3600)
         if ran.returncode != 0:
             raise SystemExit(f"{order}: {ran.stderr[-3000:]}")
         results[order] = json.loads(ran.stdout.strip().splitlines()[-1])
-    print(f"| {args.rounds} rounds, 1 torch thread | load order | before, inputs/CPU-s | after, inputs/CPU-s | "
+    mix = f", {args.long_share:.0%} long" if args.long_share else ""
+    print(f"| {args.rounds} rounds, 1 torch thread{mix} | load order | before, inputs/CPU-s | after, inputs/CPU-s | "
           "after ÷ before |\n|---|---|---|---|---|")
     for kind, _ in KINDS:
         ratios = []

@@ -63,7 +63,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 UNPADDED = ("auto", "on", "off")
 ONEDNN = ("auto", "off")
 
-# Pass size by device: (most inputs, fewest inputs before a batch is halved, most padded tokens).
+# Pass size by device: (most inputs, fewest inputs before a batch is halved, most tokens: padded,
+# or, for passes without padding, their sum).
 # A batch is sorted by length and cut into passes. On a CPU, passes of 16 cost less per input than
 # one pass of 64 even after sorting (bench/README.md: about 95 against 57 inputs/s for MiniLM, 2
 # threads): less padding, and activations that stay in cache. A smaller batch still runs as two
