@@ -19,7 +19,8 @@ for tokens, not for the longest input: its passes go oldest first (oldest_pass),
 budget of tokens, and no input is ever passed over.
 
 A handler that gets a batch whole (the built-in text models, outside continuous batching) runs
-it in sorted_passes(): by length, each pass anchored on the shortest input left (select_pass).
+it in sorted_passes(): by length, each pass anchored on the shortest input left (select_pass),
+within the same budget, padded or, for a model that pads nothing, summed.
 The broker forms batches, not passes (broker/batching.py).
 """
 
@@ -62,20 +63,24 @@ def pass_size(held: int, most_inputs: int, least_inputs: int = 0) -> int:
 
 
 def sorted_passes(costs: Sequence[int], most_inputs: int, cost_budget: int = 0,
-                  least_inputs: int = 0) -> list[list[int]]:
+                  least_inputs: int = 0, padded: bool = True) -> list[list[int]]:
     """A whole batch cut into passes: every input in exactly one, in ascending cost order (the
     oldest first among equals). Each pass is select_pass() anchored on the cheapest input left:
     the next ones in cost order, up to pass_size() inputs (of the whole batch) and cost_budget
-    padded (inputs × the largest cost; 0 for no budget). Positions into costs."""
+    padded (inputs × the largest cost; 0 for no budget). Positions into costs.
+    padded False: the budget is on the sum of a pass's costs, as oldest_pass() takes it."""
     most_inputs = max(1, pass_size(len(costs), most_inputs, least_inputs))
     order = sorted(range(len(costs)), key=lambda k: (costs[k], k))
     passes = []
     start = 0
     while start < len(order):
         # Anchored on the cheapest, a pass grows only to longer inputs, so it is a run of the
-        # order from `start` that select_pass() finds among the next most_inputs.
+        # order from `start` that select_pass() (or, unpadded, oldest_pass()) finds among the
+        # next most_inputs.
         window = order[start:start + most_inputs]
-        chosen = select_pass([costs[k] for k in window], most_inputs, cost_budget, anchor=0)
+        window_costs = [costs[k] for k in window]
+        chosen = (select_pass(window_costs, most_inputs, cost_budget, anchor=0) if padded
+                  else oldest_pass(window_costs, most_inputs, cost_budget))
         passes.append([window[i] for i in chosen])
         start += len(chosen)
     return passes

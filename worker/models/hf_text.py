@@ -37,8 +37,8 @@ silently. "truncate": true, or the worker's --auto-truncate, truncates it instea
 sentence-transformers does.
 
 Length-aware execution: a batch is tokenised once, sorted by token length, and run in passes
-whose padded size stays within a token budget (worker/passes.py: sorted_passes), so short
-sentences are not padded to the longest one in the batch. Outputs are put back in input order.
+whose padded size (unpadded: whose sum of tokens) stays within a token budget (worker/passes.py:
+sorted_passes), so short sentences are not padded to the longest one in the batch. Outputs are put back in input order.
 On a CPU, a BERT encoder runs each pass without padding at all (unpadded.py; --unpadded), so
 that a pass of mixed lengths, as a continuous worker forms under light load, costs what its
 tokens cost.
@@ -63,7 +63,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 UNPADDED = ("auto", "on", "off")
 ONEDNN = ("auto", "off")
 
-# Pass size by device: (most inputs, fewest inputs before a batch is halved, most padded tokens).
+# Pass size by device: (most inputs, fewest inputs before a batch is halved, most tokens: padded,
+# or, for passes without padding, their sum).
 # A batch is sorted by length and cut into passes. On a CPU, passes of 16 cost less per input than
 # one pass of 64 even after sorting (bench/README.md: about 95 against 57 inputs/s for MiniLM, 2
 # threads): less padding, and activations that stay in cache. A smaller batch still runs as two
@@ -301,13 +302,22 @@ class HFTextModel(Manager):
         return 2 if not self.device.startswith("cuda") and self._torch.get_num_threads() >= 2 else 1
 
     def _run(self, items: list[TextInput], halve: bool) -> list:
-        """The outputs of tokenized inputs, in their order, run in passes sorted by length
-        (sorted_passes): a batch's, with halve, may run as two halves, down to least_pass_size; a
-        continuous worker's pass comes already formed and in bounds: one pass."""
+        """The outputs of tokenized inputs, in their order, run in passes sorted by length.
+
+        halve (a batch, whole): cut by sorted_passes() within the pass limits, the token budget
+        padded or, unpadded, summed, as the continuous worker's passes are; it may run as two
+        halves, down to least_pass_size. Not halve (a continuous worker's pass): the worker formed
+        it within the same limits (worker/passes.py), so it runs as it is, one model call. Cutting
+        it again against the padded budget would split an unpadded pass the worker formed within
+        the summed one (15 inputs of 10 tokens and one of 100: 250 tokens, 1600 padded)."""
         outputs: list = [item.output for item in items]
         running = [k for k in range(len(items)) if not items[k].done]
         costs = [self.cost(items[k]) for k in running]
-        for chosen in sorted_passes(costs, self.pass_size, self.pass_tokens, self.least_pass_size if halve else 0):
+        if halve:
+            passes = sorted_passes(costs, self.pass_size, self.pass_tokens, self.least_pass_size, padded=self.padded)
+        else:
+            passes = [sorted(range(len(costs)), key=lambda k: (costs[k], k))] if costs else []
+        for chosen in passes:
             in_pass = [items[running[i]] for i in chosen]
             for i, value in zip(chosen, self._pass(in_pass)):
                 item = items[running[i]]
