@@ -501,11 +501,21 @@ def test_a_worker_forgotten_while_stopped_drops_what_was_run_elsewhere(stack, cl
     assert requests.outcome("s2") == [{"sleep_s": 2.5, "s": 2}]
     wait_until(lambda: worker_view(c, victim.pid).get("stats", {}).get("stale_results") == 1, 10,
                what="the victim to drop its slow pass's result: the broker had forgotten that batch")
-    after = {f"n{n}": [{"n": n}] for n in range(5)}
-    for name, inputs in after.items():
-        requests.send(name, inputs)
-    for name, inputs in after.items():
-        assert requests.outcome(name) == inputs, name
+    # Back from a stop that lost what it held, the victim is a suspect (docs/reliability.md): beside
+    # the spare it gets no new work until its backoff (the batch deadline's floor) ends; then it
+    # serves again. Requests go three at a time, more than the spare holds, until one runs there.
+    after: dict[str, list] = {}
+
+    def victim_served() -> bool:
+        names = [f"n{len(after) + k}" for k in range(3)]
+        for name in names:
+            after[name] = [{"n": name, "sleep_s": 0.1}]
+            requests.send(name, after[name])
+        for name in names:
+            assert requests.outcome(name) == after[name], name
+        return bool(executions(victim).keys() & after.keys())
+
+    wait_until(victim_served, 40, interval_s=0.1, what="the victim to serve again once its backoff ends")
     assert requests.finish() == 0, "a request had a second reply"
     assert "register again" in victim.output()
     # h1-h3 ran once each, wherever the broker sent them again (the victim too, once it was back):
@@ -513,7 +523,6 @@ def test_a_worker_forgotten_while_stopped_drops_what_was_run_elsewhere(stack, cl
     ran = executions(victim, spare)
     assert {name: ran[name] for name in ("s1", "s2", "h1", "h2", "h3")} == {
         "s1": 1, "s2": 1, slow_at_victim: 2, "h1": 1, "h2": 1, "h3": 1}, ran
-    assert executions(victim).keys() & after.keys(), "the victim serves again"
     assert worker_view(c, victim.pid).get("stats", {}).get("refused_batches", 0) == 0
 
 
