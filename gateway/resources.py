@@ -42,6 +42,8 @@ from gateway.tensors import check_v1_inputs
 _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 _SCALAR_TYPES = frozenset({int, float, bool, type(None), bytes})
+# Accept headers that prefer JSON (or send none), known without parsing them: most clients' requests
+_JSON_ACCEPTS = frozenset({None, "", "*/*", falcon.MEDIA_JSON})
 
 
 async def read_body(req: falcon.Request, config: GatewayConfig) -> bytes:
@@ -153,7 +155,8 @@ def _path(entry: tuple) -> str:
 
 def write_document(req: falcon.Request, resp: falcon.Response, document: dict, keep_arrays: bool = False) -> None:
     """JSON, or msgpack if the client prefers it (keep_arrays: arrays as `__ndarray__`, dtype kept)."""
-    if req.accept and req.client_prefers([falcon.MEDIA_JSON, falcon.MEDIA_MSGPACK]) == falcon.MEDIA_MSGPACK:
+    if req.get_header("Accept") not in _JSON_ACCEPTS and (
+            req.client_prefers([falcon.MEDIA_JSON, falcon.MEDIA_MSGPACK]) == falcon.MEDIA_MSGPACK):
         resp.content_type = falcon.MEDIA_MSGPACK
         resp.data = protocol.pack_document(document, keep_arrays)
     else:
