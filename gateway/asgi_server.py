@@ -152,7 +152,11 @@ class GatewayWorker(UvicornWorker):
     """gunicorn's worker class for the gateway (gateway/gunicorn_conf.py)."""
 
     # access_log: uvicorn formats a line per request unless told not to, even with nowhere to write it.
-    CONFIG_KWARGS = {"loop": "asyncio", "http": GatewayHttpProtocol, "lifespan": "on",
+    # loop "auto": uvloop when it is installed (as the bare ASGI floor of bench.overhead has it), else
+    # asyncio's. Its transports and loop are C: at c64 asyncio's transport.write() alone was a fifth of
+    # the gateway's samples (py-spy), and uvloop cut the gateway's CPU per request (the figure is in
+    # the commit that made the change).
+    CONFIG_KWARGS = {"loop": "auto", "http": GatewayHttpProtocol, "lifespan": "on",
                      "access_log": bool(_args.access_log)}
 
     async def _serve(self) -> None:

@@ -16,6 +16,7 @@ from gateway.catalog import CACHE_S, Catalog
 from ddml_common.protocol import ErrorCode
 
 _STATUS_TIMEOUT_S = 2.0
+_MEMO_SIZE = 1024
 
 
 class AsyncCatalog(Catalog):
@@ -23,6 +24,10 @@ class AsyncCatalog(Catalog):
         super().__init__(broker, **kwargs)
         self._fetch: asyncio.Future | None = None
         self._error: BrokerError | None = None  # the last fetch's, when it failed
+        # metadata() and version_served() of the copy there is, by model: every request asks both,
+        # and the copy changes only when a fetch ends (timeit: with check_v1_inputs, 5.5 -> 3.2 us
+        # a request). Clients name the models: at most _MEMO_SIZE, cleared past that.
+        self._memo: dict[tuple[str, str], object] = {}
 
     async def refresh(self) -> None:
         """Make the copy at most CACHE_S old. Never raises: a failed fetch is status()'s to report."""
@@ -42,6 +47,24 @@ class AsyncCatalog(Catalog):
             self._error = None
         except BrokerError as error:
             self._error = error
+        self._memo.clear()
+
+    def metadata(self, model: str) -> dict:
+        key = ("metadata", model)
+        if key not in self._memo:
+            self._remember(key, super().metadata(model))
+        return self._memo[key]
+
+    def version_served(self, model: str) -> str | None:
+        key = ("version", model)
+        if key not in self._memo:
+            self._remember(key, super().version_served(model))
+        return self._memo[key]
+
+    def _remember(self, key: tuple[str, str], value: object) -> None:
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = value
 
     def status(self) -> dict:
         """The copy refresh() got, or the error of its last fetch."""

@@ -36,9 +36,17 @@ class MetricsMiddleware:
             return
         route = req.uri_template or "unmatched"  # the template, never the raw path
         method = req.method if req.method in METHODS else "other"
-        status = str(resp.status_code)
-        HTTP_REQUESTS.labels(route, method, status).inc()
-        HTTP_DURATION.labels(route, method, status).observe(time.perf_counter() - started_at)
+        key = (route, method, resp.status_code)
+        children = _children.get(key)
+        if children is None:  # labels() looks the child up under a lock each time: once per key, here
+            labels = (route, method, str(key[2]))
+            children = _children[key] = (HTTP_REQUESTS.labels(*labels), HTTP_DURATION.labels(*labels))
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started_at)
+
+
+# (route, method, status) -> the two metrics' children: a fixed set of keys, as the labels are
+_children: dict[tuple[str, str, int], tuple] = {}
 
 
 class MetricsResource:

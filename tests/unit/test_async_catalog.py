@@ -71,3 +71,36 @@ def test_a_failed_fetch_is_what_status_reports_until_one_succeeds():
         assert catalog.model("echo") == {"workers": 1}
 
     asyncio.run(scenario())
+
+
+def test_metadata_and_version_follow_each_new_copy_and_a_failed_fetch():
+    """They are remembered per copy (the request path asks for both on every request): a new copy, or a
+    failed fetch, must show at once."""
+    copies = iter([
+        {"models": {"m": {"workers": ["w"], "metadata": {"a": 1}}, "m@1": {"workers": ["w"]}}, "workers": []},
+        {"models": {"m": {"workers": ["w"], "metadata": {"a": 2}}, "m@2": {"workers": ["w"]}}, "workers": []},
+    ])
+
+    class Broker:
+        error: BrokerError | None = None
+
+        async def status(self, timeout_s: float, every_broker: bool) -> dict:
+            if self.error is not None:
+                raise self.error
+            return next(copies)
+
+    async def scenario():
+        clock, broker = FakeClock(), Broker()
+        catalog = AsyncCatalog(broker, clock=clock)
+        await catalog.refresh()
+        assert (catalog.metadata("m"), catalog.version_served("m")) == ({"a": 1}, "1")
+        assert (catalog.metadata("m"), catalog.version_served("m")) == ({"a": 1}, "1")  # remembered
+        clock.advance(CACHE_S * 2)
+        await catalog.refresh()
+        assert (catalog.metadata("m"), catalog.version_served("m")) == ({"a": 2}, "2")
+        broker.error = BrokerError(ErrorCode.UNAVAILABLE, "gone")
+        clock.advance(CACHE_S * 2)
+        await catalog.refresh()
+        assert (catalog.metadata("m"), catalog.version_served("m")) == ({}, None)  # never raise: "unknown"
+
+    asyncio.run(scenario())
