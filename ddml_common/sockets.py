@@ -60,9 +60,12 @@ def send_frames(socket: zmq.Socket, frames: list, dontwait: bool = True) -> None
     last = _DONTWAIT if dontwait else 0
     more = last | _MORE
     send = socket.send
+    # copy=False: a frame of at least zmq.COPY_THRESHOLD (64 KB) goes out from its own buffer rather
+    # than a copy (for a 602 KB image, 0.6 MB copied into fresh pages at each hop); smaller frames are
+    # copied by pyzmq as before. Frames are bytes, never changed after they are handed over here.
     for frame in frames[:-1]:
-        send(frame, more)
-    send(frames[-1], last)
+        send(frame, more, copy=False)
+    send(frames[-1], last, copy=False)
 
 
 def recv_routed(socket: zmq.Socket) -> tuple[bytes, list[bytes]]:

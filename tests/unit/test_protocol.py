@@ -337,3 +337,34 @@ def test_http_documents_refuse_extension_types():
     with pytest.raises(DecodeError):
         protocol.unpack_document(b"\xd4\x01\x00")
     assert protocol.unpack_document(protocol.pack_document({"a": np.ones(2, "<f4")})) == {"a": [1.0, 1.0]}
+
+
+@pytest.mark.parametrize("dtype", ["<f4", "|b1", ">f8", "|u1", "<i8"])
+@pytest.mark.parametrize("shape", [(3, 224, 224), (), (0, 3), (2, 5)])
+def test_arrays_and_frames_encode_to_the_bytes_they_always_had(dtype, shape):
+    """Arrays are packed from a view of their memory and a frame is packed once after its prefix
+    (issue #27, fewer copies of a tensor): the bytes on the wire are those of tobytes() and of
+    prefix + packb(body), exactly."""
+    array = (np.arange(int(np.prod(shape)), dtype=np.int64) % 7).reshape(shape).astype(dtype)
+    little = array.astype(array.dtype.newbyteorder("<"))
+    item = protocol.encode_value(array)
+    assert item == msgpack.packb({"__ndarray__": [little.dtype.str, list(shape), little.tobytes()]}, use_bin_type=True)
+    assert protocol.decode_value(item).tobytes() == little.tobytes()
+    request = protocol.Request("r1", "m", 1000, inputs=[item, b"x"])
+    (frame,) = protocol.encode(request)
+    body = {"request_id": "r1", "model": "m", "timeout_ms": 1000, "inputs": [item, b"x"], "sizes": [],
+            "priority": 0, "instance_id": ""}
+    assert frame.startswith(protocol.PROTOCOL_VERSION)
+    assert protocol.decode([frame]) == request
+    assert frame[len(protocol.PROTOCOL_VERSION) + 1:] == msgpack.packb(
+        {name: body[name] for name in msgpack.unpackb(frame[len(protocol.PROTOCOL_VERSION) + 1:])},
+        use_bin_type=True)
+
+
+def test_a_frame_that_cannot_be_encoded_leaves_the_next_one_whole():
+    """The packer that frames messages keeps its buffer between calls: a failed pack must not leave
+    half a body in it for the next message."""
+    with pytest.raises(TypeError):
+        protocol.encode(protocol.Request("r1", "m", 1000, inputs=[object()]))
+    request = protocol.Request("r2", "m", 1000, inputs=[b"ok"])
+    assert protocol.decode(protocol.encode(request)) == request
