@@ -21,3 +21,15 @@ class PlainEcho(Manager):
 
     def predict(self, batch):
         return list(batch)
+
+
+SLOW_LOAD_S = 0.6
+
+
+class SlowLoadEcho(PlainEcho):
+    """PlainEcho that takes SLOW_LOAD_S to load: a pool worker's load that a test can time."""
+
+    def init_model(self):
+        import time
+
+        time.sleep(SLOW_LOAD_S)
