@@ -558,14 +558,20 @@ def exported_metrics() -> dict[str, frozenset[str]]:
     stats.queue_wait.observe(1.0)
     stats.batch_latency.observe(1.0)
     stats.redispatched += 1
+    stats.pool_loads[("demand", "ok")] += 1  # pool workers (issue #24): their series appear only with them
+    stats.pool_unloads["evicted"] += 1
+    stats.load_seconds.observe(1.0)
+    stats.cold_start_wait.observe(1.0)
     broker = BrokerMetrics()
     broker.publish(BrokerSnapshot(
         instance_id="i", stats={"malformed": 1}, histograms={"m": stats.histograms()},
-        models={"m": {"queued_requests": 1, "queued_items": 2, "oldest_wait_s": 0.5, **stats.describe()}},
+        models={"m": {"queued_requests": 1, "queued_items": 2, "oldest_wait_s": 0.5, **stats.describe(),
+                      "replicas": {"loaded": 1, "loading": 0, "pool_workers": ["p"]}}},
         workers=[{"worker_id": "w", "host": "h", "device": "cuda:0", "models": ["m"], "state": "busy",
                   "in_flight_items": 2, "last_heartbeat_age_s": 0.1,
                   "stats": {"batches": 1, "items": 2, "mean_batch_latency_ms": 5.0,
-                            "cuda_memory_allocated_bytes": 1 << 20}}]))
+                            "cuda_memory_allocated_bytes": 1 << 20, "pool_memory_used_mb": 1.0,
+                            "pool_memory_budget_mb": 2.0}, "pool": {"id": "p"}}]))
     families = list(broker.registry.collect())
     # ddml-gateway always runs in prometheus_client's multiprocess mode, whose /metrics holds only
     # these two: not the default registry's process_* and python_* collectors.
