@@ -21,3 +21,16 @@ class PlainEcho(Manager):
 
     def predict(self, batch):
         return list(batch)
+
+
+class UpperModel(Manager):
+    """A second model for the several-model Dispatcher: upper-cases each string, and records its
+    process and the options its constructor got."""
+
+    def init_model(self):
+        import os
+
+        self.pid = os.getpid()
+
+    def predict(self, batch):
+        return [{"upper": text.upper(), "pid": self.pid, "options": self.options} for text in batch]
