@@ -25,7 +25,7 @@ class PlainEcho(Manager):
 
 class UpperModel(Manager):
     """A second model for the several-model Dispatcher: upper-cases each string, and records its
-    process and the options its constructor got."""
+    process, the options its constructor got and its torch threads."""
 
     def init_model(self):
         import os
@@ -33,4 +33,8 @@ class UpperModel(Manager):
         self.pid = os.getpid()
 
     def predict(self, batch):
-        return [{"upper": text.upper(), "pid": self.pid, "options": self.options} for text in batch]
+        import torch
+
+        threads = torch.get_num_threads()
+        return [{"upper": text.upper(), "pid": self.pid, "options": self.options, "threads": threads}
+                for text in batch]

@@ -42,10 +42,6 @@ def pool_child_main(base: WorkerConfig, models: list[EmbeddedModel], max_models:
     level, _, log_format = log_level.partition(":")
     configure_logging(level, log_format or "text")
     repository, configs = embedded_repository(base, models)
-    if base.torch_threads:
-        from worker.models.hf_text import set_torch_threads
-
-        set_torch_threads(base.torch_threads)
     stop = threading.Event()
     stop_on_signals(stop)
     serve_pool(base, repository, configs, max_models, budget_mb, stop)

@@ -1,6 +1,7 @@
 """The seed API with several models (issue #24): Dispatcher({name: Manager class, ...}) shares its
 workers among the models by demand, through real pool worker processes and the broker's placement."""
 
+import os
 import time
 
 import pytest
@@ -64,6 +65,8 @@ def test_models_with_their_own_options_and_a_kept_replica_share_two_workers():
         upper = futures["upper"].result(timeout=60)
         check("upper", texts, upper)
         assert upper[0]["options"] == {"own": 1, "shared": "mine"}  # its own options over the Dispatcher's
+        # On the CPU the cores are divided among the workers, as in the single-model form.
+        assert {o["threads"] for o in upper} == {max(1, (os.cpu_count() or 1) // 2)}
         check("reverse", texts, futures["reverse"].result(timeout=60))
 
 
