@@ -42,6 +42,7 @@ from ddml_common.repository import MAX_NAME_LEN, Placement
 from gateway.broker_client import BrokerClient, BrokerError
 from worker.config import WorkerConfig
 from worker.embedded_pool import EmbeddedModel, pool_child_main
+from worker.models import Manager
 from worker.serve import spawn_process, spawn_worker
 
 
@@ -102,9 +103,15 @@ class Dispatcher:
                 raise ValueError(f"memory_budget_mb must be 0 (what the device has) or more, got {memory_budget_mb}")
         self._models = [m.name for m in models] if models else [model_name or "model"]
         self._timeout_s = request_timeout_s
+        # Checked here (a bad batch_size raises ValueError), before anything starts.
+        config = WorkerConfig(model=self._models[0], max_batch_size=batch_size,
+                              handler_options=handler_options if models is None else {})
+        if models is not None:  # a pool worker takes batches that every model of it accepts
+            config = dataclasses.replace(config, max_batch_size=min(m.max_batch_size for m in models))
         self._directory = tempfile.mkdtemp(prefix="ddml-")
         frontend = f"ipc://{self._directory}/frontend"
         backend = f"ipc://{self._directory}/backend"
+        config = dataclasses.replace(config, broker=backend)
         self._context = zmq.Context()
         self._broker = Broker(
             BrokerConfig(frontend=frontend, backend=backend, batching=BatchingConfig(max_wait_s=max_latency)),
@@ -118,22 +125,16 @@ class Dispatcher:
         devices = [str(d) for d in (cuda_devices or ())]
         threads = max(1, (os.cpu_count() or 1) // worker_num)
         self._workers = []
-        if models is None:
-            config = WorkerConfig(broker=backend, model=self._models[0], max_batch_size=batch_size,
-                                  handler_options=handler_options)
-        else:
-            config = WorkerConfig(broker=backend, model=self._models[0],
-                                  max_batch_size=min(m.max_batch_size for m in models))
-        for index in range(worker_num):
-            gpu = devices[index % len(devices)] if devices else None
-            child = dataclasses.replace(config, torch_threads=0 if gpu is not None else threads)
-            if models is None:
-                self._workers.append(spawn_worker(child, log_level, model_cls, gpu, daemon=True))
-            else:
-                self._workers.append(spawn_process(
-                    pool_child_main, (child, models, max_models, memory_budget_mb, log_level), gpu, daemon=True))
         self._client = BrokerClient(frontend)
-        try:
+        try:  # a class that cannot be pickled fails the spawn: stop what started
+            for index in range(worker_num):
+                gpu = devices[index % len(devices)] if devices else None
+                child = dataclasses.replace(config, torch_threads=0 if gpu is not None else threads)
+                if models is None:
+                    self._workers.append(spawn_worker(child, log_level, model_cls, gpu, daemon=True))
+                else:
+                    self._workers.append(spawn_process(pool_child_main, (child, models, max_models, memory_budget_mb,
+                                                                         log_level), gpu, daemon=True))
             if models is None:
                 self._wait_for(lambda status: sum(1 for w in status["workers"] if self._models[0] in w["models"])
                                >= worker_num, f"{worker_num} workers did not register", start_timeout_s)
@@ -221,8 +222,8 @@ def embedded_models(models: dict, batch_size: int, worker_num: int, handler_opti
         spec = value if isinstance(value, ModelSpec) else ModelSpec(value)
         if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_LEN or "@" in name or name != name.strip():
             raise ValueError(f"model name {name!r}: 1 to {MAX_NAME_LEN} characters, without '@' or surrounding spaces")
-        if not isinstance(spec.handler_class, type):
-            raise ValueError(f"model {name!r}: expected a Manager subclass or a ModelSpec, got {value!r}")
+        if not (isinstance(spec.handler_class, type) and issubclass(spec.handler_class, Manager)):
+            raise ValueError(f"model {name!r}: expected a Manager subclass or a ModelSpec of one, got {value!r}")
         max_replicas = worker_num if spec.max_replicas is None else spec.max_replicas
         if not 0 <= spec.min_replicas <= max_replicas or max_replicas < 1:
             raise ValueError(f"model {name!r}: needs 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "

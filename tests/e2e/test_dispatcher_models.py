@@ -1,13 +1,16 @@
 """The seed API with several models (issue #24): Dispatcher({name: Manager class, ...}) shares its
 workers among the models by demand, through real pool worker processes and the broker's placement."""
 
+import multiprocessing
 import os
+import threading
 import time
 
 import pytest
 
 from gateway import Dispatcher, ModelSpec
 from tests.handlers import ReverseModel, UpperModel
+from tests.processes import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -81,3 +84,19 @@ def test_a_map_of_models_is_checked_before_anything_starts():
         Dispatcher({"a": ReverseModel}, model_name="b")
     with pytest.raises(ValueError, match="max_models_per_worker"):
         Dispatcher({"a": ReverseModel}, max_models_per_worker=0)
+    with pytest.raises(ValueError, match="Manager subclass"):
+        Dispatcher({"a": str})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Dispatcher({"a": ReverseModel}, batch_size=0)
+
+
+def test_a_class_that_cannot_reach_a_worker_process_fails_the_constructor_and_leaves_nothing_running():
+    class Local(ReverseModel):  # defined in a function: not importable, so not picklable by reference
+        pass
+
+    before = set(threading.enumerate())
+    with pytest.raises(Exception, match="Local"):
+        Dispatcher({"a": Local, "b": UpperModel}, start_timeout_s=30)
+    wait_until(lambda: not [t for t in set(threading.enumerate()) - before if t.name == "ddml-broker"],
+               timeout_s=15, what="the broker thread to stop")
+    assert not multiprocessing.active_children()
