@@ -12,6 +12,7 @@ private module, one attribute per model.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import threading
 import types
@@ -41,6 +42,7 @@ def pool_child_main(base: WorkerConfig, models: list[EmbeddedModel], max_models:
     """Entry point of a spawned embedded pool worker: serve until SIGTERM, then drain."""
     level, _, log_format = log_level.partition(":")
     configure_logging(level, log_format or "text")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the single-model form's child_main: never a hub download
     repository, configs = embedded_repository(base, models)
     stop = threading.Event()
     stop_on_signals(stop)
