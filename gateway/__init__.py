@@ -3,11 +3,11 @@
 
 def __getattr__(name: str):
     # Lazy, so that `import gateway` (e.g. by gunicorn) does not pull in the broker and worker.
-    if name == "Dispatcher":
-        from gateway.dispatcher import Dispatcher
+    if name in ("Dispatcher", "ModelSpec"):
+        from gateway import dispatcher
 
-        return Dispatcher
+        return getattr(dispatcher, name)
     raise AttributeError(name)
 
 
-__all__ = ["Dispatcher"]
+__all__ = ["Dispatcher", "ModelSpec"]

@@ -23,6 +23,23 @@ class PlainEcho(Manager):
         return list(batch)
 
 
+class UpperModel(Manager):
+    """A second model for the several-model Dispatcher: upper-cases each string, and records its
+    process, the options its constructor got and its torch threads."""
+
+    def init_model(self):
+        import os
+
+        self.pid = os.getpid()
+
+    def predict(self, batch):
+        import torch
+
+        threads = torch.get_num_threads()
+        return [{"upper": text.upper(), "pid": self.pid, "options": self.options, "threads": threads}
+                for text in batch]
+
+
 SLOW_LOAD_S = 0.6
 
 

@@ -416,6 +416,10 @@ def run_pool(parser: Parser, args: Any, base: WorkerConfig, stop: threading.Even
 def serve_pool(config: WorkerConfig, repository: Repository, configs: dict[str, WorkerConfig], max_models: int,
                budget_mb: float, stop: threading.Event) -> None:
     device = resolve_device(config)
+    if config.torch_threads:  # --torch-threads, as serve() honours it
+        from worker.models.hf_text import set_torch_threads
+
+        set_torch_threads(config.torch_threads)
     budget_mb = budget_mb or device_memory_mb(device)
     pool_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
     catalog = sorted(repository.models)

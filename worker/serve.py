@@ -170,12 +170,16 @@ class ModelLoadError(Exception):
 def spawn_worker(config: WorkerConfig, log_level: str, handler_class: type | None, gpu: str | None,
                  daemon: bool) -> multiprocessing.Process:
     """Start a worker process (spawn, never fork) that sees only `gpu`, or all devices if None."""
+    return spawn_process(child_main, (config, log_level, handler_class), gpu, daemon)
+
+
+def spawn_process(target: Callable, args: tuple, gpu: str | None, daemon: bool) -> multiprocessing.Process:
+    """Start target(*args) in a spawned process (never forked) that sees only `gpu`, or all devices if None."""
     saved = os.environ.get("CUDA_VISIBLE_DEVICES")
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # inherited at spawn: the child sees only its GPU
     try:
-        process = multiprocessing.get_context("spawn").Process(
-            target=child_main, args=(config, log_level, handler_class), daemon=daemon)
+        process = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=daemon)
         process.start()
     finally:
         if saved is None:

@@ -36,6 +36,8 @@ KUBERNETES_VERSION = "1.31.0"
 DEPLOY = REPO / "deploy"
 KUSTOMIZE = DEPLOY / "kubernetes"
 OVERLAYS = sorted(path.name for path in (KUSTOMIZE / "overlays").iterdir() if path.is_dir())
+POOL_OVERLAYS = [name for name in OVERLAYS if name.startswith("pool-")]  # pool workers (components/pool)
+FIXED_OVERLAYS = [name for name in OVERLAYS if name not in POOL_OVERLAYS]  # workers of one model (--model)
 CURVE_OVERLAYS = [name for name in OVERLAYS if not name.endswith("-no-curve")]
 README = DEPLOY / "README.md"
 SLIM_IMAGE, WORKER_CPU_IMAGE, WORKER_CUDA_IMAGE = "ddml:0.1.0-slim", "ddml-worker:0.1.0-cpu", "ddml-worker:0.1.0-cuda"
@@ -206,8 +208,9 @@ def test_the_renderer_refuses_what_it_does_not_implement(tmp_path, kustomization
 
 # -- the overlays --------------------------------------------------------------------------------
 
-def test_the_overlays_are_cpu_and_gpu_each_with_curve_on_and_off():
-    assert OVERLAYS == ["cpu", "cpu-no-curve", "gpu", "gpu-no-curve"]
+def test_the_overlays_are_cpu_and_gpu_each_with_curve_on_and_off_and_pools_on_cpu_and_gpu():
+    assert FIXED_OVERLAYS == ["cpu", "cpu-no-curve", "gpu", "gpu-no-curve"]
+    assert POOL_OVERLAYS == ["pool-cpu", "pool-gpu"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -255,7 +258,7 @@ def test_the_overlays_differ_only_in_the_device_and_curve():
     def pods_aside(overlay):
         return [obj for obj in rendered(overlay) if obj["kind"] not in ("Deployment", "StatefulSet")]
 
-    for overlay in OVERLAYS:
+    for overlay in FIXED_OVERLAYS:
         assert pods_aside(overlay) == pods_aside("cpu"), overlay
         deployments = workloads(overlay)
         assert set(deployments) == {"ddml-broker", "ddml-gateway", "ddml-worker"}
@@ -278,7 +281,10 @@ def test_the_overlays_differ_only_in_the_device_and_curve():
 
 def test_no_manifest_carries_key_material_or_a_placeholder():
     for overlay in OVERLAYS:
-        assert not [obj for obj in rendered(overlay) if obj["kind"] in ("Secret", "ConfigMap")]
+        assert not [obj for obj in rendered(overlay) if obj["kind"] == "Secret"]
+        # The one ConfigMap, a pool's model repository, holds model settings only (checked below).
+        assert [obj["metadata"]["name"] for obj in rendered(overlay) if obj["kind"] == "ConfigMap"] == \
+            (["ddml-repository"] if overlay in POOL_OVERLAYS else [])
         text = yaml.safe_dump_all(rendered(overlay))
         for needle in ("public-key =", "secret-key =", "replace with", "CHANGEME"):  # zmq.auth certificates
             assert needle not in text, (overlay, needle)
@@ -317,6 +323,8 @@ def test_the_documented_secret_holds_every_key_the_pods_mount_and_the_keys_fit(o
         root = tmp_path / role
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for mount in container(deployment).get("volumeMounts", []):
+            if "secret" not in volumes[mount["name"]]:
+                continue  # a pool's repository (a ConfigMap)
             source = volumes[mount["name"]]["secret"]
             assert source["secretName"] == secret["metadata"]["name"]
             for item in source["items"]:
@@ -427,7 +435,10 @@ def test_probes_hooks_budgets_and_references_fit_together():
         assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ddml-worker"}
         assert scaled["spec"]["minReplicaCount"] >= 1  # gateways are unready with no worker: nothing would wake it
         for trigger in scaled["spec"]["triggers"]:
-            assert f'model="{flag(worker, "--model")}"' in trigger["metadata"]["query"]
+            if overlay in POOL_OVERLAYS:  # every model's demand together: any pool worker may load any model
+                assert "model=" not in trigger["metadata"]["query"] and flag(worker, "--model") is None
+            else:
+                assert f'model="{flag(worker, "--model")}"' in trigger["metadata"]["query"]
         # Budgets, Services, monitors and the policy select pods and ports that exist.
         budgets = objects_of(overlay, "PodDisruptionBudget")
         assert {name for name, pdb in budgets.items()
@@ -481,6 +492,89 @@ def test_every_container_command_line_parses_with_the_real_cli(overlay, monkeypa
         assert len(dialled[role]) == broker["spec"]["replicas"] == 2
         # Short names resolve in the client's own namespace: the brokers' one.
         assert workloads(overlay)[f"ddml-{role}"]["metadata"]["namespace"] == broker["metadata"]["namespace"]
+
+
+def memory_mb(quantity: str) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+@pytest.mark.parametrize("pool, fixed", [("pool-cpu", "cpu"), ("pool-gpu", "gpu")])
+def test_a_pool_overlay_is_its_fixed_counterpart_with_pool_workers_that_keda_scales_on_every_models_demand(
+        pool, fixed):
+    def aside(overlay):
+        return [obj for obj in rendered(overlay) if obj["kind"] not in ("Deployment", "ConfigMap", "ScaledObject")]
+
+    assert aside(pool) == aside(fixed)
+    assert workloads(pool)["ddml-gateway"] == workloads(fixed)["ddml-gateway"]
+    worker, fixed_worker = workloads(pool)["ddml-worker"], workloads(fixed)["ddml-worker"]
+    c, fixed_c = container(worker), container(fixed_worker)
+    assert c["image"] == fixed_c["image"] and c["livenessProbe"] == fixed_c["livenessProbe"]
+    assert c["startupProbe"] == fixed_c["startupProbe"]
+    assert c["resources"].keys() == fixed_c["resources"].keys()
+    assert c["resources"]["limits"].get("nvidia.com/gpu") == fixed_c["resources"]["limits"].get("nvidia.com/gpu")
+    args = " ".join(c["args"])
+    assert "--pool --repository" in args and "--model " not in args
+    assert ("--curve-secret-key" in args) == ("--curve-secret-key" in " ".join(fixed_c["args"]))
+    # The repository is the ConfigMap's file, mounted where --repository reads it.
+    [repository] = objects_of(pool, "ConfigMap").values()
+    volumes = {v["name"]: v for v in worker["spec"]["template"]["spec"]["volumes"]}
+    [mount] = [m for m in c["volumeMounts"] if "configMap" in volumes[m["name"]]]
+    assert volumes[mount["name"]]["configMap"]["name"] == repository["metadata"]["name"] and mount["readOnly"]
+    directory, _, file = flag(worker, "--repository").rpartition("/")
+    assert directory == mount["mountPath"] and file in repository["data"]
+    # On a CPU the budget fits the pod's memory limit; on a GPU it is the GPU's (0).
+    budget_mb = float(flag(worker, "--memory-budget-mb"))
+    if "nvidia.com/gpu" in c["resources"]["limits"]:
+        assert budget_mb == 0
+    else:
+        assert 0 < budget_mb < memory_mb(c["resources"]["limits"]["memory"])
+    # KEDA: the same bounds and pace as for fixed workers, on the demand of every model together.
+    [scaled], [fixed_scaled] = objects_of(pool, "ScaledObject").values(), objects_of(fixed, "ScaledObject").values()
+    assert {k: v for k, v in scaled["spec"].items() if k != "triggers"} == \
+        {k: v for k, v in fixed_scaled["spec"].items() if k != "triggers"}
+    triggers = {t["name"]: t for t in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"oldest-wait", "queued-inputs", "models-in-demand"}
+    fixed_queued = next(t for t in fixed_scaled["spec"]["triggers"] if t["name"] == "queued-inputs")
+    assert triggers["queued-inputs"]["metadata"]["threshold"] == fixed_queued["metadata"]["threshold"]
+    assert triggers["queued-inputs"]["metadata"]["query"] == 'sum(ddml_queue_inputs{namespace="ddml"})'
+    # One pool worker per --max-models models that have inputs waiting or a replica loaded.
+    models = triggers["models-in-demand"]
+    assert models["metricType"] == "AverageValue" and models["metadata"]["threshold"] == flag(worker, "--max-models")
+    metrics, grouping = promql_names(models["metadata"]["query"])
+    assert set(metrics) == {"ddml_queue_inputs", "ddml_model_replicas"} and grouping == {"model"}
+    assert models["metadata"]["query"].startswith("count(max by (model) (")
+
+
+@pytest.mark.parametrize("overlay", POOL_OVERLAYS)
+def test_the_pool_repository_parses_with_the_real_worker_and_its_models_fit_the_budget(overlay, monkeypatch):
+    for name in [name for name in os.environ if name.startswith("DDML_")]:
+        monkeypatch.delenv(name)
+    from ddml_common.repository import parse_repository
+    from worker.__main__ import build_parser, config_from_args
+    from worker.models import BUILT_IN_MODELS
+    from worker.pool import model_configs, model_flags
+
+    worker = workloads(overlay)["ddml-worker"]
+    parser = build_parser()
+    args = parser.parse_args(container(worker)["args"])
+    assert args.pool and args.max_models >= 1 and args.num_workers == 1 and not args.cuda_devices
+    [configmap] = objects_of(overlay, "ConfigMap").values()
+    text = configmap["data"][args.repository.rpartition("/")[2]]
+    repository = parse_repository(text, args.repository, model_flags(parser))  # RepositoryError names the fault
+    configs = model_configs(repository, config_from_args(args), lambda argv: config_from_args(parser.parse_args(argv)))
+    assert sorted(configs) == sorted(repository.models) and len(configs) >= 2
+    for name, config in configs.items():  # each loads in the worker image: built in (no files to ship)
+        assert name in BUILT_IN_MODELS and not config.handler and not config.model_path, name
+        assert config.broker == config_from_args(args).broker
+    # The models a pod may hold at once fit its budget, and min-replicas keep a pod wanted.
+    estimates = sorted((entry.placement.memory_mb for entry in repository.models.values()), reverse=True)
+    assert all(estimates), "every model gives memory-mb: a load on a CPU is not measured"
+    if args.memory_budget_mb:
+        assert sum(estimates[:args.max_models]) <= args.memory_budget_mb
+    [scaled] = objects_of(overlay, "ScaledObject").values()
+    assert sum(e.placement.min_replicas for e in repository.models.values()) >= 1
+    assert scaled["spec"]["minReplicaCount"] >= 1
 
 
 ALLOWED_VOLUMES = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "persistentVolumeClaim", "csi",
@@ -566,12 +660,14 @@ def exported_metrics() -> dict[str, frozenset[str]]:
     broker.publish(BrokerSnapshot(
         instance_id="i", stats={"malformed": 1}, histograms={"m": stats.histograms()},
         models={"m": {"queued_requests": 1, "queued_items": 2, "oldest_wait_s": 0.5, **stats.describe(),
-                      "replicas": {"loaded": 1, "loading": 0, "pool_workers": ["p"]}}},
+                      "replicas": {"loaded": 2, "loading": 0, "pool_workers": ["p"]}}},
         workers=[{"worker_id": "w", "host": "h", "device": "cuda:0", "models": ["m"], "state": "busy",
                   "in_flight_items": 2, "last_heartbeat_age_s": 0.1,
                   "stats": {"batches": 1, "items": 2, "mean_batch_latency_ms": 5.0,
-                            "cuda_memory_allocated_bytes": 1 << 20, "pool_memory_used_mb": 1.0,
-                            "pool_memory_budget_mb": 2.0}, "pool": {"id": "p"}}]))
+                            "cuda_memory_allocated_bytes": 1 << 20}},
+                 {"worker_id": "p", "host": "h", "device": "cpu", "models": ["m"], "state": "idle",  # a pool worker
+                  "in_flight_items": 0, "last_heartbeat_age_s": 0.1, "pool": {"id": "p", "catalog": ["m"]},
+                  "stats": {"pool_loads": 1, "pool_memory_used_mb": 10.0, "pool_memory_budget_mb": 100.0}}]))
     families = list(broker.registry.collect())
     # ddml-gateway always runs in prometheus_client's multiprocess mode, whose /metrics holds only
     # these two: not the default registry's process_* and python_* collectors.
@@ -653,8 +749,8 @@ def test_queries_aggregate_over_every_broker_and_split_by_broker_where_brokers_d
         assert re.fullmatch(r"max\(ddml_queue_oldest_wait_seconds\{[^}]*\}\)", queries["oldest-wait"])
         assert re.fullmatch(r"sum\(ddml_queue_inputs\{[^}]*\}\)", queries["queued-inputs"])
         for query in queries.values():
-            [labels] = promql_names(query)[0].values()
-            assert not labels & (BROKER_LABELS | {"service", "job"}), query
+            for labels in promql_names(query)[0].values():
+                assert not labels & (BROKER_LABELS | {"service", "job"}), query
     # The dashboard: per-worker series appear once per broker (under a different worker id each), so
     # every query of them keeps the brokers apart; and some panels show each broker's own traffic.
     per_broker = set()
