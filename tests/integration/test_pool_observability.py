@@ -55,6 +55,9 @@ def test_metrics_and_ddml_status_follow_a_pool_worker_that_loads_evicts_and_fail
         assert value(first, "ddml_cold_start_wait_seconds_count", model="alpha") == 1  # the first request only
         assert SLOW_LOAD_S <= value(first, "ddml_cold_start_wait_seconds_sum", model="alpha") <= cold_s
         assert value(first, "ddml_model_replicas", model="alpha", state="loaded") == 1
+        load_s = value(first, "ddml_model_load_seconds_sum", model="alpha")
+        wait_s = value(first, "ddml_cold_start_wait_seconds_sum", model="alpha")
+        print(f"\nalpha: first request {cold_s:.3f} s, its load {load_s:.3f} s, its wait for the load {wait_s:.3f} s")
         assert value(first, "ddml_worker_pool_memory_used_bytes") == MEMORY_MB * 2**20
         assert value(first, "ddml_worker_pool_memory_budget_bytes") == BUDGET_MB * 2**20
 
@@ -82,11 +85,12 @@ def test_metrics_and_ddml_status_follow_a_pool_worker_that_loads_evicts_and_fail
                                                                          f"{MEMORY_MB}/{BUDGET_MB}"]
                    for line in placements), placements
         # TIME POOL-WORKER EVENT MODEL REASON (several words) SECONDS
-        events = [(p[2], p[3], " ".join(p[4:-1])) for p in map(str.split, lines[lines.index("latest pool events") + 3:])]
+        rows = lines[lines.index("latest pool events") + 3:]
+        events = [(p[2], p[3], " ".join(p[4:-1])) for p in map(str.split, rows)]
         kinds = [(kind, model) for kind, model, _ in events]
         assert kinds.index(("loaded", "alpha")) < kinds.index(("unload", "alpha")) < kinds.index(("loaded", "beta"))
         assert ("load_failed", "broken") in kinds
-        assert [reason for kind, model, reason in events if (kind, model) == ("unload", "alpha")] == ["evicted for beta"]
+        assert [why for kind, model, why in events if (kind, model) == ("unload", "alpha")] == ["evicted for beta"]
 
         document = json.loads(ddml_status(stack.frontend, "-o", "json"))
         loaded = [e for e in document["pool_events"] if e["kind"] == "loaded"]
