@@ -48,6 +48,7 @@ class PendingRequest:
     nbytes: int = 0  # encoded inputs, in all
     trace: list | None = None  # the caller's [traceparent, tracestate], carried to the worker untouched
     timings: dict | None = None  # asked for (Request.timings): the ms of each stage so far (Reply.timings)
+    waits_for_load: bool = False  # enqueued while no worker served its model: a pool worker loads it
 
     def __post_init__(self) -> None:
         inputs = self.inputs

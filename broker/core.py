@@ -33,9 +33,11 @@ from typing import Callable
 from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
 from broker.config import BrokerConfig
 from broker.pool import can_load, catalog, demand_report, pool_workers, replicas
+from broker.pool_events import PoolEventRing
 from broker.stats import BrokerSnapshot, ModelStats
 from broker.workers import WorkerRegistry, WorkerState
 from ddml_common import protocol
+from ddml_common.pool_events import EventKind
 from ddml_common.protocol import ErrorCode
 
 logger = logging.getLogger("broker.broker")
@@ -86,6 +88,7 @@ class BrokerCore:
         self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
         self.draining = False
         self._started_at = now
+        self._pool_events = PoolEventRing()  # pool workers' latest loads and unloads, for STATUS
 
     # ------------------------------------------------------------------ events in
 
@@ -240,6 +243,7 @@ class BrokerCore:
             workers=[w.describe(now) for w in self._workers],
             stats={**self.stats, "in_flight_requests": len(self._requests)},
             histograms=histograms,
+            pool_events=self._pool_events.describe(now),
         )
 
     # ------------------------------------------------------------------ handlers
@@ -323,6 +327,7 @@ class BrokerCore:
                                         f"no live worker serves model {model!r} right now", retry_after_ms=1000)
                 return self._finish(pending, now, ErrorCode.NO_SUCH_MODEL, f"no live worker serves model {model!r}")
             self._wake_pool(model, now)
+            pending.waits_for_load = True
         if request.timeout_ms <= 0:
             return self._finish(pending, now, ErrorCode.TIMEOUT, "deadline passed before the broker saw the request")
         if self._batcher.is_full(model, pending):
@@ -376,6 +381,8 @@ class BrokerCore:
             self._hasten_pool_heartbeats(now)  # every pool worker plans from the change now, not an interval late
             for model in heartbeat.pool.get("failed", ()):
                 self._fail_unloadable(model, now)
+        if heartbeat.pool.get("events") and worker.pool:
+            self._on_pool_events(worker, heartbeat.pool["events"], now)
         if heartbeat.draining:
             if not worker.draining:
                 logger.info("worker %s is draining; no more batches go to it", worker_id.hex(),
@@ -518,6 +525,9 @@ class BrokerCore:
         for item in items:
             waited_s = now - item.enqueued_at
             queue_wait.observe(waited_s)
+            if item.request.waits_for_load:  # its first input out: how long it waited for a replica
+                item.request.waits_for_load = False
+                stats.cold_start_wait.observe(now - item.request.enqueued_at)
             timings = item.request.timings
             if timings is not None:  # asked for: the longest any of its inputs waited
                 timed = True
@@ -709,6 +719,19 @@ class BrokerCore:
             return
         for request in [r for r in self._requests.values() if r.model == model]:
             self._finish(request, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
+
+    def _on_pool_events(self, worker: WorkerState, events: list[dict], now: float) -> None:
+        """A pool worker's latest events: each new one goes into the ring (STATUS) and is counted (/metrics)."""
+        for entry in self._pool_events.ingest(worker.pool["id"], worker.host, worker.pool["catalog"], events, now):
+            event = entry.event
+            stats = self._stats_for(event.model)
+            if event.kind is EventKind.LOADED:
+                stats.pool_loads[(event.reason_label, "ok")] += 1
+                stats.load_seconds.observe(event.seconds)
+            elif event.kind is EventKind.LOAD_FAILED:
+                stats.pool_loads[(event.reason_label, "failed")] += 1
+            elif event.kind is EventKind.UNLOAD:
+                stats.pool_unloads[event.reason_label] += 1
 
     def _demand_report(self, now: float) -> dict:
         def oldest_wait_s(model: str) -> float:

@@ -20,11 +20,16 @@ from prometheus_client.utils import floatToGoString
 from broker.stats import BrokerSnapshot, HistogramFigures
 
 WORKER_STATES = ("idle", "busy", "draining")
-_HISTOGRAMS = (  # (name in ModelStats.histograms(), metric name, help)
+_HISTOGRAMS = (  # (name in ModelStats.histograms(), metric name, help); the pool's only with pool workers
     ("batch_size", "ddml_batch_size", "Inputs per dispatched batch"),
     ("queue_wait_seconds", "ddml_queue_wait_seconds", "Time an input waited before dispatch"),
     ("batch_latency_seconds", "ddml_batch_latency_seconds", "Dispatch to result, per batch"),
+    ("load_seconds", "ddml_model_load_seconds", "A pool worker's load of the model, start to finish"),
+    ("cold_start_wait_seconds", "ddml_cold_start_wait_seconds",
+     "Enqueued with no replica loaded, to dispatched: a request's wait for a pool worker to load its model"),
 )
+
+_POOL_HISTOGRAMS = frozenset(("load_seconds", "cold_start_wait_seconds"))
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ def _histograms(snapshot: BrokerSnapshot):
         for model, histograms in snapshot.histograms.items():
             if key in histograms:
                 family.add_metric([model], _buckets(histograms[key]), histograms[key].sum)
-        yield family
+        if family.samples or key not in _POOL_HISTOGRAMS:
+            yield family
 
 
 def _buckets(figures: HistogramFigures) -> list[tuple[str, int]]:
@@ -152,8 +158,11 @@ _POOL_FIGURES = (
     ("pool_evictions", CounterMetricFamily, "ddml_worker_pool_evictions", "Models unloaded to make room for another"),
     ("pool_unloads", CounterMetricFamily, "ddml_worker_pool_idle_unloads", "Models unloaded after idle-unload-s"),
     ("pool_load_s_total", CounterMetricFamily, "ddml_worker_pool_load_seconds", "Time spent loading models"),
-    ("pool_memory_used_mb", GaugeMetricFamily, "ddml_worker_pool_memory_used_mb", "Memory its models take, MB"),
-    ("pool_memory_budget_mb", GaugeMetricFamily, "ddml_worker_pool_memory_budget_mb", "Its --memory-budget-mb"),
+)
+_MIB = 1 << 20
+_POOL_MEMORY = (  # (stat in MB, metric in bytes, help)
+    ("pool_memory_used_mb", "ddml_worker_pool_memory_used_bytes", "Memory its models take (measured on a GPU)"),
+    ("pool_memory_budget_mb", "ddml_worker_pool_memory_budget_bytes", "Its --memory-budget-mb, or what the device has"),
 )
 
 
@@ -165,11 +174,26 @@ def _pool(snapshot: BrokerSnapshot):
         if "replicas" in info:
             replicas.add_metric([model, "loaded"], info["replicas"]["loaded"])
             replicas.add_metric([model, "loading"], info["replicas"]["loading"])
+    loads = CounterMetricFamily("ddml_model_loads", "Pool workers' loads of the model, by placement reason and "
+                                "outcome (ok, failed)", labels=["model", "reason", "outcome"])
+    unloads = CounterMetricFamily("ddml_model_unloads", "Pool workers' unloads of the model, by reason (evicted: "
+                                  "to make room for another)", labels=["model", "reason"])
+    for model, info in snapshot.models.items():
+        for outcome, by_reason in info.get("pool_loads", {}).items():
+            for reason, count in by_reason.items():
+                loads.add_metric([model, reason, outcome], count)
+        for reason, count in info.get("pool_unloads", {}).items():
+            unloads.add_metric([model, reason], count)
     families = [kind(name, text, labels=["worker", "host"]) for _, kind, name, text in _POOL_FIGURES]
+    memory = [GaugeMetricFamily(name, text, labels=["worker", "host"]) for _, name, text in _POOL_MEMORY]
     for worker in snapshot.workers:
         stats = worker.get("stats") or {}
         if "pool" not in worker:
             continue
+        labels = [worker["worker_id"], worker["host"]]
         for (stat, *_), family in zip(_POOL_FIGURES, families):
-            family.add_metric([worker["worker_id"], worker["host"]], stats.get(stat, 0))
-    return tuple(family for family in (replicas, *families) if family.samples)  # none without pool workers
+            family.add_metric(labels, stats.get(stat, 0))
+        for (stat, *_), family in zip(_POOL_MEMORY, memory):
+            family.add_metric(labels, stats.get(stat, 0) * _MIB)
+    # none without pool workers
+    return tuple(family for family in (replicas, loads, unloads, *families, *memory) if family.samples)

@@ -110,7 +110,8 @@ class WorkerState:
             "uptime_s": round(now - self.registered_at, 3),
             "stats": self.stats,
             **({"pool": {"id": self.pool["id"], "held_mb": self.holdings.get("held", {}),
-                         "loading": self.holdings.get("loading", []), "failed": self.holdings.get("failed", {})}}
+                         "loading": self.holdings.get("loading", []), "failed": self.holdings.get("failed", {}),
+                         "max_models": self.pool["max_models"], "budget_mb": self.pool["budget_mb"]}}
                if self.pool else {}),
         }
 

@@ -57,6 +57,8 @@ MAX_ID = (1 << 63) - 1  # batch ids, pids, registration counts: an int64, as eve
 MAX_STATS = 256  # entries in a HEARTBEAT's stats, those of nested maps included
 MAX_DOCUMENT_DEPTH = 8  # READY.metadata: lists and maps within each other
 MAX_DOCUMENT_SIZE = 1 << 20  # READY.metadata: one per value, plus the length of each string
+MAX_POOL_EVENTS = 16  # a pool worker's latest events on one heartbeat (Heartbeat.pool['events'])
+MAX_STATUS_POOL_EVENTS = 64  # the broker's latest pool events in one STATUS (Status.pool_events)
 # Stats that broker/metrics.py exports as numbers: a string there would break every scrape.
 _NUMERIC_STATS = frozenset(("batches", "items", "mean_batch_latency_ms", "cuda_memory_allocated_bytes", "pool_loads",
                             "pool_load_failures", "pool_evictions", "pool_unloads", "pool_load_s_total",
@@ -252,6 +254,9 @@ class Status:
     models: dict  # name -> {"workers", "queued", "batches", "items", "mean_batch_size", ...}
     workers: list  # one map per live worker
     stats: dict = field(default_factory=dict)  # broker-wide counters
+    # The latest pool events (ddml_common/pool_events.py), oldest first, each with its worker's "pool_id"
+    # and "host" and an "age_s" in place of "age_ms". Empty (and then not on the wire) without pool workers.
+    pool_events: list = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -285,7 +290,7 @@ _PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.item
 # message without them keeps its exact bytes, and an older peer (which ignores keys it does not
 # know) still decodes one with them.
 _OMITTED_WHEN_EMPTY = {Ready: ("pool",), Heartbeat: ("pool", "demand"), Request: ("trace", "timings"), Batch: ("traces", "timed"), BatchResult: ("prepare_ms",),
-                       Reply: ("timings",), Replies: ("timings",)}
+                       Status: ("pool_events",), Reply: ("timings",), Replies: ("timings",)}
 # Reply.timings' names: the ms a request's inputs queued at the broker, were prepared (tokenised) at the
 # worker, and ran in the forward pass, each the longest of its inputs'.
 TIMINGS = frozenset(("queue_ms", "prepare_ms", "forward_ms"))
@@ -458,6 +463,32 @@ def _check_holdings(pool: dict) -> None:
     _check_names(list(failed), "Heartbeat.pool['failed']")
     for model, why in failed.items():
         _check_text(why, f"Heartbeat.pool['failed'][{model!r}]", MAX_TEXT_LEN)
+    if "events" in pool:
+        _check_pool_events(pool["events"], "Heartbeat.pool['events']", MAX_POOL_EVENTS, "age_ms", ())
+
+
+def _check_pool_events(events: Any, where: str, most: int, age: str, extra: tuple[str, ...]) -> None:
+    """Pool events (ddml_common/pool_events.py): a worker's, on its heartbeat, or a broker's, in STATUS (with
+    the `extra` names of the worker, and an age in s)."""
+    if type(events) is not list or len(events) > most:
+        raise _refuse(where, f"a list of at most {most} events", events)
+    for index, event in enumerate(events):
+        at = f"{where}[{index}]"
+        if type(event) is not dict or len(event) > 7 + len(extra):
+            raise _refuse(at, f"a map of at most {7 + len(extra)} entries", event)
+        if type(event.get("seq")) is not int or not 0 <= event["seq"] <= MAX_ID:
+            raise _refuse(f"{at}['seq']", "an int in [0, 2**63)", event.get("seq"))
+        for key in (age, "seconds"):
+            value = event.get(key)
+            if type(value) not in (int, float) or not 0 <= value <= MAX_DURATION_MS:  # NaN fails too
+                raise _refuse(f"{at}[{key!r}]", "a finite number in [0, 2**40]", value)
+        for key in ("kind", "model"):
+            if type(event.get(key)) is not str or not 0 < len(event[key]) <= MAX_NAME_LEN:
+                raise _refuse(f"{at}[{key!r}]", _NAME, event.get(key))
+        for key in extra:
+            _check_text(event.get(key), f"{at}[{key!r}]", MAX_NAME_LEN)
+        _check_text(event.get("reason"), f"{at}['reason']", MAX_TEXT_LEN)
+        _check_text(event.get("error", ""), f"{at}['error']", MAX_TEXT_LEN)
 
 
 def _check_request(message: Request) -> None:
@@ -619,6 +650,9 @@ def _check_status(message: Status) -> None:
             raise _refuse(f"Status.workers[{position}]", "a map", worker)
     for name in message.stats:
         _check_text(name, "Status.stats key", MAX_NAME_LEN)
+    if message.pool_events:
+        _check_pool_events(message.pool_events, "Status.pool_events", MAX_STATUS_POOL_EVENTS, "age_s",
+                           ("pool_id", "host"))
 
 
 def _check_error(message: Error) -> None:

@@ -14,6 +14,13 @@ object (a line per refresh with --watch): `instance_id`, `models` (per queue: wo
 requests and inputs, oldest wait, mean batch size, batches, redispatched, outcomes), `workers`
 (per worker: id, host, pid, device, models, state, inputs in flight, batches, p50 batch latency,
 heartbeat age) and `stats`. Each worker also gets `batches_per_s` since the refresh before.
+
+With pool workers (docs/placement.md), three more tables: placements (per model, the workers that
+hold it and those loading it), pool workers (what each holds, loads and failed to load, its models
+against --max-models, its memory against its budget), and the latest pool events (loads started,
+finished or failed, with their seconds; unloads with their reason: `idle`, `evicted for M`), at
+this machine's wall-clock time. `-o json` has them under `pool_events`, each with an `at` (Unix
+seconds) beside the broker's `age_s`.
 """
 
 from __future__ import annotations
@@ -49,14 +56,60 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def render_json(status: dict, previous: dict | None, elapsed_s: float) -> str:
+def render_json(status: dict, previous: dict | None, elapsed_s: float, wall_now: float | None = None) -> str:
     before = {w["worker_id"]: w["batches"] for w in (previous or {}).get("workers", [])}
     workers = [{**w, "batches_per_s": round((w["batches"] - before[w["worker_id"]]) / elapsed_s, 3)
                 if w["worker_id"] in before and elapsed_s > 0 else 0.0} for w in status["workers"]]
-    return json.dumps({**status, "workers": workers}, sort_keys=True, default=str)
+    wall_now = time.time() if wall_now is None else wall_now
+    document = {**status, "workers": workers}
+    if "pool_events" in status:
+        document["pool_events"] = [{**e, "at": round(wall_now - e["age_s"], 3)} for e in status["pool_events"]]
+    return json.dumps(document, sort_keys=True, default=str)
 
 
-def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
+def _worker_name(worker: dict) -> str:
+    return worker["pool"]["id"] if "pool" in worker else f"{worker['host']}:{worker['pid']}"
+
+
+def render_pool(status: dict, wall_now: float) -> list[str]:
+    """Placements, pool workers and the latest pool events; nothing without pool workers or events."""
+    pool = sorted((w for w in status["workers"] if "pool" in w), key=_worker_name)
+    events = status.get("pool_events", [])
+    if not pool and not events:
+        return []
+    placements = []
+    for name, info in sorted(status["models"].items()):
+        loaded = sorted(_worker_name(w) for w in status["workers"] if name in w["models"])
+        loading = [_worker_name(w) for w in pool if name in w["pool"]["loading"]]
+        if "replicas" in info or loaded or loading:
+            placements.append([name, len(loaded), " ".join(loaded) or "-", len(loading), " ".join(loading) or "-"])
+    workers = []
+    for w in pool:
+        entry, stats = w["pool"], w.get("stats") or {}
+        used_mb = stats.get("pool_memory_used_mb", sum(entry["held_mb"].values()))
+        budget_mb = entry.get("budget_mb", stats.get("pool_memory_budget_mb", 0))
+        workers.append([_worker_name(w), w["device"], ",".join(sorted(entry["held_mb"])) or "-",
+                        ",".join(entry["loading"]) or "-", ",".join(sorted(entry["failed"])) or "-",
+                        f"{len(entry['held_mb']) + len(entry['loading'])}/{entry.get('max_models', '?')}",
+                        f"{used_mb:.0f}/{budget_mb:.0f}" if budget_mb else f"{used_mb:.0f}/-"])
+    rows = [[time.strftime("%H:%M:%S", time.localtime(wall_now - e["age_s"])), e["pool_id"], e["kind"], e["model"],
+             e["reason"] + (f": {e['error'][:60]}" if e.get("error") else ""),
+             f"{e['seconds']:.2f}" if e["kind"] in ("loaded", "load_failed", "unloaded") else "-"]
+            for e in events]
+    loads = sum(len(w["pool"]["loading"]) for w in pool)
+    return [
+        "",
+        f"pool: {len(pool)} workers, {loads} loads in progress",
+        _table(["MODEL", "LOADED", "LOADED-ON", "LOADING", "LOADING-ON"], placements),
+        "",
+        _table(["POOL-WORKER", "DEVICE", "HELD", "LOADING", "FAILED", "MODELS/MAX", "MEMORY-MB/BUDGET"], workers),
+        "",
+        "latest pool events" + ("" if rows else ": none"),
+        *([_table(["TIME", "POOL-WORKER", "EVENT", "MODEL", "REASON", "SECONDS"], rows)] if rows else []),
+    ]
+
+
+def render(status: dict, previous: dict | None, elapsed_s: float, wall_now: float | None = None) -> str:
     before = {w["worker_id"]: w for w in (previous or {}).get("workers", [])}
     workers = []
     for w in sorted(status["workers"], key=lambda w: (w["models"], w["host"], w["pid"])):
@@ -95,6 +148,7 @@ def render(status: dict, previous: dict | None, elapsed_s: float) -> str:
         "",
         _table(["MODEL", "WORKERS", "QUEUED", "INPUTS", "OLDEST-WAIT", "MEAN-BATCH", "BATCHES", "REDISPATCHED",
                 "OUTCOMES"], queues),
+        *render_pool(status, time.time() if wall_now is None else wall_now),
     ])
 
 

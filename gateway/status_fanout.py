@@ -89,8 +89,8 @@ def _unanswered(client: Any, timeout_s: float) -> BrokerError:
 
 def _one_view(link: Link, answer) -> dict:
     return {"instance_id": answer.instance_id, "models": answer.models, "workers": answer.workers,
-            "stats": answer.stats, "brokers": [{"endpoint": link.endpoint, "role": "preferred",
-                                                "instance_id": answer.instance_id}]}
+            "stats": answer.stats, "pool_events": answer.pool_events,
+            "brokers": [{"endpoint": link.endpoint, "role": "preferred", "instance_id": answer.instance_id}]}
 
 
 def _merged(client: Any, links: list[Link], answers: list, timeout_s: float) -> dict:
@@ -107,4 +107,4 @@ def _merged(client: Any, links: list[Link], answers: list, timeout_s: float) -> 
                          stats=answer.stats)
         brokers.append(entry)
     return {"instance_id": first.instance_id, "models": first.models, "workers": first.workers,
-            "stats": first.stats, "brokers": brokers}
+            "stats": first.stats, "pool_events": first.pool_events, "brokers": brokers}

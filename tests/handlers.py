@@ -38,3 +38,15 @@ class UpperModel(Manager):
         threads = torch.get_num_threads()
         return [{"upper": text.upper(), "pid": self.pid, "options": self.options, "threads": threads}
                 for text in batch]
+
+
+SLOW_LOAD_S = 0.6
+
+
+class SlowLoadEcho(PlainEcho):
+    """PlainEcho that takes SLOW_LOAD_S to load: a pool worker's load that a test can time."""
+
+    def init_model(self):
+        import time
+
+        time.sleep(SLOW_LOAD_S)

@@ -112,3 +112,18 @@ def http_ready(url: str, path: str = "/readyz", **kwargs) -> bool:
         return requests.get(f"{url}{path}", timeout=5, **kwargs).status_code == 200
     except requests.RequestException:
         return False
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """A Prometheus page as {(sample name, sorted labels): value}, for every sample on it."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(url, timeout=5).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """The sum of a scrape's samples of `name` whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))

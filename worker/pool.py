@@ -33,6 +33,7 @@ import zmq
 from ddml_common import protocol
 from ddml_common.cli import Parser, stop_on_signals
 from ddml_common.placement import Action, Kind, PlacementPolicy, PoolWorker, merge_reports
+from ddml_common.pool_events import EventKind, EventLog
 from ddml_common.protocol import ErrorCode
 from ddml_common.repository import Repository, RepositoryError, load_repository
 from worker.config import WorkerConfig
@@ -98,7 +99,8 @@ class PoolState:
     """What a pool worker holds, shared by its three threads under one lock; the I/O thread's hooks
     (PoolHooks) are holdings(), held_models(), take_changed() and on_demand()."""
 
-    def __init__(self, pool_id: str, catalog: list[str], max_models: int, budget_mb: float, report_ttl_s: float):
+    def __init__(self, pool_id: str, catalog: list[str], max_models: int, budget_mb: float, report_ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic):
         self.pool_id = pool_id
         self.catalog = frozenset(catalog)
         self.max_models = max_models
@@ -113,15 +115,18 @@ class PoolState:
         self._reports: dict[int, tuple[float, dict]] = {}  # link -> (when, demand report)
         self._changed = False
         self.report_arrived = threading.Event()
+        self.events = EventLog(ttl_s=report_ttl_s, clock=clock)  # on every heartbeat while recent (ddml-status)
         self.counts = {"pool_loads": 0, "pool_load_failures": 0, "pool_unloads": 0, "pool_evictions": 0,
                        "pool_busy_refusals": 0, "pool_load_s_total": 0.0}
 
     # ------------------------------------------------------------------ I/O thread
 
     def holdings(self) -> dict:
+        events = self.events.wire()
         with self._lock:
             return {"held": {m: round(self._replicas[m].memory_mb, 3) for m in sorted(self._announced)},
-                    "loading": sorted(self._loading | self._reserved), "failed": dict(self._failed)}
+                    "loading": sorted(self._loading | self._reserved), "failed": dict(self._failed),
+                    **({"events": events} if events else {})}
 
     def held_models(self) -> list[str]:
         with self._lock:
@@ -270,35 +275,43 @@ class Placer:
             logger.info("placement: %s %s (%s)", action.kind.value, action.model, action.reason,
                         extra={"model": action.model})
             if action.kind is Kind.UNLOAD:
-                self._unload(action.model, evicted=action.reason.startswith("evicted"), stopping=stopping)
+                self._unload(action.model, evicted=action.reason.startswith("evicted"), stopping=stopping,
+                             reason=action.reason)
             else:
                 need_mb = max(view.workers[state.pool_id].held.get(action.model, 0.0),
                               self._policy.specs[action.model].memory_mb)
-                self._load(action.model, need_mb)
+                self._load(action.model, need_mb, reason=action.reason)
 
-    def _unload(self, model: str, evicted: bool, stopping: threading.Event) -> None:
+    def _unload(self, model: str, evicted: bool, stopping: threading.Event, reason: str = "") -> None:
         """Drain: stop offering the model, let batches already sent to us finish, then unload."""
         if not self._state.begin_unload(model, evicted):
             return
+        reason = reason or ("evicted" if evicted else "idle")
+        began_at = self._clock()
+        self._state.events.record(EventKind.UNLOAD, model, reason)
         stopping.wait(self._drain_s)  # batches the brokers sent before they heard of it
         while (handler := self._state.finish_unload(model)) is None and not stopping.is_set():
             stopping.wait(0.05)  # a batch of it still computes
         del handler
         gc.collect()
         _empty_cuda_cache(self._device)
+        self._state.events.record(EventKind.UNLOADED, model, reason, self._clock() - began_at)
         logger.info("unloaded model %s (%s)", model, "evicted" if evicted else "idle", extra={"model": model})
 
-    def _load(self, model: str, need_mb: float) -> None:
+    def _load(self, model: str, need_mb: float, reason: str = "demand") -> None:
         why = self._state.begin_load(model, need_mb)
         if why:
             logger.warning("placement asked for model %s, not loaded: %s", model, why, extra={"model": model})
             return
         before_mb = _memory_mb(self._device)
         started_at = self._clock()
+        self._state.events.record(EventKind.LOAD, model, reason)
         try:
             handler = load_model(self._configs[model], self._device)
         except Exception as error:  # ModelLoadError (bad files), out of memory, a handler that raises
             logger.exception("loading model %s failed", model, extra={"model": model})
+            self._state.events.record(EventKind.LOAD_FAILED, model, reason, self._clock() - started_at,
+                                      error=f"{type(error).__name__}: {error}")  # first: on the heartbeat it prompts
             self._state.fail_load(model, f"{type(error).__name__}: {error}")
             return
         measured_mb = max(0.0, _memory_mb(self._device) - before_mb)
@@ -306,6 +319,7 @@ class Placer:
         on_cuda = self._device.startswith("cuda")
         memory_mb = measured_mb if on_cuda or not estimate_mb else estimate_mb
         load_s = self._clock() - started_at
+        self._state.events.record(EventKind.LOADED, model, reason, load_s)  # first: on the heartbeat it prompts
         self._state.finish_load(model, handler, memory_mb, load_s)
         logger.info("model %s loaded in %.2f s (%.1f MB)", model, load_s, memory_mb, extra={"model": model})
 

@@ -10,22 +10,10 @@ import sys
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.processes import REPO, free_port, http_ready, wait_until
+from tests.processes import REPO, free_port, http_ready, scrape, value, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-def scrape(url: str) -> dict[tuple, float]:
-    """{(sample name, sorted labels): value} for every sample on the page."""
-    text = requests.get(url, timeout=5).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
 
 
 def test_metrics_move_as_requests_flow_and_status_shows_the_cluster(stack):

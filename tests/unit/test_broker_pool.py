@@ -177,6 +177,6 @@ def test_metrics_show_replicas_per_model_and_each_pool_workers_loads_and_memory(
     assert 'ddml_model_replicas{model="a",state="loaded"} 1.0' in text
     assert 'ddml_model_replicas{model="b",state="loading"} 1.0' in text
     assert 'ddml_worker_pool_loads_total{host="",worker="' in text and "} 3.0" in text
-    assert "ddml_worker_pool_evictions_total" in text and "ddml_worker_pool_memory_used_mb" in text
+    assert "ddml_worker_pool_evictions_total" in text and "ddml_worker_pool_memory_used_bytes" in text
     with pytest.raises(protocol.DecodeError):  # what /metrics exports as a number must be one
         protocol.decode(protocol.encode(protocol.Heartbeat(stats={"pool_loads": "many"})))

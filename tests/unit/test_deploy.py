@@ -652,6 +652,10 @@ def exported_metrics() -> dict[str, frozenset[str]]:
     stats.queue_wait.observe(1.0)
     stats.batch_latency.observe(1.0)
     stats.redispatched += 1
+    stats.pool_loads[("demand", "ok")] += 1  # pool workers (issue #24): their series appear only with them
+    stats.pool_unloads["evicted"] += 1
+    stats.load_seconds.observe(1.0)
+    stats.cold_start_wait.observe(1.0)
     broker = BrokerMetrics()
     broker.publish(BrokerSnapshot(
         instance_id="i", stats={"malformed": 1}, histograms={"m": stats.histograms()},
