@@ -64,10 +64,10 @@ def free_port() -> int:
 
 
 class Cluster:
-    def __init__(self, repo: Path, extra_path: str, worker_flags: list[str], log_dir: Path):
+    def __init__(self, repo: Path, extra_path: str, worker_flags: list[str], log_dir: Path, env: dict | None = None):
         self.processes = []
         env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{extra_path}", "HF_HUB_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **(env or {})}
         front, back, port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
         for name, flags in (("broker", ["--frontend", f"tcp://127.0.0.1:{front}", "--backend", f"tcp://127.0.0.1:{back}"]),
@@ -132,28 +132,91 @@ def p50_ms(call, count: int) -> float:
     return statistics.median(times)
 
 
-def overhead(repo: Path, count: int) -> None:
+def _cheap_handler(directory: str):
+    """The cheap handler, written where the cluster's PYTHONPATH finds it, and imported here."""
+    Path(directory, "bench_cheap.py").write_text(CHEAP_HANDLER)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    from bench_cheap import Cheap  # noqa: E402 (written just above)
+
+    return Cheap()
+
+
+ROUTES = (v2_binary, v1_msgpack, v1_json)
+
+
+def overhead(trees: dict[str, Path], count: int, rounds: int) -> None:
+    """p50 over HTTP minus in-process per route, for each tree, taking turns round by round."""
+    image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
+    figures: dict[str, dict[str, list[float]]] = {name: {r.__name__: [] for r in ROUTES} for name in trees}
+    with tempfile.TemporaryDirectory() as directory:
+        handler = _cheap_handler(directory)
+        in_process = p50_ms(lambda: handler.predict([image]), count)
+        print(f"in-process p50 {in_process:.3f} ms")
+        names = list(trees)
+        for round_ in range(rounds):
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # whoever went first goes last
+                cluster = Cluster(trees[name], directory, ["--model", "m", "--handler", "bench_cheap:Cheap"],
+                                  Path(directory))
+                try:
+                    session = requests.Session()
+                    for encode in ROUTES:
+                        request = encode(image)
+                        for _ in range(5):
+                            post(session, cluster.url, request)  # warm
+                        http = p50_ms(lambda: post(session, cluster.url, request), count)
+                        figures[name][encode.__name__].append(http - in_process)
+                        print(f"  round {round_ + 1} {name:8} {encode.__name__:10} p50 {http:7.2f} ms, "
+                              f"over HTTP minus in-process {http - in_process:7.2f} ms", flush=True)
+                finally:
+                    cluster.stop()
+    print(f"\np50 over HTTP minus in-process, ms (median of {rounds} rounds; each round's figure)\n")
+    header = " | ".join(names)
+    ratio = f" | {names[0]} / {names[1]}" if len(names) == 2 else ""
+    print(f"| route | {header}{ratio} |\n|---|{'---:|' * (len(names) + bool(ratio))}")
+    for route in figures[names[0]]:
+        cells = [f"{statistics.median(figures[n][route]):.2f} ({' / '.join(f'{x:.2f}' for x in figures[n][route])})"
+                 for n in names]
+        if ratio:
+            per_round = [a / b for a, b in zip(figures[names[0]][route], figures[names[1]][route])]
+            cells.append(f"{statistics.median(per_round):.2f}")
+        print(f"| {route} | {' | '.join(cells)} |")
+
+
+def hops_table(repo: Path, count: int) -> None:
+    """Each stamp of one request's way through gateway, broker and worker (hops.py), per route."""
+    import hops as stamps  # beside this file (sys.path[0])
+
+    stamps.install("client")  # this process's stamps: the client's calls
+
     image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
     with tempfile.TemporaryDirectory() as directory:
-        Path(directory, "bench_cheap.py").write_text(CHEAP_HANDLER)
-        sys.path.insert(0, directory)
-        sys.path.insert(0, str(repo))
-        from bench_cheap import Cheap  # noqa: E402 (written just above)
-
-        handler = Cheap()
-        in_process = p50_ms(lambda: handler.predict([image]), count)
-        cluster = Cluster(repo, directory, ["--model", "m", "--handler", "bench_cheap:Cheap"], Path(directory))
+        _cheap_handler(directory)
+        out = Path(directory, "stamps")
+        out.mkdir()
+        site = Path(directory, "site")
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(
+            f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport hops\nhops.install()\n")
+        os.environ["DDML_HOPS_DIR"] = str(out)
+        cluster = Cluster(repo, f"{directory}{os.pathsep}{site}", ["--model", "m", "--handler", "bench_cheap:Cheap"],
+                          Path(directory), env={"DDML_HOPS_DIR": str(out)})
         try:
             session = requests.Session()
-            print(f"repo {repo}: in-process p50 {in_process:.2f} ms")
-            for encode in (v2_binary, v1_msgpack, v1_json):
+            for encode in (v2_binary, v1_msgpack):
                 request = encode(image)
                 for _ in range(5):
-                    post(session, cluster.url, request)  # warm
-                http = p50_ms(lambda: post(session, cluster.url, request), count)
-                print(f"  {encode.__name__:10} p50 {http:7.2f} ms   over HTTP minus in-process {http - in_process:7.2f} ms")
+                    post(session, cluster.url, request)
+                for _ in range(count):
+                    stamps.stamp("client", ">", encode.__name__)
+                    post(session, cluster.url, request)
+                    stamps.stamp("client", "<", encode.__name__)
+            stamps.flush()
         finally:
             cluster.stop()
+        print(f"repo {repo}\n")
+        for encode in (v2_binary, v1_msgpack):
+            print(stamps.analyse(out, encode.__name__) + "\n")
 
 
 def throughput(repo: Path, count: int) -> None:
@@ -213,15 +276,44 @@ def codec(repo: Path) -> None:
     print(line)
 
 
+HERE = Path(__file__).resolve().parents[2]  # this checkout
+
+
+def checkout(rev: str, directory: str) -> Path:
+    """A detached worktree of this checkout at REV (removed by the caller's cleanup)."""
+    tree = Path(directory, f"before-{rev}".replace("/", "_"))
+    subprocess.run(["git", "-C", str(HERE), "worktree", "add", "--detach", str(tree), rev], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return tree
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["overhead", "throughput", "codec"])
-    parser.add_argument("repo", type=Path)
+    parser.add_argument("what", choices=["overhead", "throughput", "codec", "hops", "floor"])
+    parser.add_argument("repo", type=Path, nargs="?", default=HERE, help="the checkout to measure (default: this one)")
     parser.add_argument("--requests", type=int, default=0)
+    parser.add_argument("--before", metavar="REV", help="overhead: also measure git revision REV, taking turns")
+    parser.add_argument("--rounds", type=int, default=1, help="overhead: rounds, each measuring every tree")
     args = parser.parse_args()
+    repo = args.repo.resolve()
     if args.what == "codec":
-        codec(args.repo.resolve())
+        codec(repo)
     elif args.what == "overhead":
-        overhead(args.repo.resolve(), args.requests or 200)
+        with tempfile.TemporaryDirectory() as scratch:
+            trees = {"this": repo}
+            if args.before:
+                trees[args.before] = checkout(args.before, scratch)
+            try:
+                overhead(trees, args.requests or 200, args.rounds)
+            finally:
+                if args.before:
+                    subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(trees[args.before])],
+                                   check=False)
+    elif args.what == "hops":
+        hops_table(repo, args.requests or 300)
+    elif args.what == "floor":
+        from floor import main as floor  # beside this file (sys.path[0])
+
+        floor(args.requests or 300)
     else:
-        throughput(args.repo.resolve(), args.requests or 64)
+        throughput(repo, args.requests or 64)
