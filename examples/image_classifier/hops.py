@@ -232,7 +232,7 @@ def analyse(directory: Path, title: str) -> str:
     for i, name in enumerate(typical):
         at = statistics.median((call[i][0] - call[0][0]) / 1e6 for call in kept)
         step = statistics.median((call[i][0] - call[i - 1][0]) / 1e6 for call in kept) if i else 0.0
-        same = i and all(call[i][2:4] == call[i - 1][2:4] for call in kept[:1])
+        same = i and kept[0][i][2:4] == kept[0][i - 1][2:4]  # (every kept call has the same labels)
         cpu = f"{statistics.median((call[i][1] - call[i - 1][1]) / 1e6 for call in kept):.3f}" if same else ""
         role, thread, stamp_name = name.split(":", 2)
         size = kept[0][i][5].split(" ")[1] if " " in kept[0][i][5] else ""
