@@ -837,14 +837,79 @@ def replies_of(message: Message) -> list[Reply]:
 
 def encode_value(value: Any) -> bytes:
     """One input or output as an item frame. numpy arrays (and tensors) travel as raw buffers."""
+    kind = type(value)
+    if kind is np.ndarray:
+        return _array_item(*_ndarray_fields(value))
+    if kind is dict and len(value) == 1 and _NDARRAY_KEY in value:  # a msgpack client's array, passed on as it came
+        fields = value[_NDARRAY_KEY]
+        if type(fields) is list and len(fields) == 3 and type(fields[0]) is str and type(fields[2]) is bytes:
+            return _array_item(*fields)
     return _packb(value)
 
 
-def decode_value(data: bytes) -> Any:
-    """Inverse of encode_value(). Raises DecodeError on anything malformed."""
+def decode_value(data: bytes | memoryview, writable: bool = True) -> Any:
+    """Inverse of encode_value(). Raises DecodeError on anything malformed. An array item (a buffer,
+    e.g. a view of the frame it came in, that holds one `__ndarray__` map) becomes an array with one
+    copy of its data, writable; with writable=False, none: a read-only view of `data`."""
     if len(data) > MAX_ITEM_BYTES:
         raise DecodeError(f"item of {len(data)} bytes exceeds {MAX_ITEM_BYTES}")
+    if data[:_ARRAY_HEAD_LEN] == _ARRAY_HEAD:
+        array = _array_of_item(data, writable)
+        if array is not None:
+            return array
     return _unpackb(data, max_len=MAX_ITEM_BYTES, object_hook=_decode_ndarray)
+
+
+# An array item, as msgpack packs {"__ndarray__": [dtype, shape, data]}: a map of one key, the key (a
+# fixstr of 11), an array of 3; then the dtype (str), the shape (array of ints), the data (bin).
+_ARRAY_HEAD = b"\x81\xab" + _NDARRAY_KEY.encode() + b"\x93"
+_ARRAY_HEAD_LEN = len(_ARRAY_HEAD)
+_ARRAY_FIELDS_MAX = 256  # the dtype and the shape of any allowed array take fewer bytes (16 dims of 9 bytes)
+_BIN_HEADS = ((1 << 8, b"\xc4", 1), (1 << 16, b"\xc5", 2), (1 << 32, b"\xc6", 4))  # msgpack bin 8, 16, 32
+
+
+def _array_item(dtype: str, shape: list, data) -> bytes:
+    """encode_value() of an array, with one copy of its data: the small head packed, then joined to
+    the data's buffer. The same bytes as packing {"__ndarray__": [dtype, shape, data]} (msgpack
+    chooses the shortest bin header, as here)."""
+    size = len(data) if type(data) is bytes else memoryview(data).nbytes
+    for bound, marker, width in _BIN_HEADS:
+        if size < bound:
+            break
+    else:
+        raise TypeError(f"an array of {size} bytes cannot travel")
+    head = _ARRAY_HEAD + _packb(dtype) + _packb(shape) + marker + size.to_bytes(width, "big")
+    return b"".join((head, data))
+
+
+def _array_of_item(data: bytes | memoryview, writable: bool) -> np.ndarray | None:
+    """The array of an item that is exactly one `__ndarray__` map, or None when it is anything else
+    (then the general path decodes it, or says why it cannot). Its dtype and shape are checked as
+    _decode_ndarray checks them, and its data must fill the rest of the item."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False, ext_hook=_refuse_ext, max_buffer_size=_ARRAY_FIELDS_MAX)
+        unpacker.feed(bytes(data[_ARRAY_HEAD_LEN:_ARRAY_HEAD_LEN + _ARRAY_FIELDS_MAX]))
+        dtype, shape = unpacker.unpack(), unpacker.unpack()
+        at = _ARRAY_HEAD_LEN + unpacker.tell()
+    except Exception:  # msgpack: "unpack may raise exception other than subclass of UnpackException"
+        return None
+    if type(dtype) is not str or dtype not in _ALLOWED_DTYPES or type(shape) is not list \
+            or not all(type(n) is int and n >= 0 for n in shape):
+        return None
+    marker = data[at:at + 1]
+    for _, head, width in _BIN_HEADS:
+        if marker == head:
+            break
+    else:
+        return None
+    start = at + 1 + width
+    size = int.from_bytes(data[at + 1:start], "big")
+    itemsize = np.dtype(dtype).itemsize
+    if start + size != len(data) or size != itemsize * math.prod(shape):
+        return None
+    if writable:  # torch.from_numpy takes it without a warning, and predict() may work in place
+        return np.frombuffer(bytearray(memoryview(data)[start:]), dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, count=size // itemsize, offset=start).reshape(shape)
 
 
 _packers = threading.local()

@@ -30,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
+from ddml_common.memory import keep_freed_buffers
 from gateway.config import build_parser
 from gateway.errors import server_refusal
 
@@ -171,6 +172,7 @@ class GatewayWorker(UvicornWorker):
         # it, the same run; the measurement is in the commit that added this).
         gc.collect()
         gc.freeze()
+        keep_freed_buffers()  # a tensor's body and frames reuse freed memory, not fresh pages (ddml_common/memory.py)
         server = Server(config=self.config)
         asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGTERM, None)
         await server.serve(sockets=self.sockets)

@@ -198,7 +198,8 @@ class Infer:
                       version: str | None = None) -> None:
         await self._catalog.refresh()
         _model(self._catalog, model, version)  # 404 before the body is read
-        body = _decompress(req, await read_body(req, self._config), self._config.max_body_bytes)
+        # A view: the JSON header and each binary tensor are read where they lie in the body, not copied out.
+        body = memoryview(_decompress(req, await read_body(req, self._config), self._config.max_body_bytes))
         header_length = req.get_header("Inference-Header-Content-Length")
         try:
             split = int(header_length) if header_length is not None else len(body)
@@ -239,8 +240,8 @@ class Infer:
             datatype, array = tensors[name]
             binary = bool((wanted.get("parameters") or {}).get("binary_data", binary_default))
             entry = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-            if binary:
-                raw = _bytes_tensor_to_raw(array) if datatype == "BYTES" else array.tobytes()
+            if binary:  # the array's own memory, copied once, into the body (below)
+                raw = _bytes_tensor_to_raw(array) if datatype == "BYTES" else _bytes_of(array)
                 entry["parameters"] = {"binary_data_size": len(raw)}
                 buffers.append(raw)
             else:
@@ -254,7 +255,7 @@ class Infer:
         if buffers:
             resp.set_header("Inference-Header-Content-Length", str(len(header)))
             resp.content_type = "application/octet-stream"
-            payload = header + b"".join(buffers)
+            payload = b"".join((header, *buffers))
         else:
             resp.content_type = falcon.MEDIA_JSON
             payload = header
@@ -283,11 +284,12 @@ class InferCall:
 
 
 def prepare(catalog: Catalog, config: GatewayConfig, model: str, version: str | None, request: dict,
-            binary: bytes, most_s: float | None = None) -> InferCall:
+            binary: bytes | memoryview, most_s: float | None = None) -> InferCall:
     """A v2 inference request's checks and limits (HTTP and gRPC), and its rows for the broker.
 
     `request` is the JSON header's document (inputs with data or binary_data_size; parameters),
-    `binary` the tensors' raw bytes in input order, `most_s` a deadline the caller already has
+    `binary` the tensors' raw bytes in input order (a view of the HTTP body: each numeric input
+    becomes a read-only array over it, which encode_value() copies once into its item), `most_s` a deadline the caller already has
     (gRPC's). Raises BrokerError (GatewayError)."""
     metadata = _model(catalog, model, version)["metadata"]
     if not isinstance(request.get("inputs"), list) or not request["inputs"]:
@@ -318,7 +320,7 @@ def _schedule(parameters: dict, config: GatewayConfig) -> tuple[float, int]:
     return timeout_s, broker_priority
 
 
-def _rows(inputs: list, binary: bytes, config: GatewayConfig) -> list:
+def _rows(inputs: list, binary: bytes | memoryview, config: GatewayConfig) -> list:
     """One broker input per row of the batch dimension. With several input tensors, a row is a
     {name: value} map; with one, it is the value itself."""
     offset = 0
@@ -382,7 +384,7 @@ def _json_to_elements(name: str, datatype: Any, data: Any, count: int):
         raise _bad(f"input '{name}' data does not fit {datatype}: {error}") from None
 
 
-def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int, max_chars: int):
+def _raw_to_elements(name: str, datatype: Any, raw: bytes | memoryview, count: int, max_chars: int):
     if datatype == "BYTES":
         elements, position = [], 0
         while position < len(raw):
@@ -392,7 +394,7 @@ def _raw_to_elements(name: str, datatype: Any, raw: bytes, count: int, max_chars
             position += 4
             if position + length > len(raw):
                 raise _bad(f"input '{name}': a BYTES element runs past its buffer")
-            element = _text(raw[position:position + length])
+            element = _text(bytes(raw[position:position + length]))
             if len(element) > max_chars:
                 raise _bad(f"input '{name}' has a BYTES element of {len(element)} characters, "
                                    f"over the limit of {max_chars} (--max-input-chars)")
@@ -430,6 +432,11 @@ def _output_tensors(specs: list[dict], outputs: list) -> dict[str, tuple[str, np
                                    f"output '{spec['name']}' cannot be made a {spec['datatype']} tensor: {error}")
         tensors[spec["name"]] = (spec["datatype"], array)
     return tensors
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """A numeric array's bytes in C order, as a view (a copy only where it is not contiguous)."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
 def _bytes_tensor_to_raw(array: np.ndarray) -> bytes:

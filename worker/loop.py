@@ -6,7 +6,6 @@ does continuous batching, for handlers that declare it (Manager.continuous).
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
@@ -19,6 +18,7 @@ import zmq
 
 from ddml_common import protocol, tracing
 from ddml_common.protocol import ErrorCode
+from ddml_common.memory import keep_freed_buffers
 from ddml_common.sockets import send_frames
 from ddml_common.tensors import check_output, checked_outputs
 from worker.link import ComputeState, WorkBatch
@@ -39,25 +39,6 @@ SHARED_MEMORY_S = 1.0
 # broker I/O thread, a lane, an OpenMP thread): the main thread, asleep on a lock, would then not
 # run the handler until it woke, and a worker with nothing to do would ignore SIGTERM for ever.
 SIGNAL_CHECK_S = 0.25
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
-
-
-def keep_freed_buffers() -> None:
-    """Let this process reuse the memory of freed input tensors instead of faulting in fresh pages.
-
-    glibc gives a freed buffer over its mmap threshold back to the kernel at once, and trims the
-    heap's top past 128 KB: each input tensor decoded into a fresh writable buffer then pays a page
-    fault per 4 KB, far more than copying it (the codec figures of issue #27's closing note). With
-    these thresholds such buffers stay in the heap, to be reused by the next batch. Nothing on a
-    libc other than glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-    except (OSError, AttributeError):
-        pass
 
 
 def run_worker(
