@@ -121,6 +121,7 @@ class WorkerView(Protocol):
     worker_id: bytes
     models: frozenset[str]
     max_batch_size: int
+    model_max_batch_size: dict[str, int]  # a pool worker's own cap per model, over max_batch_size (max_batch_size_for)
     max_batches: int
     in_flight: dict
     latency_ewma_s: float
@@ -137,6 +138,11 @@ class WorkerView(Protocol):
 
 
 ServesElsewhere = Callable[[str, tuple[bytes, ...]], bool]  # (model, worker ids): does a live worker outside them serve it?
+
+
+def max_batch_size_for(worker: WorkerView, model: str) -> int:
+    """The most inputs of `model` per batch to this worker: a pool worker's own cap for the model, else its one cap."""
+    return worker.model_max_batch_size.get(model, worker.max_batch_size)
 
 
 class Batcher:
@@ -240,7 +246,7 @@ class Batcher:
                                                added_items.get(w.worker_id, 0), isolated) > 0
                          if w.max_inputs else
                          self._has_credit(w, len(w.in_flight) + added_batches.get(w.worker_id, 0), queued,
-                                          isolated))
+                                          isolated, max_batch_size_for(w, model)))
                 ]
                 if not candidates:
                     break
@@ -249,13 +255,14 @@ class Batcher:
                     key=lambda w: (w.on_probation, w.in_flight_items + added_items.get(w.worker_id, 0),
                                    w.latency_ewma_s),
                 )
+                max_batch_size = max_batch_size_for(worker, model)
                 if worker.max_inputs:
                     # Continuous batching: no hold. The worker forms its own passes from what it
                     # holds, so inputs go to it as soon as it has room, a slice at a time (the
                     # next slice may suit another worker better).
                     room = self._continuous_room(worker, added_batches.get(worker.worker_id, 0),
                                                  added_items.get(worker.worker_id, 0), isolated)
-                    items = self._take(levels, min(room, worker.max_batch_size))
+                    items = self._take(levels, min(room, max_batch_size))
                     if not items:
                         break
                     added_batches[worker.worker_id] = added_batches.get(worker.worker_id, 0) + 1
@@ -265,15 +272,15 @@ class Batcher:
                     dispatches.append(Dispatch(worker.worker_id, model, items))
                     continue
                 held = len(worker.in_flight) + added_batches.get(worker.worker_id, 0)
-                hold_until = self._refill_hold_until(worker, held, queued, levels, now)
+                hold_until = self._refill_hold_until(worker, held, queued, levels, now, max_batch_size)
                 if hold_until is not None:
                     self._hold_until = min(self._hold_until, hold_until)
                     break
-                wait_until = self._wait_until(levels, worker.max_batch_size, now)
+                wait_until = self._wait_until(levels, max_batch_size, now)
                 if wait_until is not None:
                     self._hold_until = min(self._hold_until, wait_until)
                     break
-                items = self._take(levels, worker.max_batch_size)
+                items = self._take(levels, max_batch_size)
                 if not items:
                     break
                 added_batches[worker.worker_id] = added_batches.get(worker.worker_id, 0) + 1
@@ -331,7 +338,8 @@ class Batcher:
             self._queued_requests[request.model] -= 1
 
     @staticmethod
-    def _has_credit(worker: WorkerView, held_batches: int, queued_items: float, isolated: bool = False) -> bool:
+    def _has_credit(worker: WorkerView, held_batches: int, queued_items: float, isolated: bool,
+                    max_batch_size: int) -> bool:
         """An idle worker takes any batch at once. A worker already computing one takes a second
         (to pipeline) only when a full batch is waiting: handing it a part-batch early would cut
         what arrives next into small batches (at concurrency 64 on a CPU: sizes 1, 4, 59, 1, 4,
@@ -348,7 +356,7 @@ class Batcher:
             return held_batches == 0
         if Batcher._holds_isolated(worker):
             return False
-        return held_batches == 0 or queued_items >= worker.max_batch_size
+        return held_batches == 0 or queued_items >= max_batch_size
 
     @staticmethod
     def _holds_isolated(worker: WorkerView) -> bool:
@@ -371,7 +379,7 @@ class Batcher:
         return worker.max_inputs - held_items
 
     def _refill_hold_until(self, worker: WorkerView, held_batches: int, queued_items: float,
-                           levels: dict[int, deque[WorkItem]], now: float) -> float | None:
+                           levels: dict[int, deque[WorkItem]], now: float, max_batch_size: int) -> float | None:
         """The refill hold: when to stop holding a part-batch for a worker that just went idle, or None.
 
         Under closed-loop load (N clients, each sending its next request when it gets a reply), the
@@ -389,8 +397,8 @@ class Batcher:
         batch finished fall behind _REFILL_PACE times the rate seen while it computed. At low load
         (a last batch of 1) nothing waits.
         """
-        target = min(worker.last_batch_size, worker.max_batch_size)
-        if (held_batches or target < 2 or queued_items >= worker.max_batch_size
+        target = min(worker.last_batch_size, max_batch_size)
+        if (held_batches or target < 2 or queued_items >= max_batch_size
                 or self._config.refill_wait_max_s <= 0):
             return None
         finished_at = worker.last_completed_at

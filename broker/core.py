@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem
+from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem, max_batch_size_for
 from broker.config import BrokerConfig
 from broker.pool import can_load, catalog, demand_report, pool_workers, replicas
 from broker.pool_events import PoolEventRing
@@ -222,7 +222,7 @@ class BrokerCore:
                     metadata_from = ""  # over the budget: left out
             models[name] = {
                 "workers": len(serving),
-                "max_batch_size": max((w.max_batch_size for w in serving), default=0),
+                "max_batch_size": max((max_batch_size_for(w, name) for w in serving), default=0),
                 # A READY's metadata goes into STATUS once, whatever number of models it names: the
                 # entries of its other models name the entry that carries it (gateway/catalog.py
                 # reads it there). Past a budget in total, metadata is left out ("metadata_from": "").

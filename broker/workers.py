@@ -66,6 +66,8 @@ class WorkerState:
     suspect_until: float | None = None
     on_probation: bool = False  # it overran a batch deadline: one batch at a time, and last choice, until it answers
     pool: dict = field(default_factory=dict)  # a pool worker's Ready.pool (id, catalog, limits); empty: a fixed one
+    # A pool worker's own cap per model (Ready.pool's max_batch); a model not in it gets max_batch_size.
+    model_max_batch_size: dict[str, int] = field(default_factory=dict)
     holdings: dict = field(default_factory=dict)  # a pool worker's latest Heartbeat.pool (held, loading, failed)
 
     @property
@@ -157,6 +159,7 @@ class WorkerRegistry:
             peer_key=peer_key,
             max_inputs=ready.max_inputs,
             pool=ready.pool,
+            model_max_batch_size=dict(ready.pool.get("max_batch", {})),
             latency_ewma_s=max([_LATENCY_PRIOR_S] + [w.latency_ewma_s for w in self._workers.values()
                                                      if w.batches_done and not w.models.isdisjoint(models)]),
         )

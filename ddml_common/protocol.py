@@ -132,7 +132,9 @@ class Ready:
     # 0: batch credit only (max_batches whole batches, each answered at once).
     max_inputs: int = 0
     # A pool worker (docs/placement.md): {"id": its pool id, "catalog": [models it may load], "max_models": n,
-    # "budget_mb": MB (0: none)}. Its `models` are those it holds now, none at first. Empty: not on the wire.
+    # "budget_mb": MB (0: none)}, and optionally "max_batch": {model: n}, each catalog model's own most inputs
+    # per batch (max_batch_size for those it leaves out). Its `models` are those it holds now, none at first.
+    # Empty: not on the wire.
     pool: dict = field(default_factory=dict)
 
 
@@ -428,6 +430,21 @@ def _check_pool_registration(pool: dict) -> None:
     if type(max_models) is not int or not 1 <= max_models <= MAX_CATALOG:
         raise _refuse("Ready.pool['max_models']", f"an int in [1, {MAX_CATALOG}]", max_models)
     _check_megabytes(pool.get("budget_mb"), "Ready.pool['budget_mb']")
+    if "max_batch" in pool:
+        _check_pool_batch_caps(pool["max_batch"], catalog)
+
+
+def _check_pool_batch_caps(caps: Any, catalog: list[str]) -> None:
+    """Ready.pool's optional "max_batch": {model: most inputs per batch}, each a model of its catalog (the
+    broker forms that model's batches up to it; a model not named here gets Ready.max_batch_size)."""
+    if type(caps) is not dict or len(caps) > len(catalog):
+        raise _refuse("Ready.pool['max_batch']", "a map of catalog models to batch sizes", caps)
+    names = frozenset(catalog)
+    for model, size in caps.items():
+        if model not in names:
+            raise _refuse("Ready.pool['max_batch']", "keyed by models of Ready.pool['catalog']", model)
+        if type(size) is not int or not 1 <= size <= MAX_ITEMS:
+            raise _refuse(f"Ready.pool['max_batch'][{model!r}]", f"an int in [1, {MAX_ITEMS}]", size)
 
 
 def _check_megabytes(value: Any, where: str) -> None:

@@ -50,3 +50,14 @@ class SlowLoadEcho(PlainEcho):
         import time
 
         time.sleep(SLOW_LOAD_S)
+
+
+class DirectedEcho(PlainEcho):
+    """PlainEcho that obeys {"sleep_s": s} in an input, as the built-in echo model with test directives
+    does: a model of any name whose batch a test can hold at the worker."""
+
+    def predict(self, batch):
+        import time
+
+        time.sleep(max((float(x.get("sleep_s", 0)) for x in batch if isinstance(x, dict)), default=0.0))
+        return list(batch)

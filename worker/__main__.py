@@ -2,7 +2,8 @@
 
 With --num-workers N (or --cuda-devices), this process becomes a supervisor: it spawns N
 worker processes round-robin over the devices (each sees only its GPU), restarts any that
-dies, and forwards SIGTERM so they drain.
+dies, and forwards SIGTERM so they drain. With --pool it does the same for pool workers, at
+least one per GPU listed.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ def build_parser() -> Parser:
                              "them with 400 (a request may still ask for either)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, or cuda:N")
     parser.add_argument("--cuda-devices", default="",
-                        help="comma-separated GPU indices to spread --num-workers over, e.g. 0,1")
+                        help="comma-separated GPU indices to spread --num-workers over, e.g. 0,1; with --pool, "
+                             "at least one pool worker per GPU, each with its own budget")
     parser.add_argument("--num-workers", type=int, default=1,
-                        help="worker processes to run (>1 or --cuda-devices: supervised, restarted on death)")
+                        help="worker processes to run (>1 or --cuda-devices: supervised, restarted on death); "
+                             "with --pool, pool workers, each with its own pool id and budget")
     parser.add_argument("--supervise", action="store_true",
                         help="run the worker(s) as child processes and restart any that dies (implied by "
                              "--num-workers > 1 or --cuda-devices)")
@@ -127,15 +130,16 @@ def build_parser() -> Parser:
                         help="torch intra-op threads per process; 0 = cores / processes on the CPU")
     parser.add_argument("--pool", action="store_true",
                         help="a pool worker: start with no model, and load and unload the models of --repository "
-                             "as placement decides from the brokers' demand (docs/placement.md)")
+                             "as placement decides from the brokers' demand (docs/placement.md); with "
+                             "--num-workers or --cuda-devices, several, supervised")
     parser.add_argument("--repository", default=None,
                         help="with --pool: the TOML file of every model it may load, each a [models.NAME] table of "
                              "worker flags plus min-replicas, max-replicas, idle-unload-s and memory-mb")
     parser.add_argument("--max-models", type=int, default=4, help="with --pool: the most models held at once")
     parser.add_argument("--memory-budget-mb", type=float, default=0.0,
-                        help="with --pool: the most memory its models may take, measured after each load on a GPU "
-                             "(on the CPU: each model's memory-mb, else its growth of this process); 0 = what the "
-                             "device has")
+                        help="with --pool: the most memory each pool worker's models may take, measured after each "
+                             "load on a GPU (on the CPU: each model's memory-mb, else its growth of this process); "
+                             "0 = what its device has, shared equally by the pool workers on it")
     parser.add_argument("--otlp-endpoint", default=None,
                         help="export OpenTelemetry spans of traced requests' batches, forward passes and time "
                              "queued at the broker to this OTLP/HTTP collector (e.g. http://collector:4318); "

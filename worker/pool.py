@@ -17,6 +17,7 @@ A failed load is reported (Heartbeat.pool's `failed`, with its reason) and does 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -40,7 +41,8 @@ from worker.config import WorkerConfig
 from worker.connection import BrokerConnection, ComputeState
 from worker.link import WorkBatch
 from worker.loop import RESULT_SEND_TIMEOUT_MS, SIGNAL_CHECK_S, push_result, run_and_push
-from worker.serve import _describe_device, load_model, resolve_device
+from worker.serve import (_describe_device, device_slots, load_model, resolve_device, spawn_process, start_child,
+                          supervise_processes)
 
 logger = logging.getLogger(__name__)
 
@@ -398,8 +400,6 @@ def run_pool(parser: Parser, args: Any, base: WorkerConfig, stop: threading.Even
     """`ddml-worker --pool`: check the repository and the flags, then serve until `stop`."""
     if not args.repository:
         parser.fail("--pool needs --repository FILE")
-    if args.num_workers > 1 or args.cuda_devices or args.supervise:
-        parser.fail("--pool runs one worker process: start one per device (--device cuda:N)")
     if args.max_models < 1:
         parser.fail(f"--max-models must be at least 1, got {args.max_models}")
     if args.memory_budget_mb < 0:
@@ -410,25 +410,51 @@ def run_pool(parser: Parser, args: Any, base: WorkerConfig, stop: threading.Even
         parser.fail(str(error))
     configs = model_configs(repository, base, parse)
     stop_on_signals(stop)
-    serve_pool(base, repository, configs, args.max_models, args.memory_budget_mb, stop)
+    cuda_devices = [d.strip() for d in args.cuda_devices.split(",") if d.strip()]
+    if not (args.supervise or args.num_workers > 1 or cuda_devices):
+        serve_pool(base, repository, configs, args.max_models, args.memory_budget_mb, stop)
+        return
+    # One pool worker per process, supervised as fixed workers are (worker/serve.py), at least one per GPU:
+    # each with its own pool id, device and budget (--memory-budget-mb, or its share of what its device has).
+    log_level = f"{args.log_level}:{args.log_format}"
+    slots = device_slots(base, max(args.num_workers, len(cuda_devices), 1), cuda_devices)
+    starts = []
+    for gpu, child in slots:
+        child_configs = {name: dataclasses.replace(c, device=child.device, torch_threads=child.torch_threads)
+                         for name, c in configs.items()}
+        sharing = sum(1 for other, _ in slots if other == gpu)  # processes on this device (the CPU: all)
+        child_args = (child, repository, child_configs, args.max_models, args.memory_budget_mb, log_level, sharing)
+        starts.append((gpu, functools.partial(spawn_process, pool_process_main, child_args, gpu, daemon=False)))
+    supervise_processes(starts, stop)
+
+
+def pool_process_main(config: WorkerConfig, repository: Repository, configs: dict[str, WorkerConfig],
+                      max_models: int, budget_mb: float, log_level: str, sharing: int) -> None:
+    """Entry point of a supervised pool worker process (run_pool): serve until SIGTERM, then drain."""
+    serve_pool(config, repository, configs, max_models, budget_mb, start_child(log_level), sharing)
 
 
 def serve_pool(config: WorkerConfig, repository: Repository, configs: dict[str, WorkerConfig], max_models: int,
-               budget_mb: float, stop: threading.Event) -> None:
+               budget_mb: float, stop: threading.Event, sharing: int = 1) -> None:
+    """Serve as one pool worker until `stop`. budget_mb 0: what the device has, split among the `sharing`
+    pool workers on it."""
     device = resolve_device(config)
     if config.torch_threads:  # --torch-threads, as serve() honours it
         from worker.models.hf_text import set_torch_threads
 
         set_torch_threads(config.torch_threads)
-    budget_mb = budget_mb or device_memory_mb(device)
+    budget_mb = budget_mb or device_memory_mb(device) / sharing
     pool_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
     catalog = sorted(repository.models)
     state = PoolState(pool_id, catalog, max_models, budget_mb,
                       report_ttl_s=_REPORT_TTL_INTERVALS * config.heartbeat_interval_s)
+    # Each model's own --max-batch-size ("max_batch"); max_batch_size, the smallest, is for a broker that
+    # predates the map (it then caps every model at it).
     ready = protocol.Ready(
         models=[], max_batch_size=min(c.max_batch_size for c in configs.values()), max_batches=config.max_batches,
         device=_describe_device(device), host=socket.gethostname(), pid=os.getpid(),
-        pool={"id": pool_id, "catalog": catalog, "max_models": max_models, "budget_mb": round(budget_mb, 3)},
+        pool={"id": pool_id, "catalog": catalog, "max_models": max_models, "budget_mb": round(budget_mb, 3),
+              "max_batch": {name: configs[name].max_batch_size for name in catalog}},
     )
     context = zmq.Context()
     inbox: queue.Queue = queue.Queue()

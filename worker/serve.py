@@ -6,6 +6,7 @@ Kept out of __main__ so that spawned children can import child_main under `pytho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import os
@@ -149,12 +150,18 @@ def _describe_device(device: str) -> str:
 
 def child_main(config: WorkerConfig, log_level: str, handler_class: type | None = None) -> None:
     """Entry point of a spawned worker process. log_level may be "LEVEL:FORMAT"."""
+    serve(config, start_child(log_level), handler_class)
+
+
+def start_child(log_level: str) -> threading.Event:
+    """A spawned worker process's first steps: its logging (log_level "LEVEL:FORMAT"), no hub downloads, and
+    the Event that SIGTERM and SIGINT set."""
     level, _, log_format = log_level.partition(":")
     configure_logging(level, log_format or "text")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     stop = threading.Event()
     stop_on_signals(stop)
-    serve(config, stop, handler_class)
+    return stop
 
 
 def _torch_threads() -> tuple[int, Callable[[int], None] | None]:
@@ -189,25 +196,40 @@ def spawn_process(target: Callable, args: tuple, gpu: str | None, daemon: bool) 
     return process
 
 
-def supervise(config: WorkerConfig, num_workers: int, cuda_devices: list[str], log_level: str,
-              stop: threading.Event, handler_class: type | None = None) -> None:
-    """Run num_workers processes, round-robin over cuda_devices, restarting any that dies."""
+def device_slots(config: WorkerConfig, num_workers: int, cuda_devices: list[str]) -> list[tuple[str | None, WorkerConfig]]:
+    """Each of num_workers processes' GPU (round-robin over cuda_devices; None: the CPU, or every device) and
+    config: with a GPU it sees that one GPU as cuda:0; on the CPU it gets its share of the cores."""
     cpu_threads = config.torch_threads or (max(1, (os.cpu_count() or 1) // num_workers) if not cuda_devices else 0)
-    slots: list[dict] = []
+    slots = []
     for index in range(num_workers):
         gpu = cuda_devices[index % len(cuda_devices)] if cuda_devices else None
         # With a GPU slot the child sees one GPU as cuda:0; "auto" still falls back to the CPU
         # on a host without CUDA, so the same command works on a laptop.
-        child_config = dataclasses.replace(
+        slots.append((gpu, dataclasses.replace(
             config,
             device=config.device if gpu is None or config.device == "cpu" else "auto",
             torch_threads=cpu_threads,
-        )
-        slots.append({"gpu": gpu, "config": child_config, "process": None, "restart_at": 0.0,
-                      "backoff_s": _RESTART_BACKOFF_S[0]})
+        )))
+    return slots
+
+
+def supervise(config: WorkerConfig, num_workers: int, cuda_devices: list[str], log_level: str,
+              stop: threading.Event, handler_class: type | None = None) -> None:
+    """Run num_workers processes, round-robin over cuda_devices, restarting any that dies."""
+    supervise_processes([(gpu, functools.partial(spawn_worker, child, log_level, handler_class, gpu, daemon=False))
+                         for gpu, child in device_slots(config, num_workers, cuda_devices)], stop)
+
+
+def supervise_processes(starts: list[tuple[str | None, Callable[[], multiprocessing.Process]]],
+                        stop: threading.Event) -> None:
+    """Run one process per (gpu, start), each started by start(); restart any that dies, after a backoff
+    that doubles up to 30 s (and starts again at 1 s once it has lived a minute). On `stop`, SIGTERM
+    them all, so that they drain, and wait for them."""
+    slots: list[dict] = [{"gpu": gpu, "start": start, "process": None, "restart_at": 0.0,
+                          "backoff_s": _RESTART_BACKOFF_S[0]} for gpu, start in starts]
 
     def start(slot: dict) -> None:
-        process = spawn_worker(slot["config"], log_level, handler_class, slot["gpu"], daemon=False)
+        process = slot["start"]()
         slot["process"], slot["started_at"] = process, time.monotonic()
         logger.info("started worker process %d (gpu %s)", process.pid, slot["gpu"])
 

@@ -11,6 +11,7 @@ from broker.config import BatchingConfig
 class Worker:
     worker_id: bytes
     max_batch_size: int = 8
+    model_max_batch_size: dict = field(default_factory=dict)
     max_batches: int = 1
     models: frozenset = frozenset({"m"})
     in_flight: dict = field(default_factory=dict)

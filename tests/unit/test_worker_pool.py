@@ -95,7 +95,7 @@ def test_placement_loads_what_the_brokers_report_waiting_and_a_failed_load_is_re
 @pytest.mark.parametrize("argv, complaint", [
     (["--pool"], "--pool needs --repository FILE"),
     (["--pool", "--repository", "/nonexistent.toml"], "cannot read repository /nonexistent.toml"),
-    (["--pool", "--repository", "{repo}", "--num-workers", "2"], "--pool runs one worker process"),
+    (["--pool", "--repository", "{repo}", "--memory-budget-mb", "-1"], "--memory-budget-mb must be 0"),
     (["--pool", "--repository", "{repo}", "--max-models", "0"], "--max-models must be at least 1"),
 ])
 def test_a_pool_worker_that_cannot_start_says_why_in_one_line(capsys, tmp_path, argv, complaint):
