@@ -356,13 +356,15 @@ def _with_raw_inputs(prefix: bytes, body: dict, inputs: list) -> list:
     """A REQUEST's or BATCH's frames: the body with each input's length and the small inputs back to
     back in `inline`, then one frame per input of INPUT_FRAME_BYTES or more, in order. The large
     inputs are handed over as they are (bytes, or a view of the frame they came in): never copied."""
-    sizes = [len(item) for item in inputs]
     if len(inputs) == 1:  # most requests: one small input, inline as it is (join would copy it)
-        if sizes[0] < INPUT_FRAME_BYTES:
-            body["input_bytes"], body["inline"] = sizes, inputs[0]
+        item = inputs[0]
+        size = len(item)
+        if size < INPUT_FRAME_BYTES:
+            body["input_bytes"], body["inline"] = [size], item
             return [_packb_after(prefix, body)]
-        body["input_bytes"], body["inline"] = sizes, b""
-        return [_packb_after(prefix, body), inputs[0]]
+        body["input_bytes"], body["inline"] = [size], b""
+        return [_packb_after(prefix, body), item]
+    sizes = [len(item) for item in inputs]
     large = [item for item, size in zip(inputs, sizes) if size >= INPUT_FRAME_BYTES]
     body["input_bytes"] = sizes
     body["inline"] = b"".join([item for item, size in zip(inputs, sizes) if size < INPUT_FRAME_BYTES]
