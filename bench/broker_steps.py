@@ -34,7 +34,7 @@ REPO = HERE.parent.parent
 CASES = (("c1", 1, 1, 2000), ("c64 over 64 DEALERs", 64, 64, 40), ("c64 over 1 DEALER", 64, 1, 40))
 
 
-def step_us_per_request(concurrency: int, dealers: int, rounds: int) -> float:
+def step_us_per_request(concurrency: int, dealers: int, rounds: int, input_bytes: int = 0) -> float:
     """Broker.step()'s thread CPU per request, over `rounds` rounds of `concurrency` requests."""
     import zmq
 
@@ -57,7 +57,9 @@ def step_us_per_request(concurrency: int, dealers: int, rounds: int) -> float:
         gateways.append(gateway)
     for _ in range(5):
         broker.step(10)
-    payload = [protocol.encode_value("the quick brown fox")]
+    # --input-bytes: one input of that size (an image's tensor, say), answered with a small output, so that
+    # the figure is the input's way through the broker.
+    payload = [protocol.encode_value(bytes(input_bytes) if input_bytes else "the quick brown fox")]
     spent_s = 0.0
     try:
         for round_index in range(rounds):
@@ -75,7 +77,8 @@ def step_us_per_request(concurrency: int, dealers: int, rounds: int) -> float:
                 while worker.poll(0):
                     message = protocol.decode(worker.recv_multipart())
                     if isinstance(message, protocol.Batch):
-                        worker.send(protocol.encode(protocol.BatchResult(message.batch_id, list(message.inputs)))[0])
+                        outputs = [b"\xc0"] * len(message.inputs) if input_bytes else list(message.inputs)
+                        worker.send(protocol.encode(protocol.BatchResult(message.batch_id, outputs))[0])
                     elif isinstance(message, protocol.Heartbeat):
                         worker.send(protocol.encode(protocol.Heartbeat())[0])
                 for gateway in gateways:
@@ -90,13 +93,15 @@ def step_us_per_request(concurrency: int, dealers: int, rounds: int) -> float:
     return spent_s / (rounds * concurrency) * 1e6
 
 
-def measure(repeats: int) -> dict[str, float]:
-    return {name: min(step_us_per_request(c, d, n) for _ in range(repeats)) for name, c, d, n in CASES}
+def measure(repeats: int, input_bytes: int = 0) -> dict[str, float]:
+    return {name: min(step_us_per_request(c, d, n if not input_bytes else max(n // 10, 10), input_bytes)
+                      for _ in range(repeats)) for name, c, d, n in CASES}
 
 
-def in_process_of(tree: Path, repeats: int) -> dict[str, float]:
+def in_process_of(tree: Path, repeats: int, input_bytes: int = 0) -> dict[str, float]:
     """measure() in a process of its own that imports the broker of `tree`."""
-    output = subprocess.run([sys.executable, str(HERE), "--measure", "--repeats", str(repeats)], cwd=tree,
+    output = subprocess.run([sys.executable, str(HERE), "--measure", "--repeats", str(repeats),
+                             "--input-bytes", str(input_bytes)], cwd=tree,
                             env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
                             timeout=600, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -107,12 +112,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="with --before: rounds, the two taking turns")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure; the best is kept")
     parser.add_argument("--before", metavar="REV", help="also measure git revision REV's broker, in turns")
+    parser.add_argument("--input-bytes", type=int, default=0,
+                        help="one input of this many bytes per request (e.g. 602112, a 3x224x224 float32 image); "
+                             "default: a short text")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # one measurement, as JSON
     args = parser.parse_args()
     if args.measure:
-        return print(json.dumps(measure(args.repeats)))
+        return print(json.dumps(measure(args.repeats, args.input_bytes)))
     if not args.before:
-        for name, value in measure(args.repeats).items():
+        for name, value in measure(args.repeats, args.input_bytes).items():
             print(f"{name}: {value:.1f} µs of step() per request")
         return
     worktree = Path(tempfile.mkdtemp(prefix="ddml-steps-")) / "before"
@@ -123,7 +131,7 @@ def main() -> None:
         for round_index in range(args.rounds):
             order = [(args.before, worktree), ("this tree", REPO)]
             for name, tree in order if round_index % 2 == 0 else order[::-1]:
-                runs[name].append(in_process_of(tree, args.repeats))
+                runs[name].append(in_process_of(tree, args.repeats, args.input_bytes))
                 print(f"round {round_index + 1} {name}: " + ", ".join(
                     f"{case} {value:.1f} µs" for case, value in runs[name][-1].items()), flush=True)
     finally:

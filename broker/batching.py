@@ -210,8 +210,10 @@ class Batcher:
         A retried input's last attempt goes to a proven worker (one that has answered a batch since it
         registered, and is not on probation) while proven_elsewhere says one serves its model: a worker
         that has shown nothing may be another black hole, and a loss there would fail an innocent input."""
-        workers = list(workers)
         self._hold_until = math.inf
+        if not any(queue for levels in self._queues.values() for queue in levels.values()):
+            return []  # most wake-ups under load (a result, a heartbeat): nothing waits, nothing to form
+        workers = list(workers)
         added_batches: dict[bytes, int] = {}
         added_items: dict[bytes, int] = {}
         dispatches = []

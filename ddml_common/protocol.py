@@ -5,12 +5,15 @@ The only module that touches msgpack or builds frames. A message is one frame:
     PROTOCOL_VERSION (5 bytes) + kind (1 byte) + body (a msgpack map)
 
 The body carries every field of the message. Items, the per-input payloads (request inputs,
-batch inputs, per-input outputs), sit in it as a list of msgpack bin values, each one a
-separately encoded value, so that the broker can split, regroup and forward them without
-decoding them. One frame rather than one per item: every frame costs a send and a receive
-call, and with five frames a request the broker spent more time in pyzmq than in its own
-code (bench.echo). ROUTER sockets prepend the peer's routing identity; only
-broker/broker.py handles that frame.
+batch inputs, per-input outputs), are each a separately encoded value, so that the broker can
+split, regroup and forward them without decoding them. Outputs sit in the body as a list of
+msgpack bin values. The inputs of a REQUEST or a BATCH never pass through msgpack at the broker:
+the body gives each one's length (`input_bytes`), the small ones travel back to back in one bin
+(`inline`), and each one of INPUT_FRAME_BYTES or more in a frame of its own after the first, so
+that the broker forwards a large tensor from the frame it came in, with no copy. One frame for
+everything else rather than one per item: every frame costs a send and a receive call, and with
+five frames a request the broker spent more time in pyzmq than in its own code (bench.echo).
+ROUTER sockets prepend the peer's routing identity; only broker/broker.py handles that frame.
 
 Values travel as msgpack, except numpy arrays, which travel as raw little-endian buffers
 with their dtype and shape. Nothing here unpickles, and msgpack extension types are refused.
@@ -31,13 +34,16 @@ from typing import Any, Sequence, Union
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = b"DDML2"
+PROTOCOL_VERSION = b"DDML3"
 _VERSION_PREFIX = b"DDML"
 _BODY_AT = len(PROTOCOL_VERSION) + 1  # the body starts after the version and the kind byte
 
 MAX_MESSAGE_BYTES = 256 << 20  # one whole message (sockets refuse larger frames before allocating)
 MAX_ITEM_BYTES = 64 << 20  # one encoded input or output
 MAX_ITEMS = 1 << 16  # items in one message
+# An input of at least this many bytes travels in a frame of its own (REQUEST and BATCH): the size from
+# which pyzmq sends and receives a frame from its own buffer rather than a copy (zmq.COPY_THRESHOLD).
+INPUT_FRAME_BYTES = 64 << 10
 MAX_STR_LEN = 16 << 20  # one string inside a value
 MAX_CONTAINER_LEN = 1 << 20  # one list or map inside a value
 # Bounds on what a peer may choose. State in the broker is keyed by these, so they bound it too.
@@ -286,7 +292,7 @@ _KIND_BY_TYPE: dict[type, Kind] = {
 }
 _TYPE_BY_KIND = {int(kind): t for t, kind in _KIND_BY_TYPE.items()}
 # The field that holds the items (a list of encoded values) for the kinds that have them.
-_ITEMS_FIELD = {Request: "inputs", Batch: "inputs", BatchResult: "outputs", Reply: "outputs"}
+_ITEMS_FIELD = {BatchResult: "outputs", Reply: "outputs"}  # REQUEST's and BATCH's inputs: _raw_inputs()
 _PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.items()}
 # Optional fields added after a kind was first released: left out of the body while empty, so that a
 # message without them keeps its exact bytes, and an older peer (which ignores keys it does not
@@ -326,6 +332,10 @@ def _schema(message_type: type) -> list[tuple[str, frozenset[type], bool]]:
 
 
 _SCHEMAS = {t: _schema(t) for t in _KIND_BY_TYPE}
+# REQUEST and BATCH: their inputs are not a body field, but `input_bytes` and `inline` plus frames (see encode()).
+_RAW_INPUTS = (Request, Batch)
+for _type in _RAW_INPUTS:
+    _SCHEMAS[_type] = [entry for entry in _SCHEMAS[_type] if entry[0] != "inputs"]
 _FIELD_NAMES = {t: tuple(name for name, _, _ in schema) for t, schema in _SCHEMAS.items()}
 
 
@@ -339,7 +349,29 @@ def encode(message: Message) -> list[bytes]:
     for name in _OMITTED_WHEN_EMPTY.get(message_type, ()):
         if not body[name]:
             del body[name]
+    if message_type in _RAW_INPUTS:
+        return _with_raw_inputs(_PREFIX[message_type], body, message.inputs)
     return [_packb_after(_PREFIX[message_type], body)]
+
+
+def _with_raw_inputs(prefix: bytes, body: dict, inputs: list) -> list:
+    """A REQUEST's or BATCH's frames: the body with each input's length and the small inputs back to
+    back in `inline`, then one frame per input of INPUT_FRAME_BYTES or more, in order. The large
+    inputs are handed over as they are (bytes, or a view of the frame they came in): never copied."""
+    if len(inputs) == 1:  # most requests: one small input, inline as it is (join would copy it)
+        item = inputs[0]
+        size = len(item)
+        if size < INPUT_FRAME_BYTES:
+            body["input_bytes"], body["inline"] = [size], item
+            return [_packb_after(prefix, body)]
+        body["input_bytes"], body["inline"] = [size], b""
+        return [_packb_after(prefix, body), item]
+    sizes = [len(item) for item in inputs]
+    large = [item for item, size in zip(inputs, sizes) if size >= INPUT_FRAME_BYTES]
+    body["input_bytes"] = sizes
+    body["inline"] = b"".join([item for item, size in zip(inputs, sizes) if size < INPUT_FRAME_BYTES]
+                              if large else inputs)
+    return [_packb_after(prefix, body), *large]
 
 
 def decode(frames: Sequence[bytes]) -> Message:
@@ -356,13 +388,13 @@ def decode(frames: Sequence[bytes]) -> Message:
                 f"peer speaks protocol {version[:16]!r}, this process speaks {PROTOCOL_VERSION!r}"
             )
         raise DecodeError(f"not a ddml message: first frame {bytes(frame[:16])!r}")
-    if len(frames) != 1:
-        raise DecodeError(f"a message is one frame, got {len(frames)}")
     if len(frame) < _BODY_AT + 1:
         raise DecodeError("message has no kind or no body")
     message_type = _TYPE_BY_KIND.get(frame[_BODY_AT - 1])
     if message_type is None:
         raise DecodeError(f"unknown message kind {frame[_BODY_AT - 1]}")
+    if len(frames) != 1 and message_type not in _RAW_INPUTS:
+        raise DecodeError(f"a {message_type.__name__} message is one frame, got {len(frames)}")
     if len(frame) > MAX_MESSAGE_BYTES:
         raise DecodeError(f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
     body = _unpackb(memoryview(frame)[_BODY_AT:], max_len=MAX_ITEM_BYTES)
@@ -381,6 +413,8 @@ def decode(frames: Sequence[bytes]) -> Message:
                 f"{'/'.join(sorted(t.__name__ for t in allowed))}, got {type(value).__name__}"
             )
         kwargs[name] = value
+    if message_type in _RAW_INPUTS:
+        kwargs["inputs"] = _raw_inputs(body, frames, message_type.__name__)
     items_field = _ITEMS_FIELD.get(message_type)
     if items_field is not None and items_field in kwargs:
         items = kwargs[items_field]
@@ -390,6 +424,53 @@ def decode(frames: Sequence[bytes]) -> Message:
     message = message_type(**kwargs)
     _CHECKS[message_type](message)
     return message
+
+
+def _raw_inputs(body: dict, frames: Sequence[bytes], kind: str) -> list:
+    """A REQUEST's or BATCH's inputs, as encode() laid them out: cut from `inline` and the frames after
+    the first by the lengths in `input_bytes`, without looking inside any. Every length must match:
+    the inline bytes and the frames are used up exactly, each input of INPUT_FRAME_BYTES or more is
+    exactly one frame, and none exceeds MAX_ITEM_BYTES, nor all of them MAX_MESSAGE_BYTES."""
+    sizes, inline = body.get("input_bytes", _MISSING), body.get("inline", _MISSING)
+    if sizes is _MISSING or inline is _MISSING:
+        raise DecodeError(f"{kind} lacks field {'input_bytes' if sizes is _MISSING else 'inline'!r}")
+    if type(sizes) is not list or len(sizes) > MAX_ITEMS:
+        raise _refuse(f"{kind}.input_bytes", f"a list of at most {MAX_ITEMS} lengths", sizes)
+    if type(inline) is not bytes:
+        raise _refuse(f"{kind}.inline", "bin", inline)
+    if len(sizes) == 1 and len(frames) == 1:  # the usual case: one small input, all of `inline`
+        size = sizes[0]
+        if type(size) is not int or size != len(inline) or size >= INPUT_FRAME_BYTES:
+            raise _refuse(f"{kind}.input_bytes[0]", f"the length of inline ({len(inline)} bytes) and under "
+                          f"{INPUT_FRAME_BYTES}", size)
+        return [inline]
+    inputs, at, frame_index, total = [], 0, 1, 0
+    for index, size in enumerate(sizes):
+        if type(size) is not int or not 0 <= size <= MAX_ITEM_BYTES:
+            raise _refuse(f"{kind}.input_bytes[{index}]", f"an int in [0, {MAX_ITEM_BYTES}]", size)
+        total += size
+        if size < INPUT_FRAME_BYTES:
+            if at + size > len(inline):
+                raise DecodeError(f"{kind}.input_bytes[{index}] ends at byte {at + size} of inline, "
+                                  f"which holds {len(inline)}")
+            inputs.append(inline[at:at + size])
+            at += size
+            continue
+        if frame_index >= len(frames):
+            raise DecodeError(f"{kind}.input_bytes[{index}] ({size} bytes) needs frame {frame_index}, "
+                              f"and the message has {len(frames)}")
+        item = frames[frame_index]
+        if len(item) != size:
+            raise DecodeError(f"{kind}.input_bytes[{index}] is {size}, its frame holds {len(item)} bytes")
+        inputs.append(item)
+        frame_index += 1
+    if at != len(inline):
+        raise DecodeError(f"{kind}.inline holds {len(inline)} bytes, and its inputs {at}")
+    if frame_index != len(frames):
+        raise DecodeError(f"{kind} has {len(frames)} frames, and its inputs take {frame_index}")
+    if total > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"{kind}'s inputs of {total} bytes exceed {MAX_MESSAGE_BYTES}")
+    return inputs
 
 
 # --------------------------------------------------------------------------- element checks
@@ -825,7 +906,7 @@ def _check_bins(items: list, complaint: str) -> None:
 def request_id_of(frames: Sequence[bytes]) -> str | None:
     """The request id of a REQUEST that decode() refused, where one can be read safely: so that the
     broker can answer BAD_REQUEST at once instead of leaving its sender to wait for its deadline."""
-    frame = frames[0] if len(frames) == 1 else b""
+    frame = frames[0] if frames else b""
     if bytes(frame[:_BODY_AT]) != _PREFIX[Request] or len(frame) > MAX_MESSAGE_BYTES:
         return None
     try:

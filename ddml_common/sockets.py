@@ -3,7 +3,7 @@
 new_socket() is the one place that sets socket options for the broker, workers and gateways, so
 that every socket that talks ddml refuses oversized frames, pings its peer and never blocks on close.
 
-send_frames() and recv_routed() are the helpers every hot path shares.
+send_frames(), recv_routed() and recv_message() are the helpers every hot path shares.
 
 pyzmq's send_multipart() combines enum flags for every frame, which costs about 2 µs a frame.
 A request crosses four sockets on its way and four on its way back, with five frames each, so
@@ -21,6 +21,7 @@ from ddml_common.protocol import MAX_MESSAGE_BYTES
 _MORE = int(zmq.SNDMORE)
 _DONTWAIT = int(zmq.DONTWAIT)
 _RCVMORE = int(zmq.RCVMORE)
+_VIEW_FROM_BYTES = zmq.COPY_THRESHOLD  # a received frame this large is used in place rather than copied
 
 
 ZMTP_HEARTBEAT_IVL_MS = 1000  # ZMTP pings kill half-open TCP connections
@@ -76,7 +77,20 @@ def recv_routed(socket: zmq.Socket) -> tuple[bytes, list[bytes]]:
     always there; that saves recv_multipart() one RCVMORE query per message (2 µs each).
     """
     identity = socket.recv(_DONTWAIT)
-    frames = [socket.recv()]
+    return identity, _frames(socket, socket.recv())
+
+
+def recv_message(socket: zmq.Socket) -> list[bytes]:
+    """One message from a DEALER, without blocking (raises zmq.Again when none is waiting)."""
+    return _frames(socket, socket.recv(_DONTWAIT))
+
+
+def _frames(socket: zmq.Socket, first: bytes) -> list:
+    """The first frame (a message's body: small) as bytes, and any after it (a REQUEST's or a BATCH's
+    large inputs, docs/protocol.md) as views of the frames libzmq received: no copy of a large tensor.
+    A view keeps its frame alive, and is never written to."""
+    frames = [first]
     while socket.get(_RCVMORE):
-        frames.append(socket.recv())
-    return identity, frames
+        frame = socket.recv(copy=False)
+        frames.append(frame.buffer if len(frame) >= _VIEW_FROM_BYTES else frame.bytes)
+    return frames

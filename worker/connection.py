@@ -24,7 +24,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ddml_common import protocol
 from ddml_common.keys import ClientKeys
 from ddml_common.liveness import broker_endpoints
-from ddml_common.sockets import new_socket, send_frames
+from ddml_common.sockets import new_socket, recv_message, send_frames
 from worker.config import WorkerConfig
 from worker.health import HealthClock, exit_hung, hung, touch
 from worker.link import (BatchKey, ComputeState, Compute, Exit, Forget, Forward, Instruction, ResultTag, Send,
@@ -210,7 +210,7 @@ class BrokerConnection:
         """Everything one broker has sent, to WorkerLinks."""
         while True:
             try:
-                frames = dealer.recv_multipart(zmq.NOBLOCK)
+                frames = recv_message(dealer)  # a large input as a view of its frame, not a copy
             except zmq.Again:
                 return
             try:

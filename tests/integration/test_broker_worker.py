@@ -168,3 +168,29 @@ def test_health_file_is_touched_while_the_broker_answers(stack, clients, tmp_pat
     wait_until(lambda: health.stat().st_mtime > first, timeout_s=5, what="the health file to be touched again")
     stack.processes[0].kill()  # the broker goes away: the file must go stale
     wait_until(lambda: time.time() - health.stat().st_mtime > 1.0, timeout_s=5, what="the file to go stale")
+
+
+def test_large_and_small_inputs_cross_the_broker_whole_and_in_order(stack, clients):
+    """Inputs of INPUT_FRAME_BYTES and more travel in frames of their own, which the broker forwards
+    from the frames they came in (docs/protocol.md): mixed with small ones, split across batches by
+    the worker's max batch size, each comes back bit for bit in its place."""
+    import numpy as np
+
+    from ddml_common.protocol import INPUT_FRAME_BYTES
+
+    stack.start_broker(*FAST_HEARTBEATS)
+    stack.start_worker("--model", "echo", "--max-batch-size", "2", *FAST_HEARTBEATS)
+    (client,) = clients(1)
+    wait_until(lambda: workers_registered(client, 1), timeout_s=30, what="a worker")
+    rng = np.random.default_rng(7)
+    image = rng.standard_normal((3, 224, 224), dtype=np.float32)  # 602,112 bytes, as issue #27's
+    inputs = ["small", image, {"text": "x" * (INPUT_FRAME_BYTES + 3)}, rng.integers(0, 255, INPUT_FRAME_BYTES, np.uint8),
+              "last"]
+    futures = [client.submit("echo", inputs, timeout_s=30) for _ in range(8)]  # several at once: batched
+    for future in futures:
+        outputs = future.result(timeout=60)
+        assert outputs[0] == "small" and outputs[2] == inputs[2] and outputs[4] == "last"
+        for got, sent in ((outputs[1], image), (outputs[3], inputs[3])):
+            assert got.dtype == sent.dtype and got.shape == sent.shape and got.tobytes() == sent.tobytes()
+    stats = client.status()["stats"]
+    assert stats.get("malformed", 0) == 0 and stats["replies_ok"] == 8

@@ -399,29 +399,30 @@ def test_10000_malformed_messages_on_both_sockets_leave_the_broker_serving(stack
 
     rng = random.Random(1)
     body = protocol.encode(protocol.Heartbeat())[0][6:]
+    version = protocol.PROTOCOL_VERSION
 
     def garbage(n: int) -> list[bytes]:
         shape = n % 10
         if shape == 0:
             return [rng.randbytes(rng.randint(0, 64))]
         if shape == 1:
-            return [b"DDML2"]
+            return [version]
         if shape == 2:
-            return [b"DDML2\x03\xdd\xff\xff\xff\xff"]  # an array of 4 billion items, in 5 bytes
+            return [version + b"\x03\xdd\xff\xff\xff\xff"]  # an array of 4 billion items, in 5 bytes
         if shape == 3:
-            return [b"DDML2\x03" + body]  # wrong fields for REQUEST
+            return [version + b"\x03" + body]  # wrong fields for REQUEST
         if shape == 4:
             return [b"DDML1", b"\x02", body]  # another protocol version
         if shape == 5:
             return protocol.encode(protocol.BatchResult(rng.randint(1, 10**9), outputs=[b"x"]))
         if shape == 6:
-            return [b"DDML2" + bytes([rng.randint(11, 255)]) + body]
+            return [version + bytes([rng.randint(11, 255)]) + body]
         if shape == 7:
-            return [b"DDML2\x01\x81\xa6models\xc0"]  # READY with models = nil
+            return [version + b"\x01\x81\xa6models\xc0"]  # READY with models = nil
         if shape == 8:
-            return [b"DDML2\x02\xc7\x01\x05\x00"]  # a msgpack extension type
+            return [version + b"\x02\xc7\x01\x05\x00"]  # a msgpack extension type
         request = protocol.Request("r", "echo", 1000, inputs=[b"\xa1x"])
-        return protocol.encode(request) + [b""] * rng.randint(1, 300)  # a message is one frame
+        return protocol.encode(request) + [b""] * rng.randint(1, 300)  # frames no input claims
 
     context = zmq.Context()
     try:

@@ -334,3 +334,20 @@ def test_a_worker_lost_while_it_holds_a_batch_is_a_suspect_and_an_idle_one_is_no
     step(core, wire, 1.0 if how == "unreachable" else 3.5)
     assert core.stats["workers_lost"] == 2
     assert core._workers.offences(holder) is not None and core._workers.offences(other) is None
+
+
+def test_a_large_input_goes_to_the_worker_in_the_frame_it_came_in_never_copied():
+    """DDML3 (docs/protocol.md, "Frames"): the broker never unpacks a REQUEST's inputs, and a large one
+    leaves in the BATCH as the very view of the frame it arrived in; the small ones are cut from `inline`."""
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=8, max_batches=1)), 0.0)
+    step(core, wire, 0.0)
+    received = memoryview(b"\x00" + protocol.encode_value(bytes(protocol.INPUT_FRAME_BYTES)))[1:]  # as recv gives it
+    small = protocol.encode_value("small")
+    head, large = protocol.encode(protocol.Request("r", "m", 5000, inputs=[small, received.tobytes()]))
+    core.on_frames(Peer.GATEWAY, b"gw", [head, received], 0.1)
+    step(core, wire, 0.1)
+    [batch] = wire.take(b"w1", protocol.Batch)
+    assert batch.inputs[0] == small and batch.inputs[1] is received
+    sent = protocol.encode(batch)
+    assert len(sent) == 2 and sent[1] is received

@@ -32,7 +32,7 @@ def test_every_message_round_trips(message):
 def test_heartbeat_golden_bytes():
     frames = protocol.encode(protocol.Heartbeat())
     assert frames == [
-        b"DDML2\x02"
+        b"DDML3\x02"
         + b"\x84" + b"\xabinstance_id" + b"\xa0" + b"\xa5stats" + b"\x80" + b"\xa8draining" + b"\xc2"
         + b"\xacregistration" + b"\x00",
     ]
@@ -42,7 +42,7 @@ def test_batch_result_golden_bytes_carry_each_input_failure_as_the_list_index_co
     typed = protocol.BatchResult(7, outputs=[b"", b"\x01"], errors=[protocol.InputFailure(0, "BAD_REQUEST", "no")])
     frames = protocol.encode(typed)
     assert frames == [
-        b"DDML2\x05"
+        b"DDML3\x05"
         + b"\x85" + b"\xa8batch_id" + b"\x07" + b"\xa7outputs" + b"\x92" + b"\xc4\x00" + b"\xc4\x01\x01"
         + b"\xa6errors" + b"\x91" + b"\x93" + b"\x00" + b"\xabBAD_REQUEST" + b"\xa2no"
         + b"\xaacompute_ms" + b"\xcb" + bytes(8) + b"\xa7indices" + b"\x90",
@@ -54,22 +54,44 @@ def test_batch_result_golden_bytes_carry_each_input_failure_as_the_list_index_co
     assert (failure.index, failure.code, failure.message) == (0, "BAD_REQUEST", "no")
 
 
-def test_request_golden_bytes_carry_inputs_as_bin_values_in_one_frame():
-    frames = protocol.encode(protocol.Request("r1", "echo", timeout_ms=100, inputs=[b"\xa1x"]))
+def test_request_golden_bytes_carry_small_inputs_back_to_back_in_one_frame():
+    frames = protocol.encode(protocol.Request("r1", "echo", timeout_ms=100, inputs=[b"\xa1x", b"\xa1yz"]))
     assert frames == [
-        b"DDML2\x03"
-        b"\x87\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64\xa6inputs\x91\xc4\x02\xa1x"
-        b"\xa5sizes\x90\xa8priority\x00\xabinstance_id\xa0",
+        b"DDML3\x03"
+        b"\x88\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64"
+        b"\xa5sizes\x90\xa8priority\x00\xabinstance_id\xa0"
+        b"\xabinput_bytes\x92\x02\x03\xa6inline\xc4\x05\xa1x\xa1yz",
     ]
 
 
+def test_batch_golden_bytes_carry_each_large_input_in_a_frame_of_its_own_as_it_was_given():
+    large = bytes(range(256)) * (protocol.INPUT_FRAME_BYTES // 256)
+    view = memoryview(b"\x00" + large)[1:]  # a view of a received frame, as the broker forwards it
+    frames = protocol.encode(protocol.Batch(9, "m", ["a", "b", "c"], timeout_ms=5, inputs=[b"\x01", view, b"\x02"]))
+    assert frames[0] == (
+        b"DDML3\x04"
+        b"\x86\xa8batch_id\x09\xa5model\xa1m\xabrequest_ids\x93\xa1a\xa1b\xa1c\xaatimeout_ms\x05"
+        b"\xabinput_bytes\x93\x01\xce\x00\x01\x00\x00\x01\xa6inline\xc4\x02\x01\x02"
+    )
+    assert len(frames) == 2 and frames[1] is view  # handed over, not copied
+    decoded = protocol.decode(frames)
+    assert decoded.inputs == [b"\x01", large, b"\x02"] and decoded.inputs[1] is view
+
+
 def _frame(kind: int, body) -> list[bytes]:
-    return [b"DDML2" + bytes([kind]) + (body if isinstance(body, bytes) else msgpack.packb(body))]
+    return [protocol.PROTOCOL_VERSION + bytes([kind]) + (body if isinstance(body, bytes) else msgpack.packb(body))]
 
 
 def test_hand_built_request_decodes():
-    message = protocol.decode(_frame(3, {"request_id": "7", "model": "m", "timeout_ms": 5, "inputs": [b"\xc0"]}))
+    message = protocol.decode(_frame(3, {"request_id": "7", "model": "m", "timeout_ms": 5, "input_bytes": [1],
+                                         "inline": b"\xc0"}))
     assert message == protocol.Request("7", "m", 5, inputs=[b"\xc0"])
+
+
+def test_a_request_from_a_version_2_peer_is_refused_with_bad_version():
+    with pytest.raises(protocol.VersionMismatch, match="DDML2"):
+        protocol.decode([b"DDML2\x03" + msgpack.packb({"request_id": "7", "model": "m", "timeout_ms": 5,
+                                                       "inputs": [b"\xc0"]})])
 
 
 def test_unknown_body_fields_are_ignored():
@@ -81,8 +103,8 @@ def test_unknown_body_fields_are_ignored():
     "frames, complaint",
     [
         ([], "not a ddml message"),
-        ([b"DDML2"], "no kind or no body"),
-        ([b"DDML2\x02"], "no kind or no body"),
+        ([protocol.PROTOCOL_VERSION], "no kind or no body"),
+        ([protocol.PROTOCOL_VERSION + b"\x02"], "no kind or no body"),
         ([b"HTTP/1.1 200"], "not a ddml message"),
         (_frame(2, {}) + [b"extra"], "one frame, got 2"),
         (_frame(0x63, {}), "unknown message kind 99"),
@@ -91,14 +113,17 @@ def test_unknown_body_fields_are_ignored():
         (_frame(3, {"model": "m", "timeout_ms": 1}), "lacks field 'request_id'"),
         (_frame(3, {"request_id": 1, "model": "m", "timeout_ms": 1}), "must be str"),
         (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": True}), "must be int"),
-        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": 1, "inputs": ["text"]}), "must hold bin"),
-        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": 1, "inputs": b"x"}), "inputs must be list"),
+        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": 1, "inputs": [b"x"]}), "lacks field 'input_bytes'"),
+        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": 1, "input_bytes": [1], "inline": "x"}),
+         "inline must be bin"),
+        (_frame(3, {"request_id": "1", "model": "m", "timeout_ms": 1, "input_bytes": 1, "inline": b"x"}),
+         "input_bytes must be a list"),
         (_frame(2, b"\xdd\x7f\xff\xff\xff"), "exceeds|ValueError"),  # array of 2^31 in 5 bytes
         (_frame(2, b"\xd4\x01\x00"), "extension type|ExtType|ext"),
         (_frame(1, {"models": [], "max_batch_size": 1}), "at least one model"),
         (_frame(1, {"models": ["m"], "max_batch_size": 0}), "max_batch_size must be in"),
-        (_frame(4, {"batch_id": 1, "model": "m", "request_ids": ["a"], "timeout_ms": 1}),
-         "1 request ids for 0 inputs"),
+        (_frame(4, {"batch_id": 1, "model": "m", "request_ids": ["a"], "timeout_ms": 1, "input_bytes": [],
+                    "inline": b""}), "1 request ids for 0 inputs"),
         (_frame(6, {"request_id": "1", "error_code": "NOPE"}), "unknown error code"),
         (_frame(5, {"batch_id": 1, "errors": [[0]]}), "index, code, message"),
         (_frame(2, {1: 2}), "DecodeError|ValueError|keys"),
@@ -275,7 +300,8 @@ def test_messages_at_the_bounds_are_accepted(message):
 
 @pytest.mark.parametrize("frames", [
     [b"DDML1", b"\x02", b"\x80"],  # how a version-1 peer frames a heartbeat
-    [b"DDML3\x02\x80"],
+    [b"DDML4\x02\x80"],
+    [b"DDML2\x02\x80"],  # the version before inputs travelled apart from the body
 ])
 def test_another_protocol_version_is_named_in_the_error(frames):
     version = frames[0][:5].decode()
@@ -293,11 +319,59 @@ def test_random_bytes_never_raise_anything_but_decode_error():
             if rng.random() < 0.5 and body:  # corrupt a valid body in one place
                 at = int(rng.integers(len(body)))
                 body = body[:at] + rng.bytes(1) + body[at + 1:]
-            frames[0] = b"DDML2" + bytes([int(rng.integers(1, 11))]) + body
+            frames[0] = protocol.PROTOCOL_VERSION + bytes([int(rng.integers(1, 12))]) + body
         try:
             protocol.decode(frames)
         except DecodeError:
             pass
+
+
+BIG = protocol.INPUT_FRAME_BYTES  # the smallest input that travels in a frame of its own
+
+
+def _raw(kind_message, sizes, inline: bytes, *extra: bytes) -> list[bytes]:
+    """A REQUEST or BATCH whose inputs are laid out by hand: lengths, inline bytes and the frames after."""
+    return [*_with(kind_message, input_bytes=sizes, inline=inline), *extra]
+
+
+# A hostile layout of a REQUEST's or BATCH's inputs: each must be refused with what does not match.
+RAW_REFUSALS = [
+    ("fewer-lengths-than-inline", _raw(REQUEST, [1], b"\x01\x02"), "inline.*2.*under"),
+    ("more-lengths-than-inline", _raw(REQUEST, [1, 1], b"\x01"), r"input_bytes\[1\] ends at byte 2 of inline, which holds 1"),
+    ("inline-left-over", _raw(REQUEST, [1, 1], b"\x01\x02\x03"), "inline holds 3 bytes, and its inputs 2"),
+    ("a-large-input-inline", _raw(REQUEST, [BIG], bytes(BIG)), r"input_bytes\[0\].*under 65536"),
+    ("a-large-input-without-its-frame", _raw(REQUEST, [1, BIG], b"\x01"), "needs frame 1, and the message has 1"),
+    ("a-frame-of-another-length", _raw(REQUEST, [BIG], b"", bytes(BIG + 1)), "is 65536, its frame holds 65537"),
+    ("a-frame-no-input-claims", _raw(REQUEST, [1, 1], b"\x01\x02", bytes(BIG)), "has 2 frames, and its inputs take 1"),
+    ("a-small-input-in-a-frame", _raw(REQUEST, [1], b"", b"\x01"), "input_bytes"),
+    ("a-huge-claimed-length", _raw(REQUEST, [2**62, 1], b"\x01"), r"input_bytes\[0\] must be an int in \[0, 67108864\]"),
+    ("a-negative-length", _raw(REQUEST, [-1, 2], b"\x01"), r"input_bytes\[0\]"),
+    ("a-length-that-is-a-str", _raw(REQUEST, ["1"], b"\x01"), r"input_bytes\[0\]"),
+    ("a-length-that-is-a-bool", _raw(REQUEST, [True, 1], b"\x01\x02"), r"input_bytes\[0\].*bool"),
+    ("too-many-lengths", _raw(REQUEST, [0] * (protocol.MAX_ITEMS + 1), b""), "a list of at most 65536 lengths"),
+    ("no-input-bytes", _with(REQUEST, input_bytes=None), "input_bytes must be a list"),
+    ("batch-more-inputs-than-ids", _raw(BATCH, [1, 1], b"\x01\x02"), "1 request ids for 2 inputs"),
+    ("batch-a-frame-of-another-length", _raw(BATCH, [1, BIG], b"\x01", bytes(BIG - 1)), "its frame holds 65535"),
+    ("request-sizes-for-other-inputs", _raw(protocol.Request("r", "m", 1, [b"\x01"], sizes=[1]), [1, 1], b"\x01\x02"),
+     "1 sizes for 2 inputs"),
+    ("heartbeat-with-a-frame", [*protocol.encode(HEARTBEAT), b"\x01"], "Heartbeat message is one frame, got 2"),
+]
+
+
+@pytest.mark.parametrize("frames, complaint", [pytest.param(f, c, id=i) for i, f, c in RAW_REFUSALS])
+def test_a_hostile_layout_of_inputs_is_refused_with_what_does_not_match(frames, complaint):
+    with pytest.raises(DecodeError, match=complaint):
+        protocol.decode(frames)
+
+
+@pytest.mark.parametrize("sizes", [[1], [BIG], [0, BIG, 3, BIG + 1, 0], [BIG - 1, BIG, BIG - 1], []])
+def test_inputs_small_and_large_round_trip_in_order(sizes):
+    inputs = [bytes([n % 251]) * n for n in sizes]
+    request = protocol.Request("r", "m", 1, inputs)
+    frames = protocol.encode(request)
+    assert len(frames) == 1 + sum(n >= BIG for n in sizes)
+    assert protocol.decode(frames) == request
+    assert protocol.request_id_of(frames[:1] + [b"x"]) == "r"  # a refused one is still answered
 
 
 def test_arrays_travel_as_raw_little_endian_buffers():
@@ -351,11 +425,14 @@ def test_arrays_and_frames_encode_to_the_bytes_they_always_had(dtype, shape):
     assert item == msgpack.packb({"__ndarray__": [little.dtype.str, list(shape), little.tobytes()]}, use_bin_type=True)
     assert protocol.decode_value(item).tobytes() == little.tobytes()
     request = protocol.Request("r1", "m", 1000, inputs=[item, b"x"])
-    (frame,) = protocol.encode(request)
-    body = {"request_id": "r1", "model": "m", "timeout_ms": 1000, "inputs": [item, b"x"], "sizes": [],
-            "priority": 0, "instance_id": ""}
+    frames = protocol.encode(request)
+    large = len(item) >= protocol.INPUT_FRAME_BYTES  # travels in a frame of its own, as it is
+    assert frames[1:] == ([item] if large else [])
+    frame = frames[0]
+    body = {"request_id": "r1", "model": "m", "timeout_ms": 1000, "sizes": [], "priority": 0, "instance_id": "",
+            "input_bytes": [len(item), 1], "inline": b"x" if large else item + b"x"}
     assert frame.startswith(protocol.PROTOCOL_VERSION)
-    assert protocol.decode([frame]) == request
+    assert protocol.decode(frames) == request
     assert frame[len(protocol.PROTOCOL_VERSION) + 1:] == msgpack.packb(
         {name: body[name] for name in msgpack.unpackb(frame[len(protocol.PROTOCOL_VERSION) + 1:])},
         use_bin_type=True)

@@ -163,13 +163,15 @@ def assert_safe(message) -> None:
             raise AssertionError(f"decode() returned {type(message).__name__}")
 
 
-def decodes_safely(frames: list[bytes]) -> None:
-    """The property: DecodeError, or a message that passes assert_safe(). Anything else fails the test."""
+def decodes_safely(frames: list[bytes]):
+    """The property: DecodeError, or a message that passes assert_safe(). Anything else fails the test.
+    Returns the message, or None where it was refused."""
     try:
         message = P.decode(frames)
     except DecodeError:
-        return
+        return None
     assert_safe(message)
+    return message
 
 
 # --------------------------------------------------------------------------- hostile values
@@ -417,3 +419,47 @@ def test_arbitrary_bytes_never_raise_anything_but_decode_error(frames):
 @given(KIND_BYTES, st.binary(max_size=64))
 def test_arbitrary_bodies_after_a_valid_prefix_never_raise_anything_but_decode_error(kind, body):
     decodes_safely([P.PROTOCOL_VERSION + bytes([kind]) + body])
+
+
+# --------------------------------------------------------------------------- a REQUEST's or BATCH's inputs
+# They travel outside msgpack's bins (docs/protocol.md, "Frames"): lengths in `input_bytes`, small inputs back
+# to back in `inline`, each large one in a frame after the first. A peer chooses all three freely.
+
+LARGE = P.INPUT_FRAME_BYTES
+lengths = st.one_of(st.integers(0, 3), st.sampled_from([LARGE - 1, LARGE, LARGE + 1, P.MAX_ITEM_BYTES,
+                                                         P.MAX_ITEM_BYTES + 1, 2**63, -1]), st.booleans(), anything)
+frame_sizes = st.sampled_from([0, 1, 2, LARGE - 1, LARGE, LARGE + 1])
+
+
+@pytest.mark.parametrize("message_type", [P.Request, P.Batch], ids=lambda t: t.__name__)
+@settings(max_examples=200, **_SETTINGS)
+@given(data=st.data())
+def test_any_layout_of_inputs_decodes_to_exactly_its_inline_bytes_and_frames_or_raises_decode_error(message_type,
+                                                                                                   data):
+    message = data.draw(VALID[message_type])
+    frame = P.encode(message)[0]
+    body = msgpack.unpackb(frame[6:])
+    body["input_bytes"] = data.draw(st.one_of(st.lists(lengths, max_size=4), anything))
+    body["inline"] = data.draw(st.one_of(st.binary(max_size=6), anything))
+    if message_type is P.Batch and type(body["input_bytes"]) is list:
+        body["request_ids"] = [f"r{i}" for i in range(len(body["input_bytes"]))]  # past the count check
+    extra = [bytes(n) for n in data.draw(st.lists(frame_sizes, max_size=3))]
+    frames = [frame[:6] + msgpack.packb(body), *extra]
+    decoded = decodes_safely(frames)
+    if decoded is None:
+        return
+    # What decoded is exactly what was sent: each length as claimed, the small inputs making up `inline` in
+    # order, and the large ones the frames after the first, in order and each whole.
+    assert [len(item) for item in decoded.inputs] == body["input_bytes"]
+    assert b"".join(item for item in decoded.inputs if len(item) < LARGE) == body["inline"]
+    assert [item for item in decoded.inputs if len(item) >= LARGE] == extra
+
+
+@settings(max_examples=50, **_SETTINGS)
+@given(st.lists(st.sampled_from([0, 1, 5, LARGE - 1, LARGE, LARGE + 7]), max_size=5), st.data())
+def test_inputs_of_any_sizes_round_trip_in_order_each_large_one_in_a_frame_of_its_own(sizes, data):
+    inputs = [bytes([data.draw(st.integers(0, 255))]) * size for size in sizes]
+    request = P.Request("r", "m", 1, inputs)
+    frames = P.encode(request)
+    assert frames[1:] == [item for item in inputs if len(item) >= LARGE]
+    assert P.decode(frames) == request

@@ -43,11 +43,11 @@ def test_incoming_keeps_a_valid_context_and_drops_an_overlong_tracestate():
 def test_a_request_without_a_trace_keeps_its_exact_bytes():
     """The golden-bytes rule: the new field is not on the wire while empty."""
     message = protocol.Request("r1", "m", 1000, inputs=[b"\x01"], sizes=[1], priority=2)
-    body = {"request_id": "r1", "model": "m", "timeout_ms": 1000, "inputs": [b"\x01"], "sizes": [1],
-            "priority": 2, "instance_id": ""}
+    body = {"request_id": "r1", "model": "m", "timeout_ms": 1000, "sizes": [1], "priority": 2, "instance_id": "",
+            "input_bytes": [1], "inline": b"\x01"}
     assert protocol.encode(message) == [protocol.PROTOCOL_VERSION + b"\x03" + msgpack.packb(body, use_bin_type=True)]
     batch = protocol.Batch(7, "m", ["r1"], 500, inputs=[b"\x01"])
-    body = {"batch_id": 7, "model": "m", "request_ids": ["r1"], "timeout_ms": 500, "inputs": [b"\x01"]}
+    body = {"batch_id": 7, "model": "m", "request_ids": ["r1"], "timeout_ms": 500, "input_bytes": [1], "inline": b"\x01"}
     assert protocol.encode(batch) == [protocol.PROTOCOL_VERSION + b"\x04" + msgpack.packb(body, use_bin_type=True)]
 
 
@@ -67,7 +67,7 @@ def test_traces_round_trip_and_an_older_peer_still_decodes_them():
 
 @pytest.mark.parametrize("trace", [[PARENT], [PARENT, "", ""], [PARENT, 1], ["x" * 56, ""], [PARENT, "s" * 513]])
 def test_a_malformed_request_trace_is_refused(trace):
-    body = {"request_id": "r1", "model": "m", "timeout_ms": 1000, "inputs": [b"\x01"], "trace": trace}
+    body = {"request_id": "r1", "model": "m", "timeout_ms": 1000, "input_bytes": [1], "inline": b"\x01", "trace": trace}
     with pytest.raises(protocol.DecodeError, match="trace"):
         protocol.decode([protocol.PROTOCOL_VERSION + b"\x03" + msgpack.packb(body, use_bin_type=True)])
 
@@ -75,7 +75,7 @@ def test_a_malformed_request_trace_is_refused(trace):
 @pytest.mark.parametrize("traces", [{"r1": [PARENT, ""]}, {"r1": [PARENT, "", -1]}, {"": [PARENT, "", 1]},
                                     {"r1": "x"}, {"r1": [PARENT, "", 1], "r2": [PARENT, "", 1]}])
 def test_malformed_batch_traces_are_refused(traces):
-    body = {"batch_id": 1, "model": "m", "request_ids": ["r1"], "timeout_ms": 5, "inputs": [b"\x01"],
+    body = {"batch_id": 1, "model": "m", "request_ids": ["r1"], "timeout_ms": 5, "input_bytes": [1], "inline": b"\x01",
             "traces": traces}
     with pytest.raises(protocol.DecodeError):
         protocol.decode([protocol.PROTOCOL_VERSION + b"\x04" + msgpack.packb(body, use_bin_type=True)])
