@@ -151,6 +151,7 @@ class Batcher:
         # model -> priority -> FIFO of items. Higher priority is served first.
         self._queues: dict[str, dict[int, deque[WorkItem]]] = {}
         self._queued_requests: dict[str, int] = {}  # requests with at least one input waiting
+        self._queued_live: dict[str, int] = {}  # inputs waiting whose request is not answered yet
         self._queued_bytes: dict[str, int] = {}  # encoded inputs held in the queues, answered or not
         self._hold_until = math.inf  # the earliest end of a hold (refill or max wait) decided by the last assign()
 
@@ -161,10 +162,20 @@ class Batcher:
         return self._queued_bytes.get(model, 0)
 
     def queued_items(self, model: str) -> int:
-        return sum(len(q) for q in self._queues.get(model, {}).values())
+        """Inputs waiting whose request is not answered yet. An answered request's inputs stay in the
+        queue until a batch skips them, and a model no worker serves forms no batch: counting them made
+        STATUS and the pool's demand report show a phantom input, older every second, for ever."""
+        return self._queued_live.get(model, 0)
 
     def oldest_enqueued_at(self, model: str) -> float | None:
-        heads = [q[0].enqueued_at for q in self._queues.get(model, {}).values() if q]
+        """When the oldest input still waiting for an answer was queued (answered ones at the heads are
+        dropped here, as _take drops them)."""
+        heads = []
+        for queue in self._queues.get(model, {}).values():
+            while queue and queue[0].request.done:
+                self._queued_bytes[model] -= queue.popleft().nbytes
+            if queue:
+                heads.append(queue[0].enqueued_at)
         return min(heads) if heads else None
 
     def is_full(self, model: str, request: PendingRequest) -> bool:
@@ -310,6 +321,7 @@ class Batcher:
         self._queues.pop(model, None)
         self._queued_bytes.pop(model, None)
         self._queued_requests.pop(model, None)
+        self._queued_live.pop(model, None)
         return True
 
     # ------------------------------------------------------------------ internals
@@ -334,6 +346,7 @@ class Batcher:
     def _count_queued(self, request: PendingRequest, delta: int) -> None:
         before = request.queued
         request.queued += delta
+        self._queued_live[request.model] = self._queued_live.get(request.model, 0) + delta
         if before == 0 and request.queued > 0:
             self._queued_requests[request.model] = self._queued_requests.get(request.model, 0) + 1
         elif before > 0 and request.queued == 0:

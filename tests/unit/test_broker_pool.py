@@ -128,6 +128,23 @@ def test_requests_waiting_for_a_model_whose_only_load_failed_get_503_at_once_not
     assert core.in_flight_requests == 1  # r2, for b, still waits
 
 
+def test_an_answered_request_leaves_no_phantom_input_in_status_or_the_demand_report():
+    """Found by the pool-metrics work: a request answered UNAVAILABLE while no worker served its model
+    left its input in the queue (no batch ever forms to skip it), so STATUS and the demand report said
+    one input had been waiting for 59 s, and placement would load (or evict for) a request long gone."""
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    step(core, wire, 0.0)
+    ask(core, "r1", "b", now=1.0)
+    step(core, wire, 1.0)
+    core.on_frames(Peer.WORKER, b"w1", holdings(failed={"b": "out of memory"}), 1.2)
+    step(core, wire, 1.2)
+    assert [(r.request_id, r.error_code) for r in wire.take(b"gw", protocol.Reply)] == [("r1", "UNAVAILABLE")]
+    waiting = core.status("", 60.0).models["b"]
+    assert (waiting["queued_items"], waiting["oldest_wait_s"]) == (0, 0.0)
+    assert "b" not in core._demand_report(60.0)["models"]
+
+
 def test_status_lists_every_loadable_model_with_its_replicas_loaded_and_loading():
     core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
     assert "replicas" not in str(core.status("", 0.0).models)  # no pool worker: STATUS as before
