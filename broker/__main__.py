@@ -11,6 +11,7 @@ import zmq
 
 from broker.broker import Broker
 from ddml_common.cli import Number, Parser, configure_logging, endpoint, stop_on_signals
+from ddml_common.memory import keep_freed_buffers
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from broker.health import HealthServer
 
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     for endpoint in (config.frontend, config.backend):
         if not config.curve_secret_key and not endpoint.startswith(_LOCAL_PREFIXES):
             logger.warning("binding %s with no transport security: anyone who can reach it can use it", endpoint)
+    keep_freed_buffers()  # a large input's frames reuse freed memory, not fresh pages (ddml_common/memory.py)
     stop = threading.Event()
     stop_on_signals(stop)
     context = zmq.Context()
