@@ -38,7 +38,7 @@ from zmq.utils.monitor import recv_monitor_message
 from ddml_common import protocol
 from ddml_common.keys import ClientKeys
 from ddml_common.protocol import ErrorCode
-from gateway.broker_client import _answer_of, _check_timeout, _outputs_of, request_message, split_endpoints
+from gateway.broker_client import _answer_of, _check_timeout, _outputs_of, request_message
 from gateway.broker_error import BrokerError
 from gateway.dealers import connect_dealer, deliver, send_quietly
 from gateway.links import Links
@@ -55,13 +55,13 @@ _DRAIN_CAP = 1000  # messages read from one DEALER per wake-up, so that one busy
 class AsyncBrokerClient:
     def __init__(self, endpoint: str, heartbeat_interval_s: float = 1.0, liveness: int = 3,
                  curve: ClientKeys | None = None):
-        self.endpoints = split_endpoints(endpoint)
+        self._links = Links.of(endpoint, heartbeat_interval_s, liveness)
+        self.endpoints = self._links.endpoints
         self.endpoint = ",".join(self.endpoints)
         self._curve = curve
         self._heartbeat_interval_s = heartbeat_interval_s
-        self._silent_after_s = heartbeat_interval_s * liveness
-        self._links = Links(self.endpoints, self._silent_after_s, heartbeat_interval_s)
-        self.requests = Requests(self._links, restart_grace_s=self._silent_after_s)
+        self._liveness = liveness
+        self.requests = Requests(self._links, restart_grace_s=self._links.silent_after_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid: int | None = None
         self._context: zmq.Context | None = None
@@ -139,8 +139,8 @@ class AsyncBrokerClient:
             self._abandon()  # another loop's sockets and tasks (tests): start afresh in this one
         self._loop, self._pid = loop, os.getpid()
         self._context = zmq.Context()
-        self._links = Links(self.endpoints, self._silent_after_s, self._heartbeat_interval_s)
-        self.requests = Requests(self._links, restart_grace_s=self._silent_after_s)
+        self._links = Links.of(self.endpoint, self._heartbeat_interval_s, self._liveness)
+        self.requests = Requests(self._links, restart_grace_s=self._links.silent_after_s)
         self._futures = {}
         self._flush_due = False
         self._sent_to = set()
