@@ -26,13 +26,14 @@ import sys
 
 import falcon
 from gunicorn.arbiter import Arbiter
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from ddml_common.memory import keep_freed_buffers
 from gateway.config import build_parser
 from gateway.errors import server_refusal
+from gateway.resources import BODY_ARRIVED
 
 # The most a request's line and headers may take, in bytes, all together (431 past it), and each
 # (gunicorn's limits, which the gateway kept: HeadLimits, in the app).
@@ -41,6 +42,7 @@ MAX_REQUEST_LINE_BYTES = 4094  # the target, path and query: 414 past it
 MAX_HEADER_BYTES = 8190  # one header's name and value: 431 past it
 
 CLOSE_GRACE_S = 0.5  # when stopping, how long an idle connection's close may take before it is dropped
+ONE_WRITE_MAX_BODY_BYTES = 64 * 1024  # a larger body goes out in a write of its own (no copy), after its head
 
 _args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
 HEADER_TIMEOUT_S = _args.header_timeout_s
@@ -82,7 +84,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._disarm()
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous and type(cycle) is RequestResponseCycle:
+            # uvicorn made this request's cycle (its task has not run yet): answer it in one write.
+            cycle.__class__ = OneWriteCycle
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.scope[BODY_ARRIVED] = True
 
     def on_response_complete(self) -> None:
         pipelined = bool(self.pipeline)
@@ -134,6 +145,50 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self.transport.write(server_refusal(status, reason, message))
         self.transport.close()
+
+
+class OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, but a response's head goes out in one write with its body,
+    where uvicorn writes each on its own: one system call (and one TCP segment for the client to
+    read) less per response. The head is held from the app's http.response.start to its first
+    http.response.body, the next message of the same task; an app that starts a response and
+    ends without a body has its connection closed by uvicorn, the head unsent, as before with it."""
+
+    _held_head: bytes | None = None
+
+    async def send(self, message) -> None:
+        head = self._held_head
+        if head is None:
+            if message["type"] != "http.response.start" or self.response_started:
+                return await super().send(message)
+            transport, self.transport = self.transport, _HeldWrite()
+            try:
+                await super().send(message)  # (flow control, the access log and every check: uvicorn's)
+            finally:
+                held, self.transport = self.transport, transport
+            self._held_head = held.data
+            return
+        self._held_head = None
+        body = message.get("body", b"") if message["type"] == "http.response.body" else b""
+        if (self.chunked_encoding or self.scope["method"] == "HEAD" or self.disconnected
+                or len(body) > ONE_WRITE_MAX_BODY_BYTES):
+            if not self.disconnected:
+                self.transport.write(head)
+            return await super().send(message)
+        self.expected_content_length += len(head)  # uvicorn counts what it writes against Content-Length
+        await super().send({**message, "body": head + body})
+
+
+class _HeldWrite:
+    """Stands in for the transport while uvicorn writes a response's head: keeps it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
 
 
 class HeadLimits:
