@@ -26,13 +26,14 @@ import sys
 
 import falcon
 from gunicorn.arbiter import Arbiter
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import Server
 from uvicorn_worker import UvicornWorker
 
 from ddml_common.memory import keep_freed_buffers
 from gateway.config import build_parser
 from gateway.errors import server_refusal
+from gateway.resources import BODY_ARRIVED
 
 # The most a request's line and headers may take, in bytes, all together (431 past it), and each
 # (gunicorn's limits, which the gateway kept: HeadLimits, in the app).
@@ -40,7 +41,9 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_REQUEST_LINE_BYTES = 4094  # the target, path and query: 414 past it
 MAX_HEADER_BYTES = 8190  # one header's name and value: 431 past it
 
+GC_YOUNG_THRESHOLD = 10_000  # allocations less deallocations between young collections (Python's: 700)
 CLOSE_GRACE_S = 0.5  # when stopping, how long an idle connection's close may take before it is dropped
+ONE_WRITE_MAX_BODY_BYTES = 64 * 1024  # a larger body goes out in a write of its own (no copy), after its head
 
 _args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
 HEADER_TIMEOUT_S = _args.header_timeout_s
@@ -54,6 +57,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_due_at: float | None = None  # when the awaited head is due; None: none awaited
+        self._idle_due_at = 0.0  # when the connection closes if no byte of that head has come
+        self._timer_at = 0.0  # when _head_timer fires
         self._lost = False
         self._in_head = True  # between a request's start (or the connection's) and the end of its headers
         self._head_bytes = 0
@@ -62,6 +68,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._lost = True
         super().connection_lost(exc)
 
@@ -82,13 +91,30 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._head_bytes = 0
         self._disarm()
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous and type(cycle) is RequestResponseCycle:
+            # uvicorn made this request's cycle (its task has not run yet): answer it in one write.
+            cycle.__class__ = OneWriteCycle
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.scope[BODY_ARRIVED] = True
 
     def on_response_complete(self) -> None:
-        pipelined = bool(self.pipeline)
-        super().on_response_complete()
-        if not pipelined and not self.transport.is_closing():
-            self._arm()  # the next request's head is due from now
+        # uvicorn's, but without its keep-alive timer (made, and cancelled when the next request comes,
+        # for every response): the head's timer, armed here, closes the connection if it stays idle
+        # for uvicorn's keep-alive timeout (gunicorn's keepalive) as that timer did.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._arm(min(self.timeout_keep_alive, self.header_timeout_s))  # the next request's head is due from now
 
     def send_400_response(self, msg: str) -> None:
         error = sys.exc_info()[1]
@@ -108,32 +134,97 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.abort()
 
     # ------------------------------------------------------------------ the head's deadline
+    # One timer per connection, moved lazily: arming sets the deadline, and the timer, when it fires
+    # before that deadline, waits again for what is left. A timer made and cancelled for each request
+    # cost more than the rest of the head's bookkeeping (loop.call_later + cancel: 1.9 µs on uvloop).
 
-    def _arm(self) -> None:
-        self._disarm()
+    def _arm(self, idle_s: float | None = None) -> None:
+        """The next head is due in header_timeout_s; with no byte of it in `idle_s` (default: the
+        same), the connection is idle and closes."""
         self._in_head = True
         self._head_bytes = 0
-        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_late)
+        now = self.loop.time()
+        self._head_due_at = now + self.header_timeout_s
+        self._idle_due_at = now + (self.header_timeout_s if idle_s is None else idle_s)
+        self._set_timer(min(self._idle_due_at, self._head_due_at))
+
+    def _set_timer(self, at: float) -> None:
+        """Have the timer fire at `at` or sooner: a later deadline keeps it as it is."""
+        if self._head_timer is not None:
+            if self._timer_at <= at:
+                return
+            self._head_timer.cancel()
+        self._timer_at = at
+        self._head_timer = self.loop.call_at(at, self._head_late)
 
     def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_due_at = None
 
     def _head_late(self) -> None:
         self._head_timer = None
+        if self._head_due_at is None or self._lost:
+            return
+        due_at = self._head_due_at if self._head_bytes else min(self._idle_due_at, self._head_due_at)
+        if self.loop.time() < due_at:  # armed again since this timer was set, or part of a head came
+            self._set_timer(due_at)
+            return
+        self._head_due_at = None
         if not self._in_head or self.transport.is_closing():
             return
         if self._head_bytes:  # part of a request came: say why it ends
             self._refuse(408, "Request Timeout", f"the request's line and headers did not arrive within "
                                                  f"{self.header_timeout_s:g} s (--header-timeout-s)")
-        else:  # an idle connection: close it, as the keep-alive timeout does
+        else:  # an idle connection: close it
             self.transport.close()
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         self._disarm()
         self.transport.write(server_refusal(status, reason, message))
         self.transport.close()
+
+
+class OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, but a response's head goes out in one write with its body,
+    where uvicorn writes each on its own: one system call (and one TCP segment for the client to
+    read) less per response. The head is held from the app's http.response.start to its first
+    http.response.body, the next message of the same task; an app that starts a response and
+    ends without a body has its connection closed by uvicorn, the head unsent, as before with it."""
+
+    _held_head: bytes | None = None
+
+    async def send(self, message) -> None:
+        head = self._held_head
+        if head is None:
+            if message["type"] != "http.response.start" or self.response_started:
+                return await super().send(message)
+            transport, self.transport = self.transport, _HeldWrite()
+            try:
+                await super().send(message)  # (flow control, the access log and every check: uvicorn's)
+            finally:
+                held, self.transport = self.transport, transport
+            self._held_head = held.data
+            return
+        self._held_head = None
+        body = message.get("body", b"") if message["type"] == "http.response.body" else b""
+        if (self.chunked_encoding or self.scope["method"] == "HEAD" or self.disconnected
+                or len(body) > ONE_WRITE_MAX_BODY_BYTES):
+            if not self.disconnected:
+                self.transport.write(head)
+            return await super().send(message)
+        self.expected_content_length += len(head)  # uvicorn counts what it writes against Content-Length
+        await super().send({**message, "body": head + body})
+
+
+class _HeldWrite:
+    """Stands in for the transport while uvicorn writes a response's head: keeps it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
 
 
 class HeadLimits:
@@ -173,6 +264,12 @@ class GatewayWorker(UvicornWorker):
         gc.collect()
         gc.freeze()
         keep_freed_buffers()  # a tensor's body and frames reuse freed memory, not fresh pages (ddml_common/memory.py)
+        # A request's objects die with it, by their reference counts (a predict request leaves less than
+        # one object a request to the collector): what the young generation holds is mostly what the
+        # requests in flight hold. At the default threshold (700) that alone set off a young collection
+        # every few requests at c64; at this one, collections come as cyclic garbage (error paths'
+        # tracebacks) adds up. (The figures are in the commit that set it.)
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         server = Server(config=self.config)
         asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGTERM, None)
         await server.serve(sockets=self.sockets)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 
 import zmq
@@ -38,10 +37,11 @@ from zmq.utils.monitor import recv_monitor_message
 from ddml_common import protocol
 from ddml_common.keys import ClientKeys
 from ddml_common.protocol import ErrorCode
-from gateway.broker_client import _answer_of, _check_timeout, _outputs_of, request_message, split_endpoints
+from gateway.broker_client import _answer_of, _check_timeout, _outputs_of, request_message
 from gateway.broker_error import BrokerError
 from gateway.dealers import connect_dealer, deliver, send_quietly
 from gateway.links import Links
+from gateway.process_id import pid
 from gateway.requests import Outcome, Requests, Send
 from gateway.status_fanout import gather_status_async
 
@@ -55,13 +55,13 @@ _DRAIN_CAP = 1000  # messages read from one DEALER per wake-up, so that one busy
 class AsyncBrokerClient:
     def __init__(self, endpoint: str, heartbeat_interval_s: float = 1.0, liveness: int = 3,
                  curve: ClientKeys | None = None):
-        self.endpoints = split_endpoints(endpoint)
+        self._links = Links.of(endpoint, heartbeat_interval_s, liveness)
+        self.endpoints = self._links.endpoints
         self.endpoint = ",".join(self.endpoints)
         self._curve = curve
         self._heartbeat_interval_s = heartbeat_interval_s
-        self._silent_after_s = heartbeat_interval_s * liveness
-        self._links = Links(self.endpoints, self._silent_after_s, heartbeat_interval_s)
-        self.requests = Requests(self._links, restart_grace_s=self._silent_after_s)
+        self._liveness = liveness
+        self.requests = Requests(self._links, restart_grace_s=self._links.silent_after_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid: int | None = None
         self._context: zmq.Context | None = None
@@ -85,7 +85,8 @@ class AsyncBrokerClient:
         """Send one request and await its outputs. Raises BrokerError. With a `timings` map, ask
         where the request's time went, and put the reply's figures in it (protocol.TIMINGS)."""
         _check_timeout(timeout_s)
-        request_id = f"{os.getpid()}-{next(self._ids)}"
+        self._ensure_started()
+        request_id = f"{self._pid}-{next(self._ids)}"
         request_id = f"{request_id_prefix}/{request_id}" if request_id_prefix else request_id
         encoded = [protocol.encode_value(value) for value in inputs]
         message = request_message(request_id, model, inputs, encoded, timeout_s, priority)
@@ -99,7 +100,8 @@ class AsyncBrokerClient:
 
     async def ask(self, broker: int, timeout_s: float) -> protocol.Message:
         """One broker's protocol.Status. Raises BrokerError."""
-        request_id = f"{os.getpid()}-{next(self._ids)}"
+        self._ensure_started()
+        request_id = f"{self._pid}-{next(self._ids)}"
         message = protocol.StatusRequest(request_id)
         return _answer_of(await self._await(request_id, lambda requests, now: requests.ask(
             request_id, message, broker, timeout_s, now)))
@@ -114,7 +116,7 @@ class AsyncBrokerClient:
         self._ensure_started()
 
     async def _await(self, request_id: str, submit) -> Outcome:
-        self._ensure_started()
+        """(The caller has made sure the client is started in this loop.)"""
         future = self._loop.create_future()
         self._futures[request_id] = future
         now = time.monotonic()
@@ -133,14 +135,14 @@ class AsyncBrokerClient:
 
     def _ensure_started(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._loop is loop and self._pid == os.getpid():
+        if self._loop is loop and self._pid == pid():
             return
-        if self._loop is not None and self._pid == os.getpid():
+        if self._loop is not None and self._pid == pid():
             self._abandon()  # another loop's sockets and tasks (tests): start afresh in this one
-        self._loop, self._pid = loop, os.getpid()
+        self._loop, self._pid = loop, pid()
         self._context = zmq.Context()
-        self._links = Links(self.endpoints, self._silent_after_s, self._heartbeat_interval_s)
-        self.requests = Requests(self._links, restart_grace_s=self._silent_after_s)
+        self._links = Links.of(self.endpoint, self._heartbeat_interval_s, self._liveness)
+        self.requests = Requests(self._links, restart_grace_s=self._links.silent_after_s)
         self._futures = {}
         self._flush_due = False
         self._sent_to = set()
@@ -278,7 +280,7 @@ class AsyncBrokerClient:
 
     async def close(self) -> None:
         """Every request still waiting ends UNAVAILABLE; the sockets and the timer go."""
-        if self._loop is None or self._pid != os.getpid():
+        if self._loop is None or self._pid != pid():
             return
         self.requests.fail_all(ErrorCode.UNAVAILABLE, "the broker client was closed")
         self._settle(self.requests.flush(lambda _: False, time.monotonic()))

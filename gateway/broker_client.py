@@ -54,12 +54,12 @@ _WAKE_CHECK_S = 1.0
 class BrokerClient:
     def __init__(self, endpoint: str, heartbeat_interval_s: float = 1.0, liveness: int = 3,
                  curve: ClientKeys | None = None):
-        self.endpoints = split_endpoints(endpoint)
+        self._links = Links.of(endpoint, heartbeat_interval_s, liveness)
+        self.endpoints = self._links.endpoints
         self.endpoint = ",".join(self.endpoints)
         self._curve = curve
         self._heartbeat_interval_s = heartbeat_interval_s
-        self._silent_after_s = heartbeat_interval_s * liveness
-        self._links = Links(self.endpoints, self._silent_after_s, heartbeat_interval_s)
+        self._liveness = liveness
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._context: zmq.Context | None = None
@@ -164,7 +164,7 @@ class BrokerClient:
         transport = getattr(self._local, "transport", None)
         if transport is None or self._local.transport_pid != os.getpid():
             transport = ThreadTransport(self._context, self._links, self._curve, self._alarm_endpoint,
-                                        restart_grace_s=self._silent_after_s)
+                                        restart_grace_s=self._links.silent_after_s)
             with self._lock:
                 self._transports.append(transport)
             self._local.transport, self._local.transport_pid = transport, os.getpid()
@@ -182,7 +182,7 @@ class BrokerClient:
             self._context = zmq.Context()
             self._wake_endpoint = f"inproc://ddml-client-{id(self)}"
             self._alarm_endpoint = f"inproc://ddml-alarm-{id(self)}"
-            self._links = Links(self.endpoints, self._silent_after_s, self._heartbeat_interval_s)
+            self._links = Links.of(self.endpoint, self._heartbeat_interval_s, self._liveness)
             self._stopping = threading.Event()
             self._local = threading.local()
             self._transports = []
@@ -211,14 +211,6 @@ class BrokerClient:
             logger.warning("broker client I/O thread did not stop within 5 s; leaving its context open")
             return
         context.destroy(linger=0)
-
-
-def split_endpoints(endpoint: str) -> list[str]:
-    """'tcp://a:5555, tcp://b:5555' -> the endpoints; ValueError if there is none."""
-    endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
-    if not endpoints:
-        raise ValueError(f"need at least one broker endpoint, got {endpoint!r}")
-    return endpoints
 
 
 def request_message(request_id: str, model: str, inputs: list, encoded: list[bytes], timeout_s: float,

@@ -19,6 +19,14 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_RETRY_S = 0.02  # the first wait after a heartbeat could not be sent; doubled up to the interval
 
 
+def split_endpoints(endpoint: str) -> list[str]:
+    """'tcp://a:5555, tcp://b:5555' -> the endpoints; ValueError if there is none."""
+    endpoints = [e.strip() for e in endpoint.split(",") if e.strip()]
+    if not endpoints:
+        raise ValueError(f"need at least one broker endpoint, got {endpoint!r}")
+    return endpoints
+
+
 class Change(enum.Enum):
     """Why a broker's epoch last moved: what was sent to it before may be lost."""
 
@@ -65,6 +73,16 @@ class Links:
         self.silent_after_s = silent_after_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.changes = 0
+
+    @classmethod
+    def of(cls, endpoint: str, heartbeat_interval_s: float, liveness: int) -> Links:
+        """A client's links from its --broker string ('tcp://a:5555,tcp://b:5555'), each broker
+        silent after `liveness` heartbeat intervals without a word. ValueError if it names none."""
+        return cls(split_endpoints(endpoint), heartbeat_interval_s * liveness, heartbeat_interval_s)
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [link.endpoint for link in self.links]
 
     def __getitem__(self, index: int) -> Link:
         return self.links[index]

@@ -15,7 +15,15 @@ import time
 
 import falcon
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import multiprocess, values
+
+from gateway.process_id import pid
+
+# In multiprocess mode every increment asks prometheus_client's process identifier (os.getpid() by
+# default, a system call: three a request) whether the process forked. The same answer, from a copy
+# kept across forks. (Set before any metric is made here, the only module of the gateway that makes any.)
+if getattr(values.ValueClass, "_multiprocess", False):
+    values.ValueClass = values.MultiProcessValue(process_identifier=pid)
 
 METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 _SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

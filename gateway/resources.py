@@ -44,6 +44,9 @@ _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 _SCALAR_TYPES = frozenset({int, float, bool, type(None), bytes})
 # Accept headers that prefer JSON (or send none), known without parsing them: most clients' requests
 _JSON_ACCEPTS = frozenset({None, "", "*/*", falcon.MEDIA_JSON})
+# A server that knows puts this in a request's ASGI scope once the whole body has arrived
+# (gateway/asgi_server.py): read_body then needs no timer to bound the wait for it.
+BODY_ARRIVED = "ddml.body_arrived"
 
 
 async def read_body(req: falcon.Request, config: GatewayConfig) -> bytes:
@@ -53,7 +56,10 @@ async def read_body(req: falcon.Request, config: GatewayConfig) -> bytes:
     if req.content_length is not None and req.content_length > max_bytes:
         raise BrokerError(ErrorCode.PAYLOAD_TOO_LARGE, f"body of {req.content_length} bytes exceeds {max_bytes}")
     try:
-        data = await _read_within(req.bounded_stream, max_bytes + 1, config.body_timeout_s)
+        if req.scope.get(BODY_ARRIVED):  # all there (the usual case): no wait to bound
+            data = await req.bounded_stream.read(max_bytes + 1)
+        else:
+            data = await _read_within(req.bounded_stream, max_bytes + 1, config.body_timeout_s)
     except TimeoutError:
         raise falcon.HTTPError(falcon.HTTP_408, description=f"the body did not arrive within "
                                                             f"{config.body_timeout_s:g} s (--body-timeout-s)",

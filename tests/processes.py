@@ -127,3 +127,19 @@ def scrape(url: str) -> dict[tuple, float]:
 def value(samples: dict, name: str, **labels) -> float:
     """The sum of a scrape's samples of `name` whose labels include `labels`."""
     return sum(v for (n, ls), v in samples.items() if n == name and all(dict(ls).get(k) == x for k, x in labels.items()))
+
+
+def wait_for_models(url: str, names: set[str], timeout_s: float = 60,
+                    also: Callable[[list[dict]], bool] = lambda models: True) -> list[dict]:
+    """Wait until the gateway at `url` is ready and its /v1/models lists every model in `names` as
+    ready (and `also(models)` holds); return that list."""
+    import requests
+
+    def listed():
+        if not http_ready(url):
+            return None
+        models = requests.get(f"{url}/v1/models", timeout=5).json()["models"]
+        ready = {m["name"] for m in models if m["ready"]} >= names and also(models)
+        return models if ready else None
+
+    return wait_until(listed, timeout_s=timeout_s, what=f"models {sorted(names)} ready at {url}")

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import requests
 
+from tests.processes import wait_for_models
+
 pytestmark = pytest.mark.e2e
 
 TEXTS = ["ddml micro-batches requests from many clients.", "The lazy dog sleeps.", "short"]
@@ -49,15 +51,7 @@ def cluster(module_stack, tiny_cross_encoder, tiny_bert_classifier):
     for worker in workers:
         worker.wait_for_output(r"worker ready", timeout_s=180)
     _, url = stack.start_gateway("--workers", "1", "--threads", "8", "--default-model", "minilm")
-    from tests.processes import http_ready, wait_until
-
-    def all_ready():
-        if not http_ready(url):
-            return False
-        models = requests.get(f"{url}/v1/models", timeout=5).json()["models"]
-        return {m["name"] for m in models if m["ready"]} >= {"minilm", "ranker", "cls", "echo"}
-
-    wait_until(all_ready, timeout_s=60, what="every model ready")
+    wait_for_models(url, {"minilm", "ranker", "cls", "echo"})
     return url
 
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.conftest import WORDS
-from tests.processes import http_ready, wait_until
+from tests.processes import wait_for_models, wait_until
 from worker.models import default_model_path
 
 pytestmark = pytest.mark.e2e
@@ -52,15 +52,8 @@ def cluster(module_stack, tiny_st_cls, tiny_st_mean, tiny_cross_encoder):
     for worker in workers.values():
         worker.wait_for_output(r"worker ready", timeout_s=180)
     gateway, url = stack.start_gateway("--workers", "1", "--threads", "8", "--log-level", "DEBUG")
-
-    def all_ready():
-        if not http_ready(url):
-            return False
-        models = requests.get(f"{url}/v1/models", timeout=5).json()["models"]
-        return {m["name"] for m in models if m["ready"]} >= {"minilm", "st-cls", "st-mean", "ranker", "rev"} and \
-            next(m for m in models if m["name"] == "rev")["versions"] == ["v1", "v2"]
-
-    wait_until(all_ready, timeout_s=60, what="every model ready")
+    wait_for_models(url, {"minilm", "st-cls", "st-mean", "ranker", "rev"},
+                    also=lambda models: next(m for m in models if m["name"] == "rev")["versions"] == ["v1", "v2"])
     return {"url": url, "broker": broker, "gateway": gateway, "workers": workers, "frontend": stack.frontend}
 
 

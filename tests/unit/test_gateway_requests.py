@@ -309,3 +309,13 @@ def test_heartbeats_retry_soon_until_one_goes_through_backing_off_to_the_interva
     links.heartbeat_sent(1, True, now)
     links.heartbeat_sent(1, False, now + 1.0)
     assert links[1].heartbeat_due_at == pytest.approx(now + 1.02)  # a success starts the backoff again
+
+
+def test_links_of_a_broker_string_name_each_endpoint_and_fall_silent_after_liveness_intervals():
+    links = Links.of(" tcp://a:5555, tcp://b:5555,", heartbeat_interval_s=0.5, liveness=4)
+    assert links.endpoints == ["tcp://a:5555", "tcp://b:5555"] and [link.index for link in links] == [0, 1]
+    assert links.silent_after_s == 2.0 and links.heartbeat_interval_s == 0.5
+    links.started(0.0)
+    assert links.silent(1.9) == [] and links.silent(2.1) == [0, 1]
+    with pytest.raises(ValueError, match="at least one broker"):
+        Links.of(" , ", heartbeat_interval_s=1.0, liveness=3)
