@@ -726,13 +726,16 @@ class BrokerCore:
         self._overrides, changed = take_overrides(self._overrides, wire)
         if changed:
             self._hasten_pool_heartbeats(now)
+            for model in [m for m, o in self._overrides.items() if o.unloaded]:
+                self._fail_unloadable(model, now)  # what waits for a load that will not come
 
     def _fail_unloadable(self, model: str, now: float) -> None:
         """A load failed: if no worker serves the model and none may still load it, what waits for it
         gets UNAVAILABLE now, with the reason, rather than TIMEOUT at its deadline."""
         if self._workers.serves(model) or not self._batcher.queued_items(model):
             return
-        loadable = can_load(self._workers, model)
+        refusal = unloaded_refusal(self._overrides, self._workers, model)
+        loadable = can_load(self._workers, model) if refusal is None else (False, refusal)
         if loadable is None or loadable[0]:
             return
         for request in [r for r in self._requests.values() if r.model == model]:
