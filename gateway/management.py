@@ -33,7 +33,7 @@ from gateway.catalog import check_model_name
 from gateway.resources import read_body, write_document
 from gateway.status_fanout import gather_status_async
 
-_POLL_S = 0.1  # how often a load or unload looks whether it is done
+POLL_S = 0.1  # how often a load or unload looks whether it is done
 _SEND_TIMEOUT_S = 2.0  # how long the brokers may take to take an override (a down one learns it from the workers)
 DISABLED = "management disabled: start the gateway with --admin-key-file"
 
@@ -154,6 +154,47 @@ def scale_override(views: list[dict], model: str, version: int, low: int | None,
     return Override(version, low, high, held.unloaded if held is not None else False)
 
 
+def check_known(views: list[dict], model: str, verb: str) -> None:
+    if not known(views, model):
+        raise invalid(f"failed to {verb} '{model}': no pool worker's repository lists it and no worker serves it")
+
+
+def load_plan(views: list[dict], model: str, now_ns: int) -> Override | None:
+    """The override a load sends (None: fixed workers serve the model, nothing to change)."""
+    check_known(views, model, "load")
+    return load_override(views, model, next_version(views, model, now_ns)) if in_pool(views, model) else None
+
+
+def load_done(views: list[dict], model: str) -> bool:
+    """Whether a replica is READY; raises Triton's 400 once every pool worker failed to load it."""
+    state, reason = model_state(views, model)
+    if state == "UNAVAILABLE" and reason not in ("unloaded by operator", "no replica; loads on demand",
+                                                  "no live worker serves it"):
+        raise invalid(f"failed to load '{model}': {reason}")
+    return state == "READY"
+
+
+class Conflict(falcon.HTTPConflict):
+    """409: the model is served only by fixed workers, which placement never moves."""
+
+    def __init__(self, message: str):
+        super().__init__(description=message)
+
+
+def unload_plan(views: list[dict], model: str, now_ns: int) -> Override:
+    check_known(views, model, "unload")
+    if not in_pool(views, model):
+        raise Conflict(f"model '{model}' is served only by fixed workers (started with --model), which placement "
+                       f"never moves: stop those workers to unload it")
+    return unload_override(views, model, next_version(views, model, now_ns))
+
+
+def unload_done(views: list[dict], model: str) -> bool:
+    """Whether no pool worker holds or loads the model any more."""
+    entries = [v["models"][model].get("replicas", {}) for v in views if model in v["models"]]
+    return all(not r.get("pool_workers") and not r.get("loading") for r in entries)
+
+
 def replicas_body(body: Any) -> tuple[int | None, int | None]:
     """PUT /v1/models/{m}/replicas' {"min": n, "max": n}, either optional, checked."""
     if not isinstance(body, dict) or not body or set(body) - {"min", "max"}:
@@ -187,15 +228,12 @@ class Management:
                                            {model: override.to_wire()})
         return views_of(status)
 
-    async def prepare(self, req: falcon.Request, model: str, verb: str) -> list[dict]:
-        """A write's checks (admin key, name, body) and the brokers' views, in which the model is known."""
+    async def prepare(self, req: falcon.Request, model: str) -> list[dict]:
+        """A write's checks (admin key, name, body), then the brokers' views."""
         self.admin.check(req.get_header("Authorization"))
         check_model_name(model)
         await _json_body(req, self.config)  # Triton's parameters (a config override, unload_dependents): ignored
-        views = await self.views()
-        if not known(views, model):
-            raise invalid(f"failed to {verb} '{model}': no pool worker's repository lists it and no worker serves it")
-        return views
+        return await self.views()
 
     async def wait_until(self, done, what: str) -> list[dict]:
         """Poll the brokers until done(views) is true, within the request timeout (else 504)."""
@@ -206,7 +244,7 @@ class Management:
                 return views
             if time.monotonic() >= deadline_at:
                 raise BrokerError(ErrorCode.TIMEOUT, f"{what} within {self.wait_s:g} s; it goes on")
-            await asyncio.sleep(_POLL_S)
+            await asyncio.sleep(POLL_S)
 
 
 async def _json_body(req: falcon.Request, config: GatewayConfig) -> Any:
@@ -238,18 +276,10 @@ class RepositoryLoad:
     @errors_as(v2_body)
     async def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
         m = self._m
-        views = await m.prepare(req, model, "load")
-        if in_pool(views, model):
-            await m.send(model, load_override(views, model, next_version(views, model, time.time_ns())))
-
-        def ready(now_views: list[dict]) -> bool:
-            state, reason = model_state(now_views, model)
-            if state == "UNAVAILABLE" and reason not in ("unloaded by operator", "no replica; loads on demand",
-                                                          "no live worker serves it"):
-                raise invalid(f"failed to load '{model}': {reason}")
-            return state == "READY"
-
-        await m.wait_until(ready, f"model '{model}' was not loaded")
+        override = load_plan(await m.prepare(req, model), model, time.time_ns())
+        if override is not None:
+            await m.send(model, override)
+        await m.wait_until(lambda views: load_done(views, model), f"model '{model}' was not loaded")
         write_document(req, resp, {})
 
 
@@ -260,18 +290,8 @@ class RepositoryUnload:
     @errors_as(v2_body)
     async def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
         m = self._m
-        views = await m.prepare(req, model, "unload")
-        if not in_pool(views, model):
-            raise falcon.HTTPConflict(description=(
-                f"model '{model}' is served only by fixed workers (started with --model), which placement never "
-                f"moves: stop those workers to unload it"))
-        await m.send(model, unload_override(views, model, next_version(views, model, time.time_ns())))
-
-        def unloaded(now_views: list[dict]) -> bool:
-            entries = [v["models"][model].get("replicas", {}) for v in now_views if model in v["models"]]
-            return all(not r.get("pool_workers") and not r.get("loading") for r in entries)
-
-        await m.wait_until(unloaded, f"model '{model}' was not unloaded")
+        await m.send(model, unload_plan(await m.prepare(req, model), model, time.time_ns()))
+        await m.wait_until(lambda views: unload_done(views, model), f"model '{model}' was not unloaded")
         write_document(req, resp, {})
 
 
@@ -288,9 +308,8 @@ class ModelReplicas:
         if not known(views, model):
             raise BrokerError(ErrorCode.NO_SUCH_MODEL, f"no pool worker's repository lists model {model!r}")
         if not in_pool(views, model):
-            raise falcon.HTTPConflict(description=(
-                f"model '{model}' is served only by fixed workers (started with --model): start more or fewer "
-                f"of them to scale it"))
+            raise Conflict(f"model '{model}' is served only by fixed workers (started with --model): start more or "
+                           f"fewer of them to scale it")
         override = scale_override(views, model, next_version(views, model, time.time_ns()), low, high)
         replicas = replicas_of(await m.send(model, override), model)
         write_document(req, resp, {"model": model, "replicas": replicas})

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 _STATUS_STRAGGLER_S = 0.25  # once one broker has answered, how long the others may take
 
 
-def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, every_broker: bool) -> dict:
+def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, every_broker: bool,
+                  overrides: dict | None = None) -> dict:
     if not every_broker:
         deadline_at = time.monotonic() + timeout_s
         for link in _preferred_first(links):
@@ -32,7 +33,7 @@ def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, eve
                 continue
             return _one_view(link, answer)
         raise _unanswered(client, timeout_s)
-    futures = [client.ask(link.index, timeout_s) for link in links]
+    futures = [client.ask(link.index, timeout_s, overrides) for link in links]
     deadline_at = time.monotonic() + timeout_s
     pending = set(futures)
     while pending:

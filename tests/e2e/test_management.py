@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from gateway.broker_client import BrokerClient
-from tests.processes import http_ready, wait_until
+from tests.processes import free_port, http_ready, wait_until
 
 httpclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -26,6 +26,7 @@ def write_repository(path) -> str:
     path.write_text(
         '[models.alpha]\nhandler = "tests.e2e.management_models:DirectedEcho"\nidle-unload-s = 120\n\n'
         '[models.beta]\nhandler = "worker.models.echo:EchoModel"\nidle-unload-s = 120\n\n'
+        '[models.gamma]\nhandler = "worker.models.echo:EchoModel"\nidle-unload-s = 120\n\n'
         '[models.broken]\nhandler = "no_such_module:Nope"\n')
     return str(path)
 
@@ -36,14 +37,16 @@ def cluster(module_stack, tmp_path_factory):
     repository = write_repository(directory / "repository.toml")
     (directory / "admin.keys").write_text(f"# operators\n{ADMIN}\n")
     module_stack.start_broker(*FAST)
-    module_stack.start_worker("--pool", "--repository", repository, "--max-models", "2", *FAST)
+    module_stack.start_worker("--pool", "--repository", repository, "--max-models", "3", *FAST)
     module_stack.start_worker("--model", "fixed", "--handler", "worker.models.echo:EchoModel", *FAST)
-    _, url = module_stack.start_gateway("--workers", "1", "--admin-key-file", str(directory / "admin.keys"),
-                                        "--request-timeout-ms", "20000")
+    grpc_address = f"127.0.0.1:{free_port()}"
+    process, url = module_stack.start_gateway("--workers", "1", "--admin-key-file", str(directory / "admin.keys"),
+                                              "--request-timeout-ms", "20000", "--grpc-bind", grpc_address)
+    process.wait_for_output(r"grpc ready", timeout_s=60)
     _, bare_url = module_stack.start_gateway("--workers", "1")
     for address in (url, bare_url):
         wait_until(lambda a=address: http_ready(a, "/v1/models/fixed"), timeout_s=60, what="the gateways")
-    return url, bare_url
+    return url, bare_url, grpc_address
 
 
 def admin(token: str = ADMIN) -> dict:
@@ -56,7 +59,7 @@ def index(url: str) -> dict:
 
 
 def test_the_writes_need_the_admin_key_and_are_refused_without_an_admin_key_file(cluster):
-    url, bare_url = cluster
+    url, bare_url, _ = cluster
     for method, path, body in (("post", "/v2/repository/models/alpha/load", None),
                                ("post", "/v2/repository/models/alpha/unload", None),
                                ("put", "/v1/models/alpha/replicas", {"max": 2})):
@@ -71,7 +74,7 @@ def test_the_writes_need_the_admin_key_and_are_refused_without_an_admin_key_file
 
 
 def test_index_load_predict_scale_and_unload_with_tritonclient(cluster):
-    url, _ = cluster
+    url, _, _ = cluster
     client = httpclient.InferenceServerClient(url.removeprefix("http://"))
     models = index(url)
     assert models["fixed"]["state"] == "READY"
@@ -118,7 +121,7 @@ def test_index_load_predict_scale_and_unload_with_tritonclient(cluster):
 
 
 def test_an_unload_while_requests_run_answers_every_one_of_them(cluster, module_stack):
-    url, _ = cluster
+    url, _, _ = cluster
     broker = BrokerClient(module_stack.frontend, heartbeat_interval_s=0.2)
     client = httpclient.InferenceServerClient(url.removeprefix("http://"))
     client.load_model("alpha", headers=admin())
@@ -146,3 +149,24 @@ def _accepted(broker: BrokerClient, model: str) -> int:
     status = broker.status(every_broker=False)
     return status["models"][model]["queued_items"] + sum(w["in_flight_items"] for w in status["workers"]
                                                          if model in w["models"])
+
+
+def test_the_repository_rpcs_over_grpc_with_the_admin_key_as_metadata(cluster):
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    url, _, grpc_address = cluster
+    client = grpcclient.InferenceServerClient(grpc_address)
+    names = {m.name: m for m in client.get_model_repository_index().models}
+    assert names["fixed"].state == "READY" and "gamma" in names
+    with pytest.raises(InferenceServerException) as missing:
+        client.load_model("gamma")
+    assert missing.value.status() == "StatusCode.UNAUTHENTICATED"
+    with pytest.raises(InferenceServerException) as wrong:
+        client.load_model("gamma", headers={"authorization": "Bearer not-the-key"})
+    assert wrong.value.status() == "StatusCode.PERMISSION_DENIED"
+    client.load_model("gamma", headers={"authorization": f"Bearer {ADMIN}"})
+    assert client.is_model_ready("gamma") and index(url)["gamma"]["state"] == "READY"
+    client.unload_model("gamma", headers={"authorization": f"Bearer {ADMIN}"})
+    assert index(url)["gamma"]["reason"] == "unloaded by operator"
+    with pytest.raises(InferenceServerException) as fixed:
+        client.unload_model("fixed", headers={"authorization": f"Bearer {ADMIN}"})
+    assert fixed.value.status() == "StatusCode.FAILED_PRECONDITION"
