@@ -346,8 +346,8 @@ class PlacementPolicy:
         its residency (the worker drains it first). The last one goes only once the model has no demand,
         so that what the brokers accepted before the operator's unload is answered."""
         spec = self._effective[model]
-        if self._replicas(workers, model) <= spec.max_replicas:
-            return None
+        if sum(model in w.held for w in workers.values()) <= spec.max_replicas:
+            return None  # (one still loading counts once it is loaded: it may yet fail)
         if spec.max_replicas == 0 and view.demand.get(model, Demand()).active:
             return None
         holders = [pool_id for pool_id, w in workers.items() if model in w.held and pool_id not in claimed]

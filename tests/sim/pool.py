@@ -281,7 +281,8 @@ class PoolSim:
             if not reply.ok:
                 restarted_at = self._restarted_at.get(sent.link, -1e9)
                 kind = ("flaky" if sent.model == "flaky" else "operator" if self._unloaded_near(sent.model, sent.sent_at)
-                        else "restart" if 0 <= sent.sent_at - restarted_at <= CONFIG.heartbeat.expiry_s else "others")
+                        else "restart" if -0.01 <= sent.sent_at - restarted_at <= CONFIG.heartbeat.expiry_s
+                        else "others")  # (-0.01: sent to the old broker, it reached the new one)
                 key = f"{reply.error_code} ({kind})"
                 self.errors[key] = self.errors.get(key, 0) + 1
 
@@ -323,7 +324,8 @@ class PoolSim:
 
     def _end_phase(self, kind: str, start_s: float, end_s: float) -> None:
         faults = (sum(w.incarnation for w in self.workers) != self._kills_now
-                  or any(start_s <= t <= end_s for t in self._operated_at))  # the operator's loads are not thrash
+                  or any(start_s - PHASE_S <= t <= end_s for t in self._operated_at))  # the operator's loads,
+        # and the placement that settles after them (a pinned model leaves less room), are not thrash
         late_loads = self.counts["loads"] - (self._settled_loads or self.counts["loads"])
         self.loads_by_phase.append((kind, start_s, end_s, late_loads, faults))
         if kind == "steady" and not faults and late_loads:

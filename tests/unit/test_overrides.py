@@ -212,3 +212,14 @@ def test_a_bad_replicas_body_is_400(body):
     with pytest.raises(GatewayError):
         replicas_body(body)
     assert replicas_body({"min": 1, "max": 2}) == (1, 2) and replicas_body({"max": 0}) == (None, 0)
+
+
+def test_a_restarted_broker_reports_a_rejoining_pool_worker_as_holding_what_its_ready_said():
+    """Regression (the operator simulation found it): before the worker's first heartbeat the broker reported it
+    as holding nothing, and another pool worker, planning from that report, loaded a second replica over max."""
+    core, wire = BrokerCore(CONFIG, "i3", now=0.0), Wire()
+    rejoining = protocol.Ready(["a"], max_batch_size=8, max_batches=2, pool=POOL_READY.pool)
+    core.on_frames(Peer.WORKER, b"w1", frames(rejoining), 0.0)
+    step(core, wire, 0.0)
+    [heartbeat] = wire.take(b"w1", protocol.Heartbeat)[-1:]
+    assert heartbeat.demand["pool"]["p1"]["held"] == {"a": 0.0}
