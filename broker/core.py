@@ -390,7 +390,7 @@ class BrokerCore:
             self._take_overrides(heartbeat.pool["overrides"], now)  # a restarted broker learns them back
         if heartbeat.pool and worker.pool and self._workers.set_holdings(worker, heartbeat.pool):
             self._hasten_pool_heartbeats(now)  # every pool worker plans from the change now, not an interval late
-            for model in heartbeat.pool.get("failed", ()):
+            for model in [*heartbeat.pool.get("failed", ()), *self._unloaded_models()]:
                 self._fail_unloadable(model, now)
         if heartbeat.pool.get("events") and worker.pool:
             self._on_pool_events(worker, heartbeat.pool["events"], now)
@@ -726,8 +726,12 @@ class BrokerCore:
         self._overrides, changed = take_overrides(self._overrides, wire)
         if changed:
             self._hasten_pool_heartbeats(now)
-            for model in [m for m, o in self._overrides.items() if o.unloaded]:
+            for model in self._unloaded_models():
                 self._fail_unloadable(model, now)  # what waits for a load that will not come
+
+    def _unloaded_models(self) -> list[str]:
+        """Models the operator unloaded: once no worker serves one, what waits for it is refused."""
+        return [model for model, override in self._overrides.items() if override.unloaded]
 
     def _fail_unloadable(self, model: str, now: float) -> None:
         """A load failed: if no worker serves the model and none may still load it, what waits for it
@@ -739,7 +743,8 @@ class BrokerCore:
         if loadable is None or loadable[0]:
             return
         for request in [r for r in self._requests.values() if r.model == model]:
-            self._finish(request, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
+            if refusal is None or request.queued == request.remaining:  # (a drained replica answers what it runs)
+                self._finish(request, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
 
     def _on_pool_events(self, worker: WorkerState, events: list[dict], now: float) -> None:
         """A pool worker's latest events: each new one goes into the ring (STATUS) and is counted (/metrics)."""

@@ -210,6 +210,8 @@ class PoolState:
             self._changed = True
             if model in self._replicas or model in self._loading:
                 return f"model {model!r} is held or loading already"
+            if model in self._overrides and self._overrides[model].unloaded:  # since the plan (its evictions drained)
+                return f"model {model!r} is unloaded by operator"
             if len(self._replicas) + len(self._loading) + 1 > self.max_models:
                 return f"--max-models {self.max_models} reached"
             used_mb = sum(r.memory_mb for r in self._replicas.values())

@@ -280,7 +280,7 @@ class PoolSim:
             self.counts["ok" if reply.ok else "errors"] += 1
             if not reply.ok:
                 restarted_at = self._restarted_at.get(sent.link, -1e9)
-                kind = ("flaky" if sent.model == "flaky" else "operator" if self._unloaded_near(sent.model, sent.sent_at)
+                kind = ("flaky" if sent.model == "flaky" else "operator" if self._unloaded_near(sent.model, self.now)
                         else "restart" if -0.01 <= sent.sent_at - restarted_at <= CONFIG.heartbeat.expiry_s
                         else "others")  # (-0.01: sent to the old broker, it reached the new one)
                 key = f"{reply.error_code} ({kind})"
@@ -362,8 +362,9 @@ class PoolSim:
             self.to_broker(link, b"gw", frames, Peer.GATEWAY)
 
     def _unloaded_near(self, model: str, when: float) -> bool:
-        """Whether the operator had unloaded `model` at `when`, or loaded it again just before (a load takes
-        a heartbeat to reach the workers, and LOAD_S to finish)."""
+        """Whether the operator had unloaded `model` at `when` (a reply's time: a broker refuses what waits for
+        a model unloaded since, whose replicas are gone), or loaded it again just before (a load takes a
+        heartbeat to reach the workers, and LOAD_S to finish)."""
         unloaded = False
         for at, name, override in self._history:
             if name == model and at <= when:

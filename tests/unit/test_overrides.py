@@ -223,3 +223,37 @@ def test_a_restarted_broker_reports_a_rejoining_pool_worker_as_holding_what_its_
     step(core, wire, 0.0)
     [heartbeat] = wire.take(b"w1", protocol.Heartbeat)[-1:]
     assert heartbeat.demand["pool"]["p1"]["held"] == {"a": 0.0}
+
+
+def test_what_waits_for_an_unloaded_model_is_refused_once_its_last_replica_is_gone():
+    """Regression (the operator simulation): the unload came while a replica still served the model, and the
+    replica then went (an eviction); what was queued for it waited for a load that would never come."""
+    core, wire = BrokerCore(CONFIG, "i4", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(POOL_READY), 0.0)
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Heartbeat(registration=1, pool={
+        "held": {"a": 1.0}, "loading": [], "failed": {}})), 0.1)
+    for n in range(20):  # more than two batches of 8: the rest queue
+        core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.Request(f"r{n}", "a", 5000, [protocol.encode_value(n)])),
+                       0.3)
+    step(core, wire, 0.3)
+    sent = [b for b in wire.take(b"w1", protocol.Batch)]
+    assert sum(len(b.request_ids) for b in sent) < 20
+    core.on_frames(Peer.GATEWAY, b"gw", frames(protocol.StatusRequest("s", {"a": {"version": 1, "unloaded": True}})),
+                   0.4)
+    step(core, wire, 0.4)
+    assert wire.take(b"gw", protocol.Reply) == []  # a replica still serves it: the queue is answered by it
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Heartbeat(registration=1, pool={
+        "held": {}, "loading": ["b"], "failed": {}})), 0.5)  # evicted for b
+    step(core, wire, 0.5)
+    replies = wire.take(b"gw", protocol.Reply)
+    assert len(replies) == 20 - sum(len(b.request_ids) for b in sent)
+    assert all("unloaded by operator" in r.error_message for r in replies)
+
+
+def test_a_pool_worker_refuses_a_load_planned_before_the_operator_unloaded_the_model():
+    """Regression (the operator simulation): a load planned before the unload, performed once its evictions
+    had drained, loaded the unloaded model."""
+    state = PoolState("p1", ["a", "b"], 2, 0.0, report_ttl_s=1.0)
+    state.on_demand(0, {"overrides": {"a": {"version": 3, "unloaded": True}}}, now=0.0)
+    assert "unloaded by operator" in state.begin_load("a", 0.0)
+    assert state.begin_load("b", 0.0) == ""
