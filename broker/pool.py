@@ -122,7 +122,8 @@ def demand_report(workers: list[WorkerState], queued: Callable[[str], int], olde
         # Before its first heartbeat (a broker that restarted), what its READY said it holds: reported as
         # holding nothing, another worker would load a second replica of what it holds.
         held = holdings.get("held", {m: 0.0 for m in sorted(worker.models)})
-        entry = {"held": held, "loading": holdings.get("loading", []),
+        entry = {**({} if holdings else {"rejoining": True}),  # what it loads or failed to load: not known yet
+                 "held": held, "loading": holdings.get("loading", []),
                  "failed": sorted(holdings.get("failed", {})), "catalog": worker.pool["catalog"],
                  "max_models": worker.pool["max_models"], "budget_mb": worker.pool["budget_mb"]}
         budget -= 64 + sum(len(m) + 8 for m in entry["catalog"]) + 40 * len(entry["held"])

@@ -390,6 +390,7 @@ def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None =
     merged by version with `overrides` (those this worker holds already)."""
     demand: dict[str, Demand] = {}
     workers: dict[str, PoolWorker] = {}
+    rejoining: set[str] = set()  # pool ids whose entry so far is a rejoining one
     merged = dict(overrides or {})
     for report in reports:
         if not isinstance(report, Mapping):
@@ -410,8 +411,13 @@ def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None =
         pool = report.get("pool")
         for pool_id, entry in (pool.items() if isinstance(pool, Mapping) else ()):
             worker = _pool_worker(pool_id, entry)
-            if worker is not None and pool_id not in workers:
+            if worker is None:
+                continue
+            # A broker that has not heard the worker since it (re)registered knows only what it holds: another
+            # broker's entry, whatever the order of the reports, says what it loads and failed to load too.
+            if pool_id not in workers or (pool_id in rejoining and entry.get("rejoining") is not True):
                 workers[pool_id] = worker
+                (rejoining.add if entry.get("rejoining") is True else rejoining.discard)(pool_id)
     if own is not None and own.pool_id not in workers:
         workers[own.pool_id] = own
     return View(demand, workers, merged)

@@ -257,3 +257,17 @@ def test_a_pool_worker_refuses_a_load_planned_before_the_operator_unloaded_the_m
     state.on_demand(0, {"overrides": {"a": {"version": 3, "unloaded": True}}}, now=0.0)
     assert "unloaded by operator" in state.begin_load("a", 0.0)
     assert state.begin_load("b", 0.0) == ""
+
+
+def test_a_rejoining_entry_yields_to_another_brokers_whatever_the_order_of_the_reports():
+    """Regression (the operator simulation): a restarted broker knew a rejoining worker's holdings but not that it
+    was loading flaky, nor that flaky had failed there; a worker that heard its report first loaded a second
+    replica. Every report order now gives the same view."""
+    full = {"pool": {"p1": {"held": {"a": 1.0}, "loading": ["flaky"], "failed": ["b"], "catalog": ["a", "b", "flaky"],
+                            "max_models": 2}}}
+    rejoining = {"pool": {"p1": {"rejoining": True, "held": {"a": 0.0}, "loading": [], "failed": [],
+                                 "catalog": ["a", "b", "flaky"], "max_models": 2}}}
+    for reports in ([full, rejoining], [rejoining, full]):
+        worker = merge_reports(reports).workers["p1"]
+        assert worker.loading == {"flaky"} and worker.failed == {"b"}
+    assert merge_reports([rejoining]).workers["p1"].held == {"a": 0.0}  # alone, it stands
