@@ -85,6 +85,18 @@ def test_an_idle_model_scales_down_to_min_replicas_one_replica_per_plan():
     assert policy.plan(view([w for w in remaining if w.pool_id != second.pool_id]), now=12.0) == []
 
 
+def test_a_model_served_steadily_but_seldom_queued_when_reported_is_not_unloaded_as_idle():
+    """Regression, the pool simulator's seed 50 (--max-models 3): a model at 10 requests/s, each served in
+    milliseconds, was seldom queued or in flight when a broker took its report, so its idle clock ran on
+    and both its replicas were unloaded under steady demand. Its recent rate says it has demand."""
+    policy = PlacementPolicy({**SPECS, "a": Placement(max_replicas=2, idle_unload_s=10.0)})
+    pool = [worker("w1", held=["a"])]
+    assert all(policy.plan(view(pool, a=Demand(rate_per_s=10.0)), now=float(t)) == [] for t in range(60))
+    assert policy.plan(view(pool), now=68.0) == []  # idle 9 s
+    [unload] = policy.plan(view(pool), now=69.0)
+    assert (unload.kind, unload.model, unload.reason) == (Kind.UNLOAD, "a", "idle")
+
+
 def test_a_worker_whose_load_failed_or_lacks_the_model_is_not_chosen():
     policy = PlacementPolicy(SPECS)
     pool = [worker("w1", failed=["a"]), worker("w2", catalog=["b"]), worker("w3")]
