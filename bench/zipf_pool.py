@@ -101,12 +101,13 @@ class Configuration:
         self.tally = Tally()
 
     @classmethod
-    def start(cls, name: str, stack: Stack, repository: Path, max_models: int) -> Configuration:
-        stack.start_broker()
+    def start(cls, name: str, stack: Stack, repository: Path, max_models: int, heartbeat_ms: float) -> Configuration:
+        heartbeat = ("--heartbeat-interval-ms", f"{heartbeat_ms:g}")
+        stack.start_broker(*heartbeat)
         for _ in range(2):
             stack.start_worker("--pool", "--repository", str(repository), "--max-models", str(max_models),
-                               "--torch-threads", "1")
-        return cls(name, BrokerClient(stack.frontend))
+                               "--torch-threads", "1", *heartbeat)
+        return cls(name, BrokerClient(stack.frontend, heartbeat_interval_s=heartbeat_ms / 1000))
 
     def pool_workers(self) -> list[dict]:
         return [w for w in self.client.status()["workers"] if "pool" in w]
@@ -202,6 +203,8 @@ def main() -> None:
     parser.add_argument("--zipf-s", type=float, default=1.1, help="the Zipf exponent")
     parser.add_argument("--hidden", type=int, default=256, help="the tiny BERTs' hidden size")
     parser.add_argument("--layers", type=int, default=4, help="the tiny BERTs' layers")
+    parser.add_argument("--heartbeat-interval-ms", type=float, default=1000.0,
+                        help="brokers' and workers' (a pool worker drains an evicted model for two intervals)")
     parser.add_argument("--poll-s", type=float, default=0.2, help="how often placement is read from the broker")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -219,9 +222,11 @@ def main() -> None:
     configs: list[Configuration] = []
     try:
         configs.append(Configuration.start("pool: 2 workers × 3 models", stack,
-                                           write_repository(root / "pool.toml", models, min_replicas=0), 3))
+                                           write_repository(root / "pool.toml", models, min_replicas=0), 3,
+                                           args.heartbeat_interval_ms))
         configs.append(Configuration.start("upper bound: 2 workers × all 12", stack,
-                                           write_repository(root / "all.toml", models, min_replicas=2), 12))
+                                           write_repository(root / "all.toml", models, min_replicas=2), 12,
+                                           args.heartbeat_interval_ms))
         pool, upper = configs
         pool.wait_ready(0, timeout_s=120)
         upper.wait_ready(2 * len(MODELS), timeout_s=300)
@@ -238,7 +243,8 @@ def main() -> None:
             config.client.close()
         stack.stop_all()
     print(f"\n## Zipf (s={args.zipf_s:g}) over {len(MODELS)} models, popularity shifting every {args.phase_s:g} s, "
-          f"{args.phases} phases per configuration, c={args.concurrency}\n")
+          f"{args.phases} phases per configuration, c={args.concurrency}, heartbeats every "
+          f"{args.heartbeat_interval_ms:g} ms\n")
     print(table(configs, args))
 
 
