@@ -7,6 +7,14 @@ shifts, bursts, goes quiet and holds steady; unloads racing batches; each reques
 broker. After every event it checks the invariants; at the end, every request's one reply.
 
     python -m tests.sim.pool --seed 3        # one run, with its figures
+    python -m tests.sim.pool --seed 3 --kill-rate 0 --max-models 3 --verbose   # as CI runs seed 3 (seeded())
+    python -m tests.sim.pool --seed 3 --stationary over                       # the no-thrash gate's scenario
+
+The gates, each a PoolSimFailure naming its seed and replay command: every request answered once by
+its deadline; no worker over --max-models or its memory budget, no model over max-replicas; no model
+unloaded while a batch of it computes; a model with demand and no replica gets one within
+REPLICA_BOUND_S; steady demand that fits stays put, and under stationary demand loads per worker and
+per model per minute stay within a bound derived from min_residency_s (StationarySim).
 """
 
 from __future__ import annotations
@@ -505,7 +513,6 @@ class StationarySim(PoolSim):
         return (f"{super().summary()}; stationary {self.scenario}: most loads in {WINDOW_S:g} s per worker "
                 f"{max(by_worker.values(), default=0)} (bound {LOADS_PER_WORKER_BOUND}), per model "
                 f"{max(by_model.values(), default=0)}")
-
 
 
 def main() -> None:
