@@ -288,11 +288,11 @@ class PoolSim:
 
     # ------------------------------------------------------------------ demand
 
-    def _request(self, model: str) -> None:
+    def _request(self, model: str, timeout_s: float = TIMEOUT_S) -> None:
         request_id = f"r{self.counts['requests']}"
         self.counts["requests"] += 1
-        self.requests[request_id] = Sent(model, self.now + TIMEOUT_S)
-        frames = protocol.encode(protocol.Request(request_id, model, int(TIMEOUT_S * 1000),
+        self.requests[request_id] = Sent(model, self.now + timeout_s)
+        frames = protocol.encode(protocol.Request(request_id, model, int(timeout_s * 1000),
                                                   inputs=[protocol.encode_value(request_id)]))
         self.to_broker(self.rng.randrange(len(self.brokers)), b"gw", frames, Peer.GATEWAY)
 
@@ -434,8 +434,11 @@ def seeded(seed: int) -> PoolSim:
 # Demand that holds still, on two pool workers of one model each (--max-models 1), with loads of
 # 0.1-0.5 s (so that what bounds the churn is the policy, not slow loads) and no faults. Each model's
 # requests arrive at a steady rate (Poisson), from the start to the end. "fits": two models on two
-# workers; "over": three models on two workers, which must take turns.
+# workers; "over": three models on two workers, which must take turns. c's requests have a deadline
+# shorter than its turn is apart (SHORT_DEADLINE_S), so that many of them time out while queued: on
+# every seed the brokers' deadlines are put to the test (no request of the other runs outlives its own).
 STATIONARY = {"fits": {"a": 12.0, "b": 6.0}, "over": {"a": 12.0, "b": 6.0, "c": 6.0}}  # model -> requests/s
+SHORT_DEADLINE_S = {"c": 1.5}
 STATIONARY_LOAD_S = (0.1, 0.5)
 STATIONARY_S = {"fits": 30.0, "over": 60.0}
 WINDOW_S = 60.0
@@ -475,7 +478,7 @@ class StationarySim(PoolSim):
         for model, rate_per_s in STATIONARY[self.scenario].items():
             t = start_s + self.rng.expovariate(rate_per_s)
             while t < self.duration_s:
-                self.at(t, lambda m=model: self._request(m))
+                self.at(t, lambda m=model: self._request(m, SHORT_DEADLINE_S.get(m, TIMEOUT_S)))
                 t += self.rng.expovariate(rate_per_s)
         self.at(self.duration_s, self._check_thrash)
 

@@ -2,7 +2,8 @@
 
 DDML_POOL_SIM_SEEDS sets how many (by default a hundredth of DDML_SIM_SEEDS, at least 4); a failure
 names its seed and the command that replays it. The gates, each checked on every seed (PoolSimFailure):
-- every request is answered once, by its deadline (PoolSim._on_reply, and at the end of run());
+- every request is answered once, by its deadline (PoolSim._on_reply, and at the end of run()); in the
+  stationary "over" scenario, on every seed, some requests' deadlines pass while they wait;
 - no worker holds more than --max-models or its memory budget, nor begins a load that its budget
   cannot take, and no model has more than max-replicas (check_limits, load_started); on half the
   seeds the budget binds, not --max-models (BudgetSim);
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import os
 
-from tests.sim.pool import LOADS_PER_WORKER_BOUND, REPLICA_BOUND_S, STATIONARY, PoolSim, StationarySim, seeded
+from ddml_common.protocol import ErrorCode
+from tests.sim.pool import (LOADS_PER_WORKER_BOUND, REPLICA_BOUND_S, SHORT_DEADLINE_S, STATIONARY, PoolSim,
+                            StationarySim, seeded)
 
 
 def seed_count() -> int:
@@ -44,9 +47,13 @@ def test_stationary_demand_does_not_thrash_on_any_seed():
     most = {scenario: 0 for scenario in STATIONARY}
     for seed in range(count):
         for scenario in STATIONARY:
-            sim = StationarySim(seed, scenario).run()  # raises PoolSimFailure past the bound
-            assert sim.counts["errors"] == 0, (seed, scenario, sim.errors)
+            sim = StationarySim(seed, scenario).run()  # raises PoolSimFailure past the bound, or on a late reply
             most[scenario] = max(most[scenario], *sim.most_loads_in_a_window(lambda load: load[2]).values())
+            # Only c's short deadlines may pass, and on every seed some do: the brokers answer them in time.
+            timeouts = sum(1 for sent in sim.requests.values() if sent.replies[0][1] == ErrorCode.TIMEOUT
+                           and sent.model in SHORT_DEADLINE_S)
+            assert sim.counts["errors"] == (timeouts if scenario == "over" else 0), (seed, scenario, sim.errors)
+            assert scenario == "fits" or timeouts > 0, seed
     print(f"\n{count} seeds: most loads a worker began in a minute {most} (bound {LOADS_PER_WORKER_BOUND})")
     assert most["fits"] == 1 and most["over"] > 2  # the scenarios are what they say: one stays, one takes turns
 
