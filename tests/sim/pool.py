@@ -377,7 +377,7 @@ class PoolSim:
             held = any(w.alive and model in w.state.me().held for w in self.workers)
             if queued and not held:
                 self._wanted_at.setdefault(model, self.now)  # loaded() measures the wait from here
-            elif held:
+            else:  # held, or its demand is gone (every input answered or expired): the clock stops
                 self._wanted_at.pop(model, None)
             if model in self._wanted_at:
                 self._check_replica_wait(model, self._wanted_at[model])
