@@ -234,7 +234,9 @@ class PlacementPolicy:
         for key in [k for k in self._held_since if k not in seen]:
             del self._held_since[key]
         for model, demand in view.demand.items():
-            if demand.active:
+            # A model answered recently (rate_per_s: the brokers' last 10 s) had requests, though none may be
+            # queued or in flight at the moment a report is taken: a steady load served fast must not look idle.
+            if demand.active or demand.rate_per_s > 0:
                 self._last_demand_at[model] = now
 
     def _resident(self, pool_id: str, model: str, now: float) -> bool:

@@ -85,6 +85,18 @@ def test_an_idle_model_scales_down_to_min_replicas_one_replica_per_plan():
     assert policy.plan(view([w for w in remaining if w.pool_id != second.pool_id]), now=12.0) == []
 
 
+def test_a_model_served_steadily_but_seldom_queued_when_reported_is_not_unloaded_as_idle():
+    """Regression, the pool simulator's seed 50 (--max-models 3): a model at 10 requests/s, each served in
+    milliseconds, was seldom queued or in flight when a broker took its report, so its idle clock ran on
+    and both its replicas were unloaded under steady demand. Its recent rate says it has demand."""
+    policy = PlacementPolicy({**SPECS, "a": Placement(max_replicas=2, idle_unload_s=10.0)})
+    pool = [worker("w1", held=["a"])]
+    assert all(policy.plan(view(pool, a=Demand(rate_per_s=10.0)), now=float(t)) == [] for t in range(60))
+    assert policy.plan(view(pool), now=68.0) == []  # idle 9 s
+    [unload] = policy.plan(view(pool), now=69.0)
+    assert (unload.kind, unload.model, unload.reason) == (Kind.UNLOAD, "a", "idle")
+
+
 def test_a_worker_whose_load_failed_or_lacks_the_model_is_not_chosen():
     policy = PlacementPolicy(SPECS)
     pool = [worker("w1", failed=["a"]), worker("w2", catalog=["b"]), worker("w3")]
@@ -277,3 +289,36 @@ def test_a_worker_that_heard_of_one_models_demand_chooses_for_it_as_one_that_hea
     both = PlacementPolicy(SPECS).plan(view(pool, a=Demand(queued=1), b=Demand(queued=1)), now=0.0)
     only_b = PlacementPolicy(SPECS).plan(view(pool, b=Demand(queued=1)), now=0.0)
     assert [a for a in both if a.model == "b"] == only_b
+
+
+demands = st.fixed_dictionaries({m: st.builds(Demand, queued=st.integers(0, 5),
+                                              oldest_wait_s=st.sampled_from([0.0, 0.6, 3.0]),
+                                              in_flight=st.integers(0, 2)) for m in MODELS})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(demands, min_size=10, max_size=80), st.sampled_from([0.25, 0.5, 1.0]))
+def test_a_one_model_worker_is_given_a_load_at_most_once_per_min_residency_whatever_the_demand(ticks, step_s):
+    """The churn bound behind tests/sim/pool.py's no-thrash gate: a worker of one model loads only into a
+    slot that an unload emptied, and nothing is unloaded before min_residency_s, so the loads planned for
+    one worker are at least min_residency_s apart, under any demand (here, one that changes every plan)."""
+    config = PolicyConfig()
+    policy = PlacementPolicy(SPECS, config)
+    held: dict[str, list[str]] = {"w1": [], "w2": []}
+    loaded_at: dict[str, float] = {}
+    for tick, demand in enumerate(ticks):
+        now = tick * step_s
+        pool = [worker(pool_id, held=models) for pool_id, models in held.items()]
+        done: set[str] = set()
+        for action in policy.plan(view(pool, **demand), now):
+            if action.pool_id in done:
+                continue  # a worker performs its part up to its first load, then plans again
+            if action.kind is Kind.UNLOAD:
+                held[action.pool_id].remove(action.model)
+                continue
+            done.add(action.pool_id)
+            if action.pool_id in loaded_at:
+                assert now - loaded_at[action.pool_id] >= config.min_residency_s, (action, now, loaded_at)
+            loaded_at[action.pool_id] = now
+            held[action.pool_id].append(action.model)
+        assert all(len(models) <= 1 for models in held.values())
