@@ -32,7 +32,8 @@ from typing import Callable
 
 from broker.batching import Batcher, InFlightBatch, PendingRequest, WorkItem, max_batch_size_for
 from broker.config import BrokerConfig
-from broker.pool import can_load, catalog, demand_report, pool_workers, replicas
+from broker.pool import (can_load, catalog, demand_report, overrides_to_wire, pool_workers, replicas, take_overrides,
+                         unloaded_refusal)
 from broker.pool_events import PoolEventRing
 from broker.stats import BrokerSnapshot, ModelStats
 from broker.workers import WorkerRegistry, WorkerState
@@ -85,6 +86,7 @@ class BrokerCore:
         self._batch_ids = itertools.count((zlib.crc32(instance_id.encode()) << 20) + 1)
         self._model_stats: dict[str, ModelStats] = {}  # models some worker serves or once served
         self._rollouts: dict[str, frozenset[str]] = {}  # model -> the versions we last warned it is served at
+        self._overrides: dict = {}  # model -> the operator's placement.Override (broker/pool.py)
         self.stats: Counter[str] = Counter()  # broker-wide counters, reported in STATUS
         self.draining = False
         self._started_at = now
@@ -200,7 +202,9 @@ class BrokerCore:
         )
 
     def status(self, request_id: str, now: float) -> protocol.Status:
-        return self.describe(now).status(request_id)
+        status = self.describe(now).status(request_id)
+        status.overrides = overrides_to_wire(self._overrides)
+        return status
 
     def describe(self, now: float) -> BrokerSnapshot:
         """Every figure the broker reports, copied: for STATUS, and for the shell's /metrics."""
@@ -234,7 +238,7 @@ class BrokerCore:
                 "oldest_wait_s": round(now - oldest, 3) if oldest is not None else 0.0,
                 "items_per_s": round(stats.items_per_s(now), 3),
                 **stats.describe(),
-                **({"replicas": replicas(list(self._workers), name)} if pool else {}),
+                **({"replicas": replicas(list(self._workers), name, self._overrides)} if pool else {}),
             }
             histograms[name] = stats.histograms()
         return BrokerSnapshot(
@@ -255,6 +259,8 @@ class BrokerCore:
             case protocol.Heartbeat():
                 self._sends.append(Send(Peer.GATEWAY, gateway_id, protocol.Heartbeat(self.instance_id)))
             case protocol.StatusRequest():
+                if message.overrides:
+                    self._take_overrides(message.overrides, now)
                 self._sends.append(Send(Peer.GATEWAY, gateway_id, self.status(message.request_id, now)))
             case _:
                 self._unexpected(Peer.GATEWAY, gateway_id, message)
@@ -316,6 +322,9 @@ class BrokerCore:
                                 f"sent to broker instance {request.instance_id}, which restarted")
         if not request.inputs:
             return self._finish(pending, now, ErrorCode.BAD_REQUEST, "a request needs at least one input")
+        refusal = unloaded_refusal(self._overrides, self._workers, model) if self._overrides else None
+        if refusal is not None:
+            return self._finish(pending, now, ErrorCode.UNAVAILABLE, refusal, retry_after_ms=5000)
         if not self._workers.serves(model):
             loadable = can_load(self._workers, model)  # a pool worker may load it: the request waits for that
             if loadable is not None and not loadable[0]:
@@ -377,9 +386,11 @@ class BrokerCore:
         worker = self._workers.get(worker_id)
         worker.stats = heartbeat.stats
         worker.registration = heartbeat.registration
+        if heartbeat.pool and worker.pool and heartbeat.pool.get("overrides"):
+            self._take_overrides(heartbeat.pool["overrides"], now)  # a restarted broker learns them back
         if heartbeat.pool and worker.pool and self._workers.set_holdings(worker, heartbeat.pool):
             self._hasten_pool_heartbeats(now)  # every pool worker plans from the change now, not an interval late
-            for model in heartbeat.pool.get("failed", ()):
+            for model in [*heartbeat.pool.get("failed", ()), *self._unloaded_models()]:
                 self._fail_unloadable(model, now)
         if heartbeat.pool.get("events") and worker.pool:
             self._on_pool_events(worker, heartbeat.pool["events"], now)
@@ -709,16 +720,31 @@ class BrokerCore:
         for worker in pool_workers(self._workers):
             worker.heartbeat_due_at = min(worker.heartbeat_due_at, now)
 
+    def _take_overrides(self, wire: dict, now: float) -> None:
+        """The operator's overrides, from a gateway or a pool worker: merged by version; a change reaches
+        every pool worker at once."""
+        self._overrides, changed = take_overrides(self._overrides, wire)
+        if changed:
+            self._hasten_pool_heartbeats(now)
+            for model in self._unloaded_models():
+                self._fail_unloadable(model, now)  # what waits for a load that will not come
+
+    def _unloaded_models(self) -> list[str]:
+        """Models the operator unloaded: once no worker serves one, what waits for it is refused."""
+        return [model for model, override in self._overrides.items() if override.unloaded]
+
     def _fail_unloadable(self, model: str, now: float) -> None:
         """A load failed: if no worker serves the model and none may still load it, what waits for it
         gets UNAVAILABLE now, with the reason, rather than TIMEOUT at its deadline."""
         if self._workers.serves(model) or not self._batcher.queued_items(model):
             return
-        loadable = can_load(self._workers, model)
+        refusal = unloaded_refusal(self._overrides, self._workers, model)
+        loadable = can_load(self._workers, model) if refusal is None else (False, refusal)
         if loadable is None or loadable[0]:
             return
         for request in [r for r in self._requests.values() if r.model == model]:
-            self._finish(request, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
+            if refusal is None or request.queued == request.remaining:  # (a drained replica answers what it runs)
+                self._finish(request, now, ErrorCode.UNAVAILABLE, loadable[1], retry_after_ms=5000)
 
     def _on_pool_events(self, worker: WorkerState, events: list[dict], now: float) -> None:
         """A pool worker's latest events: each new one goes into the ring (STATUS) and is counted (/metrics)."""
@@ -742,7 +768,8 @@ class BrokerCore:
             stats = self._model_stats.get(model)
             return stats.items_per_s(now) if stats is not None else 0.0
 
-        return demand_report(list(self._workers), self._batcher.queued_items, oldest_wait_s, rate_per_s)
+        return demand_report(list(self._workers), self._batcher.queued_items, oldest_wait_s, rate_per_s,
+                             self._overrides)
 
     # ------------------------------------------------------------------ bookkeeping
 

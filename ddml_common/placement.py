@@ -17,7 +17,10 @@ Rules, in the order plan() applies them:
    with demand only for a model that has starved for starve_wait_s, the longest resident first.
    Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas.
 2. Scale down. A model without demand for idle-unload-s loses one replica per plan, down to
-   min-replicas.
+   min-replicas; a model over its max-replicas (an operator's override lowered it) loses one replica per
+   plan at once, and one unloaded by the operator (max 0) once it has no demand left.
+An operator's Override (the management API) replaces a model's min-replicas and max-replicas; the
+highest version wins, whatever the order it arrives in (merge_overrides).
 Every tie is broken by rank(pool_id, model), the same on every worker.
 """
 
@@ -26,9 +29,10 @@ from __future__ import annotations
 import enum
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
+from ddml_common.protocol import MAX_ID, MAX_REPLICAS
 from ddml_common.repository import Placement
 
 
@@ -79,9 +83,85 @@ class PoolWorker:
 
 
 @dataclass(frozen=True)
+class Override:
+    """An operator's change to one model's placement (gateway/management.py): it replaces the
+    repository's min-replicas and max-replicas (None: the repository's); `unloaded` holds the model at
+    no pool replica until a later override loads it. Of two overrides of a model, the higher version
+    wins (the gateway's time.time_ns(), past every version it has seen); equal versions are ordered by
+    their content, so that every peer keeps the same one whatever the order they arrive in."""
+
+    version: int
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+    unloaded: bool = False
+
+    def order(self) -> tuple:
+        return (self.version, self.unloaded, -1 if self.min_replicas is None else self.min_replicas,
+                -1 if self.max_replicas is None else self.max_replicas)
+
+    def applied_to(self, spec: Placement) -> Placement:
+        if self.unloaded:
+            return replace(spec, min_replicas=0, max_replicas=0)
+        low = spec.min_replicas if self.min_replicas is None else self.min_replicas
+        high = spec.max_replicas if self.max_replicas is None else self.max_replicas
+        return replace(spec, min_replicas=min(low, high) if self.max_replicas is not None else low,
+                       max_replicas=high if self.max_replicas is not None else max(low, high))
+
+    def to_wire(self) -> dict:
+        wire: dict = {"version": self.version, "unloaded": self.unloaded}
+        if self.min_replicas is not None:
+            wire["min_replicas"] = self.min_replicas
+        if self.max_replicas is not None:
+            wire["max_replicas"] = self.max_replicas
+        return wire
+
+    @staticmethod
+    def from_wire(value: Any) -> "Override | None":
+        """An override as the wire carries it, or None if it is malformed (never raises)."""
+        if not isinstance(value, Mapping) or set(value) - {"version", "min_replicas", "max_replicas", "unloaded"}:
+            return None
+        version, unloaded = value.get("version"), value.get("unloaded", False)
+        low, high = value.get("min_replicas"), value.get("max_replicas")
+        if type(version) is not int or not 0 <= version <= MAX_ID or type(unloaded) is not bool:
+            return None
+        for count in (low, high):
+            if count is not None and (type(count) is not int or not 0 <= count <= MAX_REPLICAS):
+                return None
+        if low is not None and high is not None and low > high:
+            return None
+        return Override(version, low, high, unloaded)
+
+
+def merge_overrides(*maps: Mapping[str, Override]) -> dict[str, Override]:
+    """Per model, the override of the highest order(): the same result in any order of the maps."""
+    merged: dict[str, Override] = {}
+    for overrides in maps:
+        for model, override in overrides.items():
+            held = merged.get(model)
+            if held is None or override.order() > held.order():
+                merged[model] = override
+    return merged
+
+
+def overrides_from_wire(value: Any) -> dict[str, Override]:
+    """{model: override} from the wire; malformed entries are left out."""
+    overrides: dict[str, Override] = {}
+    for model, entry in (value.items() if isinstance(value, Mapping) else ()):
+        override = Override.from_wire(entry)
+        if isinstance(model, str) and override is not None:
+            overrides = merge_overrides(overrides, {model: override})
+    return overrides
+
+
+def overrides_to_wire(overrides: Mapping[str, Override]) -> dict:
+    return {model: override.to_wire() for model, override in sorted(overrides.items())}
+
+
+@dataclass(frozen=True)
 class View:
     demand: Mapping[str, Demand]
     workers: Mapping[str, PoolWorker]  # by pool id
+    overrides: Mapping[str, Override] = field(default_factory=dict)  # the operator's, merged over brokers
 
 
 @dataclass(frozen=True)
@@ -106,6 +186,7 @@ class PlacementPolicy:
         self.config = config
         self._last_demand_at: dict[str, float] = {}
         self._held_since: dict[tuple[str, str], float] = {}
+        self._effective: dict[str, Placement] = dict(self.specs)
 
     def plan(self, view: View, now: float) -> list[Action]:
         """The whole pool's plan. Each model's load is chosen from the view alone, never from the loads
@@ -114,6 +195,7 @@ class PlacementPolicy:
         loads; it performs them in order, and refuses one that would take it past its limits (the
         next plan, which sees it loading, chooses another worker)."""
         self._observe(view, now)
+        self._effective = self.effective(view.overrides)
         workers = view.workers
         actions: list[Action] = []
         for model in sorted(self._wanted(view, workers), key=lambda m: self._urgency(view, workers, m)):
@@ -123,12 +205,22 @@ class PlacementPolicy:
                 actions += [Action(Kind.UNLOAD, pool_id, victim, f"evicted for {model}") for victim in victims]
                 actions.append(Action(Kind.LOAD, pool_id, model, reason))
         claimed = {a.pool_id for a in actions}  # one thing at a time: no idle unload beside a load
+        for model in sorted(set(view.overrides) & set(self._effective)):  # lowered by the operator
+            victim = self._over_max(view, workers, claimed, model)
+            if victim is not None:
+                claimed.add(victim)
+                actions.append(Action(Kind.UNLOAD, victim, model, "operator"))
         for model in sorted(self._idle_models(workers, now)):
             victim = self._scale_down(workers, claimed, model, now)
             if victim is not None:
                 claimed.add(victim)
                 actions.append(Action(Kind.UNLOAD, victim, model, "idle"))
         return actions
+
+    def effective(self, overrides: Mapping[str, Override]) -> dict[str, Placement]:
+        """Each model's placement, the operator's overrides applied."""
+        return {model: overrides[model].applied_to(spec) if model in overrides else spec
+                for model, spec in self.specs.items()}
 
     # ------------------------------------------------------------------ time
 
@@ -157,7 +249,7 @@ class PlacementPolicy:
 
     def _wanted(self, view: View, workers: Mapping[str, PoolWorker]) -> list[str]:
         wanted = []
-        for model, spec in self.specs.items():
+        for model, spec in self._effective.items():
             if any(model in w.loading for w in workers.values()):
                 continue  # one load of a model at a time
             pool = self._replicas(workers, model)
@@ -178,17 +270,17 @@ class PlacementPolicy:
         """Models below min-replicas first, then those with no replica, then the longest wait."""
         demand = view.demand.get(model, Demand())
         replicas = self._replicas(workers, model) + demand.fixed
-        return (self._replicas(workers, model) >= self.specs[model].min_replicas, replicas > 0,
+        return (self._replicas(workers, model) >= self._effective[model].min_replicas, replicas > 0,
                 -demand.oldest_wait_s, model)
 
     def _memory_of(self, workers: Mapping[str, PoolWorker], model: str) -> float:
         measured = [w.held[model] for w in workers.values() if w.held.get(model, 0.0) > 0]
-        return max(measured) if measured else self.specs[model].memory_mb
+        return max(measured) if measured else self._effective[model].memory_mb
 
     def _place(self, view: View, workers: Mapping[str, PoolWorker], model: str,
                now: float) -> tuple[str, list[str], str] | None:
         demand = view.demand.get(model, Demand())
-        below_min = self._replicas(workers, model) < self.specs[model].min_replicas
+        below_min = self._replicas(workers, model) < self._effective[model].min_replicas
         reason = "min-replicas" if below_min else "demand"
         starving = (demand.queued > 0 and self._replicas(workers, model) + demand.fixed == 0
                     and demand.oldest_wait_s >= self.config.starve_wait_s)
@@ -221,7 +313,7 @@ class PlacementPolicy:
         """The fewest models to unload from `worker` so that a model of need_mb fits, or None."""
         candidates = []
         for model in worker.held:
-            spec = self.specs.get(model)
+            spec = self._effective.get(model)
             if spec is None or not self._resident(worker.pool_id, model, now):
                 continue
             if self._replicas(workers, model) <= spec.min_replicas:
@@ -246,14 +338,26 @@ class PlacementPolicy:
         idle = set()
         for worker in workers.values():
             for model in worker.held:
-                spec = self.specs.get(model)
+                spec = self._effective.get(model)
                 if spec is not None and now - self._last_demand_at.get(model, now) >= spec.idle_unload_s:
                     idle.add(model)
         return idle
 
+    def _over_max(self, view: View, workers: Mapping[str, PoolWorker], claimed: set[str], model: str) -> str | None:
+        """A replica over the model's max-replicas (an override lowered it): unloaded at once, whatever
+        its residency (the worker drains it first). The last one goes only once the model has no demand,
+        so that what the brokers accepted before the operator's unload is answered."""
+        spec = self._effective[model]
+        if sum(model in w.held for w in workers.values()) <= spec.max_replicas:
+            return None  # (one still loading counts once it is loaded: it may yet fail)
+        if spec.max_replicas == 0 and view.demand.get(model, Demand()).active:
+            return None
+        holders = [pool_id for pool_id, w in workers.items() if model in w.held and pool_id not in claimed]
+        return max(holders, key=lambda pool_id: rank(pool_id, model), default=None)
+
     def _scale_down(self, workers: Mapping[str, PoolWorker], claimed: set[str], model: str,
                     now: float) -> str | None:
-        if self._replicas(workers, model) <= self.specs[model].min_replicas:
+        if self._replicas(workers, model) <= self._effective[model].min_replicas:
             return None
         holders = [pool_id for pool_id, w in workers.items()
                    if model in w.held and pool_id not in claimed and self._resident(pool_id, model, now)]
@@ -274,7 +378,8 @@ def _fits(worker: PoolWorker, need_mb: float, victims: Iterable[str]) -> bool:
 # ---------------------------------------------------------------------- reports
 
 
-def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None = None) -> View:
+def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None = None,
+                  overrides: Mapping[str, Override] | None = None) -> View:
     """The View from every broker's report (Heartbeat.demand), each a JSON-like map that decode()
     bounded but whose shape is checked here: what is malformed is left out, never raised.
 
@@ -283,12 +388,16 @@ def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None =
     id. `own`, this worker's first-hand state, stands in for it only while no broker reports it: every
     worker plans from what the brokers say, itself included, so that two workers that heard the same
     reports make the same plan (a worker that knew itself better than the others know it would choose
-    differently from them, and two of them could take the same load)."""
+    differently from them, and two of them could take the same load). The operator's overrides are
+    merged by version with `overrides` (those this worker holds already)."""
     demand: dict[str, Demand] = {}
     workers: dict[str, PoolWorker] = {}
+    rejoining: set[str] = set()  # pool ids whose entry so far is a rejoining one
+    merged = dict(overrides or {})
     for report in reports:
         if not isinstance(report, Mapping):
             continue
+        merged = merge_overrides(merged, overrides_from_wire(report.get("overrides")))
         models = report.get("models")
         for name, figures in (models.items() if isinstance(models, Mapping) else ()):
             if not isinstance(figures, Mapping):
@@ -304,11 +413,16 @@ def merge_reports(reports: Iterable[Mapping[str, Any]], own: PoolWorker | None =
         pool = report.get("pool")
         for pool_id, entry in (pool.items() if isinstance(pool, Mapping) else ()):
             worker = _pool_worker(pool_id, entry)
-            if worker is not None and pool_id not in workers:
+            if worker is None:
+                continue
+            # A broker that has not heard the worker since it (re)registered knows only what it holds: another
+            # broker's entry, whatever the order of the reports, says what it loads and failed to load too.
+            if pool_id not in workers or (pool_id in rejoining and entry.get("rejoining") is not True):
                 workers[pool_id] = worker
+                (rejoining.add if entry.get("rejoining") is True else rejoining.discard)(pool_id)
     if own is not None and own.pool_id not in workers:
         workers[own.pool_id] = own
-    return View(demand, workers)
+    return View(demand, workers, merged)
 
 
 def _pool_worker(pool_id: Any, entry: Any) -> PoolWorker | None:

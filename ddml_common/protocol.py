@@ -49,6 +49,7 @@ MAX_CONTAINER_LEN = 1 << 20  # one list or map inside a value
 # Bounds on what a peer may choose. State in the broker is keyed by these, so they bound it too.
 MAX_MODELS = 64  # model names in one READY
 MAX_CATALOG = 1024  # models a pool worker may load (Ready.pool's catalog), or holds, loads or failed to load
+MAX_REPLICAS = 1024  # an operator's override: min_replicas and max_replicas are at most this
 MAX_NAME_LEN = 256  # a model name, a request id, an error code, an instance id
 MIN_PRIORITY, MAX_PRIORITY = -10_000, 10_000  # REQUEST.priority; outside is a clear error (HTTP 400)
 # Bounds on every other element, so that a decoded message is safe to use as it is (docs/protocol.md).
@@ -139,8 +140,8 @@ class Ready:
     max_inputs: int = 0
     # A pool worker (docs/placement.md): {"id": its pool id, "catalog": [models it may load], "max_models": n,
     # "budget_mb": MB (0: none)}, and optionally "max_batch": {model: n}, each catalog model's own most inputs
-    # per batch (max_batch_size for those it leaves out). Its `models` are those it holds now, none at first.
-    # Empty: not on the wire.
+    # per batch (max_batch_size for those it leaves out), and "placement": {model: [min_replicas, max_replicas]}
+    # of its repository. Its `models` are those it holds now, none at first. Empty: not on the wire.
     pool: dict = field(default_factory=dict)
 
 
@@ -151,7 +152,9 @@ class Heartbeat:
     draining: bool = False  # worker: send me no more batches; broker: acknowledged
     registration: int = 0  # worker: how many READYs it has sent; echoed in a DISCONNECT it prompts
     # A pool worker's holdings: {"held": {model: MB}, "loading": [model], "failed": {model: why}}; they replace
-    # the models of its READY. Empty (and then not on the wire) from any other peer.
+    # the models of its READY. Empty (and then not on the wire) from any other peer. Optionally also
+    # "overrides": the operator's overrides it holds (as StatusRequest.overrides), so that a broker that
+    # restarted learns them back from its pool workers.
     pool: dict = field(default_factory=dict)
     # broker -> pool worker: the demand and the pool as this broker sees them (docs/placement.md), a
     # bounded JSON-like map that the worker reads defensively. Empty: not on the wire.
@@ -253,6 +256,10 @@ class Disconnect:
 @dataclass(slots=True)
 class StatusRequest:
     request_id: str = ""
+    # gateway -> broker (the management API, docs/placement.md): the operator's per-model overrides,
+    # {model: {"version": int, "min_replicas": int, "max_replicas": int, "unloaded": bool}} (min and max
+    # optional), merged by version into the broker's before it answers. Empty: not on the wire.
+    overrides: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -265,6 +272,7 @@ class Status:
     # The latest pool events (ddml_common/pool_events.py), oldest first, each with its worker's "pool_id"
     # and "host" and an "age_s" in place of "age_ms". Empty (and then not on the wire) without pool workers.
     pool_events: list = field(default_factory=list)
+    overrides: dict = field(default_factory=dict)  # the operator's overrides the broker holds; empty: not on the wire
 
 
 @dataclass(slots=True)
@@ -297,8 +305,9 @@ _PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.item
 # Optional fields added after a kind was first released: left out of the body while empty, so that a
 # message without them keeps its exact bytes, and an older peer (which ignores keys it does not
 # know) still decodes one with them.
-_OMITTED_WHEN_EMPTY = {Ready: ("pool",), Heartbeat: ("pool", "demand"), Request: ("trace", "timings"), Batch: ("traces", "timed"), BatchResult: ("prepare_ms",),
-                       Status: ("pool_events",), Reply: ("timings",), Replies: ("timings",)}
+_OMITTED_WHEN_EMPTY = {Ready: ("pool",), Heartbeat: ("pool", "demand"), StatusRequest: ("overrides",),
+                       Request: ("trace", "timings"), Batch: ("traces", "timed"), BatchResult: ("prepare_ms",),
+                       Status: ("pool_events", "overrides"), Reply: ("timings",), Replies: ("timings",)}
 # Reply.timings' names: the ms a request's inputs queued at the broker, were prepared (tokenised) at the
 # worker, and ran in the forward pass, each the longest of its inputs'.
 TIMINGS = frozenset(("queue_ms", "prepare_ms", "forward_ms"))
@@ -513,6 +522,13 @@ def _check_pool_registration(pool: dict) -> None:
     _check_megabytes(pool.get("budget_mb"), "Ready.pool['budget_mb']")
     if "max_batch" in pool:
         _check_pool_batch_caps(pool["max_batch"], catalog)
+    placement = pool.get("placement", {})
+    if type(placement) is not dict or not set(placement) <= set(catalog):
+        raise _refuse("Ready.pool['placement']", "a map of catalog models to [min_replicas, max_replicas]", placement)
+    for model, pair in placement.items():
+        if (type(pair) is not list or len(pair) != 2 or any(type(n) is not int or not 0 <= n <= MAX_REPLICAS
+                                                            for n in pair)):
+            raise _refuse(f"Ready.pool['placement'][{model!r}]", f"[min, max], ints in [0, {MAX_REPLICAS}]", pair)
 
 
 def _check_pool_batch_caps(caps: Any, catalog: list[str]) -> None:
@@ -563,6 +579,33 @@ def _check_holdings(pool: dict) -> None:
         _check_text(why, f"Heartbeat.pool['failed'][{model!r}]", MAX_TEXT_LEN)
     if "events" in pool:
         _check_pool_events(pool["events"], "Heartbeat.pool['events']", MAX_POOL_EVENTS, "age_ms", ())
+    if "overrides" in pool:
+        check_overrides(pool["overrides"], "Heartbeat.pool['overrides']")
+
+
+_OVERRIDE_KEYS = frozenset(("version", "min_replicas", "max_replicas", "unloaded"))
+
+
+def check_overrides(overrides: Any, where: str) -> None:
+    """{model: {"version", "min_replicas"?, "max_replicas"?, "unloaded"}}, each element within bounds."""
+    if type(overrides) is not dict or len(overrides) > MAX_CATALOG:
+        raise _refuse(where, f"a map of at most {MAX_CATALOG} models to overrides", overrides)
+    _check_names(list(overrides), where)
+    for model, override in overrides.items():
+        at = f"{where}[{model!r}]"
+        if type(override) is not dict or not set(override) <= _OVERRIDE_KEYS:
+            raise _refuse(at, "a map of version, min_replicas, max_replicas and unloaded", override)
+        version = override.get("version")
+        if type(version) is not int or not 0 <= version <= MAX_ID:
+            raise _refuse(f"{at}['version']", "an int in [0, 2**63)", version)
+        if type(override.get("unloaded", False)) is not bool:
+            raise _refuse(f"{at}['unloaded']", "a bool", override.get("unloaded"))
+        for key in ("min_replicas", "max_replicas"):
+            count = override.get(key, 0)
+            if type(count) is not int or not 0 <= count <= MAX_REPLICAS:
+                raise _refuse(f"{at}[{key!r}]", f"an int in [0, {MAX_REPLICAS}]", count)
+        if override.get("min_replicas", 0) > override.get("max_replicas", MAX_REPLICAS):
+            raise _refuse(at, "min_replicas at most max_replicas", override)
 
 
 def _check_pool_events(events: Any, where: str, most: int, age: str, extra: tuple[str, ...]) -> None:
@@ -733,6 +776,8 @@ def _check_disconnect(message: Disconnect) -> None:
 
 def _check_status_request(message: StatusRequest) -> None:
     _check_text(message.request_id, "StatusRequest.request_id", MAX_NAME_LEN)
+    if message.overrides:
+        check_overrides(message.overrides, "StatusRequest.overrides")
 
 
 def _check_status(message: Status) -> None:
@@ -751,6 +796,8 @@ def _check_status(message: Status) -> None:
     if message.pool_events:
         _check_pool_events(message.pool_events, "Status.pool_events", MAX_STATUS_POOL_EVENTS, "age_s",
                            ("pool_id", "host"))
+    if message.overrides:
+        check_overrides(message.overrides, "Status.overrides")
 
 
 def _check_error(message: Error) -> None:

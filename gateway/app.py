@@ -15,7 +15,7 @@ import falcon.asgi
 
 from ddml_common import tracing
 from ddml_common.keys import ClientKeys
-from gateway import cohere, openinference, tei
+from gateway import cohere, management, openinference, tei
 from gateway.asgi_server import HeadLimits
 from gateway.async_catalog import AsyncCatalog
 from gateway.async_transport import AsyncBrokerClient
@@ -56,8 +56,10 @@ class BrokerLifespan:
 def create_app(broker: AsyncBrokerClient, config: GatewayConfig | None = None) -> falcon.asgi.App:
     config = config or GatewayConfig()
     middleware: list = [HeadLimits(), BrokerLifespan(broker), TraceMiddleware(), MetricsMiddleware(), RequestIdMiddleware()]
-    if config.api_key_file:
-        middleware.append(BearerAuth(load_tokens(config.api_key_file), protect_metrics=config.protect_metrics))
+    admin_tokens = load_tokens(config.admin_key_file) if config.admin_key_file else None
+    if config.api_key_file:  # an admin key is a key too
+        middleware.append(BearerAuth(load_tokens(config.api_key_file) + (admin_tokens or []),
+                                     protect_metrics=config.protect_metrics))
     app = falcon.asgi.App(middleware=middleware)
     app.req_options.auto_parse_form_urlencoded = False
     catalog = AsyncCatalog(broker)  # models, metadata and versions, cached briefly
@@ -65,6 +67,7 @@ def create_app(broker: AsyncBrokerClient, config: GatewayConfig | None = None) -
     app.add_route("/v1/embeddings", EmbeddingsResource(broker, config, catalog))
     app.add_route("/v1/rerank", RerankResource(broker, config, catalog))
     app.add_route("/v1/models", ModelsResource(broker))
+    management.add_routes(app, broker, config, admin_tokens)  # /v2/repository/..., /v1/models/{model}[/replicas]
     app.add_route("/v1/status", StatusResource(broker))
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(broker))

@@ -98,11 +98,11 @@ class AsyncBrokerClient:
             timings.update(outcome.answer.timings)
         return outputs
 
-    async def ask(self, broker: int, timeout_s: float) -> protocol.Message:
-        """One broker's protocol.Status. Raises BrokerError."""
+    async def ask(self, broker: int, timeout_s: float, overrides: dict | None = None) -> protocol.Message:
+        """One broker's protocol.Status (after it merged the operator's `overrides`). Raises BrokerError."""
         self._ensure_started()
         request_id = f"{self._pid}-{next(self._ids)}"
-        message = protocol.StatusRequest(request_id)
+        message = protocol.StatusRequest(request_id, overrides or {})
         return _answer_of(await self._await(request_id, lambda requests, now: requests.ask(
             request_id, message, broker, timeout_s, now)))
 

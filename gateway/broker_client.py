@@ -123,16 +123,18 @@ class BrokerClient:
             timings.update(outcome.answer.timings)
         return outputs
 
-    def ask(self, broker: int, timeout_s: float) -> Future:
-        """Ask one broker for its status; the Future resolves to its protocol.Status, or raises BrokerError."""
-        return self._hand_over(protocol.StatusRequest, broker, timeout_s, _answer_of)
+    def ask(self, broker: int, timeout_s: float, overrides: dict | None = None) -> Future:
+        """Ask one broker for its status (after it merged the operator's `overrides`); the Future resolves to its
+        protocol.Status, or raises BrokerError."""
+        return self._hand_over(lambda request_id: protocol.StatusRequest(request_id, overrides or {}), broker,
+                               timeout_s, _answer_of)
 
-    def status(self, timeout_s: float = 2.0, every_broker: bool = True) -> dict:
+    def status(self, timeout_s: float = 2.0, every_broker: bool = True, overrides: dict | None = None) -> dict:
         """Models, queues and workers, from the first broker that answers, and every broker's view
         under "brokers". Raises BrokerError if none answers. every_broker=False asks only the brokers
         a request would go to, in that order, until one answers (for a frequent caller that needs
         one view, such as the gateway's model catalog: a standby broker then hears nothing of it)."""
-        return gather_status(self, list(self._links), timeout_s, every_broker)
+        return gather_status(self, list(self._links), timeout_s, every_broker, overrides)
 
     def _hand_over(self, build: Callable[[str], protocol.Message], broker: int | None, wait_s: float,
                    convert: Callable[[Outcome], Any]) -> Future:

@@ -47,6 +47,7 @@ class GatewayConfig:
     curve_secret_key: str | None = None  # this gateway's .key_secret
     api_key_file: str | None = None  # bearer tokens, one per line; None = no HTTP auth
     protect_metrics: bool = False  # with api_key_file: /metrics needs a token too (probes never do)
+    admin_key_file: str | None = None  # admin tokens for the management writes; None = those writes are refused
     # text-embeddings-inference's root routes (/embed, /rerank, /predict, POST /, ...): which model
     # answers each task; None = the only live model of that task (gateway/tei.py)
     default_model: str | None = None
@@ -84,6 +85,7 @@ class GatewayConfig:
             curve_secret_key=args.curve_secret_key,
             api_key_file=args.api_key_file,
             protect_metrics=args.protect_metrics,
+            admin_key_file=args.admin_key_file,
             default_model=args.default_model,
             default_rerank_model=args.default_rerank_model,
             default_classify_model=args.default_classify_model,
@@ -153,6 +155,10 @@ def build_parser() -> Parser:
     parser.add_argument("--protect-metrics", action="store_true",
                         help="with --api-key-file, /metrics needs a token too (the probes /healthz and /readyz "
                              "never do)")
+    parser.add_argument("--admin-key-file", default=None,
+                        help="the management API's writes (load, unload, scale: docs/http.md) need "
+                             "'Authorization: Bearer TOKEN' with a token from this file (one per line); without "
+                             "this flag they are refused (403). Its tokens pass --api-key-file's check too")
     parser.add_argument("--default-model", default=None,
                         help="the model that text-embeddings-inference's root routes use (/embed, /info, POST /, "
                              "...); by default the only live embedding model. Every model also has its own base "

@@ -1,7 +1,9 @@
 """KServe v2 over gRPC: inference.GRPCInferenceService, as tritonclient.grpc and KServe's InferenceGRPCClient call it.
 
 `ddml-gateway --grpc-bind HOST:PORT` serves ServerLive, ServerReady, ModelReady, ServerMetadata,
-ModelMetadata, ModelConfig and ModelInfer (the other RPCs of Triton's service answer
+ModelMetadata, ModelConfig, ModelInfer, and the model repository's RepositoryIndex,
+RepositoryModelLoad and RepositoryModelUnload (the management API, gateway/management.py: the
+same steps and the same admin key, as metadata) (the other RPCs of Triton's service answer
 UNIMPLEMENTED). Inputs come as raw_input_contents (what tritonclient sends) or as typed
 contents; outputs go back as raw_output_contents, which is what InferResult.as_numpy() reads.
 
@@ -36,6 +38,7 @@ import time
 import uuid
 from concurrent import futures
 
+import falcon
 import grpc
 import numpy as np
 from google.protobuf import json_format
@@ -43,8 +46,8 @@ from google.protobuf import json_format
 from ddml_common import tracing
 from ddml_common.cli import configure_logging, stop_on_signals
 from ddml_common.keys import ClientKeys
-from ddml_common.protocol import MAX_MESSAGE_BYTES
-from gateway import openinference
+from ddml_common.protocol import MAX_MESSAGE_BYTES, ErrorCode
+from gateway import management, openinference
 from gateway.auth import check_authorization, load_tokens
 from gateway.broker_client import BrokerClient, BrokerError
 from gateway.catalog import Catalog
@@ -62,7 +65,9 @@ SERVICE = "inference.GRPCInferenceService"
 GRPC_CODE_BY_HTTP_STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     500: grpc.StatusCode.INTERNAL,
@@ -126,11 +131,13 @@ def infer_response(model: str, version: str | None, answer_id: str, tensors: dic
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, broker: BrokerClient, config: GatewayConfig, tokens: list[bytes] | None):
+    def __init__(self, broker: BrokerClient, config: GatewayConfig, tokens: list[bytes] | None,
+                 admin_tokens: list[bytes] | None = None):
         self._broker = broker
         self._catalog = Catalog(broker)
         self._config = config
         self._tokens = tokens
+        self._admin = management.AdminKeys(admin_tokens)
 
     # ------------------------------------------------------------------ the RPCs
 
@@ -187,6 +194,55 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         return self._serve("ModelInfer", context, infer, body_id=request.id)
 
+    # ------------------------------------------------------------------ the model repository (management API)
+
+    def RepositoryIndex(self, request, context):
+        def index(request_id):
+            entries = management.repository_index(self._views(), request.ready)
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries])
+
+        return self._serve("RepositoryIndex", context, index)
+
+    def RepositoryModelLoad(self, request, context):
+        def load(request_id):
+            model = self._managed(context, request.model_name)
+            override = management.load_plan(self._views(), model, time.time_ns())
+            if override is not None:
+                self._send(model, override)
+            self._wait_until(lambda views: management.load_done(views, model), f"model '{model}' was not loaded")
+            return pb.RepositoryModelLoadResponse()
+
+        return self._serve("RepositoryModelLoad", context, load)
+
+    def RepositoryModelUnload(self, request, context):
+        def unload(request_id):
+            model = self._managed(context, request.model_name)
+            self._send(model, management.unload_plan(self._views(), model, time.time_ns()))
+            self._wait_until(lambda views: management.unload_done(views, model), f"model '{model}' was not unloaded")
+            return pb.RepositoryModelUnloadResponse()
+
+        return self._serve("RepositoryModelUnload", context, unload)
+
+    def _managed(self, context, model: str) -> str:
+        self._admin.check(dict(context.invocation_metadata()).get("authorization"))
+        management.check_model_name(model)
+        return model
+
+    def _views(self) -> list[dict]:
+        return management.views_of(self._broker.status(timeout_s=1.0))
+
+    def _send(self, model: str, override) -> None:
+        self._broker.status(timeout_s=2.0, every_broker=True, overrides={model: override.to_wire()})
+
+    def _wait_until(self, done, what: str) -> None:
+        """As management.Management.wait_until, on this thread."""
+        wait_s = self._config.request_timeout_ms / 1000
+        deadline_at = time.monotonic() + wait_s
+        while not done(self._views()):
+            if time.monotonic() >= deadline_at:
+                raise BrokerError(ErrorCode.TIMEOUT, f"{what} within {wait_s:g} s; it goes on")
+            threading.Event().wait(management.POLL_S)
+
     # ------------------------------------------------------------------ what every RPC shares
 
     def _serve(self, rpc: str, context, work, body_id: str = ""):
@@ -213,6 +269,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if answer.retry_after_s is not None:
                 context.set_trailing_metadata((("x-request-id", str(request_id)),
                                                ("retry-after", str(answer.retry_after_s))))
+        except falcon.HTTPError as failure:  # the management API's 403 and 409 (gateway/management.py)
+            status, error = failure.status_code, failure.description or failure.title
         except Exception as failure:  # a bug: answered, logged, and the process goes on
             logger.exception("gRPC %s failed (request %s)", rpc, request_id, extra={"request_id": str(request_id)})
             status, error = 500, f"INTERNAL: {type(failure).__name__}: {failure}"[:1000]
@@ -234,14 +292,15 @@ def build_server(config: GatewayConfig, bind: str, threads: int, certfile: str |
     """A started-ready (not yet started) server on `bind`; returns it, the port it bound, and its client."""
     curve = ClientKeys.from_files(config.curve_server_key, config.curve_secret_key)
     broker = BrokerClient(config.broker, curve=curve)
-    tokens = load_tokens(config.api_key_file) if config.api_key_file else None
+    admin_tokens = load_tokens(config.admin_key_file) if config.admin_key_file else None
+    tokens = load_tokens(config.api_key_file) + (admin_tokens or []) if config.api_key_file else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", config.max_body_bytes),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(broker, config, tokens), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(broker, config, tokens, admin_tokens), server)
     if certfile and keyfile:
         with open(keyfile, "rb") as key, open(certfile, "rb") as cert:
             credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])

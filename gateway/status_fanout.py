@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 _STATUS_STRAGGLER_S = 0.25  # once one broker has answered, how long the others may take
 
 
-def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, every_broker: bool) -> dict:
+def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, every_broker: bool,
+                  overrides: dict | None = None) -> dict:
     if not every_broker:
         deadline_at = time.monotonic() + timeout_s
         for link in _preferred_first(links):
@@ -32,7 +33,7 @@ def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, eve
                 continue
             return _one_view(link, answer)
         raise _unanswered(client, timeout_s)
-    futures = [client.ask(link.index, timeout_s) for link in links]
+    futures = [client.ask(link.index, timeout_s, overrides) for link in links]
     deadline_at = time.monotonic() + timeout_s
     pending = set(futures)
     while pending:
@@ -46,7 +47,8 @@ def gather_status(client: BrokerClient, links: list[Link], timeout_s: float, eve
 
 
 async def gather_status_async(client: AsyncBrokerClient, links: list[Link], timeout_s: float,
-                              every_broker: bool) -> dict:
+                              every_broker: bool, overrides: dict | None = None) -> dict:
+    """(With `overrides`, every broker merges the operator's overrides before it answers: gateway/management.py.)"""
     if not every_broker:
         deadline_at = time.monotonic() + timeout_s
         for link in _preferred_first(links):
@@ -57,7 +59,7 @@ async def gather_status_async(client: AsyncBrokerClient, links: list[Link], time
                 continue
             return _one_view(link, answer)
         raise _unanswered(client, timeout_s)
-    tasks = [asyncio.ensure_future(client.ask(link.index, timeout_s)) for link in links]
+    tasks = [asyncio.ensure_future(client.ask(link.index, timeout_s, overrides)) for link in links]
     deadline_at = time.monotonic() + timeout_s
     pending = set(tasks)
     while pending:
@@ -104,7 +106,7 @@ def _merged(client: Any, links: list[Link], answers: list, timeout_s: float) -> 
         entry = {"endpoint": link.endpoint, "role": role, "instance_id": link.instance_id}
         if answer is not None:
             entry.update(instance_id=answer.instance_id, models=answer.models, workers=answer.workers,
-                         stats=answer.stats)
+                         stats=answer.stats, overrides=answer.overrides)
         brokers.append(entry)
     return {"instance_id": first.instance_id, "models": first.models, "workers": first.workers,
             "stats": first.stats, "pool_events": first.pool_events, "brokers": brokers}

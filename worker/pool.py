@@ -33,7 +33,8 @@ import zmq
 
 from ddml_common import protocol
 from ddml_common.cli import Parser, stop_on_signals
-from ddml_common.placement import Action, Kind, PlacementPolicy, PoolWorker, merge_reports
+from ddml_common.placement import (Action, Kind, Override, PlacementPolicy, PoolWorker, merge_overrides, merge_reports,
+                                   overrides_from_wire, overrides_to_wire)
 from ddml_common.pool_events import EventKind, EventLog
 from ddml_common.protocol import ErrorCode
 from ddml_common.repository import Repository, RepositoryError, load_repository
@@ -115,6 +116,7 @@ class PoolState:
         self._reserved: set[str] = set()  # to load once the models it evicts for them are drained
         self._failed: dict[str, str] = {}
         self._reports: dict[int, tuple[float, dict]] = {}  # link -> (when, demand report)
+        self._overrides: dict[str, Override] = {}  # the operator's, merged by version from every report
         self._changed = False
         self.report_arrived = threading.Event()
         self.events = EventLog(ttl_s=report_ttl_s, clock=clock)  # on every heartbeat while recent (ddml-status)
@@ -126,9 +128,12 @@ class PoolState:
     def holdings(self) -> dict:
         events = self.events.wire()
         with self._lock:
-            return {"held": {m: round(self._replicas[m].memory_mb, 3) for m in sorted(self._announced)},
-                    "loading": sorted(self._loading | self._reserved), "failed": dict(self._failed),
-                    **({"events": events} if events else {})}
+            holdings = {"held": {m: round(self._replicas[m].memory_mb, 3) for m in sorted(self._announced)},
+                        "loading": sorted(self._loading | self._reserved), "failed": dict(self._failed),
+                        **({"events": events} if events else {})}
+            if self._overrides:  # back to every broker: one that restarted learns them from us
+                holdings["overrides"] = overrides_to_wire(self._overrides)
+            return holdings
 
     def held_models(self) -> list[str]:
         with self._lock:
@@ -142,7 +147,22 @@ class PoolState:
     def on_demand(self, link: int, demand: dict, now: float) -> None:
         with self._lock:
             self._reports[link] = (now, demand)
+            self._take_overrides(demand.get("overrides"))
         self.report_arrived.set()
+
+    def _take_overrides(self, wire: Any) -> None:
+        """Merge a report's overrides by version (under the lock); a newer one goes on the next heartbeat,
+        and clears an earlier failure to load its model here, so that the operator's load tries again."""
+        merged = merge_overrides(self._overrides, overrides_from_wire(wire))
+        if merged != self._overrides:
+            for model in [m for m, o in merged.items() if self._overrides.get(m) != o and not o.unloaded]:
+                self._failed.pop(model, None)
+            self._overrides = merged
+            self._changed = True
+
+    def overrides(self) -> dict[str, Override]:
+        with self._lock:
+            return dict(self._overrides)
 
     # ------------------------------------------------------------------ compute thread
 
@@ -190,6 +210,8 @@ class PoolState:
             self._changed = True
             if model in self._replicas or model in self._loading:
                 return f"model {model!r} is held or loading already"
+            if model in self._overrides and self._overrides[model].unloaded:  # since the plan (its evictions drained)
+                return f"model {model!r} is unloaded by operator"
             if len(self._replicas) + len(self._loading) + 1 > self.max_models:
                 return f"--max-models {self.max_models} reached"
             used_mb = sum(r.memory_mb for r in self._replicas.values())
@@ -267,7 +289,7 @@ class Placer:
 
     def step(self, now: float, stopping: threading.Event) -> None:
         state = self._state
-        view = merge_reports(state.reports(now), own=state.me())
+        view = merge_reports(state.reports(now), own=state.me(), overrides=state.overrides())
         mine = first_load(a for a in self._policy.plan(view, now) if a.pool_id == state.pool_id)
         if mine and mine[-1].kind is Kind.LOAD:
             state.reserve(mine[-1].model)  # announced now, not after the evictions for it have drained
@@ -454,7 +476,9 @@ def serve_pool(config: WorkerConfig, repository: Repository, configs: dict[str, 
         models=[], max_batch_size=min(c.max_batch_size for c in configs.values()), max_batches=config.max_batches,
         device=_describe_device(device), host=socket.gethostname(), pid=os.getpid(),
         pool={"id": pool_id, "catalog": catalog, "max_models": max_models, "budget_mb": round(budget_mb, 3),
-              "max_batch": {name: configs[name].max_batch_size for name in catalog}},
+              "max_batch": {name: configs[name].max_batch_size for name in catalog},
+              "placement": {name: [e.placement.min_replicas, e.placement.max_replicas]
+                            for name, e in repository.models.items()}},
     )
     context = zmq.Context()
     inbox: queue.Queue = queue.Queue()

@@ -5,6 +5,9 @@ Apart from tests/sim/world.py (whose faults are the brokers' and the links'), th
 placement's orders of events: loads that are slow, that fail, and workers killed midway; demand that
 shifts, bursts, goes quiet and holds steady; unloads racing batches; each request sent to either
 broker. After every event it checks the invariants; at the end, every request's one reply.
+With `operator=True` an operator also acts midway (the management API, issue #24): an override of one
+model (unloaded, or a new min/max) sent to both brokers, a broker restarted afterwards that must learn
+it back from the pool workers, and a later load sent to one broker only.
 
     python -m tests.sim.pool --seed 3        # one run, with its figures
     python -m tests.sim.pool --seed 3 --kill-rate 0 --max-models 3 --verbose   # as CI runs seed 3 (seeded())
@@ -29,7 +32,7 @@ from typing import Callable
 from broker.config import BatchingConfig, BrokerConfig, HeartbeatConfig
 from broker.core import BrokerCore, Peer, Send
 from ddml_common import protocol
-from ddml_common.placement import Kind, PlacementPolicy, PolicyConfig, merge_reports
+from ddml_common.placement import Kind, Override, PlacementPolicy, PolicyConfig, merge_reports
 from ddml_common.repository import Placement
 from worker.pool import PoolState, first_load
 
@@ -47,6 +50,9 @@ SPECS = {**{m: Placement(min_replicas=0, max_replicas=2, idle_unload_s=20.0, mem
 BUDGET_MB = 700.0  # two models of 300 MB fit, three do not
 # The worst wait for a replica when there is room: drain (2 intervals) + report (2 intervals) + residency + load.
 REPLICA_BOUND_S = 4 * INTERVAL_S + PolicyConfig().min_residency_s + LOAD_S[1] + 2.0
+# The longest an operator's unload may take to empty the pool: the override's way to the workers, a load
+# under way that finishes first, the batches the brokers accepted before it, and the drain.
+UNLOAD_BOUND_S = 6 * INTERVAL_S + LOAD_S[1] + 1.0
 
 
 class PoolSimFailure(AssertionError):
@@ -58,6 +64,8 @@ class Sent:
     model: str
     deadline_at: float
     replies: list = field(default_factory=list)  # (time, error code or None)
+    link: int = 0  # the broker it went to
+    sent_at: float = 0.0
 
 
 class PoolWorkerSim:
@@ -144,7 +152,7 @@ class PoolWorkerSim:
         if self.busy:
             return  # one action at a time, as worker/pool.py's placement thread
         now = self.sim.now
-        view = merge_reports(self.state.reports(now), own=self.state.me())
+        view = merge_reports(self.state.reports(now), own=self.state.me(), overrides=self.state.overrides())
         mine = first_load(a for a in self.policy.plan(view, now) if a.pool_id == self.pool_id)
         if mine:
             self.busy = True
@@ -201,7 +209,7 @@ class PoolSim:
     load_range_s = LOAD_S
 
     def __init__(self, seed: int, duration_s: float = 120.0, workers: int = 3, kill_rate: float = 0.05,
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, operator: bool = False):
         self.seed, self.rng, self.duration_s, self.kill_rate, self.echo = seed, random.Random(seed), duration_s, \
             kill_rate, echo
         self.now = 0.0
@@ -222,6 +230,13 @@ class PoolSim:
         self.load_starts: list[tuple[float, str, str]] = []  # (time, model, pool id) of every load begun
         self._loads_now = 0
         self._kills_now = 0
+        self.operator = operator
+        self.overrides: dict[str, Override] = {}  # what the operator sent, newest per model
+        self.lost_with_broker: set[str] = set()  # requests a restarted broker held (a gateway resends them)
+        self._operated_at: list[float] = []
+        self._history: list[tuple[float, str, Override]] = []  # (when, model, override) the operator sent
+        self._restarted_at: dict[int, float] = {}  # a restarted broker answers UNAVAILABLE until its workers rejoin
+        self.learned_back_s: list[float] = []  # how long a restarted broker took to learn the overrides
 
     # ------------------------------------------------------------------ the world
 
@@ -283,7 +298,11 @@ class PoolSim:
                 raise self.failure(f"request {reply.request_id} answered {self.now - sent.deadline_at:.3f} s late")
             self.counts["ok" if reply.ok else "errors"] += 1
             if not reply.ok:
-                key = f"{reply.error_code} ({'flaky' if sent.model == 'flaky' else 'others'})"
+                restarted_at = self._restarted_at.get(sent.link, -1e9)
+                kind = ("flaky" if sent.model == "flaky" else "operator" if self._unloaded_near(sent.model, self.now)
+                        else "restart" if -0.01 <= sent.sent_at - restarted_at <= CONFIG.heartbeat.expiry_s
+                        else "others")  # (-0.01: sent to the old broker, it reached the new one)
+                key = f"{reply.error_code} ({kind})"
                 self.errors[key] = self.errors.get(key, 0) + 1
 
     # ------------------------------------------------------------------ demand
@@ -291,10 +310,11 @@ class PoolSim:
     def _request(self, model: str, timeout_s: float = TIMEOUT_S) -> None:
         request_id = f"r{self.counts['requests']}"
         self.counts["requests"] += 1
-        self.requests[request_id] = Sent(model, self.now + timeout_s)
+        link = self.rng.randrange(len(self.brokers))
+        self.requests[request_id] = Sent(model, self.now + timeout_s, link=link, sent_at=self.now)
         frames = protocol.encode(protocol.Request(request_id, model, int(timeout_s * 1000),
                                                   inputs=[protocol.encode_value(request_id)]))
-        self.to_broker(self.rng.randrange(len(self.brokers)), b"gw", frames, Peer.GATEWAY)
+        self.to_broker(link, b"gw", frames, Peer.GATEWAY)
 
     def _phase(self, start_s: float) -> None:
         kind = self.rng.choice(["shift", "shift", "burst", "quiet", "steady"])
@@ -322,7 +342,9 @@ class PoolSim:
         self._settled_loads = len(self.load_starts)
 
     def _end_phase(self, kind: str, start_s: float, end_s: float) -> None:
-        faults = sum(w.incarnation for w in self.workers) != self._kills_now
+        faults = (sum(w.incarnation for w in self.workers) != self._kills_now
+                  or any(start_s - PHASE_S <= t <= end_s for t in self._operated_at))  # the operator's loads,
+        # and the placement that settles after them (a pinned model leaves less room), are not thrash
         # Loads begun in the second half, not finished there: a 3 s load begun before it (a second replica
         # for the backlog of the first load) is no move of settled demand (seeds 57, 69 and 96 failed so).
         # And a count of 0 at halfway is a count, not "none taken". Flaky's loads fail and hold nothing.
@@ -341,6 +363,61 @@ class PoolSim:
         if worker.state.used_mb() + SPECS[model].memory_mb > BUDGET_MB:  # what it holds, draining too, and the load
             raise self.failure(f"{pool_id} began loading {model} with {worker.state.used_mb():.0f} MB in use: "
                                f"over its budget {BUDGET_MB:.0f} MB")
+        override = worker.state.overrides().get(model)
+        if override is not None and override.unloaded:
+            raise self.failure(f"{pool_id} loads {model}, which it knows the operator unloaded")
+
+    # ------------------------------------------------------------------ the operator (management API)
+
+    def _operate(self) -> None:
+        """Midway: an override of one model to both brokers; later, a broker restarts and must learn it
+        back from the workers; later still, a load of it sent to the other broker alone."""
+        held = sorted({m for w in self.workers if w.alive for m in w.state.me().held} - {"flaky"})
+        model = self.rng.choice(held or list("abcd"))  # one held now, if any: its unload must drain it
+        override = self.rng.choice([Override(1, unloaded=True), Override(1, unloaded=True),
+                                    Override(1, min_replicas=1, max_replicas=1), Override(1, max_replicas=1)])
+        self._override(model, override, links=(0, 1))
+        self.at(self.now + self.duration_s / 6, lambda: self._restart_broker(1))
+        self.at(self.now + self.duration_s / 3, lambda: self._override(model, Override(2, min_replicas=1), links=(0,)))
+
+    def _override(self, model: str, override: Override, links: tuple[int, ...]) -> None:
+        self.log(f"operator: {model} {override}")
+        self.overrides[model] = override
+        self._operated_at.append(self.now)
+        self._history.append((self.now, model, override))
+        frames = protocol.encode(protocol.StatusRequest("op", {model: override.to_wire()}))
+        for link in links:
+            self.to_broker(link, b"gw", frames, Peer.GATEWAY)
+
+    def _unloaded_near(self, model: str, when: float) -> bool:
+        """Whether the operator had unloaded `model` at `when` (a reply's time: a broker refuses what waits for
+        a model unloaded since, whose replicas are gone), or loaded it again just before (a load takes a
+        heartbeat to reach the workers, and LOAD_S to finish)."""
+        unloaded = False
+        for at, name, override in self._history:
+            if name == model and at <= when:
+                unloaded = override.unloaded or (unloaded and when - at < 2 * INTERVAL_S + LOAD_S[1])
+        return unloaded
+
+    def _restart_broker(self, link: int) -> None:
+        self.log(f"broker {link} restarts")
+        for request_id, sent in self.requests.items():
+            if sent.link == link and not sent.replies:
+                self.lost_with_broker.add(request_id)  # the gateway resends these (tests/sim/world.py covers it)
+        self.brokers[link] = BrokerCore(CONFIG, f"b{link}.restarted", now=self.now)
+        self._restarted_at[link] = self.now
+        self._operated_at.append(self.now)
+        self._check_learned(link, self.now)
+
+    def _check_learned(self, link: int, since: float) -> None:
+        held = {m: Override.from_wire(o) for m, o in self.brokers[link].status("", self.now).overrides.items()}
+        if all(held.get(m) == o for m, o in self.overrides.items()):
+            self.learned_back_s.append(self.now - since)
+            return
+        if self.now - since > 4 * INTERVAL_S * 3:  # workers rejoin within a few intervals, and tell it at once
+            raise self.failure(f"restarted broker {link} has not learned the overrides {self.overrides} "
+                               f"after {self.now - since:.2f} s: it holds {held}")
+        self.at(self.now + 0.1, lambda: self._check_learned(link, since))
 
     def loaded(self, model: str) -> None:
         since = self._wanted_at.pop(model, None)
@@ -353,7 +430,7 @@ class PoolSim:
         the wait: the brokers still report its load until they expire it (liveness), and the wait is
         measured from the last moment a worker was seen dead, by when it is expired and restarting."""
         waited_s = self.now - max(since, self._fault_at)
-        if waited_s > REPLICA_BOUND_S:
+        if waited_s > REPLICA_BOUND_S and model not in self.overrides:  # (the operator's unload holds it back)
             raise self.failure(f"model {model} waited {waited_s:.2f} s for a replica, more than {REPLICA_BOUND_S} s")
 
     def check_limits(self, worker: PoolWorkerSim) -> None:
@@ -381,6 +458,11 @@ class PoolSim:
                 self._wanted_at.pop(model, None)
             if model in self._wanted_at:
                 self._check_replica_wait(model, self._wanted_at[model])
+        for at, model, override in self._history[-1:]:
+            holders = [w.pool_id for w in self.workers if w.alive and w.state.me().holds(model)]
+            if override.unloaded and self.now - at > UNLOAD_BOUND_S and holders:
+                raise self.failure(f"model {model} was unloaded by the operator {self.now - at:.2f} s ago, and "
+                                   f"{holders} still hold it")
         self.at(self.now + 0.5, self._watch_replicas)
 
     # ------------------------------------------------------------------ run
@@ -392,12 +474,14 @@ class PoolSim:
             self._tick_every(link)
         self.at(1.0, lambda: self._phase(1.0))
         self.at(1.0, self._watch_replicas)
+        if self.operator:
+            self.at(self.duration_s / 3, self._operate)
         end_s = self.duration_s + TIMEOUT_S + 1.0  # every request's deadline has passed
         while self._events and self._events[0][0] <= end_s:
             self.now, _, action = heapq.heappop(self._events)
             action()
             self.counts["events"] += 1
-        unanswered = [rid for rid, sent in self.requests.items() if not sent.replies]
+        unanswered = [rid for rid, sent in self.requests.items() if not sent.replies and rid not in self.lost_with_broker]
         if unanswered:
             raise self.failure(f"{len(unanswered)} requests never answered, e.g. {unanswered[:3]}")
         return self

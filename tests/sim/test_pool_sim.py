@@ -58,6 +58,24 @@ def test_stationary_demand_does_not_thrash_on_any_seed():
     assert most["fits"] == 1 and most["over"] > 2  # the scenarios are what they say: one stays, one takes turns
 
 
+def test_pool_seeds_with_an_operator_keep_every_invariant_and_a_restarted_broker_learns_the_overrides_back():
+    """Midway the operator overrides one model (unloaded, or a new min/max) on both brokers; a broker then
+    restarts and must learn the override from the pool workers; a later load goes to one broker only.
+    Only the model the operator unloaded, the flaky one, and requests the restarted broker got before its
+    workers rejoined, may fail."""
+    count = max(4, int(os.environ.get("DDML_POOL_SIM_SEEDS", max(4, int(os.environ.get("DDML_SIM_SEEDS", 2000))
+                                                                 // 100))) // 2)
+    learned: list[float] = []
+    for seed in range(1000, 1000 + count):
+        sim = PoolSim(seed, duration_s=60.0, kill_rate=0.0 if seed % 2 else 0.05, operator=True).run()
+        assert set(sim.errors) <= {"UNAVAILABLE (flaky)", "TIMEOUT (flaky)", "UNAVAILABLE (operator)",
+                                   "UNAVAILABLE (restart)"}, (seed, sim.errors)
+        assert len(sim.learned_back_s) == 1, seed
+        learned += sim.learned_back_s
+    print(f"\n{count} seeds with an operator: a restarted broker learned the overrides back in at most "
+          f"{max(learned):.2f} s")
+
+
 def test_one_seed_is_one_run():
     first, second = [], []
     a = PoolSim(3, echo=first.append).run()
