@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import signal
 import struct
 import time
 import zlib
@@ -871,7 +872,10 @@ def run_parallel(count: int, start: int = 0, jobs: int = 1, tolerate: frozenset[
     else:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+        # Each child starts with the default SIGTERM action, whatever handler the test process installed:
+        # a child that caught it would outlive the pool's terminate() and hang the run's exit.
+        with multiprocessing.get_context("fork").Pool(jobs, initializer=signal.signal,
+                                                      initargs=(signal.SIGTERM, signal.SIG_DFL)) as pool:
             results = pool.map(_run_chunk, chunks)
     totals, failures = Totals(), []
     for chunk_totals, chunk_failures in results:
