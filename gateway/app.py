@@ -16,17 +16,15 @@ import falcon.asgi
 from ddml_common import tracing
 from ddml_common.keys import ClientKeys
 from gateway import cohere, management, openinference, tei
-from gateway.asgi_server import HeadLimits
 from gateway.async_catalog import AsyncCatalog
 from gateway.async_transport import AsyncBrokerClient
 from gateway.auth import BearerAuth, load_tokens
 from gateway.broker_client import BrokerError
 from gateway.config import GatewayConfig
-from gateway.metrics import MetricsMiddleware, MetricsResource
+from gateway.metrics import MetricsResource
 from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
 from gateway.openai_api import EmbeddingsResource, RerankResource
-from gateway.request_ids import RequestIdMiddleware
-from gateway.tracing import TraceMiddleware
+from gateway.middleware import RequestMiddleware
 from gateway.resources import (
     HealthResource,
     ModelsResource,
@@ -55,7 +53,7 @@ class BrokerLifespan:
 
 def create_app(broker: AsyncBrokerClient, config: GatewayConfig | None = None) -> falcon.asgi.App:
     config = config or GatewayConfig()
-    middleware: list = [HeadLimits(), BrokerLifespan(broker), TraceMiddleware(), MetricsMiddleware(), RequestIdMiddleware()]
+    middleware: list = [RequestMiddleware(), BrokerLifespan(broker)]  # limits, trace, metrics, request id: one
     admin_tokens = load_tokens(config.admin_key_file) if config.admin_key_file else None
     if config.api_key_file:  # an admin key is a key too
         middleware.append(BearerAuth(load_tokens(config.api_key_file) + (admin_tokens or []),

@@ -10,7 +10,7 @@ connection for ever) nor their size. GatewayHttpProtocol adds both: the head mus
 --header-timeout-s of the connection (or of the previous answer on it), else a client that has
 sent part of a request gets 408 and the connection is closed; and it may take MAX_HEAD_BYTES,
 else 431. The body's bound is the app's (gateway/resources.py: read_body), and so are the limits
-on the target (414) and on one header (431) that gunicorn had (HeadLimits, below).
+on the target (414) and on one header (431) that gunicorn had (check_head, below).
 
 The protocol's own refusals (a request it cannot parse, a head too large or too late) come back
 in the gateway's JSON error shape with an X-Request-ID (gateway/errors.py: server_refusal),
@@ -36,7 +36,7 @@ from gateway.errors import server_refusal
 from gateway.resources import BODY_ARRIVED
 
 # The most a request's line and headers may take, in bytes, all together (431 past it), and each
-# (gunicorn's limits, which the gateway kept: HeadLimits, in the app).
+# (gunicorn's limits, which the gateway kept: check_head, in the app).
 MAX_HEAD_BYTES = 16 * 1024
 MAX_REQUEST_LINE_BYTES = 4094  # the target, path and query: 414 past it
 MAX_HEADER_BYTES = 8190  # one header's name and value: 431 past it
@@ -227,17 +227,14 @@ class _HeldWrite:
         self.data += data
 
 
-class HeadLimits:
-    """Falcon middleware, first in line: a target over MAX_REQUEST_LINE_BYTES gets 414, a header over
-    MAX_HEADER_BYTES 431, in the gateway's error shape (as gunicorn's own limits did)."""
-
-    async def process_request(self, req, resp) -> None:
-        scope = req.scope
-        if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_REQUEST_LINE_BYTES:
-            raise falcon.HTTPUriTooLong(description=f"the request's target is over {MAX_REQUEST_LINE_BYTES} bytes")
-        for name, value in scope["headers"]:
-            if len(name) + len(value) > MAX_HEADER_BYTES:
-                raise falcon.HTTPError(falcon.HTTP_431, description=f"a header is over {MAX_HEADER_BYTES} bytes")
+def check_head(scope: dict) -> None:
+    """First for every request (gateway/middleware.py): a target over MAX_REQUEST_LINE_BYTES gets 414, a
+    header over MAX_HEADER_BYTES 431, in the gateway's error shape (as gunicorn's own limits did)."""
+    if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_REQUEST_LINE_BYTES:
+        raise falcon.HTTPUriTooLong(description=f"the request's target is over {MAX_REQUEST_LINE_BYTES} bytes")
+    for name, value in scope["headers"]:
+        if len(name) + len(value) > MAX_HEADER_BYTES:
+            raise falcon.HTTPError(falcon.HTTP_431, description=f"a header is over {MAX_HEADER_BYTES} bytes")
 
 
 class GatewayWorker(UvicornWorker):

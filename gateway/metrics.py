@@ -34,23 +34,21 @@ HTTP_DURATION = Histogram("ddml_http_request_duration_seconds", "Time to answer 
                           ["route", "method", "status"], buckets=_SECONDS_BUCKETS)
 
 
-class MetricsMiddleware:
-    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.started_at = time.perf_counter()
-
-    async def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
-        started_at = getattr(req.context, "started_at", None)
-        if started_at is None:
-            return
-        route = req.uri_template or "unmatched"  # the template, never the raw path
-        method = req.method if req.method in METHODS else "other"
-        key = (route, method, resp.status_code)
-        children = _children.get(key)
-        if children is None:  # labels() looks the child up under a lock each time: once per key, here
-            labels = (route, method, str(key[2]))
-            children = _children[key] = (HTTP_REQUESTS.labels(*labels), HTTP_DURATION.labels(*labels))
-        children[0].inc()
-        children[1].observe(time.perf_counter() - started_at)
+def record(req: falcon.Request, resp: falcon.Response) -> None:
+    """Count an answered request, and its time since req.context.started_at (gateway/middleware.py
+    sets it once the request's head has passed its limits: a request refused before that is not counted)."""
+    started_at = getattr(req.context, "started_at", None)
+    if started_at is None:
+        return
+    route = req.uri_template or "unmatched"  # the template, never the raw path
+    method = req.method if req.method in METHODS else "other"
+    key = (route, method, resp.status_code)
+    children = _children.get(key)
+    if children is None:  # labels() looks the child up under a lock each time: once per key, here
+        labels = (route, method, str(key[2]))
+        children = _children[key] = (HTTP_REQUESTS.labels(*labels), HTTP_DURATION.labels(*labels))
+    children[0].inc()
+    children[1].observe(time.perf_counter() - started_at)
 
 
 # (route, method, status) -> the two metrics' children: a fixed set of keys, as the labels are

@@ -42,33 +42,36 @@ def valid_request_id(value: object) -> bool:
     return isinstance(value, str) and _VALID.fullmatch(value) is not None
 
 
-class RequestIdMiddleware:
-    async def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        req.context.request_id = new_request_id()
-        req.context.request_id_given = False
-        req.context.request_started_at = time.perf_counter()
-        given = req.get_header(HEADER)
-        if given is None:
-            return
-        if not valid_request_id(given):
-            raise BrokerError(ErrorCode.BAD_REQUEST,
-                              f"{HEADER} must be 1 to 128 printable ASCII characters without spaces, got {given!r:.60}")
-        req.context.request_id = given
-        req.context.request_id_given = True
+def assign(req: falcon.Request) -> None:
+    """The request's id: the client's X-Request-ID, or one made here (400 for an invalid one, which
+    the answer still carries a made id for)."""
+    req.context.request_id = new_request_id()
+    req.context.request_id_given = False
+    given = req.get_header(HEADER)
+    if given is None:
+        return
+    if not valid_request_id(given):
+        raise BrokerError(ErrorCode.BAD_REQUEST,
+                          f"{HEADER} must be 1 to 128 printable ASCII characters without spaces, got {given!r:.60}")
+    req.context.request_id = given
+    req.context.request_id_given = True
 
-    async def process_response(self, req: falcon.Request, resp: falcon.Response, resource, req_succeeded: bool) -> None:
-        request_id = getattr(req.context, "request_id", None)
-        if request_id is None:  # a request that no process_request saw
-            request_id = req.context.request_id = new_request_id()
-        resp.set_header(HEADER, request_id)
-        status = resp.status_code
-        if status < 500 and not logger.isEnabledFor(logging.DEBUG):
-            return
-        elapsed_ms = (time.perf_counter() - getattr(req.context, "request_started_at", time.perf_counter())) * 1000
-        if status >= 500:
-            detail = resp.data[:300].decode(errors="replace") if isinstance(resp.data, bytes) else ""
-            logger.warning("request %s: %s %r -> %d in %.1f ms: %s", request_id, req.method, req.path[:200], status,
-                           elapsed_ms, detail, extra={"request_id": request_id})
-        else:
-            logger.debug("request %s: %s %r -> %d in %.1f ms", request_id, req.method, req.path[:200], status, elapsed_ms,
-                         extra={"request_id": request_id})
+
+def answer(req: falcon.Request, resp: falcon.Response) -> None:
+    """X-Request-ID on the answer, and its log line (DEBUG; WARNING for a 5xx), timed from
+    req.context.started_at (gateway/middleware.py)."""
+    request_id = getattr(req.context, "request_id", None)
+    if request_id is None:  # a request that assign() did not see
+        request_id = req.context.request_id = new_request_id()
+    resp.set_header(HEADER, request_id)
+    status = resp.status_code
+    if status < 500 and not logger.isEnabledFor(logging.DEBUG):
+        return
+    elapsed_ms = (time.perf_counter() - getattr(req.context, "started_at", time.perf_counter())) * 1000
+    if status >= 500:
+        detail = resp.data[:300].decode(errors="replace") if isinstance(resp.data, bytes) else ""
+        logger.warning("request %s: %s %r -> %d in %.1f ms: %s", request_id, req.method, req.path[:200], status,
+                       elapsed_ms, detail, extra={"request_id": request_id})
+    else:
+        logger.debug("request %s: %s %r -> %d in %.1f ms", request_id, req.method, req.path[:200], status, elapsed_ms,
+                     extra={"request_id": request_id})

@@ -39,10 +39,33 @@ def _names(specs: list[TensorSpec]) -> str:
     return ", ".join(s.name for s in specs) or "none"
 
 
+# from_metadata() of each metadata dict seen lately, by the dict's id, with the dict itself (so that
+# the id cannot be reused while remembered): the catalog hands out one dict per model until its
+# next fetch of the broker's status, and a new registration comes in a new dict. Every request
+# built the TensorSpecs again otherwise (bench/gateway_parts.py: validation of a text request).
+_declared_memo: dict[int, tuple[dict, tuple | None]] = {}
+_MEMO_SIZE = 256
+
+
+def declared_tensors(metadata: dict) -> tuple[list[TensorSpec], list[TensorSpec]] | None:
+    """from_metadata(metadata), built once per metadata dict. The dict must not be changed afterwards
+    (the catalog's never are: each fetch brings new ones)."""
+    if not metadata:
+        return None  # unknown model, or a status without metadata: nothing declared
+    entry = _declared_memo.get(id(metadata))
+    if entry is not None and entry[0] is metadata:
+        return entry[1]
+    declared = from_metadata(metadata)
+    if len(_declared_memo) >= _MEMO_SIZE:
+        _declared_memo.clear()
+    _declared_memo[id(metadata)] = (metadata, declared)
+    return declared
+
+
 def check_v2_inputs(model: str, metadata: dict, inputs: list) -> None:
     """Refuse (BAD_REQUEST) a v2 request's inputs that do not fit what the model declares. Entries
     that are not well-formed tensors (no name, no shape of ints) are left to the codec's own refusals."""
-    declared = from_metadata(metadata)
+    declared = declared_tensors(metadata)
     if declared is None:
         return
     specs = {spec.name: spec for spec in declared[0]}
@@ -76,7 +99,7 @@ def check_v1_inputs(model: str, metadata: dict, inputs: list) -> list:
     the arrays the model declares. A JSON list becomes an array of the declared dtype here, in C
     (so it travels as raw bytes, and predict() gets what a msgpack client's `__ndarray__` gives);
     an `__ndarray__` map passes as it came, untouched."""
-    declared = from_metadata(metadata)
+    declared = declared_tensors(metadata)
     if declared is None or not declared[0] or any(spec.datatype == "BYTES" for spec in declared[0]):
         return inputs
     specs = declared[0]
