@@ -157,10 +157,13 @@ def handle_broker_error(req: falcon.Request, resp: falcon.Response, error: Broke
 
 
 def shape_for(req: falcon.Request) -> BodyShape:
-    """The body shape of the surface a path belongs to: KServe v2's (/v2, /v2/health/..., /v2/models/...),
-    else OpenAI's. (Cohere's /v2/rerank and /v2/embed are not KServe's.)"""
+    """The body shape of the surface a path belongs to: KServe v2's (/v2, /v2/health/..., /v2/models/..., and
+    Triton's /v2/repository/...), else OpenAI's. (Cohere's /v2/rerank and /v2/embed are not KServe's.)"""
     path = req.path
-    return v2_body if path == "/v2" or path.startswith(("/v2/models/", "/v2/health/")) else openai_body
+    return v2_body if path == "/v2" or path.startswith(_V2_PREFIXES) else openai_body
+
+
+_V2_PREFIXES = ("/v2/models/", "/v2/health/", "/v2/repository/")
 
 
 def _falcon_http_error(error: falcon.HTTPError) -> HttpError:

@@ -38,3 +38,15 @@ def test_a_409_from_falcon_or_the_server_carries_the_conflict_code_not_a_made_up
     assert _falcon_http_error(falcon.HTTPConflict(description="taken")) == HttpError(409, "CONFLICT", "taken",
                                                                                       from_gateway=True)
     assert b'"code":"CONFLICT"' in server_refusal(409, "Conflict", "taken")
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v2/repository/index"), ("POST", "/v2/repository/models/echo/load"),
+                                          ("POST", "/v2/repository/models/echo/unload")])
+def test_an_error_raised_before_a_repository_route_runs_is_in_kserves_shape_too(app, method, path):
+    """Found by schemathesis (tests/e2e/test_openapi.py): the request-id middleware's 400 on /v2/repository
+    came in OpenAI's shape, the routes' own errors in KServe v2's."""
+    response = app.simulate_request(method, path, headers={**ADMIN, "X-Request-ID": ""})
+    assert response.status_code == 400, response.text
+    assert set(response.json) == {"error"} and "X-Request-ID" in response.json["error"]
+    wrong_method = app.simulate_request("DELETE", path)
+    assert wrong_method.status_code == 405 and isinstance(wrong_method.json["error"], str), wrong_method.text
