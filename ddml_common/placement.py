@@ -292,7 +292,10 @@ class PlacementPolicy:
             if model not in worker.catalog or model in worker.failed or worker.holds(model):
                 continue
             if _fits(worker, need_mb, []):
-                key = (0, -(worker.max_models - len(worker.held)), 0.0, rank(pool_id, model))
+                # Free room counts what it loads as what it holds (as _fits does): a load that ends between two
+                # workers' views must not change whom they choose (tests/unit/test_placement_views.py).
+                room = worker.max_models - len(worker.held) - len(worker.loading)
+                key = (0, -room, 0.0, rank(pool_id, model))
                 candidate = (pool_id, [], reason)
             elif demand.queued > 0:
                 victims = self._victims(view, workers, worker, need_mb, starving, now)

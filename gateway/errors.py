@@ -50,10 +50,11 @@ _DEFAULT_RETRY_AFTER_S = 1
 logger = logging.getLogger(__name__)
 
 # Falcon's own errors (unknown route, wrong method, ...) get codes in the same vocabulary.
-_CODE_BY_FALCON_STATUS = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST", 403: "FORBIDDEN",
-                         408: "REQUEST_TIMEOUT",
-                          414: "URI_TOO_LONG", 417: "EXPECTATION_FAILED", 431: "HEADERS_TOO_LARGE",
-                          500: "INTERNAL", 501: "NOT_IMPLEMENTED"}
+# 403 and 409 are the management API's (gateway/management.py): a write without the admin key, and one for a
+# model that only fixed workers serve.
+_CODE_BY_FALCON_STATUS = {400: "BAD_REQUEST", 403: "FORBIDDEN", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+                          408: "REQUEST_TIMEOUT", 409: "CONFLICT", 414: "URI_TOO_LONG", 417: "EXPECTATION_FAILED",
+                          431: "HEADERS_TOO_LARGE", 500: "INTERNAL", 501: "NOT_IMPLEMENTED"}
 
 
 class GatewayError(BrokerError):
@@ -156,10 +157,13 @@ def handle_broker_error(req: falcon.Request, resp: falcon.Response, error: Broke
 
 
 def shape_for(req: falcon.Request) -> BodyShape:
-    """The body shape of the surface a path belongs to: KServe v2's (/v2, /v2/health/..., /v2/models/...),
-    else OpenAI's. (Cohere's /v2/rerank and /v2/embed are not KServe's.)"""
+    """The body shape of the surface a path belongs to: KServe v2's (/v2, /v2/health/..., /v2/models/..., and
+    Triton's /v2/repository/...), else OpenAI's. (Cohere's /v2/rerank and /v2/embed are not KServe's.)"""
     path = req.path
-    return v2_body if path == "/v2" or path.startswith(("/v2/models/", "/v2/health/")) else openai_body
+    return v2_body if path == "/v2" or path.startswith(_V2_PREFIXES) else openai_body
+
+
+_V2_PREFIXES = ("/v2/models/", "/v2/health/", "/v2/repository/")
 
 
 def _falcon_http_error(error: falcon.HTTPError) -> HttpError:

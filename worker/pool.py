@@ -186,6 +186,21 @@ class PoolState:
         with self._lock:
             return [report for at, report in self._reports.values() if now - at <= self._report_ttl_s]
 
+    def reported_as_it_is(self, now: float) -> bool:
+        """Whether every broker's recent report that lists this worker shows what it holds and loads as it
+        knows them. Until then it does not act on a plan: the others plan from those same reports, and
+        one that had already heard of its latest load chose as though it were done, so that both took
+        the next model (a second replica over max-replicas, found by tests/integration/test_pool.py's
+        two-broker test; tests/unit/test_placement_views.py). A broker reports a change at once."""
+        with self._lock:
+            claims = (set(self._announced), self._loading | self._reserved)
+            for at, report in self._reports.values():
+                pool = report.get("pool") if now - at <= self._report_ttl_s else None
+                entry = pool.get(self.pool_id) if isinstance(pool, dict) else None
+                if isinstance(entry, dict) and (_names(entry.get("held")), _names(entry.get("loading"))) != claims:
+                    return False
+            return True
+
     def me(self) -> PoolWorker:
         with self._lock:
             return PoolWorker(self.pool_id, self.catalog,
@@ -289,6 +304,8 @@ class Placer:
 
     def step(self, now: float, stopping: threading.Event) -> None:
         state = self._state
+        if not state.reported_as_it_is(now):
+            return  # the next report, sent as soon as a broker hears this worker's change, plans again
         view = merge_reports(state.reports(now), own=state.me(), overrides=state.overrides())
         mine = first_load(a for a in self._policy.plan(view, now) if a.pool_id == state.pool_id)
         if mine and mine[-1].kind is Kind.LOAD:
@@ -346,6 +363,11 @@ class Placer:
         self._state.events.record(EventKind.LOADED, model, reason, load_s)  # first: on the heartbeat it prompts
         self._state.finish_load(model, handler, memory_mb, load_s)
         logger.info("model %s loaded in %.2f s (%.1f MB)", model, load_s, memory_mb, extra={"model": model})
+
+
+def _names(value: Any) -> set[str]:
+    """The model names of a report's held map or loading list (a broker's report is read defensively)."""
+    return {m for m in value if isinstance(m, str)} if isinstance(value, (dict, list)) else set()
 
 
 def first_load(actions: Iterable[Action]) -> list[Action]:

@@ -17,8 +17,12 @@ pytestmark = pytest.mark.e2e
 def test_schemathesis_finds_the_gateway_true_to_its_openapi(stack, tmp_path):
     stack.start_broker()
     stack.start_worker("--model", "echo", "--handler", "tests.handlers:PlainEcho")
-    _, url = stack.start_gateway("--workers", "1", "--threads", "8")
-
+    # The management writes need an admin key that schemathesis is not given: each of its calls is refused
+    # (401 without a bearer token, 403 with another), which its auth checks verify, and none changes what
+    # the workers hold. (Without --admin-key-file every write would be 403, where a missing token must be 401.)
+    admin_keys = tmp_path / "admin.keys"
+    admin_keys.write_text("an-admin-key-schemathesis-never-sees\n")
+    _, url = stack.start_gateway("--workers", "1", "--threads", "8", "--admin-key-file", str(admin_keys))
 
     wait_until(lambda: http_ready(url), timeout_s=60, what="gateway ready")
     # not_a_server_error would flag the documented 504 for a deadline of 5e-324 ms; we check

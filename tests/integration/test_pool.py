@@ -94,7 +94,9 @@ def test_with_two_brokers_each_model_is_loaded_once_though_each_broker_sees_only
     backends = ",".join(backend for _, backend in brokers)
     for _ in range(2):
         stack.start_worker("--pool", "--repository", repository, "--max-models", "2", "--broker", backends, *FAST)
-    one, two = (BrokerClient(frontend, heartbeat_interval_s=0.2) for frontend, _ in brokers)
+    # The clients' default liveness (3 x 1 s): no broker stops here, and 3 x 0.2 s was short enough for a
+    # loaded CI machine to starve the client past it and fail its requests UNAVAILABLE ("stopped answering").
+    one, two = (BrokerClient(frontend) for frontend, _ in brokers)
     try:
         for client in (one, two):
             wait_until(lambda c=client: len(c.status()["workers"]) == 2, timeout_s=30, what="2 pool workers")

@@ -152,6 +152,8 @@ class PoolWorkerSim:
         if self.busy:
             return  # one action at a time, as worker/pool.py's placement thread
         now = self.sim.now
+        if not self.state.reported_as_it_is(now):
+            return  # as worker/pool.py's Placer: not on a report that is behind this worker's own change
         view = merge_reports(self.state.reports(now), own=self.state.me(), overrides=self.state.overrides())
         mine = first_load(a for a in self.policy.plan(view, now) if a.pool_id == self.pool_id)
         if mine:
