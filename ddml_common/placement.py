@@ -15,9 +15,10 @@ Rules, in the order plan() applies them:
    replica of it is loading. The replica goes to the worker with the most free room, else to one
    that has room once it evicts: first models without demand, least recently used first; models
    with demand only for a model that has starved for starve_wait_s, the longest resident first.
-   Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas.
+   Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas: the
+   min-replicas holders of a model ranked first (lowest rank(pool_id, model)) are protected.
 2. Scale down. A model without demand for idle-unload-s loses one replica per plan, down to
-   min-replicas; a model over its max-replicas (an operator's override lowered it) loses one replica per
+   min-replicas (never a protected one); a model over its max-replicas (an operator's override lowered it) loses one replica per
    plan at once, and one unloaded by the operator (max 0) once it has no demand left.
 An operator's Override (the management API) replaces a model's min-replicas and max-replicas; the
 highest version wins, whatever the order it arrives in (merge_overrides).
@@ -247,6 +248,17 @@ class PlacementPolicy:
     def _replicas(self, workers: Mapping[str, PoolWorker], model: str) -> int:
         return sum(w.holds(model) for w in workers.values())
 
+    def _protected(self, workers: Mapping[str, PoolWorker], pool_id: str, model: str) -> bool:
+        """Whether pool_id's replica of model is one of its min-replicas loaded holders ranked first: never
+        a victim, never scaled down. Each eviction checked against the replica count alone could, in one
+        plan, take two replicas of a model at min-replicas (one per worker); the protected set depends on
+        the view alone, so every plan keeps it whole."""
+        keep = self._effective[model].min_replicas
+        if keep <= 0:
+            return False
+        holders = sorted((rank(p, model), p) for p, w in workers.items() if model in w.held)
+        return pool_id in {p for _, p in holders[:keep]}
+
     def _wanted(self, view: View, workers: Mapping[str, PoolWorker]) -> list[str]:
         wanted = []
         for model, spec in self._effective.items():
@@ -316,7 +328,7 @@ class PlacementPolicy:
             spec = self._effective.get(model)
             if spec is None or not self._resident(worker.pool_id, model, now):
                 continue
-            if self._replicas(workers, model) <= spec.min_replicas:
+            if self._replicas(workers, model) <= spec.min_replicas or self._protected(workers, worker.pool_id, model):
                 continue
             active = view.demand.get(model, Demand()).active
             if active and not starving:
@@ -360,7 +372,8 @@ class PlacementPolicy:
         if self._replicas(workers, model) <= self._effective[model].min_replicas:
             return None
         holders = [pool_id for pool_id, w in workers.items()
-                   if model in w.held and pool_id not in claimed and self._resident(pool_id, model, now)]
+                   if model in w.held and pool_id not in claimed and self._resident(pool_id, model, now)
+                   and not self._protected(workers, pool_id, model)]
         return max(holders, key=lambda pool_id: rank(pool_id, model), default=None)
 
 
