@@ -218,6 +218,15 @@ class PlacementPolicy:
                 actions.append(Action(Kind.UNLOAD, victim, model, "idle"))
         return actions
 
+    def room_left(self, view: View, pool_id: str, model: str) -> bool:
+        """Whether pool_id may still begin a load of `model` that an earlier plan gave it: whether the
+        other workers of this newer view hold or load fewer than its max-replicas. A load that waited for
+        its evictions to drain was chosen from a view a drain old; a worker that another had not yet heard
+        of then (one that restarted) may have taken the model since, and both would load it."""
+        spec = self.effective(view.overrides).get(model)
+        others = sum(w.holds(model) for p, w in view.workers.items() if p != pool_id)
+        return spec is not None and others < spec.max_replicas
+
     def effective(self, overrides: Mapping[str, Override]) -> dict[str, Placement]:
         """Each model's placement, the operator's overrides applied."""
         return {model: overrides[model].applied_to(spec) if model in overrides else spec

@@ -203,6 +203,11 @@ class PoolState:
             self._reserved.add(model)
             self._changed = True
 
+    def cancel_reservation(self, model: str) -> None:
+        with self._lock:
+            self._reserved.discard(model)
+            self._changed = True
+
     def begin_load(self, model: str, need_mb: float) -> str:
         """Announce the load; "" if it may start, else why not (a plan never takes us past our limits)."""
         with self._lock:
@@ -301,10 +306,14 @@ class Placer:
             if action.kind is Kind.UNLOAD:
                 self._unload(action.model, evicted=action.reason.startswith("evicted"), stopping=stopping,
                              reason=action.reason)
-            else:
+            elif action is mine[0] or load_still_wanted(state, self._policy, action.model, self._clock()):
                 need_mb = max(view.workers[state.pool_id].held.get(action.model, 0.0),
                               self._policy.specs[action.model].memory_mb)
                 self._load(action.model, need_mb, reason=action.reason)
+            else:
+                state.cancel_reservation(action.model)
+                logger.info("placement: load of %s given up: others took it while its evictions drained",
+                            action.model, extra={"model": action.model})
 
     def _unload(self, model: str, evicted: bool, stopping: threading.Event, reason: str = "") -> None:
         """Drain: stop offering the model, let batches already sent to us finish, then unload."""
@@ -346,6 +355,13 @@ class Placer:
         self._state.events.record(EventKind.LOADED, model, reason, load_s)  # first: on the heartbeat it prompts
         self._state.finish_load(model, handler, memory_mb, load_s)
         logger.info("model %s loaded in %.2f s (%.1f MB)", model, load_s, memory_mb, extra={"model": model})
+
+
+def load_still_wanted(state: PoolState, policy: PlacementPolicy, model: str, now: float) -> bool:
+    """Whether a load that waited for its evictions to drain may begin: the view now, not the plan's,
+    leaves room under the model's max-replicas (PlacementPolicy.room_left)."""
+    view = merge_reports(state.reports(now), own=state.me(), overrides=state.overrides())
+    return policy.room_left(view, state.pool_id, model)
 
 
 def first_load(actions: Iterable[Action]) -> list[Action]:

@@ -340,3 +340,11 @@ def test_a_one_model_worker_is_given_a_load_at_most_once_per_min_residency_whate
             loaded_at[action.pool_id] = now
             held[action.pool_id].append(action.model)
         assert all(len(models) <= 1 for models in held.values())
+
+
+def test_a_load_planned_before_a_drain_has_room_left_only_while_the_others_hold_fewer_than_max_replicas():
+    policy = PlacementPolicy(SPECS)  # max 2
+    one_other = view([worker("w0", held="a"), worker("w1", loading="a"), worker("w2")])
+    assert policy.room_left(one_other, "w1", "a")  # its own reservation does not count
+    two_others = view([worker("w0", held="a"), worker("w1", loading="a"), worker("w2", loading="a")])
+    assert not policy.room_left(two_others, "w1", "a")
