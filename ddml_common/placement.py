@@ -13,8 +13,9 @@ Rules, in the order plan() applies them:
    queued and no replica, or when its oldest input has waited scale_up_wait_s (or more than
    scale_up_queue inputs wait per replica) and it has fewer than max-replicas; never while one
    replica of it is loading. The replica goes to the worker with the most free room, else to one
-   that has room once it evicts: first models without demand, least recently used first; models
-   with demand only for a model that has starved for starve_wait_s, the longest resident first.
+   that has room once it evicts: first models without demand, then models with demand only for a
+   model that has starved for starve_wait_s; within each, the lowest recent rate (rate_per_s) first,
+   then the least recently used (without demand) or the longest resident (with demand).
    Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas: the
    min-replicas holders of a model ranked first (lowest rank(pool_id, model)) are protected.
 2. Scale down. A model without demand for idle-unload-s loses one replica per plan, down to
@@ -339,11 +340,15 @@ class PlacementPolicy:
                 continue
             if self._replicas(workers, model) <= spec.min_replicas or self._protected(workers, worker.pool_id, model):
                 continue
-            active = view.demand.get(model, Demand()).active
+            demand = view.demand.get(model, Demand())
+            active = demand.active
             if active and not starving:
                 continue
-            # No demand first (least recently used first), then those with demand, the longest resident first.
-            order = (active, self._last_demand_at.get(model, -math.inf) if not active
+            # No demand first, then those with demand; within each, the lowest recent rate first (while every
+            # client waits on a cold model, the hot ones have nothing queued or in flight, and were answered as
+            # recently as the cold ones: the rate tells them apart); then the least recently used, or, with
+            # demand, the longest resident.
+            order = (active, demand.rate_per_s, self._last_demand_at.get(model, -math.inf) if not active
                      else self._held_since.get((worker.pool_id, model), now), model)
             candidates.append((order, model))
         victims: list[str] = []

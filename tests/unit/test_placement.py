@@ -348,3 +348,15 @@ def test_a_load_planned_before_a_drain_has_room_left_only_while_the_others_hold_
     assert policy.room_left(one_other, "w1", "a")  # its own reservation does not count
     two_others = view([worker("w0", held="a"), worker("w1", loading="a"), worker("w2", loading="a")])
     assert not policy.room_left(two_others, "w1", "a")
+
+
+def test_the_model_answered_at_the_lowest_recent_rate_is_evicted_first_though_none_is_queued():
+    """While every client waits on a cold model, the hot ones have nothing queued or in flight and were
+    answered as recently as the others: their rate keeps them (bench/zipf_pool.py)."""
+    policy = PlacementPolicy(SPECS, PolicyConfig(min_residency_s=0.0))
+    w = worker("w1", held=["a", "b"], max_models=2)
+    hot_a = view([w], a=Demand(rate_per_s=40.0), b=Demand(rate_per_s=0.5), c=Demand(queued=8))
+    assert ours(policy.plan(hot_a, now=0.0), "w1") == [(Kind.UNLOAD, "b"), (Kind.LOAD, "c")]
+    hot_b = view([w], a=Demand(rate_per_s=0.5), b=Demand(rate_per_s=40.0), c=Demand(queued=8))
+    assert ours(PlacementPolicy(SPECS, PolicyConfig(min_residency_s=0.0)).plan(hot_b, now=0.0), "w1") == \
+        [(Kind.UNLOAD, "a"), (Kind.LOAD, "c")]
