@@ -252,6 +252,22 @@ class PoolState:
             self._changed = True
             return True
 
+    def acknowledged(self, model: str, since_at: float, now: float) -> bool:
+        """Whether every broker that reports to us has heard that we stopped offering `model`: each fresh
+        link has sent, since `since_at`, a report whose entry for us does not hold it. A broker sends its
+        batches and its reports down one link in order, so its batches of the model are here before that
+        report; a broker's report that no longer names it ends the drain before its fixed cap."""
+        with self._lock:
+            for at, report in self._reports.values():
+                if now - at > self._report_ttl_s:
+                    continue  # a broker gone silent: the cap bounds its drain
+                pool = report.get("pool")
+                entry = pool.get(self.pool_id) if isinstance(pool, dict) else None
+                held = entry.get("held") if isinstance(entry, dict) else None
+                if at < since_at or (isinstance(held, dict) and model in held):
+                    return False
+            return True
+
     def finish_unload(self, model: str) -> Any | None:
         """Drop the replica if no batch of it computes; returns its handler, or None to try later."""
         with self._lock:
@@ -322,7 +338,11 @@ class Placer:
         reason = reason or ("evicted" if evicted else "idle")
         began_at = self._clock()
         self._state.events.record(EventKind.UNLOAD, model, reason)
-        stopping.wait(self._drain_s)  # batches the brokers sent before they heard of it
+        # Batches the brokers sent before they heard of it: until each says it no longer counts the model
+        # here, at most drain_s (a broker that fell silent).
+        while not stopping.is_set() and (now := self._clock()) - began_at < self._drain_s \
+                and not self._state.acknowledged(model, began_at, now):
+            stopping.wait(0.02)
         while (handler := self._state.finish_unload(model)) is None and not stopping.is_set():
             stopping.wait(0.05)  # a batch of it still computes
         del handler

@@ -170,7 +170,8 @@ class PoolWorkerSim:
             if not self.state.begin_unload(action.model, action.reason.startswith("evicted")):
                 return self._perform(rest)
             self._announce()
-            self._later(2 * INTERVAL_S, lambda: self._finish_unload(action.model, rest))
+            began_at = self.sim.now
+            self._later(0.02, lambda: self._drain(action.model, began_at, rest))
             return
         if action is not self._first and not load_still_wanted(self.state, self.policy, action.model, self.sim.now):
             self.state.cancel_reservation(action.model)  # others took it while its evictions drained
@@ -186,6 +187,14 @@ class PoolWorkerSim:
             self._later(load_s / 2, self.kill)  # killed midway through the load
             return
         self._later(load_s, lambda: self._finish_load(action.model, load_s, rest))
+
+    def _drain(self, model: str, began_at: float, rest: list) -> None:
+        """As worker/pool.py's Placer: until every broker has acknowledged, at most 2 intervals."""
+        if self.sim.now - began_at < 2 * INTERVAL_S and not self.state.acknowledged(model, began_at, self.sim.now):
+            self._later(0.02, lambda: self._drain(model, began_at, rest))
+            return
+        self.sim.counts["drain_s_total"] += self.sim.now - began_at
+        self._finish_unload(model, rest)
 
     def _finish_unload(self, model: str, rest: list) -> None:
         if self.state.finish_unload(model) is None:
@@ -226,7 +235,7 @@ class PoolSim:
         self.workers = [PoolWorkerSim(self, n) for n in range(workers)]
         self.requests: dict[str, Sent] = {}
         self.counts = {"requests": 0, "ok": 0, "errors": 0, "loads": 0, "unloads": 0, "load_failures": 0, "busy": 0,
-                       "loads_given_up": 0, "checks": 0, "events": 0}
+                       "loads_given_up": 0, "drain_s_total": 0.0, "checks": 0, "events": 0}
         self.loads_by_phase: list[tuple[str, float, float, int, bool]] = []
         self.replica_waits_s: list[float] = []
         self.errors: dict[str, int] = {}
