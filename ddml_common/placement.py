@@ -19,8 +19,9 @@ Rules, in the order plan() applies them:
    Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas: the
    min-replicas holders of a model ranked first (lowest rank(pool_id, model)) are protected.
 2. Scale down. A model without demand for idle-unload-s loses one replica per plan, down to
-   min-replicas (never a protected one); a model over its max-replicas (an operator's override lowered it) loses one replica per
-   plan at once, and one unloaded by the operator (max 0) once it has no demand left.
+   min-replicas (never a protected one); a model over its max-replicas (an operator's override
+   lowered it) loses one replica per plan at once, and one unloaded by the operator (max 0) once it
+   has no demand left.
 An operator's Override (the management API) replaces a model's min-replicas and max-replicas; the
 highest version wins, whatever the order it arrives in (merge_overrides).
 Every tie is broken by rank(pool_id, model), the same on every worker.
