@@ -13,12 +13,15 @@ Rules, in the order plan() applies them:
    queued and no replica, or when its oldest input has waited scale_up_wait_s (or more than
    scale_up_queue inputs wait per replica) and it has fewer than max-replicas; never while one
    replica of it is loading. The replica goes to the worker with the most free room, else to one
-   that has room once it evicts: first models without demand, least recently used first; models
-   with demand only for a model that has starved for starve_wait_s, the longest resident first.
-   Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas.
+   that has room once it evicts: first models without demand, then models with demand only for a
+   model that has starved for starve_wait_s; within each, the lowest recent rate (rate_per_s) first,
+   then the least recently used (without demand) or the longest resident (with demand).
+   Nothing is evicted before it has been loaded min_residency_s, nor below its min-replicas: the
+   min-replicas holders of a model ranked first (lowest rank(pool_id, model)) are protected.
 2. Scale down. A model without demand for idle-unload-s loses one replica per plan, down to
-   min-replicas; a model over its max-replicas (an operator's override lowered it) loses one replica per
-   plan at once, and one unloaded by the operator (max 0) once it has no demand left.
+   min-replicas (never a protected one); a model over its max-replicas (an operator's override
+   lowered it) loses one replica per plan at once, and one unloaded by the operator (max 0) once it
+   has no demand left.
 An operator's Override (the management API) replaces a model's min-replicas and max-replicas; the
 highest version wins, whatever the order it arrives in (merge_overrides).
 Every tie is broken by rank(pool_id, model), the same on every worker.
@@ -217,6 +220,15 @@ class PlacementPolicy:
                 actions.append(Action(Kind.UNLOAD, victim, model, "idle"))
         return actions
 
+    def room_left(self, view: View, pool_id: str, model: str) -> bool:
+        """Whether pool_id may still begin a load of `model` that an earlier plan gave it: whether the
+        other workers of this newer view hold or load fewer than its max-replicas. A load that waited for
+        its evictions to drain was chosen from a view a drain old; a worker that another had not yet heard
+        of then (one that restarted) may have taken the model since, and both would load it."""
+        spec = self.effective(view.overrides).get(model)
+        others = sum(w.holds(model) for p, w in view.workers.items() if p != pool_id)
+        return spec is not None and others < spec.max_replicas
+
     def effective(self, overrides: Mapping[str, Override]) -> dict[str, Placement]:
         """Each model's placement, the operator's overrides applied."""
         return {model: overrides[model].applied_to(spec) if model in overrides else spec
@@ -246,6 +258,17 @@ class PlacementPolicy:
 
     def _replicas(self, workers: Mapping[str, PoolWorker], model: str) -> int:
         return sum(w.holds(model) for w in workers.values())
+
+    def _protected(self, workers: Mapping[str, PoolWorker], pool_id: str, model: str) -> bool:
+        """Whether pool_id's replica of model is one of its min-replicas loaded holders ranked first: never
+        a victim, never scaled down. Each eviction checked against the replica count alone could, in one
+        plan, take two replicas of a model at min-replicas (one per worker); the protected set depends on
+        the view alone, so every plan keeps it whole."""
+        keep = self._effective[model].min_replicas
+        if keep <= 0:
+            return False
+        holders = sorted((rank(p, model), p) for p, w in workers.items() if model in w.held)
+        return pool_id in {p for _, p in holders[:keep]}
 
     def _wanted(self, view: View, workers: Mapping[str, PoolWorker]) -> list[str]:
         wanted = []
@@ -319,13 +342,17 @@ class PlacementPolicy:
             spec = self._effective.get(model)
             if spec is None or not self._resident(worker.pool_id, model, now):
                 continue
-            if self._replicas(workers, model) <= spec.min_replicas:
+            if self._replicas(workers, model) <= spec.min_replicas or self._protected(workers, worker.pool_id, model):
                 continue
-            active = view.demand.get(model, Demand()).active
+            demand = view.demand.get(model, Demand())
+            active = demand.active
             if active and not starving:
                 continue
-            # No demand first (least recently used first), then those with demand, the longest resident first.
-            order = (active, self._last_demand_at.get(model, -math.inf) if not active
+            # No demand first, then those with demand; within each, the lowest recent rate first (while every
+            # client waits on a cold model, the hot ones have nothing queued or in flight, and were answered as
+            # recently as the cold ones: the rate tells them apart); then the least recently used, or, with
+            # demand, the longest resident.
+            order = (active, demand.rate_per_s, self._last_demand_at.get(model, -math.inf) if not active
                      else self._held_since.get((worker.pool_id, model), now), model)
             candidates.append((order, model))
         victims: list[str] = []
@@ -363,7 +390,8 @@ class PlacementPolicy:
         if self._replicas(workers, model) <= self._effective[model].min_replicas:
             return None
         holders = [pool_id for pool_id, w in workers.items()
-                   if model in w.held and pool_id not in claimed and self._resident(pool_id, model, now)]
+                   if model in w.held and pool_id not in claimed and self._resident(pool_id, model, now)
+                   and not self._protected(workers, pool_id, model)]
         return max(holders, key=lambda pool_id: rank(pool_id, model), default=None)
 
 

@@ -218,6 +218,11 @@ class PoolState:
             self._reserved.add(model)
             self._changed = True
 
+    def cancel_reservation(self, model: str) -> None:
+        with self._lock:
+            self._reserved.discard(model)
+            self._changed = True
+
     def begin_load(self, model: str, need_mb: float) -> str:
         """Announce the load; "" if it may start, else why not (a plan never takes us past our limits)."""
         with self._lock:
@@ -260,6 +265,22 @@ class PoolState:
             self._announced.discard(model)
             self.counts["pool_evictions" if evicted else "pool_unloads"] += 1
             self._changed = True
+            return True
+
+    def acknowledged(self, model: str, since_at: float, now: float) -> bool:
+        """Whether every broker that reports to us has heard that we stopped offering `model`: each fresh
+        link has sent, since `since_at`, a report whose entry for us does not hold it. A broker sends its
+        batches and its reports down one link in order, so its batches of the model are here before that
+        report; a broker's report that no longer names it ends the drain before its fixed cap."""
+        with self._lock:
+            for at, report in self._reports.values():
+                if now - at > self._report_ttl_s:
+                    continue  # a broker gone silent: the cap bounds its drain
+                pool = report.get("pool")
+                entry = pool.get(self.pool_id) if isinstance(pool, dict) else None
+                held = entry.get("held") if isinstance(entry, dict) else None
+                if at < since_at or (isinstance(held, dict) and model in held):
+                    return False
             return True
 
     def finish_unload(self, model: str) -> Any | None:
@@ -318,10 +339,14 @@ class Placer:
             if action.kind is Kind.UNLOAD:
                 self._unload(action.model, evicted=action.reason.startswith("evicted"), stopping=stopping,
                              reason=action.reason)
-            else:
+            elif action is mine[0] or load_still_wanted(state, self._policy, action.model, self._clock()):
                 need_mb = max(view.workers[state.pool_id].held.get(action.model, 0.0),
                               self._policy.specs[action.model].memory_mb)
                 self._load(action.model, need_mb, reason=action.reason)
+            else:
+                state.cancel_reservation(action.model)
+                logger.info("placement: load of %s given up: others took it while its evictions drained",
+                            action.model, extra={"model": action.model})
 
     def _unload(self, model: str, evicted: bool, stopping: threading.Event, reason: str = "") -> None:
         """Drain: stop offering the model, let batches already sent to us finish, then unload."""
@@ -330,7 +355,11 @@ class Placer:
         reason = reason or ("evicted" if evicted else "idle")
         began_at = self._clock()
         self._state.events.record(EventKind.UNLOAD, model, reason)
-        stopping.wait(self._drain_s)  # batches the brokers sent before they heard of it
+        # Batches the brokers sent before they heard of it: until each says it no longer counts the model
+        # here, at most drain_s (a broker that fell silent).
+        while not stopping.is_set() and (now := self._clock()) - began_at < self._drain_s \
+                and not self._state.acknowledged(model, began_at, now):
+            stopping.wait(0.02)
         while (handler := self._state.finish_unload(model)) is None and not stopping.is_set():
             stopping.wait(0.05)  # a batch of it still computes
         del handler
@@ -368,6 +397,13 @@ class Placer:
 def _names(value: Any) -> set[str]:
     """The model names of a report's held map or loading list (a broker's report is read defensively)."""
     return {m for m in value if isinstance(m, str)} if isinstance(value, (dict, list)) else set()
+
+
+def load_still_wanted(state: PoolState, policy: PlacementPolicy, model: str, now: float) -> bool:
+    """Whether a load that waited for its evictions to drain may begin: the view now, not the plan's,
+    leaves room under the model's max-replicas (PlacementPolicy.room_left)."""
+    view = merge_reports(state.reports(now), own=state.me(), overrides=state.overrides())
+    return policy.room_left(view, state.pool_id, model)
 
 
 def first_load(actions: Iterable[Action]) -> list[Action]:

@@ -34,7 +34,7 @@ from broker.core import BrokerCore, Peer, Send
 from ddml_common import protocol
 from ddml_common.placement import Kind, Override, PlacementPolicy, PolicyConfig, merge_reports
 from ddml_common.repository import Placement
-from worker.pool import PoolState, first_load
+from worker.pool import PoolState, first_load, load_still_wanted
 
 INTERVAL_S = 0.5  # heartbeats, both ways
 CONFIG = BrokerConfig(heartbeat=HeartbeatConfig(interval_s=INTERVAL_S, liveness=3, batch_timeout_floor_s=5.0),
@@ -157,7 +157,7 @@ class PoolWorkerSim:
         view = merge_reports(self.state.reports(now), own=self.state.me(), overrides=self.state.overrides())
         mine = first_load(a for a in self.policy.plan(view, now) if a.pool_id == self.pool_id)
         if mine:
-            self.busy = True
+            self.busy, self._first = True, mine[0]
             if mine[-1].kind is Kind.LOAD:
                 self.state.reserve(mine[-1].model)  # as worker/pool.py's Placer
             self._perform(mine)
@@ -172,8 +172,14 @@ class PoolWorkerSim:
             if not self.state.begin_unload(action.model, action.reason.startswith("evicted")):
                 return self._perform(rest)
             self._announce()
-            self._later(2 * INTERVAL_S, lambda: self._finish_unload(action.model, rest))
+            began_at = self.sim.now
+            self._later(0.02, lambda: self._drain(action.model, began_at, rest))
             return
+        if action is not self._first and not load_still_wanted(self.state, self.policy, action.model, self.sim.now):
+            self.state.cancel_reservation(action.model)  # others took it while its evictions drained
+            self.sim.counts["loads_given_up"] += 1
+            self._announce()
+            return self._perform(rest)
         if self.state.begin_load(action.model, SPECS[action.model].memory_mb):
             return self._perform(rest)
         self._announce()
@@ -183,6 +189,14 @@ class PoolWorkerSim:
             self._later(load_s / 2, self.kill)  # killed midway through the load
             return
         self._later(load_s, lambda: self._finish_load(action.model, load_s, rest))
+
+    def _drain(self, model: str, began_at: float, rest: list) -> None:
+        """As worker/pool.py's Placer: until every broker has acknowledged, at most 2 intervals."""
+        if self.sim.now - began_at < 2 * INTERVAL_S and not self.state.acknowledged(model, began_at, self.sim.now):
+            self._later(0.02, lambda: self._drain(model, began_at, rest))
+            return
+        self.sim.counts["drain_s_total"] += self.sim.now - began_at
+        self._finish_unload(model, rest)
 
     def _finish_unload(self, model: str, rest: list) -> None:
         if self.state.finish_unload(model) is None:
@@ -223,7 +237,7 @@ class PoolSim:
         self.workers = [PoolWorkerSim(self, n) for n in range(workers)]
         self.requests: dict[str, Sent] = {}
         self.counts = {"requests": 0, "ok": 0, "errors": 0, "loads": 0, "unloads": 0, "load_failures": 0, "busy": 0,
-                       "checks": 0, "events": 0}
+                       "loads_given_up": 0, "drain_s_total": 0.0, "checks": 0, "events": 0}
         self.loads_by_phase: list[tuple[str, float, float, int, bool]] = []
         self.replica_waits_s: list[float] = []
         self.errors: dict[str, int] = {}

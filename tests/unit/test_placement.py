@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ddml_common.placement import (Action, Demand, Kind, PlacementPolicy, PolicyConfig, PoolWorker, View,
@@ -181,8 +181,26 @@ def apply(view_: View, actions: list[Action], specs) -> dict[str, PoolWorker]:
     return workers
 
 
+def _two_evictions_of_one_model_at_min_replicas():
+    """Hypothesis's counterexample: d (min 1, max 1) held on w0 and w1; one plan evicted d from w0 for b
+    and from w1 for a, each eviction checking only that d had more than min-replicas."""
+    specs = {m: Placement(min_replicas=0, max_replicas=2, idle_unload_s=30.0, memory_mb=100.0) for m in "abc"}
+    specs["d"] = Placement(min_replicas=1, max_replicas=1, idle_unload_s=30.0, memory_mb=100.0)
+    workers = [worker("w0", held="acd", max_models=3, catalog="b"), worker("w1", held="d", catalog="a")]
+    return specs, view(workers, a=Demand(queued=1, oldest_wait_s=0.6), b=Demand(queued=1), c=Demand(in_flight=1))
+
+
+def test_one_plan_never_evicts_a_model_below_min_replicas_from_two_workers_at_once():
+    specs, before = _two_evictions_of_one_model_at_min_replicas()
+    actions = PlacementPolicy(specs, PolicyConfig(min_residency_s=0.0)).plan(before, now=0.0)
+    after = apply(before, actions, specs)
+    assert sum(w.holds("d") for w in after.values()) >= 1
+    assert len([a for a in actions if a.kind is Kind.UNLOAD and a.model == "d"]) == 1  # one may still go
+
+
 @settings(max_examples=300, deadline=None)
 @given(worlds(), st.floats(0.0, 100.0))
+@example(_two_evictions_of_one_model_at_min_replicas(), 0.0)
 def test_a_plan_performed_never_exceeds_limits_nor_max_replicas_and_never_goes_below_min(world, now):
     specs, before = world
     policy = PlacementPolicy(specs, PolicyConfig(min_residency_s=0.0))
@@ -322,3 +340,23 @@ def test_a_one_model_worker_is_given_a_load_at_most_once_per_min_residency_whate
             loaded_at[action.pool_id] = now
             held[action.pool_id].append(action.model)
         assert all(len(models) <= 1 for models in held.values())
+
+
+def test_a_load_planned_before_a_drain_has_room_left_only_while_the_others_hold_fewer_than_max_replicas():
+    policy = PlacementPolicy(SPECS)  # max 2
+    one_other = view([worker("w0", held="a"), worker("w1", loading="a"), worker("w2")])
+    assert policy.room_left(one_other, "w1", "a")  # its own reservation does not count
+    two_others = view([worker("w0", held="a"), worker("w1", loading="a"), worker("w2", loading="a")])
+    assert not policy.room_left(two_others, "w1", "a")
+
+
+def test_the_model_answered_at_the_lowest_recent_rate_is_evicted_first_though_none_is_queued():
+    """While every client waits on a cold model, the hot ones have nothing queued or in flight and were
+    answered as recently as the others: their rate keeps them (bench/zipf_pool.py)."""
+    policy = PlacementPolicy(SPECS, PolicyConfig(min_residency_s=0.0))
+    w = worker("w1", held=["a", "b"], max_models=2)
+    hot_a = view([w], a=Demand(rate_per_s=40.0), b=Demand(rate_per_s=0.5), c=Demand(queued=8))
+    assert ours(policy.plan(hot_a, now=0.0), "w1") == [(Kind.UNLOAD, "b"), (Kind.LOAD, "c")]
+    hot_b = view([w], a=Demand(rate_per_s=0.5), b=Demand(rate_per_s=40.0), c=Demand(queued=8))
+    assert ours(PlacementPolicy(SPECS, PolicyConfig(min_residency_s=0.0)).plan(hot_b, now=0.0), "w1") == \
+        [(Kind.UNLOAD, "a"), (Kind.LOAD, "c")]

@@ -107,3 +107,19 @@ def test_a_pool_worker_that_cannot_start_says_why_in_one_line(capsys, tmp_path, 
         main([arg.format(repo=repo) for arg in argv])
     assert exit_info.value.code == 2
     assert complaint in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_an_unload_is_acknowledged_once_every_fresh_broker_reports_us_without_it():
+    state = PoolState("p1", ["alpha", "beta"], max_models=2, budget_mb=0.0, report_ttl_s=3.0)
+    holding = {"pool": {"p1": {"held": {"alpha": 0.0}}}}
+    without = {"pool": {"p1": {"held": {}}}}
+    state.on_demand(0, holding, now=10.0)
+    state.on_demand(1, holding, now=10.0)
+    assert not state.acknowledged("alpha", since_at=10.5, now=10.6)  # both reports are older than the unload
+    state.on_demand(0, without, now=10.6)
+    state.on_demand(1, holding, now=10.7)  # sent before broker 1 heard of the change
+    assert not state.acknowledged("alpha", since_at=10.5, now=10.7)
+    state.on_demand(1, without, now=10.8)
+    assert state.acknowledged("alpha", since_at=10.5, now=10.8)
+    assert not state.acknowledged("beta", since_at=10.9, now=11.0)  # reports older than its unload
+    assert state.acknowledged("beta", since_at=10.9, now=14.0)  # both brokers silent past the report TTL
