@@ -208,11 +208,15 @@ class PlacementPolicy:
                 actions += [Action(Kind.UNLOAD, pool_id, victim, f"evicted for {model}") for victim in victims]
                 actions.append(Action(Kind.LOAD, pool_id, model, reason))
         claimed = {a.pool_id for a in actions}  # one thing at a time: no idle unload beside a load
-        for model in sorted(set(view.overrides) & set(self._effective)):  # lowered by the operator
-            victim = self._over_max(view, workers, claimed, model)
+        # Over max-replicas: lowered by the operator, or (a safety net) two loads of one model that views a
+        # report apart let through. Either way the extra replica goes, drained first.
+        for model in sorted(self._effective):
+            going = sum(a.kind is Kind.UNLOAD and a.model == model for a in actions)
+            victim = self._over_max(view, workers, claimed, model, going, now)
             if victim is not None:
                 claimed.add(victim)
-                actions.append(Action(Kind.UNLOAD, victim, model, "operator"))
+                actions.append(Action(Kind.UNLOAD, victim, model,
+                                      "operator" if model in view.overrides else "over max-replicas"))
         for model in sorted(self._idle_models(workers, now)):
             victim = self._scale_down(workers, claimed, model, now)
             if victim is not None:
@@ -373,16 +377,22 @@ class PlacementPolicy:
                     idle.add(model)
         return idle
 
-    def _over_max(self, view: View, workers: Mapping[str, PoolWorker], claimed: set[str], model: str) -> str | None:
-        """A replica over the model's max-replicas (an override lowered it): unloaded at once, whatever
-        its residency (the worker drains it first). The last one goes only once the model has no demand,
-        so that what the brokers accepted before the operator's unload is answered."""
+    def _over_max(self, view: View, workers: Mapping[str, PoolWorker], claimed: set[str], model: str,
+                  going: int, now: float) -> str | None:
+        """A replica over the model's max-replicas, beyond the `going` unloads of it already planned.
+        Lowered by the operator: unloaded at once, whatever its residency (the worker drains it first),
+        and the last one only once the model has no demand, so that what the brokers accepted before the
+        operator's unload is answered. Let through by two loads that raced (a safety net): once resident,
+        and never one of the min-replicas holders ranked first."""
         spec = self._effective[model]
-        if sum(model in w.held for w in workers.values()) <= spec.max_replicas:
+        if sum(model in w.held for w in workers.values()) - going <= spec.max_replicas:
             return None  # (one still loading counts once it is loaded: it may yet fail)
         if spec.max_replicas == 0 and view.demand.get(model, Demand()).active:
             return None
-        holders = [pool_id for pool_id, w in workers.items() if model in w.held and pool_id not in claimed]
+        operator = model in view.overrides
+        holders = [pool_id for pool_id, w in workers.items() if model in w.held and pool_id not in claimed
+                   and (operator or (self._resident(pool_id, model, now)
+                                     and not self._protected(workers, pool_id, model)))]
         return max(holders, key=lambda pool_id: rank(pool_id, model), default=None)
 
     def _scale_down(self, workers: Mapping[str, PoolWorker], claimed: set[str], model: str,

@@ -6,7 +6,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ddml_common.placement import (Action, Demand, Kind, PlacementPolicy, PolicyConfig, PoolWorker, View,
-                                   merge_reports)
+                                   merge_reports, rank)
 from ddml_common.repository import Placement
 
 MODELS = ("a", "b", "c", "d")
@@ -360,3 +360,17 @@ def test_the_model_answered_at_the_lowest_recent_rate_is_evicted_first_though_no
     hot_b = view([w], a=Demand(rate_per_s=0.5), b=Demand(rate_per_s=40.0), c=Demand(queued=8))
     assert ours(PlacementPolicy(SPECS, PolicyConfig(min_residency_s=0.0)).plan(hot_b, now=0.0), "w1") == \
         [(Kind.UNLOAD, "a"), (Kind.LOAD, "c")]
+
+
+def test_a_replica_over_max_replicas_that_racing_loads_let_through_is_unloaded_with_no_override():
+    """A safety net: two loads of one model from views a report apart (tests/integration/test_pool.py saw
+    it under load) left a second replica over max-replicas 1 that only idle-unload-s would ever remove."""
+    specs = {**SPECS, "a": Placement(min_replicas=0, max_replicas=1, idle_unload_s=300.0, memory_mb=100.0)}
+    policy = PlacementPolicy(specs)
+    busy = view([worker("w1", held=["a"]), worker("w2", held=["a"])], a=Demand(queued=3, in_flight=1))
+    assert policy.plan(busy, now=0.0) == []  # just seen: a replica stays min_residency_s, as any other
+    actions = policy.plan(busy, now=PolicyConfig().min_residency_s)
+    unloads = [(a.pool_id, a.model, a.reason) for a in actions if a.kind is Kind.UNLOAD]
+    keeper = min(("w1", "w2"), key=lambda pool_id: rank(pool_id, "a"))
+    assert unloads == [({"w1", "w2"}.difference({keeper}).pop(), "a", "over max-replicas")]
+    assert policy.plan(view([worker(keeper, held=["a"]), worker("w9")], a=Demand(queued=3)), now=9.0) == []
