@@ -23,7 +23,8 @@ the page cache favours neither):
 A fresh pool worker per measurement. Unless --no-evict, the same worker then gets a request for the
 other model, which evicts the first (--max-models 1): a second table, apart, whose first request also
 waits until the evicted model has been resident min_residency_s (2 s, ddml_common/placement.py) and
-for its drain (two heartbeat intervals, docs/placement.md), so that it misses the target by design.
+for its drain (until every broker has acknowledged the unload, docs/placement.md), so that it misses
+the target by design.
 
 The last column, first request − the worker's own load, is what serving adds to the load: the
 placement's reaction, the request's hops and its compute. Load alone and the worker's load are the
@@ -264,7 +265,7 @@ def main() -> None:
     print(table(rows))
     if args.evict:
         print("\n## The other model's first request on the same worker, evicting the first (it waits for the "
-              "evicted model's 2 s minimum residency and its drain, two heartbeat intervals)\n")
+              "evicted model's 2 s minimum residency and its drain)\n")
         rows = [r for m in MODELS for r in evicting[m]] + [median_row(f"{evicting[m][0].model} (median)", evicting[m])
                                                            for m in MODELS]
         print(table(rows))
