@@ -273,7 +273,8 @@ def test_timing_headers_tell_where_the_time_went_on_a_real_stack(cluster):
         queued = requests.post(f"{url}/tei/echo/tokenize", json={"inputs": "x"}, timeout=60)
         assert slow.result().status_code == 200
     figures = timings_of(queued)
-    assert 1000 <= figures["x-queue-time"] <= 3000 and figures["x-total-time"] >= figures["x-queue-time"], figures
+    # At most the slow batch's 3 s plus the dispatch of the queued one behind it (CI once saw 3003 ms).
+    assert 1000 <= figures["x-queue-time"] <= 3500 and figures["x-total-time"] >= figures["x-queue-time"], figures
     assert figures["x-inference-time"] < 500, figures  # its own batch is quick: the wait was in the queue
 
     # A text model's worker (continuous: it tokenises apart from the forward pass), nothing queued.

@@ -40,7 +40,7 @@ def test_pool_with_num_workers_runs_supervised_pool_workers_that_share_the_model
     stack.start_broker(*FAST)
     supervisor = stack.start_worker("--pool", "--repository", repository, "--max-models", "1",
                                     "--num-workers", "2", *FAST, wait=False)
-    client = BrokerClient(stack.frontend, heartbeat_interval_s=0.2)
+    client = BrokerClient(stack.frontend)  # default liveness (3 × 1 s): 3 × 0.2 s ran out under CI load
     try:
         wait_until(lambda: len(pool_workers(client)) == 2, timeout_s=60, what="2 supervised pool workers")
         first = pool_workers(client)
@@ -70,7 +70,7 @@ def test_each_model_on_a_pool_worker_is_batched_up_to_its_own_max_batch_size(sta
     repository = write_repository(tmp_path / "repository.toml", {"alpha": 64, "beta": 8})
     stack.start_broker(*FAST)
     stack.start_worker("--pool", "--repository", repository, "--max-models", "2", *FAST)
-    client = BrokerClient(stack.frontend, heartbeat_interval_s=0.2)
+    client = BrokerClient(stack.frontend)  # default liveness (3 × 1 s): 3 × 0.2 s ran out under CI load
     try:
         wait_until(lambda: len(pool_workers(client)) == 1, timeout_s=30, what="the pool worker")
         serve_both(client, ("alpha", "beta"), count=1)  # both loaded
