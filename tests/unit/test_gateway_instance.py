@@ -11,8 +11,8 @@ from __future__ import annotations
 from ddml_common import protocol
 from ddml_common.protocol import ErrorCode
 from gateway.dealers import deliver
-from gateway.links import Change, Links
-from gateway.requests import Fail, Requests, Send
+from gateway.links import UNKNOWN_RETRY_MAX_S, Change, Links
+from gateway.requests import CONNECT_GRACE_S, Fail, Requests, Send
 
 SILENT_AFTER_S = 3.0
 
@@ -79,3 +79,87 @@ def test_a_status_brings_a_silent_broker_back_up():
     deliver(status("s1", "one"), 0, links, requests, now=SILENT_AFTER_S + 0.2)
     assert links[0].up and links[0].tag() == "one"
 
+
+# ---------------------------------------------------------------- a lone broker's first requests wait for its instance
+
+
+def record_sends(sent: list[Send]):
+    def send(instruction: Send) -> bool:
+        sent.append((instruction.request_id, instruction.message.instance_id))
+        return True
+    return send
+
+
+def a_request(request_id: str = "r1") -> protocol.Request:
+    return protocol.Request(request_id, "m", timeout_ms=90_000, inputs=[b"x"])
+
+
+def test_a_lone_brokers_first_request_waits_for_its_instance_then_a_restart_fails_it_at_once():
+    """test_continuous.py's test_a_pass_from_before_a_broker_restart... ended TIMEOUT, not UNAVAILABLE, 2 of
+    11 runs: a fresh client's request went out before its first heartbeat's answer, untagged, and the broker
+    restarted before that answer came. Now it waits for the instance (a heartbeat round trip, at start)."""
+    links, requests, sent = fresh_client()
+    send = record_sends(sent)
+    requests.submit("r1", a_request(), 90.0, now=0.0)
+    assert requests.flush(send, 0.0) == [] and sent == [] and requests.unsent() and requests.awaits_instance()
+    deliver(heartbeat("old"), 0, links, requests, now=0.01)
+    assert not requests.awaits_instance()
+    assert requests.flush(send, 0.01) == [] and sent == [("r1", "old")] and not requests.unsent()
+
+    deliver(heartbeat("new"), 0, links, requests, now=1.0)
+    requests.links_changed(1.0)
+    requests.tick(1.0 + SILENT_AFTER_S)
+    [outcome] = requests.flush(send, 1.0 + SILENT_AFTER_S)
+    assert type(outcome) is Fail and outcome.code is ErrorCode.UNAVAILABLE, outcome
+
+
+def test_with_no_instance_named_within_the_connect_grace_the_request_goes_untagged_as_before():
+    links, requests, sent = fresh_client()
+    send = record_sends(sent)
+    requests.submit("r1", a_request(), 90.0, now=0.0)
+    assert requests.flush(send, CONNECT_GRACE_S - 0.001) == [] and sent == []
+    assert requests.next_wake_at() == CONNECT_GRACE_S  # (the shell looks again by then)
+    assert requests.flush(send, CONNECT_GRACE_S) == [] and sent == [("r1", "")]
+
+
+def test_only_a_lone_brokers_requests_wait_not_status_asks_nor_several_brokers():
+    links, requests, sent = fresh_client()
+    requests.ask("s1", protocol.StatusRequest("s1"), 0, 2.0, now=0.0)
+    requests.flush(lambda instruction: sent.append(instruction.request_id) or True, 0.0)
+    assert sent == ["s1"]  # its answer names the instance too
+
+    links = Links(["tcp://b0:5555", "tcp://b1:5555"], SILENT_AFTER_S)
+    links.started(0.0)
+    requests, sent = Requests(links, restart_grace_s=SILENT_AFTER_S), []
+    requests.submit("r1", a_request(), 90.0, now=0.0)
+    assert not requests.awaits_instance()
+    requests.flush(record_sends(sent), 0.0)
+    assert sent == [("r1", "")]  # a dropped connection fails over (the DEALERs' monitors)
+
+
+def test_a_silent_lone_broker_is_sent_to_untagged_as_before():
+    links, requests, sent = fresh_client()
+    assert links.silent(SILENT_AFTER_S + 0.1) == [0]
+    requests.submit("r1", a_request(), 90.0, now=SILENT_AFTER_S + 0.2)
+    requests.flush(record_sends(sent), SILENT_AFTER_S + 0.2)
+    assert sent == [("r1", "")]
+
+
+def test_heartbeats_to_a_broker_never_heard_retry_at_least_every_unknown_retry_max_s():
+    links = Links(["tcp://b0:5555"], SILENT_AFTER_S, heartbeat_interval_s=1.0)
+    waits, now = [], 0.0
+    for _ in range(6):
+        links.heartbeat_sent(0, False, now)
+        waits.append(round(links[0].heartbeat_due_at - now, 3))
+        now = links[0].heartbeat_due_at
+    assert waits == [0.02, 0.04, 0.08, UNKNOWN_RETRY_MAX_S, UNKNOWN_RETRY_MAX_S, UNKNOWN_RETRY_MAX_S]
+    links.heartbeat(0, "i0", now)  # heard: a later unreachable spell backs off to the interval
+    for _ in range(7):
+        links.heartbeat_sent(0, False, now)
+        now = links[0].heartbeat_due_at
+    assert links[0].heartbeat_retry_s == 1.0
+
+    several = Links(["tcp://b0:5555", "tcp://b1:5555"], SILENT_AFTER_S, heartbeat_interval_s=1.0)
+    for _ in range(7):
+        several.heartbeat_sent(1, False, 0.0)
+    assert several[1].heartbeat_retry_s == 1.0  # no request waits for several brokers' instances
