@@ -77,6 +77,11 @@ def deliver(frames: list[bytes], index: int, links: Links, requests: Requests, n
             for reply in protocol.replies_of(message):
                 requests.reply(index, reply, now)
         case protocol.Status():
+            # It names the instance as a heartbeat does. A client whose first exchange with the
+            # broker was a status (its first heartbeat not yet answered) must know the instance
+            # too, or the broker's restart then looks like first contact, and a request waits it out.
+            if message.instance_id:
+                links.heartbeat(index, message.instance_id, now)
             requests.reply(index, message, now)
         case protocol.Heartbeat():
             links.heartbeat(index, message.instance_id, now)

@@ -17,6 +17,7 @@ from ddml_common.liveness import Liveness
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_RETRY_S = 0.02  # the first wait after a heartbeat could not be sent; doubled up to the interval
+UNKNOWN_RETRY_MAX_S = 0.1  # ... or up to this, while a lone broker's instance is unknown (requests.awaits_instance)
 
 
 def split_endpoints(endpoint: str) -> list[str]:
@@ -146,13 +147,17 @@ class Links:
         """The shell tried to send a heartbeat. Until one goes through (no connection yet), retry
         soon: the broker's answer tells us its instance id, without which a restart in our first
         interval would go unnoticed. But back off to the interval, so that a broker that stays
-        unreachable costs one try a heartbeat interval, not fifty a second."""
+        unreachable costs one try a heartbeat interval, not fifty a second. While we have never heard
+        a lone broker's instance, its first requests wait for it: then back off only to
+        UNKNOWN_RETRY_MAX_S (the shells look at the links that often anyway)."""
         link = self.links[index]
         if sent:
             link.heartbeat_retry_s = 0.0
             link.heartbeat_due_at = now + self.heartbeat_interval_s
             return
-        link.heartbeat_retry_s = min(self.heartbeat_interval_s, 2 * link.heartbeat_retry_s or HEARTBEAT_RETRY_S)
+        longest_s = (self.heartbeat_interval_s if link.instance_id or len(self.links) > 1
+                     else min(self.heartbeat_interval_s, UNKNOWN_RETRY_MAX_S))
+        link.heartbeat_retry_s = min(longest_s, 2 * link.heartbeat_retry_s or HEARTBEAT_RETRY_S)
         link.heartbeat_due_at = now + link.heartbeat_retry_s
 
     def next_heartbeat_at(self) -> float:

@@ -14,7 +14,9 @@ the same request id and what is left of its deadline; the first reply wins, and 
 the same request is dropped and counted (`duplicate_replies`). With one broker nothing is
 resent: if it goes silent every request it held fails with UNAVAILABLE, and if it restarts
 (forgetting what we sent) the new instance's refusal is awaited briefly, then the request fails
-UNAVAILABLE instead of waiting out its deadline.
+UNAVAILABLE instead of waiting out its deadline. A restart is told by the broker's new instance
+id, so a lone broker's first requests wait (within the connect grace) until a heartbeat or a
+status answer has named its instance.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ class Requests:
         self._unsent: dict[str, Record] = {}  # the records the next flush sends, in order
         self._outcomes: list[Outcome] = []
         self._seen_changes = links.changes
+        self._instance_unknown = not self._multi  # until a lone broker's instance is named (awaits_instance)
         self._recent_resent: deque[str] = deque(maxlen=RECENT_RESENT)
         self._recent_resent_set: set[str] = set()
         self.counts = Counts()
@@ -238,6 +241,17 @@ class Requests:
         """Something waits for a connection (the shell should flush again soon)."""
         return bool(self._unsent)
 
+    def awaits_instance(self) -> bool:
+        """A lone broker, up, whose instance no heartbeat or status has named yet: a request waits
+        (within its connect grace) until one does. Sent untagged, it would be run by whichever
+        instance reads it, and a restart before we first heard the broker would look like first
+        contact: the request would wait out its deadline, not fail at once. (Several brokers: a
+        dropped connection fails over, and is told by the DEALER's monitor, so they need not wait.)"""
+        if self._multi:
+            return False
+        link = self._links[0]
+        return link.up and not link.instance_id
+
     def next_wake_at(self) -> float:
         """When tick() or flush() next has something to do (math.inf: nothing)."""
         wake_at = math.inf
@@ -268,6 +282,11 @@ class Requests:
         remaining_ms = int((record.deadline_at - now) * 1000)
         if remaining_ms <= 0 and record.tried:
             return False
+        if self._instance_unknown and not record.tried:
+            if links.links[0].instance_id:
+                self._instance_unknown = False  # (an instance id, once heard, is never forgotten)
+            elif links.links[0].up and now < record.connect_until:
+                return False  # until the broker's instance is known, within the connect grace (see awaits_instance)
         message = record.message
         for index in self._candidates(record):
             link = links[index]

@@ -22,6 +22,8 @@ from gateway.requests import CONNECT_GRACE_S, Outcome, Requests, Send
 
 logger = logging.getLogger(__name__)
 
+_INSTANCE_CHECK_MS = 5.0  # a new request waits for the I/O thread to learn the broker's instance: looks this often
+
 
 class ThreadTransport:
     """One request thread's sockets (a DEALER per broker, a SUB to the alarm) and its requests."""
@@ -53,11 +55,18 @@ class ThreadTransport:
         try:
             outcome = self._flush(now)
             while outcome is None and requests.unsent():
-                # No connection yet (this thread's DEALERs are new, or every broker is down): wait for one, briefly.
-                writable = zmq.Poller()
-                for dealer in self.dealers.values():
-                    writable.register(dealer, zmq.POLLOUT)
-                writable.poll(max(1.0, min(CONNECT_GRACE_S, requests.next_wake_at() - now) * 1000))
+                wait_ms = max(1.0, min(CONNECT_GRACE_S, requests.next_wake_at() - now) * 1000)
+                if requests.awaits_instance():
+                    # The I/O thread has not yet heard the broker name its instance (a writable DEALER
+                    # would not wait here): look again every few ms.
+                    if self.alarm.poll(min(wait_ms, _INSTANCE_CHECK_MS)):
+                        drain(self.alarm)
+                else:
+                    # No connection yet (this thread's DEALERs are new, or every broker is down): wait for one, briefly.
+                    writable = zmq.Poller()
+                    for dealer in self.dealers.values():
+                        writable.register(dealer, zmq.POLLOUT)
+                    writable.poll(wait_ms)
                 now = time.monotonic()
                 outcome = self._flush(now)
             while outcome is None:

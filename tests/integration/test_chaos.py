@@ -295,18 +295,42 @@ def refusal_of_a_request_tagged(frontend: str, instance_id: str) -> protocol.Rep
         context.destroy(linger=0)
 
 
-@pytest.mark.parametrize("fault", ["sigstop", "restart"])
+@pytest.mark.parametrize("fault", ["sigstop", "restart", "restart-before-a-heartbeat-answer",
+                                   "first-request-before-a-heartbeat-answer"])
 def test_waiting_request_wakes_on_the_alarm_when_the_broker_stops_or_restarts(stack, client, monkeypatch, fault):
     """request() waits on its own DEALER; when the I/O thread sees the broker go silent or come
     back as a new instance, it rings the alarm, and the waiting thread fails at once. The periodic
-    self-check is pushed out to 60 s here, so only the alarm can wake the request in time."""
+    self-check is pushed out to 60 s here, so only the alarm can wake the request in time.
+
+    restart-before-a-heartbeat-answer: the order that made `restart` fail under CI's load (its
+    diagnostics: the link alive, `changes=0`). The client's first heartbeat cannot go before its
+    connection is made, and its retry (backing off from 20 ms) came after the status answers,
+    the request and the kill. The client had heard the old instance's id only in those status
+    answers, which it did not read for it, so the new instance's heartbeat looked like first
+    contact and nothing woke the request. Here the retry is held back 2 s, which makes that
+    order certain.
+
+    first-request-before-a-heartbeat-answer: the client's first act is the request, so no status
+    answer names the instance either (test_continuous.py's restart tests ended TIMEOUT so, 2 of 11
+    runs). A lone broker's request now waits for the instance, within its 1 s connect grace; here
+    the heartbeat retry comes 0.5 s after the first try, and the request went out before it."""
     monkeypatch.setattr("gateway.broker_client._WAKE_CHECK_S", 60.0)
+    heartbeat_interval_s = 0.2
+    if fault == "restart-before-a-heartbeat-answer":
+        monkeypatch.setattr("gateway.links.HEARTBEAT_RETRY_S", 2.0)
+        monkeypatch.setattr("gateway.links.UNKNOWN_RETRY_MAX_S", 2.0)
+        heartbeat_interval_s = 2.0  # (the retry is capped at the interval)
+    elif fault == "first-request-before-a-heartbeat-answer":
+        monkeypatch.setattr("gateway.links.HEARTBEAT_RETRY_S", 0.5)
+        monkeypatch.setattr("gateway.links.UNKNOWN_RETRY_MAX_S", 0.5)
+        heartbeat_interval_s = 2.0
     frontend, backend = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     broker = stack.start_broker(*HB, frontend=frontend, backend=backend)
     worker = stack.start_worker("--model", "echo", *HB)
-    c = BrokerClient(stack.frontend, heartbeat_interval_s=0.2)
+    c = BrokerClient(stack.frontend, heartbeat_interval_s=heartbeat_interval_s)
+    watcher = client() if fault == "first-request-before-a-heartbeat-answer" else c  # asks for the status
     try:
-        wait_until(lambda: len(live_pids(c)) == 1, 30, what="a worker")
+        wait_until(lambda: len(live_pids(watcher)) == 1, 30, what="a worker")
         outcome: list = []
 
         def wait_on_slow_batch() -> None:
@@ -319,11 +343,12 @@ def test_waiting_request_wakes_on_the_alarm_when_the_broker_stops_or_restarts(st
 
         waiter = threading.Thread(target=wait_on_slow_batch, daemon=True)
         waiter.start()
-        wait_until(lambda: in_flight(c) == 1, 10, what="the request in flight")
+        wait_until(lambda: in_flight(watcher) == 1, 10, what="the request in flight")
         faulted_at = time.monotonic()
         if fault == "sigstop":
             broker.signal(signal.SIGSTOP)
         else:
+            instance_id = c.broker_instance_id  # from a status answer or a heartbeat's: known before the request went
             broker.kill()
             broker = stack.start_broker(*HB, frontend=frontend, backend=backend)
         waiter.join(timeout=30)
@@ -333,6 +358,8 @@ def test_waiting_request_wakes_on_the_alarm_when_the_broker_stops_or_restarts(st
         [(code, _)] = outcome
         assert code is ErrorCode.UNAVAILABLE
         assert time.monotonic() - faulted_at < 30
+        if fault != "sigstop":
+            assert instance_id, "the client knew the broker's instance before the kill"
     finally:
         c.close()
         # The worker would finish its minute-long batch before a SIGTERM stopped it, and a broker

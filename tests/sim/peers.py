@@ -865,6 +865,8 @@ class SimGateway:
                 world.ledger.on_reply_delivered(self.name, self._copy_answered(reply.request_id), reply)
                 self.requests.reply(0, reply, now)
         elif kind is protocol.Status:
+            if message.instance_id:  # it names the instance as a heartbeat does (gateway/dealers.py's deliver)
+                self.links.heartbeat(0, message.instance_id, now)
             self.requests.reply(0, message, now)
         elif kind is protocol.Heartbeat:
             if self.links.heartbeat(0, message.instance_id, now):
