@@ -70,8 +70,6 @@ MAX_TOGETHER = 256  # requests handed to send_together in one list
 TOGETHER_BYTES = 4 << 20  # and about this many bytes of inputs (a larger request goes alone)
 
 
-
-
 class _Chunk:
     """Requests to one broker that go in one list: at most MAX_TOGETHER, about TOGETHER_BYTES of inputs
     (one larger request goes alone) and at most protocol.MAX_ITEMS inputs."""
