@@ -142,7 +142,8 @@ def raw_throughput(clients: int, seconds: float, window: int, source: Path | Non
         failed = sum(f for _, f in results)
         rate, cpu_us = answered / elapsed, cpu / max(answered, 1) * 1e6
         print(f"| {source or 'this tree'} | {clients} raw clients × window {window} | {rate:,.0f} req/s | "
-              f"{failed} errors | broker CPU {cpu_us:.1f} µs per request ({cpu / elapsed:.0%} of a core) |", flush=True)
+              f"{failed} errors | broker CPU {cpu_us:.1f} µs per request ({cpu / elapsed:.0%} of a core) |",
+              flush=True)
         return rate, cpu_us
     finally:
         stack.stop_all()

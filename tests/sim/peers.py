@@ -793,8 +793,8 @@ class SimGateway:
         if instruction.broker != 0 or not world.connected(self.conn):
             return False
         tracked = self._copy_sent(instruction)
-        world.send_to_broker(self.conn, protocol.encode(instruction.message), "REQUEST" if tracked else "STATUS_REQUEST",
-                             tracked)
+        what = "REQUEST" if tracked else "STATUS_REQUEST"
+        world.send_to_broker(self.conn, protocol.encode(instruction.message), what, tracked)
         return True
 
     def _send_together(self, broker: int, sends: list[Send]) -> bool:

@@ -706,7 +706,8 @@ class World:
             self.trace("%s from %r lost", what, conn.identity)
             return True
         if type(tracked) is list:
-            self.trace("%s of %d (%s...) from %r arrives", what, len(tracked), tracked[0].request_id[:24], conn.identity)
+            self.trace("%s of %d (%s...) from %r arrives", what, len(tracked), tracked[0].request_id[:24],
+                       conn.identity)
         elif tracked is not None:
             self.trace("%s %s from %r arrives", what, tracked.request_id[:24], conn.identity)
         else:
