@@ -9,7 +9,10 @@ around each call: no network, no other process, no I/O thread of libzmq on the p
 - c64 over 64 DEALERs: 64 requests at once from 64 DEALERs, as a threaded gateway sends them
   (a DEALER per thread), so each reply is a message of its own;
 - c64 over 1 DEALER: the same 64 from one DEALER, as a gateway with one DEALER per process
-  sends them, so the replies a batch finishes go back together (REPLIES).
+  sends them, so the replies a batch finishes go back together (REPLIES);
+- c64 as the async gateway sends: the same 64 from one DEALER as one REQUESTS message, as the
+  gateway's event loop sends the requests of one turn (DDML4); a tree whose protocol has no
+  REQUESTS sends them as "c64 over 1 DEALER" does, as its gateway would.
 Each figure is the best of --repeats runs (the least disturbed by the rest of the machine).
 With --before REV, REV's broker (a temporary worktree) and this tree's take turns, each run in
 a process of its own with its checkout first on sys.path, and the ratio is printed per round.
@@ -31,10 +34,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
-CASES = (("c1", 1, 1, 2000), ("c64 over 64 DEALERs", 64, 64, 40), ("c64 over 1 DEALER", 64, 1, 40))
+CASES = (("c1", 1, 1, 2000, False), ("c64 over 64 DEALERs", 64, 64, 40, False), ("c64 over 1 DEALER", 64, 1, 40, False),
+         ("c64 as the async gateway sends", 64, 1, 40, True))
 
 
-def step_us_per_request(concurrency: int, dealers: int, rounds: int, input_bytes: int = 0) -> float:
+def step_us_per_request(concurrency: int, dealers: int, rounds: int, input_bytes: int = 0,
+                        together: bool = False) -> float:
     """Broker.step()'s thread CPU per request, over `rounds` rounds of `concurrency` requests."""
     import zmq
 
@@ -63,9 +68,13 @@ def step_us_per_request(concurrency: int, dealers: int, rounds: int, input_bytes
     spent_s = 0.0
     try:
         for round_index in range(rounds):
-            for index in range(concurrency):
-                gateways[index % dealers].send(protocol.encode(
-                    protocol.Request(f"{round_index}-{index}", "echo", 30_000, payload))[0])
+            requests = [protocol.Request(f"{round_index}-{index}", "echo", 30_000, payload)
+                        for index in range(concurrency)]
+            if together and hasattr(protocol, "Requests"):
+                gateways[0].send_multipart(protocol.encode(protocol.Requests(requests)))
+            else:
+                for index, request in enumerate(requests):
+                    gateways[index % dealers].send_multipart(protocol.encode(request))
             answered = 0
             give_up_at = time.monotonic() + 30
             while answered < concurrency:
@@ -94,8 +103,8 @@ def step_us_per_request(concurrency: int, dealers: int, rounds: int, input_bytes
 
 
 def measure(repeats: int, input_bytes: int = 0) -> dict[str, float]:
-    return {name: min(step_us_per_request(c, d, n if not input_bytes else max(n // 10, 10), input_bytes)
-                      for _ in range(repeats)) for name, c, d, n in CASES}
+    return {name: min(step_us_per_request(c, d, n if not input_bytes else max(n // 10, 10), input_bytes, together)
+                      for _ in range(repeats)) for name, c, d, n, together in CASES}
 
 
 def in_process_of(tree: Path, repeats: int, input_bytes: int = 0) -> dict[str, float]:

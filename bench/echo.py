@@ -15,14 +15,18 @@ from /proc: the figure to compare between versions, since req/s on 2 shared core
 depends on how much CPU the clients and the worker leave the broker.
 
 With --compare-with REV it runs the broker of git revision REV (checked out in a temporary
-worktree) and this tree's broker in alternating rounds, in one run, with the same worker and
-clients, and prints each one's broker CPU per request and the ratio: before and after a change,
-side by side on the same noisy machine.
+worktree) and this tree's broker in alternating rounds, in one run, each with the echo worker and
+the raw clients of its own tree (the two may speak different protocol versions; each client sends
+as its tree's gateway does: one REQUEST per request, or since DDML4 the requests that replace one
+message's replies in one REQUESTS), and prints each one's broker CPU per request and the ratio:
+before and after a change, side by side on the same noisy machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -66,7 +70,9 @@ def throughput(client: BrokerClient, seconds: float, window: int) -> float:
 
 
 def raw_client(frontend: str, seconds: float, window: int, counts) -> None:
-    """One load process: a bare DEALER keeping `window` single-input requests in flight."""
+    """One load process: a bare DEALER keeping `window` single-input requests in flight. The requests that
+    replace those one message answered go out together, in one REQUESTS message, as the gateway sends the
+    requests of one turn of its loop (a protocol without REQUESTS: one REQUEST each, as its gateway did)."""
     import zmq
 
     from ddml_common import protocol
@@ -77,63 +83,83 @@ def raw_client(frontend: str, seconds: float, window: int, counts) -> None:
     dealer.connect(frontend)
     payload = [protocol.encode_value("x" * 16)]
     sent = answered = failed = 0
+    together = hasattr(protocol, "Requests")
 
-    def send() -> None:
+    def send(count: int) -> None:
         nonlocal sent
-        sent += 1
-        send_frames(dealer, protocol.encode(protocol.Request(str(sent), "echo", 30_000, payload)), dontwait=False)
+        requests = [protocol.Request(str(sent + n + 1), "echo", 30_000, payload) for n in range(count)]
+        sent += count
+        if together and count > 1:
+            send_frames(dealer, protocol.encode(protocol.Requests(requests)), dontwait=False)
+            return
+        for request in requests:
+            send_frames(dealer, protocol.encode(request), dontwait=False)
 
-    for _ in range(window):
-        send()
+    send(window)
     stop_at = time.monotonic() + seconds
     while time.monotonic() < stop_at:
         if not dealer.poll(1000):
             continue
-        for reply in protocol.replies_of(protocol.decode(dealer.recv_multipart())):
-            answered += 1
-            failed += not reply.ok
-            send()
+        replies = protocol.replies_of(protocol.decode(dealer.recv_multipart()))
+        answered += len(replies)
+        failed += sum(not reply.ok for reply in replies)
+        send(len(replies))
     counts.put((answered, failed))
     dealer.close(linger=0)
     context.term()
 
 
+_CLIENT = """import json, sys
+sys.path.insert(0, {tree!r})
+from bench.echo import raw_client
+class Counts:
+    def put(self, value):
+        print(json.dumps(value), flush=True)
+raw_client({frontend!r}, {seconds!r}, {window!r}, Counts())
+"""
+
+
 def raw_throughput(clients: int, seconds: float, window: int, source: Path | None = None) -> tuple[float, float]:
     """One round with N raw clients. Returns (requests/s, broker CPU µs per request).
-    source: run the broker from that checkout instead of this tree."""
-    import multiprocessing
-
+    source: run the broker, the worker and the clients from that checkout instead of this tree (they
+    must speak one protocol version)."""
+    tree = source or REPO
     stack = Stack(Path(tempfile.mkdtemp(prefix="ddml-echo-")))
     try:
         broker = start_broker(stack, source)
-        stack.start_worker("--model", "echo", "--max-batch-size", "256")
-        probe = BrokerClient(stack.frontend)
-        while not probe.status()["workers"]:
-            time.sleep(0.05)
-        context = multiprocessing.get_context("spawn")
-        counts = context.Queue()
-        processes = [context.Process(target=raw_client, args=(stack.frontend, seconds, window, counts))
-                     for _ in range(clients)]
-        for process in processes:
-            process.start()
-        time.sleep(1.0)  # the spawned clients import and connect
+        start_worker(stack, source)
+        broker.wait_for_output(r"worker \S+ joined", timeout_s=30)  # registered: requests will find it
+        code = _CLIENT.format(tree=str(tree), frontend=stack.frontend, seconds=seconds, window=window)
+        processes = [subprocess.Popen([sys.executable, "-c", code], cwd=tree, stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(tree)}) for _ in range(clients)]
+        time.sleep(1.0)  # the clients import and connect
         cpu_before, started_at = cpu_seconds([broker.pid])[broker.pid], time.monotonic()
-        results = [counts.get(timeout=seconds + 60) for _ in processes]
+        results = [json.loads(process.communicate(timeout=seconds + 60)[0].strip().splitlines()[-1])
+                   for process in processes]
         elapsed = time.monotonic() - started_at
         cpu = cpu_seconds([broker.pid])[broker.pid] - cpu_before
-        for process in processes:
-            process.join(10)
         answered = sum(a for a, _ in results)
         failed = sum(f for _, f in results)
-        status = probe.status()
-        probe.close()
         rate, cpu_us = answered / elapsed, cpu / max(answered, 1) * 1e6
         print(f"| {source or 'this tree'} | {clients} raw clients × window {window} | {rate:,.0f} req/s | "
-              f"{failed} errors | broker CPU {cpu_us:.1f} µs per request ({cpu / elapsed:.0%} of a core) | "
-              f"mean batch {status['models']['echo']['mean_batch_size']} |", flush=True)
+              f"{failed} errors | broker CPU {cpu_us:.1f} µs per request ({cpu / elapsed:.0%} of a core) |",
+              flush=True)
         return rate, cpu_us
     finally:
         stack.stop_all()
+
+
+def start_worker(stack: Stack, source: Path | None) -> Process:
+    """An echo worker of this tree, or of another checkout (its own packages first on sys.path)."""
+    if source is None:
+        return stack.start_worker("--model", "echo", "--max-batch-size", "256")
+    code = (f"import sys, runpy; sys.path.insert(0, {str(source)!r}); "
+            "runpy.run_module('worker', run_name='__main__', alter_sys=True)")
+    worker = Process([sys.executable, "-c", code, "--broker", stack.backend, "--model", "echo", "--max-batch-size",
+                      "256"], stack.tmp_path / "worker-base.log")
+    stack.processes.append(worker)
+    worker.wait_for_output(r"worker ready", timeout_s=120)
+    return worker
 
 
 def start_broker(stack: Stack, source: Path | None) -> Process:

@@ -6,6 +6,7 @@ is the shell that owns the sockets; tests/sim/ drives this same class with a sim
 and a virtual clock. Every message kind is handled here, in one place:
 
     from a gateway:  REQUEST -> _on_request     HEARTBEAT -> answered at once   STATUS_REQUEST -> _status
+                     REQUESTS -> _on_request for each (an entry decode() refused: BAD_REQUEST)
     from a worker:   READY -> _on_ready         HEARTBEAT -> _on_worker_heartbeat
                      BATCH_RESULT -> _on_batch_result                DISCONNECT -> _lose_worker
 
@@ -256,6 +257,13 @@ class BrokerCore:
         match message:
             case protocol.Request():
                 self._on_request(gateway_id, message, now)
+            case protocol.Requests():
+                for request in message.requests:
+                    self._on_request(gateway_id, request, now)
+                for request_id, why in message.refused:
+                    self._count_malformed(Peer.GATEWAY, gateway_id, why)
+                    if request_id:
+                        self._refuse_malformed_id(gateway_id, request_id, why)
             case protocol.Heartbeat():
                 self._sends.append(Send(Peer.GATEWAY, gateway_id, protocol.Heartbeat(self.instance_id)))
             case protocol.StatusRequest():
@@ -773,7 +781,7 @@ class BrokerCore:
 
     # ------------------------------------------------------------------ bookkeeping
 
-    def _count_malformed(self, peer: Peer, peer_id: bytes, error: protocol.DecodeError) -> None:
+    def _count_malformed(self, peer: Peer, peer_id: bytes, error: protocol.DecodeError | str) -> None:
         self.stats["malformed"] += 1
         if throttled(self.stats["malformed"]):
             logger.warning("dropped malformed message from %s %s: %s (%d so far)", peer.name.lower(),
@@ -781,11 +789,15 @@ class BrokerCore:
 
     def _refuse_malformed_request(self, gateway_id: bytes, frames: list[bytes], error: protocol.DecodeError,
                                   now: float) -> None:
-        """A REQUEST that does not decode, but whose request id can be read: answer BAD_REQUEST now,
-        rather than leave its sender waiting for its deadline. Never for an id still in flight: that
-        would be a second reply to another request."""
-        request_id = protocol.request_id_of(frames)
-        if request_id is None or (gateway_id, request_id) in self._requests:
+        """A REQUEST (or REQUESTS) that does not decode, but whose request ids can be read: answer each
+        BAD_REQUEST now, rather than leave its sender waiting for its deadline."""
+        for request_id in protocol.request_ids_of(frames):
+            self._refuse_malformed_id(gateway_id, request_id, error)
+
+    def _refuse_malformed_id(self, gateway_id: bytes, request_id: str, error: protocol.DecodeError | str) -> None:
+        """BAD_REQUEST for a request that did not decode. Never for an id still in flight: that would be a
+        second reply to another request."""
+        if (gateway_id, request_id) in self._requests:
             return
         self.stats[_REPLY_STAT[ErrorCode.BAD_REQUEST.value]] += 1
         self._sends.append(Send(Peer.GATEWAY, gateway_id, protocol.Reply(

@@ -34,7 +34,7 @@ from typing import Any, Sequence, Union
 import msgpack
 import numpy as np
 
-PROTOCOL_VERSION = b"DDML3"
+PROTOCOL_VERSION = b"DDML4"
 _VERSION_PREFIX = b"DDML"
 _BODY_AT = len(PROTOCOL_VERSION) + 1  # the body starts after the version and the kind byte
 
@@ -96,6 +96,7 @@ class Kind(enum.IntEnum):
     STATUS = 9  # broker -> asker
     ERROR = 10  # broker -> peer: your message could not be understood
     REPLIES = 11  # broker -> gateway: several successful replies in one message
+    REQUESTS = 12  # gateway -> broker: several requests in one message
 
 
 class ErrorCode(str, enum.Enum):
@@ -248,6 +249,19 @@ class Replies:
 
 
 @dataclass(slots=True)
+class Requests:
+    """Several requests of one gateway to one broker, together: the requests a gateway's event loop
+    submitted in one turn, so that the gateway and the broker pay one send, one receive and one
+    unpacking for all of them rather than one each. On the wire, each entry is a REQUEST's body.
+
+    `refused` is never sent: decode() puts there the entries it refused (request id, or "" where it
+    cannot be read; and why), so that the broker answers each BAD_REQUEST and still runs the others."""
+
+    requests: list[Request]
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class Disconnect:
     reason: str = ""
     registration: int = 0  # to a worker: the registration this answers; a worker ignores older ones
@@ -282,7 +296,7 @@ class Error:
 
 
 Message = Union[
-    Ready, Heartbeat, Request, Batch, BatchResult, Reply, Replies, Disconnect, StatusRequest, Status, Error
+    Ready, Heartbeat, Request, Batch, BatchResult, Reply, Replies, Disconnect, StatusRequest, Status, Error, Requests
 ]
 
 _KIND_BY_TYPE: dict[type, Kind] = {
@@ -297,10 +311,11 @@ _KIND_BY_TYPE: dict[type, Kind] = {
     Status: Kind.STATUS,
     Error: Kind.ERROR,
     Replies: Kind.REPLIES,
+    Requests: Kind.REQUESTS,
 }
 _TYPE_BY_KIND = {int(kind): t for t, kind in _KIND_BY_TYPE.items()}
 # The field that holds the items (a list of encoded values) for the kinds that have them.
-_ITEMS_FIELD = {BatchResult: "outputs", Reply: "outputs"}  # REQUEST's and BATCH's inputs: _raw_inputs()
+_ITEMS_FIELD = {BatchResult: "outputs", Reply: "outputs"}  # REQUEST's and BATCH's inputs: _cut_inputs()
 _PREFIX = {t: PROTOCOL_VERSION + bytes([kind]) for t, kind in _KIND_BY_TYPE.items()}
 # Optional fields added after a kind was first released: left out of the body while empty, so that a
 # message without them keeps its exact bytes, and an older peer (which ignores keys it does not
@@ -340,19 +355,21 @@ def _schema(message_type: type) -> list[tuple[str, frozenset[type], bool]]:
     ]
 
 
-_SCHEMAS = {t: _schema(t) for t in _KIND_BY_TYPE}
+_SCHEMAS = {t: _schema(t) for t in _KIND_BY_TYPE if t is not Requests}  # REQUESTS: _decode_requests()
 # REQUEST and BATCH: their inputs are not a body field, but `input_bytes` and `inline` plus frames (see encode()).
-_RAW_INPUTS = (Request, Batch)
-for _type in _RAW_INPUTS:
+_RAW_INPUTS = (Request, Batch, Requests)  # the kinds whose large inputs travel in frames after the first
+for _type in (Request, Batch):
     _SCHEMAS[_type] = [entry for entry in _SCHEMAS[_type] if entry[0] != "inputs"]
 _FIELD_NAMES = {t: tuple(name for name, _, _ in schema) for t, schema in _SCHEMAS.items()}
 
 
 def encode(message: Message) -> list[bytes]:
-    """The frames of one message (one frame), without the ROUTER identity frame."""
+    """The frames of one message (one frame, and one more per large input), without the ROUTER identity frame."""
     message_type = type(message)
     if message_type is Request:
         return _encode_request(message)
+    if message_type is Requests:
+        return _encode_requests(message)
     return _encode_fields(message, message_type)
 
 
@@ -360,16 +377,33 @@ def encode(message: Message) -> list[bytes]:
 _REQUEST_FIELDS = ("request_id", "model", "timeout_ms", "sizes", "priority", "instance_id", "trace", "timings")
 
 
-def _encode_request(message: Request) -> list[bytes]:
-    """encode() of a REQUEST, the message the gateway sends for every HTTP request: the same bytes as
-    _encode_fields() gives, from one dict display rather than its loops over the field names."""
+def _request_body(message: Request) -> dict:
+    """A REQUEST's body but its inputs: the same map as _encode_fields() builds, from one dict display
+    rather than its loops over the field names (the gateway encodes one for every HTTP request)."""
     body = {"request_id": message.request_id, "model": message.model, "timeout_ms": message.timeout_ms,
             "sizes": message.sizes, "priority": message.priority, "instance_id": message.instance_id}
     if message.trace:
         body["trace"] = message.trace
     if message.timings:
         body["timings"] = message.timings
-    return _with_raw_inputs(_PREFIX[Request], body, message.inputs)
+    return body
+
+
+def _encode_request(message: Request) -> list[bytes]:
+    return _with_raw_inputs(_PREFIX[Request], _request_body(message), message.inputs)
+
+
+def _encode_requests(message: Requests) -> list[bytes]:
+    """A REQUESTS message: each entry a REQUEST's body, its small inputs in its own `inline`; then the
+    large inputs of every entry, one frame each, in the entries' order."""
+    entries, large = [], []
+    for request in message.requests:
+        if type(request) is not Request:
+            raise TypeError(f"a REQUESTS message holds Requests, not {type(request).__name__}")
+        body = _request_body(request)
+        _lay_out_inputs(body, request.inputs, large)
+        entries.append(body)
+    return [_packb_after(_PREFIX[Requests], {"requests": entries}), *large]
 
 
 def _encode_fields(message: Message, message_type: type) -> list[bytes]:
@@ -386,23 +420,31 @@ def _encode_fields(message: Message, message_type: type) -> list[bytes]:
 
 
 def _with_raw_inputs(prefix: bytes, body: dict, inputs: list) -> list:
-    """A REQUEST's or BATCH's frames: the body with each input's length and the small inputs back to
-    back in `inline`, then one frame per input of INPUT_FRAME_BYTES or more, in order. The large
-    inputs are handed over as they are (bytes, or a view of the frame they came in): never copied."""
+    """A REQUEST's or BATCH's frames: the body with its inputs laid out (_lay_out_inputs), then its large inputs."""
+    large = []
+    _lay_out_inputs(body, inputs, large)
+    return [_packb_after(prefix, body), *large]
+
+
+def _lay_out_inputs(body: dict, inputs: list, large: list) -> None:
+    """Put each input's length and the small inputs back to back in `inline` into `body`, and append each
+    input of INPUT_FRAME_BYTES or more to `large` (a frame of its own, in order). The large inputs are
+    handed over as they are (bytes, or a view of the frame they came in): never copied."""
     if len(inputs) == 1:  # most requests: one small input, inline as it is (join would copy it)
         item = inputs[0]
         size = len(item)
         if size < INPUT_FRAME_BYTES:
             body["input_bytes"], body["inline"] = [size], item
-            return [_packb_after(prefix, body)]
+            return
         body["input_bytes"], body["inline"] = [size], b""
-        return [_packb_after(prefix, body), item]
+        large.append(item)
+        return
     sizes = [len(item) for item in inputs]
-    large = [item for item, size in zip(inputs, sizes) if size >= INPUT_FRAME_BYTES]
+    big = [item for item, size in zip(inputs, sizes) if size >= INPUT_FRAME_BYTES]
     body["input_bytes"] = sizes
     body["inline"] = b"".join([item for item, size in zip(inputs, sizes) if size < INPUT_FRAME_BYTES]
-                              if large else inputs)
-    return [_packb_after(prefix, body), *large]
+                              if big else inputs)
+    large.extend(big)
 
 
 def decode(frames: Sequence[bytes]) -> Message:
@@ -431,6 +473,27 @@ def decode(frames: Sequence[bytes]) -> Message:
     body = _unpackb(memoryview(frame)[_BODY_AT:], max_len=MAX_ITEM_BYTES)
     if type(body) is not dict:
         raise DecodeError(f"body must be a map, got {type(body).__name__}")
+    if message_type is Requests:
+        return _decode_requests(body, frames)
+    kwargs = _fields_of(body, message_type)
+    if message_type in _RAW_INPUTS:
+        kind = message_type.__name__
+        kwargs["inputs"], used, _ = _cut_inputs(body, frames, 1, kind)
+        if used != len(frames):
+            raise DecodeError(f"{kind} has {len(frames)} frames, and its inputs take {used}")
+    items_field = _ITEMS_FIELD.get(message_type)
+    if items_field is not None and items_field in kwargs:
+        items = kwargs[items_field]
+        if len(items) > MAX_ITEMS:
+            raise DecodeError(f"{len(items)} items exceed the limit of {MAX_ITEMS}")
+        _check_bins(items, f"{message_type.__name__}.{items_field} must hold bin values")
+    message = message_type(**kwargs)
+    _CHECKS[message_type](message)
+    return message
+
+
+def _fields_of(body: dict, message_type: type) -> dict:
+    """The body's fields of `message_type`, each of its exact types; the required ones present."""
     kwargs = {}
     for name, allowed, required in _SCHEMAS[message_type]:
         value = body.get(name, _MISSING)
@@ -444,24 +507,78 @@ def decode(frames: Sequence[bytes]) -> Message:
                 f"{'/'.join(sorted(t.__name__ for t in allowed))}, got {type(value).__name__}"
             )
         kwargs[name] = value
-    if message_type in _RAW_INPUTS:
-        kwargs["inputs"] = _raw_inputs(body, frames, message_type.__name__)
-    items_field = _ITEMS_FIELD.get(message_type)
-    if items_field is not None and items_field in kwargs:
-        items = kwargs[items_field]
-        if len(items) > MAX_ITEMS:
-            raise DecodeError(f"{len(items)} items exceed the limit of {MAX_ITEMS}")
-        _check_bins(items, f"{message_type.__name__}.{items_field} must hold bin values")
-    message = message_type(**kwargs)
-    _CHECKS[message_type](message)
-    return message
+    return kwargs
 
 
-def _raw_inputs(body: dict, frames: Sequence[bytes], kind: str) -> list:
-    """A REQUEST's or BATCH's inputs, as encode() laid them out: cut from `inline` and the frames after
-    the first by the lengths in `input_bytes`, without looking inside any. Every length must match:
-    the inline bytes and the frames are used up exactly, each input of INPUT_FRAME_BYTES or more is
-    exactly one frame, and none exceeds MAX_ITEM_BYTES, nor all of them MAX_MESSAGE_BYTES."""
+def _decode_requests(body: dict, frames: Sequence[bytes]) -> Requests:
+    """A REQUESTS message. Its layout (the entries' inputs, their lengths, `inline`s and frames) must hold
+    as a whole, or nothing decodes. An entry whose own fields are wrong (a model name too long, a
+    priority out of range: what a gateway passes on from its clients) is refused alone, into
+    `refused`, with its request id where it can be read: every other entry still decodes."""
+    entries = body.get("requests", _MISSING)
+    if type(entries) is not list or not 0 < len(entries) <= MAX_ITEMS:
+        raise _refuse("Requests.requests", f"a list of 1 to {MAX_ITEMS} requests", entries)
+    requests, refused = [], []
+    frame_index, items, total = 1, 0, 0
+    for position, entry in enumerate(entries):
+        where = f"Requests.requests[{position}]"
+        if type(entry) is not dict:
+            raise _refuse(where, "a map", entry)
+        inputs, frame_index, size = _cut_inputs(entry, frames, frame_index, where)
+        items += len(inputs)
+        total += size
+        try:
+            request = _request_of(entry, inputs)
+        except DecodeError as error:
+            refused.append((_readable_id(entry), f"{where}: {error}"))
+            continue
+        requests.append(request)
+    if frame_index != len(frames):
+        raise DecodeError(f"Requests has {len(frames)} frames, and its inputs take {frame_index}")
+    if items > MAX_ITEMS:
+        raise DecodeError(f"Requests holds {items} inputs in all, over the limit of {MAX_ITEMS}")
+    if total > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"Requests' inputs of {total} bytes exceed {MAX_MESSAGE_BYTES}")
+    return Requests(requests, refused)
+
+
+def _request_of(body: dict, inputs: list) -> Request:
+    """A REQUESTS entry's Request, checked as decode() checks a REQUEST (_fields_of and _check_request):
+    the broker's hot path, one per request, so the usual entry's field types are checked here written
+    out, and anything else takes the general path, which says what is wrong."""
+    get = body.get
+    request_id, model, timeout_ms = get("request_id"), get("model"), get("timeout_ms")
+    sizes, priority, instance_id = get("sizes", _MISSING), get("priority", 0), get("instance_id", "")
+    trace, timings = get("trace", _MISSING), get("timings", False)
+    if sizes is _MISSING:
+        sizes = []
+    if trace is _MISSING:
+        trace = []
+    if (type(request_id) is not str or type(model) is not str or type(timeout_ms) is not int
+            or type(sizes) is not list or type(priority) is not int or type(instance_id) is not str
+            or type(trace) is not list or type(timings) is not bool):
+        kwargs = _fields_of(body, Request)  # raises: it names the field and what it got
+        kwargs["inputs"] = inputs
+        request = Request(**kwargs)
+    else:
+        request = Request(request_id, model, timeout_ms, inputs, sizes, priority, instance_id, trace, timings)
+    _check_request(request)
+    return request
+
+
+def _readable_id(body: Any) -> str:
+    """A request's id, where its body holds a valid one; else ""."""
+    request_id = body.get("request_id") if type(body) is dict else None
+    return request_id if type(request_id) is str and 0 < len(request_id) <= MAX_NAME_LEN else ""
+
+
+def _cut_inputs(body: dict, frames: Sequence[bytes], frame_index: int, kind: str) -> tuple[list, int, int]:
+    """A REQUEST's or BATCH's inputs (or a REQUESTS entry's), as encode() laid them out: cut from `inline`
+    and the frames from `frame_index` on by the lengths in `input_bytes`, without looking inside any.
+    Returns the inputs, the index of the first frame they left, and their bytes in all. Every length must
+    match: the inline bytes are used up exactly, each input of INPUT_FRAME_BYTES or more is exactly one
+    frame, and none exceeds MAX_ITEM_BYTES, nor all of them MAX_MESSAGE_BYTES. (The caller checks that
+    the message's frames are used up.)"""
     sizes, inline = body.get("input_bytes", _MISSING), body.get("inline", _MISSING)
     if sizes is _MISSING or inline is _MISSING:
         raise DecodeError(f"{kind} lacks field {'input_bytes' if sizes is _MISSING else 'inline'!r}")
@@ -469,13 +586,13 @@ def _raw_inputs(body: dict, frames: Sequence[bytes], kind: str) -> list:
         raise _refuse(f"{kind}.input_bytes", f"a list of at most {MAX_ITEMS} lengths", sizes)
     if type(inline) is not bytes:
         raise _refuse(f"{kind}.inline", "bin", inline)
-    if len(sizes) == 1 and len(frames) == 1:  # the usual case: one small input, all of `inline`
+    if len(sizes) == 1 and frame_index == len(frames):  # the usual case: one small input, all of `inline`
         size = sizes[0]
         if type(size) is not int or size != len(inline) or size >= INPUT_FRAME_BYTES:
             raise _refuse(f"{kind}.input_bytes[0]", f"the length of inline ({len(inline)} bytes) and under "
                           f"{INPUT_FRAME_BYTES}", size)
-        return [inline]
-    inputs, at, frame_index, total = [], 0, 1, 0
+        return [inline], frame_index, size
+    inputs, at, total = [], 0, 0
     for index, size in enumerate(sizes):
         if type(size) is not int or not 0 <= size <= MAX_ITEM_BYTES:
             raise _refuse(f"{kind}.input_bytes[{index}]", f"an int in [0, {MAX_ITEM_BYTES}]", size)
@@ -497,11 +614,9 @@ def _raw_inputs(body: dict, frames: Sequence[bytes], kind: str) -> list:
         frame_index += 1
     if at != len(inline):
         raise DecodeError(f"{kind}.inline holds {len(inline)} bytes, and its inputs {at}")
-    if frame_index != len(frames):
-        raise DecodeError(f"{kind} has {len(frames)} frames, and its inputs take {frame_index}")
     if total > MAX_MESSAGE_BYTES:
         raise DecodeError(f"{kind}'s inputs of {total} bytes exceed {MAX_MESSAGE_BYTES}")
-    return inputs
+    return inputs, frame_index, total
 
 
 # --------------------------------------------------------------------------- element checks
@@ -975,15 +1090,28 @@ def _check_bins(items: list, complaint: str) -> None:
 def request_id_of(frames: Sequence[bytes]) -> str | None:
     """The request id of a REQUEST that decode() refused, where one can be read safely: so that the
     broker can answer BAD_REQUEST at once instead of leaving its sender to wait for its deadline."""
+    ids = request_ids_of(frames) if frames and bytes(frames[0][:_BODY_AT]) == _PREFIX[Request] else []
+    return ids[0] if ids else None
+
+
+def request_ids_of(frames: Sequence[bytes]) -> list[str]:
+    """The request ids of a REQUEST or a REQUESTS that decode() refused, those that can be read safely
+    (at most MAX_ITEMS): so that the broker answers each BAD_REQUEST at once."""
     frame = frames[0] if frames else b""
-    if bytes(frame[:_BODY_AT]) != _PREFIX[Request] or len(frame) > MAX_MESSAGE_BYTES:
-        return None
+    prefix = bytes(frame[:_BODY_AT])
+    if prefix not in (_PREFIX[Request], _PREFIX[Requests]) or len(frame) > MAX_MESSAGE_BYTES:
+        return []
     try:
         body = _unpackb(memoryview(frame)[_BODY_AT:], max_len=MAX_ITEM_BYTES)
     except DecodeError:
-        return None
-    request_id = body.get("request_id") if type(body) is dict else None
-    return request_id if type(request_id) is str and 0 < len(request_id) <= MAX_NAME_LEN else None
+        return []
+    if prefix == _PREFIX[Request]:
+        request_id = _readable_id(body)
+        return [request_id] if request_id else []
+    entries = body.get("requests") if type(body) is dict else None
+    if type(entries) is not list:
+        return []
+    return [request_id for request_id in map(_readable_id, entries[:MAX_ITEMS]) if request_id]
 
 
 def replies_of(message: Message) -> list[Reply]:

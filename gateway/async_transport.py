@@ -11,7 +11,9 @@ the sockets saw. The shell: a request coroutine hands its request to `Requests`,
 Future; what `Requests` says to send goes out at once when the request is alone, else at the end
 of the loop's turn with every other request submitted in it (one pass, one look at the read
 signal: at c64 the gateway's CPU per request fell to 0.74 of sending each at once, and the
-broker's and worker's further, as they get several per wake-up); the loop watches each
+broker's and worker's further, as they get several per wake-up), those to one broker in one
+REQUESTS message (one send, and at the broker one receive and one unpacking, for them all);
+the loop watches each
 DEALER's descriptor, and what a DEALER receives goes to `Requests`, whose outcomes settle those
 Futures; one timer task heartbeats the brokers, reconnects silent ones and ticks the requests'
 deadlines.
@@ -39,7 +41,7 @@ from ddml_common.keys import ClientKeys
 from ddml_common.protocol import ErrorCode
 from gateway.broker_client import _answer_of, _check_timeout, _outputs_of, request_message
 from gateway.broker_error import BrokerError
-from gateway.dealers import connect_dealer, deliver, send_quietly
+from gateway.dealers import connect_dealer, deliver, send_quietly, send_requests
 from gateway.links import Links
 from gateway.process_id import pid
 from gateway.requests import Outcome, Requests, Send
@@ -208,7 +210,7 @@ class AsyncBrokerClient:
         submitted: act on it."""
         requests = self.requests
         requests.links_changed(now)  # cheap when nothing changed
-        self._settle(requests.flush(self._send, now))
+        self._settle(requests.flush(self._send, now, self._send_together))
         for index in self._sent_to:
             dealer = self._dealers[index]
             if dealer is not None and dealer.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -261,6 +263,11 @@ class AsyncBrokerClient:
         index = instruction.broker
         self._sent_to.add(index)
         return send_quietly(self._dealers[index], protocol.encode(instruction.message))
+
+    def _send_together(self, index: int, sends: list[Send]) -> bool:
+        """Requests' requests to one broker, together: one REQUESTS message (a lone one: a REQUEST)."""
+        self._sent_to.add(index)
+        return send_requests(self._dealers[index], sends)
 
     def _send_to(self, index: int, frames: list[bytes]) -> bool:
         """Send without waiting; False if the DEALER cannot take it now (no connection, or full)."""

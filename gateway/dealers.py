@@ -12,7 +12,7 @@ from ddml_common import protocol
 from ddml_common.keys import ClientKeys
 from ddml_common.sockets import new_socket, send_frames
 from gateway.links import Links
-from gateway.requests import Requests
+from gateway.requests import Requests, Send
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ def send_quietly(socket: zmq.Socket, frames: list[bytes]) -> bool:
         return True
     except zmq.Again:
         return False
+
+
+def send_requests(socket: zmq.Socket, sends: list[Send]) -> bool:
+    """Requests' requests to one broker, together (Requests.flush's send_together): one REQUESTS message,
+    a lone one as a REQUEST. False if the socket cannot take it now."""
+    message = sends[0].message if len(sends) == 1 else protocol.Requests([s.message for s in sends])
+    return send_quietly(socket, protocol.encode(message))
 
 
 def drain(socket: zmq.Socket) -> None:

@@ -1,6 +1,7 @@
 """The I/O-thread transport: one thread owns a DEALER per broker, shared by every submit() and
 status() in the process. Callers hand it (request, Future) pairs and ring its inproc PULL; it
-sends, receives, heartbeats the brokers for both transports, tells their links (gateway/links.py)
+sends (the requests of one pass to one broker together, in one REQUESTS message), receives,
+heartbeats the brokers for both transports, tells their links (gateway/links.py)
 what it saw, and rings an inproc PUB "alarm" that every blocking request thread listens to
 whenever a broker goes down, restarts or comes back.
 
@@ -21,7 +22,7 @@ import zmq
 from ddml_common import protocol
 from ddml_common.keys import ClientKeys
 from ddml_common.protocol import ErrorCode
-from gateway.dealers import connect_dealer, deliver, disconnected, drain, send_quietly
+from gateway.dealers import connect_dealer, deliver, disconnected, drain, send_quietly, send_requests
 from gateway.links import Links
 from gateway.requests import Outcome, Requests, Send
 
@@ -107,11 +108,11 @@ class IoThread:
                     except zmq.ZMQError:  # a PUB drops for slow subscribers; their periodic check still runs
                         pass
                     requests.links_changed(now)
-                self._settle(requests.flush(self._send, now))
+                self._settle(requests.flush(self._send, now, self._send_together))
         finally:
             self._take_handed(now)
             requests.fail_all(ErrorCode.UNAVAILABLE, "the broker client was closed")
-            self._settle(requests.flush(self._send, now))
+            self._settle(requests.flush(self._send, now, self._send_together))
             for dealer, monitor in zip(self._dealers, self._monitors):
                 if monitor is not None:
                     dealer.disable_monitor()
@@ -132,6 +133,9 @@ class IoThread:
 
     def _send(self, instruction: Send) -> bool:
         return send_quietly(self._dealers[instruction.broker], protocol.encode(instruction.message))
+
+    def _send_together(self, index: int, sends: list[Send]) -> bool:
+        return send_requests(self._dealers[index], sends)
 
     def _settle(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:

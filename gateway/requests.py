@@ -2,7 +2,8 @@
 
 Events in: submit (or ask one broker for its status), a reply, the brokers' links changed
 (gateway/links.py says how), and the time passing (tick). Instructions out: `flush(send, now)`
-hands each message to send to `send` (the shell's socket write: True if it went), and returns
+hands each message to send to `send` (the shell's socket write: True if it went), or, given a
+`send_together`, the requests bound for one broker as one list (one REQUESTS message), and returns
 the outcomes, each request's one Resolve or Fail. No sockets, threads, locks or clock here: the
 blocking per-thread transport, the I/O-thread transport, an asyncio shell and the simulator all
 drive this same code.
@@ -66,6 +67,35 @@ class Fail:
 
 Outcome = Union[Resolve, Fail]
 SendFn = Callable[[Send], bool]
+SendTogetherFn = Callable[[int, list[Send]], bool]  # (broker, its requests in order) -> True if all went
+MAX_TOGETHER = 256  # requests handed to send_together in one list
+TOGETHER_BYTES = 4 << 20  # and about this many bytes of inputs (a larger request goes alone)
+
+
+class _Chunk:
+    """Requests to one broker that go in one list: at most MAX_TOGETHER, about TOGETHER_BYTES of inputs
+    (one larger request goes alone) and at most protocol.MAX_ITEMS inputs."""
+
+    __slots__ = ("records", "sends", "bytes", "items")
+
+    def __init__(self):
+        self.records: list[Record] = []
+        self.sends: list[Send] = []
+        self.bytes = self.items = 0
+
+    def takes(self, message: protocol.Request) -> bool:
+        if not self.sends:
+            return True
+        inputs = message.inputs
+        return (len(self.sends) < MAX_TOGETHER and self.items + len(inputs) <= protocol.MAX_ITEMS
+                and self.bytes + sum(map(len, inputs)) <= TOGETHER_BYTES)
+
+    def add(self, record: "Record", instruction: Send) -> None:
+        inputs = instruction.message.inputs
+        self.records.append(record)
+        self.sends.append(instruction)
+        self.bytes += sum(map(len, inputs))
+        self.items += len(inputs)
 
 
 @dataclass(eq=False, slots=True)
@@ -223,19 +253,62 @@ class Requests:
 
     # ------------------------------------------------------------------ instructions
 
-    def flush(self, send: SendFn, now: float) -> list[Outcome]:
-        """Send what is due, through `send`; then the outcomes since the last flush, in order."""
-        for record in list(self._unsent.values()) if self._unsent else ():
-            if self._send_one(record, send, now):
-                del self._unsent[record.request_id]
-            elif record.stale_until:
-                del self._unsent[record.request_id]  # await a restarted broker's refusal, then resend
-            elif record.if_unsendable is not None:
-                self._end(record, record.if_unsendable)
-            elif now >= record.connect_until:
-                self._end(record, self._unreachable(record.request_id))
+    def flush(self, send: SendFn, now: float, send_together: SendTogetherFn | None = None) -> list[Outcome]:
+        """Send what is due, through `send`; then the outcomes since the last flush, in order.
+
+        With `send_together`, the requests (not the status requests) going to one broker are handed
+        to it together, in order, as one list of at most MAX_TOGETHER requests and about
+        TOGETHER_BYTES of inputs (True: all of them went, in one message; False: none did). A list
+        one broker did not take goes on to the next broker each request may go to, as `send` does
+        with one request."""
+        if self._unsent:
+            if send_together is None:
+                for record in list(self._unsent.values()):
+                    if not self._send_one(record, send, now):
+                        self._not_sent(record, now)
+            else:
+                self._flush_together(send, send_together, now)
         outcomes, self._outcomes = self._outcomes, []
         return outcomes
+
+    def _flush_together(self, send: SendFn, send_together: SendTogetherFn, now: float) -> None:
+        refused: set[int] = set()  # brokers that did not take a list in this flush: not tried again in it
+        pending = list(self._unsent.values())
+        while pending:
+            chunks: dict[int, list[_Chunk]] = {}  # broker -> its lists, in order
+            for record in pending:
+                if record.only is not None:  # a status request, alone
+                    if not self._send_one(record, send, now):
+                        self._not_sent(record, now)
+                    continue
+                instruction = self._next_send(record, now, refused)
+                if instruction is None:
+                    self._not_sent(record, now)
+                    continue
+                lists = chunks.get(instruction.broker)
+                if lists is None:
+                    lists = chunks[instruction.broker] = [_Chunk()]
+                if not lists[-1].takes(instruction.message):
+                    lists.append(_Chunk())
+                lists[-1].add(record, instruction)
+            pending = []
+            for broker, lists in chunks.items():
+                for chunk in lists:
+                    if broker not in refused and send_together(broker, chunk.sends):
+                        for record in chunk.records:
+                            self._sent(record, broker)
+                    else:
+                        refused.add(broker)
+                        pending.extend(chunk.records)
+
+    def _not_sent(self, record: Record, now: float) -> None:
+        """No broker took the record in this flush."""
+        if record.stale_until:
+            del self._unsent[record.request_id]  # await a restarted broker's refusal, then resend
+        elif record.if_unsendable is not None:
+            self._end(record, record.if_unsendable)
+        elif now >= record.connect_until:
+            self._end(record, self._unreachable(record.request_id))
 
     def unsent(self) -> bool:
         """Something waits for a connection (the shell should flush again soon)."""
@@ -273,32 +346,44 @@ class Requests:
     def _send_one(self, record: Record, send: SendFn, now: float) -> bool:
         """Send to the first live broker not tried (any live one, on a second round), else to one
         thought down. False if none took it."""
-        links = self._links
-        if record.only is not None:
-            if send(Send(record.request_id, record.only, record.message)):
-                record.waiting[record.only] = links[record.only].epoch
+        skip: set[int] = set()
+        while (instruction := self._next_send(record, now, skip)) is not None:
+            if send(instruction):
+                self._sent(record, instruction.broker)
                 return True
-            return False
+            skip.add(instruction.broker)
+        return False
+
+    def _next_send(self, record: Record, now: float, skip: set[int]) -> Send | None:
+        """Where the record goes next, its message tagged for that broker, passing over the brokers in
+        `skip` (they did not take it); None if it goes nowhere now."""
+        if record.only is not None:
+            return None if record.only in skip else Send(record.request_id, record.only, record.message)
         remaining_ms = int((record.deadline_at - now) * 1000)
         if remaining_ms <= 0 and record.tried:
-            return False
+            return None
         if self._instance_unknown and not record.tried:
-            if links.links[0].instance_id:
+            if self._links.links[0].instance_id:
                 self._instance_unknown = False  # (an instance id, once heard, is never forgotten)
-            elif links.links[0].up and now < record.connect_until:
-                return False  # until the broker's instance is known, within the connect grace (see awaits_instance)
-        message = record.message
+            elif self._links.links[0].up and now < record.connect_until:
+                return None  # until the broker's instance is known, within the connect grace (see awaits_instance)
         for index in self._candidates(record):
-            link = links[index]
-            message.instance_id = link.tag()  # a broker that restarted since refuses it unrun
+            if index in skip:
+                continue
+            message = record.message
+            message.instance_id = self._links[index].tag()  # a broker that restarted since refuses it unrun
             message.timeout_ms = max(0, remaining_ms)
-            if send(Send(record.request_id, index, message)):
-                if record.tried:
-                    self.counts.resent += 1
-                record.tried.add(index)
-                record.waiting[index] = link.epoch
-                return True
-        return False
+            return Send(record.request_id, index, message)
+        return None
+
+    def _sent(self, record: Record, index: int) -> None:
+        """Broker `index` took the record."""
+        del self._unsent[record.request_id]
+        if record.only is None:
+            if record.tried:
+                self.counts.resent += 1
+            record.tried.add(index)
+        record.waiting[index] = self._links[index].epoch
 
     def _candidates(self, record: Record) -> list[int]:
         links = self._links.links

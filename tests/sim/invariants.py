@@ -93,10 +93,10 @@ class Ledger:
         self.counts: Counter[str] = Counter()
         self.checks = 0
         # The message being read, while on_frames, on_tick and flush run for it.
-        self._arriving: Tracked | None = None  # one of our requests
+        self._arriving: dict[tuple[bytes, str], Tracked] = {}  # our requests in it (a REQUESTS: several), by key
         self._arriving_gateway: bytes | None = None  # from a gateway (identity): it may be answered at once
-        self._arriving_duplicate = False  # its request id is held already
-        self._arriving_codes: list[str] = []  # the replies sent for it as it arrived
+        self._arriving_duplicates: set[tuple[bytes, str]] = set()  # those whose request id is held already
+        self._arriving_codes: dict[tuple[bytes, str] | None, list[str]] = {}  # the replies sent as it arrived, by key
         self._stats_before: tuple[int, int] = (0, 0)
         self.trust = Trust(self, world)  # invariants 8-13 (issue #28: retries elsewhere, trust earned back)
 
@@ -109,50 +109,61 @@ class Ledger:
         self.by_serial[tracked.serial] = tracked
         self.counts["requests_sent_hostile" if tracked.hostile else "requests_sent"] += 1
 
-    def before_read(self, peer: Peer, identity: bytes, tracked: Tracked | None) -> None:
-        """A message is about to reach the core; `tracked` if it is one of our requests."""
-        self._arriving = tracked
+    def before_read(self, peer: Peer, identity: bytes, tracked: Tracked | list[Tracked] | None) -> None:
+        """A message is about to reach the core; `tracked` if it is one of our requests (a list: the
+        requests of a REQUESTS message)."""
+        self._arriving = {}
         if peer is not Peer.GATEWAY:
             self._arriving_gateway = None
             return
         core = self._world.core
         self._arriving_gateway = identity
         self._arriving_codes.clear()
+        self._arriving_duplicates.clear()
         self._stats_before = (core.stats["malformed"], core.stats["duplicate_requests"])
-        if tracked is not None:
-            tracked.key = (identity, tracked.request_id)
-            self._arriving_duplicate = tracked.key in self.outstanding
-            stale = bool(tracked.instance_id) and tracked.instance_id != core.instance_id
-            tracked.expect_refusal = stale or core.draining
+        for one in ([] if tracked is None else tracked if type(tracked) is list else [tracked]):
+            one.key = (identity, one.request_id)
+            self._arriving[one.key] = one
+            if one.key in self.outstanding:
+                self._arriving_duplicates.add(one.key)
+            stale = bool(one.instance_id) and one.instance_id != core.instance_id
+            one.expect_refusal = stale or core.draining
 
     def after_read(self) -> None:
-        """on_frames, on_tick and flush have run for the message that just arrived: was it refused
-        at once (with the right code), dropped as a duplicate, or accepted?"""
+        """on_frames, on_tick and flush have run for the message that just arrived: was each request in
+        it refused at once (with the right code), dropped as a duplicate, or accepted?"""
         if self._arriving_gateway is None:
             return
         self._arriving_gateway = None
-        tracked, self._arriving = self._arriving, None
+        arriving, self._arriving = self._arriving, {}
         core = self._world.core
-        codes = self._arriving_codes
         self.checks += 1
-        if len(codes) > 1:
-            self.fail(f"{len(codes)} replies ({codes}) to one message as it arrived")
+        for key, codes in self._arriving_codes.items():
+            if len(codes) > 1:
+                self.fail(f"{len(codes)} replies ({codes}) to one request {key} as it arrived")
         if core.stats["malformed"] != self._stats_before[0]:
             # Refused by decode(): answered BAD_REQUEST if its request id could be read, else dropped.
-            if codes and codes[0] != ErrorCode.BAD_REQUEST.value:
-                self.fail(f"a malformed request was answered {codes[0]}, not BAD_REQUEST")
-            if tracked is not None:
-                self.counts["requests_malformed"] += 1
+            codes = [code for key_codes in self._arriving_codes.values() for code in key_codes]
+            if any(code != ErrorCode.BAD_REQUEST.value for code in codes):
+                self.fail(f"a malformed request was answered {codes}, not BAD_REQUEST")
+            self.counts["requests_malformed"] += len(arriving)
             return
-        if tracked is None:
-            if codes:
-                self.fail(f"a message that is not a request was answered with a reply ({codes[0]})")
+        if not arriving:
+            if self._arriving_codes:
+                self.fail(f"a message that is not a request was answered with a reply ({self._arriving_codes})")
             return
+        duplicates = len(self._arriving_duplicates)
+        if core.stats["duplicate_requests"] != self._stats_before[1] + duplicates:
+            self.fail(f"requests {sorted(self._arriving_duplicates)} reused pending ids but the core counted "
+                      f"{core.stats['duplicate_requests'] - self._stats_before[1]} duplicates")
+        for key, tracked in arriving.items():
+            self._after_read_one(tracked, self._arriving_codes.get(key, []), key in self._arriving_duplicates)
+
+    def _after_read_one(self, tracked: Tracked, codes: list[str], duplicate: bool) -> None:
+        core = self._world.core
         self.counts["requests_read"] += 1
-        if self._arriving_duplicate:
+        if duplicate:
             self.counts["requests_duplicate"] += 1
-            if core.stats["duplicate_requests"] != self._stats_before[1] + 1:
-                self.fail(f"request {tracked.key} reused a pending id but the core did not count it a duplicate")
             return
         if codes:
             self.counts["requests_refused"] += 1
@@ -191,13 +202,13 @@ class Ledger:
                 self.fail(f"request {key} answered at {self._world.now:.4f}, after its deadline "
                           f"{tracked.deadline_at:.4f} + {self.reply_bound_s} s")
         elif gateway_id == self._arriving_gateway:  # an answer to the message arriving now
-            self._arriving_codes.append(code)
-            tracked = self._arriving
-            if tracked is None:  # not one of ours: garbage whose request id could be read
+            self._arriving_codes.setdefault(key if self._arriving else None, []).append(code)
+            if not self._arriving:  # not one of ours: garbage whose request id could be read
                 self.counts[f"reply_{code}"] += 1
                 return
-            if tracked.key != key:
-                self.fail(f"reply {code} for request {key} as request {tracked.key} arrives")
+            tracked = self._arriving.get(key)
+            if tracked is None:
+                self.fail(f"reply {code} for request {key} as requests {sorted(self._arriving)} arrive")
         else:
             self.fail(f"reply {code} for request {key}, which the broker does not hold "
                       f"(never read, already answered, or lost in a crash)")

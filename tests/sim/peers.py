@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
@@ -648,7 +649,8 @@ _KIND_NAMES = {protocol.Ready: "READY", protocol.Heartbeat: "HEARTBEAT", protoco
 
 
 class SimGateway:
-    """A gateway's BrokerClient on its I/O-thread transport (one DEALER, one I/O thread). Only the
+    """A gateway's BrokerClient on its I/O-thread transport (one DEALER, one I/O thread), or, where
+    `together`, as the async gateway sends: the requests of one flush in one REQUESTS message. Only the
     network, the timers and the sockets' moves are simulated here: every decision, which broker,
     resends, deadlines, a restart or a silence, is taken by the shipped gateway/requests.py and
     gateway/links.py. Every request must end there exactly once, in time (check_settled).
@@ -685,6 +687,10 @@ class SimGateway:
         self._beating = False  # its heartbeat timer is running
         self._tick_due_at = 0.0
         self._ticks = 0
+        # As the async gateway (gateway/async_transport.py) does, send the requests of one flush to the broker
+        # together, in one REQUESTS message; else one REQUEST each, as the I/O thread does. From a stream of its
+        # own, so that the seed's other draws stay as they were.
+        self.together = random.Random(f"together {world.seed} {index}").random() < 0.5
 
     @property
     def instance_id(self) -> str:
@@ -786,6 +792,27 @@ class SimGateway:
         world = self.world
         if instruction.broker != 0 or not world.connected(self.conn):
             return False
+        tracked = self._copy_sent(instruction)
+        what = "REQUEST" if tracked else "STATUS_REQUEST"
+        world.send_to_broker(self.conn, protocol.encode(instruction.message), what, tracked)
+        return True
+
+    def _send_together(self, broker: int, sends: list[Send]) -> bool:
+        """The async gateway's send of the requests of one flush to one broker: one REQUESTS message."""
+        world = self.world
+        if len(sends) == 1:
+            return self._send(sends[0])
+        if broker != 0 or not world.connected(self.conn):
+            return False
+        tracked = [self._copy_sent(instruction) for instruction in sends]
+        world.ledger.counts["gateway_sent_together"] += len(sends)
+        world.send_to_broker(self.conn, protocol.encode(protocol.Requests([s.message for s in sends])), "REQUESTS",
+                             tracked)
+        return True
+
+    def _copy_sent(self, instruction: Send) -> Tracked | None:
+        """The copy of a request that this send carries, as the invariants follow it (None: a status request)."""
+        world = self.world
         message = instruction.message
         tracked = self.sent.get(instruction.request_id)
         if tracked is not None:
@@ -802,8 +829,7 @@ class SimGateway:
             self.copy_epochs[id(tracked)] = world.epoch  # the broker instance it can reach
             # what the broker will see: the instance and time left as sent now
             tracked.instance_id, tracked.timeout_ms = message.instance_id, message.timeout_ms
-        world.send_to_broker(self.conn, protocol.encode(message), "REQUEST" if tracked else "STATUS_REQUEST", tracked)
-        return True
+        return tracked
 
     def _copy_answered(self, request_id: str) -> Tracked | None:
         """The copy a reply answers: the first that the broker answered and we have not heard."""
@@ -819,7 +845,7 @@ class SimGateway:
         if self.links.changes != self._changes:
             self._changes = self.links.changes
             requests.links_changed(now)
-        for outcome in requests.flush(self._send, now):
+        for outcome in requests.flush(self._send, now, self._send_together if self.together else None):
             self._settled(outcome)
         if requests.unsent() and not self._retry_due:  # the I/O thread polls every 5 ms meanwhile
             self._retry_due = True

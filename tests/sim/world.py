@@ -705,7 +705,10 @@ class World:
         if epoch != self.epoch or gen != conn.gen or core is None:
             self.trace("%s from %r lost", what, conn.identity)
             return True
-        if tracked is not None:
+        if type(tracked) is list:
+            self.trace("%s of %d (%s...) from %r arrives", what, len(tracked), tracked[0].request_id[:24],
+                       conn.identity)
+        elif tracked is not None:
             self.trace("%s %s from %r arrives", what, tracked.request_id[:24], conn.identity)
         else:
             self.trace("%s from %r arrives", what, conn.identity)

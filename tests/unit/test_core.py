@@ -168,6 +168,63 @@ def test_a_request_that_does_not_decode_is_answered_bad_request_at_once_unless_i
     assert core.stats["malformed"] == 2 and core.in_flight_requests == 1
 
 
+def _requests(*requests: protocol.Request, **entry_changes) -> list[bytes]:
+    """A REQUESTS message; entry_changes: {index: {field: value}} written into the entries' bodies."""
+    import msgpack
+
+    frame = protocol.encode(protocol.Requests(list(requests)))[0]
+    body = msgpack.unpackb(frame[6:])
+    for index, changes in entry_changes.get("changes", {}).items():
+        body["requests"][index].update(changes)
+    return [frame[:6] + msgpack.packb(body)]
+
+
+def _request(request_id: str, model: str = "m") -> protocol.Request:
+    return protocol.Request(request_id, model, 5000, inputs=[protocol.encode_value(request_id)])
+
+
+def test_the_requests_of_a_requests_message_are_each_handled_as_a_request_and_answered_together():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=8, max_batches=1)), 0.0)
+    step(core, wire, 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", _requests(_request("a"), _request("b", model="nope"), _request("c")), 0.1)
+    step(core, wire, 0.1)
+    [refusal] = wire.take(b"gw", protocol.Reply)
+    assert (refusal.request_id, refusal.error_code) == ("b", "UNAVAILABLE")  # (no worker serves it, in the start-up)
+    [batch] = wire.take(b"w1", protocol.Batch)
+    assert batch.request_ids == ["a", "c"]
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.BatchResult(batch.batch_id, batch.inputs)), 0.2)
+    step(core, wire, 0.2)
+    [replies] = wire.take(b"gw", protocol.Replies)
+    assert replies.request_ids == ["a", "c"] and replies.outputs == [[protocol.encode_value("a")],
+                                                                     [protocol.encode_value("c")]]
+    assert core.stats["requests"] == 3 and core.stats["malformed"] == 0
+
+
+def test_a_requests_entry_that_does_not_decode_is_answered_bad_request_alone_unless_its_id_is_in_flight():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1)), 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("live"), 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", _requests(_request("a"), _request("bad"), _request("live"), _request("c"),
+                                                  changes={1: {"sizes": ["x"]}, 2: {"priority": 10**6}}), 0.0)
+    step(core, wire, 0.0)
+    [refusal] = wire.take(b"gw", protocol.Reply)
+    assert (refusal.request_id, refusal.error_code) == ("bad", "BAD_REQUEST") and "sizes" in refusal.error_message
+    assert core.stats["malformed"] == 2 and core.in_flight_requests == 3  # live, a and c
+
+
+def test_a_requests_message_whose_layout_does_not_decode_is_answered_bad_request_for_every_readable_id():
+    core, wire = BrokerCore(CONFIG, "i1", now=0.0), Wire()
+    core.on_frames(Peer.WORKER, b"w1", frames(protocol.Ready(["m"], max_batch_size=4, max_batches=1)), 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", request("live"), 0.0)
+    core.on_frames(Peer.GATEWAY, b"gw", _requests(_request("a"), _request("live"), _request("b"),
+                                                  changes={2: {"input_bytes": [99]}}), 0.0)
+    step(core, wire, 0.0)
+    refusals = wire.take(b"gw", protocol.Reply)
+    assert [(r.request_id, r.error_code) for r in refusals] == [("a", "BAD_REQUEST"), ("b", "BAD_REQUEST")]
+    assert core.stats["malformed"] == 1 and core.in_flight_requests == 1
+
+
 def test_a_rollout_of_two_versions_under_one_name_is_warned_of_once(caplog):
     core = BrokerCore(CONFIG, "i1", now=0.0)
     with caplog.at_level("WARNING", logger="broker.broker"):

@@ -319,3 +319,118 @@ def test_links_of_a_broker_string_name_each_endpoint_and_fall_silent_after_liven
     assert links.silent(1.9) == [] and links.silent(2.1) == [0, 1]
     with pytest.raises(ValueError, match="at least one broker"):
         Links.of(" , ", heartbeat_interval_s=1.0, liveness=3)
+
+
+# --------------------------------------------------------------------------- requests sent together
+
+
+class TogetherWire(Wire):
+    """The shell's send_together as well: records each list a broker took, as one message."""
+
+    def __init__(self):
+        super().__init__()
+        self.lists: list[tuple[int, list[str]]] = []
+
+    def together(self, broker: int, sends: list[Send]) -> bool:
+        assert sends and all(s.broker == broker and type(s.message) is protocol.Request for s in sends)
+        if broker in self.refusing:
+            return False
+        for instruction in sends:
+            self(instruction)
+        self.lists.append((broker, [s.request_id for s in sends]))
+        return True
+
+
+def test_the_requests_of_one_flush_go_to_each_broker_together_in_order_and_status_requests_alone():
+    links, requests, _ = machine(brokers=2)
+    wire = TogetherWire()
+    for request_id in ("r1", "r2", "r3"):
+        requests.submit(request_id, request(request_id), timeout_s=2.0, now=0.0)
+    requests.ask("s1", protocol.StatusRequest("s1"), 1, 2.0, 0.0)
+    assert requests.flush(wire, 0.0, wire.together) == []
+    assert wire.lists == [(0, ["r1", "r2", "r3"])]
+    assert sorted(wire.sent, key=repr) == [("r1", 0, "i0", 2000), ("r2", 0, "i0", 2000), ("r3", 0, "i0", 2000),
+                                           ("s1", 1, None, None)]
+    for request_id in ("r1", "r2", "r3"):
+        requests.reply(0, ok(request_id), 0.1)
+    assert [o.request_id for o in requests.flush(wire, 0.1, wire.together)] == ["r1", "r2", "r3"]
+
+
+def test_a_list_one_broker_does_not_take_goes_on_to_the_next_and_with_none_waits_for_a_connection():
+    links, requests, _ = machine(brokers=2)
+    wire = TogetherWire()
+    wire.refusing = {0}
+    for request_id in ("r1", "r2"):
+        requests.submit(request_id, request(request_id), timeout_s=2.0, now=0.0)
+    requests.flush(wire, 0.0, wire.together)
+    assert wire.lists == [(1, ["r1", "r2"])] and not requests.unsent()
+    wire.refusing = {0, 1}
+    requests.submit("r3", request("r3"), timeout_s=2.0, now=0.1)
+    assert requests.flush(wire, 0.1, wire.together) == [] and requests.unsent()
+    [outcome] = requests.flush(wire, 0.1 + CONNECT_GRACE_S, wire.together)
+    assert (outcome.request_id, outcome.code) == ("r3", ErrorCode.UNAVAILABLE)
+
+
+def test_a_list_holds_at_most_max_together_requests_and_about_together_bytes_of_inputs():
+    from gateway.requests import MAX_TOGETHER, TOGETHER_BYTES
+
+    links, requests, _ = machine()
+    wire = TogetherWire()
+    for n in range(MAX_TOGETHER + 1):
+        requests.submit(f"r{n}", request(f"r{n}"), timeout_s=2.0, now=0.0)
+    big = protocol.Request("big", "m", 2000, inputs=[bytes(TOGETHER_BYTES)])
+    requests.submit("big", big, timeout_s=2.0, now=0.0)
+    requests.flush(wire, 0.0, wire.together)
+    assert [len(ids) for _, ids in wire.lists] == [MAX_TOGETHER, 1, 1] and wire.lists[2][1] == ["big"]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_sending_together_decides_exactly_as_sending_one_by_one(seed):
+    """The same events, to two machines: one flushed one request at a time, one with send_together. Each
+    flush sends the same requests to the same brokers with the same tags, and ends the same ones."""
+    import random
+
+    rng = random.Random(seed)
+    brokers = rng.choice((1, 2, 3))
+    machines = [machine(brokers) for _ in range(2)]
+    wires = [Wire(), TogetherWire()]
+    now, serial = 0.0, 0
+    for _ in range(60):
+        now += rng.choice((0.0, 0.01, 0.3, 1.2))
+        draw = rng.random()
+        refusing = {b for b in range(brokers) if rng.random() < 0.3}
+        for wire in wires:
+            wire.refusing = refusing
+        for (links, requests, _), wire in zip(machines, wires):
+            r = random.Random(f"{seed}-{serial}")
+            if draw < 0.45:
+                for n in range(r.randint(1, 4)):
+                    request_id = f"r{serial}-{n}"
+                    requests.submit(request_id, request(request_id), timeout_s=r.choice((0.5, 2.0)), now=now)
+            elif draw < 0.55:
+                requests.ask(f"s{serial}", protocol.StatusRequest(f"s{serial}"), r.randrange(brokers), 1.0, now)
+            elif draw < 0.75:
+                waiting = sorted(requests._records)
+                if waiting:
+                    request_id = r.choice(waiting)
+                    record = requests._records[request_id]
+                    broker = min(record.waiting, default=0)
+                    answer = (protocol.Status(request_id, "i", {}, []) if record.only is not None
+                              else refused(request_id) if r.random() < 0.4 else ok(request_id))
+                    requests.reply(broker, answer, now)
+            elif draw < 0.85:
+                broker = r.randrange(brokers)
+                links.disconnected(broker, now)
+                requests.links_changed(now)
+            elif draw < 0.92:
+                broker = r.randrange(brokers)
+                links.heartbeat(broker, f"i{broker}-{serial}", now)  # restarted, or back
+                requests.links_changed(now)
+            else:
+                requests.tick(now)
+        serial += 1
+        before = [len(wire.sent) for wire in wires]
+        flushed = [machines[0][1].flush(wires[0], now), machines[1][1].flush(wires[1], now, wires[1].together)]
+        assert sorted(map(repr, flushed[0])) == sorted(map(repr, flushed[1]))
+        assert sorted(wires[0].sent[before[0]:], key=repr) == sorted(wires[1].sent[before[1]:], key=repr)
+        assert machines[0][1].counts == machines[1][1].counts

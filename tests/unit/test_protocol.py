@@ -21,6 +21,10 @@ MESSAGES = [
     protocol.Status("s1", "inst", models={"m": {"workers": 1}}, workers=[{"worker_id": "00"}], stats={"x": 1}),
     protocol.Error("BAD_VERSION", "speak DDML1"),
     protocol.Replies(["r1", "r2"], [[b"\x01"], [b"\x02", b"\x03"]]),
+    protocol.Requests([protocol.Request("r1", "minilm", timeout_ms=1500, inputs=[b"\xa1a"], sizes=[1]),
+                       protocol.Request("r2", "clf", timeout_ms=9, inputs=[b"\xa1b", b"\xa1c"], priority=-2,
+                                        instance_id="i", trace=["00-" + "1" * 32 + "-" + "2" * 16 + "-01", ""],
+                                        timings=True)]),
 ]
 
 
@@ -32,7 +36,7 @@ def test_every_message_round_trips(message):
 def test_heartbeat_golden_bytes():
     frames = protocol.encode(protocol.Heartbeat())
     assert frames == [
-        b"DDML3\x02"
+        b"DDML4\x02"
         + b"\x84" + b"\xabinstance_id" + b"\xa0" + b"\xa5stats" + b"\x80" + b"\xa8draining" + b"\xc2"
         + b"\xacregistration" + b"\x00",
     ]
@@ -42,7 +46,7 @@ def test_batch_result_golden_bytes_carry_each_input_failure_as_the_list_index_co
     typed = protocol.BatchResult(7, outputs=[b"", b"\x01"], errors=[protocol.InputFailure(0, "BAD_REQUEST", "no")])
     frames = protocol.encode(typed)
     assert frames == [
-        b"DDML3\x05"
+        b"DDML4\x05"
         + b"\x85" + b"\xa8batch_id" + b"\x07" + b"\xa7outputs" + b"\x92" + b"\xc4\x00" + b"\xc4\x01\x01"
         + b"\xa6errors" + b"\x91" + b"\x93" + b"\x00" + b"\xabBAD_REQUEST" + b"\xa2no"
         + b"\xaacompute_ms" + b"\xcb" + bytes(8) + b"\xa7indices" + b"\x90",
@@ -57,7 +61,7 @@ def test_batch_result_golden_bytes_carry_each_input_failure_as_the_list_index_co
 def test_request_golden_bytes_carry_small_inputs_back_to_back_in_one_frame():
     frames = protocol.encode(protocol.Request("r1", "echo", timeout_ms=100, inputs=[b"\xa1x", b"\xa1yz"]))
     assert frames == [
-        b"DDML3\x03"
+        b"DDML4\x03"
         b"\x88\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64"
         b"\xa5sizes\x90\xa8priority\x00\xabinstance_id\xa0"
         b"\xabinput_bytes\x92\x02\x03\xa6inline\xc4\x05\xa1x\xa1yz",
@@ -69,7 +73,7 @@ def test_batch_golden_bytes_carry_each_large_input_in_a_frame_of_its_own_as_it_w
     view = memoryview(b"\x00" + large)[1:]  # a view of a received frame, as the broker forwards it
     frames = protocol.encode(protocol.Batch(9, "m", ["a", "b", "c"], timeout_ms=5, inputs=[b"\x01", view, b"\x02"]))
     assert frames[0] == (
-        b"DDML3\x04"
+        b"DDML4\x04"
         b"\x86\xa8batch_id\x09\xa5model\xa1m\xabrequest_ids\x93\xa1a\xa1b\xa1c\xaatimeout_ms\x05"
         b"\xabinput_bytes\x93\x01\xce\x00\x01\x00\x00\x01\xa6inline\xc4\x02\x01\x02"
     )
@@ -300,8 +304,9 @@ def test_messages_at_the_bounds_are_accepted(message):
 
 @pytest.mark.parametrize("frames", [
     [b"DDML1", b"\x02", b"\x80"],  # how a version-1 peer frames a heartbeat
-    [b"DDML4\x02\x80"],
+    [b"DDML5\x02\x80"],
     [b"DDML2\x02\x80"],  # the version before inputs travelled apart from the body
+    [b"DDML3\x02\x80"],  # the version before REQUESTS
 ])
 def test_another_protocol_version_is_named_in_the_error(frames):
     version = frames[0][:5].decode()
@@ -319,7 +324,7 @@ def test_random_bytes_never_raise_anything_but_decode_error():
             if rng.random() < 0.5 and body:  # corrupt a valid body in one place
                 at = int(rng.integers(len(body)))
                 body = body[:at] + rng.bytes(1) + body[at + 1:]
-            frames[0] = protocol.PROTOCOL_VERSION + bytes([int(rng.integers(1, 12))]) + body
+            frames[0] = protocol.PROTOCOL_VERSION + bytes([int(rng.integers(1, 13))]) + body
         try:
             protocol.decode(frames)
         except DecodeError:
@@ -445,3 +450,106 @@ def test_a_frame_that_cannot_be_encoded_leaves_the_next_one_whole():
         protocol.encode(protocol.Request("r1", "m", 1000, inputs=[object()]))
     request = protocol.Request("r2", "m", 1000, inputs=[b"ok"])
     assert protocol.decode(protocol.encode(request)) == request
+
+
+# --------------------------------------------------------------------------- REQUESTS
+
+
+def test_requests_golden_bytes_hold_each_request_as_a_request_body():
+    frames = protocol.encode(protocol.Requests([protocol.Request("r1", "echo", timeout_ms=100, inputs=[b"\xa1x"]),
+                                                protocol.Request("r2", "echo", timeout_ms=7, inputs=[])]))
+    assert frames == [
+        b"DDML4\x0c"
+        b"\x81\xa8requests\x92"
+        b"\x88\xaarequest_id\xa2r1\xa5model\xa4echo\xaatimeout_ms\x64"
+        b"\xa5sizes\x90\xa8priority\x00\xabinstance_id\xa0"
+        b"\xabinput_bytes\x91\x02\xa6inline\xc4\x02\xa1x"
+        b"\x88\xaarequest_id\xa2r2\xa5model\xa4echo\xaatimeout_ms\x07"
+        b"\xa5sizes\x90\xa8priority\x00\xabinstance_id\xa0"
+        b"\xabinput_bytes\x90\xa6inline\xc4\x00",
+    ]
+    # Each entry is exactly the body of the REQUEST it would travel as alone.
+    alone = protocol.encode(protocol.Request("r1", "echo", timeout_ms=100, inputs=[b"\xa1x"]))[0]
+    assert alone[6:] in frames[0]
+
+
+def test_requests_carry_the_large_inputs_of_every_entry_in_frames_in_order_and_round_trip():
+    large = [bytes([n]) * (BIG + n) for n in range(3)]
+    requests = protocol.Requests([protocol.Request("a", "m", 1, [b"\x01", large[0]]),
+                                  protocol.Request("b", "m", 1, [b"\x02"]),
+                                  protocol.Request("c", "m", 1, [large[1], b"\x03", large[2]])])
+    frames = protocol.encode(requests)
+    assert frames[1:] == large
+    decoded = protocol.decode(frames)
+    assert decoded == requests and decoded.refused == []
+    with pytest.raises(DecodeError, match="Requests has 5 frames, and its inputs take 4"):
+        protocol.decode([*frames, bytes(BIG)])
+    with pytest.raises(DecodeError, match=r"Requests.requests\[2\].input_bytes\[0\] is 65537, its frame holds 65538"):
+        protocol.decode([*frames[:2], frames[3], frames[2]])
+    with pytest.raises(DecodeError, match=r"Requests.requests\[2\].input_bytes\[2\].*needs frame 3"):
+        protocol.decode(frames[:3])
+
+
+@pytest.mark.parametrize("flaw, complaint", [
+    ({"model": LONG_NAME}, "Request.model"),
+    ({"priority": protocol.MAX_PRIORITY + 1}, "Request.priority"),
+    ({"timeout_ms": True}, "Request.timeout_ms must be int"),
+    ({"sizes": [1, 2]}, "2 sizes for 1 inputs"),
+    ({"trace": ["x" * 56, ""]}, "traceparent"),
+])
+def test_a_requests_entry_with_a_wrong_field_is_refused_alone_with_its_id(flaw, complaint):
+    good = [protocol.Request(f"r{n}", "m", 100, [bytes([n])]) for n in range(3)]
+    frame = protocol.encode(protocol.Requests(good))[0]
+    body = msgpack.unpackb(frame[6:])
+    body["requests"][1].update(flaw)
+    decoded = protocol.decode([frame[:6] + msgpack.packb(body)])
+    assert decoded.requests == [good[0], good[2]]
+    [(request_id, why)] = decoded.refused
+    assert request_id == "r1" and complaint in why and why.startswith("Requests.requests[1]")
+
+
+def test_a_requests_entry_without_a_readable_id_is_refused_without_one():
+    frame = protocol.encode(protocol.Requests([REQUEST, protocol.Request("r2", "m", 1, [b"\x02"])]))[0]
+    body = msgpack.unpackb(frame[6:])
+    body["requests"][0]["request_id"] = LONG_NAME
+    decoded = protocol.decode([frame[:6] + msgpack.packb(body)])
+    assert [r.request_id for r in decoded.requests] == ["r2"] and decoded.refused[0][0] == ""
+
+
+@pytest.mark.parametrize("requests, complaint", [
+    ([], r"Requests.requests must be a list of 1 to 65536 requests, got a list of 0"),
+    ("x", "Requests.requests must be a list"),
+    ([REQUEST, 1], r"Requests.requests\[1\] must be a map"),
+])
+def test_a_requests_message_of_the_wrong_shape_is_refused_whole(requests, complaint):
+    with pytest.raises(DecodeError, match=complaint):
+        protocol.decode([b"DDML4\x0c" + msgpack.packb({"requests": [
+            msgpack.unpackb(protocol.encode(r)[0][6:]) if type(r) is protocol.Request else r for r in requests]
+            if type(requests) is list else requests})])
+
+
+def test_a_requests_entry_with_a_wrong_layout_refuses_the_whole_message():
+    frame = protocol.encode(protocol.Requests([REQUEST, protocol.Request("r2", "m", 1, [b"\x02"])]))[0]
+    body = msgpack.unpackb(frame[6:])
+    body["requests"][1]["input_bytes"] = [2]
+    with pytest.raises(DecodeError, match=r"Requests.requests\[1\].input_bytes\[0\]"):
+        protocol.decode([frame[:6] + msgpack.packb(body)])
+    # and the broker can still answer each request whose id it can read
+    assert protocol.request_ids_of([frame[:6] + msgpack.packb(body)]) == ["r1", "r2"]
+
+
+def test_requests_may_hold_at_most_max_items_inputs_in_all():
+    half = protocol.MAX_ITEMS // 2
+    ok = protocol.Requests([protocol.Request("a", "m", 1, [b""] * half), protocol.Request("b", "m", 1, [b""] * half)])
+    assert protocol.decode(protocol.encode(ok)) == ok
+    over = protocol.Requests([*ok.requests, protocol.Request("c", "m", 1, [b""])])
+    with pytest.raises(DecodeError, match="65537 inputs in all"):
+        protocol.decode(protocol.encode(over))
+
+
+def test_request_ids_of_reads_only_requests():
+    assert protocol.request_ids_of(protocol.encode(REQUEST)) == ["r1"]
+    assert protocol.request_ids_of(protocol.encode(HEARTBEAT)) == []
+    assert protocol.request_ids_of([]) == [] and protocol.request_id_of([]) is None
+    assert protocol.request_ids_of([b"DDML4\x0c\xc1"]) == []  # not msgpack
+    assert protocol.request_id_of(protocol.encode(protocol.Requests([REQUEST]))) is None  # REQUEST only

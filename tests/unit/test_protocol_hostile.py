@@ -159,6 +159,14 @@ def assert_safe(message) -> None:
             assert type(message.stats) is dict and all(_is_name(k, empty_ok=True) for k in message.stats)
         case P.Error():
             assert _is_name(message.code, empty_ok=True) and _is_text(message.message, P.MAX_REPLY_TEXT_LEN)
+        case P.Requests():
+            assert type(message.requests) is list and 0 < len(message.requests) + len(message.refused) <= P.MAX_ITEMS
+            assert sum(len(request.inputs) for request in message.requests) <= P.MAX_ITEMS
+            for request in message.requests:
+                assert type(request) is P.Request
+                assert_safe(request)
+            for request_id, why in message.refused:  # decode()'s own account: an id to answer, or none
+                assert _is_name(request_id, empty_ok=True) and type(why) is str
         case _:
             raise AssertionError(f"decode() returned {type(message).__name__}")
 
@@ -347,6 +355,7 @@ VALID = {
                         models=st.just({"m": {"workers": 1}}), workers=st.just([{}])),
     P.Error: st.builds(P.Error, code=name, message=st.text(max_size=6)),
 }
+VALID[P.Requests] = st.lists(VALID[P.Request], min_size=1, max_size=3).map(P.Requests)
 CASES = [
     (t, field, flaw)
     for t in VALID
@@ -385,9 +394,46 @@ def test_a_hostile_field_decodes_safely_or_raises_decode_error(message_type, fie
             raise AssertionError(f"{message_type.__name__}.{field} = {value!r:.300}: {error}") from error
 
 
+REQUEST_CASES = [(field, flaw) for t, field, flaw in CASES if t is P.Request]
+
+
+@pytest.mark.parametrize("field, flaw", REQUEST_CASES, ids=[f"{f}-{w}" for f, w in REQUEST_CASES])
+@FEW
+@given(data=st.data())
+def test_a_hostile_request_among_requests_is_refused_alone_exactly_where_a_request_would_be(field, flaw, data):
+    """A REQUESTS entry decodes exactly when it decodes as a REQUEST alone. Refused, it is refused alone, with
+    its id where it can be read (so the broker answers it BAD_REQUEST and runs the others), or, where its
+    inputs' layout is wrong, the whole message is."""
+    first, hostile, last = (data.draw(VALID[P.Request]) for _ in range(3))
+    first.request_id, last.request_id = "first", "last"
+    for value in hostile_values(data.draw, hostile, field, flaw):
+        setattr(hostile, field, value)
+        try:
+            alone, together = P.encode(hostile), P.encode(P.Requests([first, hostile, last]))
+        except TypeError:
+            continue
+        try:
+            expected = P.decode(alone)
+        except DecodeError:
+            expected = None
+        try:
+            decoded = P.decode(together)
+        except DecodeError:
+            assert expected is None, f"{field} = {value!r:.100}: a REQUESTS refused for an entry that decodes alone"
+            continue
+        assert_safe(decoded)
+        if expected is not None:
+            assert decoded.requests == [first, expected, last] and decoded.refused == []
+        else:
+            assert decoded.requests == [first, last], f"{field} = {value!r:.100}"
+            [(request_id, _)] = decoded.refused
+            readable = type(hostile.request_id) is str and _is_name(hostile.request_id)
+            assert request_id == (hostile.request_id if readable else "")
+
+
 # --------------------------------------------------------------------------- arbitrary bodies and bytes
 
-KIND_BYTES = st.sampled_from([*range(1, 12), 0, 99, 255])
+KIND_BYTES = st.sampled_from([*range(1, 13), 0, 99, 255])
 FIELD_NAMES = sorted({name for t in MESSAGE_TYPES for name in _fields(t)})
 bodies = st.dictionaries(st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=6)), anything, max_size=8)
 
@@ -463,3 +509,30 @@ def test_inputs_of_any_sizes_round_trip_in_order_each_large_one_in_a_frame_of_it
     frames = P.encode(request)
     assert frames[1:] == [item for item in inputs if len(item) >= LARGE]
     assert P.decode(frames) == request
+
+
+_GONE = "(left out)"  # a field drawn to be left out of the body
+
+
+@MANY
+@given(data=st.data())
+def test_any_request_body_decodes_in_a_requests_exactly_as_it_does_alone(data):
+    """The REQUESTS entry's own decoding (written out for the broker's hot path) against decode() of a
+    REQUEST, on bodies with any field changed to anything or left out."""
+    first = P.Request("first", "m", 5, [b"\x01"])
+    body = msgpack.unpackb(P.encode(data.draw(VALID[P.Request]))[0][6:])
+    changes = data.draw(st.dictionaries(st.sampled_from(sorted(body) + ["trace", "timings"]),
+                                        anything | st.just(_GONE), max_size=3))
+    body = {key: value for key, value in (body | changes).items() if value != _GONE}
+    entries = [msgpack.unpackb(P.encode(first)[0][6:]), body]
+    try:
+        expected = P.decode([P.PROTOCOL_VERSION + bytes([P.Kind.REQUEST]) + msgpack.packb(body)])
+    except DecodeError:
+        expected = None
+    decoded = decodes_safely([P.PROTOCOL_VERSION + bytes([P.Kind.REQUESTS]) + msgpack.packb({"requests": entries})])
+    if decoded is None:
+        assert expected is None, "a REQUESTS refused whole for an entry that decodes alone"
+    elif expected is None:
+        assert decoded.requests == [first] and len(decoded.refused) == 1
+    else:
+        assert decoded.requests == [first, expected] and decoded.refused == []
