@@ -389,12 +389,12 @@ def measure(running: Running, concurrency: int, seconds: float, bodies: Path) ->
 def measure_loop(running: Running, workload: str, load: Coroutine, inputs: int = 1, concurrency: int = 0,
                  fraction: float | None = None, rate: float | None = None) -> Point:
     """The bulk or open workload: one bench.openloop run (the coroutine `load`) against the system."""
-    mean_batch, cores = batch_meter(running), cpu_meter(running)
+    mean_batch, cores, by_process = batch_meter(running), cpu_meter(running), split_meter(running)
     result = asyncio.run(load)
-    used = cores()
+    used, by_process = cores(), by_process()
     figures = result.summary()
     return Point(running.name, concurrency, figures["req_per_s"], figures["p50_ms"], figures["p99_ms"],
-                 result.error_count, used, mean_batch(), workload=workload, inputs=inputs, fraction=fraction,
+                 result.error_count, used, mean_batch(), by_process, workload=workload, inputs=inputs, fraction=fraction,
                  rate=rate, requests=result.requests, timeouts=result.errors["timeout"],
                  latencies_ms=result.latencies_ms,
                  note=f"generator: {result.connections} connections, lag ≤ {result.lag_ms_max:.1f} ms, "

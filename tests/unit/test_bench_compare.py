@@ -45,3 +45,9 @@ def test_medians_keep_the_split_and_the_best_cpu():
     assert best["cpu_ms_per_input"] == pytest.approx(1.95 * 1000 / 390.0, rel=0.02)
     old = median_best([{"lanes": 2, "closed": {64: {"items_per_s": 1.0, "p50_ms": 1.0, "p99_ms": 1.0}}}])
     assert math.isnan(old["closed"][64]["cpu_cores"])
+
+
+def test_only_ddml_is_split_by_process():
+    from bench.compare import Running, split_meter
+
+    assert split_meter(Running("naive-1", "http://127.0.0.1:1", "/predict"))() == {}
