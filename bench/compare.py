@@ -10,7 +10,10 @@ Systems (all on 127.0.0.1, all answering a POST of N sentences with their embedd
 - in-process best (with ddml and the closed workload): ddml's own worker code, its compute lanes
   and unpadded passes, fed by a closed loop of N single-sentence clients with no HTTP and no
   broker (bench.peers.worker_limit), at each --concurrency: what ddml would serve at cN if
-  serving cost nothing, and #25's target (ddml ≥ 0.95× it at c64);
+  serving cost nothing, and #25's target (ddml ≥ 0.95× it at c64). With the ratio at each cN comes
+  where the rest goes: the cores ddml's processes used against the cores the best used (idle time,
+  or CPU others took), and ddml's CPU per request by process (gateway, broker, worker) against the
+  best's CPU per input (what serving costs on top of the compute);
 - ddml: ddml-gateway + ddml-broker + one ddml-worker (max batch 64, 2 torch threads);
 - naive-1: Falcon under gunicorn, one sync process with 2 torch threads, one call per request;
 - naive-2: the same with 2 processes × 1 torch thread;
@@ -99,6 +102,7 @@ class Point:
     errors: int
     cpu_cores: float  # server CPU seconds per wall second, all its processes
     mean_batch: float | None = None
+    cpu_split: dict[str, float] = field(default_factory=dict)  # ddml: cpu_cores by process (gateway, broker, worker)
     rounds: list[float] = field(default_factory=list)  # each round's req/s (bulk: items/s; open: p99 ms)
     workload: str = "closed"
     inputs: int = 1  # sentences a request
@@ -144,6 +148,12 @@ class Running:
         if self.stack is not None:
             roots += [p.pid for p in self.stack.processes]
         return descendants(roots)
+
+    def roles(self) -> dict[str, list[int]]:
+        """ddml: the pids of each of its processes (gateway, broker, worker: the module each runs); else {}."""
+        if self.stack is None:
+            return {}
+        return {process.args[2]: descendants([process.pid]) for process in self.stack.processes}
 
     def stop(self) -> None:
         if self.stack is not None:
@@ -306,6 +316,20 @@ def cpu_meter(running: Running) -> Callable[[], float]:
     return cores
 
 
+def split_meter(running: Running) -> Callable[[], dict[str, float]]:
+    """ddml: like cpu_meter, by process (gateway, broker, worker); {} for the others."""
+    roles = running.roles()
+    before, started_at = {role: cpu_seconds(pids) for role, pids in roles.items()}, time.monotonic()
+
+    def cores() -> dict[str, float]:
+        elapsed = time.monotonic() - started_at
+        after = {role: cpu_seconds(pids) for role, pids in roles.items()}
+        return {role: sum(cpu - before[role].get(pid, 0.0) for pid, cpu in used.items()) / elapsed
+                for role, used in after.items()}
+
+    return cores
+
+
 def batch_meter(running: Running) -> Callable[[], float | None]:
     """ddml only: the function returned gives the mean number of inputs per predict() call (a
     pass, for a continuous worker; a batch otherwise) that its workers ran since, from the figures
@@ -353,22 +377,24 @@ def worker_figures(running: Running) -> tuple[int, int]:
 def measure(running: Running, concurrency: int, seconds: float, bodies: Path) -> Point:
     """The closed workload: single-sentence requests from wrk."""
     mean_batch = batch_meter(running)
+    by_process = split_meter(running)
     result, cores = run_wrk(running, concurrency, seconds, bodies)
+    by_process = by_process()
     ok = result["requests"] - result["status_errors"]
     return Point(running.name, concurrency, ok / (result["duration_us"] / 1e6), result["p50_us"] / 1000,
                  result["p99_us"] / 1000, result["status_errors"] + result["socket_errors"], cores, mean_batch(),
-                 requests=result["requests"], timeouts=result.get("timeouts", 0))
+                 by_process, requests=result["requests"], timeouts=result.get("timeouts", 0))
 
 
 def measure_loop(running: Running, workload: str, load: Coroutine, inputs: int = 1, concurrency: int = 0,
                  fraction: float | None = None, rate: float | None = None) -> Point:
     """The bulk or open workload: one bench.openloop run (the coroutine `load`) against the system."""
-    mean_batch, cores = batch_meter(running), cpu_meter(running)
+    mean_batch, cores, by_process = batch_meter(running), cpu_meter(running), split_meter(running)
     result = asyncio.run(load)
-    used = cores()
+    used, by_process = cores(), by_process()
     figures = result.summary()
     return Point(running.name, concurrency, figures["req_per_s"], figures["p50_ms"], figures["p99_ms"],
-                 result.error_count, used, mean_batch(), workload=workload, inputs=inputs, fraction=fraction,
+                 result.error_count, used, mean_batch(), by_process, workload=workload, inputs=inputs, fraction=fraction,
                  rate=rate, requests=result.requests, timeouts=result.errors["timeout"],
                  latencies_ms=result.latencies_ms,
                  note=f"generator: {result.connections} connections, lag ≤ {result.lag_ms_max:.1f} ms, "
@@ -390,6 +416,7 @@ def median_point(points: list[Point]) -> Point:
         p50, p99 = openloop.percentile(pooled, 50), openloop.percentile(pooled, 99)
     return Point(first.system, first.concurrency, median([p.req_per_s for p in points]), p50, p99,
                  sum(p.errors for p in points), median([p.cpu_cores for p in points]), median(batches),
+                 {role: median([p.cpu_split[role] for p in points if role in p.cpu_split]) for role in first.cpu_split},
                  rounds=[p.per_round() for p in points], workload=first.workload, inputs=first.inputs,
                  fraction=first.fraction, rate=first.rate, requests=sum(p.requests for p in points),
                  timeouts=sum(p.timeouts for p in points))
@@ -421,6 +448,8 @@ def median_best(bests: list[dict]) -> dict:
             "p50_ms": statistics.median(r["p50_ms"] for r in runs),
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "each": [r["items_per_s"] for r in runs],
+            "cpu_cores": statistics.median(r.get("cpu_cores", math.nan) for r in runs),
+            "cpu_ms_per_input": statistics.median(r.get("cpu_ms_per_input", math.nan) for r in runs),
         }
     return out
 
@@ -527,6 +556,26 @@ def origin(p: Point, figure: str) -> str:
     return f"{p.system} {p.load}: {tool}, median of {rounds} ({each} {'items/s' if p.inputs > 1 else 'req/s'})"
 
 
+def where_it_goes(ddml: Point, best: dict) -> str:
+    """ddml's ratio to the in-process best, taken apart: a rate is cores ÷ CPU per input, so the ratio is
+    (cores ddml's processes used ÷ cores the best used) × (the best's CPU per input ÷ ddml's CPU per
+    request), up to taking medians of each. The first factor is idle time, or CPU that others took (wrk,
+    the idle peers, the machine's other users); the second, what serving costs beyond the worker's own
+    compute: the gateway, the broker, and the worker's CPU beyond the best's (its broker I/O thread, the
+    messages). '' without the figures."""
+    cores, per_input_ms = best.get("cpu_cores", math.nan), best.get("cpu_ms_per_input", math.nan)
+    if not ddml.cpu_split or not ddml.req_per_s or math.isnan(cores) or math.isnan(per_input_ms):
+        return ""
+    used = sum(ddml.cpu_split.values())
+    per_request_ms = {role: c * 1000 / ddml.req_per_s for role, c in ddml.cpu_split.items()}
+    total_ms = sum(per_request_ms.values())
+    worker_ms = per_request_ms.get("worker")
+    beyond = f"; the worker {worker_ms - per_input_ms:+.2f} ms beyond it" if worker_ms is not None else ""
+    return (f"where it goes: cores used {used:.2f} against the best's {cores:.2f} (×{used / cores:.2f}); CPU per "
+            f"request {total_ms:.2f} ms (" + ", ".join(f"{role} {ms:.2f}" for role, ms in per_request_ms.items())
+            + f") against the best's {per_input_ms:.2f} per input (×{per_input_ms / total_ms:.2f}{beyond})")
+
+
 def met(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -563,6 +612,9 @@ def targets(points: list[Point], limit: dict, capacity: Capacity | None, inproce
                   f"({figures['items_per_s']:.1f} inputs/s){goal}\n  ({origin(ddml, 'req/s')}; in-process best: "
                   f"bench.peers.worker_limit, {inprocess['lanes']} lanes, median of {len(figures['each'])}: "
                   f"{', '.join(f'{v:.1f}' for v in figures['each'])})")
+            where = where_it_goes(ddml, figures)
+            if where:
+                print(f"  {where}")
     naive1 = at(points, "closed", "naive-1", 1)
     if ddml1 and naive1:
         added = ddml1.p50_ms - naive1.p50_ms
@@ -832,6 +884,8 @@ def main() -> None:
                           f"{point.requests} requests, errors {point.errors}"
                           + (f" ({point.timeouts} timeouts)" if point.timeouts else "")
                           + f", CPU {point.cpu_cores:.2f}"
+                          + (" (" + ", ".join(f"{role} {c:.2f}" for role, c in point.cpu_split.items()) + ")"
+                             if point.cpu_split else "")
                           + (f", mean batch {point.mean_batch:.1f}" if point.mean_batch is not None else "")
                           + (f"; {point.note}" if point.note else ""), flush=True)
             limits.append(measure_limit())

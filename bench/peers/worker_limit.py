@@ -68,7 +68,7 @@ def closed_loop(handler, lanes: int, limits: tuple[int, int, int], concurrency: 
     next_text = itertools.cycle(texts)
     sent_at: dict[int, float] = {}
     latencies_ms: list[float] = []
-    counted = {"answered": 0, "seconds": 0.0}
+    counted = {"answered": 0, "seconds": 0.0, "cpu_s": 0.0}
 
     def submit() -> None:
         batch_id = next(batch_ids)
@@ -80,7 +80,7 @@ def closed_loop(handler, lanes: int, limits: tuple[int, int, int], concurrency: 
         try:
             for _ in range(concurrency):
                 submit()
-            started_at = time.perf_counter()
+            started_at, cpu_from_s = time.perf_counter(), time.process_time()
             stop_at = started_at + seconds
             while (now := time.perf_counter()) < stop_at:
                 if not answers.poll(1000):
@@ -90,6 +90,7 @@ def closed_loop(handler, lanes: int, limits: tuple[int, int, int], concurrency: 
                 counted["answered"] += tag.answered
                 submit()
             counted["seconds"] = now - started_at
+            counted["cpu_s"] = time.process_time() - cpu_from_s  # all this process's threads: lanes, intake, us
         finally:
             inbox.put(None)  # run_continuous returns
 
@@ -102,7 +103,10 @@ def closed_loop(handler, lanes: int, limits: tuple[int, int, int], concurrency: 
     results.close(linger=0)
     answers.close(linger=0)
     context.term()
+    # Its CPU, as cores and per input: what ddml's processes together are compared with (bench.compare).
     return {"items_per_s": counted["answered"] / counted["seconds"], "p50_ms": statistics.median(latencies_ms),
+            "cpu_cores": counted["cpu_s"] / counted["seconds"],
+            "cpu_ms_per_input": counted["cpu_s"] * 1000 / max(1, counted["answered"]),
             "p99_ms": statistics.quantiles(latencies_ms, n=100)[98] if len(latencies_ms) > 1 else latencies_ms[0]}
 
 
