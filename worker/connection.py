@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _POOL_POLL_S = 0.05  # a pool worker's I/O thread looks this often for holdings to announce
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: pyzmq's enum arithmetic costs µs
 
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
@@ -100,6 +101,9 @@ class BrokerConnection:
         self._inline_since: float | None = None  # when the I/O thread began the batch it runs itself
         self._deferred: list[WorkBatch] = []  # batches that came meanwhile, for the compute thread after it
         self.inline_batches = 0  # batches the I/O thread ran itself
+        # A message waited behind the last batch run here: the next batch goes to the compute thread,
+        # so that under load one batch is decoded while another computes.
+        self._queued_behind = False
         self._drained = False
         self._results: zmq.Socket | None = None
         self._should_stop: Callable[[], bool] = bool
@@ -206,6 +210,7 @@ class BrokerConnection:
         for deferred in self._deferred:
             self._inbox.put(deferred)
         self._deferred.clear()
+        self._queued_behind = any(sockets.dealer.get(_EVENTS) & _POLLIN for sockets in self._sockets)
         tag = ResultTag(work.link, work.batch_id, len(result.outputs), work.epoch)
         self._perform(self.links.on_result(tag, protocol.encode(result)))
 
@@ -254,6 +259,7 @@ class BrokerConnection:
                     elif self._may_run_inline():
                         self._run_inline(work)
                     else:
+                        self._queued_behind = False
                         self._inbox.put(work)
                 case Forget():
                     self._perform(self.links.forgotten(instruction.link, self._forget(instruction),
@@ -264,9 +270,11 @@ class BrokerConnection:
 
     def _may_run_inline(self) -> bool:
         """Run the batch that just came here: it is the only one held (the compute thread is idle,
-        and no result is on its way back), and the model's recent batches were short."""
+        and no result is on its way back), it did not wait behind the last batch run here (under
+        load the compute thread overlaps one batch's decoding with another's compute), and the
+        model's recent batches were short."""
         return (self._inline is not None and self.links.outstanding == 1 and self._state.busy_since is None
-                and self._state.batches_are_short)
+                and not self._queued_behind and self._state.batches_are_short)
 
     def _forget(self, forget: Forget) -> list[BatchKey]:
         """Take the link's batches out of the inbox (the broker re-dispatched them), publish its
