@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import socket as socketlib
+import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 _POOL_POLL_S = 0.05  # a pool worker's I/O thread looks this often for holdings to announce
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: pyzmq's enum arithmetic costs µs
 
 _HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no detail",
@@ -74,6 +76,7 @@ class BrokerConnection:
         describe: Callable[[], dict] = dict,
         clock: Callable[[], float] = time.monotonic,
         pool: PoolHooks | None = None,
+        inline: Callable[[WorkBatch], protocol.BatchResult] | None = None,
     ):
         self._config = config
         self._context = context
@@ -89,6 +92,23 @@ class BrokerConnection:
         self._health = HealthClock(config.watchdog_s, config.heartbeat_interval_s)
         self._warned_figures = False
         self._pool = pool  # a pool worker's holdings and the brokers' demand (worker/pool.py)
+        # Runs a whole batch and counts it (loop.run_counted), for a lone batch the I/O thread runs
+        # itself; None: every batch goes to the compute thread (a continuous or pool worker).
+        self._inline = inline
+        # Whoever holds it may use the sockets and the links: the I/O thread, always, except while
+        # it runs a batch itself; then the standby thread, should that batch run long (_standby).
+        self._owner = threading.Lock()
+        self._inline_since: float | None = None  # when the I/O thread began the batch it runs itself
+        self._deferred: list[WorkBatch] = []  # batches that came meanwhile, for the compute thread after it
+        self.inline_batches = 0  # batches the I/O thread ran itself
+        # A message waited behind the last batch run here: the next batch goes to the compute thread,
+        # so that under load one batch is decoded while another computes.
+        self._queued_behind = False
+        self._drained = False
+        self._results: zmq.Socket | None = None
+        self._should_stop: Callable[[], bool] = bool
+        self._poller: zmq.Poller | None = None
+        self._polled: list[_Sockets | None] = []
 
     @property
     def broker_instance_id(self) -> str:
@@ -102,42 +122,99 @@ class BrokerConnection:
         """The I/O thread's body. Returns after a graceful drain; puts None in the inbox on exit."""
         results = self._context.socket(zmq.PULL)
         results.bind(self._results_endpoint)
+        self._results, self._should_stop = results, should_stop
+        standby_stop = threading.Event()
+        standby = None
+        if self._inline is not None:
+            standby = threading.Thread(target=self._standby, args=(standby_stop,), name="broker-io-standby",
+                                       daemon=True)
+            standby.start()
+        self._owner.acquire()
         try:
-            self._serve(results, should_stop)
+            self._serve()
         finally:
+            self._owner.release()
+            standby_stop.set()
+            if standby is not None:
+                standby.join(timeout=5)
             self._inbox.put(None)
             results.close(linger=0)
             for sockets in self._sockets:
                 if sockets is not None:
                     sockets.close(linger=1000)
 
-    def _serve(self, results: zmq.Socket, should_stop: Callable[[], bool]) -> None:
-        links = self.links
+    def _serve(self) -> None:
         now = self._clock()
         for index in range(len(self._sockets)):
-            self._sockets[index] = _Sockets(self._context, links.links[index].endpoint, self._keys)
-            self._perform(links.connected(index, now, self._busy))
-        poller, polled = None, None
-        while True:
-            if polled != self._sockets:  # the first pass, or a socket was replaced (a reconnect)
-                poller, polled = self._poller(results), list(self._sockets)
-            wait_s = min(links.next_wake_at() - self._clock(), links.interval_s if self._pool is None else _POOL_POLL_S)
-            ready = dict(poller.poll(max(0, wait_s * 1000)))
-            now = self._clock()
-            if self._pool is not None and self._pool.take_changed():
-                links.heartbeat_due_at = now  # holdings changed: tell every broker now
-            if results in ready:
-                self._forward_results(results)
-            for index, sockets in enumerate(self._sockets):
-                if sockets.dealer in ready:
-                    self._receive(index, sockets.dealer, now)
-                if sockets.monitor in ready:
-                    self._log_handshake_failures(index, sockets.monitor)
-            if self._perform(links.on_tick(now, self._busy, should_stop())):
-                return
-            self._check_health(now)
+            self._sockets[index] = _Sockets(self._context, self.links.links[index].endpoint, self._keys)
+            self._perform(self.links.connected(index, now, self._busy))
+        while not self._step(wait=True) and not self._drained:
+            pass
 
-    def _poller(self, results: zmq.Socket) -> zmq.Poller:
+    def _step(self, wait: bool) -> bool:
+        """One pass of the I/O loop: poll (up to the next timer if `wait`), receive, forward results,
+        then the timers. True once drained."""
+        links = self.links
+        results = self._results
+        if self._polled != self._sockets:  # the first pass, or a socket was replaced (a reconnect)
+            self._poller, self._polled = self._new_poller(results), list(self._sockets)
+        wait_s = min(links.next_wake_at() - self._clock(), links.interval_s if self._pool is None else _POOL_POLL_S)
+        ready = dict(self._poller.poll(max(0, wait_s * 1000) if wait else 0))
+        now = self._clock()
+        if self._pool is not None and self._pool.take_changed():
+            links.heartbeat_due_at = now  # holdings changed: tell every broker now
+        if results in ready:
+            self._forward_results(results)
+        for index, sockets in enumerate(self._sockets):
+            if sockets.dealer in ready:
+                self._receive(index, sockets.dealer, now)
+            if sockets.monitor in ready:
+                self._log_handshake_failures(index, sockets.monitor)
+        now = self._clock()  # a batch this pass ran here may have taken a while
+        if self._perform(links.on_tick(now, self._busy, self._should_stop())):
+            return True
+        self._check_health(now)
+        return False
+
+    def _standby(self, stopped: threading.Event) -> None:
+        """The standby thread: while the I/O thread runs a batch itself and that batch runs long
+        (the model's recent batches were short, this one is not), do the I/O thread's work in its
+        place, a pass every quarter interval: heartbeats, the brokers' messages (a batch that comes
+        goes to the compute thread once the long one is done), the health file and the watchdog."""
+        period_s = self.links.interval_s / 4
+        while not stopped.wait(period_s):
+            since = self._inline_since
+            if since is None or self._clock() - since < period_s:
+                continue
+            with self._owner:
+                if self._inline_since is None:
+                    continue
+                try:
+                    # Never drained here: the batch the I/O thread computes is held until it answers.
+                    self._drained |= self._step(wait=False)
+                except Exception:  # the I/O thread goes on after its batch; say why the standby did not
+                    logger.exception("the standby I/O pass failed")
+
+    def _run_inline(self, work: WorkBatch) -> None:
+        """Run a lone batch here, on the I/O thread, and send its result at once: no hand-off to the
+        compute thread and back, no wake-up of either. The standby thread serves the brokers
+        meanwhile, should it run long."""
+        self.inline_batches += 1
+        self._inline_since = self._clock()
+        self._owner.release()
+        try:
+            result = self._inline(work)
+        finally:
+            self._owner.acquire()
+            self._inline_since = None
+        for deferred in self._deferred:
+            self._inbox.put(deferred)
+        self._deferred.clear()
+        self._queued_behind = any(sockets.dealer.get(_EVENTS) & _POLLIN for sockets in self._sockets)
+        tag = ResultTag(work.link, work.batch_id, len(result.outputs), work.epoch)
+        self._perform(self.links.on_result(tag, protocol.encode(result)))
+
+    def _new_poller(self, results: zmq.Socket) -> zmq.Poller:
         """A poller over the results socket and every broker's sockets. Built again only when a socket
         is replaced (a reconnect), not on every wake-up."""
         poller = zmq.Poller()
@@ -177,13 +254,27 @@ class BrokerConnection:
                     work = decode_batch(batch, link, epoch)
                     if work.traces:
                         work.received_ns = time.time_ns()  # the broker-queue span of a traced request ends here
-                    self._inbox.put(work)
+                    if self._inline_since is not None:  # the standby's pass: the I/O thread computes one
+                        self._deferred.append(work)
+                    elif self._may_run_inline():
+                        self._run_inline(work)
+                    else:
+                        self._queued_behind = False
+                        self._inbox.put(work)
                 case Forget():
                     self._perform(self.links.forgotten(instruction.link, self._forget(instruction),
                                                        self._clock(), self._busy))
                 case Exit():
                     return True
         return False
+
+    def _may_run_inline(self) -> bool:
+        """Run the batch that just came here: it is the only one held (the compute thread is idle,
+        and no result is on its way back), it did not wait behind the last batch run here (under
+        load the compute thread overlaps one batch's decoding with another's compute), and the
+        model's recent batches were short."""
+        return (self._inline is not None and self.links.outstanding == 1 and self._state.busy_since is None
+                and not self._queued_behind and self._state.batches_are_short)
 
     def _forget(self, forget: Forget) -> list[BatchKey]:
         """Take the link's batches out of the inbox (the broker re-dispatched them), publish its
@@ -203,6 +294,10 @@ class BrokerConnection:
                 kept.append(batch)  # another broker's, or the end marker: never ours to drop
         for batch in kept:
             self._inbox.put(batch)
+        for batch in self._deferred:
+            if batch.link == forget.link:
+                dropped.append((batch.epoch, batch.batch_id))
+        self._deferred = [batch for batch in self._deferred if batch.link != forget.link]
         self._state.link_epochs[forget.link] = forget.epoch
         return dropped
 
@@ -222,9 +317,12 @@ class BrokerConnection:
                 continue
             if self._pool is not None and type(message) is protocol.Heartbeat and message.demand:
                 self._pool.on_demand(index, message.demand, now)
+            ran_inline = self.inline_batches
             self._perform(self.links.on_message(index, message, now, self._busy))
             if self._sockets[index].dealer is not dealer:
                 return  # a fresh socket replaced it
+            if self.inline_batches != ran_inline:
+                return  # a batch ran here: the timers first (heartbeats), then the rest (poll)
 
     def _forward_results(self, results: zmq.Socket) -> None:
         while True:
@@ -249,6 +347,8 @@ class BrokerConnection:
 
     def _figures(self) -> dict:
         figures = {**self._state.figures(), **self.links.figures()}
+        if self._inline is not None:
+            figures["inline_batches"] = self.inline_batches
         try:
             described = self._describe()
         except Exception:  # figures are best effort; a broken describe() must not stop heartbeats

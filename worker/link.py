@@ -76,17 +76,38 @@ class ResultTag:
         return cls(*map(int, frame.split(b":")))
 
 
+# The I/O thread runs a lone batch itself (worker/connection.py) once this many batches in a row
+# each computed in less than INLINE_BELOW_S: handing it to the compute thread and its result back
+# costs two thread wake-ups, as much as a cheap model's whole batch.
+INLINE_AFTER_BATCHES = 8
+INLINE_BELOW_S = 0.005
+
+
 @dataclass
 class ComputeState:
-    """Shared between the compute thread (writes) and the I/O thread (reads)."""
+    """Shared between the thread that computes a batch (writes) and the I/O thread (reads). Only
+    one thread computes batches at a time: the compute thread, or the I/O thread for a lone one."""
 
     busy_since: float | None = None  # monotonic start of the batch (or earliest pass) being computed
     batches: int = 0
     items: int = 0
     compute_s: float = 0.0
+    short_streak: int = 0  # whole batches in a row that computed in less than INLINE_BELOW_S
     # link index -> its epoch. The I/O thread sets it when a broker forgot us (it re-dispatched
     # what we held); a continuous compute thread then drops that link's inputs it has not started.
     link_epochs: dict[int, int] = field(default_factory=dict)
+
+    def computed(self, inputs: int, compute_s: float) -> None:
+        """A whole batch of `inputs` has computed in `compute_s`: count it."""
+        self.batches += 1
+        self.items += inputs
+        self.compute_s += compute_s
+        self.short_streak = self.short_streak + 1 if compute_s < INLINE_BELOW_S else 0
+
+    @property
+    def batches_are_short(self) -> bool:
+        """The model's recent batches were all short: one more may run on the I/O thread."""
+        return self.short_streak >= INLINE_AFTER_BATCHES
 
     def figures(self) -> dict:
         return {

@@ -63,17 +63,23 @@ def run_worker(
 def run_and_push(model: Manager, batch: WorkBatch, results: zmq.Socket, state: ComputeState,
                  clock: Callable[[], float] = time.monotonic) -> None:
     """Run one whole batch, count it, and hand its result to the I/O thread."""
+    push_result(results, batch, run_counted(model, batch, state, clock))
+
+
+def run_counted(model: Manager, batch: WorkBatch, state: ComputeState,
+                clock: Callable[[], float] = time.monotonic) -> protocol.BatchResult:
+    """Run one whole batch, with the watchdog's busy_since set meanwhile, and count it. The compute
+    thread calls it, or the I/O thread for a lone batch (worker/connection.py: _run_inline)."""
     state.busy_since = started_at = clock()
     try:
         result = run_batch(model, batch, clock)
     finally:
         state.busy_since = None
+    ended_at = clock()
     if batch.traces:
-        _trace(batch, started_at, clock())
-    state.batches += 1
-    state.items += len(batch.inputs)
-    state.compute_s += clock() - started_at
-    push_result(results, batch, result)
+        _trace(batch, started_at, ended_at)
+    state.computed(len(batch.inputs), ended_at - started_at)
+    return result
 
 
 def push_result(results: zmq.Socket, batch: WorkBatch, result: protocol.BatchResult) -> None:

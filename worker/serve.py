@@ -24,7 +24,7 @@ from ddml_common import protocol
 from ddml_common.cli import configure_logging, stop_on_signals
 from worker.config import WorkerConfig
 from worker.connection import BrokerConnection, ComputeState
-from worker.loop import RESULT_SEND_TIMEOUT_MS, run_continuous, run_worker
+from worker.loop import RESULT_SEND_TIMEOUT_MS, run_continuous, run_counted, run_worker
 from worker.models import create_handler
 
 logger = logging.getLogger("worker")
@@ -86,7 +86,10 @@ def serve(config: WorkerConfig, stop: threading.Event, handler_class: type | Non
     inbox: queue.Queue = queue.Queue()
     state = ComputeState()
     results_endpoint = f"inproc://results-{id(state)}"
-    connection = BrokerConnection(config, context, ready, inbox, results_endpoint, state, handler.describe)
+    # A batch worker's I/O thread runs a lone short batch itself (BrokerConnection._run_inline).
+    inline = None if continuous else functools.partial(run_counted, handler, state=state)
+    connection = BrokerConnection(config, context, ready, inbox, results_endpoint, state, handler.describe,
+                                  inline=inline)
     io_thread = threading.Thread(target=connection.run, args=(stop.is_set,), name="broker-io", daemon=True)
     io_thread.start()
     results = context.socket(zmq.PUSH)

@@ -1,6 +1,7 @@
 """What serving one image costs over HTTP, and the classifier's throughput (issue #27's figures).
 
     .venv/bin/python examples/image_classifier/bench.py overhead [REPO] [--before REV] [--rounds 3] [--requests 200]
+        [--interleave] [--routes v2_binary,v1_msgpack,v1_json]
     .venv/bin/python examples/image_classifier/bench.py throughput [REPO] [--requests 64]
     .venv/bin/python examples/image_classifier/bench.py hops [REPO] [--requests 300]
     .venv/bin/python examples/image_classifier/bench.py floor [--requests 300]
@@ -14,7 +15,9 @@ and the server's. The handler is a cheap one (two numpy reductions), so that the
 what ddml costs. REPO is the checkout whose broker, worker and gateway run (default: this one);
 --before REV also runs git revision REV from a temporary worktree, the two taking turns for
 --rounds rounds (whoever went first in a round goes last in the next), and the tables give each
-round's figure, their median and the ratio of the two within each round.
+round's figure, their median and the ratio of the two within each round. --interleave runs both trees'
+clusters at once and takes turns request by request: on a shared machine, a slow spell then lands on
+both alike (the CPU figures then include a cluster's idle heartbeats while the other answers).
 throughput: issue #27's table: the example's ResNet-18 (examples/image_classifier/model.py, run
 from REPO) at c=16 over v2 binary, against the model in-process one image at a time and at its
 best batch size (of 2, 4, 8, 16), over the same --requests images.
@@ -178,40 +181,64 @@ def _cheap_handler(directory: str):
 ROUTES = (v2_binary, v1_msgpack, v1_json)
 
 
-def overhead(trees: dict[str, Path], count: int, rounds: int) -> None:
-    """p50 over HTTP minus in-process per route, for each tree, taking turns round by round."""
+def overhead(trees: dict[str, Path], count: int, rounds: int, routes: tuple = ROUTES, interleave: bool = False) -> None:
+    """p50 over HTTP minus in-process per route, for each tree, taking turns round by round (or,
+    with interleave, request by request, every tree's cluster up at once)."""
     image = np.random.default_rng(0).random((3, 224, 224), dtype=np.float32)
-    figures: dict[str, dict[str, list[float]]] = {name: {r.__name__: [] for r in ROUTES} for name in trees}
-    cpu: dict[str, dict[str, list[float]]] = {name: {r.__name__: [] for r in ROUTES} for name in trees}
+    figures: dict[str, dict[str, list[float]]] = {name: {r.__name__: [] for r in routes} for name in trees}
+    cpu: dict[str, dict[str, list[float]]] = {name: {r.__name__: [] for r in routes} for name in trees}
     with tempfile.TemporaryDirectory() as directory:
         handler = _cheap_handler(directory)
         in_process = p50_ms(lambda: handler.predict([image]), count)
         print(f"in-process p50 {in_process:.3f} ms")
         names = list(trees)
         for round_ in range(rounds):
-            for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # whoever went first goes last
-                cluster = Cluster(trees[name], directory, ["--model", "m", "--handler", "bench_cheap:Cheap"],
-                                  Path(directory))
+            order = names[round_ % len(names):] + names[:round_ % len(names)]  # whoever went first goes last
+            for turn in ([order] if interleave else [[name] for name in order]):
+                clusters = {}
                 try:
-                    session = requests.Session()
-                    for encode in ROUTES:
-                        request = encode(image)
-                        for _ in range(5):
-                            post(session, cluster.url, request)  # warm
-                        before = cluster.cpu_s()
-                        http = p50_ms(lambda: post(session, cluster.url, request), count)
-                        after = cluster.cpu_s()
-                        cpu_us = {role: (after[role] - before[role]) / count * 1e6 for role in after}
-                        figures[name][encode.__name__].append(http - in_process)
-                        cpu[name][encode.__name__].append(sum(cpu_us.values()))
-                        print(f"  round {round_ + 1} {name:8} {encode.__name__:10} p50 {http:7.2f} ms, "
-                              f"over HTTP minus in-process {http - in_process:7.2f} ms; CPU per request "
-                              + ", ".join(f"{role} {us:.0f}" for role, us in cpu_us.items()) + " us", flush=True)
+                    for name in turn:
+                        clusters[name] = Cluster(trees[name], directory, ["--model", "m", "--handler",
+                                                                          "bench_cheap:Cheap"], Path(directory))
+                    for encode in routes:
+                        for name, (http, cpu_us) in _measure(clusters, encode(image), count).items():
+                            figures[name][encode.__name__].append(http - in_process)
+                            cpu[name][encode.__name__].append(sum(cpu_us.values()))
+                            print(f"  round {round_ + 1} {name:8} {encode.__name__:10} p50 {http:7.2f} ms, "
+                                  f"over HTTP minus in-process {http - in_process:7.2f} ms; CPU per request "
+                                  + ", ".join(f"{role} {us:.0f}" for role, us in cpu_us.items()) + " us", flush=True)
                 finally:
-                    cluster.stop()
-    _table(f"p50 over HTTP minus in-process, ms (median of {rounds} rounds; each round's figure)", figures, "{:.2f}")
+                    for cluster in clusters.values():
+                        cluster.stop()
+    how = "request by request" if interleave else "round by round"
+    _table(f"p50 over HTTP minus in-process, ms (median of {rounds} rounds, taking turns {how}; each round's figure)",
+           figures, "{:.2f}")
     _table(f"CPU per request of broker + worker + gateway, us (median of {rounds} rounds; each round's figure)",
            cpu, "{:.0f}")
+
+
+def _measure(clusters: dict[str, Cluster], request: tuple, count: int) -> dict[str, tuple[float, dict[str, float]]]:
+    """Each cluster's p50 (ms) and CPU per request per process (us) over `count` requests; with several
+    clusters they take turns request by request (whoever went first goes last in the next), so that a slow
+    spell of a shared machine lands on all of them."""
+    sessions = {name: requests.Session() for name in clusters}
+    for name, cluster in clusters.items():
+        for _ in range(5):
+            post(sessions[name], cluster.url, request)  # warm
+    times: dict[str, list[float]] = {name: [] for name in clusters}
+    before = {name: cluster.cpu_s() for name, cluster in clusters.items()}
+    names = list(clusters)
+    for k in range(count):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            started = time.perf_counter()
+            post(sessions[name], clusters[name].url, request)
+            times[name].append((time.perf_counter() - started) * 1000)
+    measured = {}
+    for name, cluster in clusters.items():
+        after = cluster.cpu_s()
+        measured[name] = (statistics.median(times[name]),
+                          {role: (after[role] - before[name][role]) / count * 1e6 for role in after})
+    return measured
 
 
 def _table(title: str, figures: dict[str, dict[str, list[float]]], form: str) -> None:
@@ -364,6 +391,10 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=0)
     parser.add_argument("--before", metavar="REV", help="overhead: also measure git revision REV, taking turns")
     parser.add_argument("--rounds", type=int, default=1, help="overhead: rounds, each measuring every tree")
+    parser.add_argument("--interleave", action="store_true",
+                        help="overhead: every tree's cluster up at once, taking turns request by request")
+    parser.add_argument("--routes", default=",".join(r.__name__ for r in ROUTES),
+                        help="overhead: the routes to measure, comma-separated")
     args = parser.parse_args()
     repo = args.repo.resolve()
     if args.what == "codec":
@@ -374,7 +405,8 @@ if __name__ == "__main__":
             if args.before:
                 trees[args.before] = checkout(args.before, scratch)
             try:
-                overhead(trees, args.requests or 200, args.rounds)
+                chosen = tuple(r for r in ROUTES if r.__name__ in args.routes.split(","))
+                overhead(trees, args.requests or 200, args.rounds, chosen, args.interleave)
             finally:
                 if args.before:
                     subprocess.run(["git", "-C", str(HERE), "worktree", "remove", "--force", str(trees[args.before])],

@@ -44,7 +44,8 @@ WRAPPED = {
     "gateway.dealers": ["deliver"],
     "broker.core": ["BrokerCore.on_frames"],
     "worker.link": ["decode_batch"],
-    "worker.loop": ["run_and_push", "_predict", "_push"],
+    "worker.loop": ["run_counted", "_predict", "_push"],
+    "worker.connection": ["BrokerConnection._run_inline"],
     "worker.results": ["batch_result"],
     "zmq.sugar.socket": ["Socket.send", "Socket.recv", "Socket.recv_multipart"],
 }

@@ -4,7 +4,8 @@ import numpy as np
 
 from ddml_common import protocol
 from worker.connection import WorkBatch
-from worker.loop import run_batch
+from worker.link import INLINE_AFTER_BATCHES, INLINE_BELOW_S, ComputeState
+from worker.loop import run_batch, run_counted
 from worker.models import InputError, Manager
 from worker.models.echo import EchoModel
 
@@ -81,3 +82,66 @@ def test_handler_figures_the_broker_would_refuse_are_left_out_and_the_heartbeat_
     bad = connection(lambda: {"batches": "many", "nested": {"too": {"deep": 1}}})._figures()
     assert bad["batches"] == 0 and "nested" not in bad, "the worker's own figures still go"
     protocol.decode(protocol.encode(protocol.Heartbeat(stats=bad)))  # and the broker takes them
+
+
+class SteppingClock:
+    """Each call is `step_s` later than the one before."""
+
+    def __init__(self, step_s: float):
+        self.now, self.step_s = 100.0, step_s
+
+    def __call__(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+def test_run_counted_counts_each_batch_and_only_a_streak_of_short_ones_lets_the_io_thread_run_the_next():
+    state, model = ComputeState(), EchoModel()
+    short, long = SteppingClock(INLINE_BELOW_S / 10), SteppingClock(INLINE_BELOW_S)
+    for n in range(INLINE_AFTER_BATCHES - 1):
+        run_counted(model, WorkBatch(n, ["a", "b"]), state, short)
+        assert not state.batches_are_short
+    result = run_counted(model, WorkBatch(99, ["c"]), state, short)
+    assert [protocol.decode_value(x) for x in result.outputs] == ["c"]
+    assert state.batches_are_short and state.busy_since is None
+    assert state.batches == INLINE_AFTER_BATCHES and state.items == 2 * (INLINE_AFTER_BATCHES - 1) + 1
+
+    run_counted(model, WorkBatch(100, ["d"]), state, long)  # one long batch: the compute thread again
+    assert not state.batches_are_short and state.short_streak == 0
+    assert state.figures()["batches"] == INLINE_AFTER_BATCHES + 1
+
+
+def test_run_counted_keeps_busy_since_while_the_model_runs_and_clears_it_after_a_failure():
+    state = ComputeState()
+    seen = []
+
+    class Watched(Manager):
+        def predict(self, batch):
+            seen.append(state.busy_since)
+            raise RuntimeError("boom")
+
+    result = run_counted(Watched(), WorkBatch(1, ["a"]), state, SteppingClock(0.001))
+    assert seen[0] is not None and state.busy_since is None
+    assert errors(result) == {0: "MODEL_ERROR"} and state.batches == 1
+
+
+def test_batches_held_back_while_the_io_thread_computes_are_dropped_with_their_forgotten_broker():
+    import queue
+
+    import zmq
+
+    from worker.config import WorkerConfig
+    from worker.connection import BrokerConnection
+    from worker.link import Forget
+
+    inbox = queue.Queue()
+    connection = BrokerConnection(WorkerConfig(broker="tcp://127.0.0.1:1,tcp://127.0.0.1:2"), zmq.Context.instance(),
+                                  protocol.Ready(["m"], 4), inbox, "inproc://unused", ComputeState(),
+                                  inline=lambda batch: None)
+    connection._deferred = [WorkBatch(1, ["a"], link=0), WorkBatch(2, ["b"], link=1), WorkBatch(3, ["c"], link=0)]
+    inbox.put(WorkBatch(4, ["d"], link=0))
+
+    dropped = connection._forget(Forget(link=0, epoch=1, reconnect=False))
+    assert sorted(dropped) == [(0, 1), (0, 3), (0, 4)]
+    assert [batch.batch_id for batch in connection._deferred] == [2], "the other broker's batch still runs"
+    assert inbox.empty()
