@@ -4,14 +4,18 @@ kept for a loop turn are written as one observe() per request would write them (
 
 import asyncio
 import re
+import uuid
 
 import falcon.testing
+import pytest
 from prometheus_client import REGISTRY
 
 from gateway import metrics
 from gateway.app import create_app
 from gateway.asgi_server import MAX_REQUEST_LINE_BYTES
 from gateway.config import GatewayConfig
+from gateway.errors import GatewayError
+from gateway.request_ids import new_request_id
 from gateway.tensors import check_v1_inputs, declared_tensors
 from tests.fakes import Awaitable, FakeBrokerClient
 
@@ -73,6 +77,18 @@ def test_v1_check_uses_what_the_current_metadata_declares():
     assert check_v1_inputs("m", TEXT, [[1.0, 2.0]]) == [[1.0, 2.0]]  # a text model: not checked
     [array] = check_v1_inputs("m", dict(IMAGE), [[1.0, 2.0]])
     assert array.dtype.name == "float32" and array.tolist() == [1.0, 2.0]
+    image = dict(IMAGE)  # the same dict again (the catalog's, until its next fetch): checked from memory
+    for _ in range(2):
+        with pytest.raises(GatewayError, match="expects FP32"):
+            check_v1_inputs("m", image, [[1.0, 2.0, 3.0]])
+    assert check_v1_inputs("m", {**image, "inputs": TEXT["inputs"]}, [[1.0, 2.0, 3.0]]) == [[1.0, 2.0, 3.0]]
+
+
+def test_a_made_request_id_has_uuid4s_shape():
+    ids = {new_request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    assert all(uuid.UUID(i).hex == i and uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122
+               for i in ids)
 
 
 def test_samples_kept_for_the_turn_are_written_as_observe_writes_them():
