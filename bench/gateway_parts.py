@@ -8,8 +8,10 @@ preemption, no other process, no wall clock), `--repeats` times; the median is p
 request. The request is bench.overhead's: a single-sentence JSON body to /v1/models/echo/predict.
 
 - the Falcon ASGI apps called in a loop as uvicorn calls them (scope, receive, send), on a stub
-  broker that answers at once: the bare echo app (bench/peers/echo_app.py), the gateway's app,
-  and the gateway's app with no middleware (the difference is the middleware's cost);
+  broker that answers at once: the bare echo app (bench/peers/echo_app.py), the gateway's app
+  (which answers this request itself: gateway/hot_path.py), the same app with every request
+  through Falcon (as before that path), and that with no middleware (the difference is the
+  middleware's cost);
 - the gateway's own steps on their own: JSON parse, validation (model name, body, declared
   tensors), the REQUEST's encode, the REPLY's decode, the reply's render, the HTTP metrics;
 - zmq: a DEALER here sending the REQUEST's frames to a ROUTER in another process that answers
@@ -118,8 +120,6 @@ def _id_request():
 
 
 def pieces(n: int) -> dict[str, float]:
-    import falcon
-    import falcon.asgi
     import orjson
 
     from bench.peers import echo_app
@@ -135,14 +135,19 @@ def pieces(n: int) -> dict[str, float]:
     config = GatewayConfig()
     request_type = _id_request()
     figures = {"Falcon ASGI app: bare echo": asgi_loop(echo_app.asgi, "/echo", n)}
-    figures["Falcon ASGI app: gateway, stub broker"] = asgi_loop(gateway_app.create_app(StubBroker(), config), PATH, n)
-    real_app = falcon.asgi.App
+    figures["gateway's app (its own predict path), stub broker"] = asgi_loop(
+        gateway_app.create_app(StubBroker(), config), PATH, n)
+    through_falcon = gateway_app.create_app(StubBroker(), config)
+    through_falcon.predict = None  # every request through Falcon's Request, router, middleware and Response
+    figures["gateway's app through Falcon, stub broker"] = asgi_loop(through_falcon, PATH, n)
+    real_app = gateway_app.GatewayApp
     try:
-        falcon.asgi.App = lambda middleware=None, **kwargs: real_app(request_type=request_type, **kwargs)
+        gateway_app.GatewayApp = lambda middleware=None, **kwargs: real_app(request_type=request_type, **kwargs)
         bare = gateway_app.create_app(StubBroker(), config)
     finally:
-        falcon.asgi.App = real_app
-    figures["Falcon ASGI app: gateway, stub broker, no middleware"] = asgi_loop(bare, PATH, n)
+        gateway_app.GatewayApp = real_app
+    bare.predict = None
+    figures["gateway's app through Falcon, stub broker, no middleware"] = asgi_loop(bare, PATH, n)
 
     document = orjson.loads(BODY)
     resource = PredictResource(StubBroker(), config, None)
@@ -164,12 +169,33 @@ def pieces(n: int) -> dict[str, float]:
     figures["render (orjson.dumps)"] = timed(lambda: orjson.dumps(out, option=_JSON_OPTIONS,
                                                                   default=protocol.to_jsonable), n)
     children = (metrics.HTTP_REQUESTS.labels(PATH, "POST", "200"), metrics.HTTP_DURATION.labels(PATH, "POST", "200"))
-    figures["metrics (counter + histogram, multiprocess)"] = timed(
+    figures["metrics: counter + histogram per request, multiprocess"] = timed(
         lambda: (children[0].inc(), children[1].observe(0.0012)), n)
+    figures["metrics: metrics.count(), flushed every 16 requests"] = count_per_turn(n, 16)
     figures["request state (gateway/requests.py), 64 at a time"] = request_state(n)
     figures["zmq round trip, process CPU incl. I/O thread"] = zmq_round_trip(n, [bytes(f) for f in protocol.encode(message)],
                                                                               [bytes(f) for f in reply_frames])
     return figures
+
+
+def count_per_turn(n: int, per_turn: int) -> float:
+    """metrics.count() on an event loop, `per_turn` requests a loop turn, with the flush() that ends
+    each turn: µs of this thread's CPU per request."""
+    from gateway import metrics
+
+    async def run(turns: int) -> float:
+        started = time.thread_time_ns()
+        for _ in range(turns):
+            started_at = time.perf_counter()
+            for _ in range(per_turn):
+                metrics.count(PATH, "POST", 200, started_at)  # (schedules one flush a turn, run below)
+            metrics.flush()
+        took = time.thread_time_ns() - started
+        await asyncio.sleep(0)
+        return took / (turns * per_turn) / 1000
+
+    asyncio.run(run(200))
+    return asyncio.run(run(max(1, n // per_turn)))
 
 
 def request_state(n: int, window: int = 64) -> float:

@@ -2,7 +2,8 @@
 'gateway.app:get_app()' with the uvicorn worker (gateway/gunicorn_conf.py).
 
 create_app() wires routes to an AsyncBrokerClient (or anything with its async request() and
-status()); get_app() builds one from DDML_* environment variables. Nothing here creates a zmq
+status()); get_app() builds one from DDML_* environment variables. The app is a GatewayApp: Falcon's,
+answering the predict route's usual request itself (gateway/hot_path.py). Nothing here creates a zmq
 context: the client does that in each gunicorn worker process's own event loop (the lifespan's
 startup, or its first request), after the fork, so --preload is safe too. The lifespan's shutdown
 closes it once uvicorn has answered the requests in flight.
@@ -23,6 +24,7 @@ from gateway.broker_client import BrokerError
 from gateway.config import GatewayConfig
 from gateway.metrics import MetricsResource
 from gateway.errors import handle_broker_error, handle_unexpected, serialize_falcon_error
+from gateway.hot_path import ROUTE, GatewayApp
 from gateway.openai_api import EmbeddingsResource, RerankResource
 from gateway.middleware import RequestMiddleware
 from gateway.resources import (
@@ -58,10 +60,13 @@ def create_app(broker: AsyncBrokerClient, config: GatewayConfig | None = None) -
     if config.api_key_file:  # an admin key is a key too
         middleware.append(BearerAuth(load_tokens(config.api_key_file) + (admin_tokens or []),
                                      protect_metrics=config.protect_metrics))
-    app = falcon.asgi.App(middleware=middleware)
+    app = GatewayApp(middleware=middleware)
     app.req_options.auto_parse_form_urlencoded = False
     catalog = AsyncCatalog(broker)  # models, metadata and versions, cached briefly
-    app.add_route("/v1/models/{model}/predict", PredictResource(broker, config, catalog))
+    predict = PredictResource(broker, config, catalog)
+    app.add_route(ROUTE, predict)
+    if not config.api_key_file:  # its usual request answered without Falcon's machinery (gateway/hot_path.py)
+        app.predict = predict
     app.add_route("/v1/embeddings", EmbeddingsResource(broker, config, catalog))
     app.add_route("/v1/rerank", RerankResource(broker, config, catalog))
     app.add_route("/v1/models", ModelsResource(broker))

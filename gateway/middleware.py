@@ -8,6 +8,8 @@ even when process_request raised, so a request refused at its head gets an id an
 start time was never set), and one refused for its X-Request-ID is counted, as when these were
 four middlewares.
 
+The predict route's usual request takes these same steps in gateway/hot_path.py, without Falcon.
+
 One middleware, not four, because Falcon awaits each middleware's two methods for every request:
 four were eight awaited calls, which cost more than their own work (bench/gateway_parts.py; the
 figures are in the commit that merged them).

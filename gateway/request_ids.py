@@ -35,7 +35,8 @@ _UUID4_BITS = 0x4000 << 64 | 0x8000 << 48
 
 
 def new_request_id() -> str:
-    return f"{random.getrandbits(128) & _UUID4_MASK | _UUID4_BITS:032x}"
+    # (to_bytes().hex(): the same 32 digits as format(n, "032x"), in half its time)
+    return (random.getrandbits(128) & _UUID4_MASK | _UUID4_BITS).to_bytes(16, "big").hex()
 
 
 def valid_request_id(value: object) -> bool:
@@ -64,14 +65,19 @@ def answer(req: falcon.Request, resp: falcon.Response) -> None:
     if request_id is None:  # a request that assign() did not see
         request_id = req.context.request_id = new_request_id()
     resp.set_header(HEADER, request_id)
-    status = resp.status_code
+    log_answer(request_id, req.method, req.path, resp.status_code, getattr(req.context, "started_at", None), resp.data)
+
+
+def log_answer(request_id: str, method: str, path: str, status: int, started_at: float | None,
+               data: bytes | None) -> None:
+    """An answered request's log line: DEBUG, or WARNING with the start of its body for a 5xx."""
     if status < 500 and not logger.isEnabledFor(logging.DEBUG):
         return
-    elapsed_ms = (time.perf_counter() - getattr(req.context, "started_at", time.perf_counter())) * 1000
+    elapsed_ms = (time.perf_counter() - (time.perf_counter() if started_at is None else started_at)) * 1000
     if status >= 500:
-        detail = resp.data[:300].decode(errors="replace") if isinstance(resp.data, bytes) else ""
-        logger.warning("request %s: %s %r -> %d in %.1f ms: %s", request_id, req.method, req.path[:200], status,
+        detail = data[:300].decode(errors="replace") if isinstance(data, bytes) else ""
+        logger.warning("request %s: %s %r -> %d in %.1f ms: %s", request_id, method, path[:200], status,
                        elapsed_ms, detail, extra={"request_id": request_id})
     else:
-        logger.debug("request %s: %s %r -> %d in %.1f ms", request_id, req.method, req.path[:200], status, elapsed_ms,
+        logger.debug("request %s: %s %r -> %d in %.1f ms", request_id, method, path[:200], status, elapsed_ms,
                      extra={"request_id": request_id})

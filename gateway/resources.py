@@ -86,7 +86,12 @@ _HAS_TIMEOUT = hasattr(asyncio, "timeout")
 
 def parse_document(req: falcon.Request, data: bytes) -> Any:
     """JSON by default; msgpack when the Content-Type says so. Anything else is refused."""
-    media = (req.content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower()
+    return parse_body(req.content_type, data)
+
+
+def parse_body(content_type: str | None, data: bytes) -> Any:
+    """parse_document(), from the Content-Type header's value (None: none sent)."""
+    media = (content_type or falcon.MEDIA_JSON).split(";")[0].strip().lower()
     if media in _MSGPACK_TYPES:
         try:
             return protocol.unpack_document(data)
@@ -166,29 +171,41 @@ def write_document(req: falcon.Request, resp: falcon.Response, document: dict, k
         resp.content_type = falcon.MEDIA_MSGPACK
         resp.data = protocol.pack_document(document, keep_arrays)
     else:
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = orjson.dumps(document, option=_JSON_OPTIONS, default=protocol.to_jsonable)
+        write_json(resp, document)
+
+
+def write_json(resp: falcon.Response, document: dict) -> None:
+    resp.content_type = falcon.MEDIA_JSON
+    resp.data = render_json(document)
+
+
+def render_json(document: dict) -> bytes:
+    return orjson.dumps(document, option=_JSON_OPTIONS, default=protocol.to_jsonable)
 
 
 class PredictResource:
     def __init__(self, broker: AsyncBrokerClient, config: GatewayConfig, catalog: AsyncCatalog):
-        self._broker = broker
-        self._config = config
-        self._catalog = catalog
+        self.broker = broker
+        self.config = config
+        self.catalog = catalog
 
     async def on_post(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
         check_model_name(model)
-        body = parse_document(req, await read_body(req, self._config))
-        inputs, timeout_s, priority = self._validate(body)
-        await self._catalog.refresh()  # declared tensors, and the version served (a copy at most CACHE_S old)
-        inputs = check_v1_inputs(model, self._catalog.metadata(model), inputs)
-        outputs = await self._broker.request(model, inputs, timeout_s=timeout_s, priority=priority,
-                                             request_id_prefix=req.context.request_id)
-        self._catalog.mark_version(resp, model)
+        body = parse_document(req, await read_body(req, self.config))
+        inputs, timeout_s, priority = await self.checked(model, body)
+        outputs = await self.broker.request(model, inputs, timeout_s=timeout_s, priority=priority,
+                                            request_id_prefix=req.context.request_id)
+        self.catalog.mark_version(resp, model)
         write_document(req, resp, {"model": model, "outputs": outputs}, keep_arrays=True)
 
+    async def checked(self, model: str, body: Any) -> tuple[list, float, int]:
+        """(inputs as they travel, timeout in seconds, priority) of a parsed body, or a refusal."""
+        inputs, timeout_s, priority = self._validate(body)
+        await self.catalog.refresh()  # declared tensors, and the version served (a copy at most CACHE_S old)
+        return check_v1_inputs(model, self.catalog.metadata(model), inputs), timeout_s, priority
+
     def _validate(self, body: Any) -> tuple[list, float, int]:
-        config = self._config
+        config = self.config
         if not isinstance(body, dict):
             raise BrokerError(ErrorCode.BAD_REQUEST, f"body must be an object with 'inputs', got {type(body).__name__}")
         inputs = body.get("inputs")

@@ -52,14 +52,19 @@ def declared_tensors(metadata: dict) -> tuple[list[TensorSpec], list[TensorSpec]
     (the catalog's never are: each fetch brings new ones)."""
     if not metadata:
         return None  # unknown model, or a status without metadata: nothing declared
-    entry = _declared_memo.get(id(metadata))
+    return _remembered(_declared_memo, metadata, from_metadata)
+
+
+def _remembered(memo: dict[int, tuple[dict, Any]], metadata: dict, make) -> Any:
+    """make(metadata), from `memo` when it was made for this very dict."""
+    entry = memo.get(id(metadata))
     if entry is not None and entry[0] is metadata:
         return entry[1]
-    declared = from_metadata(metadata)
-    if len(_declared_memo) >= _MEMO_SIZE:
-        _declared_memo.clear()
-    _declared_memo[id(metadata)] = (metadata, declared)
-    return declared
+    value = make(metadata)
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[id(metadata)] = (metadata, value)
+    return value
 
 
 def check_v2_inputs(model: str, metadata: dict, inputs: list) -> None:
@@ -99,10 +104,9 @@ def check_v1_inputs(model: str, metadata: dict, inputs: list) -> list:
     the arrays the model declares. A JSON list becomes an array of the declared dtype here, in C
     (so it travels as raw bytes, and predict() gets what a msgpack client's `__ndarray__` gives);
     an `__ndarray__` map passes as it came, untouched."""
-    declared = declared_tensors(metadata)
-    if declared is None or not declared[0] or any(spec.datatype == "BYTES" for spec in declared[0]):
+    specs = _v1_arrays(metadata)
+    if specs is None:
         return inputs
-    specs = declared[0]
     checked = []
     for position, value in enumerate(inputs):
         if len(specs) == 1:
@@ -118,6 +122,24 @@ def check_v1_inputs(model: str, metadata: dict, inputs: list) -> list:
             raise _bad(f"inputs[{position}]: {problem}")
         checked.append(value)
     return checked
+
+
+def _v1_arrays(metadata: dict) -> list[TensorSpec] | None:
+    """The inputs check_v1_inputs() checks a request against: those declared when they are all arrays
+    (none is BYTES), else None. Once per metadata dict, as declared_tensors()."""
+    if not metadata:
+        return None  # unknown model, or a status without metadata: nothing declared
+    return _remembered(_v1_memo, metadata, _only_arrays)
+
+
+def _only_arrays(metadata: dict) -> list[TensorSpec] | None:
+    declared = declared_tensors(metadata)
+    if declared is None or not declared[0] or any(spec.datatype == "BYTES" for spec in declared[0]):
+        return None
+    return declared[0]
+
+
+_v1_memo: dict[int, tuple[dict, list | None]] = {}
 
 
 # What a JSON list may hold for each kind of datatype (numpy's kind of the list as np.asarray reads it).
