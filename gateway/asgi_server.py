@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import os
 import signal
 import sys
 
@@ -35,6 +37,8 @@ from gateway.config import build_parser
 from gateway.errors import server_refusal
 from gateway.resources import BODY_ARRIVED
 
+logger = logging.getLogger(__name__)
+
 # The most a request's line and headers may take, in bytes, all together (431 past it), and each
 # (gunicorn's limits, which the gateway kept: check_head, in the app).
 MAX_HEAD_BYTES = 16 * 1024
@@ -44,6 +48,7 @@ MAX_HEADER_BYTES = 8190  # one header's name and value: 431 past it
 GC_YOUNG_THRESHOLD = 10_000  # allocations less deallocations between young collections (Python's: 700)
 CLOSE_GRACE_S = 0.5  # when stopping, how long an idle connection's close may take before it is dropped
 ONE_WRITE_MAX_BODY_BYTES = 64 * 1024  # a larger body goes out in a write of its own (no copy), after its head
+_ORPHAN_CHECK_TICKS = 10  # uvicorn ticks every 0.1 s: look for the gunicorn master once a second
 
 _args = build_parser().parse_args([])  # the gateway's flags, from DDML_GATEWAY_* / DDML_* (and DDML_CONFIG)
 HEADER_TIMEOUT_S = _args.header_timeout_s
@@ -237,6 +242,23 @@ def check_head(scope: dict) -> None:
             raise falcon.HTTPError(falcon.HTTP_431, description=f"a header is over {MAX_HEADER_BYTES} bytes")
 
 
+class _OrphanAwareServer(Server):
+    """uvicorn's Server, which also stops (gracefully, as on SIGTERM) once the gunicorn master that
+    started this process is gone: SIGKILLed (an OOM killer, `kill -9`), it cannot stop its workers,
+    and an orphaned worker would serve on for ever and keep the port taken, so that a new gateway
+    could not bind it. gunicorn's own workers check the same in their loops; uvicorn's do not."""
+
+    def __init__(self, config, master_pid: int):
+        super().__init__(config=config)
+        self._master_pid = master_pid
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % _ORPHAN_CHECK_TICKS == 0 and not self.should_exit and os.getppid() != self._master_pid:
+            logger.warning("the gunicorn master (pid %d) is gone; stopping", self._master_pid)
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+
 class GatewayWorker(UvicornWorker):
     """gunicorn's worker class for the gateway (gateway/gunicorn_conf.py)."""
 
@@ -267,7 +289,7 @@ class GatewayWorker(UvicornWorker):
         # every few requests at c64; at this one, collections come as cyclic garbage (error paths'
         # tracebacks) adds up. (The figures are in the commit that set it.)
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        server = Server(config=self.config)
+        server = _OrphanAwareServer(self.config, self.ppid)
         asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, server.handle_exit, signal.SIGTERM, None)
         await server.serve(sockets=self.sockets)
         if not server.started:

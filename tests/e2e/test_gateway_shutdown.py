@@ -73,3 +73,34 @@ def test_a_request_in_flight_at_sigterm_is_answered_before_the_gateway_exits(sta
     assert 2.0 < elapsed_s < 2.5 + IDLE_EXIT_S  # it waited for the reply, then left at once
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/healthz", timeout=5)
+
+
+def test_the_http_workers_stop_when_the_gateway_master_is_killed(stack):
+    """SIGKILLed, the gunicorn master cannot stop its workers: each must see it gone and stop by
+    itself, or it serves on for ever as an orphan and keeps the port, so that no new gateway can bind it."""
+    import os
+    import socket
+
+    stack.start_broker()
+    stack.start_worker("--model", "echo")
+    gateway, url = stack.start_gateway("--workers", "2", "--threads", "4")
+    wait_until(lambda: http_ready(url), timeout_s=60, what="the gateway")
+    serve_a_little(url)
+    port = int(url.rsplit(":", 1)[1])
+    workers = [int(pid) for pid in open(f"/proc/{gateway.pid}/task/{gateway.pid}/children").read().split()]
+    assert len(workers) == 2, workers
+    os.kill(gateway.pid, signal.SIGKILL)
+
+    def port_free() -> bool:
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", port)) != 0
+
+    try:
+        wait_until(port_free, timeout_s=15, what="the orphaned HTTP workers to stop and free the port")
+        assert gateway.output().count("is gone; stopping") == 2, gateway.output()[-3000:]
+    finally:
+        for pid in workers:  # (on failure: no orphan may outlive the test)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
