@@ -83,19 +83,16 @@ class _Chunk:
         self.sends: list[Send] = []
         self.bytes = self.items = 0
 
-    def takes(self, message: protocol.Request) -> bool:
-        if not self.sends:
-            return True
-        inputs = message.inputs
-        return (len(self.sends) < MAX_TOGETHER and self.items + len(inputs) <= protocol.MAX_ITEMS
-                and self.bytes + sum(map(len, inputs)) <= TOGETHER_BYTES)
+    def takes(self, items: int, size: int) -> bool:
+        """Room for a request of `items` inputs, `size` bytes of them."""
+        return not self.sends or (len(self.sends) < MAX_TOGETHER and self.items + items <= protocol.MAX_ITEMS
+                                  and self.bytes + size <= TOGETHER_BYTES)
 
-    def add(self, record: "Record", instruction: Send) -> None:
-        inputs = instruction.message.inputs
+    def add(self, record: "Record", instruction: Send, items: int, size: int) -> None:
         self.records.append(record)
         self.sends.append(instruction)
-        self.bytes += sum(map(len, inputs))
-        self.items += len(inputs)
+        self.bytes += size
+        self.items += items
 
 
 @dataclass(eq=False, slots=True)
@@ -138,7 +135,6 @@ class Requests:
         self._unsent: dict[str, Record] = {}  # the records the next flush sends, in order
         self._outcomes: list[Outcome] = []
         self._seen_changes = links.changes
-        self._instance_unknown = not self._multi  # until a lone broker's instance is named (awaits_instance)
         self._recent_resent: deque[str] = deque(maxlen=RECENT_RESENT)
         self._recent_resent_set: set[str] = set()
         self.counts = Counts()
@@ -288,9 +284,11 @@ class Requests:
                 lists = chunks.get(instruction.broker)
                 if lists is None:
                     lists = chunks[instruction.broker] = [_Chunk()]
-                if not lists[-1].takes(instruction.message):
+                inputs = instruction.message.inputs
+                items, size = len(inputs), sum(map(len, inputs))
+                if not lists[-1].takes(items, size):
                     lists.append(_Chunk())
-                lists[-1].add(record, instruction)
+                lists[-1].add(record, instruction, items, size)
             pending = []
             for broker, lists in chunks.items():
                 for chunk in lists:
@@ -362,11 +360,8 @@ class Requests:
         remaining_ms = int((record.deadline_at - now) * 1000)
         if remaining_ms <= 0 and record.tried:
             return None
-        if self._instance_unknown and not record.tried:
-            if self._links.links[0].instance_id:
-                self._instance_unknown = False  # (an instance id, once heard, is never forgotten)
-            elif self._links.links[0].up and now < record.connect_until:
-                return None  # until the broker's instance is known, within the connect grace (see awaits_instance)
+        if not record.tried and now < record.connect_until and self.awaits_instance():
+            return None  # until the broker's instance is known, within the connect grace
         for index in self._candidates(record):
             if index in skip:
                 continue
