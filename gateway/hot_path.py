@@ -32,7 +32,7 @@ import falcon.asgi
 
 from ddml_common import tracing
 from gateway import metrics
-from gateway.asgi_server import MAX_HEADER_BYTES, MAX_REQUEST_LINE_BYTES
+from gateway.asgi_server import check_head
 from gateway.broker_error import BrokerError
 from gateway.catalog import check_model_name
 from gateway.errors import handle_broker_error, handle_unexpected
@@ -155,15 +155,15 @@ class _Target:
 def _headers_of(scope: dict) -> dict[bytes, bytes] | None:
     """The headers the predict route reads, by name; None when the head is over a limit of check_head's
     or one of them is repeated (Falcon's to answer)."""
-    if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_REQUEST_LINE_BYTES:
-        return None
     headers = scope["headers"]
     if type(headers) is not list:  # any iterable, as ASGI allows (uvicorn's is a list): read once, kept for Falcon
         headers = scope["headers"] = [tuple(header) for header in headers]
+    try:
+        check_head(scope)
+    except falcon.HTTPError:
+        return None
     found = {}
     for name, value in headers:
-        if len(name) + len(value) > MAX_HEADER_BYTES:
-            return None
         if name in _HEADERS:
             if name in found:
                 return None
