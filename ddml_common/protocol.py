@@ -528,7 +528,10 @@ def _decode_requests(body: dict, frames: Sequence[bytes]) -> Requests:
         items += len(inputs)
         total += size
         try:
-            request = _request_of(entry, inputs)
+            kwargs = _fields_of(entry, Request)
+            kwargs["inputs"] = inputs
+            request = Request(**kwargs)
+            _check_request(request)
         except DecodeError as error:
             refused.append((_readable_id(entry), f"{where}: {error}"))
             continue
@@ -540,30 +543,6 @@ def _decode_requests(body: dict, frames: Sequence[bytes]) -> Requests:
     if total > MAX_MESSAGE_BYTES:
         raise DecodeError(f"Requests' inputs of {total} bytes exceed {MAX_MESSAGE_BYTES}")
     return Requests(requests, refused)
-
-
-def _request_of(body: dict, inputs: list) -> Request:
-    """A REQUESTS entry's Request, checked as decode() checks a REQUEST (_fields_of and _check_request):
-    the broker's hot path, one per request, so the usual entry's field types are checked here written
-    out, and anything else takes the general path, which says what is wrong."""
-    get = body.get
-    request_id, model, timeout_ms = get("request_id"), get("model"), get("timeout_ms")
-    sizes, priority, instance_id = get("sizes", _MISSING), get("priority", 0), get("instance_id", "")
-    trace, timings = get("trace", _MISSING), get("timings", False)
-    if sizes is _MISSING:
-        sizes = []
-    if trace is _MISSING:
-        trace = []
-    if (type(request_id) is not str or type(model) is not str or type(timeout_ms) is not int
-            or type(sizes) is not list or type(priority) is not int or type(instance_id) is not str
-            or type(trace) is not list or type(timings) is not bool):
-        kwargs = _fields_of(body, Request)  # raises: it names the field and what it got
-        kwargs["inputs"] = inputs
-        request = Request(**kwargs)
-    else:
-        request = Request(request_id, model, timeout_ms, inputs, sizes, priority, instance_id, trace, timings)
-    _check_request(request)
-    return request
 
 
 def _readable_id(body: Any) -> str:

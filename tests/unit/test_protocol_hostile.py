@@ -517,8 +517,8 @@ _GONE = "(left out)"  # a field drawn to be left out of the body
 @MANY
 @given(data=st.data())
 def test_any_request_body_decodes_in_a_requests_exactly_as_it_does_alone(data):
-    """The REQUESTS entry's own decoding (written out for the broker's hot path) against decode() of a
-    REQUEST, on bodies with any field changed to anything or left out."""
+    """The REQUESTS entry's own decoding against decode() of a REQUEST, on bodies with any field changed
+    to anything or left out."""
     first = P.Request("first", "m", 5, [b"\x01"])
     body = msgpack.unpackb(P.encode(data.draw(VALID[P.Request]))[0][6:])
     changes = data.draw(st.dictionaries(st.sampled_from(sorted(body) + ["trace", "timings"]),
