@@ -171,12 +171,8 @@ def write_document(req: falcon.Request, resp: falcon.Response, document: dict, k
         resp.content_type = falcon.MEDIA_MSGPACK
         resp.data = protocol.pack_document(document, keep_arrays)
     else:
-        write_json(resp, document)
-
-
-def write_json(resp: falcon.Response, document: dict) -> None:
-    resp.content_type = falcon.MEDIA_JSON
-    resp.data = render_json(document)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = render_json(document)
 
 
 def render_json(document: dict) -> bytes:
